@@ -1,0 +1,126 @@
+//! The command line: `run`, `sync`, `render` and `check-config`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::{daemon, render, telemetry};
+
+/// edgesync: a pull-based GitOps agent for K3s edge nodes.
+///
+/// It fetches the Git repositories its node is assigned, renders the apps locally and
+/// server-side applies them to the node's cluster.
+#[derive(Debug, Parser)]
+#[command(name = "edgesync", version, about, long_about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "EDGESYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log filter, e.g. `info` or `edgesync=debug`. RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: poll every repository at its interval and sync apps whose revision
+    /// changed. Stops cleanly on SIGTERM.
+    Run,
+    /// Sync one app (or every app) once and exit. Applies even if the revision is
+    /// unchanged. Exits non-zero if anything failed.
+    Sync {
+        /// The app to sync; all apps if omitted.
+        app: Option<String>,
+    },
+    /// Render a directory as the agent would and print the objects as one multi-document
+    /// YAML stream.
+    Render {
+        /// Directory holding manifests.
+        path: PathBuf,
+    },
+    /// Validate the configuration file and exit non-zero if it is invalid.
+    CheckConfig,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig => {
+            let config = Config::load(&cli.config)?;
+            println!(
+                "{}: OK ({} repositories, {} apps, node {})",
+                cli.config.display(),
+                config.repositories_in_use().len(),
+                config.apps.len(),
+                config.node.name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Render { path } => {
+            render_to_stdout(&path)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run => {
+            telemetry::init(&cli.log_level);
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync { app } => {
+            telemetry::init(&cli.log_level);
+            let config = Config::load(&cli.config)?;
+            let failed = runtime()?.block_on(daemon::sync_once(config, app.as_deref()))?;
+            if failed > 0 {
+                eprintln!("{failed} app(s) failed to sync");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The directory whose contents a render may read: the enclosing Git work tree, so
+/// references to sibling directories work, or `path` itself outside Git.
+fn render_root(path: &Path) -> PathBuf {
+    path.ancestors()
+        .find(|dir| dir.join(".git").exists())
+        .unwrap_or(path)
+        .to_path_buf()
+}
+
+fn render_to_stdout(path: &Path) -> anyhow::Result<()> {
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let root = render_root(&path);
+    let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
+    let manifests = render::render(&root, rel)?;
+    let yaml = render::to_yaml_stream(manifests.objects.iter().map(|o| &o.value))
+        .context("cannot write YAML")?;
+    print!("{yaml}");
+    Ok(())
+}

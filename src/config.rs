@@ -1,0 +1,537 @@
+//! Loading and validation of `/etc/edgesync/config.toml`.
+//!
+//! Everything downstream takes a validated [`Config`]: names are safe to use as file names,
+//! referenced files exist, and every app points at a known repository.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/config.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(180);
+pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ConfigError::Read { .. } => "config_read",
+            ConfigError::Parse { .. } => "config_parse",
+            ConfigError::Invalid { .. } => "config_invalid",
+        }
+    }
+}
+
+/// One semantic problem in an otherwise well-formed file, located by key and line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.key, self.message)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub node: NodeConfig,
+    pub kubernetes: KubernetesConfig,
+    pub repositories: Vec<RepositoryConfig>,
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Defaults to the hostname.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    pub url: String,
+    pub token_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ssh_key_file: Option<PathBuf>,
+    pub known_hosts_file: Option<PathBuf>,
+    #[serde(default = "default_poll_interval", with = "humantime_serde_compat")]
+    pub poll_interval: Duration,
+}
+
+impl RepositoryConfig {
+    /// A repository an app names without a `[[repositories]]` entry: public, default polling.
+    pub fn anonymous(url: &str) -> Self {
+        RepositoryConfig {
+            url: url.to_string(),
+            token_file: None,
+            username: None,
+            password_file: None,
+            ssh_key_file: None,
+            known_hosts_file: None,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub name: String,
+    pub repo: String,
+    /// Branch, tag or commit SHA. `HEAD` follows the remote's default branch.
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    /// Directory inside the repository; `.` is the root.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Namespace for namespaced objects that name none.
+    pub namespace: Option<String>,
+    /// Create `namespace` if it does not exist (Argo CD's `CreateNamespace=true`).
+    #[serde(default)]
+    pub create_namespace: bool,
+}
+
+fn default_poll_interval() -> Duration {
+    DEFAULT_POLL_INTERVAL
+}
+fn default_revision() -> String {
+    "HEAD".to_string()
+}
+fn default_path() -> String {
+    ".".to_string()
+}
+
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        let parsed = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""
+            ))
+        })?;
+        if parsed.is_zero() {
+            return Err(serde::de::Error::custom(
+                "duration must be greater than zero",
+            ));
+        }
+        Ok(parsed)
+    }
+}
+
+/// The file as written, with spans kept where semantic checks need to point at a line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    node: NodeConfig,
+    #[serde(default)]
+    kubernetes: KubernetesConfig,
+    #[serde(default)]
+    repositories: Vec<Spanned<RepositoryConfig>>,
+    #[serde(default)]
+    apps: Vec<Spanned<AppConfig>>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let problems = validate(&raw, text, base);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            });
+        }
+        let mut node = raw.node;
+        if node.name.is_empty() {
+            node.name = hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "edgesync".to_string());
+        }
+        let resolve = |p: &PathBuf| base.join(p);
+        let repositories = raw
+            .repositories
+            .into_iter()
+            .map(|r| {
+                let mut r = r.into_inner();
+                r.token_file = r.token_file.as_ref().map(resolve);
+                r.password_file = r.password_file.as_ref().map(resolve);
+                r.ssh_key_file = r.ssh_key_file.as_ref().map(resolve);
+                r.known_hosts_file = r.known_hosts_file.as_ref().map(resolve);
+                r
+            })
+            .collect();
+        Ok(Config {
+            path: path.to_path_buf(),
+            state_dir: raw
+                .state_dir
+                .map(|p| base.join(p))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            node,
+            kubernetes: KubernetesConfig {
+                kubeconfig: raw.kubernetes.kubeconfig.as_ref().map(resolve),
+            },
+            repositories,
+            apps: raw.apps.into_iter().map(Spanned::into_inner).collect(),
+        })
+    }
+
+    /// The repository settings for `url`, or anonymous defaults when it has no entry.
+    pub fn repository(&self, url: &str) -> RepositoryConfig {
+        self.repositories
+            .iter()
+            .find(|r| r.url == url)
+            .cloned()
+            .unwrap_or_else(|| RepositoryConfig::anonymous(url))
+    }
+
+    /// Every repository the apps use, each once, configured or anonymous.
+    pub fn repositories_in_use(&self) -> Vec<RepositoryConfig> {
+        let mut seen = HashSet::new();
+        self.apps
+            .iter()
+            .filter(|a| seen.insert(a.repo.clone()))
+            .map(|a| self.repository(&a.repo))
+            .collect()
+    }
+
+    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut push = |span: std::ops::Range<usize>, key: String, message: String| {
+        problems.push(Problem {
+            line: line_of(text, span.start),
+            key,
+            message,
+        })
+    };
+
+    let mut urls = HashSet::new();
+    for (i, repo) in raw.repositories.iter().enumerate() {
+        let span = repo.span();
+        let r = repo.get_ref();
+        let key = |field: &str| format!("repositories[{i}].{field}");
+        if let Err(msg) = check_repo_url(&r.url) {
+            push(span.clone(), key("url"), msg);
+        }
+        if !urls.insert(r.url.clone()) {
+            push(
+                span.clone(),
+                key("url"),
+                format!("duplicate repository {:?}", r.url),
+            );
+        }
+        let files = [
+            ("token_file", &r.token_file),
+            ("password_file", &r.password_file),
+            ("ssh_key_file", &r.ssh_key_file),
+            ("known_hosts_file", &r.known_hosts_file),
+        ];
+        for (field, file) in files {
+            if let Some(file) = file {
+                let full = base.join(file);
+                if !full.is_file() {
+                    push(
+                        span.clone(),
+                        key(field),
+                        format!("file {} does not exist", full.display()),
+                    );
+                }
+            }
+        }
+        if r.token_file.is_some() && (r.password_file.is_some() || r.ssh_key_file.is_some()) {
+            push(
+                span.clone(),
+                key("token_file"),
+                "use one of token_file, username + password_file, or ssh_key_file".into(),
+            );
+        }
+        if r.password_file.is_some() && r.username.is_none() {
+            push(
+                span.clone(),
+                key("username"),
+                "password_file needs a username".into(),
+            );
+        }
+        if r.ssh_key_file.is_some() && r.known_hosts_file.is_none() {
+            push(
+                span.clone(),
+                key("known_hosts_file"),
+                "ssh_key_file needs known_hosts_file: host keys are always verified".into(),
+            );
+        }
+    }
+
+    let mut names = HashSet::new();
+    for (i, app) in raw.apps.iter().enumerate() {
+        let span = app.span();
+        let a = app.get_ref();
+        let key = |field: &str| format!("apps[{i}].{field}");
+        if let Err(msg) = check_dns_name(&a.name) {
+            push(span.clone(), key("name"), msg);
+        }
+        if !names.insert(a.name.clone()) {
+            push(
+                span.clone(),
+                key("name"),
+                format!("duplicate app name {:?}", a.name),
+            );
+        }
+        if let Err(msg) = check_repo_url(&a.repo) {
+            push(span.clone(), key("repo"), msg);
+        }
+        if a.revision.trim().is_empty() {
+            push(span.clone(), key("revision"), "must not be empty".into());
+        }
+        if let Err(msg) = check_relative_path(&a.path) {
+            push(span.clone(), key("path"), msg);
+        }
+        if let Some(ns) = &a.namespace {
+            if let Err(msg) = check_dns_label(ns) {
+                push(span.clone(), key("namespace"), msg);
+            }
+        }
+        if a.create_namespace && a.namespace.is_none() {
+            push(
+                span.clone(),
+                key("create_namespace"),
+                "needs a namespace to create".into(),
+            );
+        }
+    }
+    problems
+}
+
+fn check_repo_url(url: &str) -> Result<(), String> {
+    let ok = ["https://", "http://", "ssh://", "file://", "git://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+        || is_scp_like(url);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url:?} is not a Git URL (https://, http://, ssh://, git://, file:// or user@host:path)"
+        ))
+    }
+}
+
+/// `git@host:org/repo.git`, the scp-like form users copy from Git hosting pages.
+pub fn is_scp_like(url: &str) -> bool {
+    match (url.find('@'), url.find(':')) {
+        (Some(at), Some(colon)) => at < colon && !url[..colon].contains('/'),
+        _ => false,
+    }
+}
+
+/// App names become file names and Kubernetes annotation values, so they follow the
+/// DNS subdomain rules Kubernetes uses for object names.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be lowercase letters, digits, '-' or '.', start and end alphanumeric, at most 253 characters"
+        ))
+    }
+}
+
+pub fn check_dns_label(name: &str) -> Result<(), String> {
+    if name.len() <= 63 && !name.contains('.') && check_dns_name(name).is_ok() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
+        ))
+    }
+}
+
+fn check_relative_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return Err(format!("{path:?} must be relative to the repository root"));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!("{path:?} must not contain '..'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/tmp/edgesync-test/config.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = parse(
+            r#"
+[[apps]]
+name = "web"
+repo = "https://git.example.com/fleet.git"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(cfg.apps[0].revision, "HEAD");
+        assert_eq!(cfg.apps[0].path, ".");
+        assert!(!cfg.node.name.is_empty());
+        let repo = cfg.repository("https://git.example.com/fleet.git");
+        assert_eq!(repo.poll_interval, DEFAULT_POLL_INTERVAL);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("state_dir = \"/x\"\n\n[node]\nnmae = \"edge\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("nmae"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let err = parse("[[repositories]]\nurl = \"https://a/b.git\"\npoll_interval = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let err = parse("[[repositories]]\nurl = \"https://a/b.git\"\npoll_interval = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_app_names_are_reported_with_line() {
+        let text = r#"
+[[apps]]
+name = "web"
+repo = "https://a/b.git"
+
+[[apps]]
+name = "web"
+repo = "https://a/b.git"
+"#;
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                assert_eq!(problems.len(), 1);
+                assert_eq!(problems[0].key, "apps[1].name");
+                assert_eq!(problems[0].line, 6);
+                assert!(problems[0].message.contains("duplicate"));
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_credential_file_is_reported() {
+        let text = "[[repositories]]\nurl = \"https://a/b.git\"\ntoken_file = \"nope/token\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("repositories[0].token_file"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn hostile_names_and_paths_are_refused() {
+        let text = r#"
+[[apps]]
+name = "../../etc/passwd"
+repo = "https://a/b.git"
+path = "../outside"
+namespace = "Not_A_Namespace"
+"#;
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+                assert_eq!(keys, ["apps[0].name", "apps[0].path", "apps[0].namespace"]);
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn scp_like_urls_are_accepted() {
+        assert!(is_scp_like("git@github.com:org/repo.git"));
+        assert!(!is_scp_like("https://user@host/x"));
+        assert!(check_repo_url("ftp://x").is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! One sync of one app through the pipeline: snapshot → render → plan → apply → state.
+//! Shared by `edgesync run` and `edgesync sync`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::apply::{self, ApplyError, KubeApplier};
+use crate::config::{AppConfig, Config, RepositoryConfig};
+use crate::render::{self, RenderError};
+use crate::source::{GitSource, RemoteRefs, SourceError};
+use crate::state::{unix_now, AppState, StateError, StateStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SyncError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SyncError::Source(e) => e.metric_label(),
+            SyncError::Render(e) => e.metric_label(),
+            SyncError::Apply(e) => e.metric_label(),
+            SyncError::State(e) => e.metric_label(),
+            SyncError::Internal(_) => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncResult {
+    /// The revision was already applied; nothing was sent to the cluster.
+    Unchanged {
+        revision: String,
+    },
+    Applied {
+        revision: String,
+        objects: usize,
+    },
+}
+
+/// Everything a sync needs, shared by all apps.
+pub struct SyncContext {
+    pub config: Config,
+    pub source: GitSource,
+    pub applier: KubeApplier,
+    pub store: StateStore,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SyncError> + Send + 'static,
+) -> Result<T, SyncError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SyncError::Internal(e.to_string()))?
+}
+
+impl SyncContext {
+    pub async fn connect(config: Config) -> Result<Arc<SyncContext>, ApplyError> {
+        let client = apply::connect(config.kubernetes.kubeconfig.as_deref()).await?;
+        Ok(Arc::new(SyncContext {
+            source: GitSource::new(&config.state_dir),
+            store: StateStore::new(&config.state_dir),
+            applier: KubeApplier::new(client),
+            config,
+        }))
+    }
+
+    /// Lists `repo`'s refs once, for resolving all its apps' revisions.
+    pub async fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SyncError> {
+        let source = self.source.clone();
+        let repo = repo.clone();
+        blocking(move || Ok(source.remote_refs(&repo)?)).await
+    }
+
+    /// Loads the app's state. An unreadable file has been moved aside by the store; the app
+    /// starts again from a blank state rather than staying stuck.
+    fn load_state(&self, app: &str) -> Result<AppState, SyncError> {
+        match self.store.load(app) {
+            Ok(state) => Ok(state),
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!(%app, error = %e, kind = e.metric_label(), "starting from blank state");
+                Ok(AppState::default())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Syncs `app` to commit `sha`. Unless `force` is set, an already applied commit is a
+    /// no-op. A failure is recorded in the app's state; the last applied revision and the
+    /// inventory are never lost.
+    pub async fn sync_app(
+        &self,
+        app: &AppConfig,
+        sha: &str,
+        force: bool,
+    ) -> Result<SyncResult, SyncError> {
+        let mut state = self.load_state(&app.name)?;
+        if !force && state.last_applied_revision.as_deref() == Some(sha) {
+            return Ok(SyncResult::Unchanged {
+                revision: sha.to_string(),
+            });
+        }
+        state.last_attempted_revision = Some(sha.to_string());
+        state.last_attempt_at = Some(unix_now());
+
+        let outcome = match self.render_and_plan(app, sha).await {
+            Ok(plan) => self.applier.apply(&plan).await,
+            Err(e) => {
+                state.last_error = Some(e.to_string());
+                self.store.save(&app.name, &state)?;
+                return Err(e);
+            }
+        };
+        let total = outcome.applied.len() + outcome.failures.len();
+        match outcome.into_result() {
+            Ok(applied) => {
+                state.inventory = apply::merge_inventory(&state.inventory, &applied);
+                state.last_applied_revision = Some(sha.to_string());
+                state.last_applied_at = state.last_attempt_at;
+                state.last_error = None;
+                self.store.save(&app.name, &state)?;
+                Ok(SyncResult::Applied {
+                    revision: sha.to_string(),
+                    objects: total,
+                })
+            }
+            Err((applied, error)) => {
+                state.inventory = apply::merge_inventory(&state.inventory, &applied);
+                state.last_error = Some(error.to_string());
+                self.store.save(&app.name, &state)?;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn render_and_plan(&self, app: &AppConfig, sha: &str) -> Result<apply::Plan, SyncError> {
+        let source = self.source.clone();
+        let repo = self.config.repository(&app.repo);
+        let app = app.clone();
+        let sha = sha.to_string();
+        blocking(move || {
+            let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
+            let manifests = render::render(&snapshot.root, Path::new(&app.path))?;
+            Ok(apply::plan(
+                &app.name,
+                app.namespace.as_deref(),
+                app.create_namespace,
+                manifests,
+            )?)
+        })
+        .await
+    }
+
+    /// Removes snapshots of `repo` that no app needs any more.
+    pub fn retain_snapshots(&self, repo: &str, in_use: impl IntoIterator<Item = String>) {
+        let mut keep: HashSet<String> = in_use.into_iter().collect();
+        for app in self.config.apps.iter().filter(|a| a.repo == repo) {
+            if let Ok(state) = self.store.load(&app.name) {
+                keep.extend(state.last_applied_revision);
+            }
+        }
+        self.source.retain(repo, &keep);
+    }
+}

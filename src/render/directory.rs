@@ -1,0 +1,225 @@
+//! The plain-directory renderer: every `.yaml`, `.yml` and `.json` file below the app path,
+//! walked recursively in byte order of names so the result never depends on the filesystem.
+//! Hidden entries (`.git`, `.github`, ...) are skipped; symlinks are followed only while they
+//! stay inside the checkout.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::yaml::{parse_documents, parse_json};
+use super::{into_objects, Manifests, RenderError, MAX_FILE_BYTES};
+
+/// Resolves `rel` below `root`, refusing anything (`..`, symlinks) that leaves the checkout.
+pub(super) fn contained_path(root: &Path, rel: &Path) -> Result<PathBuf, RenderError> {
+    let root = canonical(root, root)?;
+    let joined = root.join(rel);
+    if !joined.exists() && joined.symlink_metadata().is_err() {
+        return Err(RenderError::PathNotFound {
+            path: rel.to_path_buf(),
+        });
+    }
+    let resolved = canonical(&joined, &root)?;
+    if !resolved.starts_with(&root) {
+        return Err(RenderError::OutsideCheckout {
+            path: rel.to_path_buf(),
+        });
+    }
+    Ok(resolved)
+}
+
+fn canonical(path: &Path, root: &Path) -> Result<PathBuf, RenderError> {
+    path.canonicalize().map_err(|source| RenderError::Io {
+        path: path.strip_prefix(root).unwrap_or(path).to_path_buf(),
+        source,
+    })
+}
+
+/// Renders all manifest files below `dir`, which must already be inside `root`.
+pub fn render_directory(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
+    let root = canonical(root, root)?;
+    let mut walk = Walk {
+        root: &root,
+        visited: HashSet::new(),
+        manifests: Manifests::default(),
+    };
+    walk.dir(dir)?;
+    Ok(walk.manifests)
+}
+
+struct Walk<'a> {
+    root: &'a Path,
+    visited: HashSet<PathBuf>,
+    manifests: Manifests,
+}
+
+impl Walk<'_> {
+    fn rel<'p>(&self, path: &'p Path) -> &'p Path {
+        path.strip_prefix(self.root).unwrap_or(path)
+    }
+
+    fn io(&self, path: &Path) -> impl FnOnce(std::io::Error) -> RenderError {
+        let path = self.rel(path).to_path_buf();
+        move |source| RenderError::Io { path, source }
+    }
+
+    fn dir(&mut self, dir: &Path) -> Result<(), RenderError> {
+        // A symlink loop inside the checkout would otherwise recurse forever.
+        if !self.visited.insert(dir.to_path_buf()) {
+            return Ok(());
+        }
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(self.io(dir))?
+            .collect::<Result<_, _>>()
+            .map_err(self.io(dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name();
+            if name.as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            let path = entry.path();
+            let target = if entry.file_type().map_err(self.io(&path))?.is_symlink() {
+                let target = path.canonicalize().map_err(self.io(&path))?;
+                if !target.starts_with(self.root) {
+                    return Err(RenderError::OutsideCheckout {
+                        path: self.rel(&path).to_path_buf(),
+                    });
+                }
+                target
+            } else {
+                path.clone()
+            };
+            let meta = target.metadata().map_err(self.io(&path))?;
+            if meta.is_dir() {
+                self.dir(&target)?;
+            } else if meta.is_file() && is_manifest_file(&path) {
+                if meta.len() > MAX_FILE_BYTES {
+                    return Err(RenderError::TooLarge {
+                        path: self.rel(&path).to_path_buf(),
+                        size: meta.len(),
+                        max: MAX_FILE_BYTES,
+                    });
+                }
+                self.file(&path, &target)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, path: &Path, target: &Path) -> Result<(), RenderError> {
+        let rel = self.rel(path).to_path_buf();
+        let text = std::fs::read_to_string(target).map_err(self.io(path))?;
+        let documents = if has_extension(path, "json") {
+            vec![parse_json(&text, &rel)?]
+        } else {
+            parse_documents(&text, &rel)?
+        };
+        for (index, doc) in documents.into_iter().enumerate() {
+            into_objects(doc, &rel, index, &mut self.manifests.objects)?;
+        }
+        Ok(())
+    }
+}
+
+fn has_extension(path: &Path, ext: &str) -> bool {
+    path.extension().is_some_and(|e| e == ext)
+}
+
+fn is_manifest_file(path: &Path) -> bool {
+    ["yaml", "yml", "json"]
+        .iter()
+        .any(|ext| has_extension(path, ext))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::render;
+    use super::*;
+    use std::fs;
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    fn cm(name: &str) -> String {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n")
+    }
+
+    #[test]
+    fn walks_recursively_in_stable_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(root, "app/b.yaml", &cm("b"));
+        write(root, "app/a.yml", &format!("{}---\n{}", cm("a1"), cm("a2")));
+        write(
+            root,
+            "app/sub/c.json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}}"#,
+        );
+        write(root, "app/README.md", "not yaml");
+        write(root, "app/.hidden/x.yaml", "this: [is broken");
+        let m = render(root, Path::new("app")).unwrap();
+        let names: Vec<_> = m.objects.iter().map(|o| o.name()).collect();
+        assert_eq!(names, ["a1", "a2", "b", "c"]);
+        assert_eq!(m.objects[1].origin, "app/a.yml#1");
+    }
+
+    #[test]
+    fn invalid_yaml_names_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "app/good.yaml", &cm("ok"));
+        write(tmp.path(), "app/broken.yaml", "kind: [unclosed\n");
+        let err = render(tmp.path(), Path::new("app")).unwrap_err();
+        assert!(matches!(err, RenderError::Yaml { .. }));
+        assert!(err.to_string().contains("app/broken.yaml"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_escaping_the_checkout_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        write(outside.path(), "secret.yaml", &cm("stolen"));
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "app/ok.yaml", &cm("ok"));
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.yaml"),
+            tmp.path().join("app/link.yaml"),
+        )
+        .unwrap();
+        let err = render(tmp.path(), Path::new("app")).unwrap_err();
+        assert!(matches!(err, RenderError::OutsideCheckout { .. }), "{err}");
+
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("escape")).unwrap();
+        let err = render(tmp.path(), Path::new("escape")).unwrap_err();
+        assert!(matches!(err, RenderError::OutsideCheckout { .. }), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_inside_the_checkout_and_loops_are_fine() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "shared/cm.yaml", &cm("shared"));
+        write(tmp.path(), "app/own.yaml", &cm("own"));
+        std::os::unix::fs::symlink("../shared", tmp.path().join("app/shared")).unwrap();
+        std::os::unix::fs::symlink("..", tmp.path().join("app/shared/loop")).unwrap();
+        let m = render(tmp.path(), Path::new("app")).unwrap();
+        let mut names: Vec<_> = m.objects.iter().map(|o| o.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names, ["own", "shared"]);
+    }
+
+    #[test]
+    fn missing_path_and_kustomization_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            render(tmp.path(), Path::new("nope")),
+            Err(RenderError::PathNotFound { .. })
+        ));
+        write(tmp.path(), "k/kustomization.yaml", "resources: []\n");
+        let err = render(tmp.path(), Path::new("k")).unwrap_err().to_string();
+        assert!(err.contains("not yet supported"), "{err}");
+    }
+}

@@ -1,0 +1,271 @@
+//! Render stage: turns a [`Snapshot`](crate::source::Snapshot)'s directory into [`Manifests`],
+//! the plain Kubernetes objects to apply. Pure apart from reading files inside the checkout.
+//!
+//! Kustomize and Helm arrive in their own modules; for now a `kustomization.yaml` is refused
+//! with a clear error instead of being applied as plain YAML.
+
+mod directory;
+mod yaml;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+pub use directory::render_directory;
+pub use yaml::{parse_documents, to_yaml_stream};
+
+/// Largest manifest file accepted; anything bigger is almost certainly not a manifest.
+pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+const KUSTOMIZATION_FILES: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("path {path} does not exist in the repository")]
+    PathNotFound { path: PathBuf },
+    #[error("{path} resolves outside the repository checkout; refusing to read it")]
+    OutsideCheckout { path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is {size} bytes, more than the {max} byte limit for a manifest file")]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
+    #[error("{path}: invalid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("{path}: invalid JSON: {message}")]
+    Json { path: PathBuf, message: String },
+    #[error("{path}: document {document}: {message}")]
+    InvalidObject {
+        path: PathBuf,
+        document: usize,
+        message: String,
+    },
+    #[error("{path}: Kustomize is not yet supported; render a plain directory instead")]
+    KustomizeNotSupported { path: PathBuf },
+}
+
+impl RenderError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            RenderError::PathNotFound { .. } => "render_path_not_found",
+            RenderError::OutsideCheckout { .. } => "render_outside_checkout",
+            RenderError::Io { .. } => "render_io",
+            RenderError::TooLarge { .. } => "render_too_large",
+            RenderError::Yaml { .. } | RenderError::Json { .. } => "render_parse",
+            RenderError::InvalidObject { .. } => "render_invalid_object",
+            RenderError::KustomizeNotSupported { .. } => "render_unsupported",
+        }
+    }
+}
+
+/// One Kubernetes object, with where it came from for error messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    pub value: Map<String, Value>,
+    /// `path/in/repo.yaml#2`: file relative to the checkout and document index.
+    pub origin: String,
+}
+
+impl Object {
+    pub fn api_version(&self) -> &str {
+        self.str_field("apiVersion")
+    }
+    pub fn kind(&self) -> &str {
+        self.str_field("kind")
+    }
+    pub fn name(&self) -> &str {
+        self.metadata_str("name").unwrap_or_default()
+    }
+    pub fn namespace(&self) -> Option<&str> {
+        self.metadata_str("namespace").filter(|s| !s.is_empty())
+    }
+    /// API group, empty for the core group.
+    pub fn group(&self) -> &str {
+        self.api_version()
+            .rsplit_once('/')
+            .map(|(g, _)| g)
+            .unwrap_or("")
+    }
+    pub fn version(&self) -> &str {
+        let v = self.api_version();
+        v.rsplit_once('/').map(|(_, v)| v).unwrap_or(v)
+    }
+    fn str_field(&self, key: &str) -> &str {
+        self.value.get(key).and_then(Value::as_str).unwrap_or("")
+    }
+    fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.value.get("metadata")?.get(key)?.as_str()
+    }
+    pub fn metadata_mut(&mut self) -> &mut Map<String, Value> {
+        let meta = self
+            .value
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !meta.is_object() {
+            *meta = Value::Object(Map::new());
+        }
+        match meta {
+            Value::Object(m) => m,
+            _ => unreachable!("metadata was just made an object"),
+        }
+    }
+    /// `Kind namespace/name` or `Kind name`, as used in messages.
+    pub fn display_name(&self) -> String {
+        match self.namespace() {
+            Some(ns) => format!("{} {}/{}", self.kind(), ns, self.name()),
+            None => format!("{} {}", self.kind(), self.name()),
+        }
+    }
+}
+
+/// The rendered objects of one app, in render order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Manifests {
+    pub objects: Vec<Object>,
+}
+
+/// Renders `app_path` inside the checkout at `root`.
+pub fn render(root: &Path, app_path: &Path) -> Result<Manifests, RenderError> {
+    let dir = directory::contained_path(root, app_path)?;
+    if let Some(k) = KUSTOMIZATION_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+    {
+        return Err(RenderError::KustomizeNotSupported {
+            path: k.strip_prefix(root).unwrap_or(&k).to_path_buf(),
+        });
+    }
+    render_directory(root, &dir)
+}
+
+/// Checks that a parsed document is a usable Kubernetes object and expands `List` kinds.
+fn into_objects(
+    value: Value,
+    path: &Path,
+    document: usize,
+    out: &mut Vec<Object>,
+) -> Result<(), RenderError> {
+    let invalid = |message: String| RenderError::InvalidObject {
+        path: path.to_path_buf(),
+        document,
+        message,
+    };
+    let map = match value {
+        Value::Null => return Ok(()),
+        Value::Object(map) => map,
+        other => {
+            return Err(invalid(format!(
+                "expected a Kubernetes object (a mapping), found {}",
+                kind_of(&other)
+            )))
+        }
+    };
+    let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default();
+    if is_list_kind(kind, &map) {
+        let items = match map.get("items") {
+            Some(Value::Array(items)) => items.clone(),
+            Some(Value::Null) | None => Vec::new(),
+            Some(_) => return Err(invalid(format!("{kind}.items must be a list"))),
+        };
+        for item in items {
+            into_objects(item, path, document, out)?;
+        }
+        return Ok(());
+    }
+    for field in ["apiVersion", "kind"] {
+        match map.get(field) {
+            Some(Value::String(s)) if !s.is_empty() => {}
+            _ => return Err(invalid(format!("missing or empty {field}"))),
+        }
+    }
+    let name = map
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if name.is_empty() {
+        return Err(invalid(format!(
+            "{kind} has no metadata.name (generateName is not supported with server-side apply)"
+        )));
+    }
+    out.push(Object {
+        value: map,
+        origin: format!("{}#{}", path.display(), document),
+    });
+    Ok(())
+}
+
+/// `kind: List` and the typed lists (`ConfigMapList`, ...) that `kubectl get -o yaml` writes.
+fn is_list_kind(kind: &str, map: &Map<String, Value>) -> bool {
+    kind == "List" || (kind.ends_with("List") && map.contains_key("items"))
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn objects(v: Value) -> Result<Vec<Object>, RenderError> {
+        let mut out = Vec::new();
+        into_objects(v, Path::new("a.yaml"), 0, &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn list_kinds_are_expanded() {
+        let out = objects(json!({
+            "apiVersion": "v1", "kind": "List",
+            "items": [
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}},
+                {"apiVersion": "v1", "kind": "ConfigMapList", "items": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}
+                ]}
+            ]
+        }))
+        .unwrap();
+        let names: Vec<_> = out.iter().map(Object::name).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn object_without_name_is_refused() {
+        let err = objects(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.yaml: document 0"), "{err}");
+        assert!(err.contains("metadata.name"), "{err}");
+    }
+
+    #[test]
+    fn scalar_document_is_refused() {
+        let err = objects(json!("hello")).unwrap_err().to_string();
+        assert!(err.contains("found a string"), "{err}");
+    }
+
+    #[test]
+    fn group_and_version_split() {
+        let o = &objects(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d", "namespace": "x"}}))
+        .unwrap()[0];
+        assert_eq!((o.group(), o.version()), ("apps", "v1"));
+        assert_eq!(o.display_name(), "Deployment x/d");
+        let core = &objects(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "s"}}))
+        .unwrap()[0];
+        assert_eq!((core.group(), core.version()), ("", "v1"));
+    }
+}

@@ -1,0 +1,113 @@
+//! YAML and JSON reading and writing for manifests.
+//!
+//! The parser follows what `kubectl apply` accepts: YAML 1.1 booleans (`yes`/`no`) and octal
+//! numbers (`defaultMode: 0644`), several documents per file, and serde-saphyr's default
+//! budgets against alias bombs and deep nesting. Duplicate keys are an error, not "last wins",
+//! so a merge mistake in Git does not silently change what is applied.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::RenderError;
+
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        legacy_octal_numbers: true,
+    }
+}
+
+/// Parses every document of a YAML stream; empty documents come back as `Value::Null`.
+pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Value>, RenderError> {
+    serde_saphyr::from_multiple_with_options::<Value>(text, options()).map_err(|e| {
+        RenderError::Yaml {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Parses a JSON file, which holds exactly one document.
+pub fn parse_json(text: &str, path: &Path) -> Result<Value, RenderError> {
+    serde_json::from_str(text).map_err(|e| RenderError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes objects as one multi-document YAML stream, as `kubectl kustomize` does.
+pub fn to_yaml_stream<'a>(
+    objects: impl IntoIterator<Item = &'a serde_json::Map<String, Value>>,
+) -> Result<String, serde_saphyr::SerializeError> {
+    let mut out = String::new();
+    for (i, object) in objects.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_saphyr::to_string(object)?);
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn multiple_documents_and_empty_ones() {
+        let docs = parse_documents("a: 1\n---\n---\nb: two\n", Path::new("x.yaml")).unwrap();
+        let non_null: Vec<_> = docs.into_iter().filter(|d| !d.is_null()).collect();
+        assert_eq!(non_null, vec![json!({"a": 1}), json!({"b": "two"})]);
+    }
+
+    #[test]
+    fn kubectl_compatible_scalars() {
+        let docs = parse_documents(
+            "mode: 0644\nenabled: yes\nport: \"80\"\nversion: 1.10\n",
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        assert_eq!(docs[0]["mode"], json!(420));
+        assert_eq!(docs[0]["enabled"], json!(true));
+        assert_eq!(docs[0]["port"], json!("80"));
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = parse_documents("a: [1, 2\nb: c\n", Path::new("deploy/bad.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("deploy/bad.yaml: invalid YAML"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_an_error() {
+        assert!(parse_documents("a: 1\na: 2\n", Path::new("x.yaml")).is_err());
+    }
+
+    #[test]
+    fn alias_bomb_is_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let prev = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]\n"
+            ));
+        }
+        assert!(parse_documents(&text, Path::new("bomb.yaml")).is_err());
+    }
+
+    #[test]
+    fn stream_round_trips() {
+        let a = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}});
+        let b = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}});
+        let text = to_yaml_stream([a.as_object().unwrap(), b.as_object().unwrap()]).unwrap();
+        let back = parse_documents(&text, Path::new("x")).unwrap();
+        assert_eq!(back, vec![a, b]);
+    }
+}

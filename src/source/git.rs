@@ -1,0 +1,341 @@
+//! The Git cache: one bare repository per URL under `state_dir/git/repos`, and one checked-out
+//! directory per commit under `state_dir/git/snapshots`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use git2::build::CheckoutBuilder;
+use git2::{Direction, FetchOptions, Oid, Repository};
+use sha2::{Digest, Sha256};
+
+use super::auth::callbacks;
+use super::{is_commit_sha, redact, Snapshot, SourceError};
+use crate::config::RepositoryConfig;
+
+/// A fetch that downloads more than this is cancelled: no fleet repo is that large, and a
+/// hostile server must not fill the node's disk.
+pub const MAX_FETCH_BYTES: usize = 2 * 1024 * 1024 * 1024;
+
+/// libgit2 waits forever on a silent server by default.
+fn set_timeouts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: both setters only write libgit2's global options, once, before any
+        // connection is made by this process.
+        let result = unsafe {
+            git2::opts::set_server_connect_timeout_in_milliseconds(10_000)
+                .and_then(|_| git2::opts::set_server_timeout_in_milliseconds(60_000))
+        };
+        if let Err(e) = result {
+            tracing::warn!("cannot set Git network timeouts: {e}");
+        }
+    });
+}
+
+#[derive(Debug, Clone)]
+pub struct GitSource {
+    repos: PathBuf,
+    snapshots: PathBuf,
+}
+
+impl GitSource {
+    pub fn new(state_dir: &Path) -> Self {
+        set_timeouts();
+        let dir = state_dir.join("git");
+        GitSource {
+            repos: dir.join("repos"),
+            snapshots: dir.join("snapshots"),
+        }
+    }
+
+    fn key(url: &str) -> String {
+        hex::encode(&Sha256::digest(url.as_bytes())[..8])
+    }
+
+    fn git_err(url: &str) -> impl Fn(git2::Error) -> SourceError + '_ {
+        move |e| SourceError::Git {
+            url: redact(url),
+            message: e.message().to_string(),
+        }
+    }
+
+    fn cache_err<'a>(url: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> SourceError + 'a {
+        move |source| SourceError::Cache {
+            url: redact(url),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn open(&self, url: &str) -> Result<Repository, SourceError> {
+        let path = self.repos.join(format!("{}.git", Self::key(url)));
+        if path.join("HEAD").exists() {
+            return Repository::open_bare(&path).map_err(Self::git_err(url));
+        }
+        std::fs::create_dir_all(&self.repos).map_err(Self::cache_err(url, &self.repos))?;
+        Repository::init_bare(&path).map_err(Self::git_err(url))
+    }
+
+    /// Lists the remote's refs without downloading any objects, so polling stays cheap.
+    pub fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SourceError> {
+        let url = &repo.url;
+        let cache = self.open(url)?;
+        let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
+        let cb = callbacks(repo, |_| true)?;
+        let connection = remote
+            .connect_auth(Direction::Fetch, Some(cb), None)
+            .map_err(Self::git_err(url))?;
+        let heads = connection
+            .list()
+            .map_err(Self::git_err(url))?
+            .iter()
+            .map(|h| (h.name().to_string(), h.oid()))
+            .collect();
+        Ok(RemoteRefs {
+            url: url.clone(),
+            heads,
+        })
+    }
+
+    /// Makes commit `sha` (reached from `revision`) available as a snapshot directory,
+    /// fetching it first if the cache does not have it.
+    pub fn snapshot(
+        &self,
+        repo: &RepositoryConfig,
+        revision: &str,
+        sha: &str,
+    ) -> Result<Snapshot, SourceError> {
+        let url = &repo.url;
+        let dir = self.snapshots.join(format!("{}-{sha}", Self::key(url)));
+        if dir.is_dir() {
+            return Ok(Snapshot {
+                repo: url.clone(),
+                revision: sha.to_string(),
+                root: dir,
+            });
+        }
+        let cache = self.open(url)?;
+        let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
+        if cache.find_commit(oid).is_err() {
+            self.fetch(&cache, repo, revision, sha)?;
+        }
+        let commit = cache
+            .find_commit(oid)
+            .map_err(|_| SourceError::RevisionNotFound {
+                url: redact(url),
+                revision: sha.to_string(),
+            })?;
+        self.checkout(&cache, url, &commit, &dir)?;
+        Ok(Snapshot {
+            repo: url.clone(),
+            revision: sha.to_string(),
+            root: dir,
+        })
+    }
+
+    fn fetch(
+        &self,
+        cache: &Repository,
+        repo: &RepositoryConfig,
+        revision: &str,
+        sha: &str,
+    ) -> Result<(), SourceError> {
+        let url = &repo.url;
+        // The SHA itself first (servers that allow it send one commit), then the named ref
+        // shallowly, then everything as a last resort for servers that refuse both.
+        let mut attempts: Vec<(Vec<String>, bool)> = vec![(vec![sha.to_string()], true)];
+        if !is_commit_sha(revision) {
+            let refname = full_refname(revision);
+            attempts.push((
+                vec![format!(
+                    "+{refname}:refs/edgesync/{}",
+                    refname.trim_start_matches("refs/")
+                )],
+                true,
+            ));
+        }
+        attempts.push((
+            vec![
+                "+refs/heads/*:refs/edgesync/heads/*".to_string(),
+                "+refs/tags/*:refs/edgesync/tags/*".to_string(),
+            ],
+            false,
+        ));
+        let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
+        let mut last_error = None;
+        for (refspecs, shallow) in attempts {
+            // libgit2's local transport cannot do shallow fetches.
+            let shallow = shallow && !url.starts_with("file://") && !url.starts_with('/');
+            let mut too_large = false;
+            let cb = callbacks(repo, |p| {
+                too_large = p.received_bytes() > MAX_FETCH_BYTES;
+                !too_large
+            })?;
+            let mut options = FetchOptions::new();
+            options.remote_callbacks(cb);
+            if shallow {
+                options.depth(1);
+            }
+            let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
+            let result = remote.fetch(&refspecs, Some(&mut options), None);
+            drop(options);
+            match result {
+                Ok(()) if cache.find_commit(oid).is_ok() => return Ok(()),
+                Ok(()) => {}
+                Err(e) if too_large => {
+                    return Err(SourceError::Git {
+                        url: redact(url),
+                        message: format!(
+                            "fetch cancelled after {MAX_FETCH_BYTES} bytes: {}",
+                            e.message()
+                        ),
+                    })
+                }
+                Err(e) if is_final(&e) => return Err(Self::git_err(url)(e)),
+                Err(e) => {
+                    tracing::debug!(%url, ?refspecs, "fetch attempt failed: {}", e.message());
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(match last_error {
+            Some(e) => Self::git_err(url)(e),
+            None => SourceError::RevisionNotFound {
+                url: redact(url),
+                revision: sha.to_string(),
+            },
+        })
+    }
+
+    fn checkout(
+        &self,
+        cache: &Repository,
+        url: &str,
+        commit: &git2::Commit<'_>,
+        dir: &Path,
+    ) -> Result<(), SourceError> {
+        std::fs::create_dir_all(&self.snapshots).map_err(Self::cache_err(url, &self.snapshots))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&self.snapshots)
+            .map_err(Self::cache_err(url, &self.snapshots))?;
+        let tree = commit.tree().map_err(Self::git_err(url))?;
+        let mut co = CheckoutBuilder::new();
+        co.target_dir(tmp.path()).force().update_index(false);
+        cache
+            .checkout_tree(tree.as_object(), Some(&mut co))
+            .map_err(Self::git_err(url))?;
+        let tmp_path = tmp.keep();
+        if let Err(e) = std::fs::rename(&tmp_path, dir) {
+            let _ = std::fs::remove_dir_all(&tmp_path);
+            // Another sync of the same commit won the race; its directory is identical.
+            if !dir.is_dir() {
+                return Err(Self::cache_err(url, dir)(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes `url`'s snapshot directories whose commit is not in `keep`. Snapshots of
+    /// other repositories are left alone: their syncs may be rendering them right now.
+    pub fn retain(&self, url: &str, keep: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.snapshots) else {
+            return;
+        };
+        let prefix = format!("{}-", Self::key(url));
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(sha) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !keep.contains(sha) {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), "cannot remove old snapshot: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The refs a remote advertised at one moment.
+#[derive(Debug, Clone)]
+pub struct RemoteRefs {
+    url: String,
+    heads: Vec<(String, Oid)>,
+}
+
+impl RemoteRefs {
+    /// Resolves a branch, tag, `HEAD`, full ref name or commit SHA to a commit SHA.
+    pub fn resolve(&self, revision: &str) -> Result<String, SourceError> {
+        if is_commit_sha(revision) {
+            return Ok(revision.to_ascii_lowercase());
+        }
+        pick_ref(&self.heads, revision)
+            .map(|(_, oid)| oid.to_string())
+            .ok_or_else(|| SourceError::RevisionNotFound {
+                url: redact(&self.url),
+                revision: revision.to_string(),
+            })
+    }
+}
+
+fn full_refname(revision: &str) -> String {
+    if revision == "HEAD" || revision.starts_with("refs/") {
+        revision.to_string()
+    } else {
+        format!("refs/heads/{revision}")
+    }
+}
+
+/// Errors another refspec cannot fix: credentials and host verification.
+fn is_final(e: &git2::Error) -> bool {
+    matches!(
+        e.code(),
+        git2::ErrorCode::Auth | git2::ErrorCode::Certificate
+    ) || e.message().contains("authentication")
+        || e.message().contains("credentials")
+        || e.message().contains("host key")
+}
+
+/// Picks the ref `revision` names among a remote's advertised refs, the way `git checkout`
+/// would: `HEAD`, a full ref name, a branch, then a tag (peeled to its commit).
+fn pick_ref<'a>(heads: &'a [(String, Oid)], revision: &str) -> Option<&'a (String, Oid)> {
+    let find = |name: &str| heads.iter().find(|(n, _)| n == name);
+    if revision == "HEAD" || revision.starts_with("refs/") {
+        return find(&format!("{revision}^{{}}")).or_else(|| find(revision));
+    }
+    find(&format!("refs/heads/{revision}"))
+        .or_else(|| find(&format!("refs/tags/{revision}^{{}}")))
+        .or_else(|| find(&format!("refs/tags/{revision}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oid(n: u8) -> Oid {
+        Oid::from_bytes(&[n; 20]).unwrap()
+    }
+
+    #[test]
+    fn refs_resolve_like_git() {
+        let heads = vec![
+            ("HEAD".to_string(), oid(1)),
+            ("refs/heads/main".to_string(), oid(1)),
+            ("refs/heads/v1".to_string(), oid(2)),
+            ("refs/tags/v1".to_string(), oid(3)),
+            ("refs/tags/v2".to_string(), oid(4)),
+            ("refs/tags/v2^{}".to_string(), oid(5)),
+        ];
+        let pick = |r: &str| pick_ref(&heads, r).map(|(_, o)| *o);
+        assert_eq!(pick("HEAD"), Some(oid(1)));
+        assert_eq!(pick("main"), Some(oid(1)));
+        // A branch wins over a tag of the same name, as in git.
+        assert_eq!(pick("v1"), Some(oid(2)));
+        assert_eq!(pick("refs/tags/v1"), Some(oid(3)));
+        // Annotated tags resolve to the commit, not the tag object.
+        assert_eq!(pick("v2"), Some(oid(5)));
+        assert_eq!(pick("nope"), None);
+    }
+}

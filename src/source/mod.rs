@@ -1,0 +1,93 @@
+//! Source stage: fetches Git repositories into the cache under `state_dir/git` and produces
+//! immutable [`Snapshot`]s, one directory per commit.
+//!
+//! All Git I/O is blocking (libgit2); callers run it on a blocking thread.
+
+mod auth;
+mod git;
+
+use std::path::PathBuf;
+
+pub use git::{GitSource, RemoteRefs, MAX_FETCH_BYTES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{url}: {message}")]
+    Git { url: String, message: String },
+    #[error("{url}: revision {revision:?} not found on the remote")]
+    RevisionNotFound { url: String, revision: String },
+    #[error("{url}: cannot read credential file {path}: {source}")]
+    Credentials {
+        url: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{url}: cache {path}: {source}")]
+    Cache {
+        url: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl SourceError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SourceError::Git { .. } => "git",
+            SourceError::RevisionNotFound { .. } => "git_revision_not_found",
+            SourceError::Credentials { .. } => "git_credentials",
+            SourceError::Cache { .. } => "git_cache",
+        }
+    }
+}
+
+/// One commit of one repository, checked out into a directory that never changes: it is
+/// created under a temporary name and renamed into place, and never written again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub repo: String,
+    /// Full commit SHA.
+    pub revision: String,
+    pub root: PathBuf,
+}
+
+/// True for a full 40-character hexadecimal commit SHA.
+pub fn is_commit_sha(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `url` with any password or token in its user part replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact("https://bot:s3cret@git.example.com/fleet.git"),
+            "https://bot:***@git.example.com/fleet.git"
+        );
+        assert_eq!(
+            redact("https://git.example.com/a@b.git"),
+            "https://git.example.com/a@b.git"
+        );
+        assert_eq!(
+            redact("git@github.com:org/repo.git"),
+            "git@github.com:org/repo.git"
+        );
+    }
+}
