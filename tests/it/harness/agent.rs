@@ -1,0 +1,156 @@
+//! The real `edgesync` binary, as a daemon (`run`) or one-shot command, with a config written
+//! the way a user would write it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cluster::cluster;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgesync");
+
+/// A config file in a temporary directory, with the state directory beside it.
+pub struct AgentConfig {
+    dir: tempfile::TempDir,
+    sections: Vec<String>,
+}
+
+impl AgentConfig {
+    pub fn new() -> AgentConfig {
+        AgentConfig {
+            dir: tempfile::tempdir().expect("tempdir"),
+            sections: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds a `[[repositories]]` entry; `body` is its TOML keys.
+    pub fn repository(mut self, body: &str) -> Self {
+        self.sections.push(format!("[[repositories]]\n{body}\n"));
+        self
+    }
+
+    /// Adds an `[[apps]]` entry; `body` is its TOML keys.
+    pub fn app(mut self, body: &str) -> Self {
+        self.sections.push(format!("[[apps]]\n{body}\n"));
+        self
+    }
+
+    /// Writes a file next to the config (credentials, ...) and returns its path.
+    pub fn file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    pub fn write(&self) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        let text = format!(
+            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n{}",
+            self.dir.path().join("state").display(),
+            cluster().kubeconfig.display(),
+            self.sections.join("\n")
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The app's persisted state, or `Null` before its first sync.
+    pub fn state(&self, app: &str) -> serde_json::Value {
+        let path = self.dir.path().join(format!("state/apps/{app}.json"));
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).expect("state is JSON"),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
+
+    /// Runs a one-shot command (`sync`, `check-config`, ...) against this config, without
+    /// blocking the test's runtime (which may be serving Git over HTTP).
+    pub async fn command(&self, args: &[&str]) -> Output {
+        let config = self.write();
+        tokio::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .output()
+            .await
+            .expect("run edgesync")
+    }
+}
+
+/// `edgesync run` in the background, logging to a file.
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(config: &AgentConfig) -> Agent {
+        let path = config.write();
+        let log = unique(config.dir().join("agent.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(["--log-level", "edgesync=debug", "run"])
+            .env_remove("KUBECONFIG")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start edgesync run");
+        Agent {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "edgesync did not exit within 40s of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn unique(path: PathBuf) -> PathBuf {
+    let mut candidate = path.clone();
+    let mut n = 0;
+    while candidate.exists() {
+        n += 1;
+        candidate = path.with_extension(format!("{n}.log"));
+    }
+    candidate
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Shared test harness: the control plane, namespaces, Git repositories and agent processes.
+
+pub mod agent;
+pub mod cluster;
+pub mod git;
+pub mod http_git;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use agent::{Agent, AgentConfig};
+pub use cluster::TestNamespace;
+pub use git::GitRepo;
+pub use http_git::GitHttpServer;
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+/// Waiting is bounded only to fail a broken test; no test asserts on how long things take.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub const WAIT: Duration = Duration::from_secs(90);

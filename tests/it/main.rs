@@ -1,0 +1,8 @@
+//! Integration tests against real parts: the control plane from `tests/cluster`, real Git
+//! repositories over file:// and `git http-backend`, and the real `edgesync` binary.
+//! One control plane serves the whole run; every test works in a namespace of its own.
+
+mod harness;
+
+mod git_http;
+mod skeleton;
