@@ -146,7 +146,9 @@ pub fn plan(
     // A stable sort keeps render order within each phase.
     objects.sort_by_key(Phase::of);
     for object in &mut objects {
-        let meta = object.metadata_mut();
+        let Some(meta) = object.metadata_mut() else {
+            continue;
+        };
         let annotations = meta
             .entry("annotations")
             .or_insert_with(|| Value::Object(Default::default()));

@@ -98,7 +98,8 @@ impl Object {
     fn metadata_str(&self, key: &str) -> Option<&str> {
         self.value.get("metadata")?.get(key)?.as_str()
     }
-    pub fn metadata_mut(&mut self) -> &mut Map<String, Value> {
+    /// The object's metadata, made a mapping first if it is missing or malformed.
+    pub fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
         let meta = self
             .value
             .entry("metadata")
@@ -106,10 +107,7 @@ impl Object {
         if !meta.is_object() {
             *meta = Value::Object(Map::new());
         }
-        match meta {
-            Value::Object(m) => m,
-            _ => unreachable!("metadata was just made an object"),
-        }
+        meta.as_object_mut()
     }
     /// `Kind namespace/name` or `Kind name`, as used in messages.
     pub fn display_name(&self) -> String {

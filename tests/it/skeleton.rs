@@ -343,6 +343,20 @@ async fn check_config_and_render_commands() {
         "{stderr}"
     );
 
+    // The shipped example configurations are valid.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        let out = std::process::Command::new(crate::harness::agent::BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", path.display());
+    }
+
     let repo = GitRepo::new();
     write_web_app(&repo, "nginx:1.27", "hi");
     let out = std::process::Command::new(crate::harness::agent::BIN)
