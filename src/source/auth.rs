@@ -3,7 +3,9 @@
 //! a fetch starts, so rotated credential files take effect without a restart, and they never
 //! appear in errors.
 
+use std::cell::RefCell;
 use std::path::Path;
+use std::rc::Rc;
 
 use base64::Engine;
 use git2::{CertificateCheckStatus, Cred, CredentialType, RemoteCallbacks};
@@ -59,14 +61,38 @@ impl Secrets {
     }
 }
 
+/// Why our callbacks refused a connection. libgit2 replaces a callback's message with a
+/// generic one ("invalid or unknown remote ssh hostkey"), so the reason is kept here.
+#[derive(Clone, Default)]
+pub struct Refusal(Rc<RefCell<Option<String>>>);
+
+impl Refusal {
+    fn refuse(&self, reason: String) -> git2::Error {
+        let error = git2::Error::from_str(&reason);
+        *self.0.borrow_mut() = Some(reason);
+        error
+    }
+
+    /// The message for `e`: our own reason when a callback refused, libgit2's otherwise.
+    pub fn message(&self, e: &git2::Error) -> String {
+        self.0
+            .borrow_mut()
+            .take()
+            .unwrap_or_else(|| e.message().to_string())
+    }
+}
+
 /// Callbacks for one connection to `repo`. `progress` sees every transfer update and may
 /// cancel the transfer by returning false.
 pub fn callbacks<'a>(
     repo: &RepositoryConfig,
+    refusal: &Refusal,
     mut progress: impl FnMut(&git2::Progress<'_>) -> bool + 'a,
 ) -> Result<RemoteCallbacks<'a>, SourceError> {
     let secrets = Secrets::load(repo)?;
     let mut cb = RemoteCallbacks::new();
+    let credentials_refusal = refusal.clone();
+    let host_refusal = refusal.clone();
     let mut attempts = 0;
     let Secrets {
         userpass,
@@ -77,8 +103,8 @@ pub fn callbacks<'a>(
         // libgit2 asks again after a rejection; answering twice would loop forever.
         attempts += 1;
         if attempts > 1 {
-            return Err(git2::Error::from_str(
-                "authentication failed: the server rejected the configured credentials",
+            return Err(credentials_refusal.refuse(
+                "authentication failed: the server rejected the configured credentials".into(),
             ));
         }
         if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
@@ -94,8 +120,8 @@ pub fn callbacks<'a>(
         if allowed.contains(CredentialType::USERNAME) {
             return Cred::username(username_from_url.unwrap_or("git"));
         }
-        Err(git2::Error::from_str(
-            "the server asks for credentials and none are configured for this repository",
+        Err(credentials_refusal.refuse(
+            "authentication required: the server asks for credentials and none are configured for this repository".into(),
         ))
     });
     cb.certificate_check(move |cert, host| {
@@ -104,14 +130,14 @@ pub fn callbacks<'a>(
             return Ok(CertificateCheckStatus::CertificatePassthrough);
         };
         let (Some(key), Some(known)) = (hostkey.hostkey(), &known_hosts) else {
-            return Err(git2::Error::from_str(&format!(
-                "refusing SSH host {host}: no known_hosts_file configured"
+            return Err(host_refusal.refuse(format!(
+                "refusing SSH host {host}: no known_hosts_file configured to verify its host key"
             )));
         };
         if known_hosts_match(known, host, key) {
             Ok(CertificateCheckStatus::CertificateOk)
         } else {
-            Err(git2::Error::from_str(&format!(
+            Err(host_refusal.refuse(format!(
                 "SSH host key of {host} does not match known_hosts_file"
             )))
         }

@@ -9,7 +9,7 @@ use git2::build::CheckoutBuilder;
 use git2::{Direction, FetchOptions, Oid, Repository};
 use sha2::{Digest, Sha256};
 
-use super::auth::callbacks;
+use super::auth::{callbacks, Refusal};
 use super::{is_commit_sha, redact, Snapshot, SourceError};
 use crate::config::RepositoryConfig;
 
@@ -82,13 +82,18 @@ impl GitSource {
         let url = &repo.url;
         let cache = self.open(url)?;
         let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
-        let cb = callbacks(repo, |_| true)?;
+        let refusal = Refusal::default();
+        let cb = callbacks(repo, &refusal, |_| true)?;
+        let refused = |e: git2::Error| SourceError::Git {
+            url: redact(url),
+            message: refusal.message(&e),
+        };
         let connection = remote
             .connect_auth(Direction::Fetch, Some(cb), None)
-            .map_err(Self::git_err(url))?;
+            .map_err(refused)?;
         let heads = connection
             .list()
-            .map_err(Self::git_err(url))?
+            .map_err(refused)?
             .iter()
             .map(|h| (h.name().to_string(), h.oid()))
             .collect();
@@ -168,7 +173,8 @@ impl GitSource {
             // libgit2's local transport cannot do shallow fetches.
             let shallow = shallow && !url.starts_with("file://") && !url.starts_with('/');
             let mut too_large = false;
-            let cb = callbacks(repo, |p| {
+            let refusal = Refusal::default();
+            let cb = callbacks(repo, &refusal, |p| {
                 too_large = p.received_bytes() > MAX_FETCH_BYTES;
                 !too_large
             })?;
@@ -192,15 +198,24 @@ impl GitSource {
                         ),
                     })
                 }
-                Err(e) if is_final(&e) => return Err(Self::git_err(url)(e)),
                 Err(e) => {
-                    tracing::debug!(%url, ?refspecs, "fetch attempt failed: {}", e.message());
-                    last_error = Some(e);
+                    let message = refusal.message(&e);
+                    if is_final(&e, &message) {
+                        return Err(SourceError::Git {
+                            url: redact(url),
+                            message,
+                        });
+                    }
+                    tracing::debug!(url = %redact(url), ?refspecs, "fetch attempt failed: {message}");
+                    last_error = Some(message);
                 }
             }
         }
         Err(match last_error {
-            Some(e) => Self::git_err(url)(e),
+            Some(message) => SourceError::Git {
+                url: redact(url),
+                message,
+            },
             None => SourceError::RevisionNotFound {
                 url: redact(url),
                 revision: sha.to_string(),
@@ -289,13 +304,12 @@ fn full_refname(revision: &str) -> String {
 }
 
 /// Errors another refspec cannot fix: credentials and host verification.
-fn is_final(e: &git2::Error) -> bool {
+fn is_final(e: &git2::Error, message: &str) -> bool {
     matches!(
         e.code(),
         git2::ErrorCode::Auth | git2::ErrorCode::Certificate
-    ) || e.message().contains("authentication")
-        || e.message().contains("credentials")
-        || e.message().contains("host key")
+    ) || message.contains("authentication")
+        || message.contains("host key")
 }
 
 /// Picks the ref `revision` names among a remote's advertised refs, the way `git checkout`

@@ -19,6 +19,8 @@ fn http_config(url: &str, ns: &str, credentials: &str) -> AgentConfig {
 async fn public_http_repository_is_synced() {
     let ns = TestNamespace::reserve("http-public").await;
     let repo = GitRepo::new();
+    write_web_app(&repo, "nginx:1.27", "first");
+    repo.commit("older history");
     write_web_app(&repo, "nginx:1.27", "over-http");
     let sha = repo.commit("web");
     let root = tempfile::tempdir().unwrap();
@@ -36,6 +38,17 @@ async fn public_http_repository_is_synced() {
     assert_eq!(config.state("web")["last_applied_revision"], sha.as_str());
     let cm = ns.api::<ConfigMap>().get("web-config").await.unwrap();
     assert_eq!(cm.data.unwrap()["greeting"], "over-http");
+
+    // Only the needed commit was fetched: the cache is a shallow clone without older history.
+    let repos = config.dir().join("state/git/repos");
+    let cache = std::fs::read_dir(&repos)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let shallow = std::fs::read_to_string(cache.join("shallow")).expect("shallow cache");
+    assert_eq!(shallow.trim(), sha);
 }
 
 #[tokio::test]

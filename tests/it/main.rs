@@ -5,4 +5,6 @@
 mod harness;
 
 mod git_http;
+mod git_revisions;
+mod git_ssh;
 mod skeleton;

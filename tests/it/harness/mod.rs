@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cluster;
 pub mod git;
 pub mod http_git;
+pub mod ssh_git;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ pub use agent::{Agent, AgentConfig};
 pub use cluster::TestNamespace;
 pub use git::GitRepo;
 pub use http_git::GitHttpServer;
+pub use ssh_git::SshGitServer;
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 /// Waiting is bounded only to fail a broken test; no test asserts on how long things take.
