@@ -60,10 +60,90 @@ impl fmt::Display for Problem {
 pub struct Config {
     pub path: PathBuf,
     pub state_dir: PathBuf,
+    pub max_concurrent_syncs: usize,
     pub node: NodeConfig,
     pub kubernetes: KubernetesConfig,
+    pub mqtt: Option<MqttConfig>,
+    pub webhook: Option<WebhookConfig>,
     pub repositories: Vec<RepositoryConfig>,
     pub apps: Vec<AppConfig>,
+}
+
+pub const DEFAULT_MAX_CONCURRENT_SYNCS: usize = 4;
+pub const DEFAULT_MQTT_TOPICS: [&str; 2] = ["edgesync/changes", "edgesync/nodes/{node}/sync"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host[:1883]` or `mqtts://host[:8883]`.
+    pub url: String,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// CA bundle for `mqtts://`; the system roots when unset.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Topic filters; `{node}` is replaced by the node name, and messages on such a topic
+    /// are node-directed (no fetch jitter).
+    #[serde(default = "default_topics")]
+    pub topics: Vec<String>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde_compat")]
+    pub keep_alive: Duration,
+}
+
+fn default_client_id() -> String {
+    "edgesync-{node}".to_string()
+}
+fn default_topics() -> Vec<String> {
+    DEFAULT_MQTT_TOPICS.iter().map(|t| t.to_string()).collect()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    pub github_secret_file: Option<PathBuf>,
+    pub gitlab_token_file: Option<PathBuf>,
+    pub gitea_secret_file: Option<PathBuf>,
+    pub bitbucket_secret_file: Option<PathBuf>,
+    pub generic_secret_file: Option<PathBuf>,
+    /// Accept unsigned requests on endpoints without a secret. For lab setups only.
+    #[serde(default)]
+    pub insecure_no_secret: bool,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Sustained requests per second accepted, across all endpoints.
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit: f64,
+    /// Requests accepted at once before `rate_limit` applies.
+    #[serde(default = "default_rate_burst")]
+    pub rate_burst: u32,
+    /// How long delivery IDs are remembered to reject replays.
+    #[serde(default = "default_replay_window", with = "humantime_serde_compat")]
+    pub replay_window: Duration,
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 9420))
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_rate_limit() -> f64 {
+    10.0
+}
+fn default_rate_burst() -> u32 {
+    20
+}
+fn default_replay_window() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -93,6 +173,10 @@ pub struct RepositoryConfig {
     pub known_hosts_file: Option<PathBuf>,
     #[serde(default = "default_poll_interval", with = "humantime_serde_compat")]
     pub poll_interval: Duration,
+    /// Random delay, up to this, before a fetch caused by a broadcast event or a poll, so a
+    /// fleet does not hit the Git server at once.
+    #[serde(default, with = "humantime_serde_compat::or_zero")]
+    pub fetch_jitter: Duration,
 }
 
 impl RepositoryConfig {
@@ -106,6 +190,7 @@ impl RepositoryConfig {
             ssh_key_file: None,
             known_hosts_file: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            fetch_jitter: Duration::ZERO,
         }
     }
 }
@@ -138,23 +223,38 @@ fn default_path() -> String {
     ".".to_string()
 }
 
+/// Durations written as humans do: `30s`, `3m`, `1h30m`.
 mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    fn parse<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        let parsed = humantime::parse_duration(&text).map_err(|e| {
+        humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""
             ))
-        })?;
+        })
+    }
+
+    /// A duration greater than zero.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let parsed = parse(d)?;
         if parsed.is_zero() {
             return Err(serde::de::Error::custom(
                 "duration must be greater than zero",
             ));
         }
         Ok(parsed)
+    }
+
+    /// A duration that may be zero (`"0s"`).
+    pub mod or_zero {
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<std::time::Duration, D::Error> {
+            super::parse(d)
+        }
     }
 }
 
@@ -163,10 +263,13 @@ mod humantime_serde_compat {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<PathBuf>,
+    max_concurrent_syncs: Option<Spanned<usize>>,
     #[serde(default)]
     node: NodeConfig,
     #[serde(default)]
     kubernetes: KubernetesConfig,
+    mqtt: Option<Spanned<MqttConfig>>,
+    webhook: Option<Spanned<WebhookConfig>>,
     #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
@@ -215,16 +318,44 @@ impl Config {
                 r
             })
             .collect();
+        let mqtt = raw.mqtt.map(|m| {
+            let mut m = m.into_inner();
+            m.password_file = m.password_file.as_ref().map(resolve);
+            m.ca_file = m.ca_file.as_ref().map(resolve);
+            m.cert_file = m.cert_file.as_ref().map(resolve);
+            m.key_file = m.key_file.as_ref().map(resolve);
+            m.client_id = m.client_id.replace("{node}", &node.name);
+            m
+        });
+        let webhook = raw.webhook.map(|w| {
+            let mut w = w.into_inner();
+            for file in [
+                &mut w.github_secret_file,
+                &mut w.gitlab_token_file,
+                &mut w.gitea_secret_file,
+                &mut w.bitbucket_secret_file,
+                &mut w.generic_secret_file,
+            ] {
+                *file = file.as_ref().map(resolve);
+            }
+            w
+        });
         Ok(Config {
             path: path.to_path_buf(),
             state_dir: raw
                 .state_dir
                 .map(|p| base.join(p))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            max_concurrent_syncs: raw
+                .max_concurrent_syncs
+                .map(Spanned::into_inner)
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_SYNCS),
             node,
             kubernetes: KubernetesConfig {
                 kubeconfig: raw.kubernetes.kubeconfig.as_ref().map(resolve),
             },
+            mqtt,
+            webhook,
             repositories,
             apps: raw.apps.into_iter().map(Spanned::into_inner).collect(),
         })
@@ -267,6 +398,96 @@ fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem> {
             message,
         })
     };
+
+    let check_file = |span: std::ops::Range<usize>, key: String, file: &Option<PathBuf>| {
+        if let Some(file) = file {
+            let full = base.join(file);
+            if !full.is_file() {
+                return Some(Problem {
+                    line: line_of(text, span.start),
+                    key,
+                    message: format!("file {} does not exist", full.display()),
+                });
+            }
+        }
+        None
+    };
+    let mut file_problems = Vec::new();
+    if let Some(n) = &raw.max_concurrent_syncs {
+        if *n.get_ref() == 0 {
+            push(
+                n.span(),
+                "max_concurrent_syncs".into(),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    if let Some(mqtt) = &raw.mqtt {
+        let (span, m) = (mqtt.span(), mqtt.get_ref());
+        if let Err(msg) = crate::trigger::mqtt::parse_broker_url(&m.url) {
+            push(span.clone(), "mqtt.url".into(), msg);
+        }
+        for (field, file) in [
+            ("password_file", &m.password_file),
+            ("ca_file", &m.ca_file),
+            ("cert_file", &m.cert_file),
+            ("key_file", &m.key_file),
+        ] {
+            file_problems.extend(check_file(span.clone(), format!("mqtt.{field}"), file));
+        }
+        if m.cert_file.is_some() != m.key_file.is_some() {
+            push(
+                span.clone(),
+                "mqtt.cert_file".into(),
+                "cert_file and key_file go together".into(),
+            );
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            push(
+                span.clone(),
+                "mqtt.username".into(),
+                "password_file needs a username".into(),
+            );
+        }
+        if m.topics.is_empty() || m.topics.iter().any(|t| t.is_empty()) {
+            push(
+                span.clone(),
+                "mqtt.topics".into(),
+                "needs at least one non-empty topic".into(),
+            );
+        }
+    }
+    if let Some(webhook) = &raw.webhook {
+        let (span, w) = (webhook.span(), webhook.get_ref());
+        let secrets = [
+            ("github_secret_file", &w.github_secret_file),
+            ("gitlab_token_file", &w.gitlab_token_file),
+            ("gitea_secret_file", &w.gitea_secret_file),
+            ("bitbucket_secret_file", &w.bitbucket_secret_file),
+            ("generic_secret_file", &w.generic_secret_file),
+        ];
+        for (field, file) in secrets {
+            file_problems.extend(check_file(span.clone(), format!("webhook.{field}"), file));
+        }
+        if !w.insecure_no_secret && secrets.iter().all(|(_, f)| f.is_none()) {
+            push(
+                span.clone(),
+                "webhook".into(),
+                "a webhook listener needs at least one *_secret_file (or *_token_file); set insecure_no_secret = true to accept unsigned requests".into(),
+            );
+        }
+        if w.max_body_bytes == 0
+            || w.rate_limit.is_nan()
+            || w.rate_limit <= 0.0
+            || w.rate_burst == 0
+        {
+            push(
+                span.clone(),
+                "webhook".into(),
+                "max_body_bytes, rate_limit and rate_burst must be greater than zero".into(),
+            );
+        }
+    }
 
     let mut urls = HashSet::new();
     for (i, repo) in raw.repositories.iter().enumerate() {
@@ -361,6 +582,8 @@ fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem> {
             );
         }
     }
+    problems.extend(file_problems);
+    problems.sort_by_key(|p| p.line);
     problems
 }
 

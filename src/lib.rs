@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod render;
+pub mod scheduler;
 pub mod source;
 pub mod state;
 pub mod telemetry;
+pub mod trigger;

@@ -2,18 +2,10 @@
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use crate::harness::{AgentConfig, GitHttpServer, GitRepo, TestNamespace};
-use crate::skeleton::write_web_app;
+use crate::harness::{GitHttpServer, GitRepo, TestNamespace};
+use crate::skeleton::{web_app_config_with, write_web_app};
 
 const TOKEN: &str = "glpat-edgesync-test-0123456789";
-
-fn http_config(url: &str, ns: &str, credentials: &str) -> AgentConfig {
-    AgentConfig::new()
-        .repository(&format!("url = \"{url}\"\n{credentials}"))
-        .app(&format!(
-            "name = \"web\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"deploy/web\"\nnamespace = \"{ns}\"\ncreate_namespace = true"
-        ))
-}
 
 #[tokio::test]
 async fn public_http_repository_is_synced() {
@@ -27,7 +19,7 @@ async fn public_http_repository_is_synced() {
     repo.bare_clone_into(root.path(), "fleet");
     let server = GitHttpServer::start(root.path(), None).await;
 
-    let config = http_config(&server.url("fleet"), &ns.name, "");
+    let config = web_app_config_with(&server.url("fleet"), &ns.name, "");
     let out = config.command(&["sync", "web"]).await;
     assert!(
         out.status.success(),
@@ -63,10 +55,10 @@ async fn token_protected_http_repository_is_synced_and_a_wrong_token_is_refused(
     let url = server.url("private");
 
     // Without credentials and with a wrong token: refused, nothing applied, no secret leaked.
-    let none = http_config(&url, &ns.name, "");
+    let none = web_app_config_with(&url, &ns.name, "");
     let out = none.command(&["sync", "web"]).await;
     assert!(!out.status.success());
-    let wrong = http_config(&url, &ns.name, "token_file = \"token\"");
+    let wrong = web_app_config_with(&url, &ns.name, "token_file = \"token\"");
     wrong.file("token", "not-the-token\n");
     let out = wrong.command(&["sync", "web"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -84,7 +76,7 @@ async fn token_protected_http_repository_is_synced_and_a_wrong_token_is_refused(
         .unwrap()
         .is_none());
 
-    let right = http_config(&url, &ns.name, "token_file = \"token\"");
+    let right = web_app_config_with(&url, &ns.name, "token_file = \"token\"");
     right.file("token", &format!("{TOKEN}\n"));
     let out = right.command(&["sync", "web"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -2,18 +2,10 @@
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use crate::harness::{AgentConfig, GitRepo, SshGitServer, TestNamespace};
-use crate::skeleton::write_web_app;
+use crate::harness::{GitRepo, SshGitServer, TestNamespace};
+use crate::skeleton::{web_app_config_with, write_web_app};
 
-fn ssh_config(url: &str, ns: &str) -> AgentConfig {
-    AgentConfig::new()
-        .repository(&format!(
-            "url = \"{url}\"\nssh_key_file = \"id_ed25519\"\nknown_hosts_file = \"known_hosts\""
-        ))
-        .app(&format!(
-            "name = \"web\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"deploy/web\"\nnamespace = \"{ns}\"\ncreate_namespace = true"
-        ))
-}
+const SSH_KEYS: &str = "ssh_key_file = \"id_ed25519\"\nknown_hosts_file = \"known_hosts\"";
 
 #[tokio::test]
 async fn ssh_repository_is_synced_with_a_key_and_a_matching_host_key() {
@@ -28,7 +20,7 @@ async fn ssh_repository_is_synced_with_a_key_and_a_matching_host_key() {
 
     // A host key that is not the server's is refused before anything is fetched.
     let impostor = SshGitServer::start();
-    let wrong = ssh_config(&url, &ns.name);
+    let wrong = web_app_config_with(&url, &ns.name, SSH_KEYS);
     wrong.file(
         "known_hosts",
         &impostor
@@ -47,7 +39,7 @@ async fn ssh_repository_is_synced_with_a_key_and_a_matching_host_key() {
         .unwrap()
         .is_none());
 
-    let config = ssh_config(&url, &ns.name);
+    let config = web_app_config_with(&url, &ns.name, SSH_KEYS);
     config.file("known_hosts", &server.known_hosts());
     std::fs::copy(server.client_key(), config.dir().join("id_ed25519")).unwrap();
     let out = config.command(&["sync", "web"]).await;

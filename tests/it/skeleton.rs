@@ -53,8 +53,13 @@ spec:
 }
 
 pub fn web_app_config(repo_url: &str, ns: &str) -> AgentConfig {
+    web_app_config_with(repo_url, ns, "poll_interval = \"1s\"")
+}
+
+/// The web app from `repo_url`; `repository_keys` are added to its `[[repositories]]` entry.
+pub fn web_app_config_with(repo_url: &str, ns: &str, repository_keys: &str) -> AgentConfig {
     AgentConfig::new()
-        .repository(&format!("url = \"{repo_url}\"\npoll_interval = \"1s\""))
+        .repository(&format!("url = \"{repo_url}\"\n{repository_keys}"))
         .app(&format!(
             "name = \"web\"\nrepo = \"{repo_url}\"\nrevision = \"main\"\npath = \"deploy/web\"\nnamespace = \"{ns}\"\ncreate_namespace = true"
         ))

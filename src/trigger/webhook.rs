@@ -1,0 +1,1 @@
+//! Git webhook receiver (axum).
