@@ -65,8 +65,35 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub mqtt: Option<MqttConfig>,
     pub webhook: Option<WebhookConfig>,
+    pub status: StatusConfig,
     pub repositories: Vec<RepositoryConfig>,
     pub apps: Vec<AppConfig>,
+}
+
+/// The local status listener (`/metrics`, `/healthz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_status_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            enabled: true,
+            listen: default_status_listen(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_status_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9421))
 }
 
 pub const DEFAULT_MAX_CONCURRENT_SYNCS: usize = 4;
@@ -271,6 +298,8 @@ struct RawConfig {
     mqtt: Option<Spanned<MqttConfig>>,
     webhook: Option<Spanned<WebhookConfig>>,
     #[serde(default)]
+    status: StatusConfig,
+    #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
     apps: Vec<Spanned<AppConfig>>,
@@ -356,6 +385,7 @@ impl Config {
             },
             mqtt,
             webhook,
+            status: raw.status,
             repositories,
             apps: raw.apps.into_iter().map(Spanned::into_inner).collect(),
         })

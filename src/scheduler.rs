@@ -121,7 +121,7 @@ pub fn route(event: &Event, config: &Config) -> Result<BTreeMap<String, AppSet>,
             return Err(RouteError::UnknownApp(name.clone()));
         }
     }
-    let wanted_key = event.repo.as_deref().map(repo_key);
+    let wanted: Vec<String> = event.repos.iter().map(|r| repo_key(r)).collect();
     let branch = event
         .branch
         .as_deref()
@@ -129,10 +129,7 @@ pub fn route(event: &Event, config: &Config) -> Result<BTreeMap<String, AppSet>,
     let mut targets: BTreeMap<String, AppSet> = BTreeMap::new();
     let mut repo_known = false;
     for app in &config.apps {
-        if wanted_key
-            .as_deref()
-            .is_some_and(|k| k != repo_key(&app.repo))
-        {
+        if !wanted.is_empty() && !wanted.contains(&repo_key(&app.repo)) {
             continue;
         }
         repo_known = true;
@@ -153,11 +150,11 @@ pub fn route(event: &Event, config: &Config) -> Result<BTreeMap<String, AppSet>,
             }
         }
     }
-    if let (Some(url), false) = (&event.repo, repo_known) {
+    if let (Some(url), false) = (event.repos.first(), repo_known) {
         return Err(RouteError::UnknownRepository(url.clone()));
     }
     if targets.is_empty() {
-        if let (Some(repo), Some(branch)) = (&event.repo, &event.branch) {
+        if let (Some(repo), Some(branch)) = (event.repos.first(), &event.branch) {
             return Err(RouteError::NoAppTracksBranch {
                 repo: repo.clone(),
                 branch: branch.clone(),
@@ -266,7 +263,7 @@ revision = "main"
     fn event(repo: Option<&str>, branch: Option<&str>, apps: &[&str]) -> Event {
         Event {
             source: Source::Mqtt,
-            repo: repo.map(Into::into),
+            repos: repo.into_iter().map(Into::into).collect(),
             branch: branch.map(Into::into),
             apps: apps.iter().map(|s| s.to_string()).collect(),
             directed: false,

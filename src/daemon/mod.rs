@@ -1,16 +1,21 @@
 //! Wiring: the long-running agent (`edgesync run`) and one-shot syncs (`edgesync sync`).
-//! Each repository is polled by its own task; a failing app or repository never stops
-//! the others.
+//! Each repository has a worker fed by the poll timer and the triggers; a failing app or
+//! repository never stops the others.
 
+mod dispatch;
 mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{AppConfig, Config, RepositoryConfig};
+use crate::metrics::Metrics;
+use crate::scheduler::AppSet;
+use crate::trigger::EventSink;
+pub use dispatch::{Dispatcher, RepoWorker};
 pub use sync::{SyncContext, SyncError, SyncResult};
 
 /// How long in-flight syncs may take to finish after SIGTERM.
@@ -18,21 +23,47 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let ctx = SyncContext::connect(config).await?;
+    let metrics = Arc::new(Metrics::default());
+    // Bind listeners first: a port in use is a startup error, not a silent degradation.
+    let status_listener = match config.status.enabled {
+        true => Some(bind(config.status.listen, "status").await?),
+        false => None,
+    };
+    let webhook_listener = match &config.webhook {
+        Some(w) => Some(bind(w.listen, "webhook").await?),
+        None => None,
+    };
+    let ctx = SyncContext::connect(config, metrics.clone()).await?;
+    let dispatcher = Arc::new(Dispatcher::new(&ctx.config, metrics.clone()));
+    let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    for repo in ctx.config.repositories_in_use() {
-        let apps: Vec<AppConfig> = ctx
-            .config
-            .apps
-            .iter()
-            .filter(|a| a.repo == repo.url)
-            .cloned()
-            .collect();
-        tasks.spawn(poll_repository(
+    for worker in dispatcher.workers() {
+        tasks.spawn(work_repository(
             ctx.clone(),
-            repo,
-            apps,
+            worker.clone(),
+            permits.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    let sink: Arc<dyn EventSink> = dispatcher.clone();
+    if let Some(mqtt) = ctx.config.mqtt.clone() {
+        tasks.spawn(crate::trigger::mqtt::run(
+            mqtt,
+            ctx.config.node.name.clone(),
+            sink.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    if let (Some(listener), Some(webhook)) = (webhook_listener, ctx.config.webhook.clone()) {
+        let server = crate::trigger::webhook::Server::new(webhook, sink.clone(), metrics.clone())?;
+        tasks.spawn(server.serve(listener, shutdown_rx.clone()));
+    }
+    if let Some(listener) = status_listener {
+        tasks.spawn(crate::report::serve_status(
+            listener,
+            metrics.clone(),
             shutdown_rx.clone(),
         ));
     }
@@ -58,6 +89,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}"))
+}
+
 fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     if let Err(e) = sd_notify::notify(&[state]) {
         tracing::debug!("sd_notify: {e}");
@@ -75,34 +112,54 @@ async fn wait_for_shutdown_signal() -> std::io::Result<()> {
     Ok(())
 }
 
-async fn poll_repository(
+/// One repository's worker: a round at start, then whenever a poll or a trigger asks.
+async fn work_repository(
     ctx: Arc<SyncContext>,
-    repo: RepositoryConfig,
-    apps: Vec<AppConfig>,
+    worker: Arc<RepoWorker>,
+    permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut interval = tokio::time::interval(repo.poll_interval);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = worker.repo.poll_interval;
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    worker.request(AppSet::All, Duration::ZERO);
     loop {
+        let due = worker.due();
+        let wait_due = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = interval.tick() => {}
             _ = shutdown.changed() => return,
+            _ = worker.woken() => {}
+            _ = poll.tick() => worker.request(AppSet::All, worker.jitter()),
+            _ = wait_due => {
+                if let Some(round) = worker.take_due() {
+                    let apps = worker.select(&round.apps);
+                    sync_repository(&ctx, &worker.repo, &apps, &shutdown, false, &permits).await;
+                }
+            }
         }
-        sync_repository(&ctx, &repo, &apps, &shutdown, false).await;
     }
 }
 
-/// Syncs every app of one repository once. Returns the number of apps that failed.
+/// Syncs the given apps of one repository: one ls-remote, then the apps concurrently within
+/// `permits`. Returns the number of apps that failed.
 pub async fn sync_repository(
-    ctx: &SyncContext,
+    ctx: &Arc<SyncContext>,
     repo: &RepositoryConfig,
     apps: &[AppConfig],
     shutdown: &watch::Receiver<bool>,
     force: bool,
+    permits: &Arc<Semaphore>,
 ) -> usize {
+    ctx.metrics.round();
     let refs = match ctx.remote_refs(repo).await {
         Ok(refs) => refs,
         Err(e) => {
+            ctx.metrics.error(e.metric_label());
             tracing::warn!(repo = %crate::source::redact(&repo.url), error = %e, kind = e.metric_label(),
                 "cannot list remote refs; keeping the last applied state");
             return apps.len();
@@ -110,32 +167,64 @@ pub async fn sync_repository(
     };
     let mut failed = 0;
     let mut in_use = Vec::new();
+    let mut running = JoinSet::new();
     for app in apps {
         if *shutdown.borrow() {
             break;
         }
-        let result = match refs.resolve(&app.revision) {
-            Ok(sha) => {
-                in_use.push(sha.clone());
-                ctx.sync_app(app, &sha, force).await
+        let sha = match refs.resolve(&app.revision) {
+            Ok(sha) => sha,
+            Err(e) => {
+                failed += 1;
+                report(ctx, app, Err(e.into()));
+                continue;
             }
-            Err(e) => Err(e.into()),
         };
-        match result {
-            Ok(SyncResult::Unchanged { revision }) => {
-                tracing::debug!(app = %app.name, %revision, "up to date");
-            }
-            Ok(SyncResult::Applied { revision, objects }) => {
-                tracing::info!(app = %app.name, %revision, objects, "synced");
+        in_use.push(sha.clone());
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (ctx, app) = (ctx.clone(), app.clone());
+        running.spawn(async move {
+            let result = ctx.sync_app(&app, &sha, force).await;
+            drop(permit);
+            (app, result)
+        });
+    }
+    while let Some(joined) = running.join_next().await {
+        match joined {
+            Ok((app, result)) => {
+                if result.is_err() {
+                    failed += 1;
+                }
+                report(ctx, &app, result);
             }
             Err(e) => {
                 failed += 1;
-                tracing::error!(app = %app.name, error = %e, kind = e.metric_label(), "sync failed");
+                tracing::error!("sync task failed: {e}");
             }
         }
     }
     ctx.retain_snapshots(&repo.url, in_use);
     failed
+}
+
+fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncError>) {
+    match result {
+        Ok(SyncResult::Unchanged { revision }) => {
+            ctx.metrics.sync(&app.name, "unchanged");
+            tracing::debug!(app = %app.name, %revision, "up to date");
+        }
+        Ok(SyncResult::Applied { revision, objects }) => {
+            ctx.metrics.sync(&app.name, "applied");
+            tracing::info!(app = %app.name, %revision, objects, "synced");
+        }
+        Err(e) => {
+            ctx.metrics.sync(&app.name, "failed");
+            ctx.metrics.error(e.metric_label());
+            tracing::error!(app = %app.name, error = %e, kind = e.metric_label(), "sync failed");
+        }
+    }
 }
 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
@@ -146,7 +235,8 @@ pub async fn sync_once(config: Config, only: Option<&str>) -> anyhow::Result<usi
             anyhow::bail!("no app named {name:?} in {}", config.path.display());
         }
     }
-    let ctx = SyncContext::connect(config).await?;
+    let ctx = SyncContext::connect(config, Arc::new(Metrics::default())).await?;
+    let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
     let (_tx, shutdown) = watch::channel(false);
     let mut failed = 0;
     for repo in ctx.config.repositories_in_use() {
@@ -158,7 +248,7 @@ pub async fn sync_once(config: Config, only: Option<&str>) -> anyhow::Result<usi
             .cloned()
             .collect();
         if !apps.is_empty() {
-            failed += sync_repository(&ctx, &repo, &apps, &shutdown, true).await;
+            failed += sync_repository(&ctx, &repo, &apps, &shutdown, true, &permits).await;
         }
     }
     Ok(failed)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::apply::{self, ApplyError, KubeApplier};
 use crate::config::{AppConfig, Config, RepositoryConfig};
+use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
 use crate::source::{GitSource, RemoteRefs, SourceError};
 use crate::state::{unix_now, AppState, StateError, StateStore};
@@ -52,6 +53,7 @@ pub enum SyncResult {
 /// Everything a sync needs, shared by all apps.
 pub struct SyncContext {
     pub config: Config,
+    pub metrics: Arc<Metrics>,
     pub source: GitSource,
     pub applier: KubeApplier,
     pub store: StateStore,
@@ -66,9 +68,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl SyncContext {
-    pub async fn connect(config: Config) -> Result<Arc<SyncContext>, ApplyError> {
+    pub async fn connect(
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<SyncContext>, ApplyError> {
         let client = apply::connect(config.kubernetes.kubeconfig.as_deref()).await?;
         Ok(Arc::new(SyncContext {
+            metrics,
             source: GitSource::new(&config.state_dir),
             store: StateStore::new(&config.state_dir),
             applier: KubeApplier::new(client),
@@ -89,6 +95,7 @@ impl SyncContext {
         match self.store.load(app) {
             Ok(state) => Ok(state),
             Err(e @ StateError::Corrupt { .. }) => {
+                self.metrics.error(e.metric_label());
                 tracing::error!(%app, error = %e, kind = e.metric_label(), "starting from blank state");
                 Ok(AppState::default())
             }

@@ -29,8 +29,9 @@ impl Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub source: Source,
-    /// Repository URL as the sender wrote it; `None` means every repository.
-    pub repo: Option<String>,
+    /// The repository, as the sender wrote its URL (a push names several forms of one URL:
+    /// clone, ssh, web). Empty means every repository.
+    pub repos: Vec<String>,
     /// Branch or ref that moved, when the sender says; only apps tracking it are synced.
     pub branch: Option<String>,
     /// App names; empty means every app of the repository.
@@ -85,7 +86,7 @@ impl ChangeMessage {
     pub fn into_event(self, source: Source, directed: bool) -> Event {
         Event {
             source,
-            repo: self.repo,
+            repos: self.repo.into_iter().collect(),
             // A SHA names no branch; the round resolves every app's revision anyway.
             branch: self.revision.filter(|r| !crate::source::is_commit_sha(r)),
             apps: self.apps,

@@ -1,5 +1,43 @@
-//! MQTT subscriber (rumqttc): QoS 1 with a persistent session, re-subscribing after every
-//! (re)connect, reconnecting with exponential backoff and jitter.
+//! MQTT subscriber (rumqttc): QoS 1 with a persistent session. It re-subscribes after every
+//! connect, because rumqttc loses subscriptions after a clean-session reconnect without
+//! saying so (bytebeamio/rumqtt#250). It reconnects with exponential backoff and jitter.
+//!
+//! A message can only name repositories and apps that are already configured. It never carries
+//! manifests or credentials, so a compromised broker can at most cause fetches.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rumqttc::{AsyncClient, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+
+use super::{ChangeMessage, EventSink, Source, MAX_MESSAGE_BYTES};
+use crate::config::MqttConfig;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("mqtt.url: {0}")]
+    Url(String),
+    #[error("cannot read {path}: {message}")]
+    File { path: String, message: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+impl MqttError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            MqttError::Url(_) => "mqtt_config",
+            MqttError::File { .. } => "mqtt_credentials",
+            MqttError::Tls(_) => "mqtt_tls",
+        }
+    }
+}
 
 /// Host, port and whether TLS is used, from `mqtt://host[:port]` or `mqtts://host[:port]`.
 pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
@@ -12,19 +50,237 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (
+        Some((host, port)) if !host.ends_with(':') => (
             host,
             port.parse::<u16>()
                 .map_err(|_| format!("{url:?} has an invalid port"))?,
         ),
-        None => (rest, if tls { 8883 } else { 1883 }),
+        _ => (rest, if tls { 8883 } else { 1883 }),
     };
+    let host = host.trim_matches(|c| c == '[' || c == ']');
     if host.is_empty() || host.contains('/') {
         return Err(format!("{url:?} has no valid host"));
     }
-    Ok((
-        host.trim_matches(|c| c == '[' || c == ']').to_string(),
-        port,
-        tls,
-    ))
+    Ok((host.to_string(), port, tls))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, MqttError> {
+    std::fs::read(path).map_err(|e| MqttError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
+    let tls = |e: &dyn std::fmt::Display| MqttError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(ca) => {
+            for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
+                roots
+                    .add(cert.map_err(|e| tls(&format!("{}: {e}", ca.display())))?)
+                    .map_err(|e| tls(&format!("{}: {e}", ca.display())))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(&e))?
+        .with_root_certificates(roots);
+    match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_slice_iter(&read(cert)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls(&format!("{}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                .map_err(|e| tls(&format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| tls(&e))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// Options for one connection attempt; credential files are read on every attempt so a
+/// rotated password applies at the next reconnect.
+fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
+    let (host, port, tls) = parse_broker_url(&cfg.url).map_err(MqttError::Url)?;
+    let mut opts = MqttOptions::new(&cfg.client_id, host, port);
+    opts.set_keep_alive(cfg.keep_alive)
+        .set_clean_session(false)
+        // Room for any change message; bigger packets are refused by rumqttc itself.
+        .set_max_packet_size(MAX_MESSAGE_BYTES * 4, 64 * 1024);
+    if let Some(user) = &cfg.username {
+        let password = match &cfg.password_file {
+            Some(p) => String::from_utf8_lossy(&read(p)?).trim().to_string(),
+            None => String::new(),
+        };
+        opts.set_credentials(user, password);
+    }
+    if tls {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls_config(cfg)?),
+        )));
+    }
+    Ok(opts)
+}
+
+/// A subscribed topic filter, and whether messages on it are addressed to this node alone.
+struct Subscription {
+    filter: String,
+    directed: bool,
+}
+
+fn subscriptions(cfg: &MqttConfig, node: &str) -> Vec<Subscription> {
+    cfg.topics
+        .iter()
+        .map(|t| Subscription {
+            filter: t.replace("{node}", node),
+            directed: t.contains("{node}"),
+        })
+        .collect()
+}
+
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs the subscriber until shutdown. Never returns early: configuration problems are
+/// retried like connection failures, so fixing a credential file is enough to recover.
+pub async fn run(
+    cfg: MqttConfig,
+    node: String,
+    sink: Arc<dyn EventSink>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let subs = subscriptions(&cfg, &node);
+    let mut delays = reconnect_delays();
+    'connect: loop {
+        let opts = match options(&cfg) {
+            Ok(opts) => opts,
+            Err(e) => {
+                metrics.error(e.metric_label());
+                tracing::error!(broker = %cfg.url, "MQTT: {e}");
+                if wait(&mut shutdown, delays.next()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (client, mut events) = AsyncClient::new(opts, 16);
+        loop {
+            let polled = tokio::select! {
+                polled = events.poll() => polled,
+                _ = shutdown.changed() => {
+                    let _ = client.try_disconnect();
+                    return;
+                }
+            };
+            match polled {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
+                    delays = reconnect_delays();
+                    metrics.set_mqtt_connected(true);
+                    tracing::info!(broker = %cfg.url, session_present = ack.session_present, "MQTT connected");
+                    for sub in &subs {
+                        if let Err(e) = client.try_subscribe(&sub.filter, QoS::AtLeastOnce) {
+                            tracing::warn!(topic = %sub.filter, "MQTT subscribe: {e}");
+                        }
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
+                    tracing::debug!(pkid = ack.pkid, codes = ?ack.return_codes, "MQTT subscribed");
+                }
+                Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
+                    let directed = subs
+                        .iter()
+                        .any(|s| s.directed && rumqttc::matches(&publish.topic, &s.filter));
+                    handle(&publish.topic, &publish.payload, directed, &*sink, &metrics);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    metrics.set_mqtt_connected(false);
+                    metrics.error("mqtt_connection");
+                    tracing::warn!(broker = %cfg.url, "MQTT connection: {e}; reconnecting");
+                    if wait(&mut shutdown, delays.next()).await {
+                        return;
+                    }
+                    // A TLS or credential error needs fresh options; anything else is
+                    // retried by polling the same event loop.
+                    if matches!(
+                        e,
+                        rumqttc::ConnectionError::Tls(_)
+                            | rumqttc::ConnectionError::ConnectionRefused(_)
+                    ) {
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `delay`; true if shutdown was requested meanwhile.
+async fn wait(shutdown: &mut watch::Receiver<bool>, delay: Option<Duration>) -> bool {
+    let delay = delay.unwrap_or(Duration::from_secs(30));
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
+fn handle(topic: &str, payload: &[u8], directed: bool, sink: &dyn EventSink, metrics: &Metrics) {
+    match ChangeMessage::parse(payload) {
+        Ok(message) => {
+            // The sink counts accepted and refused events itself.
+            let _ = sink.deliver(message.into_event(Source::Mqtt, directed));
+        }
+        Err(e) => {
+            metrics.trigger("mqtt", "malformed");
+            tracing::warn!(%topic, "MQTT message dropped: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker_url("mqtts://broker.example.com:8883"),
+            Ok(("broker.example.com".into(), 8883, true))
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://10.0.0.1"),
+            Ok(("10.0.0.1".into(), 1883, false))
+        );
+        assert_eq!(parse_broker_url("mqtts://b"), Ok(("b".into(), 8883, true)));
+        assert!(parse_broker_url("tcp://b:1883").is_err());
+        assert!(parse_broker_url("mqtt://b:notaport").is_err());
+        assert!(parse_broker_url("mqtt://").is_err());
+    }
+
+    #[test]
+    fn node_topics_are_directed() {
+        let cfg: MqttConfig = toml::from_str("url = \"mqtt://b\"").unwrap();
+        let subs = subscriptions(&cfg, "edge-01");
+        assert_eq!(subs[0].filter, "edgesync/changes");
+        assert!(!subs[0].directed);
+        assert_eq!(subs[1].filter, "edgesync/nodes/edge-01/sync");
+        assert!(subs[1].directed);
+    }
 }

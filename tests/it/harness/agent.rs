@@ -13,6 +13,16 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_edgesync");
 pub struct AgentConfig {
     dir: tempfile::TempDir,
     sections: Vec<String>,
+    /// The agent's status listener (`/metrics`), on a port of its own.
+    pub status_port: u16,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl AgentConfig {
@@ -20,6 +30,7 @@ impl AgentConfig {
         AgentConfig {
             dir: tempfile::tempdir().expect("tempdir"),
             sections: Vec::new(),
+            status_port: free_port(),
         }
     }
 
@@ -30,6 +41,12 @@ impl AgentConfig {
     /// Adds a `[[repositories]]` entry; `body` is its TOML keys.
     pub fn repository(mut self, body: &str) -> Self {
         self.sections.push(format!("[[repositories]]\n{body}\n"));
+        self
+    }
+
+    /// Adds a section such as `[mqtt]` or `[webhook]`, written before the repositories.
+    pub fn section(mut self, name: &str, body: &str) -> Self {
+        self.sections.insert(0, format!("[{name}]\n{body}\n"));
         self
     }
 
@@ -49,9 +66,10 @@ impl AgentConfig {
     pub fn write(&self) -> PathBuf {
         let path = self.dir.path().join("config.toml");
         let text = format!(
-            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n{}",
+            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[status]\nlisten = \"127.0.0.1:{}\"\n\n{}",
             self.dir.path().join("state").display(),
             cluster().kubeconfig.display(),
+            self.status_port,
             self.sections.join("\n")
         );
         std::fs::write(&path, text).unwrap();

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::agent::free_port;
+
 pub struct SshGitServer {
     dir: tempfile::TempDir,
     child: Child,
@@ -20,14 +22,6 @@ fn keygen(path: &Path) {
         .status()
         .expect("ssh-keygen");
     assert!(status.success());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl SshGitServer {

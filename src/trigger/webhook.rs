@@ -1,1 +1,0 @@
-//! Git webhook receiver (axum).
