@@ -58,7 +58,7 @@ impl Default for Metrics {
         );
         registry.register(
             "mqtt_connected",
-            "1 while connected to the MQTT broker",
+            "1 while connected and subscribed to the MQTT broker",
             mqtt_connected.clone(),
         );
         Metrics {

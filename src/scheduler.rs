@@ -56,15 +56,20 @@ pub struct RepoQueue {
 
 impl RepoQueue {
     /// Requests a round for `apps`, `delay` from `now` (the fetch jitter; zero for
-    /// node-directed events). Merges with any pending round: the union of apps, the earlier
-    /// due time.
+    /// node-directed events). Merges with any pending round into the union of apps. A
+    /// jittered request keeps the pending round's time, so a flood of broadcasts cannot pull it
+    /// forward by drawing ever smaller delays; an immediate request runs it now.
     pub fn request(&mut self, now: Instant, apps: AppSet, delay: Duration) {
         let due = now + delay;
         self.pending = Some(match self.pending.take() {
             None => Pending { apps, due },
             Some(p) => Pending {
                 apps: p.apps.union(apps),
-                due: p.due.min(due),
+                due: if delay.is_zero() {
+                    p.due.min(due)
+                } else {
+                    p.due
+                },
             },
         });
     }
@@ -211,6 +216,21 @@ mod tests {
         );
         let round = q.take_due(t0 + Duration::from_secs(1)).unwrap();
         assert_eq!(round.apps, AppSet::only(["a", "b"]));
+    }
+
+    #[test]
+    fn later_jittered_requests_do_not_move_the_round() {
+        let t0 = Instant::now();
+        let mut q = RepoQueue::default();
+        q.request(t0, AppSet::All, Duration::from_secs(10));
+        for i in 1..100 {
+            q.request(
+                t0 + Duration::from_millis(i),
+                AppSet::All,
+                Duration::from_millis(1),
+            );
+        }
+        assert_eq!(q.due(), Some(t0 + Duration::from_secs(10)));
     }
 
     #[test]

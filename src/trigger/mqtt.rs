@@ -192,7 +192,6 @@ pub async fn run(
             match polled {
                 Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
                     delays = reconnect_delays();
-                    metrics.set_mqtt_connected(true);
                     tracing::info!(broker = %cfg.url, session_present = ack.session_present, "MQTT connected");
                     for sub in &subs {
                         if let Err(e) = client.try_subscribe(&sub.filter, QoS::AtLeastOnce) {
@@ -201,7 +200,10 @@ pub async fn run(
                     }
                 }
                 Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
-                    tracing::debug!(pkid = ack.pkid, codes = ?ack.return_codes, "MQTT subscribed");
+                    // Connected counts from the first subscription: before it, publishes
+                    // would not reach us.
+                    metrics.set_mqtt_connected(true);
+                    tracing::info!(pkid = ack.pkid, codes = ?ack.return_codes, "MQTT subscribed");
                 }
                 Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
                     let directed = subs

@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 
 use crate::harness::{AgentConfig, GitRepo, TestNamespace};
 
-fn greeting_app(repo: &GitRepo, greeting: &str) -> String {
+pub fn greeting_app(repo: &GitRepo, greeting: &str) -> String {
     repo.write(
         "app/cm.yaml",
         &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: greeting\ndata:\n  text: {greeting}\n"),

@@ -8,3 +8,5 @@ mod git_http;
 mod git_revisions;
 mod git_ssh;
 mod skeleton;
+mod trigger_mqtt;
+mod trigger_webhook;

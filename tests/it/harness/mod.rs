@@ -3,7 +3,9 @@
 pub mod agent;
 pub mod cluster;
 pub mod git;
+pub mod http;
 pub mod http_git;
+pub mod mqtt;
 pub mod ssh_git;
 
 use std::future::Future;

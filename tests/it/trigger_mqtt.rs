@@ -1,0 +1,184 @@
+//! MQTT triggers against a real Mosquitto, plain and with TLS and a client certificate.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use crate::git_revisions::greeting_app;
+use crate::harness::http::metric;
+use crate::harness::mqtt::Broker;
+use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
+
+struct Setup {
+    ns: TestNamespace,
+    repo: GitRepo,
+    broker: Broker,
+    config: AgentConfig,
+    agent: Agent,
+}
+
+/// An agent that only hears MQTT: its poll interval is an hour.
+async fn setup(label: &str, tls: bool, repo_keys: &str) -> Setup {
+    let ns = TestNamespace::reserve(label).await;
+    let repo = GitRepo::new();
+    let first = greeting_app(&repo, "one");
+    let broker = Broker::start(tls);
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .section("mqtt", &broker.agent_section())
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\"\n{repo_keys}"))
+        .app(&format!(
+            "name = \"greeting\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true",
+            ns.name
+        ));
+    let agent = Agent::start(&config);
+    wait_applied(&config, &first).await;
+    wait_subscriptions(&agent, 2).await;
+    Setup {
+        ns,
+        repo,
+        broker,
+        config,
+        agent,
+    }
+}
+
+async fn wait_applied(config: &AgentConfig, sha: &str) {
+    eventually(&format!("greeting applied at {sha}"), WAIT, || async {
+        (config.state("greeting")["last_applied_revision"] == sha).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the agent has `n` subscriptions acknowledged in total (two per connect).
+async fn wait_subscriptions(agent: &Agent, n: usize) {
+    eventually(&format!("{n} MQTT subscriptions"), WAIT, || async {
+        (agent.log().matches("MQTT subscribed").count() >= n).then_some(())
+    })
+    .await;
+}
+
+async fn greeting(ns: &TestNamespace) -> String {
+    let cm = ns.api::<ConfigMap>().get("greeting").await.unwrap();
+    cm.data.unwrap()["text"].clone()
+}
+
+async fn publish_restart_and_malformed(tls: bool) {
+    let mut s = setup(if tls { "mqtt-tls" } else { "mqtt" }, tls, "").await;
+    let url = s.repo.url();
+
+    // 1. A publish syncs the app.
+    let second = greeting_app(&s.repo, "two");
+    s.broker.publish(
+        "edgesync/changes",
+        &format!(r#"{{"repo":"{url}","revision":"main"}}"#),
+    );
+    wait_applied(&s.config, &second).await;
+    assert_eq!(greeting(&s.ns).await, "two");
+
+    // 2. After a broker restart (which forgets every session), the agent re-subscribes and
+    // the next publish, on the node's own topic, still syncs.
+    s.broker.restart();
+    wait_subscriptions(&s.agent, 4).await;
+    let third = greeting_app(&s.repo, "three");
+    s.broker.publish("edgesync/nodes/test-node/sync", "");
+    wait_applied(&s.config, &third).await;
+
+    // 4. Malformed payloads and unknown names are counted and dropped; the agent keeps going.
+    for payload in [
+        "not json".to_string(),
+        "[1, 2, 3]".to_string(),
+        format!(r#"{{"repo": "{}"}}"#, "x".repeat(70_000)),
+        r#"{"repo": "https://evil.example.com/other.git"}"#.to_string(),
+        r#"{"apps": ["no-such-app"]}"#.to_string(),
+    ] {
+        s.broker.publish("edgesync/changes", &payload);
+    }
+    let port = s.config.status_port;
+    eventually("bad messages counted", WAIT, || async {
+        let malformed = metric(
+            port,
+            r#"edgesync_trigger_events_total{source="mqtt",outcome="malformed"}"#,
+        )
+        .await;
+        let repo = metric(
+            port,
+            r#"edgesync_trigger_events_total{source="mqtt",outcome="unknown_repository"}"#,
+        )
+        .await;
+        let app = metric(
+            port,
+            r#"edgesync_trigger_events_total{source="mqtt",outcome="unknown_app"}"#,
+        )
+        .await;
+        (malformed == 3.0 && repo == 1.0 && app == 1.0).then_some(())
+    })
+    .await;
+    let fourth = greeting_app(&s.repo, "four");
+    s.broker
+        .publish("edgesync/changes", r#"{"apps": ["greeting"]}"#);
+    wait_applied(&s.config, &fourth).await;
+    assert_eq!(greeting(&s.ns).await, "four");
+    assert!(s.agent.stop().success());
+}
+
+async fn flood_is_coalesced(tls: bool) {
+    // Broadcast events wait for a jittered moment, and everything arriving meanwhile merges.
+    let s = setup(
+        if tls { "flood-tls" } else { "flood" },
+        tls,
+        "fetch_jitter = \"2s\"",
+    )
+    .await;
+    let port = s.config.status_port;
+    let url = s.repo.url();
+    let applied = r#"edgesync_syncs_total{app="greeting",result="applied"}"#;
+    let accepted = r#"edgesync_trigger_events_total{source="mqtt",outcome="accepted"}"#;
+    let applied_before = metric(port, applied).await;
+    let rounds_before = metric(port, "edgesync_rounds_total").await;
+    let rss_before = s.agent.rss_kib();
+
+    let sha = greeting_app(&s.repo, "flooded");
+    let message = format!(r#"{{"repo":"{url}","revision":"main"}}"#);
+    let lines = vec![message; 10_000].join("\n");
+    s.broker.publish_lines("edgesync/changes", &lines);
+    eventually("10,000 messages received", WAIT, || async {
+        (metric(port, accepted).await >= 10_000.0).then_some(())
+    })
+    .await;
+    wait_applied(&s.config, &sha).await;
+    // Let any follow-up round finish before counting.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    let applies = metric(port, applied).await - applied_before;
+    let rounds = metric(port, "edgesync_rounds_total").await - rounds_before;
+    assert_eq!(applies, 1.0, "one apply of the new revision");
+    assert!(
+        (1.0..=5.0).contains(&rounds),
+        "{rounds} rounds for 10,000 messages"
+    );
+    let growth_kib = s.agent.rss_kib().saturating_sub(rss_before);
+    assert!(
+        growth_kib < 16 * 1024,
+        "RSS grew by {growth_kib} KiB during the flood"
+    );
+    assert_eq!(greeting(&s.ns).await, "flooded");
+}
+
+#[tokio::test]
+async fn mqtt_publish_syncs_survives_broker_restart_and_drops_malformed_messages() {
+    publish_restart_and_malformed(false).await;
+}
+
+#[tokio::test]
+async fn mqtt_over_tls_with_client_certificate_syncs_survives_restart_and_drops_malformed() {
+    publish_restart_and_malformed(true).await;
+}
+
+#[tokio::test]
+async fn mqtt_flood_of_10000_messages_is_coalesced() {
+    flood_is_coalesced(false).await;
+}
+
+#[tokio::test]
+async fn mqtt_flood_over_tls_is_coalesced() {
+    flood_is_coalesced(true).await;
+}
