@@ -8,7 +8,7 @@ mod sync;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{AppConfig, Config, RepositoryConfig};
@@ -21,72 +21,184 @@ pub use sync::{SyncContext, SyncError, SyncResult};
 /// How long in-flight syncs may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// Runs the agent until SIGTERM or SIGINT.
+/// Runs the agent until SIGTERM or SIGINT. SIGHUP, or a change to the config file, reloads
+/// the config; a new config that does not validate is refused and the running one stays.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    // Bind listeners first: a port in use is a startup error, not a silent degradation.
-    let status_listener = match config.status.enabled {
-        true => Some(bind(config.status.listen, "status").await?),
-        false => None,
-    };
-    let webhook_listener = match &config.webhook {
-        Some(w) => Some(bind(w.listen, "webhook").await?),
-        None => None,
-    };
-    let ctx = SyncContext::connect(config, metrics.clone()).await?;
-    let dispatcher = Arc::new(Dispatcher::new(&ctx.config, metrics.clone()));
-    let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    for worker in dispatcher.workers() {
-        tasks.spawn(work_repository(
-            ctx.clone(),
-            worker.clone(),
-            permits.clone(),
-            shutdown_rx.clone(),
-        ));
-    }
-    let sink: Arc<dyn EventSink> = dispatcher.clone();
-    if let Some(mqtt) = ctx.config.mqtt.clone() {
-        tasks.spawn(crate::trigger::mqtt::run(
-            mqtt,
-            ctx.config.node.name.clone(),
-            sink.clone(),
-            metrics.clone(),
-            shutdown_rx.clone(),
-        ));
-    }
-    if let (Some(listener), Some(webhook)) = (webhook_listener, ctx.config.webhook.clone()) {
-        let server = crate::trigger::webhook::Server::new(webhook, sink.clone(), metrics.clone())?;
-        tasks.spawn(server.serve(listener, shutdown_rx.clone()));
-    }
-    if let Some(listener) = status_listener {
-        tasks.spawn(crate::report::serve_status(
-            listener,
-            metrics.clone(),
-            shutdown_rx.clone(),
-        ));
-    }
-    tracing::info!(
-        node = %ctx.config.node.name,
-        apps = ctx.config.apps.len(),
-        "edgesync running"
-    );
+    let mut signals = Signals::new()?;
+    let (changed_tx, mut changed_rx) = mpsc::channel(1);
+    let mut agent = Agent::start(config.clone(), metrics.clone(), changed_tx.clone()).await?;
+    let mut current = config;
     notify_systemd(sd_notify::NotifyState::Ready);
-
-    wait_for_shutdown_signal().await?;
+    loop {
+        let why = tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Terminate => break,
+                Signal::Hangup => "SIGHUP",
+            },
+            _ = changed_rx.recv() => "config file changed",
+        };
+        // Editors write in several steps; let them finish.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while changed_rx.try_recv().is_ok() {}
+        let new = match Config::load(&current.path) {
+            Ok(new) => new,
+            Err(e) => {
+                metrics.error(e.metric_label());
+                tracing::error!("{why}: new config rejected, keeping the running one: {e}");
+                continue;
+            }
+        };
+        tracing::info!("{why}: reloading config");
+        notify_systemd(sd_notify::NotifyState::Reloading);
+        agent.stop().await;
+        agent = match Agent::start(new.clone(), metrics.clone(), changed_tx.clone()).await {
+            Ok(started) => {
+                current = new;
+                started
+            }
+            Err(e) => {
+                metrics.error("config_start");
+                tracing::error!("cannot start with the new config, keeping the running one: {e:#}");
+                Agent::start(current.clone(), metrics.clone(), changed_tx.clone()).await?
+            }
+        };
+        notify_systemd(sd_notify::NotifyState::Ready);
+    }
     tracing::info!("shutting down");
     notify_systemd(sd_notify::NotifyState::Stopping);
-    let _ = shutdown_tx.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("syncs still running after {SHUTDOWN_GRACE:?}; stopping anyway");
-        tasks.abort_all();
-    }
+    agent.stop().await;
     Ok(())
+}
+
+/// One configuration's worth of running agent: repository workers, triggers, listeners.
+struct Agent {
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    _watches: Option<crate::trigger::watch::Watches>,
+}
+
+impl Agent {
+    async fn start(
+        config: Config,
+        metrics: Arc<Metrics>,
+        config_changed: mpsc::Sender<()>,
+    ) -> anyhow::Result<Agent> {
+        // Bind listeners first: a port in use is a startup error, not a silent degradation.
+        let status_listener = match config.status.enabled {
+            true => Some(bind(config.status.listen, "status").await?),
+            false => None,
+        };
+        let webhook_listener = match &config.webhook {
+            Some(w) => Some(bind(w.listen, "webhook").await?),
+            None => None,
+        };
+        let webhook = config.webhook.clone();
+        let ctx = SyncContext::connect(config, metrics.clone()).await?;
+        let dispatcher = Arc::new(Dispatcher::new(&ctx.config, metrics.clone()));
+        let sink: Arc<dyn EventSink> = dispatcher.clone();
+        let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for worker in dispatcher.workers() {
+            tasks.spawn(work_repository(
+                ctx.clone(),
+                worker.clone(),
+                permits.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        if let Some(mqtt) = ctx.config.mqtt.clone() {
+            tasks.spawn(crate::trigger::mqtt::run(
+                mqtt,
+                ctx.config.node.name.clone(),
+                sink.clone(),
+                metrics.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        if let (Some(listener), Some(webhook)) = (webhook_listener, webhook) {
+            let server =
+                crate::trigger::webhook::Server::new(webhook, sink.clone(), metrics.clone())?;
+            tasks.spawn(server.serve(listener, shutdown_rx.clone()));
+        }
+        if let Some(listener) = status_listener {
+            tasks.spawn(crate::report::serve_status(
+                listener,
+                metrics.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        let local_repos = dispatcher
+            .workers()
+            .filter_map(|w| {
+                crate::trigger::watch::local_repo_dir(&w.repo.url).map(|d| (w.repo.url.clone(), d))
+            })
+            .collect();
+        let watches =
+            match crate::trigger::watch::watch(&ctx.config.path, local_repos, sink, config_changed)
+            {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!("cannot watch files ({e}); reload with SIGHUP");
+                    None
+                }
+            };
+        tracing::info!(
+            node = %ctx.config.node.name,
+            apps = ctx.config.apps.len(),
+            "edgesync running"
+        );
+        Ok(Agent {
+            shutdown,
+            tasks,
+            _watches: watches,
+        })
+    }
+
+    /// Stops triggers and workers; in-flight syncs get [`SHUTDOWN_GRACE`] to finish.
+    async fn stop(mut self) {
+        self._watches = None;
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("syncs still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Terminate,
+            _ = self.hup.recv() => Signal::Hangup,
+        }
+    }
+}
+
+enum Signal {
+    Terminate,
+    Hangup,
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -99,17 +211,6 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     if let Err(e) = sd_notify::notify(&[state]) {
         tracing::debug!("sd_notify: {e}");
     }
-}
-
-async fn wait_for_shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 /// One repository's worker: a round at start, then whenever a poll or a trigger asks.

@@ -3,6 +3,7 @@
 //! only ever maps it onto repositories and apps that are already configured.
 
 pub mod mqtt;
+pub mod watch;
 pub mod webhook;
 
 use serde::Deserialize;
@@ -14,6 +15,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub enum Source {
     Mqtt,
     Webhook(&'static str),
+    Watch,
 }
 
 impl Source {
@@ -21,6 +23,7 @@ impl Source {
         match self {
             Source::Mqtt => "mqtt",
             Source::Webhook(provider) => provider,
+            Source::Watch => "watch",
         }
     }
 }

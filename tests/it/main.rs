@@ -8,5 +8,6 @@ mod git_http;
 mod git_revisions;
 mod git_ssh;
 mod skeleton;
+mod trigger_local;
 mod trigger_mqtt;
 mod trigger_webhook;

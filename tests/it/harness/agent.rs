@@ -50,6 +50,11 @@ impl AgentConfig {
         self
     }
 
+    /// Adds an `[[apps]]` entry to a config that is already in use; call `write` after.
+    pub fn push_app(&mut self, body: &str) {
+        self.sections.push(format!("[[apps]]\n{body}\n"));
+    }
+
     /// Adds an `[[apps]]` entry; `body` is its TOML keys.
     pub fn app(mut self, body: &str) -> Self {
         self.sections.push(format!("[[apps]]\n{body}\n"));
@@ -140,6 +145,19 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     /// Sends SIGTERM and waits for the process to exit.

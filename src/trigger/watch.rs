@@ -1,0 +1,82 @@
+//! File watches (notify/inotify): the config file, and repositories on this node's own disk
+//! (`file://` URLs). A change to a local repository's refs triggers an immediate round; a
+//! change to the config file asks the daemon to reload it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::{Event, EventSink, Source};
+
+/// Keeps the watches alive; dropping it stops them.
+pub struct Watches {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// The directory of a `file://` repository whose refs show that it moved.
+pub fn local_repo_dir(url: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(url.strip_prefix("file://")?);
+    let git_dir = path.join(".git");
+    Some(if git_dir.is_dir() { git_dir } else { path })
+}
+
+/// Starts watching. `config_changed` receives a signal for every change to `config_path`
+/// (editors often replace the file, so its directory is watched).
+pub fn watch(
+    config_path: &Path,
+    local_repos: Vec<(String, PathBuf)>,
+    sink: Arc<dyn EventSink>,
+    config_changed: mpsc::Sender<()>,
+) -> Result<Watches, notify::Error> {
+    let config_file = config_path.file_name().map(|n| n.to_os_string());
+    let config_dir = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let repos = local_repos.clone();
+    let watched_config_dir = config_dir.clone();
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+        let Ok(event) = result else { return };
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        for path in &event.paths {
+            if path.parent() == Some(watched_config_dir.as_path())
+                && path.file_name().map(|n| n.to_os_string()) == config_file
+            {
+                // Full means a reload is already pending.
+                let _ = config_changed.try_send(());
+            }
+            for (url, dir) in &repos {
+                // Object writes say nothing new; refs, HEAD and packed-refs do.
+                let objects = dir.join("objects");
+                if path.starts_with(dir) && !path.starts_with(&objects) {
+                    let _ = sink.deliver(Event {
+                        source: Source::Watch,
+                        repos: vec![url.clone()],
+                        branch: None,
+                        apps: Vec::new(),
+                        directed: true,
+                    });
+                }
+            }
+        }
+    })?;
+    watcher.watch(&config_dir, RecursiveMode::NonRecursive)?;
+    for (url, dir) in &local_repos {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(%url, "cannot watch {}: {e}; polling only", dir.display());
+            continue;
+        }
+        let refs = dir.join("refs");
+        if refs.is_dir() {
+            if let Err(e) = watcher.watch(&refs, RecursiveMode::Recursive) {
+                tracing::warn!(%url, "cannot watch {}: {e}", refs.display());
+            }
+        }
+    }
+    Ok(Watches { _watcher: watcher })
+}
