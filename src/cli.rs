@@ -78,13 +78,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             telemetry::init(&cli.log_level);
             let config = Config::load(&cli.config)?;
-            runtime()?.block_on(daemon::run(config))?;
+            run_to_end(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { app } => {
             telemetry::init(&cli.log_level);
             let config = Config::load(&cli.config)?;
-            let failed = runtime()?.block_on(daemon::sync_once(config, app.as_deref()))?;
+            let failed = run_to_end(daemon::sync_once(config, app.as_deref()))?;
             if failed > 0 {
                 eprintln!("{failed} app(s) failed to sync");
                 return Ok(ExitCode::FAILURE);
@@ -94,13 +94,21 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `future` on a small runtime. A Git call stuck in libgit2 (a silent server) cannot be
+/// cancelled, so the runtime does not wait for blocking threads for more than a few seconds
+/// once `future` is done.
+fn run_to_end<T>(
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)
         .enable_all()
         .build()
-        .context("cannot start the async runtime")
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(future);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 /// The directory whose contents a render may read: the enclosing Git work tree, so

@@ -13,10 +13,11 @@ async fn public_http_repository_is_synced() {
     let repo = GitRepo::new();
     write_web_app(&repo, "nginx:1.27", "first");
     repo.commit("older history");
+    let root = tempfile::tempdir().unwrap();
+    let bare = repo.bare_clone_into(root.path(), "fleet");
     write_web_app(&repo, "nginx:1.27", "over-http");
     let sha = repo.commit("web");
-    let root = tempfile::tempdir().unwrap();
-    repo.bare_clone_into(root.path(), "fleet");
+    repo.push_to(&bare);
     let server = GitHttpServer::start(root.path(), None).await;
 
     let config = web_app_config_with(&server.url("fleet"), &ns.name, "");

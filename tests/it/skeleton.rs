@@ -69,14 +69,6 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
     v.pointer(pointer).and_then(Value::as_str)
 }
 
-async fn wait_applied(config: &AgentConfig, app: &str, sha: &str) -> Value {
-    eventually(&format!("{app} applied at {sha}"), WAIT, || async {
-        let state = config.state(app);
-        (str_at(&state, "/last_applied_revision") == Some(sha)).then_some(state)
-    })
-    .await
-}
-
 pub async fn wait_available(ns: &TestNamespace, name: &str) -> Deployment {
     eventually(&format!("Deployment {name} Available"), WAIT, || async {
         let d = ns.api::<Deployment>().get_opt(name).await.ok()??;
@@ -116,7 +108,7 @@ async fn commit_with_deployment_service_and_configmap_is_applied_and_becomes_ava
     let config = web_app_config(&repo.url(), &ns.name);
     let agent = Agent::start(&config);
 
-    let state = wait_applied(&config, "web", &sha).await;
+    let state = config.wait_applied("web", &sha).await;
     let deployment = wait_available(&ns, "web").await;
     let service = ns.api::<Service>().get("web").await.unwrap();
     let cm = ns.api::<ConfigMap>().get("web-config").await.unwrap();
@@ -161,7 +153,7 @@ async fn commit_with_deployment_service_and_configmap_is_applied_and_becomes_ava
             "Service/web"
         ]
     );
-    assert!(agent.stop().success());
+    assert!(agent.stop().await.success());
 }
 
 #[tokio::test]
@@ -172,20 +164,25 @@ async fn second_commit_changing_the_image_is_applied() {
     let first = repo.commit("web app");
     let config = web_app_config(&repo.url(), &ns.name);
     let agent = Agent::start(&config);
-    wait_applied(&config, "web", &first).await;
+    config.wait_applied("web", &first).await;
     assert_eq!(image_of(&wait_available(&ns, "web").await), "nginx:1.27");
 
     write_web_app(&repo, "nginx:1.28", "hello");
     let second = repo.commit("bump nginx");
-    wait_applied(&config, "web", &second).await;
+    config.wait_applied("web", &second).await;
     let deployment = eventually("new image rolled out", WAIT, || async {
         let d = wait_available(&ns, "web").await;
-        let rolled = d.status.as_ref()?.observed_generation == d.metadata.generation;
+        let s = d.status.as_ref()?;
+        // Complete: the controller saw the new spec and no old pod is left.
+        let rolled = s.observed_generation == d.metadata.generation
+            && s.replicas == Some(2)
+            && s.updated_replicas == Some(2)
+            && s.available_replicas == Some(2);
         (image_of(&d) == "nginx:1.28" && rolled).then_some(d)
     })
     .await;
     assert_eq!(deployment.status.unwrap().ready_replicas, Some(2));
-    assert!(agent.stop().success());
+    assert!(agent.stop().await.success());
 }
 
 #[tokio::test]
@@ -196,7 +193,7 @@ async fn invalid_yaml_fails_naming_the_file_and_keeps_previous_objects_and_state
     let good = repo.commit("web app");
     let config = web_app_config(&repo.url(), &ns.name);
     let agent = Agent::start(&config);
-    let before = wait_applied(&config, "web", &good).await;
+    let before = config.wait_applied("web", &good).await;
 
     // A commit that changes a valid object and adds a broken file: nothing may be applied.
     write_web_app(&repo, "nginx:1.28", "changed");
@@ -231,11 +228,11 @@ async fn invalid_yaml_fails_naming_the_file_and_keeps_previous_objects_and_state
     // Fixing the file recovers without intervention.
     repo.remove("deploy/web/broken.yaml");
     let fixed = repo.commit("fix");
-    let state = wait_applied(&config, "web", &fixed).await;
+    let state = config.wait_applied("web", &fixed).await;
     assert!(state["last_error"].is_null());
     let cm = ns.api::<ConfigMap>().get("web-config").await.unwrap();
     assert_eq!(cm.data.unwrap()["greeting"], "changed");
-    assert!(agent.stop().success());
+    assert!(agent.stop().await.success());
 }
 
 #[tokio::test]
@@ -246,8 +243,8 @@ async fn restart_does_not_reapply_an_unchanged_revision() {
     let sha = repo.commit("web app");
     let config = web_app_config(&repo.url(), &ns.name);
     let agent = Agent::start(&config);
-    wait_applied(&config, "web", &sha).await;
-    assert!(agent.stop().success(), "clean exit on SIGTERM");
+    config.wait_applied("web", &sha).await;
+    assert!(agent.stop().await.success(), "clean exit on SIGTERM");
 
     // Delete an object behind the agent's back: re-applying would bring it back.
     ns.api::<ConfigMap>()
@@ -273,10 +270,10 @@ async fn restart_does_not_reapply_an_unchanged_revision() {
     // A new revision after the restart is applied as usual.
     write_web_app(&repo, "nginx:1.27", "again");
     let next = repo.commit("new greeting");
-    wait_applied(&config, "web", &next).await;
+    config.wait_applied("web", &next).await;
     let cm = ns.api::<ConfigMap>().get("web-config").await.unwrap();
     assert_eq!(cm.data.unwrap()["greeting"], "again");
-    assert!(agent.stop().success());
+    assert!(agent.stop().await.success());
 }
 
 #[tokio::test]

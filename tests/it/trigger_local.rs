@@ -10,13 +10,6 @@ fn app(name: &str, url: &str, ns: &str) -> String {
     )
 }
 
-async fn wait_applied(config: &AgentConfig, app: &str, sha: &str) {
-    eventually(&format!("{app} applied at {sha}"), WAIT, || async {
-        (config.state(app)["last_applied_revision"] == sha).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn commit_to_a_local_repository_syncs_without_waiting_for_a_poll() {
     let ns = TestNamespace::reserve("local-watch").await;
@@ -27,12 +20,12 @@ async fn commit_to_a_local_repository_syncs_without_waiting_for_a_poll() {
         .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""))
         .app(&app("greeting", &url, &ns.name));
     let agent = Agent::start(&config);
-    wait_applied(&config, "greeting", &first).await;
+    config.wait_applied("greeting", &first).await;
     for text in ["two", "three"] {
         let sha = greeting_app(&repo, text);
-        wait_applied(&config, "greeting", &sha).await;
+        config.wait_applied("greeting", &sha).await;
     }
-    assert!(agent.stop().success());
+    assert!(agent.stop().await.success());
 }
 
 #[tokio::test]
@@ -45,12 +38,12 @@ async fn config_reloads_on_change_and_sighup_and_an_invalid_config_is_refused() 
         .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""))
         .app(&app("first", &url, &ns.name));
     let mut agent = Agent::start(&config);
-    wait_applied(&config, "first", &first).await;
+    config.wait_applied("first", &first).await;
 
     // Editing the file adds an app.
     config.push_app(&app("second", &url, &ns.name));
     config.write();
-    wait_applied(&config, "second", &first).await;
+    config.wait_applied("second", &first).await;
 
     // A broken file is refused: the agent keeps running on the config it has.
     let path = config.dir().join("config.toml");
@@ -66,8 +59,8 @@ async fn config_reloads_on_change_and_sighup_and_an_invalid_config_is_refused() 
     .await;
     assert!(agent.log().contains("line"), "the error names the line");
     let second = greeting_app(&repo, "two");
-    wait_applied(&config, "first", &second).await;
-    wait_applied(&config, "second", &second).await;
+    config.wait_applied("first", &second).await;
+    config.wait_applied("second", &second).await;
     assert!(agent.is_running());
 
     // SIGHUP reloads too. The config becomes a link to a file in a directory nobody watches,
@@ -86,6 +79,6 @@ async fn config_reloads_on_change_and_sighup_and_an_invalid_config_is_refused() 
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(config.state("third").is_null(), "reloaded without SIGHUP");
     agent.signal("HUP");
-    wait_applied(&config, "third", &second).await;
-    assert!(agent.stop().success());
+    config.wait_applied("third", &second).await;
+    assert!(agent.stop().await.success());
 }

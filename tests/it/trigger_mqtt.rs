@@ -5,23 +5,24 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use crate::git_revisions::greeting_app;
 use crate::harness::http::metric;
 use crate::harness::mqtt::Broker;
-use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
+use crate::harness::{eventually, Agent, AgentConfig, GitRepo, Remote, TestNamespace, WAIT};
 
 struct Setup {
     ns: TestNamespace,
-    repo: GitRepo,
+    remote: Remote,
     broker: Broker,
     config: AgentConfig,
     agent: Agent,
 }
 
-/// An agent that only hears MQTT: its poll interval is an hour.
+/// An agent that only hears MQTT: its poll interval is an hour and its repository is remote.
 async fn setup(label: &str, tls: bool, repo_keys: &str) -> Setup {
     let ns = TestNamespace::reserve(label).await;
     let repo = GitRepo::new();
     let first = greeting_app(&repo, "one");
+    let remote = Remote::serve(repo).await;
     let broker = Broker::start(tls);
-    let url = repo.url();
+    let url = remote.url();
     let config = AgentConfig::new()
         .section("mqtt", &broker.agent_section())
         .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\"\n{repo_keys}"))
@@ -30,22 +31,15 @@ async fn setup(label: &str, tls: bool, repo_keys: &str) -> Setup {
             ns.name
         ));
     let agent = Agent::start(&config);
-    wait_applied(&config, &first).await;
+    config.wait_applied("greeting", &first).await;
     wait_subscriptions(&agent, 2).await;
     Setup {
         ns,
-        repo,
+        remote,
         broker,
         config,
         agent,
     }
-}
-
-async fn wait_applied(config: &AgentConfig, sha: &str) {
-    eventually(&format!("greeting applied at {sha}"), WAIT, || async {
-        (config.state("greeting")["last_applied_revision"] == sha).then_some(())
-    })
-    .await;
 }
 
 /// Waits until the agent has `n` subscriptions acknowledged in total (two per connect).
@@ -56,6 +50,12 @@ async fn wait_subscriptions(agent: &Agent, n: usize) {
     .await;
 }
 
+fn commit(remote: &Remote, text: &str) -> String {
+    let sha = greeting_app(&remote.repo, text);
+    remote.push();
+    sha
+}
+
 async fn greeting(ns: &TestNamespace) -> String {
     let cm = ns.api::<ConfigMap>().get("greeting").await.unwrap();
     cm.data.unwrap()["text"].clone()
@@ -63,24 +63,24 @@ async fn greeting(ns: &TestNamespace) -> String {
 
 async fn publish_restart_and_malformed(tls: bool) {
     let mut s = setup(if tls { "mqtt-tls" } else { "mqtt" }, tls, "").await;
-    let url = s.repo.url();
+    let url = s.remote.url();
 
     // 1. A publish syncs the app.
-    let second = greeting_app(&s.repo, "two");
+    let second = commit(&s.remote, "two");
     s.broker.publish(
         "edgesync/changes",
         &format!(r#"{{"repo":"{url}","revision":"main"}}"#),
     );
-    wait_applied(&s.config, &second).await;
+    s.config.wait_applied("greeting", &second).await;
     assert_eq!(greeting(&s.ns).await, "two");
 
     // 2. After a broker restart (which forgets every session), the agent re-subscribes and
     // the next publish, on the node's own topic, still syncs.
     s.broker.restart();
     wait_subscriptions(&s.agent, 4).await;
-    let third = greeting_app(&s.repo, "three");
+    let third = commit(&s.remote, "three");
     s.broker.publish("edgesync/nodes/test-node/sync", "");
-    wait_applied(&s.config, &third).await;
+    s.config.wait_applied("greeting", &third).await;
 
     // 4. Malformed payloads and unknown names are counted and dropped; the agent keeps going.
     for payload in [
@@ -112,12 +112,12 @@ async fn publish_restart_and_malformed(tls: bool) {
         (malformed == 3.0 && repo == 1.0 && app == 1.0).then_some(())
     })
     .await;
-    let fourth = greeting_app(&s.repo, "four");
+    let fourth = commit(&s.remote, "four");
     s.broker
         .publish("edgesync/changes", r#"{"apps": ["greeting"]}"#);
-    wait_applied(&s.config, &fourth).await;
+    s.config.wait_applied("greeting", &fourth).await;
     assert_eq!(greeting(&s.ns).await, "four");
-    assert!(s.agent.stop().success());
+    assert!(s.agent.stop().await.success());
 }
 
 async fn flood_is_coalesced(tls: bool) {
@@ -129,14 +129,14 @@ async fn flood_is_coalesced(tls: bool) {
     )
     .await;
     let port = s.config.status_port;
-    let url = s.repo.url();
+    let url = s.remote.url();
     let applied = r#"edgesync_syncs_total{app="greeting",result="applied"}"#;
     let accepted = r#"edgesync_trigger_events_total{source="mqtt",outcome="accepted"}"#;
     let applied_before = metric(port, applied).await;
     let rounds_before = metric(port, "edgesync_rounds_total").await;
     let rss_before = s.agent.rss_kib();
 
-    let sha = greeting_app(&s.repo, "flooded");
+    let sha = commit(&s.remote, "flooded");
     let message = format!(r#"{{"repo":"{url}","revision":"main"}}"#);
     let lines = vec![message; 10_000].join("\n");
     s.broker.publish_lines("edgesync/changes", &lines);
@@ -144,7 +144,7 @@ async fn flood_is_coalesced(tls: bool) {
         (metric(port, accepted).await >= 10_000.0).then_some(())
     })
     .await;
-    wait_applied(&s.config, &sha).await;
+    s.config.wait_applied("greeting", &sha).await;
     // Let any follow-up round finish before counting.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
 

@@ -8,7 +8,7 @@ use sha2::Sha256;
 use crate::git_revisions::greeting_app;
 use crate::harness::agent::free_port;
 use crate::harness::http::{metric, request, Reply};
-use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
+use crate::harness::{Agent, AgentConfig, GitRepo, Remote, TestNamespace};
 
 fn hmac_hex(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
@@ -83,19 +83,15 @@ async fn deliver(port: u16, provider: &str, headers: &[(&str, String)], body: &[
     request(port, "POST", &format!("/hooks/{provider}"), &headers, body).await
 }
 
-async fn wait_applied(config: &AgentConfig, sha: &str) {
-    eventually(&format!("greeting applied at {sha}"), WAIT, || async {
-        (config.state("greeting")["last_applied_revision"] == sha).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
     let ns = TestNamespace::reserve("webhook").await;
     let repo = GitRepo::new();
     let first = greeting_app(&repo, "one");
-    let url = repo.url();
+    // Remote, so that only webhooks (not a file watch) can make the agent sync.
+    let remote = Remote::serve(repo).await;
+    let repo = &remote.repo;
+    let url = remote.url();
     let port = free_port();
     let mut config = AgentConfig::new();
     let mut section = format!("listen = \"127.0.0.1:{port}\"\nmax_body_bytes = 65536\nrate_limit = 5.0\nrate_burst = 30\n");
@@ -116,23 +112,25 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
             ns.name
         ));
     let agent = Agent::start(&config);
-    wait_applied(&config, &first).await;
+    config.wait_applied("greeting", &first).await;
 
     // 1. Each provider's valid push syncs the app.
     let mut sent = Vec::new();
     for (i, provider) in PROVIDERS.iter().enumerate() {
-        let sha = greeting_app(&repo, provider);
+        let sha = greeting_app(repo, provider);
+        remote.push();
         let (headers, body) = push(provider, &url, &format!("delivery-{i}"));
         let reply = deliver(port, provider, &headers, &body).await;
         assert_eq!(reply.status, 202, "{provider}: {}", reply.body);
-        wait_applied(&config, &sha).await;
+        config.wait_applied("greeting", &sha).await;
         sent.push((provider, headers, body));
     }
     let cm = ns.api::<ConfigMap>().get("greeting").await.unwrap();
     assert_eq!(cm.data.unwrap()["text"], "generic");
 
     // 2. Bad signatures get 401, a replay 409, an oversized body 413 ...
-    let pending = greeting_app(&repo, "must-not-sync");
+    let pending = greeting_app(repo, "must-not-sync");
+    remote.push();
     let applied_sha = config.state("greeting")["last_applied_revision"].clone();
     let rounds_before = metric(config.status_port, "edgesync_rounds_total").await;
     let (mut headers, body) = push("github", &url, "forged-1");
@@ -206,7 +204,7 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
     assert_eq!(deliver(port, "github", &ping, b"{}").await.status, 200);
     let (headers, body) = push("github", &url, "fresh-1");
     assert_eq!(deliver(port, "github", &headers, &body).await.status, 202);
-    wait_applied(&config, &pending).await;
+    config.wait_applied("greeting", &pending).await;
 
     // A burst beyond the rate limit gets 429.
     let mut statuses = Vec::new();
@@ -219,7 +217,7 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
         statuses.iter().all(|s| *s == 202 || *s == 429),
         "{statuses:?}"
     );
-    assert!(agent.stop().success());
+    assert!(agent.stop().await.success());
 }
 
 #[tokio::test]

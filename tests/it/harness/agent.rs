@@ -90,6 +90,15 @@ impl AgentConfig {
         }
     }
 
+    /// Waits until `app`'s state says `sha` was applied, and returns that state.
+    pub async fn wait_applied(&self, app: &str, sha: &str) -> serde_json::Value {
+        super::eventually(&format!("{app} applied at {sha}"), super::WAIT, || async {
+            let state = self.state(app);
+            (state["last_applied_revision"] == sha).then_some(state)
+        })
+        .await
+    }
+
     /// Runs a one-shot command (`sync`, `check-config`, ...) against this config, without
     /// blocking the test's runtime (which may be serving Git over HTTP).
     pub async fn command(&self, args: &[&str]) -> Output {
@@ -132,9 +141,13 @@ impl Agent {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Resident memory of the agent process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.as_ref().expect("running").id();
+        let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
             .lines()
@@ -160,8 +173,9 @@ impl Agent {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Sends SIGTERM and waits for the process to exit.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Sends SIGTERM and waits for the process to exit, without blocking the test's runtime
+    /// (which may be serving the agent's Git repository).
+    pub async fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -178,7 +192,7 @@ impl Agent {
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -77,4 +77,9 @@ impl GitRepo {
         );
         target
     }
+
+    /// Pushes `main` to a bare repository, as a developer pushes to a remote.
+    pub fn push_to(&self, bare: &Path) {
+        self.git(&["push", "-q", "--force", bare.to_str().unwrap(), "main"]);
+    }
 }

@@ -164,3 +164,36 @@ fn cgi_response(out: &[u8]) -> Response {
         .body(Body::from(out[body_start..].to_vec()))
         .unwrap()
 }
+
+/// A repository that lives elsewhere: a working copy here, pushed to a bare repository served
+/// over HTTP. No file watch can see it, so only polls and triggers make the agent sync it.
+pub struct Remote {
+    pub repo: super::GitRepo,
+    pub server: GitHttpServer,
+    bare: PathBuf,
+    _root: tempfile::TempDir,
+}
+
+impl Remote {
+    /// Serves `repo`, which must have a commit, as `http://127.0.0.1:PORT/fleet.git`.
+    pub async fn serve(repo: super::GitRepo) -> Remote {
+        let root = tempfile::tempdir().unwrap();
+        let bare = repo.bare_clone_into(root.path(), "fleet");
+        let server = GitHttpServer::start(root.path(), None).await;
+        Remote {
+            repo,
+            server,
+            bare,
+            _root: root,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url("fleet")
+    }
+
+    /// Pushes the working copy's `main`.
+    pub fn push(&self) {
+        self.repo.push_to(&self.bare);
+    }
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub use agent::{Agent, AgentConfig};
 pub use cluster::TestNamespace;
 pub use git::GitRepo;
-pub use http_git::GitHttpServer;
+pub use http_git::{GitHttpServer, Remote};
 pub use ssh_git::SshGitServer;
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
