@@ -209,9 +209,9 @@ async fn main() {
             .await
             .expect("publish");
     }
-    let accepted = r#"edgesync_trigger_events_total{source="mqtt",outcome="accepted"}"#;
+    let accepted = r#"edgesync_trigger_events_total{source="mqtt",result="accepted"}"#;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while harness::http::metric(config.status_port, accepted).await < 10_000.0 + (EVENTS as f64) {
+    while harness::http::metric(config.http_port, accepted).await < 10_000.0 + (EVENTS as f64) {
         assert!(Instant::now() < deadline, "flood not received");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

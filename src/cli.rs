@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::report::status::StatusDocument;
 use crate::{daemon, render, telemetry};
 
 /// edgesync: a pull-based GitOps agent for K3s edge nodes.
@@ -45,6 +46,13 @@ pub enum Command {
     },
     /// Validate the configuration file and exit non-zero if it is invalid.
     CheckConfig,
+    /// Show the running agent's apps: revision, sync state, health, last sync, message.
+    /// Asks the agent's HTTP listener (`[http] listen`).
+    Status {
+        /// Print the raw status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -69,6 +77,18 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.apps.len(),
                 config.node.name
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let config = Config::load(&cli.config)?;
+            let text = fetch_status(config.http.listen)?;
+            if json {
+                println!("{text}");
+            } else {
+                let doc: StatusDocument = serde_json::from_str(&text)
+                    .context("the agent's status is not a status document")?;
+                print!("{}", status_table(&doc, crate::state::unix_now()));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Render { path } => {
@@ -131,4 +151,99 @@ fn render_to_stdout(path: &Path) -> anyhow::Result<()> {
         .context("cannot write YAML")?;
     print!("{yaml}");
     Ok(())
+}
+
+/// `GET /api/v1/status` from the local agent, over plain HTTP/1.1.
+fn fetch_status(listen: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+        .with_context(|| format!("is the agent running? cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /api/v1/status HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer from the agent")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!(
+            "the agent answered {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(body.to_string())
+}
+
+fn ago(now: u64, then: Option<u64>) -> String {
+    match then {
+        None => "never".into(),
+        Some(t) => {
+            let s = now.saturating_sub(t);
+            match s {
+                0..=119 => format!("{s}s ago"),
+                120..=7199 => format!("{}m ago", s / 60),
+                7200..=172_799 => format!("{}h ago", s / 3600),
+                _ => format!("{}d ago", s / 86_400),
+            }
+        }
+    }
+}
+
+/// The table `edgesync status` prints.
+fn status_table(doc: &StatusDocument, now: u64) -> String {
+    let mut rows = vec![[
+        "APP".to_string(),
+        "REVISION".into(),
+        "SYNC".into(),
+        "HEALTH".into(),
+        "LAST SYNC".into(),
+        "MESSAGE".into(),
+    ]];
+    for a in &doc.apps {
+        rows.push([
+            a.app.clone(),
+            a.revision
+                .as_deref()
+                .map(|r| r.chars().take(12).collect())
+                .unwrap_or_else(|| "-".into()),
+            a.sync.as_str().into(),
+            a.health.clone(),
+            ago(now, a.last_sync_end),
+            a.message.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = format!(
+        "node {} (edgesync {}, up {}s)\n",
+        doc.node.node, doc.node.agent_version, doc.node.uptime_seconds
+    );
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                if i == 5 {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

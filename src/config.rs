@@ -65,24 +65,24 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub mqtt: Option<MqttConfig>,
     pub webhook: Option<WebhookConfig>,
-    pub status: StatusConfig,
+    pub http: HttpConfig,
     pub repositories: Vec<RepositoryConfig>,
     pub apps: Vec<AppConfig>,
 }
 
-/// The local status listener (`/metrics`, `/healthz`).
+/// The local HTTP listener: metrics, health and the status API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StatusConfig {
+pub struct HttpConfig {
     #[serde(default = "default_true")]
     pub enabled: bool,
     #[serde(default = "default_status_listen")]
     pub listen: std::net::SocketAddr,
 }
 
-impl Default for StatusConfig {
+impl Default for HttpConfig {
     fn default() -> Self {
-        StatusConfig {
+        HttpConfig {
             enabled: true,
             listen: default_status_listen(),
         }
@@ -298,7 +298,7 @@ struct RawConfig {
     mqtt: Option<Spanned<MqttConfig>>,
     webhook: Option<Spanned<WebhookConfig>>,
     #[serde(default)]
-    status: StatusConfig,
+    http: HttpConfig,
     #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
@@ -385,7 +385,7 @@ impl Config {
             },
             mqtt,
             webhook,
-            status: raw.status,
+            http: raw.http,
             repositories,
             apps: raw.apps.into_iter().map(Spanned::into_inner).collect(),
         })

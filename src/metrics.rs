@@ -1,59 +1,141 @@
-//! Prometheus metrics (prometheus-client). Every failure kind is counted through an error's
-//! `metric_label()`; triggers count what they heard and what became of it.
+//! Prometheus metrics (prometheus-client), served on the HTTP listener at `/metrics`.
+//! Every failure kind is counted through an error's `metric_label()`; triggers count what
+//! they heard and what became of it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TriggerLabels {
-    /// `mqtt`, `github`, `gitlab`, `gitea`, `bitbucket`, `generic` or `poll`.
-    pub source: String,
+struct TriggerLabels {
+    /// `mqtt`, `github`, `gitlab`, `gitea`, `bitbucket`, `generic`, `watch` or `webhook`.
+    source: String,
     /// `accepted`, or why not: `malformed`, `bad_signature`, `replay`, `unknown_repository`, ...
-    pub outcome: String,
+    result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    pub kind: String,
+struct KindLabels {
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SyncLabels {
-    pub app: String,
+struct SyncLabels {
+    app: String,
     /// `applied`, `unchanged` or `failed`.
-    pub result: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabels {
+    app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    verb: String,
+    /// The HTTP status code, or `error` when no response came back.
+    code: String,
+}
+
+/// One app as `edgesync_app_info` shows it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppInfo {
+    pub app: String,
+    pub repo: String,
+    pub revision: String,
+    pub sync: String,
+    pub health: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    target: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 5 ms to about 5 minutes.
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
 
 pub struct Metrics {
     registry: Registry,
     triggers: Family<TriggerLabels, Counter>,
-    errors: Family<ErrorLabels, Counter>,
+    errors: Family<KindLabels, Counter>,
     syncs: Family<SyncLabels, Counter>,
+    sync_duration: Family<AppLabels, Histogram>,
+    apply_requests: Family<RequestLabels, Counter>,
+    git_fetch_duration: Histogram,
+    app_info: Family<AppInfo, Gauge>,
+    app_info_current: Mutex<HashMap<String, AppInfo>>,
     rounds: Counter,
     mqtt_connected: Gauge,
+    status_queue_depth: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("edgesync");
         let triggers = Family::<TriggerLabels, Counter>::default();
-        let errors = Family::<ErrorLabels, Counter>::default();
+        let errors = Family::<KindLabels, Counter>::default();
         let syncs = Family::<SyncLabels, Counter>::default();
+        let sync_duration = Family::<AppLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let apply_requests = Family::<RequestLabels, Counter>::default();
+        let git_fetch_duration = duration_histogram();
+        let app_info = Family::<AppInfo, Gauge>::default();
         let rounds = Counter::default();
         let mqtt_connected = Gauge::default();
+        let status_queue_depth = Gauge::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                target: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+            })
+            .set(1);
+        registry.register("build_info", "Version and target of this build", build_info);
+        registry.register(
+            "app_info",
+            "One series per app with its current revision, sync state and health",
+            app_info.clone(),
+        );
+        registry.register("sync", "App syncs by result", syncs.clone());
+        registry.register_with_unit(
+            "sync_duration",
+            "Duration of app syncs that reached the API server",
+            prometheus_client::registry::Unit::Seconds,
+            sync_duration.clone(),
+        );
+        registry.register(
+            "apply_requests",
+            "Requests to the Kubernetes API by verb and status code",
+            apply_requests.clone(),
+        );
+        registry.register_with_unit(
+            "git_fetch_duration",
+            "Duration of Git network operations (ref listing and fetches)",
+            prometheus_client::registry::Unit::Seconds,
+            git_fetch_duration.clone(),
+        );
         registry.register(
             "trigger_events",
-            "Events heard by triggers, by source and outcome",
+            "Events heard by triggers, by source and result",
             triggers.clone(),
         );
         registry.register("errors", "Errors by kind", errors.clone());
-        registry.register("syncs", "App syncs by result", syncs.clone());
         registry.register(
             "rounds",
-            "Sync rounds run (one fetch check of a repository each)",
+            "Sync rounds run (one ref listing of a repository each)",
             rounds.clone(),
         );
         registry.register(
@@ -61,30 +143,41 @@ impl Default for Metrics {
             "1 while connected and subscribed to the MQTT broker",
             mqtt_connected.clone(),
         );
+        registry.register(
+            "status_queue_depth",
+            "Status messages waiting to be sent upstream",
+            status_queue_depth.clone(),
+        );
         Metrics {
             registry,
             triggers,
             errors,
             syncs,
+            sync_duration,
+            apply_requests,
+            git_fetch_duration,
+            app_info,
+            app_info_current: Mutex::new(HashMap::new()),
             rounds,
             mqtt_connected,
+            status_queue_depth,
         }
     }
 }
 
 impl Metrics {
-    pub fn trigger(&self, source: &str, outcome: &str) {
+    pub fn trigger(&self, source: &str, result: &str) {
         self.triggers
             .get_or_create(&TriggerLabels {
                 source: source.to_string(),
-                outcome: outcome.to_string(),
+                result: result.to_string(),
             })
             .inc();
     }
 
     pub fn error(&self, kind: &str) {
         self.errors
-            .get_or_create(&ErrorLabels {
+            .get_or_create(&KindLabels {
                 kind: kind.to_string(),
             })
             .inc();
@@ -99,12 +192,50 @@ impl Metrics {
             .inc();
     }
 
+    pub fn sync_duration(&self, app: &str, took: Duration) {
+        self.sync_duration
+            .get_or_create(&AppLabels {
+                app: app.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn apply_request(&self, verb: &str, code: Option<u16>) {
+        self.apply_requests
+            .get_or_create(&RequestLabels {
+                verb: verb.to_string(),
+                code: code.map_or_else(|| "error".to_string(), |c| c.to_string()),
+            })
+            .inc();
+    }
+
+    pub fn git_fetch(&self, took: Duration) {
+        self.git_fetch_duration.observe(took.as_secs_f64());
+    }
+
+    /// Replaces the app's `edgesync_app_info` series.
+    pub fn app_info(&self, info: AppInfo) {
+        let mut current = self
+            .app_info_current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = current.insert(info.app.clone(), info.clone()) {
+            self.app_info.remove(&old);
+        }
+        self.app_info.get_or_create(&info).set(1);
+    }
+
     pub fn round(&self) {
         self.rounds.inc();
     }
 
     pub fn set_mqtt_connected(&self, connected: bool) {
         self.mqtt_connected.set(i64::from(connected));
+    }
+
+    pub fn set_status_queue_depth(&self, depth: usize) {
+        self.status_queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition.
@@ -127,14 +258,34 @@ mod tests {
         m.trigger("mqtt", "malformed");
         m.trigger("mqtt", "malformed");
         m.error("git");
+        m.apply_request("patch", Some(200));
         let text = m.encode();
         assert!(
-            text.contains(r#"edgesync_trigger_events_total{source="mqtt",outcome="malformed"} 2"#),
+            text.contains(r#"edgesync_trigger_events_total{source="mqtt",result="malformed"} 2"#),
             "{text}"
         );
         assert!(
             text.contains(r#"edgesync_errors_total{kind="git"} 1"#),
             "{text}"
         );
+        assert!(text.contains(r#"edgesync_apply_requests_total{verb="patch",code="200"} 1"#));
+        assert!(text.contains("edgesync_build_info{version="), "{text}");
+    }
+
+    #[test]
+    fn app_info_keeps_one_series_per_app() {
+        let m = Metrics::default();
+        let info = |revision: &str| AppInfo {
+            app: "web".into(),
+            repo: "r".into(),
+            revision: revision.into(),
+            sync: "Synced".into(),
+            health: "Unknown".into(),
+        };
+        m.app_info(info("a"));
+        m.app_info(info("b"));
+        let text = m.encode();
+        assert_eq!(text.matches("edgesync_app_info{").count(), 1, "{text}");
+        assert!(text.contains(r#"revision="b""#));
     }
 }

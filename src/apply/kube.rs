@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -17,6 +18,7 @@ use tokio::sync::Mutex;
 
 use super::{ApplyError, ObjectFailure, ObjectRef, Outcome, Phase, Plan, FIELD_MANAGER};
 use crate::config::K3S_KUBECONFIG;
+use crate::metrics::Metrics;
 use crate::render::Object;
 
 const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,14 +75,25 @@ async fn from_file(path: &Path) -> Result<Config, ApplyError> {
 pub struct KubeApplier {
     client: Client,
     resources: Mutex<HashMap<GroupVersionKind, (ApiResource, Scope)>>,
+    metrics: Arc<Metrics>,
 }
 
 impl KubeApplier {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         KubeApplier {
             client,
             resources: Mutex::new(HashMap::new()),
+            metrics,
         }
+    }
+
+    fn count<T>(&self, verb: &str, result: &Result<T, kube::Error>) {
+        let code = match result {
+            Ok(_) => Some(200),
+            Err(kube::Error::Api(status)) => Some(status.code),
+            Err(_) => None,
+        };
+        self.metrics.apply_request(verb, code);
     }
 
     pub fn client(&self) -> &Client {
@@ -179,16 +192,20 @@ impl KubeApplier {
         // Git is the source of truth: take ownership of fields other managers hold.
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let body = Value::Object(body);
-        let result = (|| async { api.patch(&oref.name, &params, &Patch::Apply(&body)).await })
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_max_times(4)
-                    .with_jitter(),
-            )
-            .when(is_transient)
-            .await;
+        let result = (|| async {
+            let result = api.patch(&oref.name, &params, &Patch::Apply(&body)).await;
+            self.count("patch", &result);
+            result
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(4)
+                .with_jitter(),
+        )
+        .when(is_transient)
+        .await;
         match result {
             Ok(_) => Ok(oref),
             Err(e) => {
@@ -207,7 +224,9 @@ impl KubeApplier {
         if let Some(found) = self.resources.lock().await.get(gvk) {
             return Ok(found.clone());
         }
-        let (resource, caps) = kube::discovery::pinned_kind(&self.client, gvk).await?;
+        let found = kube::discovery::pinned_kind(&self.client, gvk).await;
+        self.count("discover", &found);
+        let (resource, caps) = found?;
         let found = (resource, caps.scope);
         self.resources
             .lock()

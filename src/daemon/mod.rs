@@ -20,6 +20,8 @@ pub use sync::{SyncContext, SyncError, SyncResult};
 
 /// How long in-flight syncs may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often systemd's STATUS= line is refreshed (and the watchdog fed, at least).
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGTERM or SIGINT. SIGHUP, or a change to the config file, reloads
 /// the config; a new config that does not validate is refused and the running one stays.
@@ -30,6 +32,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut agent = Agent::start(config.clone(), metrics.clone(), changed_tx.clone()).await?;
     let mut current = config;
     notify_systemd(sd_notify::NotifyState::Ready);
+    // The watchdog is fed from this loop, so a wedged main loop lets systemd restart us.
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog
+        .map(|d| d / 2)
+        .unwrap_or(STATUS_EVERY)
+        .min(STATUS_EVERY);
+    let mut ticker = tokio::time::interval(every);
     loop {
         let why = tokio::select! {
             signal = signals.next() => match signal {
@@ -37,6 +46,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Signal::Hangup => "SIGHUP",
             },
             _ = changed_rx.recv() => "config file changed",
+            _ = ticker.tick() => {
+                let summary = agent.board.summary();
+                let mut states = vec![sd_notify::NotifyState::Status(&summary)];
+                if watchdog.is_some() {
+                    states.push(sd_notify::NotifyState::Watchdog);
+                }
+                if let Err(e) = sd_notify::notify(&states) {
+                    tracing::debug!("sd_notify: {e}");
+                }
+                continue;
+            }
         };
         // Editors write in several steps; let them finish.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -73,6 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// One configuration's worth of running agent: repository workers, triggers, listeners.
 struct Agent {
+    board: Arc<crate::report::status::StatusBoard>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     _watches: Option<crate::trigger::watch::Watches>,
@@ -85,8 +106,8 @@ impl Agent {
         config_changed: mpsc::Sender<()>,
     ) -> anyhow::Result<Agent> {
         // Bind listeners first: a port in use is a startup error, not a silent degradation.
-        let status_listener = match config.status.enabled {
-            true => Some(bind(config.status.listen, "status").await?),
+        let http_listener = match config.http.enabled {
+            true => Some(bind(config.http.listen, "http").await?),
             false => None,
         };
         let webhook_listener = match &config.webhook {
@@ -122,10 +143,14 @@ impl Agent {
                 crate::trigger::webhook::Server::new(webhook, sink.clone(), metrics.clone())?;
             tasks.spawn(server.serve(listener, shutdown_rx.clone()));
         }
-        if let Some(listener) = status_listener {
-            tasks.spawn(crate::report::serve_status(
+        if let Some(listener) = http_listener {
+            tasks.spawn(crate::report::serve_http(
                 listener,
-                metrics.clone(),
+                crate::report::Http {
+                    metrics: metrics.clone(),
+                    board: ctx.board.clone(),
+                    client: ctx.applier.client().clone(),
+                },
                 shutdown_rx.clone(),
             ));
         }
@@ -150,6 +175,7 @@ impl Agent {
             "edgesync running"
         );
         Ok(Agent {
+            board: ctx.board.clone(),
             shutdown,
             tasks,
             _watches: watches,
@@ -263,6 +289,9 @@ pub async fn sync_repository(
             ctx.metrics.error(e.metric_label());
             tracing::warn!(repo = %crate::source::redact(&repo.url), error = %e, kind = e.metric_label(),
                 "cannot list remote refs; keeping the last applied state");
+            for app in apps {
+                ctx.board.unreachable(&app.name, &e.to_string());
+            }
             return apps.len();
         }
     };
@@ -277,6 +306,7 @@ pub async fn sync_repository(
             Ok(sha) => sha,
             Err(e) => {
                 failed += 1;
+                ctx.board.unreachable(&app.name, &e.to_string());
                 report(ctx, app, Err(e.into()));
                 continue;
             }

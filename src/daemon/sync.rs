@@ -4,11 +4,13 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::apply::{self, ApplyError, KubeApplier};
 use crate::config::{AppConfig, Config, RepositoryConfig};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
+use crate::report::status::StatusBoard;
 use crate::source::{GitSource, RemoteRefs, SourceError};
 use crate::state::{unix_now, AppState, StateError, StateStore};
 
@@ -54,6 +56,7 @@ pub enum SyncResult {
 pub struct SyncContext {
     pub config: Config,
     pub metrics: Arc<Metrics>,
+    pub board: Arc<StatusBoard>,
     pub source: GitSource,
     pub applier: KubeApplier,
     pub store: StateStore,
@@ -73,11 +76,16 @@ impl SyncContext {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<SyncContext>, ApplyError> {
         let client = apply::connect(config.kubernetes.kubeconfig.as_deref()).await?;
+        let store = StateStore::new(&config.state_dir);
+        let board = Arc::new(StatusBoard::new(&config, metrics.clone(), |app| {
+            store.load(app).unwrap_or_default()
+        }));
         Ok(Arc::new(SyncContext {
-            metrics,
             source: GitSource::new(&config.state_dir),
-            store: StateStore::new(&config.state_dir),
-            applier: KubeApplier::new(client),
+            store,
+            board,
+            applier: KubeApplier::new(client, metrics.clone()),
+            metrics,
             config,
         }))
     }
@@ -86,7 +94,10 @@ impl SyncContext {
     pub async fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SyncError> {
         let source = self.source.clone();
         let repo = repo.clone();
-        blocking(move || Ok(source.remote_refs(&repo)?)).await
+        let started = Instant::now();
+        let refs = blocking(move || Ok(source.remote_refs(&repo)?)).await;
+        self.metrics.git_fetch(started.elapsed());
+        refs
     }
 
     /// Loads the app's state. An unreadable file has been moved aside by the store; the app
@@ -114,17 +125,26 @@ impl SyncContext {
     ) -> Result<SyncResult, SyncError> {
         let mut state = self.load_state(&app.name)?;
         if !force && state.last_applied_revision.as_deref() == Some(sha) {
+            self.board.up_to_date(&app.name, sha);
             return Ok(SyncResult::Unchanged {
                 revision: sha.to_string(),
             });
         }
         state.last_attempted_revision = Some(sha.to_string());
         state.last_attempt_at = Some(unix_now());
+        self.board.syncing(&app.name, sha);
 
+        let started = Instant::now();
         let outcome = match self.render_and_plan(app, sha).await {
-            Ok(plan) => self.applier.apply(&plan).await,
+            Ok(plan) => {
+                let outcome = self.applier.apply(&plan).await;
+                self.metrics.sync_duration(&app.name, started.elapsed());
+                outcome
+            }
             Err(e) => {
                 state.last_error = Some(e.to_string());
+                self.board
+                    .synced(&app.name, &state, state.last_error.as_deref());
                 self.store.save(&app.name, &state)?;
                 return Err(e);
             }
@@ -136,6 +156,7 @@ impl SyncContext {
                 state.last_applied_revision = Some(sha.to_string());
                 state.last_applied_at = state.last_attempt_at;
                 state.last_error = None;
+                self.board.synced(&app.name, &state, None);
                 self.store.save(&app.name, &state)?;
                 Ok(SyncResult::Applied {
                     revision: sha.to_string(),
@@ -145,6 +166,8 @@ impl SyncContext {
             Err((applied, error)) => {
                 state.inventory = apply::merge_inventory(&state.inventory, &applied);
                 state.last_error = Some(error.to_string());
+                self.board
+                    .synced(&app.name, &state, state.last_error.as_deref());
                 self.store.save(&app.name, &state)?;
                 Err(error.into())
             }
@@ -156,8 +179,13 @@ impl SyncContext {
         let repo = self.config.repository(&app.repo);
         let app = app.clone();
         let sha = sha.to_string();
+        let metrics = self.metrics.clone();
         blocking(move || {
+            let started = Instant::now();
             let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
+            if snapshot.fetched {
+                metrics.git_fetch(started.elapsed());
+            }
             let manifests = render::render(&snapshot.root, Path::new(&app.path))?;
             Ok(apply::plan(
                 &app.name,

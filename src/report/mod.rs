@@ -1,27 +1,44 @@
-//! Report stage: what edgesync tells the outside world. For now the local status listener
-//! with Prometheus metrics; MQTT status and the status API arrive with their issue.
+//! Report stage: what edgesync tells the outside world. The local HTTP listener serves
+//! Prometheus metrics, liveness and readiness, and the status documents of [`status`].
+
+pub mod status;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use status::StatusBoard;
 
-/// Serves `GET /metrics` (OpenMetrics text) and `GET /healthz` until shutdown.
-pub async fn serve_status(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// What the HTTP listener reads.
+#[derive(Clone)]
+pub struct Http {
+    pub metrics: Arc<Metrics>,
+    pub board: Arc<StatusBoard>,
+    /// For readiness: is the Kubernetes API reachable?
+    pub client: kube::Client,
+}
+
+/// Serves until shutdown:
+/// - `GET /metrics`: OpenMetrics text;
+/// - `GET /healthz`: the process is alive;
+/// - `GET /readyz`: the config is loaded and the Kubernetes API answers;
+/// - `GET /api/v1/status`: the node and app status documents as JSON.
+pub async fn serve_http(listener: TcpListener, http: Http, mut shutdown: watch::Receiver<bool>) {
     let app = axum::Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics);
+        .route("/readyz", get(ready))
+        .route("/api/v1/status", get(status_json))
+        .with_state(http);
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
@@ -29,16 +46,36 @@ pub async fn serve_status(
         .with_graceful_shutdown(stop)
         .await
     {
-        tracing::error!("status listener failed: {e}");
+        tracing::error!("HTTP listener failed: {e}");
     }
 }
 
-async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn metrics_text(State(http): State<Http>) -> impl IntoResponse {
     (
         [(
             CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.encode(),
+        http.metrics.encode(),
     )
+}
+
+async fn ready(State(http): State<Http>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(3), http.client.apiserver_version()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Kubernetes API: {e}\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Kubernetes API: no answer within 3s\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn status_json(State(http): State<Http>) -> Json<status::StatusDocument> {
+    Json(http.board.document())
 }

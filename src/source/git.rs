@@ -118,11 +118,13 @@ impl GitSource {
                 repo: url.clone(),
                 revision: sha.to_string(),
                 root: dir,
+                fetched: false,
             });
         }
         let cache = self.open(url)?;
         let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
-        if cache.find_commit(oid).is_err() {
+        let fetched = cache.find_commit(oid).is_err();
+        if fetched {
             self.fetch(&cache, repo, revision, sha)?;
         }
         let commit = cache
@@ -136,6 +138,7 @@ impl GitSource {
             repo: url.clone(),
             revision: sha.to_string(),
             root: dir,
+            fetched,
         })
     }
 

@@ -49,6 +49,8 @@ pub struct Snapshot {
     /// Full commit SHA.
     pub revision: String,
     pub root: PathBuf,
+    /// Whether objects had to be downloaded for it (false: already in the cache).
+    pub fetched: bool,
 }
 
 /// True for a full 40-character hexadecimal commit SHA.

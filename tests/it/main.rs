@@ -7,6 +7,7 @@ mod harness;
 mod git_http;
 mod git_revisions;
 mod git_ssh;
+mod report;
 mod skeleton;
 mod trigger_local;
 mod trigger_mqtt;

@@ -92,21 +92,21 @@ async fn publish_restart_and_malformed(tls: bool) {
     ] {
         s.broker.publish("edgesync/changes", &payload);
     }
-    let port = s.config.status_port;
+    let port = s.config.http_port;
     eventually("bad messages counted", WAIT, || async {
         let malformed = metric(
             port,
-            r#"edgesync_trigger_events_total{source="mqtt",outcome="malformed"}"#,
+            r#"edgesync_trigger_events_total{source="mqtt",result="malformed"}"#,
         )
         .await;
         let repo = metric(
             port,
-            r#"edgesync_trigger_events_total{source="mqtt",outcome="unknown_repository"}"#,
+            r#"edgesync_trigger_events_total{source="mqtt",result="unknown_repository"}"#,
         )
         .await;
         let app = metric(
             port,
-            r#"edgesync_trigger_events_total{source="mqtt",outcome="unknown_app"}"#,
+            r#"edgesync_trigger_events_total{source="mqtt",result="unknown_app"}"#,
         )
         .await;
         (malformed == 3.0 && repo == 1.0 && app == 1.0).then_some(())
@@ -128,10 +128,10 @@ async fn flood_is_coalesced(tls: bool) {
         "fetch_jitter = \"2s\"",
     )
     .await;
-    let port = s.config.status_port;
+    let port = s.config.http_port;
     let url = s.remote.url();
-    let applied = r#"edgesync_syncs_total{app="greeting",result="applied"}"#;
-    let accepted = r#"edgesync_trigger_events_total{source="mqtt",outcome="accepted"}"#;
+    let applied = r#"edgesync_sync_total{app="greeting",result="applied"}"#;
+    let accepted = r#"edgesync_trigger_events_total{source="mqtt",result="accepted"}"#;
     let applied_before = metric(port, applied).await;
     let rounds_before = metric(port, "edgesync_rounds_total").await;
     let rss_before = s.agent.rss_kib();

@@ -132,7 +132,7 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
     let pending = greeting_app(repo, "must-not-sync");
     remote.push();
     let applied_sha = config.state("greeting")["last_applied_revision"].clone();
-    let rounds_before = metric(config.status_port, "edgesync_rounds_total").await;
+    let rounds_before = metric(config.http_port, "edgesync_rounds_total").await;
     let (mut headers, body) = push("github", &url, "forged-1");
     headers.retain(|(k, _)| *k != "x-hub-signature-256");
     headers.push((
@@ -178,7 +178,7 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
     // 3. ... and nothing was synced for any of them.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(
-        metric(config.status_port, "edgesync_rounds_total").await,
+        metric(config.http_port, "edgesync_rounds_total").await,
         rounds_before
     );
     assert_eq!(
@@ -186,8 +186,8 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
         applied_sha
     );
     let bad = metric(
-        config.status_port,
-        r#"edgesync_trigger_events_total{source="github",outcome="bad_signature"}"#,
+        config.http_port,
+        r#"edgesync_trigger_events_total{source="github",result="bad_signature"}"#,
     )
     .await;
     assert_eq!(bad, 2.0);

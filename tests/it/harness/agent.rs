@@ -13,8 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_edgesync");
 pub struct AgentConfig {
     dir: tempfile::TempDir,
     sections: Vec<String>,
-    /// The agent's status listener (`/metrics`), on a port of its own.
-    pub status_port: u16,
+    /// The agent's HTTP listener (`/metrics`, status API), on a port of its own.
+    pub http_port: u16,
 }
 
 pub fn free_port() -> u16 {
@@ -30,7 +30,7 @@ impl AgentConfig {
         AgentConfig {
             dir: tempfile::tempdir().expect("tempdir"),
             sections: Vec::new(),
-            status_port: free_port(),
+            http_port: free_port(),
         }
     }
 
@@ -71,10 +71,10 @@ impl AgentConfig {
     pub fn write(&self) -> PathBuf {
         let path = self.dir.path().join("config.toml");
         let text = format!(
-            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[status]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
             self.dir.path().join("state").display(),
             cluster().kubeconfig.display(),
-            self.status_port,
+            self.http_port,
             self.sections.join("\n")
         );
         std::fs::write(&path, text).unwrap();
@@ -122,6 +122,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(config: &AgentConfig) -> Agent {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts the agent with extra environment variables (`NOTIFY_SOCKET`, ...).
+    pub fn start_with_env(config: &AgentConfig, env: &[(&str, &str)]) -> Agent {
         let path = config.write();
         let log = unique(config.dir().join("agent.log"));
         let file = std::fs::File::create(&log).unwrap();
@@ -130,6 +135,7 @@ impl Agent {
             .arg(&path)
             .args(["--log-level", "edgesync=debug", "run"])
             .env_remove("KUBECONFIG")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .stdin(Stdio::null())

@@ -1,0 +1,318 @@
+//! The node's status as documents: one per app and one for the node. The same documents are
+//! served by the HTTP API (`/api/v1/status`) and, with the MQTT status issue, published
+//! upstream. Health is `Unknown` until health assessment lands.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::metrics::{AppInfo, Metrics};
+use crate::state::{unix_now, AppState};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncState {
+    /// The last applied revision is the one the app tracks.
+    Synced,
+    /// A newer revision exists and has not been applied yet.
+    OutOfSync,
+    Syncing,
+    /// The last attempt failed; `last_error` says why.
+    Failed,
+    /// Nothing known yet (before the first round), or waiting for a window.
+    Waiting,
+}
+
+impl SyncState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Synced => "Synced",
+            SyncState::OutOfSync => "OutOfSync",
+            SyncState::Syncing => "Syncing",
+            SyncState::Failed => "Failed",
+            SyncState::Waiting => "Waiting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub app: String,
+    pub repo: String,
+    pub path: String,
+    /// The commit applied last, completely.
+    pub revision: Option<String>,
+    /// The commit the app should be at, as last resolved.
+    pub target_revision: Option<String>,
+    pub sync: SyncState,
+    pub health: String,
+    pub message: String,
+    /// Objects in the app's inventory, by health.
+    pub objects: BTreeMap<String, usize>,
+    /// Unix seconds.
+    pub last_sync_start: Option<u64>,
+    pub last_sync_end: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSummary {
+    pub app: String,
+    pub revision: Option<String>,
+    pub sync: SyncState,
+    pub health: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub schema_version: u32,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub uptime_seconds: u64,
+    pub timestamp: u64,
+    pub apps: Vec<AppSummary>,
+}
+
+/// What `GET /api/v1/status` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusDocument {
+    pub node: NodeStatus,
+    pub apps: Vec<AppStatus>,
+}
+
+/// The live status of every app, updated by the daemon around each sync.
+pub struct StatusBoard {
+    node: String,
+    labels: BTreeMap<String, String>,
+    started: Instant,
+    apps: Mutex<BTreeMap<String, AppStatus>>,
+    metrics: Arc<Metrics>,
+}
+
+const UNKNOWN: &str = "Unknown";
+
+impl StatusBoard {
+    /// Starts from what the state directory remembers, so a restarted agent reports its
+    /// last known state at once. `states` yields each app's persisted state.
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        mut states: impl FnMut(&str) -> AppState,
+    ) -> StatusBoard {
+        let apps = config
+            .apps
+            .iter()
+            .map(|a| {
+                let state = states(&a.name);
+                let status = AppStatus {
+                    app: a.name.clone(),
+                    repo: crate::source::redact(&a.repo),
+                    path: a.path.clone(),
+                    revision: state.last_applied_revision.clone(),
+                    target_revision: state.last_attempted_revision.clone(),
+                    sync: SyncState::Waiting,
+                    health: UNKNOWN.into(),
+                    message: "waiting for the first round".into(),
+                    objects: counts(&state),
+                    last_sync_start: state.last_attempt_at,
+                    last_sync_end: state.last_attempt_at,
+                    last_error: state.last_error.clone(),
+                };
+                (a.name.clone(), status)
+            })
+            .collect::<BTreeMap<_, _>>();
+        let board = StatusBoard {
+            node: config.node.name.clone(),
+            labels: config.node.labels.clone(),
+            started: Instant::now(),
+            apps: Mutex::new(apps),
+            metrics,
+        };
+        for status in board.lock().values() {
+            board.publish_info(status);
+        }
+        board
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, AppStatus>> {
+        self.apps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish_info(&self, s: &AppStatus) {
+        self.metrics.app_info(AppInfo {
+            app: s.app.clone(),
+            repo: s.repo.clone(),
+            revision: s.revision.clone().unwrap_or_default(),
+            sync: s.sync.as_str().into(),
+            health: s.health.clone(),
+        });
+    }
+
+    fn update(&self, app: &str, change: impl FnOnce(&mut AppStatus)) {
+        let mut apps = self.lock();
+        if let Some(status) = apps.get_mut(app) {
+            change(status);
+            self.publish_info(status);
+        }
+    }
+
+    pub fn syncing(&self, app: &str, target: &str) {
+        self.update(app, |s| {
+            s.sync = SyncState::Syncing;
+            s.target_revision = Some(target.to_string());
+            s.last_sync_start = Some(unix_now());
+            s.message = format!("applying {}", short(target));
+        });
+    }
+
+    /// After a sync attempt, from the state it persisted.
+    pub fn synced(&self, app: &str, state: &AppState, error: Option<&str>) {
+        self.update(app, |s| {
+            s.revision = state.last_applied_revision.clone();
+            s.target_revision = state.last_attempted_revision.clone();
+            s.last_sync_end = Some(unix_now());
+            s.last_error = state.last_error.clone();
+            s.objects = counts(state);
+            match error {
+                None => {
+                    s.sync = SyncState::Synced;
+                    s.message = format!(
+                        "{} applied",
+                        s.revision.as_deref().map(short).unwrap_or_default()
+                    );
+                }
+                Some(e) => {
+                    s.sync = SyncState::Failed;
+                    s.message = first_line(e);
+                }
+            }
+        });
+    }
+
+    /// A round found the app already at `revision`.
+    pub fn up_to_date(&self, app: &str, revision: &str) {
+        self.update(app, |s| {
+            if s.revision.as_deref() == Some(revision) {
+                s.sync = SyncState::Synced;
+                s.target_revision = Some(revision.to_string());
+                if s.last_error.is_none() {
+                    s.message = format!("{} applied", short(revision));
+                }
+            }
+        });
+    }
+
+    /// The round could not reach Git or resolve the revision; what runs stays as it is.
+    pub fn unreachable(&self, app: &str, error: &str) {
+        self.update(app, |s| s.message = first_line(error));
+    }
+
+    pub fn document(&self) -> StatusDocument {
+        let apps: Vec<AppStatus> = self.lock().values().cloned().collect();
+        StatusDocument {
+            node: NodeStatus {
+                schema_version: SCHEMA_VERSION,
+                node: self.node.clone(),
+                labels: self.labels.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                uptime_seconds: self.started.elapsed().as_secs(),
+                timestamp: unix_now(),
+                apps: apps
+                    .iter()
+                    .map(|a| AppSummary {
+                        app: a.app.clone(),
+                        revision: a.revision.clone(),
+                        sync: a.sync,
+                        health: a.health.clone(),
+                    })
+                    .collect(),
+            },
+            apps,
+        }
+    }
+
+    /// "5 apps: 4 synced, 1 failed", for systemd's STATUS= line.
+    pub fn summary(&self) -> String {
+        let apps = self.lock();
+        let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in apps.values() {
+            *by_state.entry(s.sync.as_str()).or_default() += 1;
+        }
+        let parts: Vec<String> = by_state
+            .iter()
+            .map(|(state, n)| format!("{n} {}", state.to_lowercase()))
+            .collect();
+        format!("{} apps: {}", apps.len(), parts.join(", "))
+    }
+}
+
+fn counts(state: &AppState) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    if !state.inventory.is_empty() {
+        counts.insert(UNKNOWN.to_string(), state.inventory.len());
+    }
+    counts
+}
+
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(500).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn board() -> StatusBoard {
+        let config = Config::parse(
+            Path::new("/tmp/x/config.toml"),
+            "[node]\nname = \"edge-1\"\n[[apps]]\nname = \"web\"\nrepo = \"https://bot:tok@git/x.git\"\n[[apps]]\nname = \"api\"\nrepo = \"https://git/x.git\"\n",
+        )
+        .unwrap();
+        StatusBoard::new(&config, Arc::new(Metrics::default()), |_| {
+            AppState::default()
+        })
+    }
+
+    #[test]
+    fn a_sync_moves_through_syncing_to_synced_or_failed() {
+        let b = board();
+        assert_eq!(b.document().apps[1].sync, SyncState::Waiting);
+        b.syncing("web", "0123456789abcdef");
+        assert_eq!(b.document().apps[1].sync, SyncState::Syncing);
+        let state = AppState {
+            last_applied_revision: Some("0123456789abcdef".into()),
+            last_attempted_revision: Some("0123456789abcdef".into()),
+            ..Default::default()
+        };
+        b.synced("web", &state, None);
+        let web = &b.document().apps[1];
+        assert_eq!(web.sync, SyncState::Synced);
+        assert_eq!(web.message, "0123456789ab applied");
+        b.synced(
+            "api",
+            &AppState::default(),
+            Some("deploy/x.yaml: invalid YAML\nmore"),
+        );
+        assert_eq!(b.document().apps[0].sync, SyncState::Failed);
+        assert_eq!(b.document().apps[0].message, "deploy/x.yaml: invalid YAML");
+        assert_eq!(b.summary(), "2 apps: 1 failed, 1 synced");
+    }
+
+    #[test]
+    fn documents_carry_no_secrets() {
+        let text = serde_json::to_string(&board().document()).unwrap();
+        assert!(!text.contains("tok@"), "{text}");
+        assert!(text.contains("\"schema_version\":1"));
+    }
+}
