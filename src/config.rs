@@ -119,6 +119,24 @@ pub struct MqttConfig {
     pub topics: Vec<String>,
     #[serde(default = "default_keep_alive", with = "humantime_serde_compat")]
     pub keep_alive: Duration,
+    /// Where status goes: `<prefix>/status`, `/apps/<app>`, `/events`, `/online`.
+    #[serde(default = "default_status_prefix")]
+    pub status_prefix: String,
+    /// Store and forward: messages kept on disk while the broker is away, at most.
+    #[serde(default = "default_queue_max_messages")]
+    pub queue_max_messages: usize,
+    #[serde(default = "default_queue_max_bytes")]
+    pub queue_max_bytes: usize,
+}
+
+fn default_status_prefix() -> String {
+    "edgesync/nodes/{node}".to_string()
+}
+fn default_queue_max_messages() -> usize {
+    10_000
+}
+fn default_queue_max_bytes() -> usize {
+    16 * 1024 * 1024
 }
 
 fn default_client_id() -> String {

@@ -79,6 +79,7 @@ pub struct Metrics {
     rounds: Counter,
     mqtt_connected: Gauge,
     status_queue_depth: Gauge,
+    status_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -96,6 +97,12 @@ impl Default for Metrics {
         let rounds = Counter::default();
         let mqtt_connected = Gauge::default();
         let status_queue_depth = Gauge::default();
+        let status_dropped = Counter::default();
+        registry.register(
+            "status_dropped",
+            "Status events dropped because the store-and-forward queue was full",
+            status_dropped.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -161,6 +168,7 @@ impl Default for Metrics {
             rounds,
             mqtt_connected,
             status_queue_depth,
+            status_dropped,
         }
     }
 }
@@ -236,6 +244,10 @@ impl Metrics {
     pub fn set_status_queue_depth(&self, depth: usize) {
         self.status_queue_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    pub fn status_dropped(&self, n: usize) {
+        self.status_dropped.inc_by(n as u64);
     }
 
     /// The OpenMetrics text exposition.

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{AppConfig, Config, RepositoryConfig};
 use crate::metrics::Metrics;
+use crate::report::publisher::StatusPublisher;
 use crate::scheduler::AppSet;
 use crate::trigger::EventSink;
 pub use dispatch::{Dispatcher, RepoWorker};
@@ -115,7 +116,16 @@ impl Agent {
             None => None,
         };
         let webhook = config.webhook.clone();
-        let ctx = SyncContext::connect(config, metrics.clone()).await?;
+        let publisher = match &config.mqtt {
+            Some(mqtt) => Some(StatusPublisher::open(
+                &config.state_dir,
+                &config.node.name,
+                mqtt,
+                metrics.clone(),
+            )?),
+            None => None,
+        };
+        let ctx = SyncContext::connect(config, metrics.clone(), publisher.clone()).await?;
         let dispatcher = Arc::new(Dispatcher::new(&ctx.config, metrics.clone()));
         let sink: Arc<dyn EventSink> = dispatcher.clone();
         let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
@@ -130,10 +140,12 @@ impl Agent {
             ));
         }
         if let Some(mqtt) = ctx.config.mqtt.clone() {
+            let outbound = publisher.map(|p| p as Arc<dyn crate::trigger::mqtt::Outbound>);
             tasks.spawn(crate::trigger::mqtt::run(
                 mqtt,
                 ctx.config.node.name.clone(),
                 sink.clone(),
+                outbound,
                 metrics.clone(),
                 shutdown_rx.clone(),
             ));
@@ -366,7 +378,7 @@ pub async fn sync_once(config: Config, only: Option<&str>) -> anyhow::Result<usi
             anyhow::bail!("no app named {name:?} in {}", config.path.display());
         }
     }
-    let ctx = SyncContext::connect(config, Arc::new(Metrics::default())).await?;
+    let ctx = SyncContext::connect(config, Arc::new(Metrics::default()), None).await?;
     let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
     let (_tx, shutdown) = watch::channel(false);
     let mut failed = 0;

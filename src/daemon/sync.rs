@@ -10,6 +10,7 @@ use crate::apply::{self, ApplyError, KubeApplier};
 use crate::config::{AppConfig, Config, RepositoryConfig};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
+use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
 use crate::source::{GitSource, RemoteRefs, SourceError};
 use crate::state::{unix_now, AppState, StateError, StateStore};
@@ -71,15 +72,20 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl SyncContext {
+    /// `publisher` carries status upstream; `None` for one-shot syncs and nodes without MQTT.
     pub async fn connect(
         config: Config,
         metrics: Arc<Metrics>,
+        publisher: Option<Arc<StatusPublisher>>,
     ) -> Result<Arc<SyncContext>, ApplyError> {
         let client = apply::connect(config.kubernetes.kubeconfig.as_deref()).await?;
         let store = StateStore::new(&config.state_dir);
-        let board = Arc::new(StatusBoard::new(&config, metrics.clone(), |app| {
-            store.load(app).unwrap_or_default()
-        }));
+        let board = Arc::new(StatusBoard::new(
+            &config,
+            metrics.clone(),
+            publisher,
+            |app| store.load(app).unwrap_or_default(),
+        ));
         Ok(Arc::new(SyncContext {
             source: GitSource::new(&config.state_dir),
             store,

@@ -1,6 +1,8 @@
 //! Report stage: what edgesync tells the outside world. The local HTTP listener serves
 //! Prometheus metrics, liveness and readiness, and the status documents of [`status`].
 
+pub mod outbox;
+pub mod publisher;
 pub mod status;
 
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The node's status as documents: one per app and one for the node. The same documents are
-//! served by the HTTP API (`/api/v1/status`) and, with the MQTT status issue, published
-//! upstream. Health is `Unknown` until health assessment lands.
+//! served by the HTTP API (`/api/v1/status`) and published upstream over MQTT whenever they
+//! change, with an event for each sync. Health is `Unknown` until health assessment lands.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::publisher::StatusPublisher;
 use crate::config::Config;
 use crate::metrics::{AppInfo, Metrics};
 use crate::state::{unix_now, AppState};
@@ -92,6 +93,7 @@ pub struct StatusBoard {
     started: Instant,
     apps: Mutex<BTreeMap<String, AppStatus>>,
     metrics: Arc<Metrics>,
+    publisher: Option<Arc<StatusPublisher>>,
 }
 
 const UNKNOWN: &str = "Unknown";
@@ -102,6 +104,7 @@ impl StatusBoard {
     pub fn new(
         config: &Config,
         metrics: Arc<Metrics>,
+        publisher: Option<Arc<StatusPublisher>>,
         mut states: impl FnMut(&str) -> AppState,
     ) -> StatusBoard {
         let apps = config
@@ -132,9 +135,17 @@ impl StatusBoard {
             started: Instant::now(),
             apps: Mutex::new(apps),
             metrics,
+            publisher,
         };
-        for status in board.lock().values() {
+        let all: Vec<AppStatus> = board.lock().values().cloned().collect();
+        for status in &all {
             board.publish_info(status);
+            if let Some(p) = &board.publisher {
+                p.app(status);
+            }
+        }
+        if let Some(p) = &board.publisher {
+            p.node(&board.document().node);
         }
         board
     }
@@ -153,15 +164,32 @@ impl StatusBoard {
         });
     }
 
+    /// Changes one app's status; publishes its document (and the node's) if it changed.
     fn update(&self, app: &str, change: impl FnOnce(&mut AppStatus)) {
-        let mut apps = self.lock();
-        if let Some(status) = apps.get_mut(app) {
+        let changed = {
+            let mut apps = self.lock();
+            let Some(status) = apps.get_mut(app) else {
+                return;
+            };
+            let before = status.clone();
             change(status);
             self.publish_info(status);
+            (before != *status).then(|| status.clone())
+        };
+        if let (Some(status), Some(p)) = (changed, &self.publisher) {
+            p.app(&status);
+            p.node(&self.document().node);
+        }
+    }
+
+    fn event(&self, app: &str, event: &str, revision: Option<&str>, message: &str) {
+        if let Some(p) = &self.publisher {
+            p.event(app, event, revision, message);
         }
     }
 
     pub fn syncing(&self, app: &str, target: &str) {
+        self.event(app, "sync_started", Some(target), "");
         self.update(app, |s| {
             s.sync = SyncState::Syncing;
             s.target_revision = Some(target.to_string());
@@ -172,6 +200,11 @@ impl StatusBoard {
 
     /// After a sync attempt, from the state it persisted.
     pub fn synced(&self, app: &str, state: &AppState, error: Option<&str>) {
+        let target = state.last_attempted_revision.as_deref();
+        match error {
+            None => self.event(app, "sync_succeeded", target, ""),
+            Some(e) => self.event(app, "sync_failed", target, &first_line(e)),
+        }
         self.update(app, |s| {
             s.revision = state.last_applied_revision.clone();
             s.target_revision = state.last_attempted_revision.clone();
@@ -279,7 +312,7 @@ mod tests {
             "[node]\nname = \"edge-1\"\n[[apps]]\nname = \"web\"\nrepo = \"https://bot:tok@git/x.git\"\n[[apps]]\nname = \"api\"\nrepo = \"https://git/x.git\"\n",
         )
         .unwrap();
-        StatusBoard::new(&config, Arc::new(Metrics::default()), |_| {
+        StatusBoard::new(&config, Arc::new(Metrics::default()), None, |_| {
             AppState::default()
         })
     }

@@ -4,16 +4,23 @@
 //!
 //! A message can only name repositories and apps that are already configured. It never carries
 //! manifests or credentials, so a compromised broker can at most cause fetches.
+//!
+//! The same connection carries the node's status upstream: it announces `online` (with a last
+//! will of `offline`) and drains an [`Outbound`] queue one message at a time, forgetting a
+//! message only once the broker has acknowledged it.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::{ChangeMessage, EventSink, Source, MAX_MESSAGE_BYTES};
 use crate::config::MqttConfig;
@@ -37,6 +44,25 @@ impl MqttError {
             MqttError::Tls(_) => "mqtt_tls",
         }
     }
+}
+
+/// A message waiting to go upstream.
+pub struct Queued {
+    pub id: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Messages to publish, kept by their owner until acknowledged (store and forward).
+pub trait Outbound: Send + Sync {
+    /// Where `online` is announced and the broker publishes the last will, `offline`.
+    fn online_topic(&self) -> &str;
+    /// The oldest message not yet acknowledged.
+    fn front(&self) -> Option<Queued>;
+    fn acknowledged(&self, id: u64);
+    /// Notified whenever a message is queued.
+    fn wake(&self) -> &Notify;
 }
 
 /// Host, port and whether TLS is used, from `mqtt://host[:port]` or `mqtts://host[:port]`.
@@ -110,13 +136,21 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
 
 /// Options for one connection attempt; credential files are read on every attempt so a
 /// rotated password applies at the next reconnect.
-fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
+fn options(cfg: &MqttConfig, outbound: Option<&dyn Outbound>) -> Result<MqttOptions, MqttError> {
     let (host, port, tls) = parse_broker_url(&cfg.url).map_err(MqttError::Url)?;
     let mut opts = MqttOptions::new(&cfg.client_id, host, port);
     opts.set_keep_alive(cfg.keep_alive)
         .set_clean_session(false)
         // Room for any change message; bigger packets are refused by rumqttc itself.
-        .set_max_packet_size(MAX_MESSAGE_BYTES * 4, 64 * 1024);
+        .set_max_packet_size(MAX_MESSAGE_BYTES * 4, 1024 * 1024);
+    if let Some(out) = outbound {
+        opts.set_last_will(LastWill::new(
+            out.online_topic(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+    }
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
             Some(p) => String::from_utf8_lossy(&read(p)?).trim().to_string(),
@@ -163,13 +197,15 @@ pub async fn run(
     cfg: MqttConfig,
     node: String,
     sink: Arc<dyn EventSink>,
+    outbound: Option<Arc<dyn Outbound>>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let subs = subscriptions(&cfg, &node);
     let mut delays = reconnect_delays();
+    let idle = Notify::new();
     'connect: loop {
-        let opts = match options(&cfg) {
+        let opts = match options(&cfg, outbound.as_deref()) {
             Ok(opts) => opts,
             Err(e) => {
                 metrics.error(e.metric_label());
@@ -181,9 +217,15 @@ pub async fn run(
             }
         };
         let (client, mut events) = AsyncClient::new(opts, 16);
+        let mut upstream = Upstream::default();
         loop {
+            if let Some(out) = outbound.as_deref() {
+                upstream.pump(&client, out);
+            }
+            let wake = outbound.as_deref().map_or(&idle, |o| o.wake());
             let polled = tokio::select! {
                 polled = events.poll() => polled,
+                _ = wake.notified() => continue,
                 _ = shutdown.changed() => {
                     let _ = client.try_disconnect();
                     return;
@@ -197,6 +239,13 @@ pub async fn run(
                         if let Err(e) = client.try_subscribe(&sub.filter, QoS::AtLeastOnce) {
                             tracing::warn!(topic = %sub.filter, "MQTT subscribe: {e}");
                         }
+                    }
+                    upstream.connected(&client, outbound.as_deref());
+                }
+                Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => upstream.sent(pkid),
+                Ok(rumqttc::Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(out) = outbound.as_deref() {
+                        upstream.acknowledged(ack.pkid, out);
                     }
                 }
                 Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
@@ -213,6 +262,7 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    upstream = Upstream::default();
                     metrics.set_mqtt_connected(false);
                     metrics.error("mqtt_connection");
                     tracing::warn!(broker = %cfg.url, "MQTT connection: {e}; reconnecting");
@@ -229,6 +279,65 @@ pub async fn run(
                         continue 'connect;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The publishing side of one connection: at most one queued message in flight, matched to
+/// its acknowledgement by packet id. After a disconnect everything starts over, so a message
+/// may arrive twice (QoS 1 is at least once); consumers deduplicate by `seq`.
+#[derive(Default)]
+struct Upstream {
+    connected: bool,
+    in_flight: Option<u64>,
+    /// What each publish handed to rumqttc was, in order: a queued id, or the announcement.
+    handed: VecDeque<Option<u64>>,
+    by_pkid: HashMap<u16, u64>,
+}
+
+impl Upstream {
+    fn connected(&mut self, client: &AsyncClient, outbound: Option<&dyn Outbound>) {
+        *self = Upstream {
+            connected: true,
+            ..Upstream::default()
+        };
+        if let Some(out) = outbound {
+            if client
+                .try_publish(out.online_topic(), QoS::AtLeastOnce, true, "online")
+                .is_ok()
+            {
+                self.handed.push_back(None);
+            }
+        }
+    }
+
+    fn pump(&mut self, client: &AsyncClient, out: &dyn Outbound) {
+        if !self.connected || self.in_flight.is_some() {
+            return;
+        }
+        if let Some(q) = out.front() {
+            if client
+                .try_publish(q.topic, QoS::AtLeastOnce, q.retain, q.payload)
+                .is_ok()
+            {
+                self.in_flight = Some(q.id);
+                self.handed.push_back(Some(q.id));
+            }
+        }
+    }
+
+    fn sent(&mut self, pkid: u16) {
+        if let Some(Some(id)) = self.handed.pop_front() {
+            self.by_pkid.insert(pkid, id);
+        }
+    }
+
+    fn acknowledged(&mut self, pkid: u16, out: &dyn Outbound) {
+        if let Some(id) = self.by_pkid.remove(&pkid) {
+            out.acknowledged(id);
+            if self.in_flight == Some(id) {
+                self.in_flight = None;
             }
         }
     }

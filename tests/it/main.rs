@@ -8,6 +8,7 @@ mod git_http;
 mod git_revisions;
 mod git_ssh;
 mod report;
+mod report_mqtt;
 mod skeleton;
 mod trigger_local;
 mod trigger_mqtt;

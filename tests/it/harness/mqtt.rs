@@ -75,6 +75,15 @@ fn make_certs(dir: &Path) {
 
 impl Broker {
     pub fn start(tls: bool) -> Broker {
+        Self::start_with(tls, false)
+    }
+
+    /// A broker that keeps sessions and queued messages across a graceful restart.
+    pub fn start_persistent() -> Broker {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(tls: bool, persistent: bool) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         // Started as root, mosquitto would switch to the `mosquitto` user, which cannot read
@@ -82,9 +91,17 @@ impl Broker {
         let user =
             String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
         let mut conf = format!(
-            "listener {port} 127.0.0.1\nuser {}\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n",
+            "listener {port} 127.0.0.1\nuser {}\nallow_anonymous true\nmax_queued_messages 100000\n",
             user.trim()
         );
+        if persistent {
+            conf.push_str(&format!(
+                "persistence true\npersistence_location {}/\n",
+                dir.path().display()
+            ));
+        } else {
+            conf.push_str("persistence false\n");
+        }
         if tls {
             make_certs(dir.path());
             let p = |f: &str| dir.path().join(f).display().to_string();
@@ -132,6 +149,47 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM: a persistent broker saves its sessions first.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped broker again on the same port.
+    pub fn start_again(&mut self) {
+        self.restart();
+    }
+
+    /// `mosquitto_sub -v` with a persistent session, reconnecting by itself; each line of the
+    /// returned file is `topic payload`.
+    pub fn subscribe(&self, client_id: &str, filter: &str) -> (Child, PathBuf) {
+        let out = self.dir.path().join(format!("{client_id}.out"));
+        let child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-c",
+                "-i",
+                client_id,
+                "-v",
+                "-t",
+                filter,
+            ])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        (child, out)
     }
 
     pub fn stop(&mut self) {
