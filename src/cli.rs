@@ -23,6 +23,9 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `edgesync=debug`. RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// `text` (the journal under systemd) or `json` (one object per line on stderr).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -96,13 +99,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
-            telemetry::init(&cli.log_level);
+            telemetry::init(&cli.log_level, cli.log_format);
             let config = Config::load(&cli.config)?;
             run_to_end(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { app } => {
-            telemetry::init(&cli.log_level);
+            telemetry::init(&cli.log_level, cli.log_format);
             let config = Config::load(&cli.config)?;
             let failed = run_to_end(daemon::sync_once(config, app.as_deref()))?;
             if failed > 0 {
