@@ -2,6 +2,7 @@
 //! Prometheus metrics, liveness and readiness, and the status documents of [`status`].
 
 pub mod outbox;
+pub mod page;
 pub mod publisher;
 pub mod status;
 
@@ -30,12 +31,14 @@ pub struct Http {
 }
 
 /// Serves until shutdown:
+/// - `GET /`: the status page;
 /// - `GET /metrics`: OpenMetrics text;
 /// - `GET /healthz`: the process is alive;
 /// - `GET /readyz`: the config is loaded and the Kubernetes API answers;
 /// - `GET /api/v1/status`: the node and app status documents as JSON.
 pub async fn serve_http(listener: TcpListener, http: Http, mut shutdown: watch::Receiver<bool>) {
     let app = axum::Router::new()
+        .route("/", get(page_html))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -76,6 +79,13 @@ async fn ready(State(http): State<Http>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn page_html(State(http): State<Http>) -> axum::response::Html<String> {
+    axum::response::Html(page::render(
+        &http.board.document(),
+        crate::state::unix_now(),
+    ))
 }
 
 async fn status_json(State(http): State<Http>) -> Json<status::StatusDocument> {

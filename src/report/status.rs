@@ -2,7 +2,7 @@
 //! served by the HTTP API (`/api/v1/status`) and published upstream over MQTT whenever they
 //! change, with an event for each sync. Health is `Unknown` until health assessment lands.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -79,11 +79,27 @@ pub struct NodeStatus {
     pub apps: Vec<AppSummary>,
 }
 
+/// One recent event, as the status page and API show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub timestamp: u64,
+    pub app: String,
+    pub event: String,
+    pub revision: Option<String>,
+    pub message: String,
+}
+
+/// Events kept in memory for the page and the API (MQTT gets all of them).
+const RECENT_EVENTS: usize = 50;
+
 /// What `GET /api/v1/status` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusDocument {
     pub node: NodeStatus,
     pub apps: Vec<AppStatus>,
+    /// The most recent events, newest first.
+    #[serde(default)]
+    pub events: Vec<EventRecord>,
 }
 
 /// The live status of every app, updated by the daemon around each sync.
@@ -94,6 +110,7 @@ pub struct StatusBoard {
     apps: Mutex<BTreeMap<String, AppStatus>>,
     metrics: Arc<Metrics>,
     publisher: Option<Arc<StatusPublisher>>,
+    recent: Mutex<VecDeque<EventRecord>>,
 }
 
 const UNKNOWN: &str = "Unknown";
@@ -136,6 +153,7 @@ impl StatusBoard {
             apps: Mutex::new(apps),
             metrics,
             publisher,
+            recent: Mutex::new(VecDeque::new()),
         };
         let all: Vec<AppStatus> = board.lock().values().cloned().collect();
         for status in &all {
@@ -183,6 +201,17 @@ impl StatusBoard {
     }
 
     fn event(&self, app: &str, event: &str, revision: Option<&str>, message: &str) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            recent.push_front(EventRecord {
+                timestamp: unix_now(),
+                app: app.to_string(),
+                event: event.to_string(),
+                revision: revision.map(str::to_string),
+                message: message.to_string(),
+            });
+            recent.truncate(RECENT_EVENTS);
+        }
         if let Some(p) = &self.publisher {
             p.event(app, event, revision, message);
         }
@@ -266,6 +295,13 @@ impl StatusBoard {
                     .collect(),
             },
             apps,
+            events: self
+                .recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 

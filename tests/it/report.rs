@@ -256,3 +256,82 @@ async fn secrets_never_reach_logs_metrics_or_status() {
         }
     }
 }
+
+/// Headless Chromium from Debian, with the flags this sandbox needs.
+fn chromium(args: &[&str], url: &str, profile: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian package chromium)")
+}
+
+#[tokio::test]
+async fn status_page_renders_both_apps_in_headless_chromium() {
+    let (_ns, _repo, config, sha) = two_apps("page").await;
+    let agent = Agent::start(&config);
+    config.wait_applied("good", &sha).await;
+    let port = config.http_port;
+    eventually("broken reported", WAIT, || async {
+        let reply = request(port, "GET", "/api/v1/status", &[], b"").await;
+        reply.body.contains("\"Failed\"").then_some(())
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let profile = tempfile::tempdir().unwrap();
+    let url_for_chromium = url.clone();
+    let profile_path = profile.path().to_path_buf();
+    let dom = tokio::task::spawn_blocking(move || {
+        chromium(&["--dump-dom"], &url_for_chromium, &profile_path)
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    let row = |app: &str| {
+        let start = dom
+            .find(&format!("id=\"app-{app}\""))
+            .unwrap_or_else(|| panic!("no row for {app}:\n{dom}"));
+        dom[start..].split("</tr>").next().unwrap().to_string()
+    };
+    assert!(
+        row("good").contains(">Synced<") && row("good").contains(&sha[..12]),
+        "{dom}"
+    );
+    assert!(
+        row("broken").contains(">Failed<") && row("broken").contains("invalid YAML"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("sync_succeeded") && dom.contains("sync_failed"),
+        "events listed:\n{dom}"
+    );
+
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
+    let arg = format!("--screenshot={}", shot.display());
+    let profile_path = profile.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        chromium(&[&arg, "--window-size=1280,720"], &url, &profile_path)
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    assert!(agent.stop().await.success());
+}
