@@ -20,12 +20,14 @@ pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "EDGESYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
-    /// Log filter, e.g. `info` or `edgesync=debug`. RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
-    /// `text` (the journal under systemd) or `json` (one object per line on stderr).
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    pub log_format: telemetry::LogFormat,
+    /// Log filter, e.g. `info` or `edgesync=debug` [default: `[log] level`, else info].
+    /// RUST_LOG overrides it.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// `text` (the journal under systemd) or `json` (one object per line on stderr)
+    /// [default: `[log] format`, else text].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<telemetry::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -70,7 +72,7 @@ pub fn main() -> ExitCode {
 }
 
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    match &cli.command {
         Command::CheckConfig => {
             let config = Config::load(&cli.config)?;
             println!(
@@ -85,7 +87,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let config = Config::load(&cli.config)?;
             let text = fetch_status(config.http.listen)?;
-            if json {
+            if *json {
                 println!("{text}");
             } else {
                 let doc: StatusDocument = serde_json::from_str(&text)
@@ -95,18 +97,18 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Render { path } => {
-            render_to_stdout(&path)?;
+            render_to_stdout(path)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
-            telemetry::init(&cli.log_level, cli.log_format);
             let config = Config::load(&cli.config)?;
+            init_logging(&cli, &config);
             run_to_end(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { app } => {
-            telemetry::init(&cli.log_level, cli.log_format);
             let config = Config::load(&cli.config)?;
+            init_logging(&cli, &config);
             let failed = run_to_end(daemon::sync_once(config, app.as_deref()))?;
             if failed > 0 {
                 eprintln!("{failed} app(s) failed to sync");
@@ -115,6 +117,20 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The command line wins over `[log]`, which wins over the defaults.
+fn init_logging(cli: &Cli, config: &Config) {
+    let level = cli
+        .log_level
+        .clone()
+        .or_else(|| config.log.level.clone())
+        .unwrap_or_else(|| "info".to_string());
+    let format = cli
+        .log_format
+        .or(config.log.format)
+        .unwrap_or(telemetry::LogFormat::Text);
+    telemetry::init(&level, format);
 }
 
 /// Runs `future` on a small runtime. A Git call stuck in libgit2 (a silent server) cannot be

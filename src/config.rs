@@ -66,8 +66,18 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     pub webhook: Option<WebhookConfig>,
     pub http: HttpConfig,
+    pub log: LogConfig,
     pub repositories: Vec<RepositoryConfig>,
     pub apps: Vec<AppConfig>,
+}
+
+/// Logging defaults; `--log-level`, `--log-format` and `RUST_LOG` override them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `edgesync=debug,kube=warn`, ...
+    pub level: Option<String>,
+    pub format: Option<crate::telemetry::LogFormat>,
 }
 
 /// The local HTTP listener: metrics, health and the status API.
@@ -318,6 +328,8 @@ struct RawConfig {
     #[serde(default)]
     http: HttpConfig,
     #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
     apps: Vec<Spanned<AppConfig>>,
@@ -404,6 +416,7 @@ impl Config {
             mqtt,
             webhook,
             http: raw.http,
+            log: raw.log,
             repositories,
             apps: raw.apps.into_iter().map(Spanned::into_inner).collect(),
         })

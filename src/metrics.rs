@@ -300,4 +300,70 @@ mod tests {
         assert_eq!(text.matches("edgesync_app_info{").count(), 1, "{text}");
         assert!(text.contains(r#"revision="b""#));
     }
+
+    /// The shipped Grafana dashboard and alert rules only use series that exist.
+    #[test]
+    fn packaging_queries_name_real_series() {
+        let m = Metrics::default();
+        m.trigger("mqtt", "accepted");
+        m.error("git");
+        m.sync("web", "applied");
+        m.sync_duration("web", Duration::from_millis(5));
+        m.apply_request("patch", Some(200));
+        m.git_fetch(Duration::from_millis(5));
+        m.status_dropped(1);
+        m.app_info(AppInfo {
+            app: "web".into(),
+            repo: "r".into(),
+            revision: "x".into(),
+            sync: "Synced".into(),
+            health: "Healthy".into(),
+        });
+        let exposition = m.encode();
+        let exported: std::collections::HashSet<&str> = exposition
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let root = env!("CARGO_MANIFEST_DIR");
+        for file in [
+            "packaging/grafana/edgesync-dashboard.json",
+            "packaging/prometheus/edgesync-alerts.yaml",
+        ] {
+            let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+            let mut rest = text.as_str();
+            let mut used = 0;
+            while let Some(i) = rest.find("edgesync_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                used += 1;
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{file} uses {name}, not exported"
+                );
+            }
+            assert!(used > 3, "{file} uses no edgesync series");
+        }
+        let rules: serde_json::Value = serde_saphyr::from_str(
+            &std::fs::read_to_string(format!("{root}/packaging/prometheus/edgesync-alerts.yaml"))
+                .unwrap(),
+        )
+        .unwrap();
+        let alerts: Vec<&str> = rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["alert"].as_str())
+            .collect();
+        for wanted in [
+            "EdgesyncAppDegraded",
+            "EdgesyncSyncFailing",
+            "EdgesyncNodeOffline",
+        ] {
+            assert!(alerts.contains(&wanted), "{alerts:?}");
+        }
+    }
 }
