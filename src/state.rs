@@ -54,6 +54,8 @@ pub struct AppState {
     pub last_error: Option<String>,
     /// Objects applied for this app that may still exist in the cluster.
     pub inventory: Inventory,
+    /// The objects of the last complete apply: what the app consists of now.
+    pub objects: Inventory,
 }
 
 pub fn unix_now() -> u64 {

@@ -220,6 +220,27 @@ impl KubeApplier {
         }
     }
 
+    /// The live object, or `None` if it does not exist.
+    pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, String> {
+        let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
+        let (resource, scope) = self.resource(&gvk).await.map_err(|e| api_message(&e))?;
+        let api: Api<DynamicObject> = match (scope, &object.namespace) {
+            (Scope::Namespaced, Some(ns)) => {
+                Api::namespaced_with(self.client.clone(), ns, &resource)
+            }
+            _ => Api::all_with(self.client.clone(), &resource),
+        };
+        let found = api.get_opt(&object.name).await;
+        self.count("get", &found);
+        match found {
+            Ok(Some(live)) => serde_json::to_value(live)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(api_message(&e)),
+        }
+    }
+
     async fn resource(&self, gvk: &GroupVersionKind) -> Result<(ApiResource, Scope), kube::Error> {
         if let Some(found) = self.resources.lock().await.get(gvk) {
             return Ok(found.clone());

@@ -3,6 +3,7 @@
 //! repository never stops the others.
 
 mod dispatch;
+mod health;
 mod sync;
 
 use std::sync::Arc;
@@ -128,9 +129,10 @@ impl Agent {
         let ctx = SyncContext::connect(config, metrics.clone(), publisher.clone()).await?;
         let dispatcher = Arc::new(Dispatcher::new(&ctx.config, metrics.clone()));
         let sink: Arc<dyn EventSink> = dispatcher.clone();
-        let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        tasks.spawn(health::monitor(ctx.clone(), shutdown_rx.clone()));
+        let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
         for worker in dispatcher.workers() {
             tasks.spawn(work_repository(
                 ctx.clone(),

@@ -58,6 +58,8 @@ pub struct SyncContext {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub board: Arc<StatusBoard>,
+    /// Woken after every apply, so health is assessed at once.
+    pub applied: tokio::sync::Notify,
     pub source: GitSource,
     pub applier: KubeApplier,
     pub store: StateStore,
@@ -90,6 +92,7 @@ impl SyncContext {
             source: GitSource::new(&config.state_dir),
             store,
             board,
+            applied: tokio::sync::Notify::new(),
             applier: KubeApplier::new(client, metrics.clone()),
             metrics,
             config,
@@ -145,6 +148,7 @@ impl SyncContext {
             Ok(plan) => {
                 let outcome = self.applier.apply(&plan).await;
                 self.metrics.sync_duration(&app.name, started.elapsed());
+                self.applied.notify_one();
                 outcome
             }
             Err(e) => {
@@ -159,6 +163,7 @@ impl SyncContext {
         match outcome.into_result() {
             Ok(applied) => {
                 state.inventory = apply::merge_inventory(&state.inventory, &applied);
+                state.objects = applied.iter().cloned().collect();
                 state.last_applied_revision = Some(sha.to_string());
                 state.last_applied_at = state.last_attempt_at;
                 state.last_error = None;

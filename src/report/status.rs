@@ -1,6 +1,7 @@
 //! The node's status as documents: one per app and one for the node. The same documents are
 //! served by the HTTP API (`/api/v1/status`) and published upstream over MQTT whenever they
-//! change, with an event for each sync. Health is `Unknown` until health assessment lands.
+//! change, with an event for each sync. Health comes from the health monitor
+//! (`daemon::health`), `Unknown` until it has looked.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -269,6 +270,29 @@ impl StatusBoard {
         });
     }
 
+    /// The app's health, the worst of its objects', with their counts by health.
+    pub fn health(
+        &self,
+        app: &str,
+        health: &crate::health::Health,
+        counts: BTreeMap<String, usize>,
+    ) {
+        self.update(app, |s| {
+            s.health = health.status.as_str().to_string();
+            s.objects = counts;
+            if s.sync == SyncState::Synced {
+                s.message = if health.message.is_empty() {
+                    format!(
+                        "{} applied",
+                        s.revision.as_deref().map(short).unwrap_or_default()
+                    )
+                } else {
+                    first_line(&health.message)
+                };
+            }
+        });
+    }
+
     /// The round could not reach Git or resolve the revision; what runs stays as it is.
     pub fn unreachable(&self, app: &str, error: &str) {
         self.update(app, |s| s.message = first_line(error));
@@ -376,6 +400,21 @@ mod tests {
         assert_eq!(b.document().apps[0].sync, SyncState::Failed);
         assert_eq!(b.document().apps[0].message, "deploy/x.yaml: invalid YAML");
         assert_eq!(b.summary(), "2 apps: 1 failed, 1 synced");
+
+        // Health messages replace the sync message, and clear once healthy again.
+        let progressing = crate::health::Health {
+            status: crate::health::HealthStatus::Progressing,
+            message: "Deployment web: 0 of 2 new replicas updated".into(),
+        };
+        b.health("web", &progressing, BTreeMap::new());
+        assert_eq!(b.document().apps[1].message, progressing.message);
+        let healthy = crate::health::Health {
+            status: crate::health::HealthStatus::Healthy,
+            message: String::new(),
+        };
+        b.health("web", &healthy, BTreeMap::new());
+        assert_eq!(b.document().apps[1].message, "0123456789ab applied");
+        assert_eq!(b.document().apps[1].health, "Healthy");
     }
 
     #[test]

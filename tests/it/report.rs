@@ -115,6 +115,16 @@ async fn status_api_and_cli_show_each_app_and_readiness() {
         .contains("broken/cm.yaml"));
     assert_eq!(doc["apps"][1]["revision"], sha.as_str());
     assert_eq!(doc["apps"][1]["sync"], "Synced");
+    let healthy = eventually("good Healthy", WAIT, || async {
+        let reply = request(port, "GET", "/api/v1/status", &[], b"").await;
+        let doc: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+        (doc["apps"][1]["health"] == "Healthy").then_some(doc)
+    })
+    .await;
+    assert_eq!(
+        healthy["apps"][1]["objects"]["Healthy"], 2,
+        "Namespace and ConfigMap"
+    );
 
     let out = config.command(&["status"]).await;
     let table = String::from_utf8_lossy(&out.stdout);
@@ -279,15 +289,45 @@ fn chromium(args: &[&str], url: &str, profile: &std::path::Path) -> std::process
 }
 
 #[tokio::test]
-async fn status_page_renders_both_apps_in_headless_chromium() {
-    let (_ns, _repo, config, sha) = two_apps("page").await;
+async fn status_page_shows_healthy_degraded_and_failed_apps_in_headless_chromium() {
+    let ns = TestNamespace::reserve("page").await;
+    let repo = GitRepo::new();
+    crate::skeleton::write_web_app(&repo, "nginx:1.27", "hello");
+    // fakenode keeps images named "crashloop" in CrashLoopBackOff.
+    repo.write(
+        "crashing/pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: crashing\nspec:\n  containers:\n    - name: app\n      image: example.com/crashloop:1\n",
+    );
+    repo.write("broken/cm.yaml", "kind: [unclosed\n");
+    let sha = repo.commit("three apps");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .app(&app("web", &url, "deploy/web", &ns.name))
+        .app(&app("crashing", &url, "crashing", &ns.name))
+        .app(&app("broken", &url, "broken", &ns.name));
     let agent = Agent::start(&config);
-    config.wait_applied("good", &sha).await;
+    config.wait_applied("web", &sha).await;
     let port = config.http_port;
-    eventually("broken reported", WAIT, || async {
-        let reply = request(port, "GET", "/api/v1/status", &[], b"").await;
-        reply.body.contains("\"Failed\"").then_some(())
-    })
+    eventually(
+        "web Healthy, crashing Degraded, broken Failed",
+        WAIT,
+        || async {
+            let reply = request(port, "GET", "/api/v1/status", &[], b"").await;
+            let doc: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+            let app = |name: &str| {
+                doc["apps"]
+                    .as_array()?
+                    .iter()
+                    .find(|a| a["app"] == name)
+                    .cloned()
+            };
+            let (web, crashing, broken) = (app("web")?, app("crashing")?, app("broken")?);
+            (web["health"] == "Healthy"
+                && crashing["health"] == "Degraded"
+                && broken["sync"] == "Failed")
+                .then_some(())
+        },
+    )
     .await;
     let url = format!("http://127.0.0.1:{port}/");
     let profile = tempfile::tempdir().unwrap();
@@ -306,7 +346,12 @@ async fn status_page_renders_both_apps_in_headless_chromium() {
         dom[start..].split("</tr>").next().unwrap().to_string()
     };
     assert!(
-        row("good").contains(">Synced<") && row("good").contains(&sha[..12]),
+        row("web").contains(">Synced<") && row("web").contains(">Healthy<"),
+        "{dom}"
+    );
+    assert!(row("web").contains(&sha[..12]), "{dom}");
+    assert!(
+        row("crashing").contains(">Degraded<") && row("crashing").contains("CrashLoopBackOff"),
         "{dom}"
     );
     assert!(
