@@ -329,18 +329,26 @@ impl StatusBoard {
         }
     }
 
-    /// "5 apps: 4 synced, 1 failed", for systemd's STATUS= line.
+    /// "5 apps: 4 healthy, 1 degraded; 1 failing to sync", for systemd's STATUS= line.
     pub fn summary(&self) -> String {
         let apps = self.lock();
-        let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut by_health: BTreeMap<&str, usize> = BTreeMap::new();
         for s in apps.values() {
-            *by_state.entry(s.sync.as_str()).or_default() += 1;
+            *by_health.entry(s.health.as_str()).or_default() += 1;
         }
-        let parts: Vec<String> = by_state
+        let parts: Vec<String> = by_health
             .iter()
-            .map(|(state, n)| format!("{n} {}", state.to_lowercase()))
+            .map(|(health, n)| format!("{n} {}", health.to_lowercase()))
             .collect();
-        format!("{} apps: {}", apps.len(), parts.join(", "))
+        let failing = apps
+            .values()
+            .filter(|s| s.sync == SyncState::Failed)
+            .count();
+        let mut line = format!("{} apps: {}", apps.len(), parts.join(", "));
+        if failing > 0 {
+            line.push_str(&format!("; {failing} failing to sync"));
+        }
+        line
     }
 }
 
@@ -399,7 +407,7 @@ mod tests {
         );
         assert_eq!(b.document().apps[0].sync, SyncState::Failed);
         assert_eq!(b.document().apps[0].message, "deploy/x.yaml: invalid YAML");
-        assert_eq!(b.summary(), "2 apps: 1 failed, 1 synced");
+        assert_eq!(b.summary(), "2 apps: 2 unknown; 1 failing to sync");
 
         // Health messages replace the sync message, and clear once healthy again.
         let progressing = crate::health::Health {
@@ -415,6 +423,10 @@ mod tests {
         b.health("web", &healthy, BTreeMap::new());
         assert_eq!(b.document().apps[1].message, "0123456789ab applied");
         assert_eq!(b.document().apps[1].health, "Healthy");
+        assert_eq!(
+            b.summary(),
+            "2 apps: 1 healthy, 1 unknown; 1 failing to sync"
+        );
     }
 
     #[test]

@@ -180,7 +180,7 @@ async fn systemd_sees_ready_status_and_watchdog() {
         && seen.iter().any(|m| m.contains("WATCHDOG=1"))
         && seen
             .iter()
-            .any(|m| m.contains("STATUS=2 apps: 1 failed, 1 synced")))
+            .any(|m| m.contains("STATUS=2 apps: 1 healthy, 1 unknown; 1 failing to sync")))
     {
         let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
             .await
