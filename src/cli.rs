@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::report::status::StatusDocument;
+use crate::report::status::{ago, short_revision, StatusDocument};
 use crate::{daemon, render, telemetry};
 
 /// edgesync: a pull-based GitOps agent for K3s edge nodes.
@@ -200,21 +200,6 @@ fn fetch_status(listen: std::net::SocketAddr) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-fn ago(now: u64, then: Option<u64>) -> String {
-    match then {
-        None => "never".into(),
-        Some(t) => {
-            let s = now.saturating_sub(t);
-            match s {
-                0..=119 => format!("{s}s ago"),
-                120..=7199 => format!("{}m ago", s / 60),
-                7200..=172_799 => format!("{}h ago", s / 3600),
-                _ => format!("{}d ago", s / 86_400),
-            }
-        }
-    }
-}
-
 /// The table `edgesync status` prints.
 fn status_table(doc: &StatusDocument, now: u64) -> String {
     let mut rows = vec![[
@@ -228,10 +213,7 @@ fn status_table(doc: &StatusDocument, now: u64) -> String {
     for a in &doc.apps {
         rows.push([
             a.app.clone(),
-            a.revision
-                .as_deref()
-                .map(|r| r.chars().take(12).collect())
-                .unwrap_or_else(|| "-".into()),
+            short_revision(a.revision.as_deref()).to_string(),
             a.sync.as_str().into(),
             a.health.clone(),
             ago(now, a.last_sync_end),

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::status::{StatusDocument, SyncState};
+use super::status::{ago, short_revision, StatusDocument, SyncState};
 
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -19,22 +19,6 @@ pub fn escape(text: &str) -> String {
         }
     }
     out
-}
-
-fn ago(now: u64, then: Option<u64>) -> String {
-    match then {
-        None => "never".into(),
-        Some(t) => {
-            let s = now.saturating_sub(t);
-            if s < 120 {
-                format!("{s}s ago")
-            } else if s < 7200 {
-                format!("{}m ago", s / 60)
-            } else {
-                format!("{}h ago", s / 3600)
-            }
-        }
-    }
 }
 
 fn sync_class(sync: SyncState) -> &'static str {
@@ -85,11 +69,7 @@ pub fn render(doc: &StatusDocument, now: u64) -> String {
         count = doc.apps.len(),
     );
     for a in &doc.apps {
-        let revision = a
-            .revision
-            .as_deref()
-            .map(|r| r.get(..12).unwrap_or(r))
-            .unwrap_or("-");
+        let revision = short_revision(a.revision.as_deref());
         let _ = write!(
             html,
             "<tr id=\"app-{id}\"><td><b>{app}</b><br><code>{repo} {path}</code></td>\
@@ -117,11 +97,7 @@ pub fn render(doc: &StatusDocument, now: u64) -> String {
         html.push_str("<tr><td colspan=\"5\">none yet</td></tr>");
     }
     for e in &doc.events {
-        let revision = e
-            .revision
-            .as_deref()
-            .map(|r| r.get(..12).unwrap_or(r))
-            .unwrap_or("-");
+        let revision = short_revision(e.revision.as_deref());
         let _ = write!(
             html,
             "<tr><td>{when}</td><td>{app}</td><td>{event}</td><td><code>{revision}</code></td>\

@@ -364,6 +364,24 @@ fn short(sha: &str) -> &str {
     sha.get(..12).unwrap_or(sha)
 }
 
+/// A revision as people read it: 12 characters, or `-` when there is none.
+pub fn short_revision(revision: Option<&str>) -> &str {
+    revision.map(short).unwrap_or("-")
+}
+
+/// "42s ago", "5m ago", "3h ago", "2d ago" or "never".
+pub fn ago(now: u64, then: Option<u64>) -> String {
+    let Some(then) = then else {
+        return "never".into();
+    };
+    match now.saturating_sub(then) {
+        s @ 0..=119 => format!("{s}s ago"),
+        s @ 120..=7199 => format!("{}m ago", s / 60),
+        s @ 7200..=172_799 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
 fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();
     line.chars().take(500).collect()
