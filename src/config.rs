@@ -263,9 +263,17 @@ pub struct AppConfig {
     pub path: String,
     /// Namespace for namespaced objects that name none.
     pub namespace: Option<String>,
-    /// Create `namespace` if it does not exist (Argo CD's `CreateNamespace=true`).
+    /// Create `namespace` if it does not exist (Argo CD's `CreateNamespace=true`). The
+    /// namespace is not part of the app: it is never pruned.
     #[serde(default)]
     pub create_namespace: bool,
+    /// Delete objects this app applied earlier that its render no longer contains (Argo CD's
+    /// `prune`). Only after a fully successful apply, and only objects still marked as ours.
+    #[serde(default)]
+    pub prune: bool,
+    /// Let a render with no objects prune everything (Argo CD's `allowEmpty`).
+    #[serde(default)]
+    pub allow_empty: bool,
 }
 
 fn default_poll_interval() -> Duration {

@@ -220,6 +220,34 @@ impl KubeApplier {
         }
     }
 
+    /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
+    /// already counts as deleted.
+    pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), String> {
+        let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
+        let (resource, scope) = self.resource(&gvk).await.map_err(|e| api_message(&e))?;
+        let api: Api<DynamicObject> = match (scope, &object.namespace) {
+            (Scope::Namespaced, Some(ns)) => {
+                Api::namespaced_with(self.client.clone(), ns, &resource)
+            }
+            _ => Api::all_with(self.client.clone(), &resource),
+        };
+        let params = kube::api::DeleteParams {
+            propagation_policy: Some(match propagation {
+                "Background" => kube::api::PropagationPolicy::Background,
+                "Orphan" => kube::api::PropagationPolicy::Orphan,
+                _ => kube::api::PropagationPolicy::Foreground,
+            }),
+            ..Default::default()
+        };
+        let result = api.delete(&object.name, &params).await;
+        self.count("delete", &result);
+        match result {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(api_message(&e)),
+        }
+    }
+
     /// The live object, or `None` if it does not exist.
     pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, String> {
         let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);

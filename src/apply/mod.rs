@@ -19,6 +19,10 @@ pub use self::kube::{connect, KubeApplier};
 /// Field manager for server-side apply, and the key of edgesync's tracking annotation.
 pub const FIELD_MANAGER: &str = "edgesync";
 pub const APP_ANNOTATION: &str = "edgesync.io/app";
+/// Argo CD's per-object sync options; `Prune=false` keeps an object from being pruned.
+pub const SYNC_OPTIONS_ANNOTATION: &str = "argocd.argoproj.io/sync-options";
+/// The origin of the Namespace `create_namespace` adds: not part of the app.
+const CREATED_NAMESPACE: &str = "create_namespace";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -39,6 +43,10 @@ pub enum ApplyError {
         failures: Vec<ObjectFailure>,
         total: usize,
     },
+    #[error("the render has no objects; refusing to prune the whole app (set allow_empty = true if that is intended)")]
+    EmptyRender,
+    #[error("prune failed for {} objects: {}", .failures.len(), .failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Prune { failures: Vec<ObjectFailure> },
 }
 
 impl ApplyError {
@@ -48,6 +56,8 @@ impl ApplyError {
             ApplyError::Client(_) => "kube_client",
             ApplyError::Duplicate { .. } => "apply_duplicate",
             ApplyError::Objects { .. } => "apply_failed",
+            ApplyError::EmptyRender => "apply_empty_render",
+            ApplyError::Prune { .. } => "prune_failed",
         }
     }
 }
@@ -119,6 +129,74 @@ pub struct Plan {
     pub objects: Vec<Object>,
 }
 
+impl Plan {
+    /// How many objects came from the render (the created namespace does not count).
+    pub fn rendered(&self) -> usize {
+        self.objects
+            .iter()
+            .filter(|o| o.origin != CREATED_NAMESPACE)
+            .count()
+    }
+
+    /// The namespace `create_namespace` added, if any: applied, but not owned by the app.
+    pub fn created_namespace(&self) -> Option<ObjectRef> {
+        self.objects
+            .iter()
+            .find(|o| o.origin == CREATED_NAMESPACE)
+            .map(|o| ObjectRef {
+                group: String::new(),
+                version: "v1".into(),
+                kind: "Namespace".into(),
+                namespace: None,
+                name: o.name().to_string(),
+            })
+    }
+}
+
+/// What a prune may delete: inventory objects the latest complete apply did not include,
+/// in deletion order (workloads first, CRDs after them, namespaces last).
+pub fn prune_candidates(inventory: &Inventory, applied: &[ObjectRef]) -> Vec<ObjectRef> {
+    let applied: BTreeSet<&ObjectRef> = applied.iter().collect();
+    let mut candidates: Vec<ObjectRef> = inventory
+        .iter()
+        .filter(|o| !applied.contains(o))
+        .cloned()
+        .collect();
+    let rank = |o: &ObjectRef| match (o.group.as_str(), o.kind.as_str()) {
+        ("", "Namespace") => 2,
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => 1,
+        _ => 0,
+    };
+    candidates.sort_by_key(|o| rank(o));
+    candidates
+}
+
+/// Why a live object must not be pruned, if it must not: someone else owns it now, or it
+/// opts out with Argo CD's `Prune=false`.
+pub fn keep_reason(live: &Value, app: &str) -> Option<String> {
+    let annotations = live.pointer("/metadata/annotations");
+    let owner = annotations
+        .and_then(|a| a.get(APP_ANNOTATION))
+        .and_then(Value::as_str);
+    if owner != Some(app) {
+        return Some(match owner {
+            Some(other) => format!("now belongs to app {other:?}"),
+            None => "no longer carries the edgesync.io/app annotation".into(),
+        });
+    }
+    let options = annotations
+        .and_then(|a| a.get(SYNC_OPTIONS_ANNOTATION))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if options
+        .split(',')
+        .any(|o| o.trim().eq_ignore_ascii_case("Prune=false"))
+    {
+        return Some("has sync option Prune=false".into());
+    }
+    None
+}
+
 /// Orders `manifests` for application and refuses duplicates. When `create_namespace` is set
 /// and the app does not define its namespace itself, a Namespace object is added first.
 pub fn plan(
@@ -138,7 +216,7 @@ pub fn plan(
             if let Value::Object(value) = value {
                 objects.push(Object {
                     value,
-                    origin: "create_namespace".into(),
+                    origin: CREATED_NAMESPACE.into(),
                 });
             }
         }
@@ -313,6 +391,58 @@ mod tests {
             err.contains("one.yaml#0") && err.contains("two.yaml#3"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn prune_candidates_are_what_the_apply_left_out_namespaces_last() {
+        let r = |kind: &str, name: &str| ObjectRef {
+            group: String::new(),
+            version: "v1".into(),
+            kind: kind.into(),
+            namespace: (kind != "Namespace").then(|| "ns".to_string()),
+            name: name.into(),
+        };
+        let inventory: Inventory = [
+            r("Namespace", "old"),
+            r("ConfigMap", "a"),
+            r("ConfigMap", "b"),
+        ]
+        .into_iter()
+        .collect();
+        let candidates = prune_candidates(&inventory, &[r("ConfigMap", "a")]);
+        assert_eq!(candidates, [r("ConfigMap", "b"), r("Namespace", "old")]);
+    }
+
+    #[test]
+    fn only_our_objects_without_prune_false_may_be_pruned() {
+        let live = |annotations: Value| json!({"metadata": {"annotations": annotations}});
+        assert_eq!(
+            keep_reason(&live(json!({APP_ANNOTATION: "web"})), "web"),
+            None
+        );
+        assert!(keep_reason(&live(json!({APP_ANNOTATION: "other"})), "web")
+            .unwrap()
+            .contains("other"));
+        assert!(keep_reason(&json!({"metadata": {}}), "web").is_some());
+        let opted_out = live(
+            json!({APP_ANNOTATION: "web", SYNC_OPTIONS_ANNOTATION: "ServerSideApply=true, Prune=false"}),
+        );
+        assert!(keep_reason(&opted_out, "web")
+            .unwrap()
+            .contains("Prune=false"));
+    }
+
+    #[test]
+    fn the_created_namespace_is_not_rendered_content() {
+        let p = plan(
+            "a",
+            Some("team"),
+            true,
+            manifests(vec![obj("v1", "ConfigMap", "c", "x#0")]),
+        )
+        .unwrap();
+        assert_eq!(p.rendered(), 1);
+        assert_eq!(p.created_namespace().unwrap().name, "team");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::apply::{self, ApplyError, KubeApplier};
+use crate::apply::{self, ApplyError, KubeApplier, ObjectFailure, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
@@ -144,44 +144,103 @@ impl SyncContext {
         self.board.syncing(&app.name, sha);
 
         let started = Instant::now();
-        let outcome = match self.render_and_plan(app, sha).await {
-            Ok(plan) => {
-                let outcome = self.applier.apply(&plan).await;
-                self.metrics.sync_duration(&app.name, started.elapsed());
-                self.applied.notify_one();
-                outcome
-            }
-            Err(e) => {
-                state.last_error = Some(e.to_string());
-                self.board
-                    .synced(&app.name, &state, state.last_error.as_deref());
-                self.store.save(&app.name, &state)?;
-                return Err(e);
-            }
+        let plan = match self.render_and_plan(app, sha).await {
+            Ok(plan) => plan,
+            Err(e) => return self.failed(app, &mut state, e),
         };
+        // An empty render with prune on would delete the whole app: a broken generator or an
+        // emptied directory, far more often than intent (Argo CD's allowEmpty).
+        if app.prune && !app.allow_empty && plan.rendered() == 0 && !state.objects.is_empty() {
+            return self.failed(app, &mut state, ApplyError::EmptyRender.into());
+        }
+        let created = plan.created_namespace();
+        let outcome = self.applier.apply(&plan).await;
+        self.metrics.sync_duration(&app.name, started.elapsed());
+        self.applied.notify_one();
         let total = outcome.applied.len() + outcome.failures.len();
-        match outcome.into_result() {
-            Ok(applied) => {
-                state.inventory = apply::merge_inventory(&state.inventory, &applied);
-                state.objects = applied.iter().cloned().collect();
-                state.last_applied_revision = Some(sha.to_string());
-                state.last_applied_at = state.last_attempt_at;
-                state.last_error = None;
-                self.board.synced(&app.name, &state, None);
-                self.store.save(&app.name, &state)?;
-                Ok(SyncResult::Applied {
-                    revision: sha.to_string(),
-                    objects: total,
-                })
+        let (applied, error) = match outcome.into_result() {
+            Ok(applied) => (applied, None),
+            Err((applied, error)) => (applied, Some(error)),
+        };
+        // The namespace create_namespace made is applied, but it is not the app's to prune.
+        let owned: Vec<ObjectRef> = applied
+            .into_iter()
+            .filter(|o| Some(o) != created.as_ref())
+            .collect();
+        state.inventory = apply::merge_inventory(&state.inventory, &owned);
+        if let Some(error) = error {
+            // A partial apply never prunes.
+            return self.failed(app, &mut state, error.into());
+        }
+        state.objects = owned.into_iter().collect();
+        if app.prune {
+            if let Err(e) = self.prune(app, &mut state).await {
+                return self.failed(app, &mut state, e.into());
             }
-            Err((applied, error)) => {
-                state.inventory = apply::merge_inventory(&state.inventory, &applied);
-                state.last_error = Some(error.to_string());
-                self.board
-                    .synced(&app.name, &state, state.last_error.as_deref());
-                self.store.save(&app.name, &state)?;
-                Err(error.into())
+        }
+        state.last_applied_revision = Some(sha.to_string());
+        state.last_applied_at = state.last_attempt_at;
+        state.last_error = None;
+        self.board.synced(&app.name, &state, None);
+        self.store.save(&app.name, &state)?;
+        Ok(SyncResult::Applied {
+            revision: sha.to_string(),
+            objects: total,
+        })
+    }
+
+    /// Records a failed attempt; the last applied revision and the inventory stay.
+    fn failed(
+        &self,
+        app: &AppConfig,
+        state: &mut AppState,
+        error: SyncError,
+    ) -> Result<SyncResult, SyncError> {
+        state.last_error = Some(error.to_string());
+        self.board
+            .synced(&app.name, state, state.last_error.as_deref());
+        self.store.save(&app.name, state)?;
+        Err(error)
+    }
+
+    /// Deletes what the app applied before and its latest complete apply left out, unless it
+    /// is someone else's now or opts out with `Prune=false`. The inventory forgets what is
+    /// gone or no longer ours; what could not be deleted stays, to be tried again.
+    async fn prune(&self, app: &AppConfig, state: &mut AppState) -> Result<(), ApplyError> {
+        let current: Vec<ObjectRef> = state.objects.iter().cloned().collect();
+        let mut pruned = Vec::new();
+        let mut failures = Vec::new();
+        for object in apply::prune_candidates(&state.inventory, &current) {
+            let live = match self.applier.get(&object).await {
+                Ok(live) => live,
+                Err(message) => {
+                    failures.push(ObjectFailure { object, message });
+                    continue;
+                }
+            };
+            if let Some(live) = live {
+                if let Some(reason) = apply::keep_reason(&live, &app.name) {
+                    tracing::info!(app = %app.name, %object, "not pruned: {reason}");
+                    state.inventory.remove(&object);
+                    continue;
+                }
+                if let Err(message) = self.applier.delete(&object, "Foreground").await {
+                    failures.push(ObjectFailure { object, message });
+                    continue;
+                }
+                tracing::info!(app = %app.name, %object, "pruned");
+                pruned.push(object.to_string());
             }
+            state.inventory.remove(&object);
+        }
+        if !pruned.is_empty() {
+            self.board
+                .pruned(&app.name, state.last_attempted_revision.as_deref(), &pruned);
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError::Prune { failures })
         }
     }
 

@@ -257,6 +257,11 @@ impl StatusBoard {
         });
     }
 
+    /// Objects deleted because Git no longer has them.
+    pub fn pruned(&self, app: &str, revision: Option<&str>, objects: &[String]) {
+        self.event(app, "pruned", revision, &objects.join(", "));
+    }
+
     /// A round found the app already at `revision`.
     pub fn up_to_date(&self, app: &str, revision: &str) {
         self.update(app, |s| {

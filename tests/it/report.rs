@@ -122,8 +122,8 @@ async fn status_api_and_cli_show_each_app_and_readiness() {
     })
     .await;
     assert_eq!(
-        healthy["apps"][1]["objects"]["Healthy"], 2,
-        "Namespace and ConfigMap"
+        healthy["apps"][1]["objects"]["Healthy"], 1,
+        "the ConfigMap; the namespace create_namespace made is not the app's"
     );
 
     let out = config.command(&["status"]).await;

@@ -50,6 +50,13 @@ impl AgentConfig {
         self
     }
 
+    /// Replaces `from` by `to` in every section, as a user editing the file would.
+    pub fn edit(&mut self, from: &str, to: &str) {
+        for section in &mut self.sections {
+            *section = section.replace(from, to);
+        }
+    }
+
     /// Adds an `[[apps]]` entry to a config that is already in use; call `write` after.
     pub fn push_app(&mut self, body: &str) {
         self.sections.push(format!("[[apps]]\n{body}\n"));
