@@ -1,0 +1,274 @@
+//! Semantic checks of a well-formed config file: each problem names its key and line, and
+//! all problems are reported at once.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::{AppConfig, MqttConfig, Problem, RawConfig, RepositoryConfig, WebhookConfig};
+
+pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem> {
+    let mut c = Checker {
+        text,
+        base,
+        problems: Vec::new(),
+    };
+    if let Some(n) = &raw.max_concurrent_syncs {
+        if *n.get_ref() == 0 {
+            c.push(&n.span(), "max_concurrent_syncs", "must be at least 1");
+        }
+    }
+    if let Some(mqtt) = &raw.mqtt {
+        c.mqtt(mqtt);
+    }
+    if let Some(webhook) = &raw.webhook {
+        c.webhook(webhook);
+    }
+    let mut urls = HashSet::new();
+    for (i, repo) in raw.repositories.iter().enumerate() {
+        c.repository(i, repo, &mut urls);
+    }
+    let mut names = HashSet::new();
+    for (i, app) in raw.apps.iter().enumerate() {
+        c.app(i, app, &mut names);
+    }
+    c.problems.sort_by_key(|p| p.line);
+    c.problems
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn push(&mut self, span: &Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let line = self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        self.problems.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Files named in the config must exist when it is loaded.
+    fn file(&mut self, span: &Range<usize>, key: String, file: &Option<PathBuf>) {
+        if let Some(file) = file {
+            let full = self.base.join(file);
+            if !full.is_file() {
+                self.push(span, key, format!("file {} does not exist", full.display()));
+            }
+        }
+    }
+
+    fn mqtt(&mut self, mqtt: &Spanned<MqttConfig>) {
+        let (span, m) = (mqtt.span(), mqtt.get_ref());
+        if let Err(msg) = crate::trigger::mqtt::parse_broker_url(&m.url) {
+            self.push(&span, "mqtt.url", msg);
+        }
+        for (field, file) in [
+            ("password_file", &m.password_file),
+            ("ca_file", &m.ca_file),
+            ("cert_file", &m.cert_file),
+            ("key_file", &m.key_file),
+        ] {
+            self.file(&span, format!("mqtt.{field}"), file);
+        }
+        if m.cert_file.is_some() != m.key_file.is_some() {
+            self.push(
+                &span,
+                "mqtt.cert_file",
+                "cert_file and key_file go together",
+            );
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            self.push(&span, "mqtt.username", "password_file needs a username");
+        }
+        if m.topics.is_empty() || m.topics.iter().any(|t| t.is_empty()) {
+            self.push(&span, "mqtt.topics", "needs at least one non-empty topic");
+        }
+    }
+
+    fn webhook(&mut self, webhook: &Spanned<WebhookConfig>) {
+        let (span, w) = (webhook.span(), webhook.get_ref());
+        let secrets = [
+            ("github_secret_file", &w.github_secret_file),
+            ("gitlab_token_file", &w.gitlab_token_file),
+            ("gitea_secret_file", &w.gitea_secret_file),
+            ("bitbucket_secret_file", &w.bitbucket_secret_file),
+            ("generic_secret_file", &w.generic_secret_file),
+        ];
+        for (field, file) in secrets {
+            self.file(&span, format!("webhook.{field}"), file);
+        }
+        if !w.insecure_no_secret && secrets.iter().all(|(_, f)| f.is_none()) {
+            self.push(
+                &span,
+                "webhook",
+                "a webhook listener needs at least one *_secret_file (or *_token_file); set insecure_no_secret = true to accept unsigned requests",
+            );
+        }
+        if w.max_body_bytes == 0
+            || w.rate_limit.is_nan()
+            || w.rate_limit <= 0.0
+            || w.rate_burst == 0
+        {
+            self.push(
+                &span,
+                "webhook",
+                "max_body_bytes, rate_limit and rate_burst must be greater than zero",
+            );
+        }
+    }
+
+    fn repository(
+        &mut self,
+        i: usize,
+        repo: &Spanned<RepositoryConfig>,
+        urls: &mut HashSet<String>,
+    ) {
+        let (span, r) = (repo.span(), repo.get_ref());
+        let key = |field: &str| format!("repositories[{i}].{field}");
+        if let Err(msg) = check_repo_url(&r.url) {
+            self.push(&span, key("url"), msg);
+        }
+        if !urls.insert(r.url.clone()) {
+            self.push(
+                &span,
+                key("url"),
+                format!("duplicate repository {:?}", r.url),
+            );
+        }
+        for (field, file) in [
+            ("token_file", &r.token_file),
+            ("password_file", &r.password_file),
+            ("ssh_key_file", &r.ssh_key_file),
+            ("known_hosts_file", &r.known_hosts_file),
+        ] {
+            self.file(&span, key(field), file);
+        }
+        if r.token_file.is_some() && (r.password_file.is_some() || r.ssh_key_file.is_some()) {
+            self.push(
+                &span,
+                key("token_file"),
+                "use one of token_file, username + password_file, or ssh_key_file",
+            );
+        }
+        if r.password_file.is_some() && r.username.is_none() {
+            self.push(&span, key("username"), "password_file needs a username");
+        }
+        if r.ssh_key_file.is_some() && r.known_hosts_file.is_none() {
+            self.push(
+                &span,
+                key("known_hosts_file"),
+                "ssh_key_file needs known_hosts_file: host keys are always verified",
+            );
+        }
+    }
+
+    fn app(&mut self, i: usize, app: &Spanned<AppConfig>, names: &mut HashSet<String>) {
+        let (span, a) = (app.span(), app.get_ref());
+        let key = |field: &str| format!("apps[{i}].{field}");
+        if let Err(msg) = check_dns_name(&a.name) {
+            self.push(&span, key("name"), msg);
+        }
+        if !names.insert(a.name.clone()) {
+            self.push(
+                &span,
+                key("name"),
+                format!("duplicate app name {:?}", a.name),
+            );
+        }
+        if let Err(msg) = check_repo_url(&a.repo) {
+            self.push(&span, key("repo"), msg);
+        }
+        if a.revision.trim().is_empty() {
+            self.push(&span, key("revision"), "must not be empty");
+        }
+        if let Err(msg) = check_relative_path(&a.path) {
+            self.push(&span, key("path"), msg);
+        }
+        if let Some(ns) = &a.namespace {
+            if let Err(msg) = check_dns_label(ns) {
+                self.push(&span, key("namespace"), msg);
+            }
+        }
+        if a.create_namespace && a.namespace.is_none() {
+            self.push(
+                &span,
+                key("create_namespace"),
+                "needs a namespace to create",
+            );
+        }
+    }
+}
+
+pub(super) fn check_repo_url(url: &str) -> Result<(), String> {
+    let ok = ["https://", "http://", "ssh://", "file://", "git://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+        || is_scp_like(url);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url:?} is not a Git URL (https://, http://, ssh://, git://, file:// or user@host:path)"
+        ))
+    }
+}
+
+/// `git@host:org/repo.git`, the scp-like form users copy from Git hosting pages.
+pub fn is_scp_like(url: &str) -> bool {
+    match (url.find('@'), url.find(':')) {
+        (Some(at), Some(colon)) => at < colon && !url[..colon].contains('/'),
+        _ => false,
+    }
+}
+
+/// App names become file names and Kubernetes annotation values, so they follow the
+/// DNS subdomain rules Kubernetes uses for object names.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be lowercase letters, digits, '-' or '.', start and end alphanumeric, at most 253 characters"
+        ))
+    }
+}
+
+pub fn check_dns_label(name: &str) -> Result<(), String> {
+    if name.len() <= 63 && !name.contains('.') && check_dns_name(name).is_ok() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
+        ))
+    }
+}
+
+fn check_relative_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return Err(format!("{path:?} must be relative to the repository root"));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!("{path:?} must not contain '..'"));
+    }
+    Ok(())
+}
