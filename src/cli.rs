@@ -82,6 +82,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.apps.len(),
                 config.node.name
             );
+            for s in &config.skipped {
+                println!("skipped on this node: {}: {}", s.app, s.reason);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
@@ -245,6 +248,9 @@ fn status_table(doc: &StatusDocument, now: u64) -> String {
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
+    }
+    for s in &doc.node.skipped {
+        out.push_str(&format!("skipped on this node: {}: {}\n", s.app, s.reason));
     }
     out
 }

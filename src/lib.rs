@@ -9,6 +9,7 @@ pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod health;
 pub mod metrics;
 pub mod render;

@@ -73,7 +73,17 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub repositories: Vec<RepositoryConfig>,
+    /// The apps this node runs.
     pub apps: Vec<AppConfig>,
+    /// Apps whose `node_selector` does not match this node, and why.
+    pub skipped: Vec<SkippedApp>,
+}
+
+/// An app that is not for this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedApp {
+    pub app: String,
+    pub reason: String,
 }
 
 /// Logging defaults; `--log-level`, `--log-format` and `RUST_LOG` override them.
@@ -279,6 +289,32 @@ pub struct AppConfig {
     /// Let a render with no objects prune everything (Argo CD's `allowEmpty`).
     #[serde(default)]
     pub allow_empty: bool,
+    /// Run only on nodes whose labels match, e.g. `site in (plant-7,plant-8),!decommissioned`.
+    pub node_selector: Option<String>,
+}
+
+/// Splits apps into those whose selector matches the node's labels and those skipped.
+fn for_this_node(
+    apps: Vec<Spanned<AppConfig>>,
+    labels: &BTreeMap<String, String>,
+) -> (Vec<AppConfig>, Vec<SkippedApp>) {
+    let mut run = Vec::new();
+    let mut skipped = Vec::new();
+    for app in apps.into_iter().map(Spanned::into_inner) {
+        // Validation has already parsed every selector.
+        match app
+            .node_selector
+            .as_deref()
+            .map(crate::fleet::Selector::parse)
+        {
+            Some(Ok(selector)) if !selector.matches(labels) => skipped.push(SkippedApp {
+                reason: format!("node_selector \"{selector}\" does not match this node's labels"),
+                app: app.name,
+            }),
+            _ => run.push(app),
+        }
+    }
+    (run, skipped)
 }
 
 fn default_poll_interval() -> Duration {
@@ -377,6 +413,7 @@ impl Config {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "edgesync".to_string());
         }
+        node.labels = crate::fleet::node_labels(&node.name, &node.labels);
         let resolve = |p: &PathBuf| base.join(p);
         let repositories = raw
             .repositories
@@ -412,6 +449,7 @@ impl Config {
             }
             w
         });
+        let (apps, skipped) = for_this_node(raw.apps, &node.labels);
         Ok(Config {
             path: path.to_path_buf(),
             state_dir: raw
@@ -431,7 +469,8 @@ impl Config {
             http: raw.http,
             log: raw.log,
             repositories,
-            apps: raw.apps.into_iter().map(Spanned::into_inner).collect(),
+            apps,
+            skipped,
         })
     }
 
@@ -444,7 +483,7 @@ impl Config {
             .unwrap_or_else(|| RepositoryConfig::anonymous(url))
     }
 
-    /// Every repository the apps use, each once, configured or anonymous.
+    /// Every repository the apps this node runs use, each once, configured or anonymous.
     pub fn repositories_in_use(&self) -> Vec<RepositoryConfig> {
         let mut seen = HashSet::new();
         self.apps
@@ -564,5 +603,53 @@ namespace = "Not_A_Namespace"
         assert!(is_scp_like("git@github.com:org/repo.git"));
         assert!(!is_scp_like("https://user@host/x"));
         assert!(check_repo_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn apps_run_only_where_their_selector_matches() {
+        let text = r#"
+[node]
+name = "edge-7"
+labels = { site = "plant-7" }
+
+[[apps]]
+name = "everywhere"
+repo = "https://a/b.git"
+
+[[apps]]
+name = "plant-7-only"
+repo = "https://a/b.git"
+node_selector = "site in (plant-7,plant-8)"
+
+[[apps]]
+name = "elsewhere"
+repo = "https://a/b.git"
+node_selector = "site=plant-9,kubernetes.io/hostname=edge-7"
+"#;
+        let cfg = parse(text).unwrap();
+        let names: Vec<_> = cfg.apps.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["everywhere", "plant-7-only"]);
+        assert_eq!(cfg.skipped.len(), 1);
+        assert_eq!(cfg.skipped[0].app, "elsewhere");
+        assert!(
+            cfg.skipped[0].reason.contains("site=plant-9"),
+            "{}",
+            cfg.skipped[0].reason
+        );
+        assert_eq!(cfg.node.labels["kubernetes.io/hostname"], "edge-7");
+        assert!(cfg.node.labels.contains_key("kubernetes.io/arch"));
+    }
+
+    #[test]
+    fn a_bad_selector_names_key_and_line() {
+        let err = parse(
+            "[[apps]]\nname = \"a\"\nrepo = \"https://a/b.git\"\nnode_selector = \"site in (\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("apps[0].node_selector") && err.contains("line 1"),
+            "{err}"
+        );
     }
 }

@@ -199,6 +199,11 @@ impl Checker<'_> {
                 self.push(&span, key("namespace"), msg);
             }
         }
+        if let Some(selector) = &a.node_selector {
+            if let Err(e) = crate::fleet::Selector::parse(selector) {
+                self.push(&span, key("node_selector"), e.reason);
+            }
+        }
         if a.create_namespace && a.namespace.is_none() {
             self.push(
                 &span,

@@ -188,6 +188,9 @@ impl Agent {
             apps = ctx.config.apps.len(),
             "edgesync running"
         );
+        for s in &ctx.config.skipped {
+            tracing::info!(app = %s.app, "not for this node: {}", s.reason);
+        }
         Ok(Agent {
             board: ctx.board.clone(),
             shutdown,

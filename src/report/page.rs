@@ -129,6 +129,7 @@ mod tests {
                 uptime_seconds: 5,
                 timestamp: 0,
                 apps: vec![],
+                skipped: vec![],
             },
             apps: vec![AppStatus {
                 app: "web".into(),

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::publisher::StatusPublisher;
-use crate::config::Config;
+use crate::config::{Config, SkippedApp};
 use crate::metrics::{AppInfo, Metrics};
 use crate::state::{unix_now, AppState};
 
@@ -78,6 +78,9 @@ pub struct NodeStatus {
     pub uptime_seconds: u64,
     pub timestamp: u64,
     pub apps: Vec<AppSummary>,
+    /// Configured apps this node does not run, and why.
+    #[serde(default)]
+    pub skipped: Vec<SkippedApp>,
 }
 
 /// One recent event, as the status page and API show it.
@@ -107,6 +110,7 @@ pub struct StatusDocument {
 pub struct StatusBoard {
     node: String,
     labels: BTreeMap<String, String>,
+    skipped: Vec<SkippedApp>,
     started: Instant,
     apps: Mutex<BTreeMap<String, AppStatus>>,
     metrics: Arc<Metrics>,
@@ -150,6 +154,7 @@ impl StatusBoard {
         let board = StatusBoard {
             node: config.node.name.clone(),
             labels: config.node.labels.clone(),
+            skipped: config.skipped.clone(),
             started: Instant::now(),
             apps: Mutex::new(apps),
             metrics,
@@ -322,6 +327,7 @@ impl StatusBoard {
                         health: a.health.clone(),
                     })
                     .collect(),
+                skipped: self.skipped.clone(),
             },
             apps,
             events: self

@@ -7,6 +7,7 @@ mod harness;
 mod git_http;
 mod git_revisions;
 mod git_ssh;
+mod node_targeting;
 mod prune;
 mod report;
 mod report_mqtt;

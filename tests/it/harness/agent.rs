@@ -13,6 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_edgesync");
 pub struct AgentConfig {
     dir: tempfile::TempDir,
     sections: Vec<String>,
+    /// Extra keys of the `[node]` section (labels, ...).
+    node: String,
     /// The agent's HTTP listener (`/metrics`, status API), on a port of its own.
     pub http_port: u16,
 }
@@ -30,12 +32,19 @@ impl AgentConfig {
         AgentConfig {
             dir: tempfile::tempdir().expect("tempdir"),
             sections: Vec::new(),
+            node: String::new(),
             http_port: free_port(),
         }
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Sets extra keys of `[node]`, such as `labels = { site = "plant-7" }`.
+    pub fn node(mut self, keys: &str) -> Self {
+        self.node = keys.to_string();
+        self
     }
 
     /// Adds a `[[repositories]]` entry; `body` is its TOML keys.
@@ -55,6 +64,7 @@ impl AgentConfig {
         for section in &mut self.sections {
             *section = section.replace(from, to);
         }
+        self.node = self.node.replace(from, to);
     }
 
     /// Adds an `[[apps]]` entry to a config that is already in use; call `write` after.
@@ -78,8 +88,9 @@ impl AgentConfig {
     pub fn write(&self) -> PathBuf {
         let path = self.dir.path().join("config.toml");
         let text = format!(
-            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n{}\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
             self.dir.path().join("state").display(),
+            self.node,
             cluster().kubeconfig.display(),
             self.http_port,
             self.sections.join("\n")
