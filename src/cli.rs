@@ -51,6 +51,12 @@ pub enum Command {
     },
     /// Validate the configuration file and exit non-zero if it is invalid.
     CheckConfig,
+    /// Read a directory of Argo CD Application and AppProject manifests and show the apps
+    /// they make, with a warning for every field edgesync ignores. Exits non-zero on errors.
+    Fleet {
+        /// Directory holding the manifests.
+        path: PathBuf,
+    },
     /// Show the running agent's apps: revision, sync state, health, last sync, message.
     /// Asks the agent's HTTP listener (`[http] listen`).
     Status {
@@ -99,6 +105,11 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Fleet { path } => Ok(if fleet_report(path)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Command::Render { path } => {
             render_to_stdout(path)?;
             Ok(ExitCode::SUCCESS)
@@ -160,6 +171,55 @@ fn render_root(path: &Path) -> PathBuf {
         .find(|dir| dir.join(".git").exists())
         .unwrap_or(path)
         .to_path_buf()
+}
+
+/// Prints what each Argo CD manifest under `path` becomes; false if any could not be read.
+fn fleet_report(path: &Path) -> anyhow::Result<bool> {
+    use crate::fleet::argo::{self, FleetObject};
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let root = render_root(&path);
+    let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
+    let manifests = render::render(&root, rel)?;
+    let mut ok = true;
+    for object in &manifests.objects {
+        match argo::parse(object) {
+            Ok(None) => println!(
+                "{}: {} is not an Argo CD object; ignored",
+                object.origin,
+                object.display_name()
+            ),
+            Ok(Some(parsed)) => {
+                match &parsed.object {
+                    FleetObject::AppProject(p) => println!("{}: AppProject {}", object.origin, p.name),
+                    FleetObject::Application(app) => match app.to_app_config() {
+                        Ok(cfg) => println!(
+                            "{}: app {} from {} at {} path {} into namespace {} (project {}, prune {}, node selector {})",
+                            object.origin,
+                            cfg.name,
+                            crate::source::redact(&cfg.repo),
+                            cfg.revision,
+                            cfg.path,
+                            cfg.namespace.as_deref().unwrap_or("-"),
+                            app.project,
+                            cfg.prune,
+                            cfg.node_selector.as_deref().unwrap_or("none")
+                        ),
+                        Err(why) => println!("{}: app {} cannot run yet: {why}", object.origin, app.name),
+                    },
+                }
+                for warning in parsed.warnings {
+                    println!("  warning: {warning}");
+                }
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    Ok(ok)
 }
 
 fn render_to_stdout(path: &Path) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! The fleet model: which apps this node runs. Today that is node targeting: each app may
 //! carry a label selector, matched against the node's labels plus facts about the node.
 
+pub mod argo;
 pub mod selector;
 
 use std::collections::BTreeMap;

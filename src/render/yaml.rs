@@ -22,7 +22,10 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Value>, RenderErro
     serde_saphyr::from_multiple_with_options::<Value>(text, options()).map_err(|e| {
         RenderError::Yaml {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            // The parser suggests one of its own options; meaningless to someone fixing YAML.
+            message: e
+                .to_string()
+                .replace(", set DuplicateKeyPolicy in Options if acceptable", ""),
         }
     })
 }

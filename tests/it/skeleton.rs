@@ -373,3 +373,57 @@ async fn check_config_and_render_commands() {
         ["kind: ConfigMap", "kind: Deployment", "kind: Service"]
     );
 }
+
+#[tokio::test]
+async fn fleet_command_reads_the_seed_argo_cd_manifests() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/argocd");
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(crate::harness::agent::BIN)
+            .arg("fleet")
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    // The seed's customer-adapter writes `syncPolicy` twice: refused, naming key and line.
+    let out = run(&fixtures);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("customer-adapter.yaml")
+            && stderr.contains("duplicate mapping key: syncPolicy"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("DuplicateKeyPolicy"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "app-of-apps.yaml",
+        "kafka.yaml",
+        "blacklist.yaml",
+        "dictamesh-project.yaml",
+    ] {
+        std::fs::copy(fixtures.join(f), dir.path().join(f)).unwrap();
+    }
+    let out = run(dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "app dictamesh-dev from https://github.com/dictamesh/dictamesh.git at develop"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("app kafka-dev cannot run yet: Helm"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("AppProject dictamesh"), "{stdout}");
+    assert!(
+        !stdout.contains("warning"),
+        "the seeds need no warnings: {stdout}"
+    );
+}

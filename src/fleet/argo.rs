@@ -1,0 +1,498 @@
+//! Argo CD `Application` and `AppProject` manifests (argoproj.io/v1alpha1), read as users
+//! already write them. Pure: a rendered object in, a typed value and warnings out.
+//!
+//! Every field a manifest sets that edgesync does not act on yet is named in a warning, never
+//! dropped silently. A destination other than the cluster the node runs is an error: a node
+//! agent only ever applies to its own cluster.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use crate::config::AppConfig;
+use crate::render::Object;
+
+pub const GROUP: &str = "argoproj.io";
+/// `metadata.annotations` key of an Application's node selector.
+pub const NODE_SELECTOR_ANNOTATION: &str = "edgesync.io/node-selector";
+const IN_CLUSTER: [&str; 2] = [
+    "https://kubernetes.default.svc",
+    "https://kubernetes.default.svc/",
+];
+const DELETE_FINALIZER: &str = "resources-finalizer.argocd.argoproj.io";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {kind} {name}: {message}")]
+pub struct ArgoError {
+    pub origin: String,
+    pub kind: String,
+    pub name: String,
+    pub message: String,
+}
+
+/// Where an Application's manifests come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A path in a Git repository (plain YAML, Kustomize, or a chart in the repository).
+    Git {
+        repo_url: String,
+        revision: String,
+        path: String,
+    },
+    /// A chart from a Helm repository or OCI registry.
+    Chart {
+        repo_url: String,
+        chart: String,
+        version: String,
+        helm: Value,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Automated {
+    pub prune: bool,
+    pub self_heal: bool,
+    pub allow_empty: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Application {
+    pub name: String,
+    pub project: String,
+    pub source: Source,
+    pub namespace: Option<String>,
+    /// `syncPolicy.automated`; `None` means manual sync only.
+    pub automated: Option<Automated>,
+    pub sync_options: Vec<String>,
+    pub retry: Option<Value>,
+    pub ignore_differences: Vec<Value>,
+    /// The `resources-finalizer.argocd.argoproj.io` finalizer: removing the app deletes what it
+    /// applied.
+    pub delete_resources_on_removal: bool,
+    pub node_selector: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppProject {
+    pub name: String,
+    pub spec: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FleetObject {
+    Application(Box<Application>),
+    AppProject(AppProject),
+}
+
+/// The parse of one object, with a warning for every field that is set but ignored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub object: FleetObject,
+    pub warnings: Vec<String>,
+}
+
+/// Fields edgesync reads, or knowingly accepts, at each level.
+const APPLICATION_SPEC: [&str; 6] = [
+    "project",
+    "source",
+    "destination",
+    "syncPolicy",
+    "ignoreDifferences",
+    "info",
+];
+const SOURCE: [&str; 8] = [
+    "repoURL",
+    "path",
+    "targetRevision",
+    "chart",
+    "helm",
+    "kustomize",
+    "directory",
+    "ref",
+];
+const DESTINATION: [&str; 3] = ["server", "namespace", "name"];
+const SYNC_POLICY: [&str; 4] = [
+    "automated",
+    "syncOptions",
+    "retry",
+    "managedNamespaceMetadata",
+];
+const AUTOMATED: [&str; 3] = ["prune", "selfHeal", "allowEmpty"];
+const METADATA: [&str; 8] = [
+    "name",
+    "namespace",
+    "labels",
+    "annotations",
+    "finalizers",
+    "uid",
+    "resourceVersion",
+    "creationTimestamp",
+];
+const APP_PROJECT_SPEC: [&str; 13] = [
+    "description",
+    "sourceRepos",
+    "destinations",
+    "clusterResourceWhitelist",
+    "clusterResourceBlacklist",
+    "namespaceResourceWhitelist",
+    "namespaceResourceBlacklist",
+    "syncWindows",
+    "orphanedResources",
+    "signatureKeys",
+    "roles",
+    "sourceNamespaces",
+    "permitOnlyProjectScopedClusters",
+];
+
+fn unknown(
+    map: Option<&Map<String, Value>>,
+    known: &[&str],
+    path: &str,
+    warnings: &mut Vec<String>,
+) {
+    for key in map.into_iter().flat_map(|m| m.keys()) {
+        if !known.contains(&key.as_str()) {
+            warnings.push(format!("{path}.{key} is not supported and is ignored"));
+        }
+    }
+}
+
+fn string(v: &Value, pointer: &str) -> Option<String> {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+fn flag(v: &Value, pointer: &str) -> bool {
+    v.pointer(pointer).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Reads an Argo CD object; anything else is `None`.
+pub fn parse(object: &Object) -> Result<Option<Parsed>, ArgoError> {
+    if object.group() != GROUP {
+        return Ok(None);
+    }
+    let v = Value::Object(object.value.clone());
+    let err = |message: String| ArgoError {
+        origin: object.origin.clone(),
+        kind: object.kind().to_string(),
+        name: object.name().to_string(),
+        message,
+    };
+    let mut warnings = Vec::new();
+    unknown(
+        v.get("metadata").and_then(Value::as_object),
+        &METADATA,
+        "metadata",
+        &mut warnings,
+    );
+    match object.kind() {
+        "Application" => {
+            let app = application(&v, object.name(), &mut warnings).map_err(err)?;
+            Ok(Some(Parsed {
+                object: FleetObject::Application(Box::new(app)),
+                warnings,
+            }))
+        }
+        "AppProject" => {
+            let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+            unknown(spec.as_object(), &APP_PROJECT_SPEC, "spec", &mut warnings);
+            Ok(Some(Parsed {
+                object: FleetObject::AppProject(AppProject {
+                    name: object.name().to_string(),
+                    spec,
+                }),
+                warnings,
+            }))
+        }
+        other => Err(err(format!(
+            "{other} is not an Argo CD kind edgesync reads"
+        ))),
+    }
+}
+
+fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Application, String> {
+    let spec = v.get("spec").and_then(Value::as_object);
+    unknown(spec, &APPLICATION_SPEC, "spec", warnings);
+    if v.pointer("/spec/sources").is_some() {
+        return Err("spec.sources (multiple sources) is not supported yet; use spec.source".into());
+    }
+    let source = v
+        .pointer("/spec/source")
+        .ok_or_else(|| "spec.source is missing".to_string())?;
+    unknown(source.as_object(), &SOURCE, "spec.source", warnings);
+    let repo_url = string(source, "/repoURL").ok_or("spec.source.repoURL is missing")?;
+    let revision = string(source, "/targetRevision").unwrap_or_else(|| "HEAD".into());
+    let source = match string(source, "/chart") {
+        Some(chart) => Source::Chart {
+            repo_url,
+            chart,
+            version: revision,
+            helm: source.get("helm").cloned().unwrap_or(Value::Null),
+        },
+        None => Source::Git {
+            repo_url,
+            revision,
+            path: string(source, "/path").unwrap_or_else(|| ".".into()),
+        },
+    };
+    let destination = v.pointer("/spec/destination");
+    unknown(
+        destination.and_then(Value::as_object),
+        &DESTINATION,
+        "spec.destination",
+        warnings,
+    );
+    if let Some(server) = destination.and_then(|d| string(d, "/server")) {
+        if !IN_CLUSTER.contains(&server.as_str()) {
+            return Err(format!(
+                "spec.destination.server {server:?} is not supported on a node agent: edgesync applies to the cluster it runs on (https://kubernetes.default.svc)"
+            ));
+        }
+    }
+    if let Some(other) = destination
+        .and_then(|d| string(d, "/name"))
+        .filter(|n| n != "in-cluster")
+    {
+        return Err(format!(
+            "spec.destination.name {other:?} is not supported on a node agent: only in-cluster"
+        ));
+    }
+    let policy = v.pointer("/spec/syncPolicy");
+    unknown(
+        policy.and_then(Value::as_object),
+        &SYNC_POLICY,
+        "spec.syncPolicy",
+        warnings,
+    );
+    let automated = policy.and_then(|p| p.get("automated")).map(|a| {
+        unknown(
+            a.as_object(),
+            &AUTOMATED,
+            "spec.syncPolicy.automated",
+            warnings,
+        );
+        Automated {
+            prune: flag(a, "/prune"),
+            self_heal: flag(a, "/selfHeal"),
+            allow_empty: flag(a, "/allowEmpty"),
+        }
+    });
+    let sync_options = policy
+        .and_then(|p| p.get("syncOptions"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_str().map(str::to_string))
+        .collect();
+    let finalizers: BTreeSet<&str> = v
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    Ok(Application {
+        name: name.to_string(),
+        project: string(v, "/spec/project").unwrap_or_else(|| "default".into()),
+        source,
+        namespace: destination.and_then(|d| string(d, "/namespace")),
+        automated,
+        sync_options,
+        retry: policy.and_then(|p| p.get("retry")).cloned(),
+        ignore_differences: v
+            .pointer("/spec/ignoreDifferences")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        delete_resources_on_removal: finalizers.iter().any(|f| f.starts_with(DELETE_FINALIZER)),
+        node_selector: string(
+            v,
+            &format!(
+                "/metadata/annotations/{}",
+                NODE_SELECTOR_ANNOTATION.replace('/', "~1")
+            ),
+        ),
+    })
+}
+
+impl Application {
+    fn has_option(&self, option: &str) -> bool {
+        self.sync_options
+            .iter()
+            .any(|o| o.trim().eq_ignore_ascii_case(option))
+    }
+
+    /// The app as edgesync runs it today, or why it cannot run yet.
+    pub fn to_app_config(&self) -> Result<AppConfig, String> {
+        let Source::Git {
+            repo_url,
+            revision,
+            path,
+        } = &self.source
+        else {
+            return Err("Helm chart sources render once Helm support lands".into());
+        };
+        let automated = self.automated.clone().unwrap_or_default();
+        Ok(AppConfig {
+            name: self.name.clone(),
+            repo: repo_url.clone(),
+            revision: revision.clone(),
+            path: path.clone(),
+            namespace: self.namespace.clone(),
+            create_namespace: self.has_option("CreateNamespace=true"),
+            prune: automated.prune,
+            allow_empty: automated.allow_empty,
+            node_selector: self.node_selector.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::parse_documents;
+    use std::path::Path;
+
+    fn load(file: &str) -> Result<Vec<Parsed>, String> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/argocd")
+            .join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let docs = parse_documents(&text, Path::new(file)).map_err(|e| e.to_string())?;
+        docs.into_iter()
+            .filter_map(|d| d.as_object().cloned())
+            .map(|value| {
+                let object = Object {
+                    value,
+                    origin: format!("{file}#0"),
+                };
+                parse(&object)
+                    .map(|p| p.expect("an Argo CD object"))
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    fn app(parsed: &Parsed) -> &Application {
+        match &parsed.object {
+            FleetObject::Application(a) => a,
+            other => panic!("not an Application: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seed_app_of_apps_loads_without_warnings() {
+        let parsed = load("app-of-apps.yaml").unwrap();
+        assert_eq!(parsed[0].warnings, Vec::<String>::new());
+        let a = app(&parsed[0]);
+        assert_eq!(a.project, "dictamesh");
+        assert!(a.delete_resources_on_removal);
+        let automated = a.automated.clone().unwrap();
+        assert!(automated.prune && automated.self_heal && !automated.allow_empty);
+        let cfg = a.to_app_config().unwrap();
+        assert_eq!(
+            (cfg.repo.as_str(), cfg.revision.as_str(), cfg.path.as_str()),
+            (
+                "https://github.com/dictamesh/dictamesh.git",
+                "develop",
+                "infrastructure/argocd/applications/dev"
+            )
+        );
+        assert!(cfg.create_namespace && cfg.prune);
+        assert_eq!(cfg.namespace.as_deref(), Some("argocd"));
+    }
+
+    #[test]
+    fn seed_customer_adapter_has_two_sync_policies_which_is_a_yaml_error() {
+        // The seed writes `syncPolicy` twice in one mapping. Go's YAML (kubectl, Argo CD)
+        // refuses duplicate keys, and so do we, naming the key and the line.
+        let err = load("customer-adapter.yaml").unwrap_err();
+        assert!(err.contains("syncPolicy"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn seed_kafka_is_a_helm_chart_app() {
+        let parsed = load("kafka.yaml").unwrap();
+        assert_eq!(parsed[0].warnings, Vec::<String>::new());
+        match &app(&parsed[0]).source {
+            Source::Chart {
+                chart,
+                version,
+                helm,
+                ..
+            } => {
+                assert_eq!((chart.as_str(), version.as_str()), ("kafka", "26.4.3"));
+                assert_eq!(helm["releaseName"], "kafka");
+                assert!(helm["values"].as_str().unwrap().contains("replicaCount: 1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(app(&parsed[0])
+            .to_app_config()
+            .unwrap_err()
+            .contains("Helm"));
+    }
+
+    #[test]
+    fn seed_blacklist_and_project_load() {
+        let parsed = load("blacklist.yaml").unwrap();
+        assert_eq!(parsed[0].warnings, Vec::<String>::new());
+        let a = app(&parsed[0]);
+        assert_eq!(
+            a.sync_options,
+            [
+                "CreateNamespace=true",
+                "PrunePropagationPolicy=foreground",
+                "PruneLast=true"
+            ]
+        );
+        assert_eq!(a.retry.as_ref().unwrap()["limit"], 5);
+        let parsed = load("dictamesh-project.yaml").unwrap();
+        assert_eq!(parsed[0].warnings, Vec::<String>::new());
+        let FleetObject::AppProject(p) = &parsed[0].object else {
+            panic!()
+        };
+        assert_eq!(p.spec["destinations"][0]["namespace"], "dictamesh-*");
+    }
+
+    fn application_object(spec: Value) -> Object {
+        let value = serde_json::json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
+            "metadata": {"name": "x", "annotations": {"edgesync.io/node-selector": "site=plant-7"}},
+            "spec": spec});
+        Object {
+            value: value.as_object().unwrap().clone(),
+            origin: "t.yaml#0".into(),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_named_and_remote_clusters_refused() {
+        let parsed = parse(&application_object(serde_json::json!({
+            "source": {"repoURL": "https://g/r.git", "path": "p", "plugin": {}},
+            "destination": {"server": "https://kubernetes.default.svc"},
+            "revisionHistoryLimit": 3
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            parsed.warnings,
+            [
+                "spec.revisionHistoryLimit is not supported and is ignored",
+                "spec.source.plugin is not supported and is ignored",
+            ]
+        );
+        assert_eq!(app(&parsed).node_selector.as_deref(), Some("site=plant-7"));
+        let err = parse(&application_object(serde_json::json!({
+            "source": {"repoURL": "https://g/r.git"},
+            "destination": {"server": "https://prod.example.com:6443"}
+        })))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("not supported on a node agent") && err.contains("Application x"),
+            "{err}"
+        );
+    }
+}
