@@ -73,10 +73,23 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub repositories: Vec<RepositoryConfig>,
+    /// Where Argo CD Applications for this node come from, if anywhere.
+    pub fleet: Option<FleetConfig>,
     /// The apps this node runs.
     pub apps: Vec<AppConfig>,
     /// Apps whose `node_selector` does not match this node, and why.
     pub skipped: Vec<SkippedApp>,
+}
+
+/// A Git directory of Argo CD Application (and AppProject) manifests that adds apps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    pub repo: String,
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    #[serde(default = "default_path")]
+    pub path: String,
 }
 
 /// An app that is not for this node.
@@ -265,7 +278,7 @@ impl RepositoryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub name: String,
@@ -295,12 +308,12 @@ pub struct AppConfig {
 
 /// Splits apps into those whose selector matches the node's labels and those skipped.
 fn for_this_node(
-    apps: Vec<Spanned<AppConfig>>,
+    apps: Vec<AppConfig>,
     labels: &BTreeMap<String, String>,
 ) -> (Vec<AppConfig>, Vec<SkippedApp>) {
     let mut run = Vec::new();
     let mut skipped = Vec::new();
-    for app in apps.into_iter().map(Spanned::into_inner) {
+    for app in apps {
         // Validation has already parsed every selector.
         match app
             .node_selector
@@ -378,6 +391,7 @@ struct RawConfig {
     http: HttpConfig,
     #[serde(default)]
     log: LogConfig,
+    fleet: Option<Spanned<FleetConfig>>,
     #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
@@ -449,7 +463,10 @@ impl Config {
             }
             w
         });
-        let (apps, skipped) = for_this_node(raw.apps, &node.labels);
+        let (apps, skipped) = for_this_node(
+            raw.apps.into_iter().map(Spanned::into_inner).collect(),
+            &node.labels,
+        );
         Ok(Config {
             path: path.to_path_buf(),
             state_dir: raw
@@ -469,9 +486,37 @@ impl Config {
             http: raw.http,
             log: raw.log,
             repositories,
+            fleet: raw.fleet.map(Spanned::into_inner),
             apps,
             skipped,
         })
+    }
+
+    /// Adds apps read from the fleet repository, checked as `[[apps]]` entries are and
+    /// targeted by their node selector. An app whose name the config already uses, or that
+    /// fails a check, is left out; the returned problems say why.
+    pub fn add_fleet_apps(&mut self, apps: Vec<AppConfig>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut accepted = Vec::new();
+        for app in apps {
+            let taken = self
+                .apps
+                .iter()
+                .chain(&accepted)
+                .any(|a: &AppConfig| a.name == app.name)
+                || self.skipped.iter().any(|s| s.app == app.name);
+            let check = validate::check_app(&app).err().or_else(|| {
+                taken.then(|| format!("the name {:?} is already used by another app", app.name))
+            });
+            match check {
+                Some(why) => problems.push(format!("fleet app {}: {why}; left out", app.name)),
+                None => accepted.push(app),
+            }
+        }
+        let (run, skipped) = for_this_node(accepted, &self.node.labels);
+        self.apps.extend(run);
+        self.skipped.extend(skipped);
+        problems
     }
 
     /// The repository settings for `url`, or anonymous defaults when it has no entry.

@@ -26,6 +26,9 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
     if let Some(webhook) = &raw.webhook {
         c.webhook(webhook);
     }
+    if let Some(fleet) = &raw.fleet {
+        c.fleet(fleet);
+    }
     let mut urls = HashSet::new();
     for (i, repo) in raw.repositories.iter().enumerate() {
         c.repository(i, repo, &mut urls);
@@ -172,6 +175,16 @@ impl Checker<'_> {
         }
     }
 
+    fn fleet(&mut self, fleet: &Spanned<super::FleetConfig>) {
+        let (span, f) = (fleet.span(), fleet.get_ref());
+        if let Err(msg) = check_repo_url(&f.repo) {
+            self.push(&span, "fleet.repo", msg);
+        }
+        if let Err(msg) = check_relative_path(&f.path) {
+            self.push(&span, "fleet.path", msg);
+        }
+    }
+
     fn app(&mut self, i: usize, app: &Spanned<AppConfig>, names: &mut HashSet<String>) {
         let (span, a) = (app.span(), app.get_ref());
         let key = |field: &str| format!("apps[{i}].{field}");
@@ -212,6 +225,24 @@ impl Checker<'_> {
             );
         }
     }
+}
+
+/// The checks of an `[[apps]]` entry, for apps that come from elsewhere (the fleet repo):
+/// the first problem found.
+pub(super) fn check_app(a: &AppConfig) -> Result<(), String> {
+    check_dns_name(&a.name)?;
+    check_repo_url(&a.repo)?;
+    check_relative_path(&a.path)?;
+    if let Some(ns) = &a.namespace {
+        check_dns_label(ns)?;
+    }
+    if let Some(selector) = &a.node_selector {
+        crate::fleet::Selector::parse(selector).map_err(|e| e.to_string())?;
+    }
+    if a.create_namespace && a.namespace.is_none() {
+        return Err("CreateNamespace=true needs a destination namespace".into());
+    }
+    Ok(())
 }
 
 pub(super) fn check_repo_url(url: &str) -> Result<(), String> {

@@ -3,6 +3,7 @@
 //! repository never stops the others.
 
 mod dispatch;
+mod fleet;
 mod health;
 mod sync;
 
@@ -103,10 +104,11 @@ struct Agent {
 
 impl Agent {
     async fn start(
-        config: Config,
+        mut config: Config,
         metrics: Arc<Metrics>,
         config_changed: mpsc::Sender<()>,
     ) -> anyhow::Result<Agent> {
+        let fleet_revision = with_fleet(&mut config, &metrics).await;
         // Bind listeners first: a port in use is a startup error, not a silent degradation.
         let http_listener = match config.http.enabled {
             true => Some(bind(config.http.listen, "http").await?),
@@ -132,6 +134,15 @@ impl Agent {
         let mut tasks = JoinSet::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
         tasks.spawn(health::monitor(ctx.clone(), shutdown_rx.clone()));
+        if let (Some(fleet), Some(revision)) = (ctx.config.fleet.clone(), fleet_revision) {
+            tasks.spawn(fleet::watch_fleet(
+                ctx.config.clone(),
+                fleet,
+                revision,
+                config_changed.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
         for worker in dispatcher.workers() {
             tasks.spawn(work_repository(
@@ -242,6 +253,20 @@ impl Signals {
 enum Signal {
     Terminate,
     Hangup,
+}
+
+/// Adds the fleet's apps to `config`, logging and counting what is wrong with them. Returns
+/// the fleet revision they came from.
+async fn with_fleet(config: &mut Config, metrics: &Metrics) -> Option<String> {
+    let fleet = config.fleet.clone()?;
+    let (apps, mut problems) = fleet::load(config, &fleet).await;
+    problems.extend(config.add_fleet_apps(apps.apps));
+    for problem in &problems {
+        metrics.error("fleet");
+        tracing::warn!("fleet: {problem}");
+    }
+    tracing::info!(revision = %apps.revision, apps = config.apps.len(), "fleet loaded");
+    Some(apps.revision)
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -377,7 +402,8 @@ fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncErr
 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
 /// Returns the number of apps that failed.
-pub async fn sync_once(config: Config, only: Option<&str>) -> anyhow::Result<usize> {
+pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result<usize> {
+    with_fleet(&mut config, &Metrics::default()).await;
     if let Some(name) = only {
         if config.app(name).is_none() {
             anyhow::bail!("no app named {name:?} in {}", config.path.display());

@@ -16,9 +16,13 @@ pub async fn request(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> Reply {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
+    // Not listening (yet): status 0, so callers can wait for the server.
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return Reply {
+            status: 0,
+            body: String::new(),
+        };
+    };
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()

@@ -1,0 +1,113 @@
+//! The fleet source: Argo CD Applications in Git decide which apps this node runs.
+
+use crate::git_revisions::greeting_app;
+use crate::harness::http::request;
+use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
+
+fn application(name: &str, url: &str, ns: &str, selector: Option<&str>) -> String {
+    let annotations = selector
+        .map(|s| format!("  annotations:\n    edgesync.io/node-selector: \"{s}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: {name}
+  namespace: argocd
+{annotations}  finalizers:
+    - resources-finalizer.argocd.argoproj.io
+spec:
+  project: default
+  source:
+    repoURL: {url}
+    targetRevision: main
+    path: app
+  destination:
+    server: https://kubernetes.default.svc
+    namespace: {ns}-{name}
+  syncPolicy:
+    automated:
+      prune: true
+      selfHeal: true
+    syncOptions:
+      - CreateNamespace=true
+"#
+    )
+}
+
+#[tokio::test]
+async fn applications_in_git_decide_what_this_node_runs() {
+    let ns = TestNamespace::reserve("fleet").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "fleet/here.yaml",
+        &application("here", &url, &ns.name, Some("site=plant-7")),
+    );
+    repo.write(
+        "fleet/everywhere.yaml",
+        &application("everywhere", &url, &ns.name, None),
+    );
+    repo.write(
+        "fleet/there.yaml",
+        &application("there", &url, &ns.name, Some("site in (plant-9)")),
+    );
+    let sha = greeting_app(&repo, "hello");
+    let config = AgentConfig::new()
+        .node("labels = { site = \"plant-7\" }")
+        .section(
+            "fleet",
+            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+        )
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""));
+    let agent = Agent::start(&config);
+    config.wait_applied("here", &sha).await;
+    config.wait_applied("everywhere", &sha).await;
+    assert!(config.state("there").is_null(), "targeted at another site");
+    let doc: serde_json::Value = serde_json::from_str(
+        &request(config.http_port, "GET", "/api/v1/status", &[], b"")
+            .await
+            .body,
+    )
+    .unwrap();
+    assert_eq!(doc["apps"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["node"]["skipped"][0]["app"], "there");
+
+    // Retargeting in Git moves the app onto this node.
+    repo.write(
+        "fleet/there.yaml",
+        &application("there", &url, &ns.name, Some("site in (plant-7,plant-9)")),
+    );
+    let retargeted = repo.commit("there runs at plant-7 too");
+    config.wait_applied("there", &retargeted).await;
+    assert!(agent.log().contains("fleet revision moved"));
+    assert!(agent.stop().await.success());
+
+    // Offline start: the fleet repository is gone, the node still knows its apps.
+    let away = repo.path.with_extension("away");
+    std::fs::rename(&repo.path, &away).unwrap();
+    let agent = Agent::start(&config);
+    let apps = crate::harness::eventually(
+        "status with the last known fleet",
+        crate::harness::WAIT,
+        || async {
+            let reply = request(config.http_port, "GET", "/api/v1/status", &[], b"").await;
+            let doc: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+            let names: Vec<String> = doc["apps"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a["app"].as_str().map(str::to_string))
+                .collect();
+            (names.len() == 3).then_some(names)
+        },
+    )
+    .await;
+    assert_eq!(apps, ["everywhere", "here", "there"]);
+    assert!(
+        agent.log().contains("cannot read the fleet"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.stop().await.success());
+    std::fs::rename(&away, &repo.path).unwrap();
+}
