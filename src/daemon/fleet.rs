@@ -31,6 +31,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
     let source = GitSource::new(&config.state_dir);
     let repo = config.repository(&fleet.repo);
     let fleet = fleet.clone();
+    let config_for_children = config.clone();
     let read = tokio::task::spawn_blocking(move || -> Result<(FleetApps, Vec<String>), String> {
         let refs = source.remote_refs(&repo).map_err(|e| e.to_string())?;
         let sha = refs.resolve(&fleet.revision).map_err(|e| e.to_string())?;
@@ -39,38 +40,25 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             .map_err(|e| e.to_string())?;
         let manifests =
             render::render(&snapshot.root, Path::new(&fleet.path)).map_err(|e| e.to_string())?;
-        let mut problems = Vec::new();
-        let mut apps = Vec::new();
-        for object in &manifests.objects {
-            match argo::parse(object) {
-                Ok(Some(parsed)) => {
-                    for w in &parsed.warnings {
-                        problems.push(format!("{}: {w}", object.origin));
-                    }
-                    if let FleetObject::Application(app) = parsed.object {
-                        match app.to_app_config() {
-                            Ok(cfg) => apps.push(cfg),
-                            Err(why) => problems.push(format!(
-                                "{}: app {} cannot run yet: {why}",
-                                object.origin, app.name
-                            )),
-                        }
-                    }
-                }
-                Ok(None) => problems.push(format!(
-                    "{}: {} is not an Argo CD object; ignored",
-                    object.origin,
-                    object.display_name()
-                )),
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
+        let mut expander = Expander {
+            config: &config_for_children,
+            source: &source,
+            apps: Vec::new(),
+            problems: Vec::new(),
+        };
+        let root = format!(
+            "{}@{}:{}",
+            crate::trigger::repo_key(&fleet.repo),
+            fleet.revision,
+            fleet.path.trim_matches('/')
+        );
+        expander.objects(&manifests.objects, &[root]);
         Ok((
             FleetApps {
                 revision: sha,
-                apps,
+                apps: expander.apps,
             },
-            problems,
+            expander.problems,
         ))
     })
     .await
@@ -95,6 +83,98 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             );
             (last, vec![problem])
         }
+    }
+}
+
+/// Turns rendered Argo CD objects into apps. An Application whose own path renders more
+/// Applications is an app-of-apps: its children are read, recursively, and the parent itself
+/// is not run (this node has no Argo CD to hand Applications to).
+struct Expander<'a> {
+    config: &'a Config,
+    source: &'a GitSource,
+    apps: Vec<AppConfig>,
+    problems: Vec<String>,
+}
+
+impl Expander<'_> {
+    /// `chain` is the path of app-of-apps that led here, for cycle detection.
+    fn objects(&mut self, objects: &[crate::render::Object], chain: &[String]) {
+        for object in objects {
+            match argo::parse(object) {
+                Ok(Some(parsed)) => {
+                    for w in &parsed.warnings {
+                        self.problems.push(format!("{}: {w}", object.origin));
+                    }
+                    if let FleetObject::Application(app) = parsed.object {
+                        match app.to_app_config() {
+                            Ok(cfg) => self.application(cfg, chain),
+                            Err(why) => self.problems.push(format!(
+                                "{}: app {} cannot run yet: {why}",
+                                object.origin, app.name
+                            )),
+                        }
+                    }
+                }
+                Ok(None) => self.problems.push(format!(
+                    "{}: {} is not an Argo CD object; ignored",
+                    object.origin,
+                    object.display_name()
+                )),
+                Err(e) => self.problems.push(e.to_string()),
+            }
+        }
+    }
+
+    fn application(&mut self, app: AppConfig, chain: &[String]) {
+        let key = format!(
+            "{}@{}:{}",
+            crate::trigger::repo_key(&app.repo),
+            app.revision,
+            app.path.trim_matches('/')
+        );
+        if chain.iter().any(|c| c == &key) {
+            self.problems.push(format!(
+                "app {} closes a cycle of app-of-apps ({} -> {key}); left out",
+                app.name,
+                chain.join(" -> ")
+            ));
+            return;
+        }
+        // What the app's path holds decides whether it is an app-of-apps. If it cannot be
+        // read now, it is an ordinary app, and its sync reports the problem.
+        let children = self.render(&app).filter(|objects| {
+            objects
+                .iter()
+                .any(|o| o.group() == argo::GROUP && o.kind() == "Application")
+        });
+        match children {
+            Some(objects) => {
+                let others = objects.iter().filter(|o| o.group() != argo::GROUP).count();
+                if others > 0 {
+                    self.problems.push(format!(
+                        "app-of-apps {}: {others} objects that are not Applications are ignored",
+                        app.name
+                    ));
+                }
+                let mut chain = chain.to_vec();
+                chain.push(key);
+                self.objects(&objects, &chain);
+            }
+            None => self.apps.push(app),
+        }
+    }
+
+    fn render(&self, app: &AppConfig) -> Option<Vec<crate::render::Object>> {
+        let repo = self.config.repository(&app.repo);
+        let sha = self
+            .source
+            .remote_refs(&repo)
+            .and_then(|refs| refs.resolve(&app.revision))
+            .ok()?;
+        let snapshot = self.source.snapshot(&repo, &app.revision, &sha).ok()?;
+        render::render(&snapshot.root, Path::new(&app.path))
+            .ok()
+            .map(|m| m.objects)
     }
 }
 

@@ -5,6 +5,10 @@ use crate::harness::http::request;
 use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
 
 fn application(name: &str, url: &str, ns: &str, selector: Option<&str>) -> String {
+    application_at(name, url, "app", ns, selector)
+}
+
+fn application_at(name: &str, url: &str, path: &str, ns: &str, selector: Option<&str>) -> String {
     let annotations = selector
         .map(|s| format!("  annotations:\n    edgesync.io/node-selector: \"{s}\"\n"))
         .unwrap_or_default();
@@ -21,7 +25,7 @@ spec:
   source:
     repoURL: {url}
     targetRevision: main
-    path: app
+    path: {path}
   destination:
     server: https://kubernetes.default.svc
     namespace: {ns}-{name}
@@ -110,4 +114,68 @@ async fn applications_in_git_decide_what_this_node_runs() {
     );
     assert!(agent.stop().await.success());
     std::fs::rename(&away, &repo.path).unwrap();
+}
+
+#[tokio::test]
+async fn app_of_apps_yields_its_children_and_a_cycle_is_refused() {
+    let ns = TestNamespace::reserve("app-of-apps").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "fleet/root.yaml",
+        &application_at("root", &url, "children", &ns.name, None),
+    );
+    repo.write(
+        "children/a.yaml",
+        &application("child-a", &url, &ns.name, None),
+    );
+    repo.write(
+        "children/b.yaml",
+        &application("child-b", &url, &ns.name, Some("site=plant-9")),
+    );
+    repo.write(
+        "children/c.yaml",
+        &application("child-c", &url, &ns.name, Some("site=plant-7")),
+    );
+    // A child that includes its own parent again.
+    repo.write(
+        "children/back.yaml",
+        &application_at("back", &url, "fleet", &ns.name, None),
+    );
+    let sha = greeting_app(&repo, "hello");
+    let config = AgentConfig::new()
+        .node("labels = { site = \"plant-7\" }")
+        .section(
+            "fleet",
+            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+        )
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""));
+    let agent = Agent::start(&config);
+    config.wait_applied("child-a", &sha).await;
+    config.wait_applied("child-c", &sha).await;
+    let doc: serde_json::Value = serde_json::from_str(
+        &request(config.http_port, "GET", "/api/v1/status", &[], b"")
+            .await
+            .body,
+    )
+    .unwrap();
+    let running: Vec<&str> = doc["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["app"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        running,
+        ["child-a", "child-c"],
+        "exactly the two right apps"
+    );
+    assert_eq!(doc["node"]["skipped"][0]["app"], "child-b");
+    let log = agent.log();
+    assert!(
+        log.contains("app back closes a cycle of app-of-apps"),
+        "{log}"
+    );
+    assert!(config.state("root").is_null() && config.state("back").is_null());
+    assert!(agent.stop().await.success());
 }
