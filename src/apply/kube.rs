@@ -248,6 +248,13 @@ impl KubeApplier {
         }
     }
 
+    /// Whether `object`'s kind is namespaced, if the API server knows the kind yet.
+    pub async fn is_namespaced(&self, object: &Object) -> Option<bool> {
+        let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());
+        let (_, scope) = self.resource(&gvk).await.ok()?;
+        Some(matches!(scope, Scope::Namespaced))
+    }
+
     /// The live object, or `None` if it does not exist.
     pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, String> {
         let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);

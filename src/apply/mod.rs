@@ -130,12 +130,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// How many objects came from the render (the created namespace does not count).
-    pub fn rendered(&self) -> usize {
+    /// The objects that came from the render (not the namespace `create_namespace` adds).
+    pub fn rendered_objects(&self) -> impl Iterator<Item = &Object> {
         self.objects
             .iter()
             .filter(|o| o.origin != CREATED_NAMESPACE)
-            .count()
+    }
+
+    pub fn rendered(&self) -> usize {
+        self.rendered_objects().count()
     }
 
     /// The namespace `create_namespace` added, if any: applied, but not owned by the app.

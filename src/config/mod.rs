@@ -75,6 +75,8 @@ pub struct Config {
     pub repositories: Vec<RepositoryConfig>,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub fleet: Option<FleetConfig>,
+    /// AppProjects from the fleet repository, by name.
+    pub projects: BTreeMap<String, crate::policy::Project>,
     /// The apps this node runs.
     pub apps: Vec<AppConfig>,
     /// Apps whose `node_selector` does not match this node, and why.
@@ -304,6 +306,9 @@ pub struct AppConfig {
     pub allow_empty: bool,
     /// Run only on nodes whose labels match, e.g. `site in (plant-7,plant-8),!decommissioned`.
     pub node_selector: Option<String>,
+    /// The Argo CD AppProject whose rules apply; `default` (or none) allows everything.
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// Splits apps into those whose selector matches the node's labels and those skipped.
@@ -487,6 +492,7 @@ impl Config {
             log: raw.log,
             repositories,
             fleet: raw.fleet.map(Spanned::into_inner),
+            projects: BTreeMap::new(),
             apps,
             skipped,
         })

@@ -18,6 +18,9 @@ use crate::source::GitSource;
 pub struct FleetApps {
     pub revision: String,
     pub apps: Vec<AppConfig>,
+    /// AppProjects: name and spec.
+    #[serde(default)]
+    pub projects: Vec<(String, serde_json::Value)>,
 }
 
 fn saved_path(state_dir: &Path) -> std::path::PathBuf {
@@ -44,6 +47,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             config: &config_for_children,
             source: &source,
             apps: Vec::new(),
+            projects: Vec::new(),
             problems: Vec::new(),
         };
         let root = format!(
@@ -57,6 +61,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             FleetApps {
                 revision: sha,
                 apps: expander.apps,
+                projects: expander.projects,
             },
             expander.problems,
         ))
@@ -93,6 +98,7 @@ struct Expander<'a> {
     config: &'a Config,
     source: &'a GitSource,
     apps: Vec<AppConfig>,
+    projects: Vec<(String, serde_json::Value)>,
     problems: Vec<String>,
 }
 
@@ -105,13 +111,16 @@ impl Expander<'_> {
                     for w in &parsed.warnings {
                         self.problems.push(format!("{}: {w}", object.origin));
                     }
-                    if let FleetObject::Application(app) = parsed.object {
-                        match app.to_app_config() {
+                    match parsed.object {
+                        FleetObject::Application(app) => match app.to_app_config() {
                             Ok(cfg) => self.application(cfg, chain),
                             Err(why) => self.problems.push(format!(
                                 "{}: app {} cannot run yet: {why}",
                                 object.origin, app.name
                             )),
+                        },
+                        FleetObject::AppProject(project) => {
+                            self.projects.push((project.name, project.spec));
                         }
                     }
                 }

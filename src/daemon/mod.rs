@@ -260,6 +260,11 @@ enum Signal {
 async fn with_fleet(config: &mut Config, metrics: &Metrics) -> Option<String> {
     let fleet = config.fleet.clone()?;
     let (apps, mut problems) = fleet::load(config, &fleet).await;
+    for (name, spec) in &apps.projects {
+        config
+            .projects
+            .insert(name.clone(), crate::policy::Project::from_spec(name, spec));
+    }
     problems.extend(config.add_fleet_apps(apps.apps));
     for problem in &problems {
         metrics.error("fleet");

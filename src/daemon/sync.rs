@@ -25,6 +25,8 @@ pub enum SyncError {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("refused by project policy: {0}")]
+    Policy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -36,6 +38,7 @@ impl SyncError {
             SyncError::Render(e) => e.metric_label(),
             SyncError::Apply(e) => e.metric_label(),
             SyncError::State(e) => e.metric_label(),
+            SyncError::Policy(_) => "policy",
             SyncError::Internal(_) => "internal",
         }
     }
@@ -153,6 +156,9 @@ impl SyncContext {
         if app.prune && !app.allow_empty && plan.rendered() == 0 && !state.objects.is_empty() {
             return self.failed(app, &mut state, ApplyError::EmptyRender.into());
         }
+        if let Err(e) = self.check_policy(app, &plan).await {
+            return self.failed(app, &mut state, e);
+        }
         let created = plan.created_namespace();
         let outcome = self.applier.apply(&plan).await;
         self.metrics.sync_duration(&app.name, started.elapsed());
@@ -187,6 +193,39 @@ impl SyncContext {
             revision: sha.to_string(),
             objects: total,
         })
+    }
+
+    /// The app's AppProject rules, for the whole plan, before anything is applied.
+    async fn check_policy(&self, app: &AppConfig, plan: &apply::Plan) -> Result<(), SyncError> {
+        let Some(name) = app.project.as_deref().filter(|p| *p != "default") else {
+            return Ok(());
+        };
+        let project = self.config.projects.get(name).ok_or_else(|| {
+            SyncError::Policy(format!("project {name} is not defined in the fleet"))
+        })?;
+        project.check_source(&app.repo).map_err(SyncError::Policy)?;
+        if let Some(ns) = &app.namespace {
+            project.check_destination(ns).map_err(SyncError::Policy)?;
+        }
+        for object in plan.rendered_objects() {
+            // Kinds the API server does not know yet (a CRD in this very commit) count as
+            // namespaced, the scope of nearly every custom resource.
+            let namespaced = self.applier.is_namespaced(object).await.unwrap_or(true);
+            let refused = |e: String| {
+                SyncError::Policy(format!(
+                    "{} ({}): {e}",
+                    object.display_name(),
+                    object.origin
+                ))
+            };
+            project
+                .check_kind(object.group(), object.kind(), namespaced)
+                .map_err(refused)?;
+            if let (true, Some(ns)) = (namespaced, object.namespace()) {
+                project.check_destination(ns).map_err(refused)?;
+            }
+        }
+        Ok(())
     }
 
     /// Records a failed attempt; the last applied revision and the inventory stay.

@@ -344,6 +344,7 @@ impl Application {
             prune: automated.prune,
             allow_empty: automated.allow_empty,
             node_selector: self.node_selector.clone(),
+            project: Some(self.project.clone()),
         })
     }
 }

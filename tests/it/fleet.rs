@@ -179,3 +179,117 @@ async fn app_of_apps_yields_its_children_and_a_cycle_is_refused() {
     assert!(config.state("root").is_null() && config.state("back").is_null());
     assert!(agent.stop().await.success());
 }
+
+async fn failed(config: &AgentConfig, app: &str) -> String {
+    crate::harness::eventually(&format!("{app} refused"), crate::harness::WAIT, || async {
+        config.state(app)["last_error"].as_str().map(str::to_string)
+    })
+    .await
+}
+
+fn restricted_app(name: &str, url: &str, path: &str, namespace: &str) -> String {
+    format!(
+        r#"apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: {name}
+spec:
+  project: restricted
+  source:
+    repoURL: {url}
+    targetRevision: main
+    path: {path}
+  destination:
+    server: https://kubernetes.default.svc
+    namespace: {namespace}
+  syncPolicy:
+    syncOptions: [CreateNamespace=true]
+"#
+    )
+}
+
+#[tokio::test]
+async fn project_rules_refuse_unlisted_cluster_kinds_and_foreign_namespaces_before_applying() {
+    let ns = TestNamespace::reserve("policy").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "fleet/project.yaml",
+        &format!(
+            r#"apiVersion: argoproj.io/v1alpha1
+kind: AppProject
+metadata:
+  name: restricted
+spec:
+  sourceRepos: ["*"]
+  destinations:
+    - namespace: "{ns}-*"
+      server: https://kubernetes.default.svc
+  namespaceResourceWhitelist:
+    - group: "*"
+      kind: "*"
+"#,
+            ns = ns.name
+        ),
+    );
+    repo.write(
+        "fleet/ok.yaml",
+        &restricted_app("ok", &url, "app", &format!("{}-ok", ns.name)),
+    );
+    repo.write(
+        "fleet/admin.yaml",
+        &restricted_app("admin", &url, "admin", &format!("{}-admin", ns.name)),
+    );
+    repo.write(
+        "fleet/outside.yaml",
+        &restricted_app("outside", &url, "app", "elsewhere-policy"),
+    );
+    repo.write(
+        "admin/role.yaml",
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: edgesync-test-policy\nrules: []\n",
+    );
+    repo.write(
+        "admin/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: admin-config\n",
+    );
+    let sha = greeting_app(&repo, "hello");
+    let config = AgentConfig::new()
+        .section(
+            "fleet",
+            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+        )
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""));
+    let agent = Agent::start(&config);
+    config.wait_applied("ok", &sha).await;
+    let admin = failed(&config, "admin").await;
+    assert!(
+        admin.contains("ClusterRole edgesync-test-policy")
+            && admin.contains("clusterResourceWhitelist"),
+        "{admin}"
+    );
+    let outside = failed(&config, "outside").await;
+    assert!(
+        outside.contains("destination namespace elsewhere-policy"),
+        "{outside}"
+    );
+
+    // Nothing of a refused app was applied, not even its namespace.
+    let client = crate::harness::cluster::cluster().client().await;
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(client.clone());
+    assert!(namespaces
+        .get_opt(&format!("{}-admin", ns.name))
+        .await
+        .unwrap()
+        .is_none());
+    let roles: kube::Api<k8s_openapi::api::rbac::v1::ClusterRole> = kube::Api::all(client);
+    assert!(roles
+        .get_opt("edgesync-test-policy")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(config.state("admin")["inventory"]
+        .as_array()
+        .is_none_or(|i| i.is_empty()));
+    assert!(agent.stop().await.success());
+}
