@@ -17,7 +17,7 @@ fn config(repo: &GitRepo, ns: &str, allow_empty: bool) -> AgentConfig {
             "name = \"pruning\"\nrepo = \"{url}\"\npath = \"app\"\nnamespace = \"{ns}\"\ncreate_namespace = true\nprune = true\nallow_empty = {allow_empty}"
         ))
         .app(&format!(
-            "name = \"keeping\"\nrepo = \"{url}\"\npath = \"keep\"\nnamespace = \"{ns}\""
+            "name = \"keeping\"\nrepo = \"{url}\"\npath = \"keep\"\nnamespace = \"{ns}\"\ncreate_namespace = true"
         ))
 }
 

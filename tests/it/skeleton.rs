@@ -295,7 +295,7 @@ async fn failed_object_is_reported_by_kind_namespace_and_name_and_other_apps_sti
             ns.name
         ))
         .app(&format!(
-            "name = \"good\"\nrepo = \"{url}\"\npath = \"good\"\nnamespace = \"{}\"",
+            "name = \"good\"\nrepo = \"{url}\"\npath = \"good\"\nnamespace = \"{}\"\ncreate_namespace = true",
             ns.name
         ));
     let out = config.command(&["sync"]).await;
