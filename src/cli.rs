@@ -176,12 +176,7 @@ fn render_root(path: &Path) -> PathBuf {
 /// Prints what each Argo CD manifest under `path` becomes; false if any could not be read.
 fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     use crate::fleet::argo::{self, FleetObject};
-    let path = path
-        .canonicalize()
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    let root = render_root(&path);
-    let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
-    let manifests = render::render(&root, rel)?;
+    let manifests = render_path(path)?;
     let mut ok = true;
     for object in &manifests.objects {
         match argo::parse(object) {
@@ -222,13 +217,18 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-fn render_to_stdout(path: &Path) -> anyhow::Result<()> {
+/// Renders a directory given on the command line, inside its Git work tree.
+fn render_path(path: &Path) -> anyhow::Result<render::Manifests> {
     let path = path
         .canonicalize()
         .with_context(|| format!("cannot open {}", path.display()))?;
     let root = render_root(&path);
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
-    let manifests = render::render(&root, rel)?;
+    Ok(render::render(&root, rel)?)
+}
+
+fn render_to_stdout(path: &Path) -> anyhow::Result<()> {
+    let manifests = render_path(path)?;
     let yaml = render::to_yaml_stream(manifests.objects.iter().map(|o| &o.value))
         .context("cannot write YAML")?;
     print!("{yaml}");

@@ -220,17 +220,22 @@ impl KubeApplier {
         }
     }
 
-    /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
-    /// already counts as deleted.
-    pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), String> {
+    /// The API for `object`'s kind, in its namespace when the kind is namespaced.
+    async fn api_for(&self, object: &ObjectRef) -> Result<Api<DynamicObject>, String> {
         let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
         let (resource, scope) = self.resource(&gvk).await.map_err(|e| api_message(&e))?;
-        let api: Api<DynamicObject> = match (scope, &object.namespace) {
+        Ok(match (scope, &object.namespace) {
             (Scope::Namespaced, Some(ns)) => {
                 Api::namespaced_with(self.client.clone(), ns, &resource)
             }
             _ => Api::all_with(self.client.clone(), &resource),
-        };
+        })
+    }
+
+    /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
+    /// already counts as deleted.
+    pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), String> {
+        let api = self.api_for(object).await?;
         let params = kube::api::DeleteParams {
             propagation_policy: Some(match propagation {
                 "Background" => kube::api::PropagationPolicy::Background,
@@ -257,14 +262,7 @@ impl KubeApplier {
 
     /// The live object, or `None` if it does not exist.
     pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, String> {
-        let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
-        let (resource, scope) = self.resource(&gvk).await.map_err(|e| api_message(&e))?;
-        let api: Api<DynamicObject> = match (scope, &object.namespace) {
-            (Scope::Namespaced, Some(ns)) => {
-                Api::namespaced_with(self.client.clone(), ns, &resource)
-            }
-            _ => Api::all_with(self.client.clone(), &resource),
-        };
+        let api = self.api_for(object).await?;
         let found = api.get_opt(&object.name).await;
         self.count("get", &found);
         match found {
