@@ -136,11 +136,16 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
 
 /// Options for one connection attempt; credential files are read on every attempt so a
 /// rotated password applies at the next reconnect.
-fn options(cfg: &MqttConfig, outbound: Option<&dyn Outbound>) -> Result<MqttOptions, MqttError> {
+/// `clean` starts a fresh session, dropping whatever the broker queued for the old one.
+fn options(
+    cfg: &MqttConfig,
+    outbound: Option<&dyn Outbound>,
+    clean: bool,
+) -> Result<MqttOptions, MqttError> {
     let (host, port, tls) = parse_broker_url(&cfg.url).map_err(MqttError::Url)?;
     let mut opts = MqttOptions::new(&cfg.client_id, host, port);
     opts.set_keep_alive(cfg.keep_alive)
-        .set_clean_session(false)
+        .set_clean_session(clean)
         // Room for any change message; bigger packets are refused by rumqttc itself.
         .set_max_packet_size(MAX_MESSAGE_BYTES * 4, 1024 * 1024);
     if let Some(out) = outbound {
@@ -204,8 +209,9 @@ pub async fn run(
     let subs = subscriptions(&cfg, &node);
     let mut delays = reconnect_delays();
     let idle = Notify::new();
+    let mut clean = false;
     'connect: loop {
-        let opts = match options(&cfg, outbound.as_deref()) {
+        let opts = match options(&cfg, outbound.as_deref(), std::mem::take(&mut clean)) {
             Ok(opts) => opts,
             Err(e) => {
                 metrics.error(e.metric_label());
@@ -261,6 +267,20 @@ pub async fn run(
                     handle(&publish.topic, &publish.payload, directed, &*sink, &metrics);
                 }
                 Ok(_) => {}
+                Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+                ))) => {
+                    // With a persistent session the broker would redeliver this message on
+                    // every reconnect, and the agent would never hear anything again. A clean
+                    // session drops it; subscriptions are renewed on connect anyway, and status
+                    // messages wait in the outbox until acknowledged.
+                    upstream = Upstream::default();
+                    metrics.set_mqtt_connected(false);
+                    metrics.trigger("mqtt", "too_large");
+                    tracing::warn!(broker = %cfg.url, size, "MQTT message too large; dropped by starting a clean session");
+                    clean = true;
+                    continue 'connect;
+                }
                 Err(e) => {
                     upstream = Upstream::default();
                     metrics.set_mqtt_connected(false);

@@ -112,6 +112,19 @@ async fn publish_restart_and_malformed(tls: bool) {
         (malformed == 3.0 && repo == 1.0 && app == 1.0).then_some(())
     })
     .await;
+    // A message too large to even receive, redelivered by the broker on every reconnect of a
+    // persistent session, must not lock the agent out.
+    s.broker
+        .publish_large("edgesync/changes", &vec![b'x'; 300_000]);
+    eventually("oversized message dropped", WAIT, || async {
+        let dropped = metric(
+            port,
+            r#"edgesync_trigger_events_total{source="mqtt",result="too_large"}"#,
+        )
+        .await;
+        (dropped >= 1.0).then_some(())
+    })
+    .await;
     let fourth = commit(&s.remote, "four");
     s.broker
         .publish("edgesync/changes", r#"{"apps": ["greeting"]}"#);

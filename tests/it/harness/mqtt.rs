@@ -255,6 +255,23 @@ impl Broker {
         );
     }
 
+    /// Publishes a payload of any size (from a file: arguments are limited to 128 KiB).
+    pub fn publish_large(&self, topic: &str, payload: &[u8]) {
+        let file = self.dir.path().join("payload.bin");
+        std::fs::write(&file, payload).unwrap();
+        let out = self
+            .pub_command(topic)
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Publishes every line of `lines` as one message, over one connection.
     pub fn publish_lines(&self, topic: &str, lines: &str) {
         use std::io::Write;
