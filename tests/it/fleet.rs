@@ -1,8 +1,19 @@
 //! The fleet source: Argo CD Applications in Git decide which apps this node runs.
 
 use crate::git_revisions::greeting_app;
-use crate::harness::http::request;
 use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
+
+/// An agent whose apps come from `fleet/` in the repository at `url`.
+fn fleet_config(url: &str, poll_interval: &str) -> AgentConfig {
+    AgentConfig::new()
+        .section(
+            "fleet",
+            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+        )
+        .repository(&format!(
+            "url = \"{url}\"\npoll_interval = \"{poll_interval}\""
+        ))
+}
 
 fn application(name: &str, url: &str, ns: &str, selector: Option<&str>) -> String {
     application_at(name, url, "app", ns, selector)
@@ -57,23 +68,12 @@ async fn applications_in_git_decide_what_this_node_runs() {
         &application("there", &url, &ns.name, Some("site in (plant-9)")),
     );
     let sha = greeting_app(&repo, "hello");
-    let config = AgentConfig::new()
-        .node("labels = { site = \"plant-7\" }")
-        .section(
-            "fleet",
-            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
-        )
-        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""));
+    let config = fleet_config(&url, "1s").node("labels = { site = \"plant-7\" }");
     let agent = Agent::start(&config);
     config.wait_applied("here", &sha).await;
     config.wait_applied("everywhere", &sha).await;
     assert!(config.state("there").is_null(), "targeted at another site");
-    let doc: serde_json::Value = serde_json::from_str(
-        &request(config.http_port, "GET", "/api/v1/status", &[], b"")
-            .await
-            .body,
-    )
-    .unwrap();
+    let doc = config.status().await;
     assert_eq!(doc["apps"].as_array().unwrap().len(), 2);
     assert_eq!(doc["node"]["skipped"][0]["app"], "there");
 
@@ -95,8 +95,7 @@ async fn applications_in_git_decide_what_this_node_runs() {
         "status with the last known fleet",
         crate::harness::WAIT,
         || async {
-            let reply = request(config.http_port, "GET", "/api/v1/status", &[], b"").await;
-            let doc: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+            let doc = config.status().await;
             let names: Vec<String> = doc["apps"]
                 .as_array()?
                 .iter()
@@ -143,22 +142,11 @@ async fn app_of_apps_yields_its_children_and_a_cycle_is_refused() {
         &application_at("back", &url, "fleet", &ns.name, None),
     );
     let sha = greeting_app(&repo, "hello");
-    let config = AgentConfig::new()
-        .node("labels = { site = \"plant-7\" }")
-        .section(
-            "fleet",
-            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
-        )
-        .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""));
+    let config = fleet_config(&url, "1h").node("labels = { site = \"plant-7\" }");
     let agent = Agent::start(&config);
     config.wait_applied("child-a", &sha).await;
     config.wait_applied("child-c", &sha).await;
-    let doc: serde_json::Value = serde_json::from_str(
-        &request(config.http_port, "GET", "/api/v1/status", &[], b"")
-            .await
-            .body,
-    )
-    .unwrap();
+    let doc = config.status().await;
     let running: Vec<&str> = doc["apps"]
         .as_array()
         .unwrap()
@@ -253,12 +241,7 @@ spec:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: admin-config\n",
     );
     let sha = greeting_app(&repo, "hello");
-    let config = AgentConfig::new()
-        .section(
-            "fleet",
-            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
-        )
-        .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""));
+    let config = fleet_config(&url, "1h");
     let agent = Agent::start(&config);
     config.wait_applied("ok", &sha).await;
     let admin = failed(&config, "admin").await;

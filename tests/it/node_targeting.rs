@@ -1,7 +1,6 @@
 //! Node targeting: an app runs only on nodes whose labels match its selector.
 
 use crate::git_revisions::greeting_app;
-use crate::harness::http::request;
 use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
 
 #[tokio::test]
@@ -26,12 +25,7 @@ async fn apps_run_only_on_matching_nodes_and_move_when_labels_change() {
     let agent = Agent::start(&config);
     config.wait_applied("here", &sha).await;
 
-    let doc: serde_json::Value = serde_json::from_str(
-        &request(config.http_port, "GET", "/api/v1/status", &[], b"")
-            .await
-            .body,
-    )
-    .unwrap();
+    let doc = config.status().await;
     assert_eq!(doc["apps"].as_array().unwrap().len(), 1);
     assert_eq!(doc["node"]["skipped"][0]["app"], "there");
     assert!(doc["node"]["skipped"][0]["reason"]

@@ -101,8 +101,7 @@ async fn status_api_and_cli_show_each_app_and_readiness() {
     assert_eq!(request(port, "GET", "/healthz", &[], b"").await.status, 200);
     assert_eq!(request(port, "GET", "/readyz", &[], b"").await.status, 200);
     let doc: serde_json::Value = eventually("broken reported", WAIT, || async {
-        let reply = request(port, "GET", "/api/v1/status", &[], b"").await;
-        let doc: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+        let doc = config.status().await;
         (doc["apps"][0]["sync"] == "Failed").then_some(doc)
     })
     .await;
@@ -116,8 +115,7 @@ async fn status_api_and_cli_show_each_app_and_readiness() {
     assert_eq!(doc["apps"][1]["revision"], sha.as_str());
     assert_eq!(doc["apps"][1]["sync"], "Synced");
     let healthy = eventually("good Healthy", WAIT, || async {
-        let reply = request(port, "GET", "/api/v1/status", &[], b"").await;
-        let doc: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+        let doc = config.status().await;
         (doc["apps"][1]["health"] == "Healthy").then_some(doc)
     })
     .await;

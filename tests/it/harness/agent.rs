@@ -108,6 +108,12 @@ impl AgentConfig {
         }
     }
 
+    /// The running agent's `GET /api/v1/status`, or `Null` while it does not answer.
+    pub async fn status(&self) -> serde_json::Value {
+        let reply = super::http::request(self.http_port, "GET", "/api/v1/status", &[], b"").await;
+        serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::Null)
+    }
+
     /// Waits until `app`'s state says `sha` was applied, and returns that state.
     pub async fn wait_applied(&self, app: &str, sha: &str) -> serde_json::Value {
         super::eventually(&format!("{app} applied at {sha}"), super::WAIT, || async {
