@@ -388,8 +388,7 @@ struct RawConfig {
     max_concurrent_syncs: Option<Spanned<usize>>,
     #[serde(default)]
     node: NodeConfig,
-    #[serde(default)]
-    kubernetes: KubernetesConfig,
+    kubernetes: Option<Spanned<KubernetesConfig>>,
     mqtt: Option<Spanned<MqttConfig>>,
     webhook: Option<Spanned<WebhookConfig>>,
     #[serde(default)]
@@ -401,6 +400,36 @@ struct RawConfig {
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
     apps: Vec<Spanned<AppConfig>>,
+}
+
+/// The variable systemd sets for a unit with `LoadCredential=`.
+pub const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
+
+/// Resolves a file path from the config: relative paths are relative to the config file's
+/// directory, and a leading `${CREDENTIALS_DIRECTORY}` is the directory where systemd put the
+/// unit's credentials (`LoadCredential=`), so secrets can stay readable by root only.
+pub fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, String> {
+    resolve_file_in(base, path, std::env::var_os(CREDENTIALS_VAR))
+}
+
+fn resolve_file_in(
+    base: &Path,
+    path: &Path,
+    credentials: Option<std::ffi::OsString>,
+) -> Result<PathBuf, String> {
+    let text = path.to_string_lossy();
+    for prefix in ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"] {
+        if let Some(rest) = text.strip_prefix(prefix) {
+            let dir = credentials.ok_or_else(|| {
+                format!(
+                    "{text} names a systemd credential, but ${CREDENTIALS_VAR} is not set \
+                     (systemd sets it for a unit with LoadCredential=)"
+                )
+            })?;
+            return Ok(PathBuf::from(dir).join(rest.trim_start_matches('/')));
+        }
+    }
+    Ok(base.join(path))
 }
 
 impl Config {
@@ -433,7 +462,8 @@ impl Config {
                 .unwrap_or_else(|| "edgesync".to_string());
         }
         node.labels = crate::fleet::node_labels(&node.name, &node.labels);
-        let resolve = |p: &PathBuf| base.join(p);
+        // Validation has checked every file path, so `resolve_file` cannot fail here.
+        let resolve = |p: &PathBuf| resolve_file(base, p).unwrap_or_else(|_| base.join(p));
         let repositories = raw
             .repositories
             .into_iter()
@@ -484,7 +514,11 @@ impl Config {
                 .unwrap_or(DEFAULT_MAX_CONCURRENT_SYNCS),
             node,
             kubernetes: KubernetesConfig {
-                kubeconfig: raw.kubernetes.kubeconfig.as_ref().map(resolve),
+                kubeconfig: raw
+                    .kubernetes
+                    .as_ref()
+                    .and_then(|k| k.get_ref().kubeconfig.as_ref())
+                    .map(resolve),
             },
             mqtt,
             webhook,
@@ -620,6 +654,42 @@ repo = "https://a/b.git"
             }
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn systemd_credentials_directory_is_expanded_and_required() {
+        let base = Path::new("/etc/edgesync");
+        let creds = Some(std::ffi::OsString::from(
+            "/run/credentials/edgesync.service",
+        ));
+        assert_eq!(
+            resolve_file_in(
+                base,
+                Path::new("${CREDENTIALS_DIRECTORY}/git-token"),
+                creds.clone()
+            ),
+            Ok(PathBuf::from("/run/credentials/edgesync.service/git-token"))
+        );
+        assert_eq!(
+            resolve_file_in(base, Path::new("$CREDENTIALS_DIRECTORY/kubeconfig"), creds),
+            Ok(PathBuf::from(
+                "/run/credentials/edgesync.service/kubeconfig"
+            ))
+        );
+        assert_eq!(
+            resolve_file_in(base, Path::new("token"), None),
+            Ok(PathBuf::from("/etc/edgesync/token"))
+        );
+        let err = resolve_file_in(base, Path::new("${CREDENTIALS_DIRECTORY}/x"), None).unwrap_err();
+        assert!(err.contains("LoadCredential="), "{err}");
+    }
+
+    #[test]
+    fn missing_kubeconfig_is_reported() {
+        let err = parse("[kubernetes]\nkubeconfig = \"nope/kubeconfig\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kubernetes.kubeconfig"), "{err}");
     }
 
     #[test]

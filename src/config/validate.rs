@@ -20,6 +20,13 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
             c.push(&n.span(), "max_concurrent_syncs", "must be at least 1");
         }
     }
+    if let Some(k) = &raw.kubernetes {
+        c.file(
+            &k.span(),
+            "kubernetes.kubeconfig".into(),
+            &k.get_ref().kubeconfig,
+        );
+    }
     if let Some(mqtt) = &raw.mqtt {
         c.mqtt(mqtt);
     }
@@ -63,9 +70,10 @@ impl Checker<'_> {
     /// Files named in the config must exist when it is loaded.
     fn file(&mut self, span: &Range<usize>, key: String, file: &Option<PathBuf>) {
         if let Some(file) = file {
-            let full = self.base.join(file);
-            if !full.is_file() {
-                self.push(span, key, format!("file {} does not exist", full.display()));
+            match super::resolve_file(self.base, file) {
+                Ok(full) if full.is_file() => {}
+                Ok(full) => self.push(span, key, format!("file {} does not exist", full.display())),
+                Err(message) => self.push(span, key, message),
             }
         }
     }

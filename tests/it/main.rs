@@ -8,6 +8,7 @@ mod fleet;
 mod git_http;
 mod git_revisions;
 mod git_ssh;
+mod install;
 mod node_targeting;
 mod prune;
 mod report;

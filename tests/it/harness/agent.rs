@@ -17,6 +17,8 @@ pub struct AgentConfig {
     node: String,
     /// The agent's HTTP listener (`/metrics`, status API), on a port of its own.
     pub http_port: u16,
+    /// `[kubernetes] kubeconfig`; the test control plane's admin kubeconfig unless set.
+    kubeconfig: Option<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -34,6 +36,7 @@ impl AgentConfig {
             sections: Vec::new(),
             node: String::new(),
             http_port: free_port(),
+            kubeconfig: None,
         }
     }
 
@@ -44,6 +47,12 @@ impl AgentConfig {
     /// Sets extra keys of `[node]`, such as `labels = { site = "plant-7" }`.
     pub fn node(mut self, keys: &str) -> Self {
         self.node = keys.to_string();
+        self
+    }
+
+    /// Sets `[kubernetes] kubeconfig` as written in the file.
+    pub fn kubeconfig(mut self, path: &str) -> Self {
+        self.kubeconfig = Some(path.to_string());
         self
     }
 
@@ -91,7 +100,9 @@ impl AgentConfig {
             "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n{}\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
             self.dir.path().join("state").display(),
             self.node,
-            cluster().kubeconfig.display(),
+            self.kubeconfig
+                .clone()
+                .unwrap_or_else(|| cluster().kubeconfig.display().to_string()),
             self.http_port,
             self.sections.join("\n")
         );
