@@ -340,14 +340,21 @@ async fn check_config_and_render_commands() {
         "{stderr}"
     );
 
-    // The shipped example configurations are valid.
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    for entry in std::fs::read_dir(examples).unwrap() {
-        let path = entry.unwrap().path();
+    // The shipped example configurations, and the package's, are valid once the credentials
+    // they name (a kubeconfig) are where systemd's LoadCredential= puts them.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("kubeconfig"), "").unwrap();
+    let examples = std::fs::read_dir(root.join("config")).unwrap();
+    let paths = examples
+        .map(|e| e.unwrap().path())
+        .chain([root.join("packaging/config.toml")]);
+    for path in paths {
         let out = std::process::Command::new(crate::harness::agent::BIN)
             .arg("--config")
             .arg(&path)
             .arg("check-config")
+            .env("CREDENTIALS_DIRECTORY", credentials.path())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
