@@ -46,8 +46,12 @@ pub enum Command {
     /// Render a directory as the agent would and print the objects as one multi-document
     /// YAML stream.
     Render {
-        /// Directory holding manifests.
+        /// Directory holding manifests or a kustomization.
         path: PathBuf,
+        /// The checkout root that files may not leave (default: the enclosing Git work tree,
+        /// or PATH itself outside one).
+        #[arg(long)]
+        root: Option<PathBuf>,
     },
     /// Validate the configuration file and exit non-zero if it is invalid.
     CheckConfig,
@@ -110,8 +114,8 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } else {
             ExitCode::FAILURE
         }),
-        Command::Render { path } => {
-            render_to_stdout(path)?;
+        Command::Render { path, root } => {
+            render_to_stdout(path, root.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
@@ -176,7 +180,7 @@ fn render_root(path: &Path) -> PathBuf {
 /// Prints what each Argo CD manifest under `path` becomes; false if any could not be read.
 fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     use crate::fleet::argo::{self, FleetObject};
-    let manifests = render_path(path)?;
+    let manifests = render_path(path, None)?;
     let mut ok = true;
     for object in &manifests.objects {
         match argo::parse(object) {
@@ -218,17 +222,28 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
 }
 
 /// Renders a directory given on the command line, inside its Git work tree.
-fn render_path(path: &Path) -> anyhow::Result<render::Manifests> {
+fn render_path(path: &Path, root: Option<&Path>) -> anyhow::Result<render::Manifests> {
     let path = path
         .canonicalize()
         .with_context(|| format!("cannot open {}", path.display()))?;
-    let root = render_root(&path);
+    let root = match root {
+        Some(root) => root
+            .canonicalize()
+            .with_context(|| format!("cannot open {}", root.display()))?,
+        None => render_root(&path),
+    };
+    anyhow::ensure!(
+        path.starts_with(&root),
+        "{} is not inside {}",
+        path.display(),
+        root.display()
+    );
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
     Ok(render::render(&root, rel)?)
 }
 
-fn render_to_stdout(path: &Path) -> anyhow::Result<()> {
-    let manifests = render_path(path)?;
+fn render_to_stdout(path: &Path, root: Option<&Path>) -> anyhow::Result<()> {
+    let manifests = render_path(path, root)?;
     let yaml = render::to_yaml_stream(manifests.objects.iter().map(|o| &o.value))
         .context("cannot write YAML")?;
     print!("{yaml}");

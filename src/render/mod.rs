@@ -1,10 +1,11 @@
 //! Render stage: turns a [`Snapshot`](crate::source::Snapshot)'s directory into [`Manifests`],
 //! the plain Kubernetes objects to apply. Pure apart from reading files inside the checkout.
 //!
-//! Kustomize and Helm arrive in their own modules; for now a `kustomization.yaml` is refused
-//! with a clear error instead of being applied as plain YAML.
+//! A directory with a `kustomization.yaml` is built by the native Kustomize engine
+//! ([`kustomize`]); any other directory is read as plain manifests.
 
 mod directory;
+pub mod kustomize;
 mod yaml;
 
 use std::path::{Path, PathBuf};
@@ -16,8 +17,6 @@ pub use yaml::{parse_documents, to_yaml_stream};
 
 /// Largest manifest file accepted; anything bigger is almost certainly not a manifest.
 pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
-
-const KUSTOMIZATION_FILES: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "Kustomization"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -42,8 +41,8 @@ pub enum RenderError {
         document: usize,
         message: String,
     },
-    #[error("{path}: Kustomize is not yet supported; render a plain directory instead")]
-    KustomizeNotSupported { path: PathBuf },
+    #[error("{path}: {message}")]
+    Kustomize { path: PathBuf, message: String },
 }
 
 impl RenderError {
@@ -55,7 +54,7 @@ impl RenderError {
             RenderError::TooLarge { .. } => "render_too_large",
             RenderError::Yaml { .. } | RenderError::Json { .. } => "render_parse",
             RenderError::InvalidObject { .. } => "render_invalid_object",
-            RenderError::KustomizeNotSupported { .. } => "render_unsupported",
+            RenderError::Kustomize { .. } => "render_kustomize",
         }
     }
 }
@@ -127,14 +126,8 @@ pub struct Manifests {
 /// Renders `app_path` inside the checkout at `root`.
 pub fn render(root: &Path, app_path: &Path) -> Result<Manifests, RenderError> {
     let dir = directory::contained_path(root, app_path)?;
-    if let Some(k) = KUSTOMIZATION_FILES
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-    {
-        return Err(RenderError::KustomizeNotSupported {
-            path: k.strip_prefix(root).unwrap_or(&k).to_path_buf(),
-        });
+    if kustomize::kustomization_file(&dir).is_some() {
+        return kustomize::build(root, &dir);
     }
     render_directory(root, &dir)
 }

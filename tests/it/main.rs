@@ -9,6 +9,7 @@ mod git_http;
 mod git_revisions;
 mod git_ssh;
 mod install;
+mod kustomize;
 mod node_targeting;
 mod prune;
 mod report;

@@ -1,0 +1,430 @@
+//! A native Kustomize engine: builds a directory holding a `kustomization.yaml` into the same
+//! objects, in the same order, as `kustomize build` (v5). Everything is read from inside the
+//! repository checkout; anything kustomize does that this engine does not is an error naming the
+//! field and the file, never a silently different result.
+//!
+//! The pipeline follows kustomize's: each kustomization accumulates its resources (files and
+//! nested kustomizations) and components, runs its generators, then its transformers in
+//! kustomize's fixed order. Only at the top, generated names get their hash suffix and name
+//! references (ConfigMap refs in pods, ServiceAccount subjects, ...) follow renamed objects.
+
+mod fieldspec;
+mod generator;
+mod nameref;
+mod patch;
+mod resource;
+mod smp;
+mod transform;
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{into_objects, Manifests, Object, RenderError, MAX_FILE_BYTES};
+use resource::{Res, ResMap};
+
+/// File names kustomize looks for, in its order.
+pub const KUSTOMIZATION_FILES: [&str; 3] =
+    ["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+/// Nesting deeper than this is almost certainly a cycle through symlinks or a hostile repo.
+const MAX_DEPTH: usize = 64;
+/// Total objects one build may produce.
+const MAX_OBJECTS: usize = 50_000;
+
+/// Finds the kustomization file in `dir`, if any; more than one is an error, as in kustomize.
+pub fn kustomization_file(dir: &Path) -> Option<PathBuf> {
+    KUSTOMIZATION_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
+/// Builds the kustomization in `dir` (inside the checkout at `root`).
+pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
+    let root = root.canonicalize().map_err(|source| RenderError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let mut builder = Builder {
+        root: &root,
+        stack: Vec::new(),
+    };
+    let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
+    generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
+    nameref::fix(&mut resmap).map_err(|m| builder.error(dir, m))?;
+    resmap.sort_legacy();
+    Ok(Manifests {
+        objects: resmap
+            .into_iter()
+            .map(|r| Object {
+                value: r.obj,
+                origin: r.origin,
+            })
+            .collect(),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Kustomization,
+    Component,
+}
+
+/// The fields of a Kustomization (`kustomize.config.k8s.io/v1beta1`) and a Component
+/// (`v1alpha1`). Unknown fields are errors, as in kustomize.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Kustomization {
+    #[allow(dead_code)]
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[allow(dead_code)]
+    metadata: Option<Value>,
+    #[serde(default)]
+    resources: Vec<String>,
+    #[serde(default)]
+    bases: Vec<String>,
+    #[serde(default)]
+    components: Vec<String>,
+    namespace: Option<String>,
+    name_prefix: Option<String>,
+    name_suffix: Option<String>,
+    #[serde(default)]
+    common_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    labels: Vec<transform::LabelSet>,
+    #[serde(default)]
+    common_annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    images: Vec<transform::Image>,
+    #[serde(default)]
+    replicas: Vec<transform::Replica>,
+    #[serde(default)]
+    patches: Vec<patch::PatchEntry>,
+    #[serde(default)]
+    patches_strategic_merge: Vec<String>,
+    #[serde(default, rename = "patchesJson6902")]
+    patches_json6902: Vec<patch::PatchEntry>,
+    #[serde(default)]
+    config_map_generator: Vec<generator::GeneratorArgs>,
+    #[serde(default)]
+    secret_generator: Vec<generator::GeneratorArgs>,
+    generator_options: Option<generator::GeneratorOptions>,
+    /// Only adds origin annotations, which edgesync does not write.
+    #[serde(default)]
+    #[allow(dead_code)]
+    build_metadata: Vec<String>,
+    sort_options: Option<Value>,
+    // Fields kustomize has and this engine refuses by name.
+    replacements: Option<Value>,
+    vars: Option<Value>,
+    crds: Option<Value>,
+    configurations: Option<Value>,
+    generators: Option<Value>,
+    transformers: Option<Value>,
+    validators: Option<Value>,
+    helm_charts: Option<Value>,
+    helm_globals: Option<Value>,
+    helm_chart_inflation_generator: Option<Value>,
+    openapi: Option<Value>,
+    images_from: Option<Value>,
+}
+
+impl Kustomization {
+    fn unsupported(&self) -> Option<&'static str> {
+        [
+            (self.replacements.is_some(), "replacements"),
+            (self.vars.is_some(), "vars"),
+            (self.crds.is_some(), "crds"),
+            (self.configurations.is_some(), "configurations"),
+            (
+                self.generators.is_some(),
+                "generators (KRM functions and plugins)",
+            ),
+            (
+                self.transformers.is_some(),
+                "transformers (KRM functions and plugins)",
+            ),
+            (self.validators.is_some(), "validators"),
+            (self.helm_charts.is_some(), "helmCharts"),
+            (self.helm_globals.is_some(), "helmGlobals"),
+            (
+                self.helm_chart_inflation_generator.is_some(),
+                "helmChartInflationGenerator",
+            ),
+            (self.openapi.is_some(), "openapi"),
+            (self.images_from.is_some(), "imagesFrom"),
+            (self.sort_options.is_some(), "sortOptions"),
+        ]
+        .into_iter()
+        .find(|(set, _)| *set)
+        .map(|(_, name)| name)
+    }
+}
+
+struct Builder<'a> {
+    root: &'a Path,
+    /// Kustomization directories being built, to refuse cycles.
+    stack: Vec<PathBuf>,
+}
+
+impl Builder<'_> {
+    fn rel<'p>(&self, path: &'p Path) -> &'p Path {
+        path.strip_prefix(self.root).unwrap_or(path)
+    }
+
+    fn error(&self, path: &Path, message: impl Into<String>) -> RenderError {
+        RenderError::Kustomize {
+            path: self.rel(path).to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds the kustomization or component in `dir`. A component transforms `input`, the
+    /// resources its parent accumulated so far; a kustomization starts from nothing.
+    fn kustomization(
+        &mut self,
+        dir: &Path,
+        kind: Kind,
+        input: ResMap,
+    ) -> Result<ResMap, RenderError> {
+        let file = kustomization_file(dir).ok_or_else(|| {
+            self.error(
+                dir,
+                "no kustomization.yaml, kustomization.yml or Kustomization in this directory",
+            )
+        })?;
+        let found: Vec<_> = KUSTOMIZATION_FILES
+            .iter()
+            .filter(|f| dir.join(f).is_file())
+            .collect();
+        if found.len() > 1 {
+            return Err(self.error(dir, "found multiple kustomization files"));
+        }
+        if self.stack.iter().any(|d| d == dir) {
+            return Err(self.error(&file, "cycle: this kustomization includes itself"));
+        }
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(self.error(&file, format!("nested deeper than {MAX_DEPTH} levels")));
+        }
+        let k = self.read_kustomization(&file, kind)?;
+        self.stack.push(dir.to_path_buf());
+        let result = self.accumulate(dir, &file, &k, input);
+        self.stack.pop();
+        result
+    }
+
+    fn read_kustomization(&self, file: &Path, kind: Kind) -> Result<Kustomization, RenderError> {
+        let text = self.read(file)?;
+        let docs = super::parse_documents(&text, self.rel(file))?;
+        let doc = match docs
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .collect::<Vec<_>>()
+        {
+            docs if docs.is_empty() => Value::Object(Default::default()),
+            mut docs if docs.len() == 1 => docs.remove(0),
+            _ => return Err(self.error(file, "holds more than one YAML document")),
+        };
+        let k: Kustomization = serde_json::from_value(doc)
+            .map_err(|e| self.error(file, format!("invalid kustomization: {e}")))?;
+        if let Some(field) = k.unsupported() {
+            return Err(self.error(
+                file,
+                format!(
+                    "`{field}` is not supported by edgesync's Kustomize engine; set \
+                     `kustomize_fallback` on the app to build it with an external kustomize"
+                ),
+            ));
+        }
+        let expected = match kind {
+            Kind::Kustomization => "Kustomization",
+            Kind::Component => "Component",
+        };
+        match k.kind.as_deref() {
+            None | Some("") if kind == Kind::Kustomization => {}
+            Some(found) if found == expected => {}
+            found => {
+                return Err(self.error(
+                    file,
+                    format!(
+                        "kind is {}, expected {expected}",
+                        found.unwrap_or("missing")
+                    ),
+                ))
+            }
+        }
+        Ok(k)
+    }
+
+    fn accumulate(
+        &mut self,
+        dir: &Path,
+        file: &Path,
+        k: &Kustomization,
+        mut resmap: ResMap,
+    ) -> Result<ResMap, RenderError> {
+        for entry in k.bases.iter().chain(&k.resources) {
+            let loaded = self.resource(dir, file, entry)?;
+            resmap
+                .append_all(loaded)
+                .map_err(|m| self.error(file, format!("resources: {m}")))?;
+        }
+        for entry in &k.components {
+            let path = self.local_path(dir, file, "components", entry)?;
+            if !path.is_dir() {
+                return Err(self.error(file, format!("components: {entry} is not a directory")));
+            }
+            resmap = self.kustomization(&path, Kind::Component, resmap)?;
+        }
+        let ctx = Ctx {
+            builder: self,
+            dir,
+            file,
+        };
+        generator::run(&ctx, k, &mut resmap)?;
+        patch::strategic_merge_files(&ctx, &k.patches_strategic_merge, &mut resmap)?;
+        patch::patches(&ctx, &k.patches, &mut resmap)?;
+        if let Some(ns) = k.namespace.as_deref().filter(|ns| !ns.is_empty()) {
+            transform::namespace(&mut resmap, ns);
+        }
+        transform::prefix_suffix(
+            &mut resmap,
+            k.name_prefix.as_deref().unwrap_or(""),
+            k.name_suffix.as_deref().unwrap_or(""),
+        );
+        transform::labels(&mut resmap, &k.common_labels, &k.labels)
+            .map_err(|m| ctx.error(format!("labels: {m}")))?;
+        transform::annotations(&mut resmap, &k.common_annotations);
+        patch::json6902_entries(&ctx, &k.patches_json6902, &mut resmap)?;
+        transform::replicas(&mut resmap, &k.replicas);
+        transform::images(&mut resmap, &k.images);
+        if resmap.len() > MAX_OBJECTS {
+            return Err(self.error(file, format!("more than {MAX_OBJECTS} objects")));
+        }
+        Ok(resmap)
+    }
+
+    /// One `resources` (or `bases`) entry: a file of objects or a directory with a
+    /// kustomization of its own.
+    fn resource(&mut self, dir: &Path, file: &Path, entry: &str) -> Result<ResMap, RenderError> {
+        if is_remote(entry) {
+            return Err(self.error(
+                file,
+                format!("resources: {entry} is a remote resource; edgesync builds only from the app's repository"),
+            ));
+        }
+        let path = self.local_path(dir, file, "resources", entry)?;
+        if path.is_dir() {
+            return self.kustomization(&path, Kind::Kustomization, ResMap::default());
+        }
+        let text = self.read(&path)?;
+        let rel = self.rel(&path).to_path_buf();
+        let docs = super::parse_documents(&text, &rel)?;
+        let mut objects = Vec::new();
+        for (index, doc) in docs.into_iter().enumerate() {
+            into_objects(doc, &rel, index, &mut objects)?;
+        }
+        let mut resmap = ResMap::default();
+        for o in objects {
+            resmap
+                .append(Res::new(o.value, o.origin))
+                .map_err(|m| self.error(&path, m))?;
+        }
+        Ok(resmap)
+    }
+
+    /// Resolves `entry` relative to `dir`, refusing anything that leaves the checkout.
+    fn local_path(
+        &self,
+        dir: &Path,
+        file: &Path,
+        field: &str,
+        entry: &str,
+    ) -> Result<PathBuf, RenderError> {
+        let joined = dir.join(entry);
+        // Lexically first: `../` beyond the root must fail even when the target exists.
+        let mut normal = PathBuf::new();
+        for c in joined.components() {
+            match c {
+                Component::ParentDir => {
+                    normal.pop();
+                }
+                Component::CurDir => {}
+                other => normal.push(other),
+            }
+        }
+        let outside = || {
+            self.error(
+                file,
+                format!("{field}: {entry} is outside the repository checkout"),
+            )
+        };
+        if !normal.starts_with(self.root) {
+            return Err(outside());
+        }
+        let resolved = joined.canonicalize().map_err(|_| {
+            self.error(
+                file,
+                format!(
+                    "{field}: {entry} does not exist ({})",
+                    self.rel(&normal).display()
+                ),
+            )
+        })?;
+        if !resolved.starts_with(self.root) {
+            return Err(outside());
+        }
+        Ok(resolved)
+    }
+
+    fn read(&self, path: &Path) -> Result<String, RenderError> {
+        let io = |source| RenderError::Io {
+            path: self.rel(path).to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(RenderError::TooLarge {
+                path: self.rel(path).to_path_buf(),
+                size: meta.len(),
+                max: MAX_FILE_BYTES,
+            });
+        }
+        std::fs::read_to_string(path).map_err(io)
+    }
+}
+
+/// What generators and patches need from the kustomization being built.
+pub(super) struct Ctx<'a, 'b> {
+    builder: &'a Builder<'b>,
+    dir: &'a Path,
+    file: &'a Path,
+}
+
+impl Ctx<'_, '_> {
+    fn error(&self, message: impl Into<String>) -> RenderError {
+        self.builder.error(self.file, message)
+    }
+
+    /// Reads a file named by the kustomization (a patch, a generator source).
+    fn read_file(&self, field: &str, entry: &str) -> Result<(PathBuf, String), RenderError> {
+        let path = self.builder.local_path(self.dir, self.file, field, entry)?;
+        if path.is_dir() {
+            return Err(self.error(format!("{field}: {entry} is a directory, not a file")));
+        }
+        let text = self.builder.read(&path)?;
+        Ok((self.builder.rel(&path).to_path_buf(), text))
+    }
+}
+
+fn is_remote(entry: &str) -> bool {
+    entry.contains("://")
+        || entry.starts_with("git@")
+        || entry.starts_with("github.com/")
+        || entry.starts_with("gitlab.com/")
+        || entry.starts_with("bitbucket.org/")
+}

@@ -1,0 +1,269 @@
+//! Name references: when kustomize renames an object (prefix, suffix, hash, namespace), every
+//! field that refers to it by name follows, as kustomize's name-reference table lists them:
+//! ConfigMap and Secret refs in pod specs, ServiceAccounts in pods and RoleBinding subjects,
+//! roleRefs, HPA scale targets, Services in Ingresses, PVCs, PriorityClasses, and so on.
+
+use serde_json::Value;
+
+use super::fieldspec::visit;
+use super::resource::{is_cluster_scoped, Res, ResMap};
+
+/// Where pod specs live, by kind.
+const POD_SPECS: [(&str, &str); 8] = [
+    ("Pod", "spec"),
+    ("Deployment", "spec/template/spec"),
+    ("ReplicaSet", "spec/template/spec"),
+    ("DaemonSet", "spec/template/spec"),
+    ("StatefulSet", "spec/template/spec"),
+    ("Job", "spec/template/spec"),
+    ("ReplicationController", "spec/template/spec"),
+    ("CronJob", "spec/jobTemplate/spec/template/spec"),
+];
+
+const CONTAINER_LISTS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
+
+/// Name fields inside a pod spec, by the kind they name.
+fn pod_spec_fields(kind: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    match kind {
+        "ConfigMap" => {
+            out.push("volumes/configMap/name".to_string());
+            out.push("volumes/projected/sources/configMap/name".to_string());
+            for c in CONTAINER_LISTS {
+                out.push(format!("{c}/env/valueFrom/configMapKeyRef/name"));
+                out.push(format!("{c}/envFrom/configMapRef/name"));
+            }
+        }
+        "Secret" => {
+            out.push("volumes/secret/secretName".to_string());
+            out.push("volumes/projected/sources/secret/name".to_string());
+            out.push("imagePullSecrets/name".to_string());
+            for c in CONTAINER_LISTS {
+                out.push(format!("{c}/env/valueFrom/secretKeyRef/name"));
+                out.push(format!("{c}/envFrom/secretRef/name"));
+            }
+        }
+        "ServiceAccount" => out.push("serviceAccountName".to_string()),
+        "PersistentVolumeClaim" => out.push("volumes/persistentVolumeClaim/claimName".to_string()),
+        "PriorityClass" => out.push("priorityClassName".to_string()),
+        _ => {}
+    }
+    out
+}
+
+/// Other name fields, by the kind they name: (referrer kind, path).
+fn other_fields(kind: &str) -> &'static [(&'static str, &'static str)] {
+    match kind {
+        "Secret" => &[
+            ("ServiceAccount", "imagePullSecrets/name"),
+            ("ServiceAccount", "secrets/name"),
+            ("Ingress", "spec/tls/secretName"),
+        ],
+        "Service" => &[
+            ("Ingress", "spec/rules/http/paths/backend/service/name"),
+            ("Ingress", "spec/defaultBackend/service/name"),
+            ("Ingress", "spec/rules/http/paths/backend/serviceName"),
+            ("Ingress", "spec/backend/serviceName"),
+            ("StatefulSet", "spec/serviceName"),
+            ("APIService", "spec/service/name"),
+            (
+                "ValidatingWebhookConfiguration",
+                "webhooks/clientConfig/service/name",
+            ),
+            (
+                "MutatingWebhookConfiguration",
+                "webhooks/clientConfig/service/name",
+            ),
+        ],
+        "StorageClass" => &[
+            ("PersistentVolumeClaim", "spec/storageClassName"),
+            ("PersistentVolume", "spec/storageClassName"),
+            (
+                "StatefulSet",
+                "spec/volumeClaimTemplates/spec/storageClassName",
+            ),
+        ],
+        "PersistentVolume" => &[("PersistentVolumeClaim", "spec/volumeName")],
+        "IngressClass" => &[("Ingress", "spec/ingressClassName")],
+        _ => &[],
+    }
+}
+
+const REFERENCED: [&str; 9] = [
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "PersistentVolumeClaim",
+    "PriorityClass",
+    "Service",
+    "StorageClass",
+    "PersistentVolume",
+    "IngressClass",
+];
+
+/// A renamed object, as references see it.
+struct Target {
+    kind: String,
+    namespace: String,
+    name: String,
+    names: Vec<(String, String)>,
+    /// Prefixes and suffixes it got, to tell copies of one base apart.
+    affixes: (Vec<String>, Vec<String>),
+}
+
+/// Points every reference at the current name of the object it named.
+pub fn fix(resmap: &mut ResMap) -> Result<(), String> {
+    let targets: Vec<Target> = resmap
+        .iter()
+        .filter(|r| !r.history.is_empty())
+        .map(|r| Target {
+            kind: r.kind().to_string(),
+            namespace: r.namespace().to_string(),
+            name: r.name().to_string(),
+            names: r
+                .all_names()
+                .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                .collect(),
+            affixes: (r.prefixes.clone(), r.suffixes.clone()),
+        })
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    for r in resmap.iter_mut() {
+        fix_referrer(r, &targets);
+    }
+    Ok(())
+}
+
+/// The new name for a reference to `kind` named `name` from namespace `ns`, if it was renamed.
+/// When one base was included twice under different prefixes, the copy with the referrer's
+/// own prefixes and suffixes wins.
+fn resolve<'a>(
+    targets: &'a [Target],
+    kind: &str,
+    ns: &str,
+    name: &str,
+    affixes: &(Vec<String>, Vec<String>),
+) -> Option<&'a Target> {
+    let mut candidates: Vec<&Target> = targets
+        .iter()
+        .filter(|t| t.kind == kind && t.names.iter().any(|(_, n)| n == name))
+        .collect();
+    if candidates.len() > 1 {
+        let same: Vec<&Target> = candidates
+            .iter()
+            .copied()
+            .filter(|t| &t.affixes == affixes)
+            .collect();
+        if !same.is_empty() {
+            candidates = same;
+        }
+    }
+    // A reference that already names an object by its current name stays.
+    if candidates
+        .iter()
+        .any(|t| t.name == name && t.namespace == ns)
+    {
+        return None;
+    }
+    candidates
+        .iter()
+        .find(|t| is_cluster_scoped(kind) || t.namespace == ns)
+        .or_else(|| {
+            candidates
+                .iter()
+                .find(|t| t.names.iter().any(|(n_ns, n)| n == name && n_ns == ns))
+        })
+        .copied()
+}
+
+fn fix_referrer(r: &mut Res, targets: &[Target]) {
+    let kind = r.kind().to_string();
+    let ns = r.namespace().to_string();
+    let affixes = (r.prefixes.clone(), r.suffixes.clone());
+    let rename = |value: &mut Value, target_kind: &str| {
+        if let Value::String(name) = value {
+            if let Some(t) = resolve(targets, target_kind, &ns, name, &affixes) {
+                *name = t.name.clone();
+            }
+        }
+    };
+    for target_kind in REFERENCED {
+        if let Some((_, prefix)) = POD_SPECS.iter().find(|(k, _)| *k == kind) {
+            for field in pod_spec_fields(target_kind) {
+                let path = format!("{prefix}/{field}");
+                visit(&mut r.obj, &path, false, &mut |v| rename(v, target_kind));
+            }
+        }
+        for (referrer, path) in other_fields(target_kind) {
+            if *referrer == kind {
+                visit(&mut r.obj, path, false, &mut |v| rename(v, target_kind));
+            }
+        }
+    }
+    match kind.as_str() {
+        "RoleBinding" | "ClusterRoleBinding" => {
+            if let Some(Value::Object(role_ref)) = r.obj.get_mut("roleRef") {
+                let k = role_ref.get("kind").and_then(Value::as_str).unwrap_or("");
+                let k = k.to_string();
+                let scope = if k == "Role" {
+                    ns.clone()
+                } else {
+                    String::new()
+                };
+                if let Some(Value::String(name)) = role_ref.get_mut("name") {
+                    if let Some(t) = resolve(targets, &k, &scope, name, &affixes) {
+                        *name = t.name.clone();
+                    }
+                }
+            }
+            if let Some(Value::Array(subjects)) = r.obj.get_mut("subjects") {
+                for s in subjects.iter_mut().filter_map(Value::as_object_mut) {
+                    if s.get("kind").and_then(Value::as_str) != Some("ServiceAccount") {
+                        continue;
+                    }
+                    let subject_ns = s
+                        .get("namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&ns)
+                        .to_string();
+                    let Some(name) = s.get("name").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    let found = targets.iter().find(|t| {
+                        t.kind == "ServiceAccount"
+                            && t.names.iter().any(|(n_ns, n)| {
+                                n == name && (n_ns == &subject_ns || n_ns.is_empty())
+                            })
+                    });
+                    if let Some(t) = found {
+                        s.insert("name".into(), Value::String(t.name.clone()));
+                        if s.contains_key("namespace") || !t.namespace.is_empty() {
+                            s.insert("namespace".into(), Value::String(t.namespace.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        "HorizontalPodAutoscaler" => {
+            if let Some(Value::Object(target)) = r
+                .obj
+                .get_mut("spec")
+                .and_then(|s| s.get_mut("scaleTargetRef"))
+            {
+                let k = target
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(Value::String(name)) = target.get_mut("name") {
+                    if let Some(t) = resolve(targets, &k, &ns, name, &affixes) {
+                        *name = t.name.clone();
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}

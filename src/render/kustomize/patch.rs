@@ -1,0 +1,403 @@
+//! `patches`, `patchesStrategicMerge` and `patchesJson6902`: strategic merge patches and JSON
+//! patches (RFC 6902), applied to the objects a target selector picks or, for a strategic merge
+//! patch without a target, to the one object it names.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::resource::{Res, ResMap};
+use super::smp::{self, Outcome};
+use super::Ctx;
+use crate::render::RenderError;
+
+/// One entry of `patches` or `patchesJson6902`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PatchEntry {
+    path: Option<String>,
+    patch: Option<String>,
+    target: Option<Selector>,
+    /// kustomize needs these to let a patch rename an object; edgesync always lets it, and
+    /// references follow the new name.
+    #[allow(dead_code)]
+    options: Option<PatchOptions>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PatchOptions {
+    #[serde(default)]
+    allow_name_change: bool,
+    #[serde(default)]
+    allow_kind_change: bool,
+}
+
+/// A target selector. Name and namespace are anchored regular expressions, as in kustomize.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Selector {
+    group: Option<String>,
+    version: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    label_selector: Option<String>,
+    annotation_selector: Option<String>,
+}
+
+enum Content {
+    Strategic(Vec<Map<String, Value>>),
+    Json6902(json_patch::Patch),
+}
+
+pub(super) fn patches(
+    ctx: &Ctx,
+    entries: &[PatchEntry],
+    resmap: &mut ResMap,
+) -> Result<(), RenderError> {
+    for (i, entry) in entries.iter().enumerate() {
+        let field = format!("patches[{i}]");
+        let (source, content) = load(ctx, &field, entry)?;
+        match (&entry.target, content) {
+            (Some(sel), content) => {
+                let targets = select(ctx, &field, sel, resmap)?;
+                apply_to(ctx, &field, &source, &content, &targets, resmap)?;
+            }
+            (None, Content::Strategic(docs)) => {
+                for doc in docs {
+                    strategic_by_name(ctx, &field, &source, doc, resmap)?;
+                }
+            }
+            (None, Content::Json6902(_)) => {
+                return Err(ctx.error(format!(
+                    "{field}: {source} is a JSON patch, which needs a target"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The legacy `patchesStrategicMerge`: file names or inline patches.
+pub(super) fn strategic_merge_files(
+    ctx: &Ctx,
+    entries: &[String],
+    resmap: &mut ResMap,
+) -> Result<(), RenderError> {
+    for (i, entry) in entries.iter().enumerate() {
+        let field = format!("patchesStrategicMerge[{i}]");
+        let inline = entry.contains('\n') || entry.trim_start().starts_with('{');
+        let (source, text) = if inline {
+            ("(inline patch)".to_string(), entry.clone())
+        } else {
+            let (path, text) = ctx.read_file(&field, entry)?;
+            (path.display().to_string(), text)
+        };
+        match parse(ctx, &field, &source, &text)? {
+            Content::Strategic(docs) => {
+                for doc in docs {
+                    strategic_by_name(ctx, &field, &source, doc, resmap)?;
+                }
+            }
+            Content::Json6902(_) => {
+                return Err(ctx.error(format!(
+                    "{field}: {source} is a JSON patch; list it under patches with a target"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The legacy `patchesJson6902`: a target and a JSON patch.
+pub(super) fn json6902_entries(
+    ctx: &Ctx,
+    entries: &[PatchEntry],
+    resmap: &mut ResMap,
+) -> Result<(), RenderError> {
+    for (i, entry) in entries.iter().enumerate() {
+        let field = format!("patchesJson6902[{i}]");
+        let sel = entry
+            .target
+            .as_ref()
+            .ok_or_else(|| ctx.error(format!("{field}: target is required")))?;
+        let (source, content) = load(ctx, &field, entry)?;
+        let targets = select(ctx, &field, sel, resmap)?;
+        apply_to(ctx, &field, &source, &content, &targets, resmap)?;
+    }
+    Ok(())
+}
+
+fn load(ctx: &Ctx, field: &str, entry: &PatchEntry) -> Result<(String, Content), RenderError> {
+    let (source, text) = match (&entry.path, &entry.patch) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.error(format!("{field}: give path or patch, not both")))
+        }
+        (Some(path), None) => {
+            let (p, text) = ctx.read_file(field, path)?;
+            (p.display().to_string(), text)
+        }
+        (None, Some(inline)) => ("(inline patch)".to_string(), inline.clone()),
+        (None, None) => return Err(ctx.error(format!("{field}: path or patch is required"))),
+    };
+    let content = parse(ctx, field, &source, &text)?;
+    Ok((source, content))
+}
+
+fn parse(ctx: &Ctx, field: &str, source: &str, text: &str) -> Result<Content, RenderError> {
+    let docs = crate::render::parse_documents(text, std::path::Path::new(source))?;
+    let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    if let [Value::Array(_)] = docs.as_slice() {
+        let patch: json_patch::Patch = serde_json::from_value(docs[0].clone())
+            .map_err(|e| ctx.error(format!("{field}: {source}: invalid JSON patch: {e}")))?;
+        return Ok(Content::Json6902(patch));
+    }
+    let mut maps = Vec::new();
+    for doc in docs {
+        match doc {
+            Value::Object(m) => maps.push(m),
+            other => return Err(ctx.error(format!(
+                "{field}: {source}: a patch must be a mapping or a list of operations, found {}",
+                if other.is_array() {
+                    "several lists"
+                } else {
+                    "a scalar"
+                }
+            ))),
+        }
+    }
+    if maps.is_empty() {
+        return Err(ctx.error(format!("{field}: {source} is empty")));
+    }
+    Ok(Content::Strategic(maps))
+}
+
+/// A strategic merge patch without a target applies to the one object it names.
+fn strategic_by_name(
+    ctx: &Ctx,
+    field: &str,
+    source: &str,
+    doc: Map<String, Value>,
+    resmap: &mut ResMap,
+) -> Result<(), RenderError> {
+    let probe = Res::new(doc.clone(), source.to_string());
+    let (kind, group, name, ns) = (probe.kind(), probe.group(), probe.name(), probe.namespace());
+    if kind.is_empty() || name.is_empty() {
+        return Err(ctx.error(format!(
+            "{field}: {source}: a patch without a target needs kind and metadata.name"
+        )));
+    }
+    let matches: Vec<usize> = (0..resmap.len())
+        .filter(|&i| {
+            resmap.iter().nth(i).is_some_and(|r| {
+                r.kind() == kind
+                    && r.group() == group
+                    && r.all_names()
+                        .any(|(rns, rn)| rn == name && (ns.is_empty() || rns == ns))
+            })
+        })
+        .collect();
+    if matches.len() != 1 {
+        return Err(ctx.error(format!(
+            "{field}: {source}: {} for the patch's {}; a patch without a target must name exactly \
+             one object of the resources (kustomize: failed to find unique target for patch)",
+            if matches.is_empty() {
+                "no object matches"
+            } else {
+                "several objects match"
+            },
+            probe.id()
+        )));
+    }
+    apply_to(
+        ctx,
+        field,
+        source,
+        &Content::Strategic(vec![doc]),
+        &matches,
+        resmap,
+    )
+}
+
+fn apply_to(
+    ctx: &Ctx,
+    field: &str,
+    source: &str,
+    content: &Content,
+    targets: &[usize],
+    resmap: &mut ResMap,
+) -> Result<(), RenderError> {
+    let mut deleted = Vec::new();
+    for &i in targets {
+        let Some(r) = resmap.get_mut(i) else { continue };
+        let (old_name, old_ns) = (r.name().to_string(), r.namespace().to_string());
+        match content {
+            Content::Strategic(docs) => {
+                for doc in docs {
+                    let mut doc = doc.clone();
+                    // The patch's own kind and name only select the target; they do not
+                    // change it.
+                    doc.remove("apiVersion");
+                    doc.remove("kind");
+                    if let Some(Value::Object(meta)) = doc.get_mut("metadata") {
+                        meta.remove("name");
+                        meta.remove("namespace");
+                    }
+                    if smp::apply(&mut r.obj, &doc) == Outcome::Delete {
+                        deleted.push(i);
+                    }
+                }
+            }
+            Content::Json6902(patch) => {
+                let mut value = Value::Object(std::mem::take(&mut r.obj));
+                let result = json_patch::patch(&mut value, patch);
+                if let Value::Object(m) = value {
+                    r.obj = m;
+                }
+                result.map_err(|e| ctx.error(format!("{field}: {source} on {}: {e}", r.id())))?;
+            }
+        }
+        // A rename by patch is remembered, so references can follow it.
+        if r.name() != old_name || r.namespace() != old_ns {
+            r.history.push((old_ns, old_name));
+        }
+    }
+    deleted.sort_unstable();
+    for i in deleted.into_iter().rev() {
+        resmap.remove(i);
+    }
+    Ok(())
+}
+
+fn select(
+    ctx: &Ctx,
+    field: &str,
+    sel: &Selector,
+    resmap: &ResMap,
+) -> Result<Vec<usize>, RenderError> {
+    let anchored =
+        |pattern: &Option<String>, what: &str| -> Result<Option<regex_lite::Regex>, RenderError> {
+            match pattern.as_deref().filter(|p| !p.is_empty()) {
+                None => Ok(None),
+                Some(p) => regex_lite::Regex::new(&format!("^(?:{p})$"))
+                    .map(Some)
+                    .map_err(|e| ctx.error(format!("{field}: target.{what} {p:?}: {e}"))),
+            }
+        };
+    let name = anchored(&sel.name, "name")?;
+    let namespace = anchored(&sel.namespace, "namespace")?;
+    let group = anchored(&sel.group, "group")?;
+    let version = anchored(&sel.version, "version")?;
+    let kind = anchored(&sel.kind, "kind")?;
+    let is =
+        |re: &Option<regex_lite::Regex>, have: &str| re.as_ref().is_none_or(|re| re.is_match(have));
+    let labels = parse_selector(ctx, field, "labelSelector", &sel.label_selector)?;
+    let annotations = parse_selector(ctx, field, "annotationSelector", &sel.annotation_selector)?;
+    Ok(resmap
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            is(&group, r.group())
+                && is(&version, r.version())
+                && is(&kind, r.kind())
+                && name
+                    .as_ref()
+                    .is_none_or(|re| r.all_names().any(|(_, n)| re.is_match(n)))
+                && namespace
+                    .as_ref()
+                    .is_none_or(|re| re.is_match(r.namespace()))
+                && labels.iter().all(|req| req.matches(meta_map(r, "labels")))
+                && annotations
+                    .iter()
+                    .all(|req| req.matches(meta_map(r, "annotations")))
+        })
+        .map(|(i, _)| i)
+        .collect())
+}
+
+fn meta_map<'a>(r: &'a Res, field: &str) -> Option<&'a Map<String, Value>> {
+    r.obj.get("metadata")?.get(field)?.as_object()
+}
+
+/// One requirement of a Kubernetes label selector.
+enum Requirement {
+    Eq(String, String),
+    NotEq(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+impl Requirement {
+    fn matches(&self, labels: Option<&Map<String, Value>>) -> bool {
+        let get = |k: &str| labels.and_then(|m| m.get(k)).and_then(Value::as_str);
+        match self {
+            Requirement::Eq(k, v) => get(k) == Some(v.as_str()),
+            Requirement::NotEq(k, v) => get(k) != Some(v.as_str()),
+            Requirement::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            Requirement::NotIn(k, vs) => get(k).is_none_or(|x| !vs.iter().any(|v| v == x)),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::NotExists(k) => get(k).is_none(),
+        }
+    }
+}
+
+fn parse_selector(
+    ctx: &Ctx,
+    field: &str,
+    what: &str,
+    text: &Option<String>,
+) -> Result<Vec<Requirement>, RenderError> {
+    let Some(text) = text.as_deref().filter(|t| !t.trim().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let bad = || {
+        ctx.error(format!(
+            "{field}: target.{what} {text:?} is not a valid selector"
+        ))
+    };
+    // Split on commas outside parentheses.
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    let set = |s: &str| -> Option<Vec<String>> {
+        let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
+        Some(inner.split(',').map(|v| v.trim().to_string()).collect())
+    };
+    let mut out = Vec::new();
+    for part in parts {
+        let p = part.trim();
+        let req = if let Some((k, v)) = p.split_once("!=") {
+            Requirement::NotEq(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = p.split_once("==") {
+            Requirement::Eq(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = p.split_once('=') {
+            Requirement::Eq(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = p.split_once(" notin ") {
+            Requirement::NotIn(k.trim().into(), set(v).ok_or_else(bad)?)
+        } else if let Some((k, v)) = p.split_once(" in ") {
+            Requirement::In(k.trim().into(), set(v).ok_or_else(bad)?)
+        } else if let Some(k) = p.strip_prefix('!') {
+            Requirement::NotExists(k.trim().into())
+        } else if !p.is_empty() && !p.contains(' ') {
+            Requirement::Exists(p.into())
+        } else {
+            return Err(bad());
+        };
+        out.push(req);
+    }
+    Ok(out)
+}

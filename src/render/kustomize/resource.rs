@@ -1,0 +1,324 @@
+//! Resources as kustomize tracks them: the object, where it came from, the names it had before
+//! (so references can follow a rename), and how a generator made it.
+
+use serde_json::{Map, Value};
+
+/// How a generated ConfigMap or Secret meets one of the same name from a base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behavior {
+    Create,
+    Merge,
+    Replace,
+}
+
+#[derive(Debug, Clone)]
+pub struct Res {
+    pub obj: Map<String, Value>,
+    pub origin: String,
+    /// Earlier (namespace, name) pairs, oldest first; the current one is not included.
+    pub history: Vec<(String, String)>,
+    /// Set for objects made by a generator that still need their hash suffix.
+    pub needs_hash: bool,
+    pub behavior: Option<Behavior>,
+    /// Prefixes and suffixes applied so far, innermost first.
+    pub prefixes: Vec<String>,
+    pub suffixes: Vec<String>,
+}
+
+impl Res {
+    pub fn new(obj: Map<String, Value>, origin: String) -> Res {
+        Res {
+            obj,
+            origin,
+            history: Vec::new(),
+            needs_hash: false,
+            behavior: None,
+            prefixes: Vec::new(),
+            suffixes: Vec::new(),
+        }
+    }
+
+    pub fn str(&self, key: &str) -> &str {
+        self.obj.get(key).and_then(Value::as_str).unwrap_or("")
+    }
+    pub fn kind(&self) -> &str {
+        self.str("kind")
+    }
+    pub fn api_version(&self) -> &str {
+        self.str("apiVersion")
+    }
+    pub fn group(&self) -> &str {
+        self.api_version().rsplit_once('/').map_or("", |(g, _)| g)
+    }
+    pub fn version(&self) -> &str {
+        let v = self.api_version();
+        v.rsplit_once('/').map_or(v, |(_, v)| v)
+    }
+    fn meta(&self, key: &str) -> &str {
+        self.obj
+            .get("metadata")
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+    pub fn name(&self) -> &str {
+        self.meta("name")
+    }
+    pub fn namespace(&self) -> &str {
+        self.meta("namespace")
+    }
+    pub fn metadata_mut(&mut self) -> &mut Map<String, Value> {
+        let meta = self
+            .obj
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !meta.is_object() {
+            *meta = Value::Object(Map::new());
+        }
+        match meta {
+            Value::Object(m) => m,
+            _ => unreachable!("metadata was made a mapping above"),
+        }
+    }
+
+    /// Renames the object, remembering the old name for references.
+    pub fn set_name(&mut self, name: String) {
+        self.remember();
+        self.metadata_mut()
+            .insert("name".into(), Value::String(name));
+    }
+
+    pub fn set_namespace(&mut self, ns: &str) {
+        if self.namespace() == ns {
+            return;
+        }
+        self.remember();
+        self.metadata_mut()
+            .insert("namespace".into(), Value::String(ns.to_string()));
+    }
+
+    fn remember(&mut self) {
+        let current = (self.namespace().to_string(), self.name().to_string());
+        if self.history.last() != Some(&current) {
+            self.history.push(current);
+        }
+    }
+
+    /// Every name this object has had, oldest first, the current one last.
+    pub fn all_names(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.history
+            .iter()
+            .map(|(ns, n)| (ns.as_str(), n.as_str()))
+            .chain(std::iter::once((self.namespace(), self.name())))
+    }
+
+    /// `Kind.version.group/name.namespace`, as kustomize prints ids in its errors.
+    pub fn id(&self) -> String {
+        let group = if self.group().is_empty() {
+            "[noGrp]"
+        } else {
+            self.group()
+        };
+        let ns = if self.namespace().is_empty() {
+            "[noNs]"
+        } else {
+            self.namespace()
+        };
+        format!(
+            "{}.{}.{}/{}.{}",
+            self.kind(),
+            self.version(),
+            group,
+            self.name(),
+            ns
+        )
+    }
+
+    fn same_id(&self, other: &Res) -> bool {
+        self.group() == other.group()
+            && self.kind() == other.kind()
+            && self.name() == other.name()
+            && self.namespace() == other.namespace()
+    }
+}
+
+/// Resources in the order kustomize accumulated them.
+#[derive(Debug, Default)]
+pub struct ResMap {
+    items: Vec<Res>,
+}
+
+impl ResMap {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Adds a resource; the same group, kind, namespace and name twice is an error, as in
+    /// kustomize ("may not add resource with an already registered id").
+    pub fn append(&mut self, res: Res) -> Result<(), String> {
+        if let Some(existing) = self.items.iter().find(|r| r.same_id(&res)) {
+            return Err(format!(
+                "may not add resource with an already registered id: {} (from {} and {})",
+                res.id(),
+                existing.origin,
+                res.origin
+            ));
+        }
+        self.items.push(res);
+        Ok(())
+    }
+
+    pub fn append_all(&mut self, other: ResMap) -> Result<(), String> {
+        for r in other.items {
+            self.append(r)?;
+        }
+        Ok(())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Res> {
+        self.items.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Res> {
+        self.items.iter_mut()
+    }
+
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut Res> {
+        self.items.get_mut(index)
+    }
+
+    pub fn position(&self, f: impl Fn(&Res) -> bool) -> Option<usize> {
+        self.items.iter().position(f)
+    }
+
+    pub fn remove(&mut self, index: usize) -> Res {
+        self.items.remove(index)
+    }
+
+    pub fn into_iter(self) -> impl Iterator<Item = Res> {
+        self.items.into_iter()
+    }
+
+    /// kustomize's default ("legacy") output order: a fixed list of kinds first (Namespace,
+    /// CRDs, RBAC, ConfigMaps, Services, workloads, ...), webhook configurations last, all
+    /// other kinds in between; ties by group, version and kind, then namespace and name.
+    pub fn sort_legacy(&mut self) {
+        self.items.sort_by_cached_key(|r| {
+            (
+                kind_rank(r.kind()),
+                gvk_string(r),
+                ns_for_sort(r.namespace()),
+                r.name().to_string(),
+            )
+        });
+    }
+}
+
+const ORDER_FIRST: [&str; 22] = [
+    "Namespace",
+    "ResourceQuota",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "PodSecurityPolicy",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ConfigMap",
+    "Secret",
+    "Endpoints",
+    "Service",
+    "LimitRange",
+    "PriorityClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "Deployment",
+    "StatefulSet",
+    "CronJob",
+    "PodDisruptionBudget",
+];
+const ORDER_LAST: [&str; 2] = [
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+];
+
+fn kind_rank(kind: &str) -> i64 {
+    if let Some(i) = ORDER_FIRST.iter().position(|k| *k == kind) {
+        return i as i64 - ORDER_FIRST.len() as i64;
+    }
+    if let Some(i) = ORDER_LAST.iter().position(|k| *k == kind) {
+        return 1 + i as i64;
+    }
+    0
+}
+
+/// kustomize's Gvk string: `group_version_kind`, `~G`/`~V` standing in for empty parts, so
+/// the core group sorts after named groups.
+fn gvk_string(r: &Res) -> String {
+    let or = |s: &str, empty: &str| {
+        if s.is_empty() {
+            empty.to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    format!(
+        "{}_{}_{}",
+        or(r.group(), "~G"),
+        or(r.version(), "~V"),
+        or(r.kind(), "~K")
+    )
+}
+
+fn ns_for_sort(ns: &str) -> String {
+    if ns.is_empty() {
+        "~X".to_string()
+    } else {
+        ns.to_string()
+    }
+}
+
+/// Kinds that are not namespaced, among the built-in APIs; anything else (custom resources
+/// included) is treated as namespaced, as kustomize does without an OpenAPI schema.
+pub fn is_cluster_scoped(kind: &str) -> bool {
+    matches!(
+        kind,
+        "Namespace"
+            | "Node"
+            | "PersistentVolume"
+            | "ClusterRole"
+            | "ClusterRoleBinding"
+            | "CustomResourceDefinition"
+            | "StorageClass"
+            | "PriorityClass"
+            | "ValidatingWebhookConfiguration"
+            | "MutatingWebhookConfiguration"
+            | "ValidatingAdmissionPolicy"
+            | "ValidatingAdmissionPolicyBinding"
+            | "MutatingAdmissionPolicy"
+            | "MutatingAdmissionPolicyBinding"
+            | "APIService"
+            | "CSIDriver"
+            | "CSINode"
+            | "VolumeAttachment"
+            | "RuntimeClass"
+            | "IngressClass"
+            | "PodSecurityPolicy"
+            | "CertificateSigningRequest"
+            | "ComponentStatus"
+            | "FlowSchema"
+            | "PriorityLevelConfiguration"
+            | "StorageVersionMigration"
+            | "SelfSubjectReview"
+            | "TokenReview"
+            | "SubjectAccessReview"
+            | "SelfSubjectAccessReview"
+            | "SelfSubjectRulesReview"
+            | "ClusterTrustBundle"
+            | "DeviceClass"
+            | "IPAddress"
+            | "ServiceCIDR"
+            | "VolumeAttributesClass"
+    )
+}

@@ -1,0 +1,433 @@
+//! kustomize's built-in transformers that need no files: namespace, name prefix and suffix,
+//! labels, annotations, replicas and images.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::fieldspec::{fs, fsg, visit, FieldSpec};
+use super::resource::{is_cluster_scoped, ResMap};
+
+/// Sets the namespace of every namespaced object, renames Namespace objects to it, and moves
+/// the service references of APIServices and webhook configurations along.
+pub fn namespace(resmap: &mut ResMap, ns: &str) {
+    for r in resmap.iter_mut() {
+        let kind = r.kind().to_string();
+        if kind == "Namespace" {
+            if r.name() != ns {
+                r.set_name(ns.to_string());
+            }
+            continue;
+        }
+        if !is_cluster_scoped(&kind) {
+            r.set_namespace(ns);
+        }
+        let path = match kind.as_str() {
+            "APIService" => "spec/service",
+            "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" => {
+                "webhooks/clientConfig/service"
+            }
+            _ => continue,
+        };
+        visit(&mut r.obj, path, false, &mut |service| {
+            if let Some(m) = service.as_object_mut() {
+                if m.contains_key("namespace") {
+                    m.insert("namespace".into(), Value::String(ns.to_string()));
+                }
+            }
+        });
+    }
+}
+
+/// Adds `prefix` and `suffix` to every name, except the kinds kustomize leaves alone.
+pub fn prefix_suffix(resmap: &mut ResMap, prefix: &str, suffix: &str) {
+    if prefix.is_empty() && suffix.is_empty() {
+        return;
+    }
+    for r in resmap.iter_mut() {
+        if matches!(
+            r.kind(),
+            "CustomResourceDefinition" | "APIService" | "Namespace"
+        ) {
+            continue;
+        }
+        let name = format!("{prefix}{}{suffix}", r.name());
+        r.set_name(name);
+        if !prefix.is_empty() {
+            r.prefixes.push(prefix.to_string());
+        }
+        if !suffix.is_empty() {
+            r.suffixes.push(suffix.to_string());
+        }
+    }
+}
+
+/// One entry of `labels`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LabelSet {
+    #[serde(default)]
+    pairs: BTreeMap<String, String>,
+    #[serde(default)]
+    include_selectors: bool,
+    #[serde(default)]
+    include_templates: bool,
+    #[serde(default)]
+    fields: Vec<CustomField>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CustomField {
+    path: String,
+    #[serde(default)]
+    create: bool,
+    group: Option<String>,
+    version: Option<String>,
+    kind: Option<String>,
+}
+
+const WORKLOADS: [&str; 6] = [
+    "ReplicationController",
+    "Deployment",
+    "ReplicaSet",
+    "DaemonSet",
+    "StatefulSet",
+    "Job",
+];
+
+/// Pod templates' metadata, where labels and annotations reach running pods.
+const TEMPLATE_LABELS: [FieldSpec; 9] = [
+    fs(
+        "ReplicationController",
+        "spec/template/metadata/labels",
+        true,
+    ),
+    fs("Deployment", "spec/template/metadata/labels", true),
+    fs("ReplicaSet", "spec/template/metadata/labels", true),
+    fs("DaemonSet", "spec/template/metadata/labels", true),
+    fs("StatefulSet", "spec/template/metadata/labels", true),
+    fs("Job", "spec/template/metadata/labels", true),
+    fs("CronJob", "spec/jobTemplate/metadata/labels", true),
+    fs(
+        "CronJob",
+        "spec/jobTemplate/spec/template/metadata/labels",
+        true,
+    ),
+    fs(
+        "StatefulSet",
+        "spec/volumeClaimTemplates/metadata/labels",
+        true,
+    ),
+];
+
+/// Selectors that must keep matching the labelled pods.
+const SELECTOR_LABELS: [FieldSpec; 31] = [
+    fs("Service", "spec/selector", true),
+    fs("ReplicationController", "spec/selector", true),
+    fs("Deployment", "spec/selector/matchLabels", true),
+    fs("ReplicaSet", "spec/selector/matchLabels", true),
+    fs("DaemonSet", "spec/selector/matchLabels", true),
+    fs("StatefulSet", "spec/selector/matchLabels", true),
+    fs("Job", "spec/selector/matchLabels", false),
+    fs(
+        "CronJob",
+        "spec/jobTemplate/spec/selector/matchLabels",
+        false,
+    ),
+    fs("PodDisruptionBudget", "spec/selector/matchLabels", false),
+    fs("NetworkPolicy", "spec/podSelector/matchLabels", false),
+    fs(
+        "NetworkPolicy",
+        "spec/ingress/from/podSelector/matchLabels",
+        false,
+    ),
+    fs(
+        "NetworkPolicy",
+        "spec/egress/to/podSelector/matchLabels",
+        false,
+    ),
+    fsg("apps", "Deployment", AFFINITY_1, false),
+    fsg("apps", "Deployment", AFFINITY_2, false),
+    fsg("apps", "Deployment", ANTI_AFFINITY_1, false),
+    fsg("apps", "Deployment", ANTI_AFFINITY_2, false),
+    fsg("apps", "Deployment", TOPOLOGY, false),
+    fsg("apps", "ReplicaSet", AFFINITY_1, false),
+    fsg("apps", "ReplicaSet", AFFINITY_2, false),
+    fsg("apps", "ReplicaSet", ANTI_AFFINITY_1, false),
+    fsg("apps", "ReplicaSet", ANTI_AFFINITY_2, false),
+    fsg("apps", "ReplicaSet", TOPOLOGY, false),
+    fsg("apps", "DaemonSet", AFFINITY_1, false),
+    fsg("apps", "DaemonSet", AFFINITY_2, false),
+    fsg("apps", "DaemonSet", ANTI_AFFINITY_1, false),
+    fsg("apps", "DaemonSet", ANTI_AFFINITY_2, false),
+    fsg("apps", "StatefulSet", AFFINITY_1, false),
+    fsg("apps", "StatefulSet", AFFINITY_2, false),
+    fsg("apps", "StatefulSet", ANTI_AFFINITY_1, false),
+    fsg("apps", "StatefulSet", ANTI_AFFINITY_2, false),
+    fsg("apps", "StatefulSet", TOPOLOGY, false),
+];
+
+const AFFINITY_1: &str = "spec/template/spec/affinity/podAffinity/preferredDuringSchedulingIgnoredDuringExecution/podAffinityTerm/labelSelector/matchLabels";
+const AFFINITY_2: &str = "spec/template/spec/affinity/podAffinity/requiredDuringSchedulingIgnoredDuringExecution/labelSelector/matchLabels";
+const ANTI_AFFINITY_1: &str = "spec/template/spec/affinity/podAntiAffinity/preferredDuringSchedulingIgnoredDuringExecution/podAffinityTerm/labelSelector/matchLabels";
+const ANTI_AFFINITY_2: &str = "spec/template/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution/labelSelector/matchLabels";
+const TOPOLOGY: &str = "spec/template/spec/topologySpreadConstraints/labelSelector/matchLabels";
+
+/// `commonLabels` (metadata, templates and selectors) and `labels` (metadata, and templates or
+/// selectors when asked).
+pub fn labels(
+    resmap: &mut ResMap,
+    common: &BTreeMap<String, String>,
+    sets: &[LabelSet],
+) -> Result<(), String> {
+    if !common.is_empty() {
+        let specs: Vec<FieldSpec> = std::iter::once(fs("", "metadata/labels", true))
+            .chain(TEMPLATE_LABELS)
+            .chain(SELECTOR_LABELS)
+            .collect();
+        add_pairs(resmap, common, &specs, &[]);
+    }
+    for set in sets {
+        let mut specs = vec![fs("", "metadata/labels", true)];
+        if set.include_templates || set.include_selectors {
+            specs.extend(TEMPLATE_LABELS);
+        }
+        if set.include_selectors {
+            specs.extend(SELECTOR_LABELS);
+        }
+        for f in &set.fields {
+            if f.version.is_some() && f.kind.is_none() {
+                return Err(format!("fields: {} names a version without a kind", f.path));
+            }
+        }
+        add_pairs(resmap, &set.pairs, &specs, &set.fields);
+    }
+    Ok(())
+}
+
+fn add_pairs(
+    resmap: &mut ResMap,
+    pairs: &BTreeMap<String, String>,
+    specs: &[FieldSpec],
+    custom: &[CustomField],
+) {
+    for r in resmap.iter_mut() {
+        let (group, kind) = (r.group().to_string(), r.kind().to_string());
+        let version = r.version().to_string();
+        let mut paths: Vec<(&str, bool)> = specs
+            .iter()
+            .filter(|s| s.applies(&group, &kind))
+            .map(|s| (s.path, s.create))
+            .collect();
+        for f in custom {
+            let matches = f.kind.as_deref().is_none_or(|k| k == kind)
+                && f.group.as_deref().is_none_or(|g| g == group)
+                && f.version.as_deref().is_none_or(|v| v == version);
+            if matches {
+                paths.push((f.path.as_str(), f.create));
+            }
+        }
+        for (path, create) in paths {
+            visit(&mut r.obj, path, create, &mut |v| merge_strings(v, pairs));
+        }
+    }
+}
+
+fn merge_strings(target: &mut Value, pairs: &BTreeMap<String, String>) {
+    if target.is_null() {
+        *target = Value::Object(Map::new());
+    }
+    if let Some(m) = target.as_object_mut() {
+        for (k, v) in pairs {
+            m.insert(k.clone(), Value::String(v.clone()));
+        }
+    }
+}
+
+const TEMPLATE_ANNOTATIONS: [&str; 2] = [
+    "spec/template/metadata/annotations",
+    "spec/jobTemplate/spec/template/metadata/annotations",
+];
+
+/// `commonAnnotations`: metadata and pod templates.
+pub fn annotations(resmap: &mut ResMap, common: &BTreeMap<String, String>) {
+    if common.is_empty() {
+        return;
+    }
+    for r in resmap.iter_mut() {
+        let kind = r.kind().to_string();
+        visit(&mut r.obj, "metadata/annotations", true, &mut |v| {
+            merge_strings(v, common)
+        });
+        if WORKLOADS.contains(&kind.as_str()) {
+            visit(&mut r.obj, TEMPLATE_ANNOTATIONS[0], true, &mut |v| {
+                merge_strings(v, common)
+            });
+        } else if kind == "CronJob" {
+            visit(
+                &mut r.obj,
+                "spec/jobTemplate/metadata/annotations",
+                true,
+                &mut |v| merge_strings(v, common),
+            );
+            visit(&mut r.obj, TEMPLATE_ANNOTATIONS[1], true, &mut |v| {
+                merge_strings(v, common)
+            });
+        }
+    }
+}
+
+/// One entry of `replicas`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replica {
+    name: String,
+    count: i64,
+}
+
+const REPLICA_KINDS: [&str; 4] = [
+    "Deployment",
+    "ReplicationController",
+    "ReplicaSet",
+    "StatefulSet",
+];
+
+/// Sets `spec.replicas` of the workloads named (by any name they have had).
+pub fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
+    for rep in replicas {
+        for r in resmap.iter_mut() {
+            if !REPLICA_KINDS.contains(&r.kind()) {
+                continue;
+            }
+            if !r.all_names().any(|(_, n)| n == rep.name) {
+                continue;
+            }
+            visit(&mut r.obj, "spec", true, &mut |spec| {
+                if let Some(m) = spec.as_object_mut() {
+                    m.insert("replicas".into(), Value::from(rep.count));
+                }
+            });
+        }
+    }
+}
+
+/// One entry of `images`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Image {
+    name: String,
+    new_name: Option<String>,
+    new_tag: Option<String>,
+    digest: Option<String>,
+}
+
+/// Rewrites container images: every `containers`, `initContainers` and `ephemeralContainers`
+/// list anywhere in an object, as kustomize's image transformer does.
+pub fn images(resmap: &mut ResMap, images: &[Image]) {
+    if images.is_empty() {
+        return;
+    }
+    for r in resmap.iter_mut() {
+        for value in r.obj.values_mut() {
+            walk_containers(value, images);
+        }
+    }
+}
+
+fn walk_containers(value: &mut Value, images: &[Image]) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                if matches!(
+                    key.as_str(),
+                    "containers" | "initContainers" | "ephemeralContainers"
+                ) {
+                    if let Value::Array(items) = child {
+                        for item in items.iter_mut() {
+                            if let Some(Value::String(image)) = item.get_mut("image") {
+                                if let Some(new) = rewrite_image(image, images) {
+                                    *image = new;
+                                }
+                            }
+                        }
+                    }
+                }
+                walk_containers(child, images);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                walk_containers(item, images);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Splits `name[:tag][@digest]`; a `:` before the last `/` belongs to a registry port.
+fn split_image(image: &str) -> (&str, Option<&str>, Option<&str>) {
+    let (rest, digest) = match image.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (image, None),
+    };
+    let slash = rest.rfind('/').map_or(0, |i| i + 1);
+    match rest[slash..].find(':') {
+        Some(i) => (&rest[..slash + i], Some(&rest[slash + i + 1..]), digest),
+        None => (rest, None, digest),
+    }
+}
+
+fn rewrite_image(image: &str, images: &[Image]) -> Option<String> {
+    let (name, tag, digest) = split_image(image);
+    let rule = images.iter().find(|i| i.name == name)?;
+    let new_name = rule.new_name.as_deref().unwrap_or(name);
+    let mut out = new_name.to_string();
+    if let Some(d) = &rule.digest {
+        out.push('@');
+        out.push_str(d);
+    } else if let Some(t) = &rule.new_tag {
+        out.push(':');
+        out.push_str(t);
+    } else {
+        if let Some(t) = tag {
+            out.push(':');
+            out.push_str(t);
+        }
+        if let Some(d) = digest {
+            out.push('@');
+            out.push_str(d);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_with_registry_ports_tags_and_digests() {
+        assert_eq!(
+            split_image("my.reg:5000/team/app:v1"),
+            ("my.reg:5000/team/app", Some("v1"), None)
+        );
+        assert_eq!(
+            split_image("nginx@sha256:abc"),
+            ("nginx", None, Some("sha256:abc"))
+        );
+        assert_eq!(split_image("nginx"), ("nginx", None, None));
+        let rules = vec![Image {
+            name: "nginx".into(),
+            new_name: None,
+            new_tag: Some("2.0".into()),
+            digest: None,
+        }];
+        assert_eq!(
+            rewrite_image("nginx@sha256:abc", &rules).as_deref(),
+            Some("nginx:2.0")
+        );
+        assert_eq!(rewrite_image("docker.io/nginx:1", &rules), None);
+    }
+}
