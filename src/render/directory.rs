@@ -212,14 +212,30 @@ mod tests {
     }
 
     #[test]
-    fn missing_path_and_kustomization_are_clear_errors() {
+    fn missing_path_is_a_clear_error_and_a_kustomization_is_built_not_read() {
         let tmp = tempfile::tempdir().unwrap();
         assert!(matches!(
             render(tmp.path(), Path::new("nope")),
             Err(RenderError::PathNotFound { .. })
         ));
-        write(tmp.path(), "k/kustomization.yaml", "resources: []\n");
-        let err = render(tmp.path(), Path::new("k")).unwrap_err().to_string();
-        assert!(err.contains("not yet supported"), "{err}");
+        // A plain read would apply the patch file as an object of its own.
+        write(
+            tmp.path(),
+            "k/kustomization.yaml",
+            "resources: [cm.yaml]\npatches: [{path: patch.yaml}]\n",
+        );
+        write(
+            tmp.path(),
+            "k/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+        );
+        write(
+            tmp.path(),
+            "k/patch.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
+        );
+        let m = render(tmp.path(), Path::new("k")).unwrap();
+        assert_eq!(m.objects.len(), 1);
+        assert_eq!(m.objects[0].value["data"]["a"], "b");
     }
 }

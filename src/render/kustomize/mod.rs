@@ -428,3 +428,83 @@ fn is_remote(entry: &str) -> bool {
         || entry.starts_with("gitlab.com/")
         || entry.starts_with("bitbucket.org/")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let path = root.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    fn build_err(root: &Path, dir: &str) -> String {
+        build(root, &root.join(dir)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn paths_never_leave_the_checkout() {
+        let outer = tempfile::tempdir().unwrap();
+        let root = outer.path().join("repo");
+        write(
+            outer.path(),
+            "secret.yaml",
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n",
+        );
+        write(
+            &root,
+            "app/kustomization.yaml",
+            "resources: [../../secret.yaml]\n",
+        );
+        let err = build_err(&root, "app");
+        assert!(err.contains("outside the repository checkout"), "{err}");
+
+        std::os::unix::fs::symlink(outer.path().join("secret.yaml"), root.join("app/link.yaml"))
+            .unwrap();
+        write(&root, "app/kustomization.yaml", "resources: [link.yaml]\n");
+        let err = build_err(&root, "app");
+        assert!(err.contains("outside the repository checkout"), "{err}");
+
+        write(
+            &root,
+            "app/kustomization.yaml",
+            "patches: [{path: ../../secret.yaml}]\n",
+        );
+        let err = build_err(&root, "app");
+        assert!(err.contains("outside the repository checkout"), "{err}");
+    }
+
+    #[test]
+    fn remote_resources_and_cycles_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(
+            root,
+            "a/kustomization.yaml",
+            "resources: [https://github.com/org/repo//deploy?ref=v1]\n",
+        );
+        let err = build_err(root, "a");
+        assert!(
+            err.contains("remote resource") && err.contains("a/kustomization.yaml"),
+            "{err}"
+        );
+
+        write(root, "b/kustomization.yaml", "resources: [../c]\n");
+        write(root, "c/kustomization.yaml", "resources: [../b]\n");
+        let err = build_err(root, "b");
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_fields_are_named_with_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "k/kustomization.yaml", "replacements: []\n");
+        let err = build_err(tmp.path(), "k");
+        assert!(
+            err.contains("`replacements`") && err.contains("k/kustomization.yaml"),
+            "{err}"
+        );
+    }
+}

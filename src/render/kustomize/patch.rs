@@ -157,14 +157,16 @@ fn parse(ctx: &Ctx, field: &str, source: &str, text: &str) -> Result<Content, Re
     for doc in docs {
         match doc {
             Value::Object(m) => maps.push(m),
-            other => return Err(ctx.error(format!(
+            other => {
+                return Err(ctx.error(format!(
                 "{field}: {source}: a patch must be a mapping or a list of operations, found {}",
                 if other.is_array() {
                     "several lists"
                 } else {
                     "a scalar"
                 }
-            ))),
+            )))
+            }
         }
     }
     if maps.is_empty() {

@@ -243,7 +243,7 @@ mod tests {
     }
 
     #[test]
-    fn containers_merge_by_name_and_null_deletes() {
+    fn keyed_lists_merge_patch_elements_first_and_null_deletes() {
         let out = patched(
             json!({"spec": {"containers": [{"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}]},
                                             {"name": "b", "image": "y"}]}}),
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(
             out,
             json!({"spec": {"containers": [
-                {"name": "a", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]},
+                {"name": "a", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "1"}]},
                 {"name": "c", "image": "z"}]}})
         );
     }
