@@ -10,8 +10,13 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+
 use crate::harness::agent::BIN;
 use crate::harness::cluster::repo_root;
+use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
+use crate::skeleton::{wait_available, write_web_app};
 
 struct Case {
     fixture: PathBuf,
@@ -137,4 +142,95 @@ fn every_fixture_builds_exactly_as_kubectl_kustomize() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// An app whose path holds a kustomization overlay syncs end to end on the real control plane:
+/// the prefix, the generated ConfigMap's hashed name and the reference to it all arrive.
+#[tokio::test]
+async fn kustomize_overlay_app_applies_end_to_end() {
+    let ns = TestNamespace::reserve("kustomize").await;
+    let repo = GitRepo::new();
+    write_web_app(&repo, "nginx:1.27", "from-base");
+    repo.write(
+        "deploy/web/kustomization.yaml",
+        "resources: [deployment.yaml, service.yaml]\nconfigMapGenerator:\n  - name: web-config\n    literals: [greeting=from-generator]\n",
+    );
+    repo.write(
+        "deploy/web/deployment.yaml",
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: nginx:1.27
+          env:
+            - name: GREETING
+              valueFrom:
+                configMapKeyRef: {name: web-config, key: greeting}
+"#,
+    );
+    repo.write(
+        "deploy/overlays/edge/kustomization.yaml",
+        &format!(
+            "resources: [../../web]\nnamespace: {}\nnamePrefix: edge-\nreplicas:\n  - name: web\n    count: 2\nimages:\n  - name: nginx\n    newTag: \"1.27.1\"\n",
+            ns.name
+        ),
+    );
+    let sha = repo.commit("kustomize overlay");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"edge-web\"\nrepo = \"{url}\"\npath = \"deploy/overlays/edge\"\nnamespace = \"{}\"\ncreate_namespace = true",
+            ns.name
+        ));
+    let _agent = Agent::start(&config);
+    config.wait_applied("edge-web", &sha).await;
+
+    // What kubectl kustomize makes of the same directory is exactly what was applied.
+    let reference = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo.path.join("deploy/overlays/edge"))
+        .output()
+        .unwrap();
+    assert!(reference.status.success());
+    let docs = documents(&String::from_utf8_lossy(&reference.stdout), "kubectl").unwrap();
+    let cm_name = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(cm_name.starts_with("edge-web-config-"), "{cm_name}");
+
+    let cm = ns.api::<ConfigMap>().get(&cm_name).await.unwrap();
+    assert_eq!(cm.data.unwrap()["greeting"], "from-generator");
+    let deployment = wait_available(&ns, "edge-web").await;
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("nginx:1.27.1"));
+    let env = &container.env.as_ref().unwrap()[0];
+    let key_ref = env
+        .value_from
+        .as_ref()
+        .unwrap()
+        .config_map_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(key_ref.name, cm_name);
+    assert!(ns
+        .api::<Deployment>()
+        .get_opt("web")
+        .await
+        .unwrap()
+        .is_none());
 }
