@@ -12,9 +12,11 @@ mod fieldspec;
 mod generator;
 mod nameref;
 mod patch;
+mod replacement;
 mod resource;
 mod smp;
 mod transform;
+mod vars;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -51,10 +53,12 @@ pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
     let mut builder = Builder {
         root: &root,
         stack: Vec::new(),
+        vars: Vec::new(),
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
     nameref::fix(&mut resmap).map_err(|m| builder.error(dir, m))?;
+    vars::resolve(&mut resmap, &builder.vars).map_err(|m| builder.error(dir, m))?;
     resmap.sort_legacy();
     Ok(Manifests {
         objects: resmap
@@ -118,9 +122,11 @@ struct Kustomization {
     #[allow(dead_code)]
     build_metadata: Vec<String>,
     sort_options: Option<Value>,
+    #[serde(default)]
+    replacements: Vec<replacement::ReplacementEntry>,
     // Fields kustomize has and this engine refuses by name.
-    replacements: Option<Value>,
-    vars: Option<Value>,
+    #[serde(default)]
+    vars: Vec<vars::Var>,
     crds: Option<Value>,
     configurations: Option<Value>,
     generators: Option<Value>,
@@ -136,8 +142,6 @@ struct Kustomization {
 impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
-            (self.replacements.is_some(), "replacements"),
-            (self.vars.is_some(), "vars"),
             (self.crds.is_some(), "crds"),
             (self.configurations.is_some(), "configurations"),
             (
@@ -169,6 +173,8 @@ struct Builder<'a> {
     root: &'a Path,
     /// Kustomization directories being built, to refuse cycles.
     stack: Vec<PathBuf>,
+    /// `vars` of every kustomization built, resolved at the end.
+    vars: Vec<vars::Var>,
 }
 
 impl Builder<'_> {
@@ -273,6 +279,7 @@ impl Builder<'_> {
                 .append_all(loaded)
                 .map_err(|m| self.error(file, format!("resources: {m}")))?;
         }
+        vars::collect(&mut self.vars, &k.vars).map_err(|m| self.error(file, m))?;
         for entry in &k.components {
             let path = self.local_path(dir, file, "components", entry)?;
             if !path.is_dir() {
@@ -302,6 +309,7 @@ impl Builder<'_> {
         patch::json6902_entries(&ctx, &k.patches_json6902, &mut resmap)?;
         transform::replicas(&mut resmap, &k.replicas);
         transform::images(&mut resmap, &k.images);
+        replacement::run(&ctx, &k.replacements, &mut resmap)?;
         if resmap.len() > MAX_OBJECTS {
             return Err(self.error(file, format!("more than {MAX_OBJECTS} objects")));
         }
@@ -500,10 +508,14 @@ mod tests {
     #[test]
     fn unsupported_fields_are_named_with_the_file() {
         let tmp = tempfile::tempdir().unwrap();
-        write(tmp.path(), "k/kustomization.yaml", "replacements: []\n");
+        write(
+            tmp.path(),
+            "k/kustomization.yaml",
+            "openapi: {path: schema.json}\n",
+        );
         let err = build_err(tmp.path(), "k");
         assert!(
-            err.contains("`replacements`") && err.contains("k/kustomization.yaml"),
+            err.contains("`openapi`") && err.contains("k/kustomization.yaml"),
             "{err}"
         );
     }

@@ -36,14 +36,14 @@ struct PatchOptions {
 /// A target selector. Name and namespace are anchored regular expressions, as in kustomize.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Selector {
-    group: Option<String>,
-    version: Option<String>,
-    kind: Option<String>,
-    name: Option<String>,
-    namespace: Option<String>,
-    label_selector: Option<String>,
-    annotation_selector: Option<String>,
+pub(super) struct Selector {
+    pub group: Option<String>,
+    pub version: Option<String>,
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub label_selector: Option<String>,
+    pub annotation_selector: Option<String>,
 }
 
 enum Content {
@@ -270,6 +270,18 @@ fn apply_to(
         resmap.remove(i);
     }
     Ok(())
+}
+
+impl Selector {
+    /// The positions of the objects this selector picks.
+    pub(super) fn select(
+        &self,
+        ctx: &Ctx,
+        field: &str,
+        resmap: &ResMap,
+    ) -> Result<Vec<usize>, RenderError> {
+        select(ctx, field, self, resmap)
+    }
 }
 
 fn select(

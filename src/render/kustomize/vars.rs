@@ -1,0 +1,176 @@
+//! The legacy `vars`: `$(NAME)` in container commands, args and env values, annotations and
+//! Ingress hosts becomes a field of another object (by default its final name). Resolved once,
+//! at the top, after names are final; an undefined `$(NAME)` stays as written, as in kustomize.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::fieldspec::visit;
+use super::resource::ResMap;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Var {
+    name: String,
+    objref: ObjRef,
+    fieldref: Option<FieldRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ObjRef {
+    kind: String,
+    name: String,
+    api_version: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FieldRef {
+    fieldpath: String,
+}
+
+const CONTAINER_FIELDS: [&str; 6] = [
+    "containers/command",
+    "containers/args",
+    "containers/env/value",
+    "initContainers/command",
+    "initContainers/args",
+    "initContainers/env/value",
+];
+
+/// Where `$(NAME)` is expanded, by kind (empty: any kind).
+fn reference_paths(kind: &str) -> Vec<String> {
+    let mut paths = vec!["metadata/annotations".to_string()];
+    let pod_spec = match kind {
+        "Pod" => Some("spec"),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => Some("spec/template/spec"),
+        "CronJob" => Some("spec/jobTemplate/spec/template/spec"),
+        _ => None,
+    };
+    if let Some(spec) = pod_spec {
+        for f in CONTAINER_FIELDS {
+            paths.push(format!("{spec}/{f}"));
+        }
+        if let Some(template) = spec.strip_suffix("/spec") {
+            paths.push(format!("{template}/metadata/annotations"));
+        }
+    }
+    if kind == "Ingress" {
+        paths.push("spec/rules/host".into());
+        paths.push("spec/tls/hosts".into());
+        paths.push("spec/tls/secretName".into());
+    }
+    paths
+}
+
+/// Adds the vars of one kustomization; a name defined twice differently is an error.
+pub fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), String> {
+    for v in new {
+        match all.iter().find(|a| a.name == v.name) {
+            Some(existing) if existing == v => {}
+            Some(_) => return Err(format!("var {} is defined twice", v.name)),
+            None => all.push(v.clone()),
+        }
+    }
+    Ok(())
+}
+
+/// Expands the vars everywhere kustomize does.
+pub fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), String> {
+    if vars.is_empty() {
+        return Ok(());
+    }
+    let mut values = Vec::new();
+    for v in vars {
+        let found: Vec<_> = resmap
+            .iter()
+            .filter(|r| {
+                r.kind() == v.objref.kind
+                    && r.all_names().any(|(_, n)| n == v.objref.name)
+                    && v.objref
+                        .api_version
+                        .as_deref()
+                        .is_none_or(|a| a == r.api_version())
+                    && v.objref
+                        .namespace
+                        .as_deref()
+                        .is_none_or(|ns| r.all_names().any(|(n_ns, _)| n_ns == ns))
+            })
+            .collect();
+        let r = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(format!(
+                    "var {}: no {} named {} among the resources",
+                    v.name, v.objref.kind, v.objref.name
+                ))
+            }
+            _ => return Err(format!("var {}: several objects match its objref", v.name)),
+        };
+        let path = v
+            .fieldref
+            .as_ref()
+            .map_or("metadata.name", |f| f.fieldpath.as_str());
+        let value = field(&Value::Object(r.obj.clone()), path)
+            .ok_or_else(|| format!("var {}: field {path} not found in {}", v.name, r.id()))?;
+        values.push((format!("$({})", v.name), value));
+    }
+    for r in resmap.iter_mut() {
+        for path in reference_paths(r.kind()) {
+            visit(&mut r.obj, &path, false, &mut |v| expand(v, &values));
+        }
+    }
+    Ok(())
+}
+
+fn expand(v: &mut Value, values: &[(String, String)]) {
+    match v {
+        Value::String(s) => {
+            for (pattern, value) in values {
+                if s.contains(pattern.as_str()) {
+                    *s = s.replace(pattern.as_str(), value);
+                }
+            }
+        }
+        Value::Object(m) => {
+            for child in m.values_mut() {
+                expand(child, values);
+            }
+        }
+        Value::Array(items) => {
+            for child in items {
+                expand(child, values);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Reads `a.b[0].c` as text.
+fn field(v: &Value, path: &str) -> Option<String> {
+    let mut cur = v;
+    for part in path.split('.') {
+        let (key, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            cur = cur.get(key)?;
+        }
+        for index in indexes.split('[').filter(|s| !s.is_empty()) {
+            cur = cur.get(index.trim_end_matches(']').parse::<usize>().ok()?)?;
+        }
+    }
+    match cur {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) => Some(cur.to_string()),
+        _ => None,
+    }
+}
