@@ -232,7 +232,8 @@ fn parse_path(path: &str) -> Vec<Step> {
 fn matches_field(v: &Value, key: &str, want: &str) -> bool {
     match v.get(key) {
         Some(Value::String(s)) => s == want,
-        Some(other @ (Value::Number(_) | Value::Bool(_))) => other.to_string() == want,
+        Some(Value::Number(n)) => want.parse::<f64>().ok() == n.as_f64(),
+        Some(Value::Bool(b)) => want.parse::<bool>().ok() == Some(*b),
         _ => false,
     }
 }
