@@ -73,6 +73,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub repositories: Vec<RepositoryConfig>,
+    /// `[variables]`: values for `${VAR}` substitution in apps that turn it on.
+    pub variables: BTreeMap<String, String>,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub fleet: Option<FleetConfig>,
     /// AppProjects from the fleet repository, by name.
@@ -309,6 +311,22 @@ pub struct AppConfig {
     /// The Argo CD AppProject whose rules apply; `default` (or none) allows everything.
     #[serde(default)]
     pub project: Option<String>,
+    /// Substitute `${VAR}` in the rendered objects (Flux's `postBuild.substitute`): `off`,
+    /// `on` (unset variables become empty) or `strict` (unset variables are errors).
+    #[serde(default)]
+    pub substitute: Substitute,
+    /// Variables for this app, over the top-level `[variables]` and the node's own.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Substitute {
+    #[default]
+    Off,
+    On,
+    Strict,
 }
 
 /// Splits apps into those whose selector matches the node's labels and those skipped.
@@ -396,6 +414,7 @@ struct RawConfig {
     #[serde(default)]
     log: LogConfig,
     fleet: Option<Spanned<FleetConfig>>,
+    variables: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
@@ -430,6 +449,18 @@ fn resolve_file_in(
         }
     }
     Ok(base.join(path))
+}
+
+impl Config {
+    /// The variables `${VAR}` substitution uses for `app`: the node's own (`NODE_NAME`,
+    /// `NODE_LABEL_<key>`), then `[variables]`, then the app's `variables`, later ones winning.
+    pub fn substitution_variables(&self, app: &AppConfig) -> BTreeMap<String, String> {
+        let mut vars =
+            crate::render::substitute::node_variables(&self.node.name, &self.node.labels);
+        vars.extend(self.variables.clone());
+        vars.extend(app.variables.clone());
+        vars
+    }
 }
 
 impl Config {
@@ -525,6 +556,7 @@ impl Config {
             http: raw.http,
             log: raw.log,
             repositories,
+            variables: raw.variables.map(Spanned::into_inner).unwrap_or_default(),
             fleet: raw.fleet.map(Spanned::into_inner),
             projects: BTreeMap::new(),
             apps,

@@ -40,6 +40,19 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
     for (i, repo) in raw.repositories.iter().enumerate() {
         c.repository(i, repo, &mut urls);
     }
+    for (name, span) in raw
+        .variables
+        .iter()
+        .flat_map(|v| v.get_ref().keys().map(move |k| (k, v.span())))
+    {
+        if !crate::render::substitute::valid_name(name) {
+            c.push(
+                &span,
+                "variables",
+                format!("{name:?} is not a variable name (letters, digits and _)"),
+            );
+        }
+    }
     let mut names = HashSet::new();
     for (i, app) in raw.apps.iter().enumerate() {
         c.app(i, app, &mut names);
@@ -223,6 +236,15 @@ impl Checker<'_> {
         if let Some(selector) = &a.node_selector {
             if let Err(e) = crate::fleet::Selector::parse(selector) {
                 self.push(&span, key("node_selector"), e.reason);
+            }
+        }
+        for name in a.variables.keys() {
+            if !crate::render::substitute::valid_name(name) {
+                self.push(
+                    &span,
+                    key("variables"),
+                    format!("{name:?} is not a variable name (letters, digits and _)"),
+                );
             }
         }
         if a.create_namespace && a.namespace.is_none() {

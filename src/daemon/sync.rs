@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::apply::{self, ApplyError, KubeApplier, ObjectFailure, ObjectRef};
-use crate::config::{AppConfig, Config, RepositoryConfig};
+use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
 use crate::report::publisher::StatusPublisher;
@@ -289,13 +289,22 @@ impl SyncContext {
         let app = app.clone();
         let sha = sha.to_string();
         let metrics = self.metrics.clone();
+        let vars =
+            (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
         blocking(move || {
             let started = Instant::now();
             let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
             if snapshot.fetched {
                 metrics.git_fetch(started.elapsed());
             }
-            let manifests = render::render(&snapshot.root, Path::new(&app.path))?;
+            let mut manifests = render::render(&snapshot.root, Path::new(&app.path))?;
+            if let Some(vars) = vars {
+                let mode = match app.substitute {
+                    Substitute::Strict => render::substitute::Mode::Strict,
+                    _ => render::substitute::Mode::Lenient,
+                };
+                render::substitute::substitute(&mut manifests.objects, &vars, mode)?;
+            }
             Ok(apply::plan(
                 &app.name,
                 app.namespace.as_deref(),

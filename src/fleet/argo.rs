@@ -345,6 +345,8 @@ impl Application {
             allow_empty: automated.allow_empty,
             node_selector: self.node_selector.clone(),
             project: Some(self.project.clone()),
+            substitute: Default::default(),
+            variables: Default::default(),
         })
     }
 }

@@ -6,6 +6,7 @@
 
 mod directory;
 pub mod kustomize;
+pub mod substitute;
 mod yaml;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,12 @@ pub enum RenderError {
     },
     #[error("{path}: {message}")]
     Kustomize { path: PathBuf, message: String },
+    #[error("substitution in {object} ({origin}): {message}")]
+    Substitution {
+        object: String,
+        origin: String,
+        message: String,
+    },
 }
 
 impl RenderError {
@@ -55,6 +62,7 @@ impl RenderError {
             RenderError::Yaml { .. } | RenderError::Json { .. } => "render_parse",
             RenderError::InvalidObject { .. } => "render_invalid_object",
             RenderError::Kustomize { .. } => "render_kustomize",
+            RenderError::Substitution { .. } => "render_substitution",
         }
     }
 }

@@ -234,3 +234,63 @@ spec:
         .unwrap()
         .is_none());
 }
+
+/// Per-node substitution, end to end: the node's name and labels and the config's variables
+/// reach the applied objects; a strict app with an unset variable fails naming it.
+#[tokio::test]
+async fn node_variables_are_substituted_after_rendering() {
+    let ns = TestNamespace::reserve("substitute").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "node/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: node-info\ndata:\n  node: ${NODE_NAME}\n  site: ${NODE_LABEL_site}\n  region: ${REGION}\n  tier: ${TIER:-standard}\n  literal: $${NODE_NAME}\n",
+    );
+    repo.write(
+        "strict/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: strict-info\ndata:\n  x: ${UNSET}\n",
+    );
+    let sha = repo.commit("templated config");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .node("labels = { site = \"plant-7\" }")
+        .section("variables", "REGION = \"eu-west\"")
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"node-info\"\nrepo = \"{url}\"\npath = \"node\"\nnamespace = \"{0}\"\ncreate_namespace = true\nsubstitute = \"strict\"",
+            ns.name
+        ))
+        .app(&format!(
+            "name = \"strict-info\"\nrepo = \"{url}\"\npath = \"strict\"\nnamespace = \"{0}\"\ncreate_namespace = true\nsubstitute = \"strict\"",
+            ns.name
+        ));
+    let _agent = Agent::start(&config);
+    config.wait_applied("node-info", &sha).await;
+    let data = ns
+        .api::<ConfigMap>()
+        .get("node-info")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(data["node"], "test-node");
+    assert_eq!(data["site"], "plant-7");
+    assert_eq!(data["region"], "eu-west");
+    assert_eq!(data["tier"], "standard");
+    assert_eq!(data["literal"], "${NODE_NAME}");
+
+    let error = crate::harness::eventually("strict-info fails", crate::harness::WAIT, || async {
+        let state = config.state("strict-info");
+        state["last_error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(
+        error.contains("UNSET") && error.contains("ConfigMap"),
+        "{error}"
+    );
+    assert!(ns
+        .api::<ConfigMap>()
+        .get_opt("strict-info")
+        .await
+        .unwrap()
+        .is_none());
+}
