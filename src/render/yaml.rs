@@ -1,9 +1,9 @@
 //! YAML and JSON reading and writing for manifests.
 //!
 //! The parser follows what `kubectl apply` accepts: YAML 1.1 booleans (`yes`/`no`) and octal
-//! numbers (`defaultMode: 0644`), several documents per file, and serde-saphyr's default
-//! budgets against alias bombs and deep nesting. Duplicate keys are an error, not "last wins",
-//! so a merge mistake in Git does not silently change what is applied.
+//! numbers (`defaultMode: 0644`), several documents per file (up to 20,000), and
+//! serde-saphyr's default budgets against alias bombs and deep nesting. Duplicate keys are an
+//! error, not "last wins", so a merge mistake in Git does not silently change what is applied.
 
 use std::path::Path;
 
@@ -12,8 +12,13 @@ use serde_json::Value;
 use super::RenderError;
 
 fn options() -> serde_saphyr::Options {
+    // The default budget allows 1,024 documents per stream; a rendered app or a generated
+    // bundle can hold more. Files stay capped at MAX_FILE_BYTES.
     serde_saphyr::options! {
         legacy_octal_numbers: true,
+        budget: serde_saphyr::budget! {
+            max_documents: 20_000,
+        },
     }
 }
 
