@@ -52,6 +52,10 @@ pub enum Command {
         /// or PATH itself outside one).
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Build kustomizations the native engine does not support with this command, as an
+        /// app's `kustomize_fallback` does (e.g. "kubectl kustomize").
+        #[arg(long)]
+        kustomize_fallback: Option<String>,
     },
     /// Validate the configuration file and exit non-zero if it is invalid.
     CheckConfig,
@@ -114,8 +118,12 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } else {
             ExitCode::FAILURE
         }),
-        Command::Render { path, root } => {
-            render_to_stdout(path, root.as_deref())?;
+        Command::Render {
+            path,
+            root,
+            kustomize_fallback,
+        } => {
+            render_to_stdout(path, root.as_deref(), kustomize_fallback.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
@@ -180,7 +188,7 @@ fn render_root(path: &Path) -> PathBuf {
 /// Prints what each Argo CD manifest under `path` becomes; false if any could not be read.
 fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     use crate::fleet::argo::{self, FleetObject};
-    let manifests = render_path(path, None)?;
+    let manifests = render_path(path, None, None)?;
     let mut ok = true;
     for object in &manifests.objects {
         match argo::parse(object) {
@@ -222,7 +230,11 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
 }
 
 /// Renders a directory given on the command line, inside its Git work tree.
-fn render_path(path: &Path, root: Option<&Path>) -> anyhow::Result<render::Manifests> {
+fn render_path(
+    path: &Path,
+    root: Option<&Path>,
+    fallback: Option<&str>,
+) -> anyhow::Result<render::Manifests> {
     let path = path
         .canonicalize()
         .with_context(|| format!("cannot open {}", path.display()))?;
@@ -239,11 +251,15 @@ fn render_path(path: &Path, root: Option<&Path>) -> anyhow::Result<render::Manif
         root.display()
     );
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
-    Ok(render::render(&root, rel)?)
+    Ok(render::render_with(&root, rel, fallback)?)
 }
 
-fn render_to_stdout(path: &Path, root: Option<&Path>) -> anyhow::Result<()> {
-    let manifests = render_path(path, root)?;
+fn render_to_stdout(
+    path: &Path,
+    root: Option<&Path>,
+    fallback: Option<&str>,
+) -> anyhow::Result<()> {
+    let manifests = render_path(path, root, fallback)?;
     let yaml = render::to_yaml_stream(manifests.objects.iter().map(|o| &o.value))
         .context("cannot write YAML")?;
     print!("{yaml}");

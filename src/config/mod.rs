@@ -318,6 +318,10 @@ pub struct AppConfig {
     /// Variables for this app, over the top-level `[variables]` and the node's own.
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
+    /// A command that builds a kustomization the native engine does not support (helmCharts,
+    /// KRM functions, remote resources), e.g. `kubectl kustomize` or `kustomize build`.
+    #[serde(default)]
+    pub kustomize_fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]

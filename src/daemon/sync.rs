@@ -297,7 +297,11 @@ impl SyncContext {
             if snapshot.fetched {
                 metrics.git_fetch(started.elapsed());
             }
-            let mut manifests = render::render(&snapshot.root, Path::new(&app.path))?;
+            let mut manifests = render::render_with(
+                &snapshot.root,
+                Path::new(&app.path),
+                app.kustomize_fallback.as_deref(),
+            )?;
             if let Some(vars) = vars {
                 let mode = match app.substitute {
                     Substitute::Strict => render::substitute::Mode::Strict,

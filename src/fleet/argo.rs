@@ -347,6 +347,7 @@ impl Application {
             project: Some(self.project.clone()),
             substitute: Default::default(),
             variables: Default::default(),
+            kustomize_fallback: None,
         })
     }
 }

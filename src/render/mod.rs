@@ -44,6 +44,17 @@ pub enum RenderError {
     },
     #[error("{path}: {message}")]
     Kustomize { path: PathBuf, message: String },
+    #[error(
+        "{path}: {what} is not supported by edgesync's Kustomize engine; set the app's \
+         kustomize_fallback (for example \"kubectl kustomize\") to build it with an external binary"
+    )]
+    KustomizeUnsupported { path: PathBuf, what: String },
+    #[error("{path}: the fallback `{command}` failed: {message}")]
+    KustomizeFallback {
+        path: PathBuf,
+        command: String,
+        message: String,
+    },
     #[error("substitution in {object} ({origin}): {message}")]
     Substitution {
         object: String,
@@ -61,7 +72,10 @@ impl RenderError {
             RenderError::TooLarge { .. } => "render_too_large",
             RenderError::Yaml { .. } | RenderError::Json { .. } => "render_parse",
             RenderError::InvalidObject { .. } => "render_invalid_object",
-            RenderError::Kustomize { .. } => "render_kustomize",
+            RenderError::Kustomize { .. } | RenderError::KustomizeFallback { .. } => {
+                "render_kustomize"
+            }
+            RenderError::KustomizeUnsupported { .. } => "render_unsupported",
             RenderError::Substitution { .. } => "render_substitution",
         }
     }
@@ -133,11 +147,26 @@ pub struct Manifests {
 
 /// Renders `app_path` inside the checkout at `root`.
 pub fn render(root: &Path, app_path: &Path) -> Result<Manifests, RenderError> {
+    render_with(root, app_path, None)
+}
+
+/// Renders `app_path`; a kustomization the native engine does not support is built by
+/// `fallback` (`kubectl kustomize`, `kustomize build`, ...) when one is given.
+pub fn render_with(
+    root: &Path,
+    app_path: &Path,
+    fallback: Option<&str>,
+) -> Result<Manifests, RenderError> {
     let dir = directory::contained_path(root, app_path)?;
-    if kustomize::kustomization_file(&dir).is_some() {
-        return kustomize::build(root, &dir);
+    if kustomize::kustomization_file(&dir).is_none() {
+        return render_directory(root, &dir);
     }
-    render_directory(root, &dir)
+    match (kustomize::build(root, &dir), fallback) {
+        (Err(RenderError::KustomizeUnsupported { .. }), Some(command)) => {
+            kustomize::external(root, &dir, command)
+        }
+        (result, _) => result,
+    }
 }
 
 /// Checks that a parsed document is a usable Kubernetes object and expands `List` kinds.

@@ -294,3 +294,51 @@ async fn node_variables_are_substituted_after_rendering() {
         .unwrap()
         .is_none());
 }
+
+/// What the native engine refuses is named, with the switch that hands it to an external
+/// kustomize; with the switch, the external build is used.
+#[test]
+fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cms.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: z}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "resources: [cms.yaml]\nsortOptions:\n  order: fifo\n",
+    )
+    .unwrap();
+    let render = |fallback: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("render")
+            .arg("--root")
+            .arg(dir.path())
+            .arg(dir.path());
+        if let Some(f) = fallback {
+            cmd.arg("--kustomize-fallback").arg(f);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = render(None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("sortOptions") && stderr.contains("kustomize_fallback"),
+        "{stderr}"
+    );
+    let built = render(Some("kubectl kustomize"));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let names: Vec<String> = documents(&String::from_utf8_lossy(&built.stdout), "edgesync")
+        .unwrap()
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    // fifo keeps the file's order, which only the external build honours.
+    assert_eq!(names, ["z", "a"]);
+}

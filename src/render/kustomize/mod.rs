@@ -71,6 +71,42 @@ pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
     })
 }
 
+/// Builds `dir` with an external binary (`kubectl kustomize`, `kustomize build`), for what the
+/// native engine does not support. The binary runs in `dir` with the load restrictor on, so it
+/// reads nothing outside the directory tree kustomize allows; its output is checked like any
+/// manifest file.
+pub fn external(root: &Path, dir: &Path, command: &str) -> Result<Manifests, RenderError> {
+    let rel = dir.strip_prefix(root).unwrap_or(dir).to_path_buf();
+    let fail = |message: String| RenderError::KustomizeFallback {
+        path: rel.clone(),
+        command: command.to_string(),
+        message,
+    };
+    let mut words = command.split_whitespace();
+    let program = words
+        .next()
+        .ok_or_else(|| fail("the command is empty".into()))?;
+    let output = std::process::Command::new(program)
+        .args(words)
+        .arg(".")
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(fail(stderr.trim().chars().take(2000).collect()));
+    }
+    let text = String::from_utf8(output.stdout).map_err(|_| fail("output is not UTF-8".into()))?;
+    let origin = rel.join(format!("({program})"));
+    let docs = super::parse_documents(&text, &origin)?;
+    let mut objects = Vec::new();
+    for (index, doc) in docs.into_iter().enumerate() {
+        into_objects(doc, &origin, index, &mut objects)?;
+    }
+    Ok(Manifests { objects })
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Kustomization,
@@ -238,13 +274,10 @@ impl Builder<'_> {
         let k: Kustomization = serde_json::from_value(doc)
             .map_err(|e| self.error(file, format!("invalid kustomization: {e}")))?;
         if let Some(field) = k.unsupported() {
-            return Err(self.error(
-                file,
-                format!(
-                    "`{field}` is not supported by edgesync's Kustomize engine; set \
-                     `kustomize_fallback` on the app to build it with an external kustomize"
-                ),
-            ));
+            return Err(RenderError::KustomizeUnsupported {
+                path: self.rel(file).to_path_buf(),
+                what: format!("`{field}`"),
+            });
         }
         let expected = match kind {
             Kind::Kustomization => "Kustomization",
@@ -320,10 +353,10 @@ impl Builder<'_> {
     /// kustomization of its own.
     fn resource(&mut self, dir: &Path, file: &Path, entry: &str) -> Result<ResMap, RenderError> {
         if is_remote(entry) {
-            return Err(self.error(
-                file,
-                format!("resources: {entry} is a remote resource; edgesync builds only from the app's repository"),
-            ));
+            return Err(RenderError::KustomizeUnsupported {
+                path: self.rel(file).to_path_buf(),
+                what: format!("the remote resource {entry}"),
+            });
         }
         let path = self.local_path(dir, file, "resources", entry)?;
         if path.is_dir() {
