@@ -306,8 +306,17 @@ fn select(
     let kind = anchored(&sel.kind, "kind")?;
     let is =
         |re: &Option<regex_lite::Regex>, have: &str| re.as_ref().is_none_or(|re| re.is_match(have));
-    let labels = parse_selector(ctx, field, "labelSelector", &sel.label_selector)?;
-    let annotations = parse_selector(ctx, field, "annotationSelector", &sel.annotation_selector)?;
+    let parse = |text: &Option<String>, what: &str| match text
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+    {
+        None => Ok(None),
+        Some(t) => crate::fleet::Selector::parse(t)
+            .map(Some)
+            .map_err(|e| ctx.error(format!("{field}: target.{what} {t:?}: {}", e.reason))),
+    };
+    let labels = parse(&sel.label_selector, "labelSelector")?;
+    let annotations = parse(&sel.annotation_selector, "annotationSelector")?;
     Ok(resmap
         .iter()
         .enumerate()
@@ -321,97 +330,27 @@ fn select(
                 && namespace
                     .as_ref()
                     .is_none_or(|re| re.is_match(r.namespace()))
-                && labels.iter().all(|req| req.matches(meta_map(r, "labels")))
+                && labels
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&meta_map(r, "labels")))
                 && annotations
-                    .iter()
-                    .all(|req| req.matches(meta_map(r, "annotations")))
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&meta_map(r, "annotations")))
         })
         .map(|(i, _)| i)
         .collect())
 }
 
-fn meta_map<'a>(r: &'a Res, field: &str) -> Option<&'a Map<String, Value>> {
-    r.obj.get("metadata")?.get(field)?.as_object()
-}
-
-/// One requirement of a Kubernetes label selector.
-enum Requirement {
-    Eq(String, String),
-    NotEq(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    NotExists(String),
-}
-
-impl Requirement {
-    fn matches(&self, labels: Option<&Map<String, Value>>) -> bool {
-        let get = |k: &str| labels.and_then(|m| m.get(k)).and_then(Value::as_str);
-        match self {
-            Requirement::Eq(k, v) => get(k) == Some(v.as_str()),
-            Requirement::NotEq(k, v) => get(k) != Some(v.as_str()),
-            Requirement::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
-            Requirement::NotIn(k, vs) => get(k).is_none_or(|x| !vs.iter().any(|v| v == x)),
-            Requirement::Exists(k) => get(k).is_some(),
-            Requirement::NotExists(k) => get(k).is_none(),
-        }
-    }
-}
-
-fn parse_selector(
-    ctx: &Ctx,
-    field: &str,
-    what: &str,
-    text: &Option<String>,
-) -> Result<Vec<Requirement>, RenderError> {
-    let Some(text) = text.as_deref().filter(|t| !t.trim().is_empty()) else {
-        return Ok(Vec::new());
-    };
-    let bad = || {
-        ctx.error(format!(
-            "{field}: target.{what} {text:?} is not a valid selector"
-        ))
-    };
-    // Split on commas outside parentheses.
-    let mut parts = Vec::new();
-    let (mut depth, mut start) = (0, 0);
-    for (i, c) in text.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                parts.push(&text[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&text[start..]);
-    let set = |s: &str| -> Option<Vec<String>> {
-        let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
-        Some(inner.split(',').map(|v| v.trim().to_string()).collect())
-    };
-    let mut out = Vec::new();
-    for part in parts {
-        let p = part.trim();
-        let req = if let Some((k, v)) = p.split_once("!=") {
-            Requirement::NotEq(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = p.split_once("==") {
-            Requirement::Eq(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = p.split_once('=') {
-            Requirement::Eq(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = p.split_once(" notin ") {
-            Requirement::NotIn(k.trim().into(), set(v).ok_or_else(bad)?)
-        } else if let Some((k, v)) = p.split_once(" in ") {
-            Requirement::In(k.trim().into(), set(v).ok_or_else(bad)?)
-        } else if let Some(k) = p.strip_prefix('!') {
-            Requirement::NotExists(k.trim().into())
-        } else if !p.is_empty() && !p.contains(' ') {
-            Requirement::Exists(p.into())
-        } else {
-            return Err(bad());
-        };
-        out.push(req);
-    }
-    Ok(out)
+/// Labels or annotations as a selector reads them.
+fn meta_map(r: &Res, field: &str) -> std::collections::BTreeMap<String, String> {
+    r.obj
+        .get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
