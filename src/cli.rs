@@ -251,7 +251,11 @@ fn render_path(
         root.display()
     );
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
-    Ok(render::render_with(&root, rel, fallback)?)
+    let options = render::RenderOptions {
+        kustomize_fallback: fallback,
+        ..Default::default()
+    };
+    Ok(render::render_with(&root, rel, &options)?)
 }
 
 fn render_to_stdout(

@@ -75,6 +75,7 @@ pub struct Config {
     pub repositories: Vec<RepositoryConfig>,
     /// `[variables]`: values for `${VAR}` substitution in apps that turn it on.
     pub variables: BTreeMap<String, String>,
+    pub helm: HelmConfig,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub fleet: Option<FleetConfig>,
     /// AppProjects from the fleet repository, by name.
@@ -322,6 +323,17 @@ pub struct AppConfig {
     /// KRM functions, remote resources), e.g. `kubectl kustomize` or `kustomize build`.
     #[serde(default)]
     pub kustomize_fallback: Option<String>,
+    /// Helm options for an app whose path holds a chart (Argo CD's `source.helm`).
+    #[serde(default)]
+    pub helm: Option<crate::render::helm::HelmOptions>,
+}
+
+/// `[helm]`: how charts are rendered.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelmConfig {
+    /// The pinned helm binary; `helm` on PATH when unset.
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -419,6 +431,8 @@ struct RawConfig {
     log: LogConfig,
     fleet: Option<Spanned<FleetConfig>>,
     variables: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    helm: HelmConfig,
     #[serde(default)]
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
@@ -561,6 +575,9 @@ impl Config {
             log: raw.log,
             repositories,
             variables: raw.variables.map(Spanned::into_inner).unwrap_or_default(),
+            helm: HelmConfig {
+                binary: raw.helm.binary.as_ref().map(resolve),
+            },
             fleet: raw.fleet.map(Spanned::into_inner),
             projects: BTreeMap::new(),
             apps,

@@ -291,17 +291,29 @@ impl SyncContext {
         let metrics = self.metrics.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
+        let helm = render::helm::HelmRequest {
+            app: app.name.clone(),
+            namespace: app.namespace.clone(),
+            options: app.helm.clone().unwrap_or_default(),
+            binary: self
+                .config
+                .helm
+                .binary
+                .clone()
+                .unwrap_or_else(|| "helm".into()),
+        };
         blocking(move || {
             let started = Instant::now();
             let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
             if snapshot.fetched {
                 metrics.git_fetch(started.elapsed());
             }
-            let mut manifests = render::render_with(
-                &snapshot.root,
-                Path::new(&app.path),
-                app.kustomize_fallback.as_deref(),
-            )?;
+            let options = render::RenderOptions {
+                kustomize_fallback: app.kustomize_fallback.as_deref(),
+                helm: Some(helm),
+            };
+            let mut manifests =
+                render::render_with(&snapshot.root, Path::new(&app.path), &options)?;
             if let Some(vars) = vars {
                 let mode = match app.substitute {
                     Substitute::Strict => render::substitute::Mode::Strict,

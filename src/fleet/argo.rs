@@ -38,6 +38,8 @@ pub enum Source {
         repo_url: String,
         revision: String,
         path: String,
+        /// `source.helm`, for a chart in the repository.
+        helm: Option<crate::render::helm::HelmOptions>,
     },
     /// A chart from a Helm repository or OCI registry.
     Chart {
@@ -234,6 +236,7 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
             repo_url,
             revision,
             path: string(source, "/path").unwrap_or_else(|| ".".into()),
+            helm: helm_options(source.get("helm"))?,
         },
     };
     let destination = v.pointer("/spec/destination");
@@ -329,6 +332,7 @@ impl Application {
             repo_url,
             revision,
             path,
+            helm,
         } = &self.source
         else {
             return Err("Helm chart sources render once Helm support lands".into());
@@ -348,8 +352,49 @@ impl Application {
             substitute: Default::default(),
             variables: Default::default(),
             kustomize_fallback: None,
+            helm: helm.clone(),
         })
     }
+}
+
+/// Argo CD's `source.helm`: `releaseName`, `values` (text) or `valuesObject`, `valueFiles` and
+/// `parameters` (`forceString` included; helm's `--set` reads the value as given).
+fn helm_options(helm: Option<&Value>) -> Result<Option<crate::render::helm::HelmOptions>, String> {
+    let Some(helm) = helm.filter(|h| !h.is_null()) else {
+        return Ok(None);
+    };
+    let mut options = crate::render::helm::HelmOptions {
+        release_name: string(helm, "/releaseName"),
+        values: string(helm, "/values"),
+        ..Default::default()
+    };
+    if let Some(object) = helm.get("valuesObject").filter(|v| !v.is_null()) {
+        let text = crate::render::to_yaml_stream([object
+            .as_object()
+            .ok_or("spec.source.helm.valuesObject must be a mapping")?])
+        .map_err(|e| format!("spec.source.helm.valuesObject: {e}"))?;
+        options.values = Some(text);
+    }
+    if let Some(files) = helm.get("valueFiles").and_then(Value::as_array) {
+        for f in files {
+            let f = f
+                .as_str()
+                .ok_or("spec.source.helm.valueFiles must be strings")?;
+            options.value_files.push(f.to_string());
+        }
+    }
+    if let Some(params) = helm.get("parameters").and_then(Value::as_array) {
+        for p in params {
+            let name = string(p, "/name").ok_or("spec.source.helm.parameters[].name is missing")?;
+            let value = match p.get("value") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) if !other.is_null() => other.to_string(),
+                _ => String::new(),
+            };
+            options.parameters.insert(name, value);
+        }
+    }
+    Ok(Some(options))
 }
 
 #[cfg(test)]

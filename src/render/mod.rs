@@ -5,6 +5,7 @@
 //! ([`kustomize`]); any other directory is read as plain manifests.
 
 mod directory;
+pub mod helm;
 pub mod kustomize;
 pub mod substitute;
 mod yaml;
@@ -49,6 +50,12 @@ pub enum RenderError {
          kustomize_fallback (for example \"kubectl kustomize\") to build it with an external binary"
     )]
     KustomizeUnsupported { path: PathBuf, what: String },
+    #[error("app {app}: chart {path}: {message}")]
+    Helm {
+        app: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("{path}: the fallback `{command}` failed: {message}")]
     KustomizeFallback {
         path: PathBuf,
@@ -76,6 +83,7 @@ impl RenderError {
                 "render_kustomize"
             }
             RenderError::KustomizeUnsupported { .. } => "render_unsupported",
+            RenderError::Helm { .. } => "render_helm",
             RenderError::Substitution { .. } => "render_substitution",
         }
     }
@@ -147,21 +155,46 @@ pub struct Manifests {
 
 /// Renders `app_path` inside the checkout at `root`.
 pub fn render(root: &Path, app_path: &Path) -> Result<Manifests, RenderError> {
-    render_with(root, app_path, None)
+    render_with(root, app_path, &RenderOptions::default())
 }
 
-/// Renders `app_path`; a kustomization the native engine does not support is built by
-/// `fallback` (`kubectl kustomize`, `kustomize build`, ...) when one is given.
+/// What an app adds to a render.
+#[derive(Debug, Default)]
+pub struct RenderOptions<'a> {
+    /// Builds kustomizations the native engine does not support (`kubectl kustomize`, ...).
+    pub kustomize_fallback: Option<&'a str>,
+    /// The app's Helm release, for a directory holding a chart; without it, the release is
+    /// named after the directory and `helm` is looked up on PATH.
+    pub helm: Option<helm::HelmRequest>,
+}
+
+/// Renders `app_path`: a Helm chart (a `Chart.yaml`), a kustomization, or plain manifests.
 pub fn render_with(
     root: &Path,
     app_path: &Path,
-    fallback: Option<&str>,
+    options: &RenderOptions,
 ) -> Result<Manifests, RenderError> {
     let dir = directory::contained_path(root, app_path)?;
+    let root = &root.canonicalize().map_err(|source| RenderError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    if helm::is_chart(&dir) {
+        let request = options.helm.clone().unwrap_or_else(|| helm::HelmRequest {
+            app: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "release".into()),
+            namespace: None,
+            options: Default::default(),
+            binary: "helm".into(),
+        });
+        return helm::template(root, &dir, &request);
+    }
     if kustomize::kustomization_file(&dir).is_none() {
         return render_directory(root, &dir);
     }
-    match (kustomize::build(root, &dir), fallback) {
+    match (kustomize::build(root, &dir), options.kustomize_fallback) {
         (Err(RenderError::KustomizeUnsupported { .. }), Some(command)) => {
             kustomize::external(root, &dir, command)
         }

@@ -1,0 +1,137 @@
+//! Helm charts, rendered by a pinned `helm` binary (`helm template`): there is no mature Rust
+//! implementation of Go templates with Sprig, so edgesync does not write one. A directory with a
+//! `Chart.yaml` is a chart; the app's Helm options follow Argo CD's (`releaseName`, inline
+//! `values`, `valueFiles`, `parameters`).
+//!
+//! helm runs with its own empty config, cache and data directories, so nothing from the host's
+//! helm setup leaks in, and with no network needed for a chart whose dependencies are vendored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+use super::directory::contained_path;
+use super::{into_objects, parse_documents, Manifests, RenderError};
+
+/// An app's Helm options (`[apps.helm]`), named as in Argo CD's `source.helm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelmOptions {
+    /// Defaults to the app's name.
+    pub release_name: Option<String>,
+    /// Inline values (YAML), applied after the value files.
+    pub values: Option<String>,
+    /// Value files, relative to the chart directory, inside the repository.
+    #[serde(default)]
+    pub value_files: Vec<String>,
+    /// `--set name=value`, applied last.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// What one render needs from the app and the config.
+#[derive(Debug, Clone)]
+pub struct HelmRequest {
+    pub app: String,
+    pub namespace: Option<String>,
+    pub options: HelmOptions,
+    /// The helm binary: a path, or a name looked up on PATH.
+    pub binary: PathBuf,
+}
+
+pub fn is_chart(dir: &Path) -> bool {
+    dir.join("Chart.yaml").is_file()
+}
+
+/// Renders the chart in `dir` (inside the checkout at `root`).
+pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests, RenderError> {
+    let rel = dir.strip_prefix(root).unwrap_or(dir).to_path_buf();
+    let fail = |message: String| RenderError::Helm {
+        app: req.app.clone(),
+        path: rel.clone(),
+        message,
+    };
+    let release = req.options.release_name.as_deref().unwrap_or(&req.app);
+    let scratch = tempfile::tempdir().map_err(|e| fail(format!("no temporary directory: {e}")))?;
+    let mut cmd = Command::new(&req.binary);
+    cmd.arg("template")
+        .arg(release)
+        .arg(dir)
+        .arg("--skip-tests")
+        .current_dir(dir)
+        .env("HELM_CONFIG_HOME", scratch.path().join("config"))
+        .env("HELM_CACHE_HOME", scratch.path().join("cache"))
+        .env("HELM_DATA_HOME", scratch.path().join("data"))
+        .stdin(Stdio::null());
+    if let Some(ns) = &req.namespace {
+        cmd.arg("--namespace").arg(ns);
+    }
+    for file in &req.options.value_files {
+        let chart_rel = rel.join(file);
+        let path = contained_path(root, &chart_rel)?;
+        cmd.arg("--values").arg(path);
+    }
+    if let Some(values) = &req.options.values {
+        let path = scratch.path().join("inline-values.yaml");
+        std::fs::write(&path, values).map_err(|e| fail(format!("cannot write values: {e}")))?;
+        cmd.arg("--values").arg(path);
+    }
+    for (name, value) in &req.options.parameters {
+        cmd.arg("--set").arg(format!("{name}={value}"));
+    }
+    let output = cmd.output().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => fail(format!(
+            "helm is not installed ({} not found); install helm or set [helm] binary",
+            req.binary.display()
+        )),
+        _ => fail(format!("cannot run {}: {e}", req.binary.display())),
+    })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(fail(format!(
+            "helm template failed: {}",
+            stderr.trim().chars().take(2000).collect::<String>()
+        )));
+    }
+    let text =
+        String::from_utf8(output.stdout).map_err(|_| fail("helm printed non-UTF-8".into()))?;
+    let origin = rel.join("(helm template)");
+    let docs = parse_documents(&text, &origin)?;
+    let mut objects = Vec::new();
+    for (index, doc) in docs.into_iter().enumerate() {
+        into_objects(doc, &origin, index, &mut objects)?;
+    }
+    Ok(Manifests { objects })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_helm_is_named_with_the_app() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("chart")).unwrap();
+        std::fs::write(
+            tmp.path().join("chart/Chart.yaml"),
+            "apiVersion: v2\nname: c\nversion: 0.1.0\n",
+        )
+        .unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let req = HelmRequest {
+            app: "web".into(),
+            namespace: None,
+            options: HelmOptions::default(),
+            binary: PathBuf::from("/nonexistent/helm"),
+        };
+        let err = template(&root, &root.join("chart"), &req)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("helm is not installed") && err.contains("web"),
+            "{err}"
+        );
+    }
+}
