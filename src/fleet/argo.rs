@@ -335,7 +335,7 @@ impl Application {
             helm,
         } = &self.source
         else {
-            return Err("Helm chart sources render once Helm support lands".into());
+            return Err("charts from Helm repositories and OCI registries are not supported yet; charts kept in Git are".into());
         };
         let automated = self.automated.clone().unwrap_or_default();
         Ok(AppConfig {
@@ -481,7 +481,7 @@ mod tests {
         assert!(app(&parsed[0])
             .to_app_config()
             .unwrap_err()
-            .contains("Helm"));
+            .contains("Helm repositories"));
     }
 
     #[test]

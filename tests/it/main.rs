@@ -8,6 +8,7 @@ mod fleet;
 mod git_http;
 mod git_revisions;
 mod git_ssh;
+mod helm;
 mod install;
 mod kustomize;
 mod node_targeting;
