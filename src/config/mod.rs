@@ -75,6 +75,7 @@ pub struct Config {
     pub repositories: Vec<RepositoryConfig>,
     /// `[variables]`: values for `${VAR}` substitution in apps that turn it on.
     pub variables: BTreeMap<String, String>,
+    /// `[helm]`: the helm binary charts are rendered with.
     pub helm: HelmConfig,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub fleet: Option<FleetConfig>,
@@ -576,7 +577,14 @@ impl Config {
             repositories,
             variables: raw.variables.map(Spanned::into_inner).unwrap_or_default(),
             helm: HelmConfig {
-                binary: raw.helm.binary.as_ref().map(resolve),
+                // A bare name (`helm`) is looked up on PATH; a path is relative to the config.
+                binary: raw.helm.binary.as_ref().map(|b| {
+                    if b.components().count() > 1 {
+                        resolve(b)
+                    } else {
+                        b.clone()
+                    }
+                }),
             },
             fleet: raw.fleet.map(Spanned::into_inner),
             projects: BTreeMap::new(),
@@ -735,6 +743,17 @@ repo = "https://a/b.git"
         );
         let err = resolve_file_in(base, Path::new("${CREDENTIALS_DIRECTORY}/x"), None).unwrap_err();
         assert!(err.contains("LoadCredential="), "{err}");
+    }
+
+    #[test]
+    fn helm_binary_is_a_path_name_or_a_relative_path() {
+        let c = parse("[helm]\nbinary = \"helm\"\n").unwrap();
+        assert_eq!(c.helm.binary, Some(PathBuf::from("helm")));
+        let c = parse("[helm]\nbinary = \"bin/helm\"\n").unwrap();
+        assert_eq!(
+            c.helm.binary,
+            Some(PathBuf::from("/tmp/edgesync-test/bin/helm"))
+        );
     }
 
     #[test]
