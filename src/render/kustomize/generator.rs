@@ -290,10 +290,11 @@ fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), Stri
                     }
                 }
             }
-            let new_meta = res.metadata_mut().clone();
+            let new_meta = res.metadata_mut().cloned().unwrap_or_default();
             for field in ["labels", "annotations"] {
-                if let Some(Value::Object(new)) = new_meta.get(field) {
-                    let meta = base.metadata_mut();
+                if let (Some(Value::Object(new)), Some(meta)) =
+                    (new_meta.get(field), base.metadata_mut())
+                {
                     let slot = meta
                         .entry(field)
                         .or_insert_with(|| Value::Object(Map::new()));

@@ -67,7 +67,8 @@ impl Res {
     pub fn namespace(&self) -> &str {
         self.meta("namespace")
     }
-    pub fn metadata_mut(&mut self) -> &mut Map<String, Value> {
+    /// The object's metadata, made a mapping first if it is missing or malformed.
+    pub fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
         let meta = self
             .obj
             .entry("metadata")
@@ -75,17 +76,15 @@ impl Res {
         if !meta.is_object() {
             *meta = Value::Object(Map::new());
         }
-        match meta {
-            Value::Object(m) => m,
-            _ => unreachable!("metadata was made a mapping above"),
-        }
+        meta.as_object_mut()
     }
 
     /// Renames the object, remembering the old name for references.
     pub fn set_name(&mut self, name: String) {
         self.remember();
-        self.metadata_mut()
-            .insert("name".into(), Value::String(name));
+        if let Some(meta) = self.metadata_mut() {
+            meta.insert("name".into(), Value::String(name));
+        }
     }
 
     pub fn set_namespace(&mut self, ns: &str) {
@@ -93,8 +92,9 @@ impl Res {
             return;
         }
         self.remember();
-        self.metadata_mut()
-            .insert("namespace".into(), Value::String(ns.to_string()));
+        if let Some(meta) = self.metadata_mut() {
+            meta.insert("namespace".into(), Value::String(ns.to_string()));
+        }
     }
 
     fn remember(&mut self) {
