@@ -122,13 +122,17 @@ async fn status_is_retained_events_arrive_in_order_across_an_outage_and_the_will
         .map(|s| after[s]["event"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["sync_started", "sync_succeeded"].repeat(3));
-    let app_doc = received(&out)
-        .into_iter()
-        .rev()
-        .find(|(t, _)| t.ends_with("/apps/greeting"))
-        .unwrap()
-        .1;
-    assert_eq!(app_doc["revision"], shas[2].as_str());
+    // The app's document and its events are separate messages; the document with the last
+    // revision follows (it may arrive after the events do).
+    eventually("the app document at the last revision", WAIT, || async {
+        let app_doc = received(&out)
+            .into_iter()
+            .rev()
+            .find(|(t, _)| t.ends_with("/apps/greeting"))?
+            .1;
+        (app_doc["revision"] == shas[2].as_str()).then_some(())
+    })
+    .await;
 
     // The last will: killed without a word, the broker says `offline` for us.
     agent.signal("KILL");

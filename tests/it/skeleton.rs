@@ -425,7 +425,7 @@ async fn fleet_command_reads_the_seed_argo_cd_manifests() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("app kafka-dev cannot run yet: Helm"),
+        stdout.contains("app kafka-dev cannot run yet: charts from Helm repositories"),
         "{stdout}"
     );
     assert!(stdout.contains("AppProject dictamesh"), "{stdout}");
