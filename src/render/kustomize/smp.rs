@@ -106,7 +106,7 @@ fn merge_map(target: &mut Map<String, Value>, patch: &Map<String, Value>, parent
 /// The merge key of a list field, from the built-in types kustomize knows, or `None` when the
 /// list is replaced as a whole (lists of custom resources included: without a schema,
 /// kustomize replaces them).
-fn merge_key(field: &str, parent: &str) -> Option<&'static str> {
+fn merge_key(field: &str, parent: &str) -> Option<&'static [&'static str]> {
     match field {
         "containers"
         | "initContainers"
@@ -116,18 +116,26 @@ fn merge_key(field: &str, parent: &str) -> Option<&'static str> {
         | "imagePullSecrets"
         | "resourceClaims"
         | "schedulingGates"
-        | "webhooks" => Some("name"),
-        "volumeMounts" => Some("mountPath"),
-        "volumeDevices" => Some("devicePath"),
-        "hostAliases" => Some("ip"),
-        "topologySpreadConstraints" => Some("topologyKey"),
-        "ownerReferences" => Some("uid"),
-        "conditions" => Some("type"),
-        // Container ports merge by containerPort, Service ports by port.
-        "ports" if parent == "spec" => Some("port"),
-        "ports" => Some("containerPort"),
+        | "webhooks" => Some(&["name"]),
+        "volumeMounts" => Some(&["mountPath"]),
+        "volumeDevices" => Some(&["devicePath"]),
+        "hostAliases" => Some(&["ip"]),
+        "topologySpreadConstraints" => Some(&["topologyKey", "whenUnsatisfiable"]),
+        "ownerReferences" => Some(&["uid"]),
+        "conditions" => Some(&["type"]),
+        // Ports are keyed with their protocol (a missing protocol is its own value):
+        // Service ports by port, container ports by containerPort.
+        "ports" if parent == "spec" => Some(&["port", "protocol"]),
+        "ports" => Some(&["containerPort", "protocol"]),
         _ => None,
     }
+}
+
+/// An element's identity under `keys`; `None` when it lacks the first key.
+fn identity(v: &Value, keys: &[&str]) -> Option<Vec<Option<Value>>> {
+    let m = v.as_object()?;
+    m.get(*keys.first()?)?;
+    Some(keys.iter().map(|k| m.get(*k).cloned()).collect())
 }
 
 /// kustomize walks the whole object when it applies a strategic merge patch, and a keyed
@@ -141,8 +149,9 @@ fn normalize(value: &mut Value, field: &str, parent: &str) {
             }
         }
         Value::Array(items) => {
-            if let Some(key) = merge_key(field, parent) {
-                dedupe(items, key);
+            if let Some(keys) = merge_key(field, parent) {
+                let composite = is_composite(keys, items.iter());
+                dedupe(items, if composite { keys } else { &keys[..1] }, composite);
             }
             for item in items.iter_mut() {
                 if let Value::Object(m) = item {
@@ -156,16 +165,21 @@ fn normalize(value: &mut Value, field: &str, parent: &str) {
     }
 }
 
-/// One element per key, at the place of its first occurrence, with the value of its last.
-fn dedupe(items: &mut Vec<Value>, key: &str) {
+/// One element per key, with the value of its last occurrence, at the place of its first
+/// (single keys) or its last (composite keys), as kustomize leaves them.
+fn dedupe(items: &mut Vec<Value>, keys: &[&str], at_last: bool) {
     let mut out: Vec<Value> = Vec::with_capacity(items.len());
     for item in items.drain(..) {
-        let id = item.as_object().and_then(|m| m.get(key)).cloned();
+        let id = identity(&item, keys);
         let existing = id.as_ref().and_then(|id| {
             out.iter()
-                .position(|o| o.as_object().and_then(|m| m.get(key)) == Some(id))
+                .position(|o| identity(o, keys).as_ref() == Some(id))
         });
         match existing {
+            Some(i) if at_last => {
+                out.remove(i);
+                out.push(item);
+            }
             Some(i) => out[i] = item,
             None => out.push(item),
         }
@@ -193,42 +207,68 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
         }
         return;
     }
-    let Some(key) = merge_key(field, parent) else {
+    let Some(keys) = merge_key(field, parent) else {
         *target = patch.iter().map(strip_value).collect();
         return;
     };
-    dedupe(target, key);
-    // kustomize's order: the patch's elements in the patch's order (merged with their
-    // counterparts), then the target's elements the patch does not name.
-    let mut rest: Vec<Option<Value>> = std::mem::take(target).into_iter().map(Some).collect();
-    let key_of = |v: &Value| v.as_object().and_then(|m| m.get(key)).cloned();
-    let mut merged = Vec::new();
+    // kustomize keys ports by their protocol too, but only where some element names one.
+    let composite = is_composite(keys, target.iter().chain(patch));
+    let keys = if composite { keys } else { &keys[..1] };
+    dedupe(target, keys, composite);
+    let mut slots: Vec<Option<Value>> = std::mem::take(target).into_iter().map(Some).collect();
+    // Patch elements, merged with their counterparts; `Some(i)` when the target had one at i.
+    let mut from_patch: Vec<(Value, Option<usize>)> = Vec::new();
     for item in patch {
         let Some(p) = item.as_object() else {
-            merged.push(item.clone());
+            from_patch.push((item.clone(), None));
             continue;
         };
-        let Some(id) = p.get(key) else {
-            merged.push(strip_value(item));
+        let Some(id) = identity(item, keys) else {
+            from_patch.push((strip_value(item), None));
             continue;
         };
-        let found = rest
-            .iter_mut()
-            .find(|slot| slot.as_ref().and_then(key_of).as_ref() == Some(id))
-            .and_then(Option::take);
+        let pos = slots
+            .iter()
+            .position(|slot| slot.as_ref().and_then(|t| identity(t, keys)).as_ref() == Some(&id));
+        let found = pos.and_then(|i| slots[i].take());
         match (found, directive(p)) {
             (_, Some("delete")) => {}
-            (Some(_), Some("replace")) | (None, _) => merged.push(Value::Object(strip(p))),
+            (Some(_), Some("replace")) | (None, _) => {
+                from_patch.push((Value::Object(strip(p)), pos))
+            }
             (Some(mut t), _) => {
                 if let Value::Object(m) = &mut t {
                     merge_map(m, p, field);
                 }
-                merged.push(t);
+                from_patch.push((t, pos));
             }
         }
     }
-    merged.extend(rest.into_iter().flatten());
-    *target = merged;
+    // The order kustomize gives (found by running it): with a single key, the patch's elements
+    // in the patch's order, then the target's others in theirs; with a composite key (ports
+    // with protocols), the patch's new elements first, then the target's in their places.
+    let mut out: Vec<Value> = Vec::new();
+    if composite {
+        let mut merged_at: Vec<Option<Value>> = vec![None; slots.len()];
+        for (v, pos) in from_patch {
+            match pos {
+                Some(i) => merged_at[i] = Some(v),
+                None => out.push(v),
+            }
+        }
+        for (slot, merged) in slots.into_iter().zip(merged_at) {
+            out.extend(merged.or(slot));
+        }
+    } else {
+        out.extend(from_patch.into_iter().map(|(v, _)| v));
+        out.extend(slots.into_iter().flatten());
+    }
+    *target = out;
+}
+
+/// Whether elements are keyed by all of `keys` (some element carries a key beyond the first).
+fn is_composite<'a>(keys: &[&str], mut items: impl Iterator<Item = &'a Value>) -> bool {
+    keys.len() > 1 && items.any(|v| keys[1..].iter().any(|k| v.get(*k).is_some()))
 }
 
 #[cfg(test)]
