@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::yaml::{parse_documents, parse_json};
-use super::{into_objects, Manifests, RenderError, MAX_FILE_BYTES};
+use super::yaml::parse_json;
+use super::{into_objects, parse_objects, Manifests, RenderError, MAX_FILE_BYTES};
 
 /// Resolves `rel` below `root`, refusing anything (`..`, symlinks) that leaves the checkout.
 pub(super) fn contained_path(root: &Path, rel: &Path) -> Result<PathBuf, RenderError> {
@@ -109,15 +109,17 @@ impl Walk<'_> {
     fn file(&mut self, path: &Path, target: &Path) -> Result<(), RenderError> {
         let rel = self.rel(path).to_path_buf();
         let text = std::fs::read_to_string(target).map_err(self.io(path))?;
-        let documents = if has_extension(path, "json") {
-            vec![parse_json(&text, &rel)?]
+        if has_extension(path, "json") {
+            into_objects(
+                parse_json(&text, &rel)?,
+                &rel,
+                0,
+                &mut self.manifests.objects,
+            )
         } else {
-            parse_documents(&text, &rel)?
-        };
-        for (index, doc) in documents.into_iter().enumerate() {
-            into_objects(doc, &rel, index, &mut self.manifests.objects)?;
+            self.manifests.objects.extend(parse_objects(&text, &rel)?);
+            Ok(())
         }
-        Ok(())
     }
 }
 

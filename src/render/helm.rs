@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use serde::Deserialize;
 
 use super::directory::contained_path;
-use super::{into_objects, parse_documents, Manifests, RenderError};
+use super::{parse_objects, Manifests, RenderError};
 
 /// An app's Helm options (`[apps.helm]`), named as in Argo CD's `source.helm`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -97,12 +97,7 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
     }
     let text =
         String::from_utf8(output.stdout).map_err(|_| fail("helm printed non-UTF-8".into()))?;
-    let origin = rel.join("(helm template)");
-    let docs = parse_documents(&text, &origin)?;
-    let mut objects = Vec::new();
-    for (index, doc) in docs.into_iter().enumerate() {
-        into_objects(doc, &origin, index, &mut objects)?;
-    }
+    let objects = parse_objects(&text, &rel.join("(helm template)"))?;
     Ok(Manifests { objects })
 }
 

@@ -129,14 +129,7 @@ impl Object {
     }
     /// The object's metadata, made a mapping first if it is missing or malformed.
     pub fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
-        let meta = self
-            .value
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !meta.is_object() {
-            *meta = Value::Object(Map::new());
-        }
-        meta.as_object_mut()
+        metadata_of(&mut self.value)
     }
     /// `Kind namespace/name` or `Kind name`, as used in messages.
     pub fn display_name(&self) -> String {
@@ -200,6 +193,27 @@ pub fn render_with(
         }
         (result, _) => result,
     }
+}
+
+/// An object's metadata, made a mapping first if it is missing or malformed.
+pub(crate) fn metadata_of(object: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> {
+    let meta = object
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !meta.is_object() {
+        *meta = Value::Object(Map::new());
+    }
+    meta.as_object_mut()
+}
+
+/// Parses a YAML stream (a manifest file, or a tool's output) into checked objects, `List`
+/// kinds expanded; `path` names it in errors and origins.
+fn parse_objects(text: &str, path: &Path) -> Result<Vec<Object>, RenderError> {
+    let mut objects = Vec::new();
+    for (index, doc) in parse_documents(text, path)?.into_iter().enumerate() {
+        into_objects(doc, path, index, &mut objects)?;
+    }
+    Ok(objects)
 }
 
 /// Checks that a parsed document is a usable Kubernetes object and expands `List` kinds.

@@ -24,7 +24,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{into_objects, Manifests, Object, RenderError, MAX_FILE_BYTES};
+use super::{parse_objects, Manifests, Object, RenderError, MAX_FILE_BYTES};
 use resource::{Res, ResMap};
 
 /// File names kustomize looks for, in its order.
@@ -98,12 +98,7 @@ pub fn external(root: &Path, dir: &Path, command: &str) -> Result<Manifests, Ren
         return Err(fail(stderr.trim().chars().take(2000).collect()));
     }
     let text = String::from_utf8(output.stdout).map_err(|_| fail("output is not UTF-8".into()))?;
-    let origin = rel.join(format!("({program})"));
-    let docs = super::parse_documents(&text, &origin)?;
-    let mut objects = Vec::new();
-    for (index, doc) in docs.into_iter().enumerate() {
-        into_objects(doc, &origin, index, &mut objects)?;
-    }
+    let objects = parse_objects(&text, &rel.join(format!("({program})")))?;
     Ok(Manifests { objects })
 }
 
@@ -363,14 +358,8 @@ impl Builder<'_> {
             return self.kustomization(&path, Kind::Kustomization, ResMap::default());
         }
         let text = self.read(&path)?;
-        let rel = self.rel(&path).to_path_buf();
-        let docs = super::parse_documents(&text, &rel)?;
-        let mut objects = Vec::new();
-        for (index, doc) in docs.into_iter().enumerate() {
-            into_objects(doc, &rel, index, &mut objects)?;
-        }
         let mut resmap = ResMap::default();
-        for o in objects {
+        for o in parse_objects(&text, self.rel(&path))? {
             resmap
                 .append(Res::new(o.value, o.origin))
                 .map_err(|m| self.error(&path, m))?;

@@ -69,14 +69,7 @@ impl Res {
     }
     /// The object's metadata, made a mapping first if it is missing or malformed.
     pub fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
-        let meta = self
-            .obj
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !meta.is_object() {
-            *meta = Value::Object(Map::new());
-        }
-        meta.as_object_mut()
+        crate::render::metadata_of(&mut self.obj)
     }
 
     /// Renames the object, remembering the old name for references.
