@@ -202,12 +202,15 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
                     FleetObject::AppProject(p) => println!("{}: AppProject {}", object.origin, p.name),
                     FleetObject::Application(app) => match app.to_app_config() {
                         Ok(cfg) => println!(
-                            "{}: app {} from {} at {} path {} into namespace {} (project {}, prune {}, node selector {})",
+                            "{}: app {} from {} at {} {} into namespace {} (project {}, prune {}, node selector {})",
                             object.origin,
                             cfg.name,
                             crate::source::redact(&cfg.repo),
                             cfg.revision,
-                            cfg.path,
+                            match &cfg.chart {
+                                Some(chart) => format!("chart {chart}"),
+                                None => format!("path {}", cfg.path),
+                            },
                             cfg.namespace.as_deref().unwrap_or("-"),
                             app.project,
                             cfg.prune,

@@ -266,6 +266,9 @@ pub struct RepositoryConfig {
     /// fleet does not hit the Git server at once.
     #[serde(default, with = "humantime_serde_compat::or_zero")]
     pub fetch_jitter: Duration,
+    /// For an `oci://` registry: speak plain HTTP instead of HTTPS (Helm's `--plain-http`).
+    #[serde(default)]
+    pub plain_http: bool,
 }
 
 impl RepositoryConfig {
@@ -280,6 +283,7 @@ impl RepositoryConfig {
             known_hosts_file: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
             fetch_jitter: Duration::ZERO,
+            plain_http: false,
         }
     }
 }
@@ -289,9 +293,14 @@ impl RepositoryConfig {
 pub struct AppConfig {
     pub name: String,
     pub repo: String,
-    /// Branch, tag or commit SHA. `HEAD` follows the remote's default branch.
+    /// Branch, tag or commit SHA. `HEAD` follows the remote's default branch. For a `chart`,
+    /// the chart version or a semver constraint (`*` or `HEAD`: the latest release).
     #[serde(default = "default_revision")]
     pub revision: String,
+    /// A chart in the Helm repository (`https://…` with an index.yaml) or OCI registry
+    /// (`oci://host/path`) that `repo` names, instead of a path in a Git repository.
+    #[serde(default)]
+    pub chart: Option<String>,
     /// Directory inside the repository; `.` is the root.
     #[serde(default = "default_path")]
     pub path: String,
@@ -639,6 +648,12 @@ impl Config {
             .collect()
     }
 
+    /// Whether `url` is a Helm chart repository (or OCI registry) rather than a Git one.
+    pub fn is_chart_repository(&self, url: &str) -> bool {
+        crate::source::chart::is_oci(url)
+            || self.apps.iter().any(|a| a.repo == url && a.chart.is_some())
+    }
+
     pub fn app(&self, name: &str) -> Option<&AppConfig> {
         self.apps.iter().find(|a| a.name == name)
     }
@@ -762,6 +777,28 @@ repo = "https://a/b.git"
             .unwrap_err()
             .to_string();
         assert!(err.contains("kubernetes.kubeconfig"), "{err}");
+    }
+
+    #[test]
+    fn chart_apps_need_a_chart_repository_and_a_chart_name() {
+        let ok = parse(
+            "[[repositories]]\nurl = \"oci://registry.local/charts\"\nplain_http = true\n\n[[apps]]\nname = \"a\"\nrepo = \"oci://registry.local/charts\"\nchart = \"web\"\nrevision = \"^1.2\"\n\n[[apps]]\nname = \"b\"\nrepo = \"https://charts.example.com\"\nchart = \"web\"\n",
+        )
+        .unwrap();
+        assert!(ok.is_chart_repository("oci://registry.local/charts"));
+        assert!(ok.is_chart_repository("https://charts.example.com"));
+        let err = parse("[[apps]]\nname = \"a\"\nrepo = \"oci://r/charts\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("apps[0].repo"), "{err}");
+        let err = parse("[[apps]]\nname = \"a\"\nrepo = \"file:///srv/charts\"\nchart = \"web\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a chart repository"), "{err}");
+        let err = parse("[[apps]]\nname = \"a\"\nrepo = \"https://c\"\nchart = \"../web\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("apps[0].chart"), "{err}");
     }
 
     #[test]

@@ -159,7 +159,13 @@ impl Checker<'_> {
     ) {
         let (span, r) = (repo.span(), repo.get_ref());
         let key = |field: &str| format!("repositories[{i}].{field}");
-        if let Err(msg) = check_repo_url(&r.url) {
+        if let Err(msg) = check_repo_url(&r.url).or_else(|msg| {
+            if crate::source::chart::is_oci(&r.url) {
+                Ok(())
+            } else {
+                Err(msg)
+            }
+        }) {
             self.push(&span, key("url"), msg);
         }
         if !urls.insert(r.url.clone()) {
@@ -219,8 +225,8 @@ impl Checker<'_> {
                 format!("duplicate app name {:?}", a.name),
             );
         }
-        if let Err(msg) = check_repo_url(&a.repo) {
-            self.push(&span, key("repo"), msg);
+        if let Err((field, msg)) = check_source(a) {
+            self.push(&span, key(field), msg);
         }
         if a.revision.trim().is_empty() {
             self.push(&span, key("revision"), "must not be empty");
@@ -261,7 +267,7 @@ impl Checker<'_> {
 /// the first problem found.
 pub(super) fn check_app(a: &AppConfig) -> Result<(), String> {
     check_dns_name(&a.name)?;
-    check_repo_url(&a.repo)?;
+    check_source(a).map_err(|(_, msg)| msg)?;
     check_relative_path(&a.path)?;
     if let Some(ns) = &a.namespace {
         check_dns_label(ns)?;
@@ -271,6 +277,29 @@ pub(super) fn check_app(a: &AppConfig) -> Result<(), String> {
     }
     if a.create_namespace && a.namespace.is_none() {
         return Err("CreateNamespace=true needs a destination namespace".into());
+    }
+    Ok(())
+}
+
+/// An app's source: a Git URL, or a chart in a Helm repository or OCI registry.
+fn check_source(a: &AppConfig) -> Result<(), (&'static str, String)> {
+    let Some(chart) = &a.chart else {
+        return check_repo_url(&a.repo).map_err(|msg| ("repo", msg));
+    };
+    if chart.is_empty() || chart.contains(['/', '\\', ' ', ':', '@']) || chart.starts_with('.') {
+        return Err(("chart", format!("{chart:?} is not a chart name")));
+    }
+    if !["https://", "http://", "oci://"]
+        .iter()
+        .any(|p| a.repo.starts_with(p))
+    {
+        return Err((
+            "repo",
+            format!(
+                "{:?} is not a chart repository (https:// or http:// with an index.yaml, or oci://)",
+                a.repo
+            ),
+        ));
     }
     Ok(())
 }

@@ -174,6 +174,10 @@ impl Expander<'_> {
     }
 
     fn render(&self, app: &AppConfig) -> Option<Vec<crate::render::Object>> {
+        // A chart from a chart repository is never an app of apps.
+        if app.chart.is_some() {
+            return None;
+        }
         let repo = self.config.repository(&app.repo);
         let sha = self
             .source

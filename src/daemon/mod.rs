@@ -349,12 +349,12 @@ pub async fn sync_repository(
         if *shutdown.borrow() {
             break;
         }
-        let sha = match refs.resolve(&app.revision) {
+        let sha = match ctx.resolve(repo, &refs, app).await {
             Ok(sha) => sha,
             Err(e) => {
                 failed += 1;
                 ctx.board.unreachable(&app.name, &e.to_string());
-                report(ctx, app, Err(e.into()));
+                report(ctx, app, Err(e));
                 continue;
             }
         };

@@ -2,7 +2,6 @@
 //! Shared by `edgesync run` and `edgesync sync`.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
 use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
-use crate::source::{GitSource, RemoteRefs, SourceError};
+use crate::source::{ChartIndex, ChartSource, GitSource, RemoteRefs, SourceError};
 use crate::state::{unix_now, AppState, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +43,13 @@ impl SyncError {
     }
 }
 
+/// What a repository offers, read once per round.
+pub enum Revisions {
+    Git(RemoteRefs),
+    /// A chart repository, with its index when it is an HTTP(S) one.
+    Charts(Option<Arc<ChartIndex>>),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncResult {
     /// The revision was already applied; nothing was sent to the cluster.
@@ -64,6 +70,7 @@ pub struct SyncContext {
     /// Woken after every apply, so health is assessed at once.
     pub applied: tokio::sync::Notify,
     pub source: GitSource,
+    pub charts: ChartSource,
     pub applier: KubeApplier,
     pub store: StateStore,
 }
@@ -93,6 +100,7 @@ impl SyncContext {
         ));
         Ok(Arc::new(SyncContext {
             source: GitSource::new(&config.state_dir),
+            charts: ChartSource::new(&config.state_dir),
             store,
             board,
             applied: tokio::sync::Notify::new(),
@@ -102,14 +110,56 @@ impl SyncContext {
         }))
     }
 
-    /// Lists `repo`'s refs once, for resolving all its apps' revisions.
-    pub async fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SyncError> {
-        let source = self.source.clone();
-        let repo = repo.clone();
+    /// Reads what `repo` offers once, for resolving all its apps' revisions: a Git
+    /// repository's refs, or a Helm repository's index.
+    pub async fn remote_refs(&self, repo: &RepositoryConfig) -> Result<Revisions, SyncError> {
         let started = Instant::now();
-        let refs = blocking(move || Ok(source.remote_refs(&repo)?)).await;
+        let repo = repo.clone();
+        let revisions = if self.config.is_chart_repository(&repo.url) {
+            if crate::source::chart::is_oci(&repo.url) {
+                return Ok(Revisions::Charts(None));
+            }
+            let charts = self.charts.clone();
+            blocking(move || Ok(Revisions::Charts(Some(Arc::new(charts.index(&repo)?))))).await
+        } else {
+            let source = self.source.clone();
+            blocking(move || Ok(Revisions::Git(source.remote_refs(&repo)?))).await
+        };
         self.metrics.git_fetch(started.elapsed());
-        refs
+        revisions
+    }
+
+    /// The revision `app` should be at: a commit SHA, or for a chart `<version>@sha256:<hex>`
+    /// (the chart is then in the cache).
+    pub async fn resolve(
+        &self,
+        repo: &RepositoryConfig,
+        revisions: &Revisions,
+        app: &AppConfig,
+    ) -> Result<String, SyncError> {
+        match (revisions, &app.chart) {
+            (Revisions::Git(refs), None) => Ok(refs.resolve(&app.revision)?),
+            (Revisions::Charts(index), Some(chart)) => {
+                let (charts, repo, index, chart) =
+                    (self.charts.clone(), repo.clone(), index.clone(), chart.clone());
+                // Argo CD's default targetRevision, HEAD, means the latest chart release.
+                let constraint = match app.revision.as_str() {
+                    "HEAD" => String::new(),
+                    other => other.to_string(),
+                };
+                blocking(move || Ok(charts.pull(&repo, index.as_deref(), &chart, &constraint)?))
+                    .await
+            }
+            (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
+                Err(SyncError::Source(SourceError::Chart {
+                    url: crate::source::redact(&repo.url),
+                    message: format!(
+                        "apps {} use this repository both as a Git repository and as a chart repository; an app on a chart repository needs `chart`, and other apps cannot use it",
+                        self.config.apps.iter().filter(|a| a.repo == repo.url).map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                }))
+            }
+        }
     }
 
     /// Loads the app's state. An unreadable file has been moved aside by the store; the app
@@ -302,18 +352,23 @@ impl SyncContext {
                 .clone()
                 .unwrap_or_else(|| "helm".into()),
         };
+        let charts = self.charts.clone();
         blocking(move || {
-            let started = Instant::now();
-            let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
-            if snapshot.fetched {
-                metrics.git_fetch(started.elapsed());
-            }
+            let (root, path) = if app.chart.is_some() {
+                charts.unpacked(&repo.url, &sha)?
+            } else {
+                let started = Instant::now();
+                let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
+                if snapshot.fetched {
+                    metrics.git_fetch(started.elapsed());
+                }
+                (snapshot.root, app.path.clone().into())
+            };
             let options = render::RenderOptions {
                 kustomize_fallback: app.kustomize_fallback.as_deref(),
                 helm: Some(helm),
             };
-            let mut manifests =
-                render::render_with(&snapshot.root, Path::new(&app.path), &options)?;
+            let mut manifests = render::render_with(&root, &path, &options)?;
             if let Some(vars) = vars {
                 let mode = match app.substitute {
                     Substitute::Strict => render::substitute::Mode::Strict,
@@ -331,14 +386,27 @@ impl SyncContext {
         .await
     }
 
-    /// Removes snapshots of `repo` that no app needs any more.
+    /// Removes snapshots of `repo` that no app needs any more. Charts are kept per digest,
+    /// whichever repository they came from, so all chart apps count for them.
     pub fn retain_snapshots(&self, repo: &str, in_use: impl IntoIterator<Item = String>) {
+        let charts = self.config.is_chart_repository(repo);
         let mut keep: HashSet<String> = in_use.into_iter().collect();
-        for app in self.config.apps.iter().filter(|a| a.repo == repo) {
+        let apps = self.config.apps.iter().filter(|a| {
+            if charts {
+                a.chart.is_some()
+            } else {
+                a.repo == repo
+            }
+        });
+        for app in apps {
             if let Ok(state) = self.store.load(&app.name) {
                 keep.extend(state.last_applied_revision);
             }
         }
-        self.source.retain(repo, &keep);
+        if charts {
+            self.charts.retain(&keep);
+        } else {
+            self.source.retain(repo, &keep);
+        }
     }
 }

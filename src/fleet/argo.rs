@@ -46,7 +46,7 @@ pub enum Source {
         repo_url: String,
         chart: String,
         version: String,
-        helm: Value,
+        helm: Option<crate::render::helm::HelmOptions>,
     },
 }
 
@@ -230,7 +230,7 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
             repo_url,
             chart,
             version: revision,
-            helm: source.get("helm").cloned().unwrap_or(Value::Null),
+            helm: helm_options(source.get("helm"))?,
         },
         None => Source::Git {
             repo_url,
@@ -328,21 +328,35 @@ impl Application {
 
     /// The app as edgesync runs it today, or why it cannot run yet.
     pub fn to_app_config(&self) -> Result<AppConfig, String> {
-        let Source::Git {
-            repo_url,
-            revision,
-            path,
-            helm,
-        } = &self.source
-        else {
-            return Err("charts from Helm repositories and OCI registries are not supported yet; charts kept in Git are".into());
+        let (repo, revision, path, chart, helm) = match &self.source {
+            Source::Git {
+                repo_url,
+                revision,
+                path,
+                helm,
+            } => (repo_url.clone(), revision, path.clone(), None, helm),
+            Source::Chart {
+                repo_url,
+                chart,
+                version,
+                helm,
+            } => {
+                // Argo CD writes OCI registries without a scheme (`registry.example.com/charts`).
+                let repo = if repo_url.contains("://") {
+                    repo_url.clone()
+                } else {
+                    format!("oci://{repo_url}")
+                };
+                (repo, version, ".".to_string(), Some(chart.clone()), helm)
+            }
         };
         let automated = self.automated.clone().unwrap_or_default();
         Ok(AppConfig {
             name: self.name.clone(),
-            repo: repo_url.clone(),
+            repo,
             revision: revision.clone(),
-            path: path.clone(),
+            chart,
+            path,
             namespace: self.namespace.clone(),
             create_namespace: self.has_option("CreateNamespace=true"),
             prune: automated.prune,
@@ -473,15 +487,16 @@ mod tests {
                 ..
             } => {
                 assert_eq!((chart.as_str(), version.as_str()), ("kafka", "26.4.3"));
-                assert_eq!(helm["releaseName"], "kafka");
-                assert!(helm["values"].as_str().unwrap().contains("replicaCount: 1"));
+                let helm = helm.as_ref().unwrap();
+                assert_eq!(helm.release_name.as_deref(), Some("kafka"));
+                assert!(helm.values.as_deref().unwrap().contains("replicaCount: 1"));
             }
             other => panic!("{other:?}"),
         }
-        assert!(app(&parsed[0])
-            .to_app_config()
-            .unwrap_err()
-            .contains("Helm repositories"));
+        let config = app(&parsed[0]).to_app_config().unwrap();
+        assert_eq!(config.repo, "https://charts.bitnami.com/bitnami");
+        assert_eq!(config.chart.as_deref(), Some("kafka"));
+        assert_eq!(config.revision, "26.4.3");
     }
 
     #[test]

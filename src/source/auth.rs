@@ -27,6 +27,24 @@ fn read_secret(url: &str, path: &Path) -> Result<String, SourceError> {
         })
 }
 
+/// The username and password (or token) configured for `repo`, read from their files now.
+pub(super) fn userpass(repo: &RepositoryConfig) -> Result<Option<(String, String)>, SourceError> {
+    let url = &repo.url;
+    Ok(match (&repo.token_file, &repo.password_file) {
+        (Some(token), _) => Some((
+            repo.username
+                .clone()
+                .unwrap_or_else(|| TOKEN_USERNAME.into()),
+            read_secret(url, token)?,
+        )),
+        (None, Some(password)) => Some((
+            repo.username.clone().unwrap_or_default(),
+            read_secret(url, password)?,
+        )),
+        (None, None) => None,
+    })
+}
+
 struct Secrets {
     userpass: Option<(String, String)>,
     ssh_key: Option<std::path::PathBuf>,
@@ -36,19 +54,7 @@ struct Secrets {
 impl Secrets {
     fn load(repo: &RepositoryConfig) -> Result<Secrets, SourceError> {
         let url = &repo.url;
-        let userpass = match (&repo.token_file, &repo.password_file) {
-            (Some(token), _) => Some((
-                repo.username
-                    .clone()
-                    .unwrap_or_else(|| TOKEN_USERNAME.into()),
-                read_secret(url, token)?,
-            )),
-            (None, Some(password)) => Some((
-                repo.username.clone().unwrap_or_default(),
-                read_secret(url, password)?,
-            )),
-            (None, None) => None,
-        };
+        let userpass = userpass(repo)?;
         let known_hosts = match &repo.known_hosts_file {
             Some(path) => Some(read_secret(url, path)?),
             None => None,

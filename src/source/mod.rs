@@ -1,13 +1,16 @@
 //! Source stage: fetches Git repositories into the cache under `state_dir/git` and produces
-//! immutable [`Snapshot`]s, one directory per commit.
+//! immutable [`Snapshot`]s, one directory per commit; and pulls Helm charts from chart
+//! repositories and OCI registries into `state_dir/charts` ([`chart`]).
 //!
 //! All Git I/O is blocking (libgit2); callers run it on a blocking thread.
 
 mod auth;
+pub mod chart;
 mod git;
 
 use std::path::PathBuf;
 
+pub use chart::{ChartIndex, ChartSource};
 pub use git::{GitSource, RemoteRefs, MAX_FETCH_BYTES};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,8 @@ pub enum SourceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{url}: {message}")]
+    Chart { url: String, message: String },
     #[error("{url}: cache {path}: {source}")]
     Cache {
         url: String,
@@ -37,6 +42,7 @@ impl SourceError {
             SourceError::RevisionNotFound { .. } => "git_revision_not_found",
             SourceError::Credentials { .. } => "git_credentials",
             SourceError::Cache { .. } => "git_cache",
+            SourceError::Chart { .. } => "chart",
         }
     }
 }

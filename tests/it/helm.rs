@@ -1,13 +1,14 @@
 //! Helm charts kept in the Git repository, rendered by the pinned helm that `tests/helm/build`
 //! compiles from its Go module, and applied on the real control plane with Argo CD's options.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
+use crate::harness::charts::{ChartServer, Registry};
 use crate::harness::cluster::repo_root;
-use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
+use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
 use crate::skeleton::wait_available;
 
 /// The pinned helm binary, built (or taken from the cache) once per test run.
@@ -23,26 +24,28 @@ pub fn helm() -> &'static PathBuf {
     })
 }
 
-pub fn write_chart(repo: &GitRepo) {
-    repo.write(
-        "charts/web/Chart.yaml",
-        "apiVersion: v2\nname: web\nversion: 0.1.0\nappVersion: \"1.27\"\n",
-    );
-    repo.write(
-        "charts/web/values.yaml",
-        "replicas: 1\ngreeting: from-chart\ncolor: plain\nimage: nginx:1.27\n",
-    );
-    repo.write(
-        "charts/web/values-prod.yaml",
-        "color: prod\ngreeting: from-file\n",
-    );
-    repo.write(
-        "charts/web/templates/configmap.yaml",
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-config\ndata:\n  greeting: {{ .Values.greeting | quote }}\n  color: {{ .Values.color | quote }}\n  namespace: {{ .Release.Namespace | quote }}\n",
-    );
-    repo.write(
-        "charts/web/templates/deployment.yaml",
-        r#"apiVersion: apps/v1
+/// The files of the test chart `web` at `version`, relative to the chart directory.
+pub fn chart_files(version: &str, greeting: &str) -> Vec<(String, String)> {
+    let files = [
+        (
+            "Chart.yaml",
+            format!("apiVersion: v2\nname: web\nversion: {version}\nappVersion: \"1.27\"\n"),
+        ),
+        (
+            "values.yaml",
+            "replicas: 1\ngreeting: from-chart\ncolor: plain\nimage: nginx:1.27\n".to_string(),
+        ),
+        (
+            "values-prod.yaml",
+            format!("color: prod\ngreeting: {greeting}\n"),
+        ),
+        (
+            "templates/configmap.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-config\ndata:\n  greeting: {{ .Values.greeting | quote }}\n  color: {{ .Values.color | quote }}\n  namespace: {{ .Release.Namespace | quote }}\n  version: {{ .Chart.Version | quote }}\n".to_string(),
+        ),
+        (
+            "templates/deployment.yaml",
+            r#"apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ .Release.Name }}
@@ -57,12 +60,72 @@ spec:
       containers:
         - name: web
           image: {{ .Values.image }}
-"#,
+"#
+            .to_string(),
+        ),
+        (
+            "templates/tests/test-connection.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ .Release.Name }}-test\n  annotations:\n    helm.sh/hook: test\nspec:\n  containers: [{name: t, image: busybox}]\n".to_string(),
+        ),
+    ];
+    files.into_iter().map(|(p, c)| (p.to_string(), c)).collect()
+}
+
+pub fn write_chart(repo: &GitRepo) {
+    for (path, content) in chart_files("0.1.0", "from-file") {
+        repo.write(&format!("charts/web/{path}"), &content);
+    }
+}
+
+/// Runs the pinned helm with throwaway config, cache and data directories.
+fn run_helm(args: &[&str]) {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(helm())
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    repo.write(
-        "charts/web/templates/tests/test-connection.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ .Release.Name }}-test\n  annotations:\n    helm.sh/hook: test\nspec:\n  containers: [{name: t, image: busybox}]\n",
-    );
+}
+
+/// Packages the test chart at `version` into `dest` and returns the archive's path.
+fn package_chart(dest: &Path, version: &str, greeting: &str) -> PathBuf {
+    let src = tempfile::tempdir().unwrap();
+    for (path, content) in chart_files(version, greeting) {
+        let file = src.path().join("web").join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, content).unwrap();
+    }
+    std::fs::create_dir_all(dest).unwrap();
+    run_helm(&[
+        "package",
+        src.path().join("web").to_str().unwrap(),
+        "--destination",
+        dest.to_str().unwrap(),
+    ]);
+    dest.join(format!("web-{version}.tgz"))
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+async fn wait_revision(config: &AgentConfig, app: &str, revision: &str) {
+    eventually(&format!("{app} applied at {revision}"), WAIT, || async {
+        (config.state(app)["last_applied_revision"] == revision).then_some(())
+    })
+    .await;
+}
+
+async fn config_data(ns: &TestNamespace, name: &str) -> std::collections::BTreeMap<String, String> {
+    ns.api::<ConfigMap>().get(name).await.unwrap().data.unwrap()
 }
 
 #[tokio::test]
@@ -104,4 +167,109 @@ async fn chart_in_git_applies_with_release_name_value_files_values_and_parameter
     let state = config.state("web");
     let objects = state["objects"].to_string();
     assert!(!objects.contains("edge-test"), "{objects}");
+}
+
+#[tokio::test]
+async fn chart_from_a_helm_repository_applies_and_follows_new_versions() {
+    let ns = TestNamespace::reserve("helmrepo").await;
+    let site = tempfile::tempdir().unwrap();
+    let charts = site.path().join("stable");
+    let first = package_chart(&charts, "0.1.0", "first");
+    run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    let server = ChartServer::start(site.path(), Some("fleet:s3cret")).await;
+    let url = server.url("stable");
+    let config = AgentConfig::new().section("helm", &format!("binary = \"{}\"", helm().display()));
+    let password = config.file("chart-password", "s3cret\n");
+    let config = config
+        .repository(&format!(
+            "url = \"{url}\"\nusername = \"fleet\"\npassword_file = \"{}\"\npoll_interval = \"1s\"",
+            password.display()
+        ))
+        .app(&format!(
+            "name = \"web\"\nrepo = \"{url}\"\nchart = \"web\"\nrevision = \"0.1.x\"\nnamespace = \"{}\"\ncreate_namespace = true\nhelm = {{ release_name = \"edge\", value_files = [\"values-prod.yaml\"], parameters = {{ replicas = \"2\" }} }}",
+            ns.name
+        ));
+    let _agent = Agent::start(&config);
+
+    // The revision pins the version and the archive's digest.
+    wait_revision(
+        &config,
+        "web",
+        &format!("0.1.0@sha256:{}", sha256_hex(&first)),
+    )
+    .await;
+    let data = config_data(&ns, "edge-config").await;
+    assert_eq!(data["greeting"], "first", "a value file inside the chart");
+    assert_eq!(data["version"], "0.1.0");
+    wait_available(&ns, "edge").await;
+
+    // A newer release that matches the constraint is picked up by the next poll, and one
+    // outside it is not.
+    package_chart(&charts, "0.2.0", "too-new");
+    let second = package_chart(&charts, "0.1.1", "second");
+    run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    wait_revision(
+        &config,
+        "web",
+        &format!("0.1.1@sha256:{}", sha256_hex(&second)),
+    )
+    .await;
+    assert_eq!(config_data(&ns, "edge-config").await["greeting"], "second");
+
+    // Charts are cached by digest: polls read the index but download nothing more.
+    let downloads = server.downloads();
+    assert_eq!(downloads, 2, "one download per applied version");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(server.downloads(), downloads);
+}
+
+#[tokio::test]
+async fn charts_from_an_oci_registry_apply_by_exact_version_and_by_constraint() {
+    let ns = TestNamespace::reserve("helmoci").await;
+    let registry = Registry::start().await;
+    let packages = tempfile::tempdir().unwrap();
+    let mut archives = Vec::new();
+    for (version, greeting) in [
+        ("0.1.0", "oci-first"),
+        ("0.1.2", "oci-second"),
+        ("1.0.0", "oci-major"),
+    ] {
+        let archive = package_chart(packages.path(), version, greeting);
+        let oci = format!("oci://127.0.0.1:{}/charts", registry.port);
+        run_helm(&["push", archive.to_str().unwrap(), &oci, "--plain-http"]);
+        archives.push(archive);
+    }
+    let url = registry.url("charts");
+    let config = AgentConfig::new()
+        .section("helm", &format!("binary = \"{}\"", helm().display()))
+        .repository(&format!("url = \"{url}\"\nplain_http = true\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"pinned\"\nrepo = \"{url}\"\nchart = \"web\"\nrevision = \"0.1.0\"\nnamespace = \"{}\"\ncreate_namespace = true\nhelm = {{ value_files = [\"values-prod.yaml\"] }}",
+            ns.name
+        ))
+        .app(&format!(
+            "name = \"ranged\"\nrepo = \"{url}\"\nchart = \"web\"\nrevision = \"~0.1\"\nnamespace = \"{}\"\ncreate_namespace = true\nhelm = {{ value_files = [\"values-prod.yaml\"] }}",
+            ns.name
+        ));
+    let _agent = Agent::start(&config);
+    wait_revision(
+        &config,
+        "pinned",
+        &format!("0.1.0@sha256:{}", sha256_hex(&archives[0])),
+    )
+    .await;
+    wait_revision(
+        &config,
+        "ranged",
+        &format!("0.1.2@sha256:{}", sha256_hex(&archives[1])),
+    )
+    .await;
+    assert_eq!(
+        config_data(&ns, "pinned-config").await["greeting"],
+        "oci-first"
+    );
+    assert_eq!(
+        config_data(&ns, "ranged-config").await["greeting"],
+        "oci-second"
+    );
 }

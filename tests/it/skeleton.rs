@@ -425,7 +425,9 @@ async fn fleet_command_reads_the_seed_argo_cd_manifests() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("app kafka-dev cannot run yet: charts from Helm repositories"),
+        stdout.contains(
+            "app kafka-dev from https://charts.bitnami.com/bitnami at 26.4.3 chart kafka into namespace"
+        ),
         "{stdout}"
     );
     assert!(stdout.contains("AppProject dictamesh"), "{stdout}");

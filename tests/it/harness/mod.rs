@@ -1,6 +1,7 @@
 //! Shared test harness: the control plane, namespaces, Git repositories and agent processes.
 
 pub mod agent;
+pub mod charts;
 pub mod cluster;
 pub mod git;
 pub mod http;
