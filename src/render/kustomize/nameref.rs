@@ -58,6 +58,8 @@ fn other_fields(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("ServiceAccount", "imagePullSecrets/name"),
             ("ServiceAccount", "secrets/name"),
             ("Ingress", "spec/tls/secretName"),
+            // Of all the volume sources naming a Secret, kustomize follows only this one.
+            ("PersistentVolume", "spec/azureFile/secretName"),
         ],
         "Service" => &[
             ("Ingress", "spec/rules/http/paths/backend/service/name"),
