@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -18,10 +19,13 @@ use tokio::sync::Mutex;
 
 use super::{ApplyError, ObjectFailure, ObjectRef, Outcome, Phase, Plan, FIELD_MANAGER};
 use crate::config::K3S_KUBECONFIG;
+use crate::health::HealthStatus;
 use crate::metrics::Metrics;
 use crate::render::Object;
 
 const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Objects of one wave applied at the same time.
+const WAVE_CONCURRENCY: usize = 4;
 
 /// Builds a client. Order: the configured kubeconfig, `$KUBECONFIG`, in-cluster service
 /// account, then the k3s kubeconfig, then `~/.kube/config`.
@@ -100,44 +104,139 @@ impl KubeApplier {
         &self.client
     }
 
-    /// Applies every object of `plan` in order. A failed object does not stop the others;
-    /// CRDs are waited on until Established before any later object is applied.
-    pub async fn apply(&self, plan: &Plan) -> Outcome {
+    /// Applies `plan` wave by wave. Within a wave, namespaces and CRDs go first, one by one
+    /// (CRDs waited on until Established), then the other objects concurrently, a few at a
+    /// time; a failed object does not stop the others of its wave. Before a later wave starts,
+    /// the earlier one must be healthy (within `wave_timeout`); a failed or unhealthy wave
+    /// stops the sync there, and the objects of later waves are reported as not applied.
+    pub async fn apply(&self, plan: &Plan, wave_timeout: Duration) -> Outcome {
         let mut outcome = Outcome::default();
-        let mut pending_crds: Vec<String> = Vec::new();
-        for object in &plan.objects {
-            let phase = Phase::of(object);
-            if phase == Phase::Resources && !pending_crds.is_empty() {
-                for name in pending_crds.drain(..) {
-                    if let Err(message) = self.wait_established(&name).await {
-                        tracing::warn!(crd = %name, "{message}");
+        let ns = plan.default_namespace.as_deref();
+        let waves = plan.by_wave();
+        for (n, (wave, objects)) in waves.iter().enumerate() {
+            let failed_before = outcome.failures.len();
+            let applied_before = outcome.applied.len();
+            let (ordered, rest): (Vec<&Object>, Vec<&Object>) = objects
+                .iter()
+                .partition(|o| Phase::of(o) != Phase::Resources);
+            let mut crds = Vec::new();
+            for object in ordered {
+                let result = self.apply_one(object, ns).await;
+                if let Ok(applied) = &result {
+                    if Phase::of(object) == Phase::CustomResourceDefinitions {
+                        crds.push(applied.name.clone());
                     }
                 }
+                record(&mut outcome, plan, object, result);
             }
-            match self
-                .apply_one(object, plan.default_namespace.as_deref())
-                .await
-            {
-                Ok(applied) => {
-                    if phase == Phase::CustomResourceDefinitions {
-                        pending_crds.push(applied.name.clone());
+            for name in crds {
+                if let Err(message) = self.wait_established(&name).await {
+                    tracing::warn!(crd = %name, "{message}");
+                }
+            }
+            // Collected first: a lazy `map` inside the stream trips up the Send check of
+            // the spawned sync task (rust-lang/rust#102211).
+            let pending: Vec<_> = rest.iter().map(|o| self.apply_one(o, ns)).collect();
+            let results: Vec<_> = futures::stream::iter(pending)
+                .buffered(WAVE_CONCURRENCY)
+                .collect()
+                .await;
+            for (object, result) in rest.into_iter().zip(results) {
+                record(&mut outcome, plan, object, result);
+            }
+            let Some(later) = waves.get(n + 1..).filter(|l| !l.is_empty()) else {
+                break;
+            };
+            let stop = if outcome.failures.len() > failed_before {
+                let failures = &outcome.failures[failed_before..];
+                Some((
+                    format!("wave {wave} failed"),
+                    failures.iter().all(|f| f.transient),
+                ))
+            } else {
+                let applied = &outcome.applied[applied_before..];
+                match self.wait_healthy(applied, wave_timeout).await {
+                    Ok(()) => None,
+                    Err(failure) => {
+                        let why = format!("wave {wave} did not become healthy");
+                        let transient = failure.transient;
+                        outcome.failures.push(failure);
+                        Some((why, transient))
                     }
-                    tracing::debug!(app = %plan.app, object = %applied, "applied");
-                    outcome.applied.push(applied);
                 }
-                Err(failure) => {
-                    tracing::warn!(app = %plan.app, object = %failure.object, origin = %object.origin,
-                        "apply failed: {}", failure.message);
-                    outcome.failures.push(failure);
+            };
+            if let Some((why, transient)) = stop {
+                for (_, objects) in later {
+                    for object in *objects {
+                        outcome.failures.push(ObjectFailure {
+                            object: object_ref(object, ns),
+                            message: format!("not applied: {why}"),
+                            transient,
+                        });
+                    }
                 }
-            }
-        }
-        for name in pending_crds {
-            if let Err(message) = self.wait_established(&name).await {
-                tracing::warn!(crd = %name, "{message}");
+                break;
             }
         }
         outcome
+    }
+
+    /// Waits until every object in `objects` is Healthy (or Suspended). Degraded, or still
+    /// Progressing after `timeout`, is a failure naming the object.
+    async fn wait_healthy(
+        &self,
+        objects: &[ObjectRef],
+        timeout: Duration,
+    ) -> Result<(), ObjectFailure> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut waiting = None;
+            for object in objects {
+                let health = match self.get(object).await {
+                    Ok(Some(live)) => crate::health::assess(&live),
+                    Ok(None) => crate::health::Health {
+                        status: HealthStatus::Missing,
+                        message: "does not exist".into(),
+                    },
+                    Err(e) => {
+                        return Err(ObjectFailure {
+                            object: object.clone(),
+                            message: e.message,
+                            transient: e.transient,
+                        })
+                    }
+                };
+                match health.status {
+                    HealthStatus::Healthy | HealthStatus::Suspended => {}
+                    HealthStatus::Degraded => {
+                        return Err(ObjectFailure {
+                            object: object.clone(),
+                            message: format!("Degraded: {}", health.message),
+                            transient: false,
+                        })
+                    }
+                    _ => {
+                        waiting.get_or_insert((object, health));
+                    }
+                }
+            }
+            let Some((object, health)) = waiting else {
+                return Ok(());
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ObjectFailure {
+                    object: object.clone(),
+                    message: format!(
+                        "still {} after {}: {}",
+                        health.status.as_str(),
+                        humantime::format_duration(timeout),
+                        health.message
+                    ),
+                    transient: false,
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn apply_one(
@@ -164,6 +263,7 @@ impl KubeApplier {
                         object.api_version(),
                         api_message(&e)
                     ),
+                    transient: is_transient(&e),
                 })
             }
         };
@@ -181,6 +281,7 @@ impl KubeApplier {
                     return Err(ObjectFailure {
                         object: oref,
                         message: "namespaced object has no metadata.namespace and the app sets no namespace".into(),
+                        transient: false,
                     });
                 };
                 if let Some(Value::Object(meta)) = body.get_mut("metadata") {
@@ -215,15 +316,16 @@ impl KubeApplier {
                 Err(ObjectFailure {
                     object: oref,
                     message: api_message(&e),
+                    transient: is_transient(&e),
                 })
             }
         }
     }
 
     /// The API for `object`'s kind, in its namespace when the kind is namespaced.
-    async fn api_for(&self, object: &ObjectRef) -> Result<Api<DynamicObject>, String> {
+    async fn api_for(&self, object: &ObjectRef) -> Result<Api<DynamicObject>, CallError> {
         let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
-        let (resource, scope) = self.resource(&gvk).await.map_err(|e| api_message(&e))?;
+        let (resource, scope) = self.resource(&gvk).await.map_err(CallError::from)?;
         Ok(match (scope, &object.namespace) {
             (Scope::Namespaced, Some(ns)) => {
                 Api::namespaced_with(self.client.clone(), ns, &resource)
@@ -234,7 +336,7 @@ impl KubeApplier {
 
     /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
     /// already counts as deleted.
-    pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), String> {
+    pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), CallError> {
         let api = self.api_for(object).await?;
         let params = kube::api::DeleteParams {
             propagation_policy: Some(match propagation {
@@ -249,7 +351,7 @@ impl KubeApplier {
         match result {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(e) => Err(api_message(&e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -261,16 +363,17 @@ impl KubeApplier {
     }
 
     /// The live object, or `None` if it does not exist.
-    pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, String> {
+    pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, CallError> {
         let api = self.api_for(object).await?;
         let found = api.get_opt(&object.name).await;
         self.count("get", &found);
         match found {
-            Ok(Some(live)) => serde_json::to_value(live)
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            Ok(Some(live)) => serde_json::to_value(live).map(Some).map_err(|e| CallError {
+                message: e.to_string(),
+                transient: false,
+            }),
             Ok(None) => Ok(None),
-            Err(e) => Err(api_message(&e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -310,6 +413,59 @@ impl KubeApplier {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Records one object's apply result, logging failures.
+fn record(
+    outcome: &mut Outcome,
+    plan: &Plan,
+    object: &Object,
+    result: Result<ObjectRef, ObjectFailure>,
+) {
+    match result {
+        Ok(applied) => {
+            tracing::debug!(app = %plan.app, object = %applied, "applied");
+            outcome.applied.push(applied);
+        }
+        Err(failure) => {
+            tracing::warn!(app = %plan.app, object = %failure.object, origin = %object.origin,
+                "apply failed: {}", failure.message);
+            outcome.failures.push(failure);
+        }
+    }
+}
+
+/// The reference of an object not (yet) applied: its namespace as written, or the app's.
+fn object_ref(object: &Object, default_ns: Option<&str>) -> ObjectRef {
+    ObjectRef {
+        group: object.group().to_string(),
+        version: object.version().to_string(),
+        kind: object.kind().to_string(),
+        namespace: object.namespace().or(default_ns).map(str::to_string),
+        name: object.name().to_string(),
+    }
+}
+
+/// A failed API call: the server's message, and whether it was the server being away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<kube::Error> for CallError {
+    fn from(e: kube::Error) -> Self {
+        CallError {
+            message: api_message(&e),
+            transient: is_transient(&e),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! confined to [`kube`](self::kube).
 
 pub mod kube;
+pub mod window;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -47,6 +48,12 @@ pub enum ApplyError {
     EmptyRender,
     #[error("prune failed for {} objects: {}", .failures.len(), .failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Prune { failures: Vec<ObjectFailure> },
+    #[error("{object} ({origin}): {message}")]
+    BadAnnotation {
+        object: String,
+        origin: String,
+        message: String,
+    },
 }
 
 impl ApplyError {
@@ -58,6 +65,18 @@ impl ApplyError {
             ApplyError::Objects { .. } => "apply_failed",
             ApplyError::EmptyRender => "apply_empty_render",
             ApplyError::Prune { .. } => "prune_failed",
+            ApplyError::BadAnnotation { .. } => "bad_annotation",
+        }
+    }
+
+    /// Whether the failure is the API server's being away (unreachable, 5xx, 429), which
+    /// does not count against an app's retry limit.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Objects { failures, .. } | ApplyError::Prune { failures } => {
+                !failures.is_empty() && failures.iter().all(|f| f.transient)
+            }
+            _ => false,
         }
     }
 }
@@ -67,6 +86,9 @@ impl ApplyError {
 pub struct ObjectFailure {
     pub object: ObjectRef,
     pub message: String,
+    /// The API server could not be reached, or answered 5xx or 429.
+    #[serde(default)]
+    pub transient: bool,
 }
 
 impl fmt::Display for ObjectFailure {
@@ -99,8 +121,11 @@ impl fmt::Display for ObjectRef {
 /// The objects an app has applied and that may still exist: what a prune may delete.
 pub type Inventory = BTreeSet<ObjectRef>;
 
-/// Order of application: namespaces must exist before what lives in them, and CRDs must be
-/// established before their custom resources can be applied.
+/// Argo CD's sync wave annotation: lower waves are applied, and healthy, before higher ones.
+pub const SYNC_WAVE_ANNOTATION: &str = "argocd.argoproj.io/sync-wave";
+
+/// Within a wave, namespaces and CRDs are applied one by one before anything else (and CRDs
+/// waited on until Established); the other objects follow concurrently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Namespaces,
@@ -120,6 +145,73 @@ impl Phase {
     }
 }
 
+/// Argo CD's kind order within a wave (Helm's install order); other kinds come after these.
+const KIND_ORDER: [&str; 34] = [
+    "Namespace",
+    "NetworkPolicy",
+    "ResourceQuota",
+    "LimitRange",
+    "PodSecurityPolicy",
+    "PodDisruptionBudget",
+    "ServiceAccount",
+    "Secret",
+    "SecretList",
+    "ConfigMap",
+    "StorageClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleList",
+    "ClusterRoleBinding",
+    "ClusterRoleBindingList",
+    "Role",
+    "RoleList",
+    "RoleBinding",
+    "RoleBindingList",
+    "Service",
+    "DaemonSet",
+    "Pod",
+    "ReplicationController",
+    "ReplicaSet",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "StatefulSet",
+    "Job",
+    "CronJob",
+    "Ingress",
+    "APIService",
+];
+
+fn kind_rank(kind: &str) -> usize {
+    KIND_ORDER
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(KIND_ORDER.len())
+}
+
+/// The object's sync wave (0 without the annotation).
+pub fn sync_wave(object: &Object) -> Result<i64, ApplyError> {
+    let value = object
+        .value
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(SYNC_WAVE_ANNOTATION));
+    match value {
+        None => Ok(0),
+        Some(Value::String(text)) => text.trim().parse().map_err(|_| ApplyError::BadAnnotation {
+            object: object.display_name(),
+            origin: object.origin.clone(),
+            message: format!("{SYNC_WAVE_ANNOTATION} {text:?} is not an integer"),
+        }),
+        Some(other) => Err(ApplyError::BadAnnotation {
+            object: object.display_name(),
+            origin: object.origin.clone(),
+            message: format!("{SYNC_WAVE_ANNOTATION} must be a string, not {other}"),
+        }),
+    }
+}
+
 /// An app's objects in application order, tagged with the app that owns them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -127,9 +219,24 @@ pub struct Plan {
     /// Namespace for namespaced objects that name none.
     pub default_namespace: Option<String>,
     pub objects: Vec<Object>,
+    /// The wave of each object, in the same order; never decreasing.
+    pub waves: Vec<i64>,
 }
 
 impl Plan {
+    /// The objects grouped by wave, lowest first: `(wave, objects)`.
+    pub fn by_wave(&self) -> Vec<(i64, &[Object])> {
+        let mut out: Vec<(i64, &[Object])> = Vec::new();
+        let mut start = 0;
+        for i in 1..=self.objects.len() {
+            if i == self.objects.len() || self.waves[i] != self.waves[start] {
+                out.push((self.waves[start], &self.objects[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+
     /// The objects that came from the render (not the namespace `create_namespace` adds).
     pub fn rendered_objects(&self) -> impl Iterator<Item = &Object> {
         self.objects
@@ -224,8 +331,39 @@ pub fn plan(
             }
         }
     }
-    // A stable sort keeps render order within each phase.
-    objects.sort_by_key(Phase::of);
+    let waves = objects
+        .iter()
+        .map(sync_wave)
+        .collect::<Result<Vec<i64>, _>>()?;
+    let mut order: Vec<(i64, Object)> = waves.into_iter().zip(objects).collect();
+    // Argo CD's order: wave, kind, name. The namespace create_namespace adds goes first.
+    order.sort_by(|(wa, a), (wb, b)| {
+        let created = |o: &Object| o.origin != CREATED_NAMESPACE;
+        (created(a), *wa, kind_rank(a.kind()), a.name()).cmp(&(
+            created(b),
+            *wb,
+            kind_rank(b.kind()),
+            b.name(),
+        ))
+    });
+    if let Some(min) = order.iter().map(|(w, _)| *w).min() {
+        for (w, o) in &mut order {
+            if o.origin == CREATED_NAMESPACE {
+                *w = min;
+            }
+        }
+    }
+    // A namespace, or a CRD, in a later wave than something that needs it moves up to it.
+    hoist(
+        &mut order,
+        default_namespace,
+        |o| (Phase::of(o) == Phase::Namespaces).then(|| format!("ns/{}", o.name())),
+        |o, default_ns| o.namespace().or(default_ns).map(|ns| format!("ns/{ns}")),
+    );
+    hoist(&mut order, default_namespace, crd_key, |o, _| {
+        Some(format!("gk/{}/{}", o.group(), o.kind()))
+    });
+    let (waves, mut objects): (Vec<i64>, Vec<Object>) = order.into_iter().unzip();
     for object in &mut objects {
         let Some(meta) = object.metadata_mut() else {
             continue;
@@ -244,7 +382,48 @@ pub fn plan(
         app: app.to_string(),
         default_namespace: default_namespace.map(str::to_string),
         objects,
+        waves,
     })
+}
+
+/// `gk/<group>/<kind>` of the custom resources a CRD defines.
+fn crd_key(o: &Object) -> Option<String> {
+    if Phase::of(o) != Phase::CustomResourceDefinitions {
+        return None;
+    }
+    let spec = o.value.get("spec")?;
+    let group = spec.get("group")?.as_str()?;
+    let kind = spec.get("names")?.get("kind")?.as_str()?;
+    Some(format!("gk/{group}/{kind}"))
+}
+
+/// Moves each dependency (`provides` gives its key) in front of the first object that needs
+/// it (`needs`), into that object's wave, as Argo CD does for namespaces and CRDs.
+fn hoist(
+    order: &mut Vec<(i64, Object)>,
+    default_ns: Option<&str>,
+    provides: impl Fn(&Object) -> Option<String>,
+    needs: impl Fn(&Object, Option<&str>) -> Option<String>,
+) {
+    let mut first_need: std::collections::HashMap<String, usize> = Default::default();
+    let mut i = 0;
+    while i < order.len() {
+        if let Some(key) = provides(&order[i].1) {
+            if let Some(&at) = first_need.get(&key) {
+                let (_, object) = order.remove(i);
+                let wave = order[at].0;
+                order.insert(at, (wave, object));
+                for index in first_need.values_mut() {
+                    if *index >= at {
+                        *index += 1;
+                    }
+                }
+            }
+        } else if let Some(key) = needs(&order[i].1, default_ns) {
+            first_need.entry(key).or_insert(i);
+        }
+        i += 1;
+    }
 }
 
 fn check_duplicates(objects: &[Object], default_ns: Option<&str>) -> Result<(), ApplyError> {
@@ -313,8 +492,23 @@ mod tests {
         Manifests { objects }
     }
 
+    fn with_wave(mut o: Object, wave: &str) -> Object {
+        o.metadata_mut()
+            .unwrap()
+            .insert("annotations".into(), json!({SYNC_WAVE_ANNOTATION: wave}));
+        o
+    }
+
+    fn names(p: &Plan) -> Vec<(i64, String)> {
+        p.waves
+            .iter()
+            .zip(&p.objects)
+            .map(|(w, o)| (*w, format!("{}/{}", o.kind(), o.name())))
+            .collect()
+    }
+
     #[test]
-    fn namespaces_then_crds_then_the_rest_in_render_order() {
+    fn argo_cds_kind_order_then_name_with_custom_kinds_last() {
         let m = manifests(vec![
             obj("apps/v1", "Deployment", "d", "a#0"),
             obj("example.com/v1", "Widget", "w", "a#1"),
@@ -324,20 +518,83 @@ mod tests {
                 "widgets.example.com",
                 "a#2",
             ),
-            obj("v1", "ConfigMap", "c", "a#3"),
-            obj("v1", "Namespace", "ns", "a#4"),
+            obj("v1", "ConfigMap", "c2", "a#3"),
+            obj("v1", "ConfigMap", "c1", "a#4"),
+            obj("v1", "Namespace", "ns", "a#5"),
+            obj("v1", "Service", "s", "a#6"),
         ]);
         let p = plan("app", Some("ns"), false, m).unwrap();
-        let kinds: Vec<_> = p.objects.iter().map(|o| o.kind()).collect();
+        let kinds: Vec<_> = p
+            .objects
+            .iter()
+            .map(|o| format!("{}/{}", o.kind(), o.name()))
+            .collect();
         assert_eq!(
             kinds,
             [
-                "Namespace",
-                "CustomResourceDefinition",
-                "Deployment",
-                "Widget",
-                "ConfigMap"
+                "Namespace/ns",
+                "ConfigMap/c1",
+                "ConfigMap/c2",
+                "CustomResourceDefinition/widgets.example.com",
+                "Service/s",
+                "Deployment/d",
+                "Widget/w",
             ]
+        );
+        assert_eq!(p.by_wave().len(), 1);
+    }
+
+    #[test]
+    fn waves_order_first_and_namespaces_and_crds_move_up_to_what_needs_them() {
+        let mut crd = obj(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            "widgets.example.com",
+            "a#0",
+        );
+        crd.value.insert(
+            "spec".into(),
+            json!({"group": "example.com", "names": {"kind": "Widget"}}),
+        );
+        let mut widget = obj("example.com/v1", "Widget", "w", "a#1");
+        widget
+            .value
+            .insert("metadata".into(), json!({"name": "w", "namespace": "team"}));
+        let m = manifests(vec![
+            with_wave(obj("v1", "ConfigMap", "late", "a#2"), "5"),
+            with_wave(crd, "3"),
+            with_wave(obj("v1", "Namespace", "team", "a#3"), "2"),
+            with_wave(widget, "-1"),
+            obj("v1", "ConfigMap", "zero", "a#4"),
+        ]);
+        let p = plan("app", None, false, m).unwrap();
+        assert_eq!(
+            names(&p),
+            [
+                (-1, "Namespace/team".to_string()),
+                (
+                    -1,
+                    "CustomResourceDefinition/widgets.example.com".to_string()
+                ),
+                (-1, "Widget/w".to_string()),
+                (0, "ConfigMap/zero".to_string()),
+                (5, "ConfigMap/late".to_string()),
+            ]
+        );
+        let waves: Vec<i64> = p.by_wave().iter().map(|(w, _)| *w).collect();
+        assert_eq!(waves, [-1, 0, 5]);
+    }
+
+    #[test]
+    fn a_bad_wave_is_an_error_naming_the_object() {
+        let m = manifests(vec![with_wave(
+            obj("v1", "ConfigMap", "c", "x.yaml#0"),
+            "soon",
+        )]);
+        let err = plan("app", None, false, m).unwrap_err().to_string();
+        assert!(
+            err.contains("ConfigMap") && err.contains("x.yaml#0") && err.contains("soon"),
+            "{err}"
         );
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod sync_policy;
 mod validate;
 #[cfg(test)]
 use validate::check_repo_url;
@@ -336,6 +337,41 @@ pub struct AppConfig {
     /// Helm options for an app whose path holds a chart (Argo CD's `source.helm`).
     #[serde(default)]
     pub helm: Option<crate::render::helm::HelmOptions>,
+    /// Re-apply at once when a managed object drifts or is deleted (Argo CD's `selfHeal`);
+    /// otherwise drift is reported as OutOfSync.
+    #[serde(default)]
+    pub self_heal: bool,
+    /// Argo CD's sync options: `CreateNamespace=true`, `PruneLast=true`,
+    /// `PrunePropagationPolicy=foreground|background|orphan`, `ApplyOutOfSyncOnly=true`.
+    #[serde(default)]
+    pub sync_options: Vec<String>,
+    /// Retry of failed syncs (Argo CD's `syncPolicy.retry`).
+    #[serde(default)]
+    pub retry: sync_policy::Retry,
+    /// Fields left alone (Argo CD's `ignoreDifferences`).
+    #[serde(default)]
+    pub ignore_differences: Vec<sync_policy::IgnoreDifference>,
+    /// When syncs may run (Argo CD's sync windows).
+    #[serde(default)]
+    pub sync_windows: Vec<sync_policy::SyncWindow>,
+    /// How long an app may stay Progressing after a sync before it counts as Degraded.
+    #[serde(default, with = "sync_policy::human::option")]
+    pub health_timeout: Option<Duration>,
+    /// `auto`: an app that goes Degraded after a new revision goes back to its last Healthy one.
+    #[serde(default)]
+    pub rollback: sync_policy::Rollback,
+}
+
+impl AppConfig {
+    /// The value of one of the app's sync options.
+    pub fn sync_option(&self, name: &str) -> Option<&str> {
+        sync_policy::sync_option(&self.sync_options, name)
+    }
+
+    /// `create_namespace`, or the sync option `CreateNamespace=true`.
+    pub fn creates_namespace(&self) -> bool {
+        self.create_namespace || self.sync_option("CreateNamespace") == Some("true")
+    }
 }
 
 /// `[helm]`: how charts are rendered.

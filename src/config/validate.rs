@@ -253,12 +253,15 @@ impl Checker<'_> {
                 );
             }
         }
-        if a.create_namespace && a.namespace.is_none() {
+        if a.creates_namespace() && a.namespace.is_none() {
             self.push(
                 &span,
                 key("create_namespace"),
                 "needs a namespace to create",
             );
+        }
+        if let Err((field, msg)) = check_sync_policy(a) {
+            self.push(&span, key(field), msg);
         }
     }
 }
@@ -275,8 +278,39 @@ pub(super) fn check_app(a: &AppConfig) -> Result<(), String> {
     if let Some(selector) = &a.node_selector {
         crate::fleet::Selector::parse(selector).map_err(|e| e.to_string())?;
     }
-    if a.create_namespace && a.namespace.is_none() {
+    if a.creates_namespace() && a.namespace.is_none() {
         return Err("CreateNamespace=true needs a destination namespace".into());
+    }
+    check_sync_policy(a).map_err(|(field, msg)| format!("{field}: {msg}"))?;
+    Ok(())
+}
+
+/// Sync options, retry, windows and timeouts: `(field, problem)` for the first problem.
+fn check_sync_policy(a: &AppConfig) -> Result<(), (&'static str, String)> {
+    for option in &a.sync_options {
+        super::sync_policy::check_sync_option(option).map_err(|m| ("sync_options", m))?;
+    }
+    if a.retry.backoff.factor == 0 {
+        return Err(("retry", "backoff.factor must be at least 1".into()));
+    }
+    if a.retry.limit < -1 {
+        return Err(("retry", "limit must be -1 (unlimited) or more".into()));
+    }
+    if a.health_timeout.is_some_and(|t| t.is_zero()) {
+        return Err(("health_timeout", "must be greater than zero".into()));
+    }
+    for w in &a.sync_windows {
+        crate::apply::window::Window::new(w).map_err(|m| ("sync_windows", m))?;
+    }
+    for i in &a.ignore_differences {
+        for pointer in &i.json_pointers {
+            if !pointer.starts_with('/') {
+                return Err((
+                    "ignore_differences",
+                    format!("{pointer:?} is not a JSON pointer (it starts with /)"),
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -43,6 +43,9 @@ impl SyncError {
     }
 }
 
+/// How long a wave may take to become healthy when the app sets no `health_timeout`.
+const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What a repository offers, read once per round.
 pub enum Revisions {
     Git(RemoteRefs),
@@ -210,7 +213,10 @@ impl SyncContext {
             return self.failed(app, &mut state, e);
         }
         let created = plan.created_namespace();
-        let outcome = self.applier.apply(&plan).await;
+        let outcome = self
+            .applier
+            .apply(&plan, app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT))
+            .await;
         self.metrics.sync_duration(&app.name, started.elapsed());
         self.applied.notify_one();
         let total = outcome.applied.len() + outcome.failures.len();
@@ -297,13 +303,22 @@ impl SyncContext {
     /// gone or no longer ours; what could not be deleted stays, to be tried again.
     async fn prune(&self, app: &AppConfig, state: &mut AppState) -> Result<(), ApplyError> {
         let current: Vec<ObjectRef> = state.objects.iter().cloned().collect();
+        let propagation = match app.sync_option("PrunePropagationPolicy") {
+            Some("background") => "Background",
+            Some("orphan") => "Orphan",
+            _ => "Foreground",
+        };
         let mut pruned = Vec::new();
         let mut failures = Vec::new();
         for object in apply::prune_candidates(&state.inventory, &current) {
             let live = match self.applier.get(&object).await {
                 Ok(live) => live,
-                Err(message) => {
-                    failures.push(ObjectFailure { object, message });
+                Err(e) => {
+                    failures.push(ObjectFailure {
+                        object,
+                        message: e.message,
+                        transient: e.transient,
+                    });
                     continue;
                 }
             };
@@ -313,8 +328,12 @@ impl SyncContext {
                     state.inventory.remove(&object);
                     continue;
                 }
-                if let Err(message) = self.applier.delete(&object, "Foreground").await {
-                    failures.push(ObjectFailure { object, message });
+                if let Err(e) = self.applier.delete(&object, propagation).await {
+                    failures.push(ObjectFailure {
+                        object,
+                        message: e.message,
+                        transient: e.transient,
+                    });
                     continue;
                 }
                 tracing::info!(app = %app.name, %object, "pruned");
@@ -379,7 +398,7 @@ impl SyncContext {
             Ok(apply::plan(
                 &app.name,
                 app.namespace.as_deref(),
-                app.create_namespace,
+                app.creates_namespace(),
                 manifests,
             )?)
         })

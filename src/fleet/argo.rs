@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
-use crate::config::AppConfig;
+use crate::config::{sync_policy, AppConfig};
 use crate::render::Object;
 
 pub const GROUP: &str = "argoproj.io";
@@ -281,13 +281,18 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
             allow_empty: flag(a, "/allowEmpty"),
         }
     });
-    let sync_options = policy
+    let sync_options: Vec<String> = policy
         .and_then(|p| p.get("syncOptions"))
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(|o| o.as_str().map(str::to_string))
         .collect();
+    for option in &sync_options {
+        if let Err(why) = sync_policy::check_sync_option(option) {
+            warnings.push(format!("spec.syncPolicy.syncOptions: {why}; ignored"));
+        }
+    }
     let finalizers: BTreeSet<&str> = v
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -367,8 +372,97 @@ impl Application {
             variables: Default::default(),
             kustomize_fallback: None,
             helm: helm.clone(),
+            self_heal: automated.self_heal,
+            sync_options: self
+                .sync_options
+                .iter()
+                .filter(|o| sync_policy::check_sync_option(o).is_ok())
+                .cloned()
+                .collect(),
+            retry: match &self.retry {
+                Some(retry) => retry_policy(retry)?,
+                None => Default::default(),
+            },
+            ignore_differences: self
+                .ignore_differences
+                .iter()
+                .map(ignore_difference)
+                .collect::<Result<_, _>>()?,
+            sync_windows: Vec::new(),
+            health_timeout: None,
+            rollback: Default::default(),
         })
     }
+}
+
+/// `spec.syncPolicy.retry`: `limit` and `backoff` (`duration`, `factor`, `maxDuration`).
+fn retry_policy(retry: &Value) -> Result<sync_policy::Retry, String> {
+    let mut out = sync_policy::Retry::default();
+    if let Some(limit) = retry.get("limit") {
+        out.limit = limit
+            .as_i64()
+            .ok_or("spec.syncPolicy.retry.limit must be an integer")?;
+    }
+    let backoff = retry.get("backoff");
+    let duration = |key: &str| -> Result<Option<std::time::Duration>, String> {
+        match backoff.and_then(|b| b.get(key)) {
+            None => Ok(None),
+            Some(v) => {
+                let text = v
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string());
+                // Argo CD takes a bare number as seconds.
+                let text = if text.bytes().all(|b| b.is_ascii_digit()) {
+                    format!("{text}s")
+                } else {
+                    text
+                };
+                humantime::parse_duration(&text)
+                    .map(Some)
+                    .map_err(|e| format!("spec.syncPolicy.retry.backoff.{key} {text:?}: {e}"))
+            }
+        }
+    };
+    if let Some(d) = duration("duration")? {
+        out.backoff.duration = d;
+    }
+    if let Some(d) = duration("maxDuration")? {
+        out.backoff.max_duration = d;
+    }
+    if let Some(factor) = backoff.and_then(|b| b.get("factor")) {
+        out.backoff.factor = factor
+            .as_u64()
+            .and_then(|f| u32::try_from(f).ok())
+            .filter(|f| *f >= 1)
+            .ok_or("spec.syncPolicy.retry.backoff.factor must be a positive integer")?;
+    }
+    Ok(out)
+}
+
+/// One `spec.ignoreDifferences` entry.
+fn ignore_difference(v: &Value) -> Result<sync_policy::IgnoreDifference, String> {
+    if v.get("jqPathExpressions").is_some() {
+        return Err(
+            "spec.ignoreDifferences[].jqPathExpressions is not supported; use jsonPointers".into(),
+        );
+    }
+    let strings = |key: &str| -> Vec<String> {
+        v.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    Ok(sync_policy::IgnoreDifference {
+        group: string(v, "/group").unwrap_or_default(),
+        kind: string(v, "/kind").ok_or("spec.ignoreDifferences[].kind is missing")?,
+        name: string(v, "/name"),
+        namespace: string(v, "/namespace"),
+        json_pointers: strings("jsonPointers"),
+        managed_fields_managers: strings("managedFieldsManagers"),
+    })
 }
 
 /// Argo CD's `source.helm`: `releaseName`, `values` (text) or `valuesObject`, `valueFiles` and
