@@ -5,6 +5,7 @@
 mod dispatch;
 mod fleet;
 mod health;
+mod retry;
 mod sync;
 
 use std::sync::Arc;
@@ -312,15 +313,29 @@ async fn work_repository(
             _ = wait_due => {
                 if let Some(round) = worker.take_due() {
                     let apps = worker.select(&round.apps);
-                    sync_repository(&ctx, &worker.repo, &apps, &shutdown, false, &permits).await;
+                    let done =
+                        sync_repository(&ctx, &worker.repo, &apps, &shutdown, false, &permits)
+                            .await;
+                    for (app, delay) in done.follow_ups {
+                        worker.request(AppSet::only([app]), delay);
+                    }
                 }
             }
         }
     }
 }
 
+/// What a round of one repository left to do.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Apps that failed.
+    pub failed: usize,
+    /// Apps to look at again later: retries and closed sync windows.
+    pub follow_ups: Vec<(String, Duration)>,
+}
+
 /// Syncs the given apps of one repository: one ls-remote, then the apps concurrently within
-/// `permits`. Returns the number of apps that failed.
+/// `permits`.
 pub async fn sync_repository(
     ctx: &Arc<SyncContext>,
     repo: &RepositoryConfig,
@@ -328,7 +343,7 @@ pub async fn sync_repository(
     shutdown: &watch::Receiver<bool>,
     force: bool,
     permits: &Arc<Semaphore>,
-) -> usize {
+) -> Round {
     ctx.metrics.round();
     let refs = match ctx.remote_refs(repo).await {
         Ok(refs) => refs,
@@ -339,10 +354,14 @@ pub async fn sync_repository(
             for app in apps {
                 ctx.board.unreachable(&app.name, &e.to_string());
             }
-            return apps.len();
+            return Round {
+                failed: apps.len(),
+                follow_ups: Vec::new(),
+            };
         }
     };
     let mut failed = 0;
+    let mut follow_ups = Vec::new();
     let mut in_use = Vec::new();
     let mut running = JoinSet::new();
     for app in apps {
@@ -372,6 +391,14 @@ pub async fn sync_repository(
     while let Some(joined) = running.join_next().await {
         match joined {
             Ok((app, result)) => {
+                let later = match &result {
+                    Ok(SyncResult::Waiting { retry_in, .. }) => *retry_in,
+                    Err(_) => ctx.retries.retry_in(&app.name, std::time::Instant::now()),
+                    Ok(_) => None,
+                };
+                if let Some(delay) = later {
+                    follow_ups.push((app.name.clone(), delay));
+                }
                 if result.is_err() {
                     failed += 1;
                 }
@@ -384,7 +411,7 @@ pub async fn sync_repository(
         }
     }
     ctx.retain_snapshots(&repo.url, in_use);
-    failed
+    Round { failed, follow_ups }
 }
 
 fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncError>) {
@@ -396,6 +423,14 @@ fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncErr
         Ok(SyncResult::Applied { revision, objects }) => {
             ctx.metrics.sync(&app.name, "applied");
             tracing::info!(app = %app.name, %revision, objects, "synced");
+        }
+        Ok(SyncResult::Waiting {
+            revision,
+            reason,
+            retry_in,
+        }) => {
+            ctx.metrics.sync(&app.name, "waiting");
+            tracing::info!(app = %app.name, %revision, retry_in = ?retry_in, "held: {reason}");
         }
         Err(e) => {
             ctx.metrics.sync(&app.name, "failed");
@@ -427,7 +462,9 @@ pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result
             .cloned()
             .collect();
         if !apps.is_empty() {
-            failed += sync_repository(&ctx, &repo, &apps, &shutdown, true, &permits).await;
+            failed += sync_repository(&ctx, &repo, &apps, &shutdown, true, &permits)
+                .await
+                .failed;
         }
     }
     Ok(failed)

@@ -5,6 +5,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::retry;
+use crate::apply::window::{self, Verdict, Window};
 use crate::apply::{self, ApplyError, KubeApplier, ObjectFailure, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::metrics::Metrics;
@@ -31,6 +33,17 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// The API server or Git was away: retried without counting against the limit.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Apply(e) => e.is_transient(),
+            SyncError::Source(SourceError::Git { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl SyncError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             SyncError::Source(e) => e.metric_label(),
@@ -53,8 +66,18 @@ pub enum Revisions {
     Charts(Option<Arc<ChartIndex>>),
 }
 
+/// How often a held app looks at its sync windows again, at most.
+const WINDOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncResult {
+    /// Not attempted now: a sync window is closed, or a failed attempt waits for its retry.
+    Waiting {
+        revision: String,
+        reason: String,
+        /// When to try again; `None` until something changes (a new revision).
+        retry_in: Option<std::time::Duration>,
+    },
     /// The revision was already applied; nothing was sent to the cluster.
     Unchanged {
         revision: String,
@@ -76,6 +99,7 @@ pub struct SyncContext {
     pub charts: ChartSource,
     pub applier: KubeApplier,
     pub store: StateStore,
+    pub retries: retry::Retries,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -108,6 +132,7 @@ impl SyncContext {
             board,
             applied: tokio::sync::Notify::new(),
             applier: KubeApplier::new(client, metrics.clone()),
+            retries: Default::default(),
             metrics,
             config,
         }))
@@ -179,22 +204,76 @@ impl SyncContext {
         }
     }
 
-    /// Syncs `app` to commit `sha`. Unless `force` is set, an already applied commit is a
-    /// no-op. A failure is recorded in the app's state; the last applied revision and the
-    /// inventory are never lost.
+    /// Syncs `app` to commit `sha`. Unless `force` is set (a manual sync), an already applied
+    /// commit is a no-op and a failed one waits for its retry. Sync windows hold both kinds,
+    /// except for windows that allow manual syncs. A failure is recorded in the app's state;
+    /// the last applied revision and the inventory are never lost.
     pub async fn sync_app(
         &self,
         app: &AppConfig,
         sha: &str,
         force: bool,
     ) -> Result<SyncResult, SyncError> {
-        let mut state = self.load_state(&app.name)?;
+        let state = self.load_state(&app.name)?;
         if !force && state.last_applied_revision.as_deref() == Some(sha) {
             self.board.up_to_date(&app.name, sha);
             return Ok(SyncResult::Unchanged {
                 revision: sha.to_string(),
             });
         }
+        if let Some(hold) = self.hold(app, sha, force) {
+            self.board.waiting(&app.name, sha, &hold.reason);
+            return Ok(SyncResult::Waiting {
+                revision: sha.to_string(),
+                reason: hold.reason,
+                retry_in: hold.retry_in,
+            });
+        }
+        let result = self.attempt(app, sha, state).await;
+        match &result {
+            Ok(_) => self.retries.succeeded(&app.name),
+            Err(e) => {
+                let (note, _) =
+                    self.retries
+                        .failed(app, sha, e.is_transient(), std::time::Instant::now());
+                self.board.note(&app.name, &note);
+            }
+        }
+        result
+    }
+
+    /// Why `app` must not be synced to `sha` now, if it must not: a sync window, or the
+    /// backoff of its retries.
+    fn hold(&self, app: &AppConfig, sha: &str, manual: bool) -> Option<retry::Hold> {
+        let windows: Vec<Window> = app
+            .sync_windows
+            .iter()
+            .filter_map(|w| Window::new(w).ok())
+            .collect();
+        let now = jiff::Timestamp::now();
+        if let Verdict::Blocked { reason, until } = window::verdict(&windows, now, manual) {
+            let retry_in = until
+                .and_then(|u| u.duration_since(now).try_into().ok())
+                .map(|d: std::time::Duration| d + std::time::Duration::from_secs(1))
+                .unwrap_or(WINDOW_RECHECK);
+            return Some(retry::Hold {
+                reason: format!("sync window: {reason}"),
+                retry_in: Some(retry_in.min(WINDOW_RECHECK)),
+            });
+        }
+        if manual {
+            self.retries.reset(&app.name);
+            return None;
+        }
+        self.retries.gate(&app.name, sha, std::time::Instant::now())
+    }
+
+    async fn attempt(
+        &self,
+        app: &AppConfig,
+        sha: &str,
+        mut state: AppState,
+    ) -> Result<SyncResult, SyncError> {
         state.last_attempted_revision = Some(sha.to_string());
         state.last_attempt_at = Some(unix_now());
         self.board.syncing(&app.name, sha);

@@ -262,6 +262,22 @@ impl StatusBoard {
         });
     }
 
+    /// The app is held at `target` by a sync window or a retry backoff.
+    pub fn waiting(&self, app: &str, target: &str, reason: &str) {
+        self.update(app, |s| {
+            if s.revision.as_deref() != Some(target) {
+                s.sync = SyncState::Waiting;
+            }
+            s.target_revision = Some(target.to_string());
+            s.message = first_line(reason);
+        });
+    }
+
+    /// Adds a note (retry plans) to the app's message.
+    pub fn note(&self, app: &str, note: &str) {
+        self.update(app, |s| s.message = format!("{} ({note})", s.message));
+    }
+
     /// Objects deleted because Git no longer has them.
     pub fn pruned(&self, app: &str, revision: Option<&str>, objects: &[String]) {
         self.event(app, "pruned", revision, &objects.join(", "));

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod apply;
 mod fleet;
 mod git_http;
 mod git_revisions;

@@ -7,6 +7,7 @@ pub mod git;
 pub mod http;
 pub mod http_git;
 pub mod mqtt;
+pub mod proxy;
 pub mod ssh_git;
 
 use std::future::Future;

@@ -1,0 +1,223 @@
+//! The apply engine on the real control plane: sync waves, CRDs with their custom resources,
+//! retries while the API server is away, sync windows, self-heal and rollback.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::DynamicObject;
+use kube::core::{ApiResource, GroupVersionKind};
+
+use crate::harness::cluster::cluster;
+use crate::harness::proxy::ApiProxy;
+use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
+
+/// A Deployment of one replica running `image`, in sync wave `wave`.
+pub fn deployment(name: &str, image: &str, wave: i64) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  annotations:
+    argocd.argoproj.io/sync-wave: "{wave}"
+spec:
+  replicas: 1
+  progressDeadlineSeconds: 10
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+        - name: main
+          image: {image}
+"#
+    )
+}
+
+pub fn configmap(name: &str, wave: i64, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  annotations:\n    argocd.argoproj.io/sync-wave: \"{wave}\"\ndata:\n  value: \"{value}\"\n"
+    )
+}
+
+pub fn app_config(repo: &GitRepo, ns: &TestNamespace, extra: &str) -> AgentConfig {
+    let url = repo.url();
+    AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{url}\"\npath = \"deploy\"\nnamespace = \"{}\"\ncreate_namespace = true\n{extra}",
+            ns.name
+        ))
+}
+
+async fn available_since(ns: &TestNamespace, name: &str) -> Option<String> {
+    let d = ns.api::<Deployment>().get_opt(name).await.ok()??;
+    d.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "Available" && c.status == "True")
+        .and_then(|c| c.last_transition_time)
+        .map(|t| t.0.to_string())
+}
+
+#[tokio::test]
+async fn sync_waves_apply_in_order_each_waiting_for_the_last_to_be_healthy() {
+    let ns = TestNamespace::reserve("waves").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/db.yaml", &deployment("db", "postgres:16", -1));
+    repo.write("deploy/app.yaml", &configmap("app-settings", 1, "one"));
+    let first = repo.commit("db first, then the app");
+    let config = app_config(&repo, &ns, "health_timeout = \"20s\"");
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &first).await;
+    // Wave 1 was created only once wave -1 was Available.
+    let available = available_since(&ns, "db").await.expect("db Available");
+    let cm = ns.api::<ConfigMap>().get("app-settings").await.unwrap();
+    let created = cm.metadata.creation_timestamp.unwrap().0.to_string();
+    assert!(
+        created >= available,
+        "ConfigMap {created} before db Available {available}"
+    );
+
+    // A first wave that never becomes healthy stops the sync before the next wave.
+    repo.write(
+        "deploy/db.yaml",
+        &deployment("db", "example/imagepullbackoff:1", -1),
+    );
+    repo.write("deploy/app.yaml", &configmap("app-settings", 1, "two"));
+    let second = repo.commit("a db that cannot start");
+    let error = eventually("the wave to fail", WAIT, || async {
+        let state = config.state("app");
+        (state["last_attempted_revision"] == second.as_str())
+            .then(|| state["last_error"].as_str().map(str::to_string))
+            .flatten()
+    })
+    .await;
+    assert!(error.contains("wave -1"), "{error}");
+    assert!(
+        error.contains("Deployment") && error.contains("db"),
+        "{error}"
+    );
+    let cm = ns.api::<ConfigMap>().get("app-settings").await.unwrap();
+    assert_eq!(cm.data.unwrap()["value"], "one", "wave 1 was not applied");
+    assert_eq!(config.state("app")["last_applied_revision"], first.as_str());
+}
+
+#[tokio::test]
+async fn a_crd_and_its_custom_resources_apply_in_one_sync() {
+    let ns = TestNamespace::reserve("crd").await;
+    let group = format!("{}.edgesync.test", ns.name);
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/crd.yaml",
+        &format!(
+            r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.{group}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{plural: gadgets, singular: gadget, kind: Gadget}}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              properties:
+                size: {{type: integer}}
+"#
+        ),
+    );
+    // Listed before the CRD in the directory, and in the same commit.
+    repo.write(
+        "deploy/a-gadget.yaml",
+        &format!("apiVersion: {group}/v1\nkind: Gadget\nmetadata:\n  name: g1\nspec:\n  size: 3\n"),
+    );
+    let sha = repo.commit("a CRD and a gadget");
+    let config = app_config(&repo, &ns, "prune = true");
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&group, "v1", "Gadget"),
+        "gadgets",
+    );
+    let client = cluster().client().await;
+    let api: kube::Api<DynamicObject> =
+        kube::Api::namespaced_with(client.clone(), &ns.name, &resource);
+    let gadget = api.get("g1").await.unwrap();
+    assert_eq!(gadget.data["spec"]["size"], 3);
+    // Clean up the cluster-wide CRD (and so the gadget).
+    let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        kube::Api::all(client);
+    let _ = crds
+        .delete(&format!("gadgets.{group}"), &Default::default())
+        .await;
+}
+
+fn api_address() -> std::net::SocketAddr {
+    let text = std::fs::read_to_string(&cluster().kubeconfig).unwrap();
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("server in the kubeconfig");
+    server.trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_api_server_away_for_60_seconds_does_not_use_up_the_retry_limit() {
+    let ns = TestNamespace::reserve("apidown").await;
+    let proxy = ApiProxy::start(api_address()).await;
+    let repo = GitRepo::new();
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "before"));
+    let first = repo.commit("before");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = proxy.kubeconfig(&cluster().kubeconfig, dir.path());
+    // One retry only: were the failures while the API server is away counted, the app would
+    // give up long before it comes back.
+    let config = app_config(
+        &repo,
+        &ns,
+        "retry = { limit = 1, backoff = { duration = \"1s\", factor = 2, max_duration = \"8s\" } }",
+    )
+    .kubeconfig(&kubeconfig.display().to_string());
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &first).await;
+
+    proxy.cut();
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "after"));
+    repo.write("deploy/more.yaml", &configmap("more", 0, "new"));
+    let second = repo.commit("after");
+    eventually("a failed attempt", WAIT, || async {
+        let state = config.state("app");
+        (state["last_attempted_revision"] == second.as_str() && !state["last_error"].is_null())
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let status = config.status().await;
+    let message = status["apps"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!message.contains("retry limit"), "{message}");
+    proxy.restore().await;
+
+    config.wait_applied("app", &second).await;
+    let cm = ns.api::<ConfigMap>().get("settings").await.unwrap();
+    assert_eq!(cm.data.unwrap()["value"], "after");
+    assert!(ns
+        .api::<ConfigMap>()
+        .get_opt("more")
+        .await
+        .unwrap()
+        .is_some());
+}
