@@ -1,5 +1,6 @@
 //! Per-app state persisted under `state_dir/apps/<app>.json`: the last applied revision, the
-//! inventory of applied objects and the last error.
+//! inventory of applied objects and the last error; and the app's last-known-good renders
+//! (`<app>.applied.json`, `<app>.healthy.json`), each with a checksum.
 //!
 //! Writes are atomic (temporary file, fsync, rename, fsync of the directory), so a power cut
 //! leaves either the old or the new state. A file that cannot be read is never overwritten:
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::apply::Inventory;
 
@@ -65,6 +67,40 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Which persisted render: the last one applied completely, or the last one that was also
+/// Healthy (what a rollback returns to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenderKind {
+    Applied,
+    Healthy,
+}
+
+impl RenderKind {
+    fn suffix(self) -> &'static str {
+        match self {
+            RenderKind::Applied => "applied",
+            RenderKind::Healthy => "healthy",
+        }
+    }
+}
+
+/// A render as it was applied: enough to apply it again without Git (self-heal, rollback,
+/// offline restarts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenderRecord {
+    pub revision: String,
+    /// Unix seconds when it was saved.
+    pub saved_at: u64,
+    pub plan: crate::apply::Plan,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RenderHeader {
+    format: u32,
+    /// SHA-256 of the record's bytes, which follow the header line.
+    sha256: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
@@ -93,27 +129,11 @@ impl StateStore {
         };
         match serde_json::from_str::<AppState>(&text) {
             Ok(state) => Ok(state),
-            Err(e) => {
-                let quarantined = path.with_extension(format!("json.corrupt-{}", unix_now()));
-                std::fs::rename(&path, &quarantined).map_err(|source| StateError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                Err(StateError::Corrupt {
-                    path,
-                    message: e.to_string(),
-                    quarantined,
-                })
-            }
+            Err(e) => Err(self.quarantine(path, e.to_string())?),
         }
     }
 
     pub fn save(&self, app: &str, state: &AppState) -> Result<(), StateError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io { path, source }
-        };
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let path = self.path(app);
         let mut state = state.clone();
         state.format = FORMAT_VERSION;
@@ -122,17 +142,109 @@ impl StateStore {
             source: std::io::Error::other(e),
         })?;
         text.push(b'\n');
+        self.write_atomically(&path, &text)
+    }
+
+    /// Writes `bytes` to `path` through a synced temporary file and a rename, then syncs the
+    /// directory: a power cut leaves the old file or the new one.
+    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io(&self.dir))?;
-        tmp.write_all(&text).map_err(io(tmp.path()))?;
+        tmp.write_all(bytes).map_err(io(tmp.path()))?;
         tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-        tmp.persist(&path).map_err(|e| StateError::Io {
-            path: path.clone(),
+        tmp.persist(path).map_err(|e| StateError::Io {
+            path: path.to_path_buf(),
             source: e.error,
         })?;
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
         Ok(())
+    }
+
+    fn render_path(&self, app: &str, kind: RenderKind) -> PathBuf {
+        self.dir.join(format!("{app}.{}.json", kind.suffix()))
+    }
+
+    /// Persists a render: a header line with the checksum, then the record.
+    pub fn save_render(
+        &self,
+        app: &str,
+        kind: RenderKind,
+        record: &RenderRecord,
+    ) -> Result<(), StateError> {
+        let path = self.render_path(app, kind);
+        let body = serde_json::to_vec(record).map_err(|e| StateError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let header = RenderHeader {
+            format: FORMAT_VERSION,
+            sha256: hex::encode(Sha256::digest(&body)),
+        };
+        let mut bytes = serde_json::to_vec(&header).map_err(|e| StateError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&body);
+        bytes.push(b'\n');
+        self.write_atomically(&path, &bytes)
+    }
+
+    /// The persisted render, `None` if there is none. A file whose checksum or format does not
+    /// hold is moved aside and reported; it is never used.
+    pub fn load_render(
+        &self,
+        app: &str,
+        kind: RenderKind,
+    ) -> Result<Option<RenderRecord>, StateError> {
+        let path = self.render_path(app, kind);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let checked = (|| {
+            let newline = bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .ok_or("no header line")?;
+            let header: RenderHeader = serde_json::from_slice(&bytes[..newline])
+                .map_err(|e| format!("bad header: {e}"))?;
+            if header.format != FORMAT_VERSION {
+                return Err(format!("unknown format {}", header.format));
+            }
+            let body = bytes[newline + 1..]
+                .strip_suffix(b"\n")
+                .unwrap_or(&bytes[newline + 1..]);
+            if hex::encode(Sha256::digest(body)) != header.sha256 {
+                return Err("checksum mismatch".to_string());
+            }
+            serde_json::from_slice::<RenderRecord>(body).map_err(|e| format!("bad record: {e}"))
+        })();
+        match checked {
+            Ok(record) => Ok(Some(record)),
+            Err(message) => Err(self.quarantine(path, message)?),
+        }
+    }
+
+    /// Moves an unreadable file aside, so it is neither used nor overwritten unseen.
+    fn quarantine(&self, path: PathBuf, message: String) -> Result<StateError, StateError> {
+        let quarantined = path.with_extension(format!("json.corrupt-{}", unix_now()));
+        std::fs::rename(&path, &quarantined).map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(StateError::Corrupt {
+            path,
+            message,
+            quarantined,
+        })
     }
 }
 
@@ -173,6 +285,58 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, ["web.json"]);
+    }
+
+    fn record(revision: &str) -> RenderRecord {
+        RenderRecord {
+            revision: revision.into(),
+            saved_at: 1,
+            plan: crate::apply::Plan {
+                app: "web".into(),
+                default_namespace: Some("ns".into()),
+                objects: vec![crate::render::Object {
+                    value: serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                    origin: "a.yaml#0".into(),
+                }],
+                waves: vec![0],
+                ignore_differences: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn renders_round_trip_and_a_damaged_one_is_set_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path());
+        assert_eq!(store.load_render("web", RenderKind::Applied).unwrap(), None);
+        store
+            .save_render("web", RenderKind::Applied, &record("abc"))
+            .unwrap();
+        store
+            .save_render("web", RenderKind::Healthy, &record("old"))
+            .unwrap();
+        assert_eq!(
+            store.load_render("web", RenderKind::Applied).unwrap(),
+            Some(record("abc"))
+        );
+        // One flipped byte in the record: the checksum catches it.
+        let path = tmp.path().join("apps/web.applied.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("a.yaml#0", "b.yaml#0")).unwrap();
+        let err = store.load_render("web", RenderKind::Applied).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_eq!(store.load_render("web", RenderKind::Applied).unwrap(), None);
+        assert_eq!(
+            store
+                .load_render("web", RenderKind::Healthy)
+                .unwrap()
+                .unwrap()
+                .revision,
+            "old"
+        );
     }
 
     #[test]

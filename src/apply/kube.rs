@@ -15,15 +15,18 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
 use kube::{Client, Config};
 use serde_json::Value;
+use sha2::Digest;
 use tokio::sync::Mutex;
 
-use super::{ApplyError, ObjectFailure, ObjectRef, Outcome, Phase, Plan, FIELD_MANAGER};
+use super::{ApplyError, Inventory, ObjectFailure, ObjectRef, Outcome, Phase, Plan, FIELD_MANAGER};
 use crate::config::K3S_KUBECONFIG;
 use crate::health::HealthStatus;
 use crate::metrics::Metrics;
 use crate::render::Object;
 
 const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where each app's inventory is kept in the cluster, one ConfigMap per app.
+pub const INVENTORY_NAMESPACE: &str = "edgesync-system";
 /// Objects of one wave applied at the same time.
 const WAVE_CONCURRENCY: usize = 4;
 
@@ -121,7 +124,7 @@ impl KubeApplier {
                 .partition(|o| Phase::of(o) != Phase::Resources);
             let mut crds = Vec::new();
             for object in ordered {
-                let result = self.apply_one(object, ns).await;
+                let result = self.apply_one(object, plan).await;
                 if let Ok(applied) = &result {
                     if Phase::of(object) == Phase::CustomResourceDefinitions {
                         crds.push(applied.name.clone());
@@ -136,7 +139,7 @@ impl KubeApplier {
             }
             // Collected first: a lazy `map` inside the stream trips up the Send check of
             // the spawned sync task (rust-lang/rust#102211).
-            let pending: Vec<_> = rest.iter().map(|o| self.apply_one(o, ns)).collect();
+            let pending: Vec<_> = rest.iter().map(|o| self.apply_one(o, plan)).collect();
             let results: Vec<_> = futures::stream::iter(pending)
                 .buffered(WAVE_CONCURRENCY)
                 .collect()
@@ -239,11 +242,35 @@ impl KubeApplier {
         }
     }
 
-    async fn apply_one(
+    async fn apply_one(&self, object: &Object, plan: &Plan) -> Result<ObjectRef, ObjectFailure> {
+        self.patch(object, plan, false).await.map(|(oref, _)| oref)
+    }
+
+    /// What the API server would make of `object` (a server-side dry-run apply), and the live
+    /// object, `None` if it does not exist.
+    pub async fn dry_run(
         &self,
         object: &Object,
-        default_ns: Option<&str>,
-    ) -> Result<ObjectRef, ObjectFailure> {
+        plan: &Plan,
+    ) -> Result<(ObjectRef, Value, Option<Value>), ObjectFailure> {
+        let (oref, wanted) = self.patch(object, plan, true).await?;
+        let live = self.get(&oref).await.map_err(|e| ObjectFailure {
+            object: oref.clone(),
+            message: e.message,
+            transient: e.transient,
+        })?;
+        Ok((oref, wanted, live))
+    }
+
+    /// Server-side applies `object` (or dry-runs it), with the plan's ignored fields set to
+    /// their live values. Returns the object as the API server answered.
+    async fn patch(
+        &self,
+        object: &Object,
+        plan: &Plan,
+        dry_run: bool,
+    ) -> Result<(ObjectRef, Value), ObjectFailure> {
+        let default_ns = plan.default_namespace.as_deref();
         let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());
         let mut oref = ObjectRef {
             group: gvk.group.clone(),
@@ -291,8 +318,31 @@ impl KubeApplier {
             }
         };
         // Git is the source of truth: take ownership of fields other managers hold.
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let body = Value::Object(body);
+        let mut params = PatchParams::apply(FIELD_MANAGER).force();
+        params.dry_run = dry_run;
+        let mut body = Value::Object(body);
+        if plan.ignore_differences.iter().any(|r| {
+            r.matches(
+                object.group(),
+                object.kind(),
+                oref.namespace.as_deref(),
+                object.name(),
+            )
+        }) {
+            let live = api.get_opt(&oref.name).await.map_err(|e| ObjectFailure {
+                object: oref.clone(),
+                message: api_message(&e),
+                transient: is_transient(&e),
+            })?;
+            let live = live.and_then(|l| serde_json::to_value(l).ok());
+            let ignored = super::diff::ignored_pointers(
+                &plan.ignore_differences,
+                object,
+                oref.namespace.as_deref(),
+                live.as_ref(),
+            );
+            super::diff::respect_ignored(&mut body, live.as_ref(), &ignored);
+        }
         let result = (|| async {
             let result = api.patch(&oref.name, &params, &Patch::Apply(&body)).await;
             self.count("patch", &result);
@@ -308,7 +358,10 @@ impl KubeApplier {
         .when(is_transient)
         .await;
         match result {
-            Ok(_) => Ok(oref),
+            Ok(answer) => {
+                let answer = serde_json::to_value(answer).unwrap_or(Value::Null);
+                Ok((oref, answer))
+            }
             Err(e) => {
                 if is_missing_resource(&e) {
                     self.resources.lock().await.remove(&gvk);
@@ -353,6 +406,76 @@ impl KubeApplier {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Writes the app's inventory to its ConfigMap (see [`inventory_name`]) in
+    /// [`INVENTORY_NAMESPACE`], creating the namespace: what it owns, what it consists of now,
+    /// and the revision.
+    pub async fn save_inventory(
+        &self,
+        app: &str,
+        node: &str,
+        state: &crate::state::AppState,
+    ) -> Result<(), CallError> {
+        let json = |v: &Inventory| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": INVENTORY_NAMESPACE}});
+        let result = namespaces
+            .patch(INVENTORY_NAMESPACE, &params, &Patch::Apply(&ns))
+            .await;
+        self.count("patch", &result);
+        result?;
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": inventory_name(node, app),
+                "namespace": INVENTORY_NAMESPACE,
+                "labels": {"app.kubernetes.io/managed-by": "edgesync"},
+                "annotations": {super::APP_ANNOTATION: app, "edgesync.io/node": node},
+            },
+            "data": {
+                "inventory": json(&state.inventory),
+                "objects": json(&state.objects),
+                "revision": state.last_applied_revision.clone().unwrap_or_default(),
+            },
+        });
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), INVENTORY_NAMESPACE);
+        let result = api
+            .patch(&inventory_name(node, app), &params, &Patch::Apply(&body))
+            .await;
+        self.count("patch", &result);
+        result?;
+        Ok(())
+    }
+
+    /// The inventory stored in the cluster for `app`: `(inventory, objects)`, `None` if there
+    /// is none.
+    pub async fn load_inventory(
+        &self,
+        app: &str,
+        node: &str,
+    ) -> Result<Option<(Inventory, Inventory)>, CallError> {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), INVENTORY_NAMESPACE);
+        let found = api.get_opt(&inventory_name(node, app)).await;
+        self.count("get", &found);
+        let Some(cm) = found? else {
+            return Ok(None);
+        };
+        let data = cm.data.unwrap_or_default();
+        let parse = |key: &str| -> Result<Inventory, CallError> {
+            serde_json::from_str(data.get(key).map(String::as_str).unwrap_or("[]")).map_err(|e| {
+                CallError {
+                    message: format!("ConfigMap {INVENTORY_NAMESPACE}/{app}: {key}: {e}"),
+                    transient: false,
+                }
+            })
+        };
+        Ok(Some((parse("inventory")?, parse("objects")?)))
     }
 
     /// Whether `object`'s kind is namespaced, if the API server knows the kind yet.
@@ -415,6 +538,17 @@ impl KubeApplier {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// The inventory ConfigMap of `app` on `node`: `<node>.<app>`, both DNS names already (so
+/// is the result); names longer than Kubernetes allows end in a hash instead.
+pub fn inventory_name(node: &str, app: &str) -> String {
+    let name = format!("{node}.{app}").to_ascii_lowercase();
+    if name.len() <= 253 {
+        return name;
+    }
+    let digest = hex::encode(&sha2::Sha256::digest(name.as_bytes())[..8]);
+    format!("{}.{digest}", &name[..236].trim_end_matches(['.', '-']))
 }
 
 /// Records one object's apply result, logging failures.

@@ -4,6 +4,7 @@
 //! Ordering and inventory bookkeeping are pure and live here; talking to the API server is
 //! confined to [`kube`](self::kube).
 
+pub mod diff;
 pub mod kube;
 pub mod window;
 
@@ -213,7 +214,7 @@ pub fn sync_wave(object: &Object) -> Result<i64, ApplyError> {
 }
 
 /// An app's objects in application order, tagged with the app that owns them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub app: String,
     /// Namespace for namespaced objects that name none.
@@ -221,6 +222,9 @@ pub struct Plan {
     pub objects: Vec<Object>,
     /// The wave of each object, in the same order; never decreasing.
     pub waves: Vec<i64>,
+    /// Fields left as they are live (the app's `ignore_differences`).
+    #[serde(default)]
+    pub ignore_differences: Vec<crate::config::sync_policy::IgnoreDifference>,
 }
 
 impl Plan {
@@ -383,6 +387,7 @@ pub fn plan(
         default_namespace: default_namespace.map(str::to_string),
         objects,
         waves,
+        ignore_differences: Vec::new(),
     })
 }
 

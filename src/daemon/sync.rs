@@ -14,7 +14,7 @@ use crate::render::{self, RenderError};
 use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
 use crate::source::{ChartIndex, ChartSource, GitSource, RemoteRefs, SourceError};
-use crate::state::{unix_now, AppState, StateError, StateStore};
+use crate::state::{unix_now, AppState, RenderKind, RenderRecord, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -274,6 +274,26 @@ impl SyncContext {
         sha: &str,
         mut state: AppState,
     ) -> Result<SyncResult, SyncError> {
+        if state == AppState::default() {
+            // No local state (a new state directory, or a damaged file set aside): what the
+            // app owns may still be known to the cluster.
+            match self
+                .applier
+                .load_inventory(&app.name, &self.config.node.name)
+                .await
+            {
+                Ok(Some((inventory, objects))) => {
+                    tracing::info!(app = %app.name, objects = inventory.len(),
+                        "inventory recovered from the cluster");
+                    state.inventory = inventory;
+                    state.objects = objects;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(app = %app.name, "cannot read the inventory in the cluster: {e}")
+                }
+            }
+        }
         state.last_attempted_revision = Some(sha.to_string());
         state.last_attempt_at = Some(unix_now());
         self.board.syncing(&app.name, sha);
@@ -281,15 +301,17 @@ impl SyncContext {
         let started = Instant::now();
         let plan = match self.render_and_plan(app, sha).await {
             Ok(plan) => plan,
-            Err(e) => return self.failed(app, &mut state, e),
+            Err(e) => return self.failed(app, &mut state, e).await,
         };
         // An empty render with prune on would delete the whole app: a broken generator or an
         // emptied directory, far more often than intent (Argo CD's allowEmpty).
         if app.prune && !app.allow_empty && plan.rendered() == 0 && !state.objects.is_empty() {
-            return self.failed(app, &mut state, ApplyError::EmptyRender.into());
+            return self
+                .failed(app, &mut state, ApplyError::EmptyRender.into())
+                .await;
         }
         if let Err(e) = self.check_policy(app, &plan).await {
-            return self.failed(app, &mut state, e);
+            return self.failed(app, &mut state, e).await;
         }
         let created = plan.created_namespace();
         let outcome = self
@@ -311,12 +333,12 @@ impl SyncContext {
         state.inventory = apply::merge_inventory(&state.inventory, &owned);
         if let Some(error) = error {
             // A partial apply never prunes.
-            return self.failed(app, &mut state, error.into());
+            return self.failed(app, &mut state, error.into()).await;
         }
         state.objects = owned.into_iter().collect();
         if app.prune {
             if let Err(e) = self.prune(app, &mut state).await {
-                return self.failed(app, &mut state, e.into());
+                return self.failed(app, &mut state, e.into()).await;
             }
         }
         state.last_applied_revision = Some(sha.to_string());
@@ -324,6 +346,19 @@ impl SyncContext {
         state.last_error = None;
         self.board.synced(&app.name, &state, None);
         self.store.save(&app.name, &state)?;
+        self.save_inventory(app, &state).await;
+        let record = RenderRecord {
+            revision: sha.to_string(),
+            saved_at: unix_now(),
+            plan,
+        };
+        if let Err(e) = self
+            .store
+            .save_render(&app.name, RenderKind::Applied, &record)
+        {
+            self.metrics.error(e.metric_label());
+            tracing::warn!(app = %app.name, error = %e, "cannot keep the last-known-good render");
+        }
         Ok(SyncResult::Applied {
             revision: sha.to_string(),
             objects: total,
@@ -363,8 +398,21 @@ impl SyncContext {
         Ok(())
     }
 
+    /// Mirrors the app's inventory into the cluster, so a node whose state directory was lost
+    /// still knows what the app owns. A failure is logged and counted; the local copy rules.
+    async fn save_inventory(&self, app: &AppConfig, state: &AppState) {
+        if let Err(e) = self
+            .applier
+            .save_inventory(&app.name, &self.config.node.name, state)
+            .await
+        {
+            self.metrics.error("inventory");
+            tracing::warn!(app = %app.name, "cannot store the inventory in the cluster: {e}");
+        }
+    }
+
     /// Records a failed attempt; the last applied revision and the inventory stay.
-    fn failed(
+    async fn failed(
         &self,
         app: &AppConfig,
         state: &mut AppState,
@@ -374,6 +422,7 @@ impl SyncContext {
         self.board
             .synced(&app.name, state, state.last_error.as_deref());
         self.store.save(&app.name, state)?;
+        self.save_inventory(app, state).await;
         Err(error)
     }
 
@@ -474,12 +523,14 @@ impl SyncContext {
                 };
                 render::substitute::substitute(&mut manifests.objects, &vars, mode)?;
             }
-            Ok(apply::plan(
+            let mut plan = apply::plan(
                 &app.name,
                 app.namespace.as_deref(),
                 app.creates_namespace(),
                 manifests,
-            )?)
+            )?;
+            plan.ignore_differences = app.ignore_differences.clone();
+            Ok(plan)
         })
         .await
     }

@@ -90,7 +90,7 @@ impl RenderError {
 }
 
 /// One Kubernetes object, with where it came from for error messages.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Object {
     pub value: Map<String, Value>,
     /// `path/in/repo.yaml#2`: file relative to the checkout and document index.

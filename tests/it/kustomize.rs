@@ -272,7 +272,7 @@ async fn node_variables_are_substituted_after_rendering() {
         .unwrap()
         .data
         .unwrap();
-    assert_eq!(data["node"], "test-node");
+    assert_eq!(data["node"], config.node_name);
     assert_eq!(data["site"], "plant-7");
     assert_eq!(data["region"], "eu-west");
     assert_eq!(data["tier"], "standard");

@@ -106,7 +106,7 @@ async fn status_api_and_cli_show_each_app_and_readiness() {
     })
     .await;
     assert_eq!(doc["node"]["schema_version"], 1);
-    assert_eq!(doc["node"]["node"], "test-node");
+    assert_eq!(doc["node"]["node"], config.node_name);
     assert_eq!(doc["apps"][0]["app"], "broken");
     assert!(doc["apps"][0]["last_error"]
         .as_str()

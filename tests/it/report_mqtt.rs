@@ -26,10 +26,11 @@ fn received(path: &std::path::Path) -> Vec<(String, Value)> {
 }
 
 /// Events by sequence number (QoS 1 may deliver one twice; `seq` tells).
-fn events(path: &std::path::Path) -> BTreeMap<u64, Value> {
+fn events(path: &std::path::Path, node: &str) -> BTreeMap<u64, Value> {
+    let topic = format!("edgesync/nodes/{node}/events");
     received(path)
         .into_iter()
-        .filter(|(t, _)| t == "edgesync/nodes/test-node/events")
+        .filter(|(t, _)| *t == topic)
         .map(|(_, v)| (v["seq"].as_u64().unwrap(), v))
         .collect()
 }
@@ -52,17 +53,20 @@ async fn status_is_retained_events_arrive_in_order_across_an_outage_and_the_will
     config.wait_applied("greeting", &first).await;
 
     // 1. A subscriber arriving after the sync gets the retained documents and `online`.
-    let (mut sub, out) = broker.subscribe("upstream", "edgesync/nodes/test-node/#");
+    let (mut sub, out) = broker.subscribe(
+        "upstream",
+        &format!("edgesync/nodes/{}/#", config.node_name),
+    );
     eventually("retained status", WAIT, || async {
         let got = received(&out);
         let app = got
             .iter()
             .rev()
-            .find(|(t, _)| t == "edgesync/nodes/test-node/apps/greeting")?;
+            .find(|(t, _)| *t == format!("edgesync/nodes/{}/apps/greeting", config.node_name))?;
         let node = got
             .iter()
             .rev()
-            .find(|(t, _)| t == "edgesync/nodes/test-node/status")?;
+            .find(|(t, _)| *t == format!("edgesync/nodes/{}/status", config.node_name))?;
         let online = got
             .iter()
             .any(|(t, v)| t.ends_with("/online") && v == "online");
@@ -78,14 +82,14 @@ async fn status_is_retained_events_arrive_in_order_across_an_outage_and_the_will
     let second = greeting_app(&repo, "two");
     config.wait_applied("greeting", &second).await;
     eventually("events of the second sync", WAIT, || async {
-        let kinds: Vec<String> = events(&out)
+        let kinds: Vec<String> = events(&out, &config.node_name)
             .values()
             .map(|e| e["event"].as_str().unwrap().to_string())
             .collect();
         (kinds.ends_with(&["sync_started".to_string(), "sync_succeeded".to_string()])).then_some(())
     })
     .await;
-    let before_outage = *events(&out).keys().last().unwrap();
+    let before_outage = *events(&out, &config.node_name).keys().last().unwrap();
 
     // 2. Three syncs while the broker is down for 30 s: nothing is lost, nothing reordered.
     broker.stop_gracefully();
@@ -98,7 +102,7 @@ async fn status_is_retained_events_arrive_in_order_across_an_outage_and_the_will
     tokio::time::sleep(Duration::from_secs(30)).await;
     broker.start_again();
     let after = eventually("queued events delivered", WAIT, || async {
-        let all = events(&out);
+        let all = events(&out, &config.node_name);
         let succeeded = all
             .values()
             .filter(|e| e["event"] == "sync_succeeded")

@@ -79,7 +79,8 @@ async fn publish_restart_and_malformed(tls: bool) {
     s.broker.restart();
     wait_subscriptions(&s.agent, 4).await;
     let third = commit(&s.remote, "three");
-    s.broker.publish("edgesync/nodes/test-node/sync", "");
+    s.broker
+        .publish(&format!("edgesync/nodes/{}/sync", s.config.node_name), "");
     s.config.wait_applied("greeting", &third).await;
 
     // 4. Malformed payloads and unknown names are counted and dropped; the agent keeps going.

@@ -19,6 +19,9 @@ pub struct AgentConfig {
     pub http_port: u16,
     /// `[kubernetes] kubeconfig`; the test control plane's admin kubeconfig unless set.
     kubeconfig: Option<String>,
+    /// `[node] name`, unique per config: agents of different tests share one control plane,
+    /// where each node keeps its apps' inventories.
+    pub node_name: String,
 }
 
 pub fn free_port() -> u16 {
@@ -37,6 +40,12 @@ impl AgentConfig {
             node: String::new(),
             http_port: free_port(),
             kubeconfig: None,
+            node_name: {
+                static NEXT: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("test-node-{}-{n}", std::process::id() % 10000)
+            },
         }
     }
 
@@ -97,8 +106,9 @@ impl AgentConfig {
     pub fn write(&self) -> PathBuf {
         let path = self.dir.path().join("config.toml");
         let text = format!(
-            "state_dir = \"{}\"\n\n[node]\nname = \"test-node\"\n{}\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+            "state_dir = \"{}\"\n\n[node]\nname = \"{}\"\n{}\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
             self.dir.path().join("state").display(),
+            self.node_name,
             self.node,
             self.kubeconfig
                 .clone()
