@@ -29,7 +29,7 @@ struct KindLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SyncLabels {
     app: String,
-    /// `applied`, `unchanged` or `failed`.
+    /// `applied`, `unchanged`, `failed` or `waiting` (syncs); `healed` or `failed` (self-heal).
     result: String,
 }
 
@@ -71,6 +71,7 @@ pub struct Metrics {
     triggers: Family<TriggerLabels, Counter>,
     errors: Family<KindLabels, Counter>,
     syncs: Family<SyncLabels, Counter>,
+    self_heals: Family<SyncLabels, Counter>,
     sync_duration: Family<AppLabels, Histogram>,
     apply_requests: Family<RequestLabels, Counter>,
     git_fetch_duration: Histogram,
@@ -88,6 +89,7 @@ impl Default for Metrics {
         let triggers = Family::<TriggerLabels, Counter>::default();
         let errors = Family::<KindLabels, Counter>::default();
         let syncs = Family::<SyncLabels, Counter>::default();
+        let self_heals = Family::<SyncLabels, Counter>::default();
         let sync_duration = Family::<AppLabels, Histogram>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
         );
@@ -117,6 +119,11 @@ impl Default for Metrics {
             app_info.clone(),
         );
         registry.register("sync", "App syncs by result", syncs.clone());
+        registry.register(
+            "self_heal",
+            "Re-applies of drifted or deleted objects, by app and result",
+            self_heals.clone(),
+        );
         registry.register_with_unit(
             "sync_duration",
             "Duration of app syncs that reached the API server",
@@ -160,6 +167,7 @@ impl Default for Metrics {
             triggers,
             errors,
             syncs,
+            self_heals,
             sync_duration,
             apply_requests,
             git_fetch_duration,
@@ -187,6 +195,15 @@ impl Metrics {
         self.errors
             .get_or_create(&KindLabels {
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn self_heal(&self, app: &str, ok: bool) {
+        self.self_heals
+            .get_or_create(&SyncLabels {
+                app: app.to_string(),
+                result: if ok { "healed" } else { "failed" }.to_string(),
             })
             .inc();
     }

@@ -500,6 +500,11 @@ impl KubeApplier {
         }
     }
 
+    /// The API resource of a kind, from discovery (cached).
+    pub async fn api_resource(&self, gvk: &GroupVersionKind) -> Result<ApiResource, CallError> {
+        Ok(self.resource(gvk).await?.0)
+    }
+
     async fn resource(&self, gvk: &GroupVersionKind) -> Result<(ApiResource, Scope), kube::Error> {
         if let Some(found) = self.resources.lock().await.get(gvk) {
             return Ok(found.clone());

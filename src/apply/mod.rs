@@ -24,7 +24,7 @@ pub const APP_ANNOTATION: &str = "edgesync.io/app";
 /// Argo CD's per-object sync options; `Prune=false` keeps an object from being pruned.
 pub const SYNC_OPTIONS_ANNOTATION: &str = "argocd.argoproj.io/sync-options";
 /// The origin of the Namespace `create_namespace` adds: not part of the app.
-const CREATED_NAMESPACE: &str = "create_namespace";
+pub const CREATED_NAMESPACE: &str = "create_namespace";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {

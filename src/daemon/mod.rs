@@ -3,6 +3,7 @@
 //! repository never stops the others.
 
 mod dispatch;
+mod drift;
 mod fleet;
 mod health;
 mod retry;
@@ -135,6 +136,7 @@ impl Agent {
         let mut tasks = JoinSet::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
         tasks.spawn(health::monitor(ctx.clone(), shutdown_rx.clone()));
+        tasks.spawn(drift::run(ctx.clone(), shutdown_rx.clone()));
         if let (Some(fleet), Some(revision)) = (ctx.config.fleet.clone(), fleet_revision) {
             tasks.spawn(fleet::watch_fleet(
                 ctx.config.clone(),

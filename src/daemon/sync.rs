@@ -100,6 +100,10 @@ pub struct SyncContext {
     pub applier: KubeApplier,
     pub store: StateStore,
     pub retries: retry::Retries,
+    /// Counts finished sync attempts; the drift watcher reloads its desired state on each.
+    pub synced: tokio::sync::watch::Sender<u64>,
+    /// Apps with a sync in flight.
+    syncing: std::sync::Mutex<HashSet<String>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -133,6 +137,8 @@ impl SyncContext {
             applied: tokio::sync::Notify::new(),
             applier: KubeApplier::new(client, metrics.clone()),
             retries: Default::default(),
+            synced: tokio::sync::watch::Sender::new(0),
+            syncing: Default::default(),
             metrics,
             config,
         }))
@@ -229,7 +235,10 @@ impl SyncContext {
                 retry_in: hold.retry_in,
             });
         }
+        self.syncing_lock().insert(app.name.clone());
         let result = self.attempt(app, sha, state).await;
+        self.syncing_lock().remove(&app.name);
+        self.synced.send_modify(|n| *n += 1);
         match &result {
             Ok(_) => self.retries.succeeded(&app.name),
             Err(e) => {
@@ -240,6 +249,15 @@ impl SyncContext {
             }
         }
         result
+    }
+
+    fn syncing_lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.syncing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a sync of `app` is in flight.
+    pub fn is_syncing(&self, app: &str) -> bool {
+        self.syncing_lock().contains(app)
     }
 
     /// Why `app` must not be synced to `sha` now, if it must not: a sync window, or the

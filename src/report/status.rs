@@ -278,6 +278,34 @@ impl StatusBoard {
         self.update(app, |s| s.message = format!("{} ({note})", s.message));
     }
 
+    /// Live objects differ from Git and are not healed; `message` says which and how.
+    pub fn out_of_sync(&self, app: &str, message: &str) {
+        self.update(app, |s| {
+            s.sync = SyncState::OutOfSync;
+            s.message = first_line(message);
+        });
+    }
+
+    /// The drift reported by [`out_of_sync`](Self::out_of_sync) is gone.
+    pub fn in_sync(&self, app: &str) {
+        self.update(app, |s| {
+            if s.sync == SyncState::OutOfSync && s.last_error.is_none() {
+                s.sync = SyncState::Synced;
+                s.message = format!(
+                    "{} applied",
+                    s.revision.as_deref().map(short).unwrap_or_default()
+                );
+            }
+        });
+    }
+
+    /// Drifted objects were re-applied from the last-known-good render.
+    pub fn healed(&self, app: &str, objects: &[String]) {
+        let revision = self.lock().get(app).and_then(|s| s.revision.clone());
+        self.event(app, "self_healed", revision.as_deref(), &objects.join("; "));
+        self.in_sync(app);
+    }
+
     /// Objects deleted because Git no longer has them.
     pub fn pruned(&self, app: &str, revision: Option<&str>, objects: &[String]) {
         self.event(app, "pruned", revision, &objects.join(", "));

@@ -221,3 +221,92 @@ async fn the_api_server_away_for_60_seconds_does_not_use_up_the_retry_limit() {
         .unwrap()
         .is_some());
 }
+
+/// `kubectl edit`: a merge patch by another field manager.
+async fn edit_configmap(ns: &TestNamespace, name: &str, value: &str) {
+    let params = kube::api::PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..Default::default()
+    };
+    let patch = serde_json::json!({"data": {"value": value}});
+    ns.api::<ConfigMap>()
+        .patch(name, &params, &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn configmap_value(ns: &TestNamespace, name: &str) -> Option<String> {
+    let cm = ns.api::<ConfigMap>().get_opt(name).await.ok()??;
+    cm.data?.get("value").cloned()
+}
+
+#[tokio::test]
+async fn self_heal_reverts_edits_and_deletions_and_without_it_drift_is_reported() {
+    let ns = TestNamespace::reserve("selfheal").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/settings.yaml",
+        &configmap("settings", 0, "from-git"),
+    );
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.27", 0));
+    repo.write("report/other.yaml", &configmap("other", 0, "from-git"));
+    let sha = repo.commit("two apps");
+    let url = repo.url();
+    let config = app_config(&repo, &ns, "self_heal = true").app(&format!(
+        "name = \"watched\"\nrepo = \"{url}\"\npath = \"report\"\nnamespace = \"{}\"\ncreate_namespace = true",
+        ns.name
+    ));
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    config.wait_applied("watched", &sha).await;
+
+    // An edit is reverted.
+    edit_configmap(&ns, "settings", "edited").await;
+    let started = std::time::Instant::now();
+    eventually("the edit reverted", WAIT, || async {
+        (configmap_value(&ns, "settings").await.as_deref() == Some("from-git")).then_some(())
+    })
+    .await;
+    eprintln!("self-heal: edit reverted after {:?}", started.elapsed());
+
+    // A deletion is undone.
+    ns.api::<Deployment>()
+        .delete("web", &Default::default())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    eventually("the Deployment recreated", WAIT, || async {
+        let d = ns.api::<Deployment>().get_opt("web").await.ok()??;
+        d.metadata.deletion_timestamp.is_none().then_some(())
+    })
+    .await;
+    eprintln!("self-heal: deletion undone after {:?}", started.elapsed());
+
+    // Without self_heal the edit stays, and the app says it is out of sync, naming the object.
+    edit_configmap(&ns, "other", "edited").await;
+    let message = eventually("watched reported OutOfSync", WAIT, || async {
+        let status = config.status().await;
+        let app = status["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["app"] == "watched")?
+            .clone();
+        (app["sync"] == "OutOfSync").then(|| app["message"].as_str().unwrap_or("").to_string())
+    })
+    .await;
+    assert!(
+        message.contains("ConfigMap") && message.contains("other"),
+        "{message}"
+    );
+    assert!(message.contains("/data/value"), "{message}");
+    assert_eq!(
+        configmap_value(&ns, "other").await.as_deref(),
+        Some("edited")
+    );
+    let metrics = crate::harness::http::metric(
+        config.http_port,
+        "edgesync_self_heal_total{app=\"app\",result=\"healed\"}",
+    )
+    .await;
+    assert!(metrics >= 2.0, "{metrics} self-heals counted");
+}

@@ -1,0 +1,507 @@
+//! Drift detection and self-heal. One watch per kind (kube-runtime watchers, cluster-wide)
+//! sees every change to the objects the apps applied. A change that touches more than status
+//! is checked, after a short debounce, against the app's last-known-good render with a
+//! server-side dry run; deletion is checked too, and so is every object a watch's initial list
+//! did not return (drift while the agent was down). Drifted objects are re-applied when the
+//! app has `self_heal` and its sync windows allow it; otherwise the app is reported OutOfSync.
+//!
+//! The desired state comes from the persisted render, not from Git, so self-heal keeps
+//! working offline and after a reboot. Apps that are syncing, or whose last attempt failed
+//! (a retry is in charge), are left alone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::core::GroupVersionKind;
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::SyncContext;
+use crate::apply::window::{self, Verdict, Window};
+use crate::apply::{self, diff, ObjectRef, Plan};
+use crate::render::Object;
+use crate::state::RenderKind;
+
+/// Changes closer together than this are checked once.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+/// A check the API server could not answer is tried again after this.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// An object's identity without its API version: watches and inventories may name different
+/// versions of one kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    group: String,
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+}
+
+impl Key {
+    fn of(r: &ObjectRef) -> Key {
+        Key {
+            group: r.group.clone(),
+            kind: r.kind.clone(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        }
+    }
+}
+
+enum Seen {
+    /// Added or changed.
+    Changed(GroupVersionKind, Value),
+    Deleted(GroupVersionKind, Value),
+    /// A watch (re)listed its kind: these objects with our annotation exist.
+    Listed(GroupVersionKind, HashSet<Key>),
+}
+
+/// One app's desired state: its last-known-good plan and which plan object each applied
+/// object is.
+struct Desired {
+    plan: Plan,
+    objects: HashMap<Key, (ObjectRef, usize)>,
+}
+
+impl Desired {
+    fn load(ctx: &SyncContext, app: &str) -> Option<Desired> {
+        let state = ctx.store.load(app).ok()?;
+        let record = match ctx.store.load_render(app, RenderKind::Applied) {
+            Ok(record) => record?,
+            Err(e) => {
+                ctx.metrics.error(e.metric_label());
+                tracing::error!(%app, error = %e, "last-known-good render set aside");
+                return None;
+            }
+        };
+        if state.last_applied_revision.as_deref() != Some(record.revision.as_str()) {
+            return None;
+        }
+        let plan = record.plan;
+        let default_ns = plan.default_namespace.clone();
+        let mut by_key: HashMap<Key, usize> = HashMap::new();
+        let rendered = plan
+            .objects
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.origin != apply::CREATED_NAMESPACE);
+        for (i, o) in rendered {
+            let key = |namespace: Option<String>| Key {
+                group: o.group().to_string(),
+                kind: o.kind().to_string(),
+                namespace,
+                name: o.name().to_string(),
+            };
+            by_key.insert(
+                key(o.namespace().map(str::to_string).or(default_ns.clone())),
+                i,
+            );
+            by_key.entry(key(None)).or_insert(i);
+        }
+        let objects = state
+            .objects
+            .iter()
+            .filter_map(|r| {
+                let i = *by_key.get(&Key::of(r))?;
+                Some((Key::of(r), (r.clone(), i)))
+            })
+            .collect();
+        Some(Desired { plan, objects })
+    }
+}
+
+struct Drift {
+    ctx: Arc<SyncContext>,
+    tx: mpsc::Sender<Seen>,
+    desired: HashMap<String, Desired>,
+    /// The app each watched object belongs to.
+    owners: HashMap<Key, String>,
+    watches: HashMap<GroupVersionKind, JoinHandle<()>>,
+    /// Hash of each object's last seen content without status.
+    fingerprints: HashMap<Key, u64>,
+    pending: HashMap<String, (HashSet<Key>, Instant)>,
+    /// What is known to differ, per app, with why.
+    drifted: HashMap<String, BTreeMap<Key, String>>,
+}
+
+pub async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
+    let (tx, mut rx) = mpsc::channel(1024);
+    let mut synced = ctx.synced.subscribe();
+    let mut drift = Drift {
+        ctx,
+        tx,
+        desired: HashMap::new(),
+        owners: HashMap::new(),
+        watches: HashMap::new(),
+        fingerprints: HashMap::new(),
+        pending: HashMap::new(),
+        drifted: HashMap::new(),
+    };
+    drift.refresh().await;
+    loop {
+        let due = drift.pending.values().map(|(_, at)| *at).min();
+        let wait_due = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            changed = synced.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                drift.refresh().await;
+            }
+            Some(seen) = rx.recv() => drift.seen(seen),
+            _ = wait_due => drift.check_due().await,
+        }
+    }
+    for (_, task) in drift.watches.drain() {
+        task.abort();
+    }
+}
+
+impl Drift {
+    /// Reloads every app's desired state after a sync, and watches the kinds they use.
+    async fn refresh(&mut self) {
+        self.desired.clear();
+        self.owners.clear();
+        let apps: Vec<String> = self
+            .ctx
+            .config
+            .apps
+            .iter()
+            .map(|a| a.name.clone())
+            .collect();
+        for app in apps {
+            if let Some(desired) = Desired::load(&self.ctx, &app) {
+                for key in desired.objects.keys() {
+                    self.owners.insert(key.clone(), app.clone());
+                }
+                self.desired.insert(app.clone(), desired);
+            }
+            // A sync replaced whatever drift was known.
+            if self.drifted.remove(&app).is_some() {
+                tracing::debug!(%app, "drift cleared by a sync");
+            }
+        }
+        let kinds: HashSet<GroupVersionKind> = self
+            .desired
+            .values()
+            .flat_map(|d| d.objects.values())
+            .map(|(r, _)| GroupVersionKind::gvk(&r.group, &r.version, &r.kind))
+            .collect();
+        self.watches.retain(|gvk, task| {
+            let keep = kinds.contains(gvk);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for gvk in kinds {
+            if self.watches.contains_key(&gvk) {
+                continue;
+            }
+            match self.ctx.applier.api_resource(&gvk).await {
+                Ok(resource) => {
+                    let api: Api<DynamicObject> =
+                        Api::all_with(self.ctx.applier.client().clone(), &resource);
+                    let task = tokio::spawn(watch_kind(api, gvk.clone(), self.tx.clone()));
+                    self.watches.insert(gvk, task);
+                }
+                Err(e) => tracing::debug!(kind = %gvk.kind, "cannot watch yet: {e}"),
+            }
+        }
+    }
+
+    fn key_of(gvk: &GroupVersionKind, object: &Value) -> Key {
+        let meta = |k: &str| {
+            object
+                .pointer(&format!("/metadata/{k}"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        Key {
+            group: gvk.group.clone(),
+            kind: gvk.kind.clone(),
+            namespace: meta("namespace"),
+            name: meta("name").unwrap_or_default(),
+        }
+    }
+
+    fn queue(&mut self, app: String, key: Key) {
+        let entry = self
+            .pending
+            .entry(app)
+            .or_insert_with(|| (HashSet::new(), Instant::now() + DEBOUNCE));
+        entry.0.insert(key);
+    }
+
+    fn seen(&mut self, seen: Seen) {
+        match seen {
+            Seen::Changed(gvk, object) => {
+                let key = Self::key_of(&gvk, &object);
+                let Some(app) = self.owners.get(&key).cloned() else {
+                    return;
+                };
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                diff::normalize(&object, &[]).to_string().hash(&mut hasher);
+                let print = hasher.finish();
+                let changed = self.fingerprints.insert(key.clone(), print) != Some(print);
+                if changed && touched_by_others(&object) {
+                    self.queue(app, key);
+                }
+            }
+            Seen::Deleted(gvk, object) => {
+                let key = Self::key_of(&gvk, &object);
+                self.fingerprints.remove(&key);
+                if let Some(app) = self.owners.get(&key).cloned() {
+                    self.queue(app, key);
+                }
+            }
+            Seen::Listed(gvk, present) => {
+                let missing: Vec<(String, Key)> = self
+                    .owners
+                    .iter()
+                    .filter(|(k, _)| k.group == gvk.group && k.kind == gvk.kind)
+                    .filter(|(k, _)| !present.contains(k))
+                    .map(|(k, app)| (app.clone(), k.clone()))
+                    .collect();
+                for (app, key) in missing {
+                    self.queue(app, key);
+                }
+            }
+        }
+    }
+
+    async fn check_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(app, _)| app.clone())
+            .collect();
+        for app in due {
+            if let Some((keys, _)) = self.pending.remove(&app) {
+                self.check(&app, keys).await;
+            }
+        }
+    }
+
+    /// Compares `keys` of `app` with the render, and heals or reports what differs.
+    async fn check(&mut self, app: &str, keys: HashSet<Key>) {
+        let Some(config) = self.ctx.config.app(app).cloned() else {
+            return;
+        };
+        if self.ctx.is_syncing(app) {
+            return;
+        }
+        let failed = self
+            .ctx
+            .store
+            .load(app)
+            .map(|s| s.last_error.is_some())
+            .unwrap_or(true);
+        if failed {
+            return;
+        }
+        let Some(desired) = self.desired.get(app) else {
+            return;
+        };
+        let mut drifted: Vec<(Key, Object, String)> = Vec::new();
+        let mut clean = Vec::new();
+        let mut retry = HashSet::new();
+        for key in keys {
+            let Some((_, index)) = desired.objects.get(&key) else {
+                continue;
+            };
+            let object = &desired.plan.objects[*index];
+            match self.ctx.applier.dry_run(object, &desired.plan).await {
+                Ok((oref, wanted, live)) => {
+                    let why = match live {
+                        None => Some("deleted".to_string()),
+                        Some(live) => {
+                            let ignored = diff::ignored_pointers(
+                                &desired.plan.ignore_differences,
+                                object,
+                                oref.namespace.as_deref(),
+                                Some(&live),
+                            );
+                            diff::first_difference(
+                                &diff::normalize(&wanted, &ignored),
+                                &diff::normalize(&live, &ignored),
+                            )
+                            .map(|path| format!("changed at {path}"))
+                        }
+                    };
+                    match why {
+                        Some(why) => drifted.push((key, object.clone(), why)),
+                        None => clean.push(key),
+                    }
+                }
+                Err(failure) if failure.transient => {
+                    retry.insert(key);
+                }
+                Err(failure) => {
+                    tracing::warn!(%app, object = %failure.object, "drift check failed: {}", failure.message);
+                }
+            }
+        }
+        if !retry.is_empty() {
+            let entry = self
+                .pending
+                .entry(app.to_string())
+                .or_insert_with(|| (HashSet::new(), Instant::now() + RECHECK));
+            entry.0.extend(retry);
+        }
+        let known = self.drifted.entry(app.to_string()).or_default();
+        for key in &clean {
+            known.remove(key);
+        }
+        if drifted.is_empty() {
+            if known.is_empty() && !clean.is_empty() {
+                self.drifted.remove(app);
+                self.ctx.board.in_sync(app);
+            }
+            return;
+        }
+        let described: Vec<String> = drifted
+            .iter()
+            .map(|(k, _, why)| format!("{} {}: {why}", k.kind, display(k)))
+            .collect();
+        let windows: Vec<Window> = config
+            .sync_windows
+            .iter()
+            .filter_map(|w| Window::new(w).ok())
+            .collect();
+        let held = match window::verdict(&windows, jiff::Timestamp::now(), false) {
+            Verdict::Allowed => None,
+            Verdict::Blocked { reason, .. } => Some(reason),
+        };
+        if config.self_heal && held.is_none() {
+            tracing::info!(%app, "self-heal: {}", described.join("; "));
+            let plan = Plan {
+                objects: drifted.iter().map(|(_, o, _)| o.clone()).collect(),
+                waves: vec![0; drifted.len()],
+                ..desired.plan.clone()
+            };
+            let outcome = self.ctx.applier.apply(&plan, RECHECK).await;
+            self.ctx.metrics.self_heal(app, outcome.failures.is_empty());
+            if outcome.failures.is_empty() {
+                self.ctx.board.healed(app, &described);
+            } else {
+                for f in &outcome.failures {
+                    tracing::warn!(%app, object = %f.object, "self-heal failed: {}", f.message);
+                }
+                let keys: HashSet<Key> = drifted.into_iter().map(|(k, _, _)| k).collect();
+                self.pending
+                    .insert(app.to_string(), (keys, Instant::now() + RECHECK));
+            }
+            return;
+        }
+        for (key, _, why) in drifted {
+            known.insert(key, why);
+        }
+        let mut message = format!(
+            "{} objects differ from Git: {}",
+            known.len(),
+            known
+                .iter()
+                .map(|(k, why)| format!("{} {}: {why}", k.kind, display(k)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if let Some(reason) = held {
+            message.push_str(&format!(" (self-heal held: {reason})"));
+        }
+        self.ctx.board.out_of_sync(app, &message);
+    }
+}
+
+/// Whether someone other than edgesync wrote the object (not its status) since edgesync's
+/// last apply. Any write to a field edgesync applies moves that field to the writer's
+/// managedFields entry, with the time of the write; writes by edgesync itself cannot drift.
+fn touched_by_others(object: &Value) -> bool {
+    let Some(entries) = object
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+    else {
+        return true;
+    };
+    let time = |e: &Value| {
+        e.get("time")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let ours = entries
+        .iter()
+        .filter(|e| e.get("manager").and_then(Value::as_str) == Some(apply::FIELD_MANAGER))
+        .map(time)
+        .max();
+    let Some(ours) = ours else {
+        return true;
+    };
+    entries.iter().any(|e| {
+        e.get("manager").and_then(Value::as_str) != Some(apply::FIELD_MANAGER)
+            && e.get("subresource").and_then(Value::as_str) != Some("status")
+            && time(e) >= ours
+    })
+}
+
+fn display(k: &Key) -> String {
+    match &k.namespace {
+        Some(ns) => format!("{ns}/{}", k.name),
+        None => k.name.clone(),
+    }
+}
+
+/// Watches one kind cluster-wide and forwards changes to objects edgesync applied.
+async fn watch_kind(api: Api<DynamicObject>, gvk: GroupVersionKind, tx: mpsc::Sender<Seen>) {
+    let ours = |o: &DynamicObject| {
+        o.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(apply::APP_ANNOTATION))
+    };
+    let value = |o: DynamicObject| serde_json::to_value(o).unwrap_or(Value::Null);
+    let mut listed: HashSet<Key> = HashSet::new();
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let seen = match event {
+            Ok(watcher::Event::Apply(o)) if ours(&o) => Seen::Changed(gvk.clone(), value(o)),
+            Ok(watcher::Event::Delete(o)) if ours(&o) => Seen::Deleted(gvk.clone(), value(o)),
+            Ok(watcher::Event::Init) => {
+                listed.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(o)) if ours(&o) => {
+                let v = value(o);
+                listed.insert(Drift::key_of(&gvk, &v));
+                Seen::Changed(gvk.clone(), v)
+            }
+            Ok(watcher::Event::InitDone) => Seen::Listed(gvk.clone(), std::mem::take(&mut listed)),
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(kind = %gvk.kind, "watch: {e}");
+                continue;
+            }
+        };
+        if tx.send(seen).await.is_err() {
+            return;
+        }
+    }
+}
