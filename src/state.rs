@@ -58,6 +58,9 @@ pub struct AppState {
     pub inventory: Inventory,
     /// The objects of the last complete apply: what the app consists of now.
     pub objects: Inventory,
+    /// A revision that went Degraded and was rolled back: not synced again until a newer
+    /// revision arrives (or a manual sync asks for it).
+    pub bad_revision: Option<String>,
 }
 
 pub fn unix_now() -> u64 {

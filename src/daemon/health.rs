@@ -1,20 +1,32 @@
 //! Keeps each app's health current: reads the live objects of its last complete apply and
 //! rates them with [`crate::health`]. Polls quickly while anything is on its way (Progressing
-//! or Missing) and slowly when all is settled. Watches replace polling with the apply engine.
+//! or Missing) and slowly when all is settled. An app Progressing for longer than its
+//! `health_timeout` counts as Degraded. A revision seen Healthy has its render kept as the
+//! app's last Healthy one; with `rollback = "auto"`, a revision that goes Degraded before it
+//! was ever Healthy is rolled back to that render.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::SyncContext;
+use crate::config::sync_policy::Rollback;
 use crate::health::{self, Health, HealthStatus};
+use crate::state::{unix_now, RenderKind};
 
 const SETTLED_EVERY: Duration = Duration::from_secs(15);
 const CHANGING_EVERY: Duration = Duration::from_secs(2);
 
 pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
+    // The revision each app was last seen Healthy at (its Healthy render is kept).
+    let mut healthy: HashMap<String, String> = HashMap::new();
+    for app in &ctx.config.apps {
+        if let Ok(Some(record)) = ctx.store.load_render(&app.name, RenderKind::Healthy) {
+            healthy.insert(app.name.clone(), record.revision);
+        }
+    }
     loop {
         let mut changing = false;
         for app in &ctx.config.apps {
@@ -49,12 +61,53 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
                     message,
                 });
             }
-            let app_health = health::worst(healths);
+            let mut app_health = health::worst(healths);
+            // A per-app deadline turns a rollout that never finishes into a failure.
+            if let (HealthStatus::Progressing, Some(timeout), Some(at)) = (
+                app_health.status,
+                app.health_timeout,
+                state.last_applied_at,
+            ) {
+                if unix_now().saturating_sub(at) > timeout.as_secs() {
+                    app_health = Health {
+                        status: HealthStatus::Degraded,
+                        message: format!(
+                            "still Progressing {} after the sync (health_timeout): {}",
+                            humantime::format_duration(timeout),
+                            app_health.message
+                        ),
+                    };
+                }
+            }
             changing |= matches!(
                 app_health.status,
                 HealthStatus::Progressing | HealthStatus::Missing | HealthStatus::Unknown
             );
             ctx.board.health(&app.name, &app_health, counts);
+            if ctx.is_syncing(&app.name) || state.last_error.is_some() {
+                continue;
+            }
+            let Some(revision) = state.last_applied_revision.as_deref() else {
+                continue;
+            };
+            match app_health.status {
+                HealthStatus::Healthy => {
+                    if healthy.get(&app.name).map(String::as_str) != Some(revision) {
+                        ctx.remember_healthy(&app.name, revision);
+                        healthy.insert(app.name.clone(), revision.to_string());
+                    }
+                }
+                HealthStatus::Degraded
+                    if app.rollback == Rollback::Auto
+                        && healthy.get(&app.name).map(String::as_str) != Some(revision) =>
+                {
+                    if let Err(e) = ctx.rollback(app, &app_health.message).await {
+                        ctx.metrics.error(e.metric_label());
+                        tracing::error!(app = %app.name, error = %e, "rollback failed");
+                    }
+                }
+                _ => {}
+            }
         }
         let every = if changing {
             CHANGING_EVERY

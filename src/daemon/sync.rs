@@ -283,6 +283,16 @@ impl SyncContext {
             self.retries.reset(&app.name);
             return None;
         }
+        let bad = self.store.load(&app.name).ok()?.bad_revision;
+        if bad.as_deref() == Some(sha) {
+            return Some(retry::Hold {
+                reason: format!(
+                    "revision {} went Degraded and was rolled back; waiting for a newer revision",
+                    crate::report::status::short_revision(Some(sha))
+                ),
+                retry_in: None,
+            });
+        }
         self.retries.gate(&app.name, sha, std::time::Instant::now())
     }
 
@@ -414,6 +424,92 @@ impl SyncContext {
             }
         }
         Ok(())
+    }
+
+    /// `rollback = "auto"`: the app went Degraded (`reason`) at a revision that was never
+    /// Healthy. Re-applies the last Healthy render, prunes what only the bad revision had
+    /// (with `prune`), and marks the bad revision so it is not synced again until a newer one
+    /// arrives. Nothing happens without a Healthy render to go back to.
+    pub async fn rollback(&self, app: &AppConfig, reason: &str) -> Result<(), SyncError> {
+        let mut state = self.load_state(&app.name)?;
+        let Some(bad) = state.last_applied_revision.clone() else {
+            return Ok(());
+        };
+        let healthy = match self.store.load_render(&app.name, RenderKind::Healthy) {
+            Ok(Some(record)) if record.revision != bad => record,
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                self.metrics.error(e.metric_label());
+                tracing::error!(app = %app.name, error = %e, "no rollback: the Healthy render is unreadable");
+                return Ok(());
+            }
+        };
+        tracing::warn!(app = %app.name, bad = %bad, to = %healthy.revision, "rolling back: {reason}");
+        self.syncing_lock().insert(app.name.clone());
+        let outcome = self
+            .applier
+            .apply(
+                &healthy.plan,
+                app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT),
+            )
+            .await;
+        let created = healthy.plan.created_namespace();
+        let owned: Vec<ObjectRef> = outcome
+            .applied
+            .iter()
+            .filter(|o| Some(*o) != created.as_ref())
+            .cloned()
+            .collect();
+        state.inventory = apply::merge_inventory(&state.inventory, &owned);
+        state.bad_revision = Some(bad.clone());
+        let result = if outcome.failures.is_empty() {
+            state.objects = owned.into_iter().collect();
+            let pruned = if app.prune {
+                self.prune(app, &mut state).await
+            } else {
+                Ok(())
+            };
+            state.last_applied_revision = Some(healthy.revision.clone());
+            state.last_applied_at = Some(unix_now());
+            state.last_error = None;
+            if let Err(e) = self
+                .store
+                .save_render(&app.name, RenderKind::Applied, &healthy)
+            {
+                self.metrics.error(e.metric_label());
+            }
+            pruned.map_err(SyncError::from)
+        } else {
+            let error = outcome.into_result().err().map(|(_, e)| e);
+            state.last_error = error.as_ref().map(|e| format!("rollback failed: {e}"));
+            error.map_or(Ok(()), |e| Err(e.into()))
+        };
+        self.store.save(&app.name, &state)?;
+        self.save_inventory(app, &state).await;
+        self.syncing_lock().remove(&app.name);
+        self.synced.send_modify(|n| *n += 1);
+        self.metrics.sync(&app.name, "rolled_back");
+        self.board
+            .rolled_back(&app.name, &state, &bad, reason, result.as_ref().err());
+        result
+    }
+
+    /// Keeps the applied render as the app's last Healthy one, once its revision is Healthy.
+    pub fn remember_healthy(&self, app: &str, revision: &str) {
+        let current = self.store.load_render(app, RenderKind::Healthy);
+        if matches!(&current, Ok(Some(r)) if r.revision == revision) {
+            return;
+        }
+        match self.store.load_render(app, RenderKind::Applied) {
+            Ok(Some(record)) if record.revision == revision => {
+                if let Err(e) = self.store.save_render(app, RenderKind::Healthy, &record) {
+                    self.metrics.error(e.metric_label());
+                    tracing::warn!(%app, error = %e, "cannot keep the Healthy render");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => self.metrics.error(e.metric_label()),
+        }
     }
 
     /// Mirrors the app's inventory into the cluster, so a node whose state directory was lost

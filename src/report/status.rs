@@ -306,6 +306,40 @@ impl StatusBoard {
         self.in_sync(app);
     }
 
+    /// `rollback = "auto"` went back from `bad`, which went Degraded for `reason`.
+    pub fn rolled_back(
+        &self,
+        app: &str,
+        state: &AppState,
+        bad: &str,
+        reason: &str,
+        error: Option<&impl std::fmt::Display>,
+    ) {
+        let message = match error {
+            None => format!(
+                "rolled back from {} to {}: {} went Degraded ({}); it stays marked bad until a newer revision",
+                short(bad),
+                state.last_applied_revision.as_deref().map(short).unwrap_or_default(),
+                short(bad),
+                first_line(reason)
+            ),
+            Some(e) => format!("rollback from {} failed: {}", short(bad), first_line(&e.to_string())),
+        };
+        let event = if error.is_none() { "rolled_back" } else { "rollback_failed" };
+        self.event(app, event, Some(bad), &message);
+        self.update(app, |s| {
+            s.revision = state.last_applied_revision.clone();
+            s.target_revision = Some(bad.to_string());
+            s.last_error = state.last_error.clone();
+            s.sync = if error.is_none() {
+                SyncState::OutOfSync
+            } else {
+                SyncState::Failed
+            };
+            s.message = message.clone();
+        });
+    }
+
     /// Objects deleted because Git no longer has them.
     pub fn pruned(&self, app: &str, revision: Option<&str>, objects: &[String]) {
         self.event(app, "pruned", revision, &objects.join(", "));

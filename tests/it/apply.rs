@@ -310,3 +310,68 @@ async fn self_heal_reverts_edits_and_deletions_and_without_it_drift_is_reported(
     .await;
     assert!(metrics >= 2.0, "{metrics} self-heals counted");
 }
+
+fn image(d: &Deployment) -> String {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .image
+        .clone()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
+    let ns = TestNamespace::reserve("rollback").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.27", 0));
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "good"));
+    let good = repo.commit("good");
+    let config = app_config(&repo, &ns, "rollback = \"auto\"\nprune = true");
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &good).await;
+    eventually("the good revision Healthy", WAIT, || async {
+        let status = config.status().await;
+        (status["apps"][0]["health"] == "Healthy").then_some(())
+    })
+    .await;
+
+    // The image cannot be pulled: the rollout stalls past its progress deadline (10 s), the
+    // controller reports ProgressDeadlineExceeded and the app goes Degraded.
+    repo.write("deploy/web.yaml", &deployment("web", "example/imagepullbackoff:2", 0));
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "bad"));
+    repo.write("deploy/extra.yaml", &configmap("extra", 0, "only-in-bad"));
+    let bad = repo.commit("bad image");
+    config.wait_applied("app", &bad).await;
+    let state = eventually("the rollback", WAIT, || async {
+        let state = config.state("app");
+        (state["bad_revision"] == bad.as_str()).then_some(state)
+    })
+    .await;
+    assert_eq!(state["last_applied_revision"], good.as_str());
+    let web = ns.api::<Deployment>().get("web").await.unwrap();
+    assert_eq!(image(&web), "nginx:1.27");
+    assert_eq!(configmap_value(&ns, "settings").await.as_deref(), Some("good"));
+    eventually("what only the bad revision had pruned", WAIT, || async {
+        ns.api::<ConfigMap>().get_opt("extra").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let status = eventually("Healthy again", WAIT, || async {
+        let status = config.status().await;
+        (status["apps"][0]["health"] == "Healthy").then_some(status)
+    })
+    .await;
+    let message = status["apps"][0]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("rolled back"), "{message}");
+
+    // Polls keep finding the bad revision in Git; it is not applied again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let web = ns.api::<Deployment>().get("web").await.unwrap();
+    assert_eq!(image(&web), "nginx:1.27");
+    assert_eq!(config.state("app")["last_applied_revision"], good.as_str());
+
+    // A newer revision is synced as usual.
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.28", 0));
+    let fixed = repo.commit("fixed");
+    config.wait_applied("app", &fixed).await;
+    let web = ns.api::<Deployment>().get("web").await.unwrap();
+    assert_eq!(image(&web), "nginx:1.28");
+}
