@@ -57,6 +57,14 @@ pub enum Command {
         #[arg(long)]
         kustomize_fallback: Option<String>,
     },
+    /// Show what syncing an app would change, as a unified diff of YAML between the live
+    /// objects and the API server's answer to a server-side dry-run apply of the app's
+    /// current revision (the last applied render if Git cannot be reached). Exits 1 when
+    /// there are differences, 0 when there are none, like `kubectl diff`.
+    Diff {
+        /// The app to compare.
+        app: String,
+    },
     /// Validate the configuration file and exit non-zero if it is invalid.
     CheckConfig,
     /// Read a directory of Argo CD Application and AppProject manifests and show the apps
@@ -131,6 +139,17 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(&cli, &config);
             run_to_end(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { app } => {
+            let config = Config::load(&cli.config)?;
+            init_logging(&cli, &config);
+            let report = run_to_end(daemon::diff(config, app))?;
+            print!("{}", report.text);
+            Ok(if report.differs {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Sync { app } => {
             let config = Config::load(&cli.config)?;

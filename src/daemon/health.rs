@@ -63,11 +63,9 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
             }
             let mut app_health = health::worst(healths);
             // A per-app deadline turns a rollout that never finishes into a failure.
-            if let (HealthStatus::Progressing, Some(timeout), Some(at)) = (
-                app_health.status,
-                app.health_timeout,
-                state.last_applied_at,
-            ) {
+            if let (HealthStatus::Progressing, Some(timeout), Some(at)) =
+                (app_health.status, app.health_timeout, state.last_applied_at)
+            {
                 if unix_now().saturating_sub(at) > timeout.as_secs() {
                     app_health = Health {
                         status: HealthStatus::Degraded,

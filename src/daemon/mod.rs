@@ -442,6 +442,110 @@ fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncErr
     }
 }
 
+/// What `edgesync diff` found.
+pub struct DiffReport {
+    pub text: String,
+    pub differs: bool,
+}
+
+/// `edgesync diff APP`: the app's current revision (or, without Git, its last applied render)
+/// against the cluster, object by object, from server-side dry runs.
+pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> {
+    use crate::apply::diff as d;
+    with_fleet(&mut config, &Metrics::default()).await;
+    let app = config
+        .app(name)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no app named {name:?} in {}", config.path.display()))?;
+    let ctx = SyncContext::connect(config, Arc::new(Metrics::default()), None).await?;
+    let mut text = String::new();
+    let plan = match ctx.target_plan(&app).await {
+        Ok((revision, plan)) => {
+            text.push_str(&format!(
+                "# {name} at {revision}
+"
+            ));
+            plan
+        }
+        Err(e) => {
+            let record = ctx
+                .store
+                .load_render(name, crate::state::RenderKind::Applied)?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{e}; and {name} has no applied render to compare")
+                })?;
+            text.push_str(&format!(
+                "# {name}: {e}
+# comparing the last applied render, {}
+",
+                record.revision
+            ));
+            record.plan
+        }
+    };
+    let mut differs = false;
+    let mut wanted_refs = std::collections::HashSet::new();
+    for object in &plan.objects {
+        let label = format!(
+            "{}/{}/{}",
+            object.api_version(),
+            object.kind(),
+            match object.namespace().or(plan.default_namespace.as_deref()) {
+                Some(ns) => format!("{ns}/{}", object.name()),
+                None => object.name().to_string(),
+            }
+        );
+        match ctx.applier.dry_run(object, &plan).await {
+            Ok((oref, wanted, live)) => {
+                let ignored = d::ignored_pointers(
+                    &plan.ignore_differences,
+                    object,
+                    oref.namespace.as_deref(),
+                    live.as_ref(),
+                );
+                let live = live.map(|l| d::normalize(&l, &ignored));
+                let wanted = d::normalize(&wanted, &ignored);
+                if let Some(diff) = d::unified_yaml_diff(&label, live.as_ref(), Some(&wanted)) {
+                    differs = true;
+                    text.push_str(&diff);
+                }
+                wanted_refs.insert(oref);
+            }
+            Err(failure) => {
+                differs = true;
+                text.push_str(&format!(
+                    "# {label} ({}): {}
+",
+                    object.origin, failure.message
+                ));
+            }
+        }
+    }
+    let state = ctx.store.load(name).unwrap_or_default();
+    for gone in state.objects.iter().filter(|o| !wanted_refs.contains(*o)) {
+        if let Ok(Some(live)) = ctx.applier.get(gone).await {
+            if crate::apply::keep_reason(&live, name).is_some() {
+                continue;
+            }
+            differs = true;
+            if app.prune {
+                let label = format!("{}/{}", gone.version, gone);
+                if let Some(diff) =
+                    d::unified_yaml_diff(&label, Some(&d::normalize(&live, &[])), None)
+                {
+                    text.push_str(&diff);
+                }
+            } else {
+                text.push_str(&format!(
+                    "# {gone}: no longer in Git; kept, prune is off
+"
+                ));
+            }
+        }
+    }
+    Ok(DiffReport { text, differs })
+}
+
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
 /// Returns the number of apps that failed.
 pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result<usize> {

@@ -594,6 +594,15 @@ impl SyncContext {
         }
     }
 
+    /// The app's current target revision, rendered and planned (for `edgesync diff`).
+    pub async fn target_plan(&self, app: &AppConfig) -> Result<(String, apply::Plan), SyncError> {
+        let repo = self.config.repository(&app.repo);
+        let revisions = self.remote_refs(&repo).await?;
+        let sha = self.resolve(&repo, &revisions, app).await?;
+        let plan = self.render_and_plan(app, &sha).await?;
+        Ok((sha, plan))
+    }
+
     async fn render_and_plan(&self, app: &AppConfig, sha: &str) -> Result<apply::Plan, SyncError> {
         let source = self.source.clone();
         let repo = self.config.repository(&app.repo);

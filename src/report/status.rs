@@ -325,7 +325,11 @@ impl StatusBoard {
             ),
             Some(e) => format!("rollback from {} failed: {}", short(bad), first_line(&e.to_string())),
         };
-        let event = if error.is_none() { "rolled_back" } else { "rollback_failed" };
+        let event = if error.is_none() {
+            "rolled_back"
+        } else {
+            "rollback_failed"
+        };
         self.event(app, event, Some(bad), &message);
         self.update(app, |s| {
             s.revision = state.last_applied_revision.clone();

@@ -312,7 +312,14 @@ async fn self_heal_reverts_edits_and_deletions_and_without_it_drift_is_reported(
 }
 
 fn image(d: &Deployment) -> String {
-    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
         .image
         .clone()
         .unwrap()
@@ -336,7 +343,10 @@ async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
 
     // The image cannot be pulled: the rollout stalls past its progress deadline (10 s), the
     // controller reports ProgressDeadlineExceeded and the app goes Degraded.
-    repo.write("deploy/web.yaml", &deployment("web", "example/imagepullbackoff:2", 0));
+    repo.write(
+        "deploy/web.yaml",
+        &deployment("web", "example/imagepullbackoff:2", 0),
+    );
     repo.write("deploy/settings.yaml", &configmap("settings", 0, "bad"));
     repo.write("deploy/extra.yaml", &configmap("extra", 0, "only-in-bad"));
     let bad = repo.commit("bad image");
@@ -349,9 +359,17 @@ async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
     assert_eq!(state["last_applied_revision"], good.as_str());
     let web = ns.api::<Deployment>().get("web").await.unwrap();
     assert_eq!(image(&web), "nginx:1.27");
-    assert_eq!(configmap_value(&ns, "settings").await.as_deref(), Some("good"));
+    assert_eq!(
+        configmap_value(&ns, "settings").await.as_deref(),
+        Some("good")
+    );
     eventually("what only the bad revision had pruned", WAIT, || async {
-        ns.api::<ConfigMap>().get_opt("extra").await.ok()?.is_none().then_some(())
+        ns.api::<ConfigMap>()
+            .get_opt("extra")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     let status = eventually("Healthy again", WAIT, || async {
@@ -374,4 +392,114 @@ async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
     config.wait_applied("app", &fixed).await;
     let web = ns.api::<Deployment>().get("web").await.unwrap();
     assert_eq!(image(&web), "nginx:1.28");
+}
+
+#[tokio::test]
+async fn a_deny_window_holds_the_sync_until_it_closes() {
+    let ns = TestNamespace::reserve("window").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "v1"));
+    let sha = repo.commit("v1");
+    // A deny window that opened at the start of this minute and closes 15 s from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (minute, hour, second) = ((now / 60) % 60, (now / 3600) % 24, now % 60);
+    let closes = now + 15;
+    let config = app_config(
+        &repo,
+        &ns,
+        &format!(
+            "sync_windows = [{{ kind = \"deny\", schedule = \"{minute} {hour} * * *\", duration = \"{}s\", time_zone = \"UTC\" }}]",
+            second + 15
+        ),
+    );
+    let _agent = Agent::start(&config);
+    let message = eventually("the app held by the window", WAIT, || async {
+        let status = config.status().await;
+        let app = &status["apps"][0];
+        (app["sync"] == "Waiting" && app["message"].as_str()?.contains("deny window"))
+            .then(|| app["message"].as_str().unwrap().to_string())
+    })
+    .await;
+    assert!(
+        message.contains(&format!("{minute} {hour} * * *")),
+        "{message}"
+    );
+    assert!(ns
+        .api::<ConfigMap>()
+        .get_opt("settings")
+        .await
+        .unwrap()
+        .is_none());
+
+    let state = config.wait_applied("app", &sha).await;
+    let applied_at = state["last_applied_at"].as_u64().unwrap();
+    assert!(
+        applied_at >= closes,
+        "applied at {applied_at}, the window closed at {closes}"
+    );
+    assert_eq!(
+        configmap_value(&ns, "settings").await.as_deref(),
+        Some("v1")
+    );
+}
+
+#[tokio::test]
+async fn diff_shows_what_a_sync_would_change_from_a_server_side_dry_run() {
+    let ns = TestNamespace::reserve("diff").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "v1"));
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.27", 0));
+    repo.commit("v1");
+    let config = app_config(&repo, &ns, "");
+    let synced = config.command(&["sync", "app"]).await;
+    assert!(
+        synced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synced.stderr)
+    );
+    let same = config.command(&["diff", "app"]).await;
+    assert_eq!(
+        same.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+
+    edit_configmap(&ns, "settings", "edited").await;
+    repo.write("deploy/added.yaml", &configmap("added", 0, "new"));
+    repo.commit("v2");
+    let out = config.command(&["diff", "app"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let settings = format!("live/v1/ConfigMap/{}/settings", ns.name);
+    assert!(text.contains(&settings), "{text}");
+    assert!(
+        text.contains("-  value: edited") && text.contains("+  value: v1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("+++ git/v1/ConfigMap/{}/added", ns.name)),
+        "{text}"
+    );
+    // Defaults the API server fills in are not differences.
+    assert!(!text.contains("Deployment"), "{text}");
+    // Nothing was changed by looking.
+    assert_eq!(
+        configmap_value(&ns, "settings").await.as_deref(),
+        Some("edited")
+    );
+    assert!(ns
+        .api::<ConfigMap>()
+        .get_opt("added")
+        .await
+        .unwrap()
+        .is_none());
 }
