@@ -88,17 +88,13 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
             let Some(revision) = state.last_applied_revision.as_deref() else {
                 continue;
             };
+            let seen_healthy = healthy.get(&app.name).map(String::as_str) == Some(revision);
             match app_health.status {
-                HealthStatus::Healthy => {
-                    if healthy.get(&app.name).map(String::as_str) != Some(revision) {
-                        ctx.remember_healthy(&app.name, revision);
-                        healthy.insert(app.name.clone(), revision.to_string());
-                    }
+                HealthStatus::Healthy if !seen_healthy => {
+                    ctx.remember_healthy(&app.name, revision);
+                    healthy.insert(app.name.clone(), revision.to_string());
                 }
-                HealthStatus::Degraded
-                    if app.rollback == Rollback::Auto
-                        && healthy.get(&app.name).map(String::as_str) != Some(revision) =>
-                {
+                HealthStatus::Degraded if app.rollback == Rollback::Auto && !seen_healthy => {
                     if let Err(e) = ctx.rollback(app, &app_health.message).await {
                         ctx.metrics.error(e.metric_label());
                         tracing::error!(app = %app.name, error = %e, "rollback failed");
