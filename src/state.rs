@@ -306,6 +306,7 @@ mod tests {
                 }],
                 waves: vec![0],
                 ignore_differences: Vec::new(),
+                out_of_sync_only: false,
             },
         }
     }

@@ -243,6 +243,25 @@ impl KubeApplier {
     }
 
     async fn apply_one(&self, object: &Object, plan: &Plan) -> Result<ObjectRef, ObjectFailure> {
+        if plan.out_of_sync_only {
+            let (oref, wanted, live) = self.dry_run(object, plan).await?;
+            if let Some(live) = live {
+                let ignored = super::diff::ignored_pointers(
+                    &plan.ignore_differences,
+                    object,
+                    oref.namespace.as_deref(),
+                    Some(&live),
+                );
+                let same = super::diff::first_difference(
+                    &super::diff::normalize(&wanted, &ignored),
+                    &super::diff::normalize(&live, &ignored),
+                )
+                .is_none();
+                if same {
+                    return Ok(oref);
+                }
+            }
+        }
         self.patch(object, plan, false).await.map(|(oref, _)| oref)
     }
 

@@ -225,6 +225,9 @@ pub struct Plan {
     /// Fields left as they are live (the app's `ignore_differences`).
     #[serde(default)]
     pub ignore_differences: Vec<crate::config::sync_policy::IgnoreDifference>,
+    /// Argo CD's `ApplyOutOfSyncOnly=true`: objects a dry run finds unchanged are not sent.
+    #[serde(default)]
+    pub out_of_sync_only: bool,
 }
 
 impl Plan {
@@ -302,11 +305,13 @@ pub fn keep_reason(live: &Value, app: &str) -> Option<String> {
         .and_then(|a| a.get(SYNC_OPTIONS_ANNOTATION))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if options
-        .split(',')
-        .any(|o| o.trim().eq_ignore_ascii_case("Prune=false"))
-    {
-        return Some("has sync option Prune=false".into());
+    for keep in ["Prune=false", "Delete=false"] {
+        if options
+            .split(',')
+            .any(|o| o.trim().eq_ignore_ascii_case(keep))
+        {
+            return Some(format!("has sync option {keep}"));
+        }
     }
     None
 }
@@ -388,6 +393,7 @@ pub fn plan(
         objects,
         waves,
         ignore_differences: Vec::new(),
+        out_of_sync_only: false,
     })
 }
 

@@ -653,6 +653,7 @@ impl SyncContext {
                 manifests,
             )?;
             plan.ignore_differences = app.ignore_differences.clone();
+            plan.out_of_sync_only = app.sync_option("ApplyOutOfSyncOnly") == Some("true");
             Ok(plan)
         })
         .await

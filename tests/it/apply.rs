@@ -503,3 +503,74 @@ async fn diff_shows_what_a_sync_would_change_from_a_server_side_dry_run() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn offline_restart_runs_on_the_last_known_good_render_and_a_damaged_one_prunes_nothing() {
+    let ns = TestNamespace::reserve("offline").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "v1"));
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.27", 0));
+    let sha = repo.commit("v1");
+    let remote = crate::harness::Remote::serve(repo).await;
+    let url = remote.url();
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{url}\"\npath = \"deploy\"\nnamespace = \"{}\"\ncreate_namespace = true\nself_heal = true\nprune = true",
+            ns.name
+        ));
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    assert!(agent.stop().await.success());
+
+    // A reboot with Git gone.
+    drop(remote);
+    let agent = Agent::start(&config);
+    eventually("status from the persisted state", WAIT, || async {
+        let status = config.status().await;
+        let app = &status["apps"][0];
+        (app["revision"] == sha.as_str() && app["health"] == "Healthy").then_some(())
+    })
+    .await;
+    ns.api::<ConfigMap>()
+        .delete("settings", &Default::default())
+        .await
+        .unwrap();
+    eventually("self-heal without Git", WAIT, || async {
+        configmap_value(&ns, "settings").await.filter(|v| v == "v1")
+    })
+    .await;
+    assert!(agent.stop().await.success());
+
+    // A damaged render is set aside and reported; nothing is pruned because of it.
+    let render = config.dir().join("state/apps/app.applied.json");
+    let text = std::fs::read_to_string(&render).unwrap();
+    std::fs::write(&render, text.replace("nginx:1.27", "nginx:6.66")).unwrap();
+    let agent = Agent::start(&config);
+    eventually("the damaged render reported", WAIT, || async {
+        let n = crate::harness::http::metric(
+            config.http_port,
+            "edgesync_errors_total{kind=\"state_corrupt\"}",
+        )
+        .await;
+        (n >= 1.0).then_some(())
+    })
+    .await;
+    let set_aside = std::fs::read_dir(config.dir().join("state/apps"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("app.applied.json.corrupt-")
+        });
+    assert!(set_aside, "the damaged file is kept aside");
+    assert!(agent.log().contains("checksum"), "{}", agent.log());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        configmap_value(&ns, "settings").await.as_deref(),
+        Some("v1")
+    );
+    let web = ns.api::<Deployment>().get("web").await.unwrap();
+    assert_eq!(image(&web), "nginx:1.27");
+}
