@@ -1,6 +1,7 @@
 //! Trigger latency: from an MQTT publish (and, separately, a webhook POST) until every object
 //! of a 10-object app shows the new revision on the real control plane, over 100+ events
-//! each. Also the agent's RSS idle with 10 apps, and its peak over a 10,000-message flood.
+//! each. Self-heal latency: from an edit or a deletion of one of its objects until it is back.
+//! Also the agent's RSS idle with 10 apps, and its peak over a 10,000-message flood.
 //!
 //! Run with `cargo bench --bench trigger_latency` (release build). Under `cargo test` it
 //! does nothing. The repository is served over HTTP by `git http-backend`, as a remote would
@@ -28,6 +29,7 @@ use harness::{Agent, AgentConfig, GitHttpServer, GitRepo};
 
 const EVENTS: usize = 100;
 const OBJECTS: usize = 10;
+const HEALS: usize = 30;
 
 fn write_app(repo: &GitRepo, value: usize) {
     for i in 0..OBJECTS {
@@ -76,6 +78,40 @@ async fn applied(
             }
             Some(_) => {}
             None => panic!("watch ended before all objects were applied"),
+        }
+    }
+}
+
+/// Waits, on a watch opened before the change, until `name` is back at `value` after the
+/// change (`changed` seen first, or a deletion when `changed` is empty).
+async fn reverted(api: &Api<ConfigMap>, version: &str, name: &str, changed: &str, value: usize) {
+    let wanted = value.to_string();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(60), version)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut saw_change = false;
+    loop {
+        match stream.try_next().await.expect("watch event") {
+            Some(WatchEvent::Deleted(cm)) if cm.metadata.name.as_deref() == Some(name) => {
+                saw_change = true;
+            }
+            Some(WatchEvent::Added(cm) | WatchEvent::Modified(cm))
+                if cm.metadata.name.as_deref() == Some(name) =>
+            {
+                let v = cm
+                    .data
+                    .and_then(|d| d.get("v").cloned())
+                    .unwrap_or_default();
+                if !changed.is_empty() && v == changed {
+                    saw_change = true;
+                } else if saw_change && v == wanted {
+                    return;
+                }
+            }
+            Some(_) => {}
+            None => panic!("watch ended before {name} was healed"),
         }
     }
 }
@@ -129,7 +165,7 @@ async fn main() {
         )
         .repository(&format!("url = \"{url}\"\npoll_interval = \"1h\""))
         .app(&format!(
-            "name = \"bench\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{ns}\"\ncreate_namespace = true"
+            "name = \"bench\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{ns}\"\ncreate_namespace = true\nself_heal = true"
         ));
     config.file("hook.secret", "bench-secret\n");
     for n in 0..9 {
@@ -169,7 +205,7 @@ async fn main() {
             if source == "mqtt" {
                 publisher
                     .publish(
-                        "edgesync/nodes/test-node/sync",
+                        format!("edgesync/nodes/{}/sync", config.node_name),
                         QoS::AtLeastOnce,
                         false,
                         payload,
@@ -199,6 +235,36 @@ async fn main() {
             // Let the round finish its bookkeeping before the next event.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    // Self-heal: from an edit (a merge patch by another field manager, as `kubectl edit`
+    // makes) or a deletion until the watch shows the object back as Git has it.
+    let edit = kube::api::PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..Default::default()
+    };
+    for i in 0..HEALS {
+        let version = resource_version(&api).await;
+        let patch = serde_json::json!({"data": {"v": format!("edited-{i}")}});
+        let t0 = Instant::now();
+        api.patch("cm-0", &edit, &kube::api::Patch::Merge(&patch))
+            .await
+            .expect("edit");
+        reverted(&api, &version, "cm-0", &format!("edited-{i}"), value).await;
+        results
+            .entry("self-heal: edit")
+            .or_default()
+            .push(t0.elapsed());
+        let version = resource_version(&api).await;
+        let t0 = Instant::now();
+        api.delete("cm-1", &Default::default())
+            .await
+            .expect("delete");
+        reverted(&api, &version, "cm-1", "", value).await;
+        results
+            .entry("self-heal: delete")
+            .or_default()
+            .push(t0.elapsed());
     }
 
     let hwm_before = vm(&agent, "VmHWM:");
@@ -233,7 +299,7 @@ async fn main() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    println!("| trigger | events | p50 | p99 | max |");
+    println!("| what | events | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
     for (source, mut times) in results {
         times.sort();

@@ -156,7 +156,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(&cli, &config);
             let failed = run_to_end(daemon::sync_once(config, app.as_deref()))?;
             if failed > 0 {
-                eprintln!("{failed} app(s) failed to sync");
+                eprintln!(
+                    "{failed} app(s) failed to sync or were held by a sync window (see the log)"
+                );
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)

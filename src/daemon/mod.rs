@@ -332,6 +332,8 @@ async fn work_repository(
 pub struct Round {
     /// Apps that failed.
     pub failed: usize,
+    /// Apps held by a sync window, a retry backoff or a rolled-back revision.
+    pub held: usize,
     /// Apps to look at again later: retries and closed sync windows.
     pub follow_ups: Vec<(String, Duration)>,
 }
@@ -358,11 +360,13 @@ pub async fn sync_repository(
             }
             return Round {
                 failed: apps.len(),
+                held: 0,
                 follow_ups: Vec::new(),
             };
         }
     };
     let mut failed = 0;
+    let mut held = 0;
     let mut follow_ups = Vec::new();
     let mut in_use = Vec::new();
     let mut running = JoinSet::new();
@@ -404,6 +408,9 @@ pub async fn sync_repository(
                 if result.is_err() {
                     failed += 1;
                 }
+                if matches!(result, Ok(SyncResult::Waiting { .. })) {
+                    held += 1;
+                }
                 report(ctx, &app, result);
             }
             Err(e) => {
@@ -413,7 +420,11 @@ pub async fn sync_repository(
         }
     }
     ctx.retain_snapshots(&repo.url, in_use);
-    Round { failed, follow_ups }
+    Round {
+        failed,
+        held,
+        follow_ups,
+    }
 }
 
 fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncError>) {
@@ -547,7 +558,7 @@ pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> 
 }
 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
-/// Returns the number of apps that failed.
+/// Returns the number of apps that failed, or that a sync window held.
 pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result<usize> {
     with_fleet(&mut config, &Metrics::default()).await;
     if let Some(name) = only {
@@ -568,9 +579,9 @@ pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result
             .cloned()
             .collect();
         if !apps.is_empty() {
-            failed += sync_repository(&ctx, &repo, &apps, &shutdown, true, &permits)
-                .await
-                .failed;
+            // A manual sync that a sync window holds did not happen: say so.
+            let round = sync_repository(&ctx, &repo, &apps, &shutdown, true, &permits).await;
+            failed += round.failed + round.held;
         }
     }
     Ok(failed)
