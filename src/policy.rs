@@ -8,6 +8,8 @@
 
 use serde_json::Value;
 
+use crate::config::sync_policy::{SyncWindow, WindowKind};
+
 /// `*` matches any run of characters (`/` included), `?` exactly one.
 pub fn glob(pattern: &str, text: &str) -> bool {
     fn inner(p: &[char], t: &[char]) -> bool {
@@ -49,9 +51,21 @@ impl GroupKind {
     }
 }
 
+/// An AppProject sync window and the apps it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProjectWindow {
+    window: SyncWindow,
+    applications: Vec<String>,
+    namespaces: Vec<String>,
+    clusters: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Project {
     pub name: String,
+    /// What in the spec could not be used, for the fleet's problem list.
+    pub warnings: Vec<String>,
+    windows: Vec<ProjectWindow>,
     source_repos: Vec<String>,
     destination_namespaces: Vec<String>,
     cluster_whitelist: Vec<GroupKind>,
@@ -89,11 +103,60 @@ fn group_kinds(spec: &Value, key: &str) -> Vec<GroupKind> {
         .collect()
 }
 
+/// One `spec.syncWindows` entry: kind, schedule, duration (Go's `1h30m` form), timeZone,
+/// manualSync, and the applications, namespaces and clusters it covers.
+fn project_window(w: &Value) -> Result<ProjectWindow, String> {
+    let text = |key: &str| w.get(key).and_then(Value::as_str);
+    let kind = match text("kind") {
+        Some("allow") => WindowKind::Allow,
+        Some("deny") => WindowKind::Deny,
+        other => return Err(format!("kind {other:?} is neither allow nor deny")),
+    };
+    let duration = text("duration").ok_or("duration is missing")?;
+    let window = SyncWindow {
+        kind,
+        schedule: text("schedule").ok_or("schedule is missing")?.to_string(),
+        duration: humantime::parse_duration(duration)
+            .map_err(|e| format!("duration {duration:?}: {e}"))?,
+        time_zone: text("timeZone").unwrap_or("UTC").to_string(),
+        manual_sync: w
+            .get("manualSync")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    crate::apply::window::Window::new(&window)?;
+    Ok(ProjectWindow {
+        window,
+        applications: strings(w, "applications"),
+        namespaces: strings(w, "namespaces"),
+        clusters: strings(w, "clusters"),
+    })
+}
+
 impl Project {
     /// From an AppProject's `spec`.
     pub fn from_spec(name: &str, spec: &Value) -> Project {
+        let mut warnings = Vec::new();
+        let windows = spec
+            .get("syncWindows")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, w)| match project_window(w) {
+                Ok(window) => Some(window),
+                Err(why) => {
+                    warnings.push(format!(
+                        "AppProject {name}: spec.syncWindows[{i}]: {why}; ignored"
+                    ));
+                    None
+                }
+            })
+            .collect();
         Project {
             name: name.to_string(),
+            warnings,
+            windows,
             source_repos: strings(spec, "sourceRepos"),
             destination_namespaces: spec
                 .get("destinations")
@@ -117,6 +180,23 @@ impl Project {
             namespace_whitelist: group_kinds(spec, "namespaceResourceWhitelist"),
             namespace_blacklist: group_kinds(spec, "namespaceResourceBlacklist"),
         }
+    }
+
+    /// The project's sync windows that cover the app `app` with destination `namespace`:
+    /// those whose `applications` or `namespaces` globs match, or whose `clusters` name the
+    /// node's own cluster, as in Argo CD.
+    pub fn sync_windows(&self, app: &str, namespace: Option<&str>) -> Vec<SyncWindow> {
+        self.windows
+            .iter()
+            .filter(|w| {
+                w.applications.iter().any(|p| glob(p, app))
+                    || namespace.is_some_and(|ns| w.namespaces.iter().any(|p| glob(p, ns)))
+                    || w.clusters
+                        .iter()
+                        .any(|p| glob(p, "https://kubernetes.default.svc") || glob(p, "in-cluster"))
+            })
+            .map(|w| w.window.clone())
+            .collect()
     }
 
     pub fn check_source(&self, repo: &str) -> Result<(), String> {
@@ -213,6 +293,32 @@ mod tests {
                 "namespaceResourceBlacklist": [{"group": "", "kind": "ResourceQuota"}]
             }),
         )
+    }
+
+    #[test]
+    fn project_sync_windows_cover_apps_by_name_namespace_or_cluster() {
+        let p = Project::from_spec(
+            "edge",
+            &json!({"syncWindows": [
+                {"kind": "deny", "schedule": "0 22 * * *", "duration": "1h30m",
+                 "applications": ["db-*"], "timeZone": "Europe/Berlin"},
+                {"kind": "allow", "schedule": "0 6 * * *", "duration": "2h",
+                 "namespaces": ["prod-*"], "manualSync": true},
+                {"kind": "allow", "schedule": "@daily", "duration": "1h", "clusters": ["in-cluster"]},
+                {"kind": "sometimes", "schedule": "* * * * *", "duration": "1h"},
+            ]}),
+        );
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(p.warnings[0].contains("syncWindows[3]"), "{:?}", p.warnings);
+        let db = p.sync_windows("db-main", Some("dev"));
+        assert_eq!(db.len(), 2);
+        assert_eq!(db[0].kind, WindowKind::Deny);
+        assert_eq!(db[0].duration, std::time::Duration::from_secs(5400));
+        assert_eq!(db[0].time_zone, "Europe/Berlin");
+        let prod = p.sync_windows("web", Some("prod-eu"));
+        assert_eq!(prod.len(), 2);
+        assert!(prod[0].manual_sync);
+        assert_eq!(p.sync_windows("web", Some("dev")).len(), 1);
     }
 
     #[test]

@@ -684,6 +684,15 @@ impl Config {
             .collect()
     }
 
+    /// The sync windows that hold `app`: its own and those of its AppProject.
+    pub fn sync_windows(&self, app: &AppConfig) -> Vec<sync_policy::SyncWindow> {
+        let mut windows = app.sync_windows.clone();
+        if let Some(project) = app.project.as_deref().and_then(|p| self.projects.get(p)) {
+            windows.extend(project.sync_windows(&app.name, app.namespace.as_deref()));
+        }
+        windows
+    }
+
     /// Whether `url` is a Helm chart repository (or OCI registry) rather than a Git one.
     pub fn is_chart_repository(&self, url: &str) -> bool {
         crate::source::chart::is_oci(url)

@@ -382,8 +382,10 @@ impl Drift {
             .iter()
             .map(|(k, _, why)| format!("{} {}: {why}", k.kind, display(k)))
             .collect();
-        let windows: Vec<Window> = config
-            .sync_windows
+        let windows: Vec<Window> = self
+            .ctx
+            .config
+            .sync_windows(&config)
             .iter()
             .filter_map(|w| Window::new(w).ok())
             .collect();

@@ -264,9 +264,9 @@ async fn with_fleet(config: &mut Config, metrics: &Metrics) -> Option<String> {
     let fleet = config.fleet.clone()?;
     let (apps, mut problems) = fleet::load(config, &fleet).await;
     for (name, spec) in &apps.projects {
-        config
-            .projects
-            .insert(name.clone(), crate::policy::Project::from_spec(name, spec));
+        let project = crate::policy::Project::from_spec(name, spec);
+        problems.extend(project.warnings.iter().cloned());
+        config.projects.insert(name.clone(), project);
     }
     problems.extend(config.add_fleet_apps(apps.apps));
     for problem in &problems {

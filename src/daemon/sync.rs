@@ -263,8 +263,9 @@ impl SyncContext {
     /// Why `app` must not be synced to `sha` now, if it must not: a sync window, or the
     /// backoff of its retries.
     fn hold(&self, app: &AppConfig, sha: &str, manual: bool) -> Option<retry::Hold> {
-        let windows: Vec<Window> = app
-            .sync_windows
+        let windows: Vec<Window> = self
+            .config
+            .sync_windows(app)
             .iter()
             .filter_map(|w| Window::new(w).ok())
             .collect();
