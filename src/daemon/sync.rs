@@ -1,7 +1,7 @@
 //! One sync of one app through the pipeline: snapshot → render → plan → apply → state.
 //! Shared by `edgesync run` and `edgesync sync`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,6 +28,8 @@ pub enum SyncError {
     State(#[from] StateError),
     #[error("refused by project policy: {0}")]
     Policy(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -51,9 +53,21 @@ impl SyncError {
             SyncError::Apply(e) => e.metric_label(),
             SyncError::State(e) => e.metric_label(),
             SyncError::Policy(_) => "policy",
+            SyncError::Conflict(_) => "conflict",
             SyncError::Internal(_) => "internal",
         }
     }
+}
+
+type ClaimKey = (String, String, Option<String>, String);
+
+fn claim_key(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> ClaimKey {
+    (
+        group.to_string(),
+        kind.to_string(),
+        namespace.map(str::to_string),
+        name.to_string(),
+    )
 }
 
 /// How long a wave may take to become healthy when the app sets no `health_timeout`.
@@ -104,6 +118,8 @@ pub struct SyncContext {
     pub synced: tokio::sync::watch::Sender<u64>,
     /// Apps with a sync in flight.
     syncing: std::sync::Mutex<HashSet<String>>,
+    /// Which app manages each object on this node (read from the states on first use).
+    claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -139,6 +155,7 @@ impl SyncContext {
             retries: Default::default(),
             synced: tokio::sync::watch::Sender::new(0),
             syncing: Default::default(),
+            claims: Default::default(),
             metrics,
             config,
         }))
@@ -342,6 +359,9 @@ impl SyncContext {
         if let Err(e) = self.check_policy(app, &plan).await {
             return self.failed(app, &mut state, e).await;
         }
+        if let Err(e) = self.check_conflicts(app, &plan) {
+            return self.failed(app, &mut state, e).await;
+        }
         let created = plan.created_namespace();
         let outcome = self
             .applier
@@ -392,6 +412,51 @@ impl SyncContext {
             revision: sha.to_string(),
             objects: total,
         })
+    }
+
+    /// Refuses a plan with an object another app of this node manages or is about to: two
+    /// apps applying one object would overwrite each other on every sync. The app that has it
+    /// keeps it; nothing of this app is applied until one of them lets go. Claims are taken
+    /// under one lock, so two apps syncing at once cannot both pass.
+    fn check_conflicts(&self, app: &AppConfig, plan: &apply::Plan) -> Result<(), SyncError> {
+        let mut guard = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let claims = guard.get_or_insert_with(|| {
+            let mut claims = HashMap::new();
+            for other in &self.config.apps {
+                if let Ok(state) = self.store.load(&other.name) {
+                    for o in &state.objects {
+                        claims.insert(
+                            claim_key(&o.group, &o.kind, o.namespace.as_deref(), &o.name),
+                            other.name.clone(),
+                        );
+                    }
+                }
+            }
+            claims
+        });
+        let mut mine = Vec::new();
+        for object in plan.rendered_objects() {
+            let ns = object.namespace().or(plan.default_namespace.as_deref());
+            let key = claim_key(object.group(), object.kind(), ns, object.name());
+            // Cluster-scoped objects are recorded without a namespace.
+            let bare = claim_key(object.group(), object.kind(), None, object.name());
+            let owner = [&key, &bare]
+                .into_iter()
+                .find_map(|k| claims.get(k).filter(|o| **o != app.name));
+            if let Some(owner) = owner {
+                return Err(SyncError::Conflict(format!(
+                    "{} ({}) is already managed by app {owner}; two apps must not manage one object",
+                    object.display_name(),
+                    object.origin
+                )));
+            }
+            mine.push(key);
+        }
+        claims.retain(|_, owner| *owner != app.name);
+        for key in mine {
+            claims.insert(key, app.name.clone());
+        }
+        Ok(())
     }
 
     /// The app's AppProject rules, for the whole plan, before anything is applied.

@@ -574,3 +574,56 @@ async fn offline_restart_runs_on_the_last_known_good_render_and_a_damaged_one_pr
     let web = ns.api::<Deployment>().get("web").await.unwrap();
     assert_eq!(image(&web), "nginx:1.27");
 }
+
+#[tokio::test]
+async fn two_apps_claiming_one_object_is_a_reported_conflict_not_a_tug_of_war() {
+    let ns = TestNamespace::reserve("conflict").await;
+    let repo = GitRepo::new();
+    repo.write("one/shared.yaml", &configmap("shared", 0, "one"));
+    repo.write("two/shared.yaml", &configmap("shared", 0, "two"));
+    repo.write("two/own.yaml", &configmap("own", 0, "two"));
+    let sha = repo.commit("two apps, one object");
+    let url = repo.url();
+    let app = |name: &str, path: &str| {
+        format!(
+            "name = \"{name}\"\nrepo = \"{url}\"\npath = \"{path}\"\nnamespace = \"{}\"\ncreate_namespace = true",
+            ns.name
+        )
+    };
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&app("one", "one"))
+        .app(&app("two", "two"));
+    let _agent = Agent::start(&config);
+    let (winner, loser, error) = eventually("one app applied, the other refused", WAIT, || async {
+        let one = config.state("one");
+        let two = config.state("two");
+        let done = |s: &serde_json::Value| s["last_applied_revision"] == sha.as_str();
+        let failed = |s: &serde_json::Value| s["last_error"].as_str().map(str::to_string);
+        match (done(&one), failed(&two), done(&two), failed(&one)) {
+            (true, Some(e), _, _) => Some(("one", "two", e)),
+            (_, _, true, Some(e)) => Some(("two", "one", e)),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        error.contains("conflict") && error.contains("ConfigMap"),
+        "{error}"
+    );
+    assert!(error.contains(&format!("app {winner}")), "{error}");
+    // Polls go on; the object stays with the winner and nothing of the loser was applied.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cm = ns.api::<ConfigMap>().get("shared").await.unwrap();
+    assert_eq!(cm.metadata.annotations.unwrap()["edgesync.io/app"], winner);
+    assert_eq!(cm.data.unwrap()["value"], winner);
+    if loser == "two" {
+        assert!(ns
+            .api::<ConfigMap>()
+            .get_opt("own")
+            .await
+            .unwrap()
+            .is_none());
+    }
+    assert!(config.state(loser)["last_applied_revision"].is_null());
+}
