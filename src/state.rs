@@ -61,6 +61,8 @@ pub struct AppState {
     /// A revision that went Degraded and was rolled back: not synced again until a newer
     /// revision arrives (or a manual sync asks for it).
     pub bad_revision: Option<String>,
+    /// The app's `delete_on_removal` at its last sync: what to do once it leaves the node.
+    pub delete_on_removal: bool,
 }
 
 pub fn unix_now() -> u64 {
@@ -166,6 +168,53 @@ impl StateStore {
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
+        Ok(())
+    }
+
+    /// Apps with a state file.
+    pub fn apps(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut apps: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let app = name.strip_suffix(".json")?;
+                // Render files carry a header line, so they never parse as a state.
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                serde_json::from_str::<AppState>(&text).ok()?;
+                Some(app.to_string())
+            })
+            .collect();
+        apps.sort();
+        apps
+    }
+
+    /// Moves the app's files (state and renders) to `removed/`, named with the time, so a
+    /// departed app stops being an app without anything being lost.
+    pub fn archive(&self, app: &str) -> Result<(), StateError> {
+        let dir = self.dir.join("removed");
+        std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let now = unix_now();
+        for path in [
+            self.path(app),
+            self.render_path(app, RenderKind::Applied),
+            self.render_path(app, RenderKind::Healthy),
+        ] {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let target = dir.join(format!("{now}-{}", name.to_string_lossy()));
+            match std::fs::rename(&path, &target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StateError::Io { path, source }),
+            }
+        }
         Ok(())
     }
 

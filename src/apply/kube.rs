@@ -471,6 +471,21 @@ impl KubeApplier {
         Ok(())
     }
 
+    /// Deletes the app's inventory ConfigMap (the app left this node).
+    pub async fn delete_inventory(&self, app: &str, node: &str) -> Result<(), CallError> {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), INVENTORY_NAMESPACE);
+        let result = api
+            .delete(&inventory_name(node, app), &Default::default())
+            .await;
+        self.count("delete", &result);
+        match result {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The inventory stored in the cluster for `app`: `(inventory, objects)`, `None` if there
     /// is none.
     pub async fn load_inventory(

@@ -360,6 +360,10 @@ pub struct AppConfig {
     /// `auto`: an app that goes Degraded after a new revision goes back to its last Healthy one.
     #[serde(default)]
     pub rollback: sync_policy::Rollback,
+    /// Delete the app's objects when the app leaves this node (removed from the config or the
+    /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
+    #[serde(default)]
+    pub delete_on_removal: bool,
 }
 
 impl AppConfig {

@@ -21,6 +21,9 @@ pub struct FleetApps {
     /// AppProjects: name and spec.
     #[serde(default)]
     pub projects: Vec<(String, serde_json::Value)>,
+    /// Read from Git just now, not the saved set.
+    #[serde(skip)]
+    pub fresh: bool,
 }
 
 fn saved_path(state_dir: &Path) -> std::path::PathBuf {
@@ -49,6 +52,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             apps: Vec::new(),
             projects: Vec::new(),
             problems: Vec::new(),
+            uncertain: false,
         };
         let root = format!(
             "{}@{}:{}",
@@ -57,11 +61,17 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             fleet.path.trim_matches('/')
         );
         expander.objects(&manifests.objects, &[root]);
+        if expander.uncertain {
+            expander.problems.push(
+                "an Application's source could not be read, so its children are unknown; apps that left this node are not removed this time".into(),
+            );
+        }
         Ok((
             FleetApps {
                 revision: sha,
                 apps: expander.apps,
                 projects: expander.projects,
+                fresh: !expander.uncertain,
             },
             expander.problems,
         ))
@@ -100,6 +110,7 @@ struct Expander<'a> {
     apps: Vec<AppConfig>,
     projects: Vec<(String, serde_json::Value)>,
     problems: Vec<String>,
+    uncertain: bool,
 }
 
 impl Expander<'_> {
@@ -151,7 +162,11 @@ impl Expander<'_> {
         }
         // What the app's path holds decides whether it is an app-of-apps. If it cannot be
         // read now, it is an ordinary app, and its sync reports the problem.
-        let children = self.render(&app).filter(|objects| {
+        let rendered = self.render(&app);
+        // An app that could not be read might be an app-of-apps whose children are then
+        // unknown: the set is not certain enough to remove anything for.
+        self.uncertain |= rendered.is_none();
+        let children = rendered.filter(|objects| {
             objects
                 .iter()
                 .any(|o| o.group() == argo::GROUP && o.kind() == "Application")
@@ -176,7 +191,7 @@ impl Expander<'_> {
     fn render(&self, app: &AppConfig) -> Option<Vec<crate::render::Object>> {
         // A chart from a chart repository is never an app of apps.
         if app.chart.is_some() {
-            return None;
+            return Some(Vec::new());
         }
         let repo = self.config.repository(&app.repo);
         let sha = self

@@ -6,6 +6,7 @@ mod dispatch;
 mod drift;
 mod fleet;
 mod health;
+mod removal;
 mod retry;
 mod sync;
 
@@ -110,7 +111,7 @@ impl Agent {
         metrics: Arc<Metrics>,
         config_changed: mpsc::Sender<()>,
     ) -> anyhow::Result<Agent> {
-        let fleet_revision = with_fleet(&mut config, &metrics).await;
+        let fleet_load = with_fleet(&mut config, &metrics).await;
         // Bind listeners first: a port in use is a startup error, not a silent degradation.
         let http_listener = match config.http.enabled {
             true => Some(bind(config.http.listen, "http").await?),
@@ -137,7 +138,10 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         tasks.spawn(health::monitor(ctx.clone(), shutdown_rx.clone()));
         tasks.spawn(drift::run(ctx.clone(), shutdown_rx.clone()));
-        if let (Some(fleet), Some(revision)) = (ctx.config.fleet.clone(), fleet_revision) {
+        if fleet_load.certain {
+            tasks.spawn(removal::remove_departed(ctx.clone()));
+        }
+        if let (Some(fleet), Some(revision)) = (ctx.config.fleet.clone(), fleet_load.revision) {
             tasks.spawn(fleet::watch_fleet(
                 ctx.config.clone(),
                 fleet,
@@ -258,11 +262,23 @@ enum Signal {
     Hangup,
 }
 
-/// Adds the fleet's apps to `config`, logging and counting what is wrong with them. Returns
-/// the fleet revision they came from.
-async fn with_fleet(config: &mut Config, metrics: &Metrics) -> Option<String> {
-    let fleet = config.fleet.clone()?;
+/// The app set is known for sure: no fleet, or a fleet read from Git just now.
+struct FleetLoad {
+    /// The fleet commit, when there is a fleet.
+    revision: Option<String>,
+    certain: bool,
+}
+
+/// Adds the fleet's apps to `config`, logging and counting what is wrong with them.
+async fn with_fleet(config: &mut Config, metrics: &Metrics) -> FleetLoad {
+    let Some(fleet) = config.fleet.clone() else {
+        return FleetLoad {
+            revision: None,
+            certain: true,
+        };
+    };
     let (apps, mut problems) = fleet::load(config, &fleet).await;
+    let certain = apps.fresh;
     for (name, spec) in &apps.projects {
         let project = crate::policy::Project::from_spec(name, spec);
         problems.extend(project.warnings.iter().cloned());
@@ -274,7 +290,10 @@ async fn with_fleet(config: &mut Config, metrics: &Metrics) -> Option<String> {
         tracing::warn!("fleet: {problem}");
     }
     tracing::info!(revision = %apps.revision, apps = config.apps.len(), "fleet loaded");
-    Some(apps.revision)
+    FleetLoad {
+        revision: Some(apps.revision),
+        certain,
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {

@@ -340,6 +340,7 @@ impl SyncContext {
                 }
             }
         }
+        state.delete_on_removal = app.delete_on_removal;
         state.last_attempted_revision = Some(sha.to_string());
         state.last_attempt_at = Some(unix_now());
         self.board.syncing(&app.name, sha);

@@ -391,6 +391,7 @@ impl Application {
             sync_windows: Vec::new(),
             health_timeout: None,
             rollback: Default::default(),
+            delete_on_removal: self.delete_resources_on_removal,
         })
     }
 }

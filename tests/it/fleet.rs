@@ -276,3 +276,79 @@ spec:
         .is_none_or(|i| i.is_empty()));
     assert!(agent.stop().await.success());
 }
+
+#[tokio::test]
+async fn removed_applications_take_their_objects_along_only_with_the_resources_finalizer() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let ns = TestNamespace::reserve("removal").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "fleet/cascade.yaml",
+        &application("cascade", &url, &ns.name, None),
+    );
+    let orphan = application("orphan", &url, &ns.name, None).replace(
+        "  finalizers:\n    - resources-finalizer.argocd.argoproj.io\n",
+        "",
+    );
+    repo.write("fleet/orphan.yaml", &orphan);
+    repo.write(
+        "fleet/stays.yaml",
+        &application("stays", &url, &ns.name, None),
+    );
+    let sha = greeting_app(&repo, "hello");
+    let config = fleet_config(&url, "1s");
+    let agent = Agent::start(&config);
+    config.wait_applied("cascade", &sha).await;
+    config.wait_applied("orphan", &sha).await;
+    let client = crate::harness::cluster::cluster().client().await;
+    let in_ns = |app: &str| {
+        kube::Api::<ConfigMap>::namespaced(client.clone(), &format!("{}-{app}", ns.name))
+    };
+
+    repo.remove("fleet/cascade.yaml");
+    repo.remove("fleet/orphan.yaml");
+    repo.commit("both apps removed");
+    let (cascade, orphan_api) = (in_ns("cascade"), in_ns("orphan"));
+    crate::harness::eventually(
+        "the finalizer's objects deleted",
+        crate::harness::WAIT,
+        || async {
+            cascade
+                .get_opt("greeting")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    crate::harness::eventually("both apps forgotten", crate::harness::WAIT, || async {
+        (config.state("cascade").is_null() && config.state("orphan").is_null()).then_some(())
+    })
+    .await;
+    assert!(
+        orphan_api.get_opt("greeting").await.unwrap().is_some(),
+        "without the finalizer the objects stay"
+    );
+    let removed: Vec<String> = std::fs::read_dir(config.dir().join("state/apps/removed"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        removed.iter().any(|f| f.ends_with("-cascade.json")),
+        "{removed:?}"
+    );
+    assert!(
+        agent.log().contains("deleted: the app left this node"),
+        "{}",
+        agent.log()
+    );
+    assert!(!config.state("stays").is_null());
+    for app in ["cascade", "orphan", "stays"] {
+        let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .delete(&format!("{}-{app}", ns.name), &Default::default())
+            .await;
+    }
+}

@@ -1,0 +1,70 @@
+//! Apps that left this node: removed from the config or the fleet, or targeted at other nodes.
+//! Argo CD's finalizer semantics: with `delete_on_removal` (the Application carried
+//! `resources-finalizer.argocd.argoproj.io`) the app's objects are deleted, except those
+//! someone else took over or that say `Prune=false` / `Delete=false`; without it they stay
+//! where they are. Either way the app's files move to `state_dir/apps/removed/`. A failed
+//! delete keeps the app's state, so the next start or reload tries again.
+//!
+//! This only runs when the app set is known for sure: the fleet was read from Git just now
+//! (a node that fell back to its saved fleet must never take an unreadable fleet for an
+//! empty one).
+
+use std::sync::Arc;
+
+use super::SyncContext;
+use crate::apply;
+
+pub async fn remove_departed(ctx: Arc<SyncContext>) {
+    for app in ctx.store.apps() {
+        if ctx.config.app(&app).is_some() {
+            continue;
+        }
+        let Ok(state) = ctx.store.load(&app) else {
+            continue;
+        };
+        if state.delete_on_removal {
+            let mut failed = 0;
+            for object in apply::prune_candidates(&state.inventory, &[]) {
+                let live = match ctx.applier.get(&object).await {
+                    Ok(Some(live)) => live,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(%app, %object, "cannot read for removal: {e}");
+                        continue;
+                    }
+                };
+                if let Some(reason) = apply::keep_reason(&live, &app) {
+                    tracing::info!(%app, %object, "left in place: {reason}");
+                    continue;
+                }
+                match ctx.applier.delete(&object, "Foreground").await {
+                    Ok(()) => tracing::info!(%app, %object, "deleted: the app left this node"),
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(%app, %object, "cannot delete: {e}");
+                    }
+                }
+            }
+            if failed > 0 {
+                ctx.metrics.error("removal");
+                tracing::warn!(%app, failed, "removal incomplete; tried again at the next start");
+                continue;
+            }
+        } else {
+            tracing::info!(%app, objects = state.objects.len(),
+                "app left this node; its objects stay (no resources finalizer, delete_on_removal off)");
+        }
+        if let Err(e) = ctx
+            .applier
+            .delete_inventory(&app, &ctx.config.node.name)
+            .await
+        {
+            tracing::warn!(%app, "cannot delete the inventory in the cluster: {e}");
+        }
+        if let Err(e) = ctx.store.archive(&app) {
+            ctx.metrics.error(e.metric_label());
+            tracing::warn!(%app, error = %e, "cannot archive the app's state");
+        }
+    }
+}
