@@ -360,6 +360,13 @@ pub struct AppConfig {
     /// `auto`: an app that goes Degraded after a new revision goes back to its last Healthy one.
     #[serde(default)]
     pub rollback: sync_policy::Rollback,
+    /// Changes to the app's kustomization before it is built (Argo CD's `source.kustomize`).
+    #[serde(default)]
+    pub kustomize: crate::render::kustomize::Overrides,
+    /// How a plain directory is read (Argo CD's `source.directory`): `recurse` (default
+    /// `true`), `include` and `exclude` globs.
+    #[serde(default)]
+    pub directory: crate::render::DirectoryOptions,
     /// Delete the app's objects when the app leaves this node (removed from the config or the
     /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
     #[serde(default)]

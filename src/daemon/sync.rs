@@ -704,6 +704,8 @@ impl SyncContext {
             let options = render::RenderOptions {
                 kustomize_fallback: app.kustomize_fallback.as_deref(),
                 helm: Some(helm),
+                directory: app.directory.clone(),
+                kustomize: app.kustomize.clone(),
             };
             let mut manifests = render::render_with(&root, &path, &options)?;
             if let Some(vars) = vars {

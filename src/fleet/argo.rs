@@ -40,6 +40,10 @@ pub enum Source {
         path: String,
         /// `source.helm`, for a chart in the repository.
         helm: Option<crate::render::helm::HelmOptions>,
+        /// `source.kustomize`.
+        kustomize: crate::render::kustomize::Overrides,
+        /// `source.directory`; Argo CD does not recurse unless told to.
+        directory: crate::render::DirectoryOptions,
     },
     /// A chart from a Helm repository or OCI registry.
     Chart {
@@ -237,6 +241,8 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
             revision,
             path: string(source, "/path").unwrap_or_else(|| ".".into()),
             helm: helm_options(source.get("helm"))?,
+            kustomize: kustomize_options(source.get("kustomize"), warnings)?,
+            directory: directory_options(source.get("directory"), warnings),
         },
     };
     let destination = v.pointer("/spec/destination");
@@ -339,6 +345,7 @@ impl Application {
                 revision,
                 path,
                 helm,
+                ..
             } => (repo_url.clone(), revision, path.clone(), None, helm),
             Source::Chart {
                 repo_url,
@@ -392,7 +399,86 @@ impl Application {
             health_timeout: None,
             rollback: Default::default(),
             delete_on_removal: self.delete_resources_on_removal,
+            kustomize: match &self.source {
+                Source::Git { kustomize, .. } => kustomize.clone(),
+                Source::Chart { .. } => Default::default(),
+            },
+            directory: match &self.source {
+                Source::Git { directory, .. } => directory.clone(),
+                Source::Chart { .. } => Default::default(),
+            },
         })
+    }
+}
+
+const KUSTOMIZE: [&str; 6] = [
+    "namePrefix",
+    "nameSuffix",
+    "namespace",
+    "commonLabels",
+    "commonAnnotations",
+    "images",
+];
+const DIRECTORY: [&str; 3] = ["recurse", "include", "exclude"];
+
+/// `spec.source.kustomize`: the options Argo CD applies with `kustomize edit`.
+fn kustomize_options(
+    v: Option<&Value>,
+    warnings: &mut Vec<String>,
+) -> Result<crate::render::kustomize::Overrides, String> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(Default::default());
+    };
+    unknown(v.as_object(), &KUSTOMIZE, "spec.source.kustomize", warnings);
+    let map = |key: &str| -> std::collections::BTreeMap<String, String> {
+        v.get(key)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                let text = v
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string());
+                (k.clone(), text)
+            })
+            .collect()
+    };
+    let images: Vec<String> = v
+        .get("images")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_str().map(str::to_string))
+        .collect();
+    for image in &images {
+        if image.is_empty() {
+            return Err("spec.source.kustomize.images has an empty entry".into());
+        }
+    }
+    Ok(crate::render::kustomize::Overrides {
+        name_prefix: string(v, "/namePrefix"),
+        name_suffix: string(v, "/nameSuffix"),
+        namespace: string(v, "/namespace"),
+        common_labels: map("commonLabels"),
+        common_annotations: map("commonAnnotations"),
+        images,
+    })
+}
+
+/// `spec.source.directory`: `recurse` (false unless set, as in Argo CD), `include`, `exclude`.
+fn directory_options(
+    v: Option<&Value>,
+    warnings: &mut Vec<String>,
+) -> crate::render::DirectoryOptions {
+    let v = v.filter(|v| !v.is_null());
+    if let Some(v) = v {
+        unknown(v.as_object(), &DIRECTORY, "spec.source.directory", warnings);
+    }
+    crate::render::DirectoryOptions {
+        recurse: v.is_some_and(|v| flag(v, "/recurse")),
+        include: v.and_then(|v| string(v, "/include")),
+        exclude: v.and_then(|v| string(v, "/exclude")),
     }
 }
 
@@ -568,6 +654,36 @@ mod tests {
         let err = load("customer-adapter.yaml").unwrap_err();
         assert!(err.contains("syncPolicy"), "{err}");
         assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn kustomize_and_directory_options_map_and_argo_does_not_recurse_by_default() {
+        let manifest = |source_extra: &str| {
+            let text = format!(
+                "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata:\n  name: a\nspec:\n  project: default\n  source:\n    repoURL: https://git.example.com/r.git\n    path: p\n{source_extra}  destination:\n    server: https://kubernetes.default.svc\n    namespace: ns\n"
+            );
+            let doc =
+                crate::render::parse_documents(&text, std::path::Path::new("a.yaml")).unwrap();
+            let object = crate::render::Object {
+                value: doc[0].as_object().unwrap().clone(),
+                origin: "a.yaml#0".into(),
+            };
+            parse(&object).unwrap().unwrap()
+        };
+        let plain = manifest("");
+        let cfg = app(&plain).to_app_config().unwrap();
+        assert!(!cfg.directory.recurse);
+        let k = manifest("    kustomize:\n      namePrefix: edge-\n      images: [nginx=nginx:1.28]\n      commonLabels: {team: edge}\n      replicas: []\n    directory:\n      recurse: true\n      exclude: 'skip/*'\n");
+        assert_eq!(
+            k.warnings,
+            ["spec.source.kustomize.replicas is not supported and is ignored"]
+        );
+        let cfg = app(&k).to_app_config().unwrap();
+        assert_eq!(cfg.kustomize.name_prefix.as_deref(), Some("edge-"));
+        assert_eq!(cfg.kustomize.images, ["nginx=nginx:1.28"]);
+        assert_eq!(cfg.kustomize.common_labels["team"], "edge");
+        assert!(cfg.directory.recurse);
+        assert_eq!(cfg.directory.exclude.as_deref(), Some("skip/*"));
     }
 
     #[test]

@@ -6,8 +6,11 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use super::yaml::parse_json;
 use super::{into_objects, parse_objects, Manifests, RenderError, MAX_FILE_BYTES};
+use crate::policy::glob;
 
 /// Resolves `rel` below `root`, refusing anything (`..`, symlinks) that leaves the checkout.
 pub(super) fn contained_path(root: &Path, rel: &Path) -> Result<PathBuf, RenderError> {
@@ -34,11 +37,95 @@ fn canonical(path: &Path, root: &Path) -> Result<PathBuf, RenderError> {
     })
 }
 
+/// Argo CD's `source.directory`: whether subdirectories are read, and glob patterns on the
+/// file's path below the app directory (`*` and `?` match any character, `/` included;
+/// `{a,b}` is either). `exclude` wins over `include`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryOptions {
+    /// edgesync reads subdirectories unless told not to; Argo CD's default is not to, so fleet
+    /// Applications without `directory.recurse: true` get `false`.
+    #[serde(default = "yes")]
+    pub recurse: bool,
+    #[serde(default)]
+    pub include: Option<String>,
+    #[serde(default)]
+    pub exclude: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for DirectoryOptions {
+    fn default() -> Self {
+        DirectoryOptions {
+            recurse: true,
+            include: None,
+            exclude: None,
+        }
+    }
+}
+
+impl DirectoryOptions {
+    fn wants(&self, rel: &str) -> bool {
+        let matches = |pattern: &str| expand_braces(pattern).iter().any(|p| glob(p, rel));
+        self.include.as_deref().is_none_or(matches) && !self.exclude.as_deref().is_some_and(matches)
+    }
+}
+
+/// `a{b,c}d` as `abd` and `acd`, recursively.
+fn expand_braces(pattern: &str) -> Vec<String> {
+    let Some(open) = pattern.find('{') else {
+        return vec![pattern.to_string()];
+    };
+    let mut depth = 0;
+    let mut close = None;
+    let mut cuts = Vec::new();
+    for (i, c) in pattern[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(open + i);
+                    break;
+                }
+            }
+            ',' if depth == 1 => cuts.push(open + i),
+            _ => {}
+        }
+    }
+    let Some(close) = close else {
+        return vec![pattern.to_string()];
+    };
+    let mut bounds = vec![open];
+    bounds.extend(cuts);
+    bounds.push(close);
+    let rest = &pattern[close + 1..];
+    bounds
+        .windows(2)
+        .flat_map(|w| {
+            expand_braces(&format!(
+                "{}{}{rest}",
+                &pattern[..open],
+                &pattern[w[0] + 1..w[1]]
+            ))
+        })
+        .collect()
+}
+
 /// Renders all manifest files below `dir`, which must already be inside `root`.
-pub fn render_directory(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
+pub fn render_directory(
+    root: &Path,
+    dir: &Path,
+    options: &DirectoryOptions,
+) -> Result<Manifests, RenderError> {
     let root = canonical(root, root)?;
     let mut walk = Walk {
         root: &root,
+        top: dir.to_path_buf(),
+        options,
         visited: HashSet::new(),
         manifests: Manifests::default(),
     };
@@ -48,6 +135,9 @@ pub fn render_directory(root: &Path, dir: &Path) -> Result<Manifests, RenderErro
 
 struct Walk<'a> {
     root: &'a Path,
+    /// The app directory, which include and exclude patterns are relative to.
+    top: PathBuf,
+    options: &'a DirectoryOptions,
     visited: HashSet<PathBuf>,
     manifests: Manifests,
 }
@@ -90,9 +180,16 @@ impl Walk<'_> {
                 path.clone()
             };
             let meta = target.metadata().map_err(self.io(&path))?;
+            let below = path
+                .strip_prefix(&self.top)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .to_string();
             if meta.is_dir() {
-                self.dir(&target)?;
-            } else if meta.is_file() && is_manifest_file(&path) {
+                if self.options.recurse {
+                    self.dir(&target)?;
+                }
+            } else if meta.is_file() && is_manifest_file(&path) && self.options.wants(&below) {
                 if meta.len() > MAX_FILE_BYTES {
                     return Err(RenderError::TooLarge {
                         path: self.rel(&path).to_path_buf(),
@@ -166,6 +263,44 @@ mod tests {
         let names: Vec<_> = m.objects.iter().map(|o| o.name()).collect();
         assert_eq!(names, ["a1", "a2", "b", "c"]);
         assert_eq!(m.objects[1].origin, "app/a.yml#1");
+    }
+
+    #[test]
+    fn argo_cds_recurse_include_and_exclude() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        write(&root, "app/a.yaml", &cm("a"));
+        write(
+            &root,
+            "app/b.json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"b"}}"#,
+        );
+        write(&root, "app/sub/c.yaml", &cm("c"));
+        write(&root, "app/env-usw2/d.yaml", &cm("d"));
+        let names = |options: DirectoryOptions| -> Vec<String> {
+            render_directory(&root, &root.join("app"), &options)
+                .unwrap()
+                .objects
+                .iter()
+                .map(|o| o.name().to_string())
+                .collect()
+        };
+        let flat = DirectoryOptions {
+            recurse: false,
+            ..Default::default()
+        };
+        assert_eq!(names(flat), ["a", "b"]);
+        let only = DirectoryOptions {
+            include: Some("{*.json,env-usw2/*}".into()),
+            ..Default::default()
+        };
+        assert_eq!(names(only), ["b", "d"]);
+        let but = DirectoryOptions {
+            exclude: Some("sub/*".into()),
+            ..Default::default()
+        };
+        assert_eq!(names(but), ["a", "b", "d"]);
+        assert_eq!(expand_braces("x{a,b{c,d}}y"), ["xay", "xbcy", "xbdy"]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-pub use directory::render_directory;
+pub use directory::{render_directory, DirectoryOptions};
 pub use yaml::{parse_documents, to_yaml_stream};
 
 /// Largest manifest file accepted; anything bigger is almost certainly not a manifest.
@@ -159,6 +159,10 @@ pub struct RenderOptions<'a> {
     /// The app's Helm release, for a directory holding a chart; without it, the release is
     /// named after the directory and `helm` is looked up on PATH.
     pub helm: Option<helm::HelmRequest>,
+    /// How a plain directory is read.
+    pub directory: directory::DirectoryOptions,
+    /// Changes to the app's kustomization (Argo CD's `source.kustomize`).
+    pub kustomize: kustomize::Overrides,
 }
 
 /// Renders `app_path`: a Helm chart (a `Chart.yaml`), a kustomization, or plain manifests.
@@ -184,10 +188,27 @@ pub fn render_with(
         });
         return helm::template(root, &dir, &request);
     }
+    let overridden = !options.kustomize.is_empty();
+    let rel = || dir.strip_prefix(root).unwrap_or(&dir).to_path_buf();
     if kustomize::kustomization_file(&dir).is_none() {
-        return render_directory(root, &dir);
+        if overridden {
+            return Err(RenderError::Kustomize {
+                path: rel(),
+                message: "the app sets kustomize options (source.kustomize) but the directory holds no kustomization".into(),
+            });
+        }
+        return render_directory(root, &dir, &options.directory);
     }
-    match (kustomize::build(root, &dir), options.kustomize_fallback) {
+    match (
+        kustomize::build_with(root, &dir, &options.kustomize),
+        options.kustomize_fallback,
+    ) {
+        (Err(RenderError::KustomizeUnsupported { .. }), Some(_)) if overridden => {
+            Err(RenderError::Kustomize {
+                path: rel(),
+                message: "kustomize options (source.kustomize) need the native engine, which refuses this kustomization".into(),
+            })
+        }
         (Err(RenderError::KustomizeUnsupported { .. }), Some(command)) => {
             kustomize::external(root, &dir, command)
         }

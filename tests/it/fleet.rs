@@ -352,3 +352,80 @@ async fn removed_applications_take_their_objects_along_only_with_the_resources_f
             .await;
     }
 }
+
+#[tokio::test]
+async fn argo_kustomize_and_directory_options_shape_what_is_applied() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let ns = TestNamespace::reserve("argoopts").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "kapp/kustomization.yaml",
+        "resources: [web.yaml]\ncommonLabels: {tier: web}\nimages: [{name: nginx, newTag: \"1.26\"}]\n",
+    );
+    repo.write(
+        "kapp/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx:1.25}]\n",
+    );
+    repo.write(
+        "flat/top.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: top\n",
+    );
+    repo.write(
+        "flat/nested/deep.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: deep\n",
+    );
+    let app = |name: &str, path: &str, source_extra: &str| {
+        format!(
+            "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata:\n  name: {name}\nspec:\n  project: default\n  source:\n    repoURL: {url}\n    targetRevision: main\n    path: {path}\n{source_extra}  destination:\n    server: https://kubernetes.default.svc\n    namespace: {}\n  syncPolicy:\n    syncOptions: [CreateNamespace=true]\n",
+            ns.name
+        )
+    };
+    repo.write(
+        "fleet/kapp.yaml",
+        &app(
+            "kapp",
+            "kapp",
+            "    kustomize:\n      namePrefix: edge-\n      images: [nginx=nginx:1.28]\n      commonLabels: {site: plant-7}\n",
+        ),
+    );
+    repo.write("fleet/flat.yaml", &app("flat", "flat", ""));
+    repo.write(
+        "fleet/deep.yaml",
+        &app(
+            "deep",
+            "flat/nested",
+            "    directory:\n      recurse: true\n",
+        ),
+    );
+    let sha = repo.commit("apps with source options");
+    let config = fleet_config(&url, "1s");
+    let _agent = Agent::start(&config);
+    config.wait_applied("kapp", &sha).await;
+    config.wait_applied("flat", &sha).await;
+    let web = ns.api::<Deployment>().get("edge-web").await.unwrap();
+    let labels = web.metadata.labels.unwrap();
+    assert_eq!(
+        (labels["tier"].as_str(), labels["site"].as_str()),
+        ("web", "plant-7")
+    );
+    let image = web.spec.unwrap().template.spec.unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(
+        image.as_deref(),
+        Some("nginx:1.28"),
+        "the Application's image wins"
+    );
+    // Argo CD reads a plain directory without its subdirectories unless told to.
+    assert!(ns
+        .api::<ConfigMap>()
+        .get_opt("top")
+        .await
+        .unwrap()
+        .is_some());
+    config.wait_applied("deep", &sha).await;
+    let state = config.state("flat").to_string();
+    assert!(!state.contains("\"deep\""), "{state}");
+}

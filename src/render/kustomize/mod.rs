@@ -46,6 +46,59 @@ pub fn kustomization_file(dir: &Path) -> Option<PathBuf> {
 
 /// Builds the kustomization in `dir` (inside the checkout at `root`).
 pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
+    build_with(root, dir, &Overrides::default())
+}
+
+/// Argo CD's `source.kustomize`: changes made to the app's own kustomization before it is
+/// built, as Argo CD makes them with `kustomize edit` (prefix, suffix and namespace replace;
+/// labels and annotations are added over the file's; images replace entries of the same name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    pub name_prefix: Option<String>,
+    pub name_suffix: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub common_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub common_annotations: BTreeMap<String, String>,
+    /// `[name=]newName[:tag][@digest]`.
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Overrides::default()
+    }
+
+    fn apply(&self, k: &mut Kustomization) -> Result<(), String> {
+        if self.name_prefix.is_some() {
+            k.name_prefix = self.name_prefix.clone();
+        }
+        if self.name_suffix.is_some() {
+            k.name_suffix = self.name_suffix.clone();
+        }
+        if self.namespace.is_some() {
+            k.namespace = self.namespace.clone();
+        }
+        k.common_labels.extend(self.common_labels.clone());
+        k.common_annotations.extend(self.common_annotations.clone());
+        for spec in &self.images {
+            let image = transform::Image::from_edit_syntax(spec)?;
+            k.images.retain(|i| i.name() != image.name());
+            k.images.push(image);
+        }
+        Ok(())
+    }
+}
+
+/// Builds the kustomization in `dir` with `overrides` applied to it (not to its bases).
+pub fn build_with(
+    root: &Path,
+    dir: &Path,
+    overrides: &Overrides,
+) -> Result<Manifests, RenderError> {
     let root = root.canonicalize().map_err(|source| RenderError::Io {
         path: root.to_path_buf(),
         source,
@@ -54,6 +107,7 @@ pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
         root: &root,
         stack: Vec::new(),
         vars: Vec::new(),
+        overrides,
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
@@ -206,6 +260,8 @@ struct Builder<'a> {
     stack: Vec<PathBuf>,
     /// `vars` of every kustomization built, resolved at the end.
     vars: Vec<vars::Var>,
+    /// Changes to the top kustomization (Argo CD's `source.kustomize`).
+    overrides: &'a Overrides,
 }
 
 impl Builder<'_> {
@@ -247,7 +303,12 @@ impl Builder<'_> {
         if self.stack.len() >= MAX_DEPTH {
             return Err(self.error(&file, format!("nested deeper than {MAX_DEPTH} levels")));
         }
-        let k = self.read_kustomization(&file, kind)?;
+        let mut k = self.read_kustomization(&file, kind)?;
+        if self.stack.is_empty() {
+            self.overrides
+                .apply(&mut k)
+                .map_err(|m| self.error(&file, format!("source.kustomize: {m}")))?;
+        }
         self.stack.push(dir.to_path_buf());
         let result = self.accumulate(dir, &file, &k, input);
         self.stack.pop();

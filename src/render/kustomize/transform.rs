@@ -323,6 +323,32 @@ pub struct Image {
     digest: Option<String>,
 }
 
+impl Image {
+    /// `kustomize edit set image` syntax, as Argo CD's `source.kustomize.images` writes it:
+    /// `[name=]newName[:tag][@digest]`; without `name=`, the image keeps its name.
+    pub fn from_edit_syntax(spec: &str) -> Result<Image, String> {
+        let (name, image) = match spec.split_once('=') {
+            Some((name, image)) => (Some(name), image),
+            None => (None, spec),
+        };
+        let (new_name, tag, digest) = split_image(image);
+        if new_name.is_empty() {
+            return Err(format!("image {spec:?} names no image"));
+        }
+        let name = name.unwrap_or(new_name).to_string();
+        Ok(Image {
+            new_name: (new_name != name).then(|| new_name.to_string()),
+            name,
+            new_tag: tag.map(str::to_string),
+            digest: digest.map(str::to_string),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// Rewrites container images: every `containers`, `initContainers` and `ephemeralContainers`
 /// list anywhere in an object, as kustomize's image transformer does.
 pub fn images(resmap: &mut ResMap, images: &[Image]) {
@@ -405,6 +431,24 @@ fn rewrite_image(image: &str, images: &[Image]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn images_in_kustomize_edit_syntax() {
+        let i = Image::from_edit_syntax("nginx=registry.local:5000/web/nginx:1.28").unwrap();
+        assert_eq!(i.name, "nginx");
+        assert_eq!(i.new_name.as_deref(), Some("registry.local:5000/web/nginx"));
+        assert_eq!(i.new_tag.as_deref(), Some("1.28"));
+        let i = Image::from_edit_syntax("nginx:1.29").unwrap();
+        assert_eq!(
+            (i.name.as_str(), i.new_name, i.new_tag.as_deref()),
+            ("nginx", None, Some("1.29"))
+        );
+        let i = Image::from_edit_syntax("registry.local:5000/app@sha256:abc").unwrap();
+        assert_eq!(i.name, "registry.local:5000/app");
+        assert_eq!(i.new_tag, None);
+        assert_eq!(i.digest.as_deref(), Some("sha256:abc"));
+        assert!(Image::from_edit_syntax("x=").is_err());
+    }
+
     use super::*;
 
     #[test]
