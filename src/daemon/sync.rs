@@ -394,9 +394,8 @@ impl SyncContext {
         state.last_applied_revision = Some(sha.to_string());
         state.last_applied_at = state.last_attempt_at;
         state.last_error = None;
-        self.board.synced(&app.name, &state, None);
-        self.store.save(&app.name, &state)?;
-        self.save_inventory(app, &state).await;
+        // The render first, then the inventory, and the state last: once the state says a
+        // revision is applied, everything that goes with it is in place.
         let record = RenderRecord {
             revision: sha.to_string(),
             saved_at: unix_now(),
@@ -409,6 +408,9 @@ impl SyncContext {
             self.metrics.error(e.metric_label());
             tracing::warn!(app = %app.name, error = %e, "cannot keep the last-known-good render");
         }
+        self.save_inventory(app, &state).await;
+        self.board.synced(&app.name, &state, None);
+        self.store.save(&app.name, &state)?;
         Ok(SyncResult::Applied {
             revision: sha.to_string(),
             objects: total,

@@ -41,7 +41,9 @@ async fn config_reloads_on_change_and_sighup_and_an_invalid_config_is_refused() 
     config.wait_applied("first", &first).await;
 
     // Editing the file adds an app.
-    config.push_app(&app("second", &url, &ns.name));
+    // Each app in a namespace of its own: two apps must not manage one object.
+    let second_ns = format!("{}-second", ns.name);
+    config.push_app(&app("second", &url, &second_ns));
     config.write();
     config.wait_applied("second", &first).await;
 
@@ -73,7 +75,7 @@ async fn config_reloads_on_change_and_sighup_and_an_invalid_config_is_refused() 
     std::fs::remove_file(&path).unwrap();
     std::os::unix::fs::symlink(&real, &path).unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    config.push_app(&app("third", &url, &ns.name));
+    config.push_app(&app("third", &url, &format!("{}-third", ns.name)));
     let text = std::fs::read_to_string(config.write()).unwrap();
     assert!(text.contains("third") && path.is_symlink());
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;

@@ -146,7 +146,12 @@ async fn flood_is_coalesced(tls: bool) {
     let url = s.remote.url();
     let applied = r#"edgesync_sync_total{app="greeting",result="applied"}"#;
     let accepted = r#"edgesync_trigger_events_total{source="mqtt",result="accepted"}"#;
-    let applied_before = metric(port, applied).await;
+    // The first revision's apply is counted once its sync has returned.
+    let applied_before = eventually("the first apply counted", WAIT, || async {
+        let n = metric(port, applied).await;
+        (n >= 1.0).then_some(n)
+    })
+    .await;
     let rounds_before = metric(port, "edgesync_rounds_total").await;
     let rss_before = s.agent.rss_kib();
 
