@@ -30,6 +30,9 @@ use crate::apply::{self, diff, ObjectRef, Plan};
 use crate::render::Object;
 use crate::state::RenderKind;
 
+/// Objects as the watches see them: metadata only.
+type Meta = kube::core::PartialObjectMeta<DynamicObject>;
+
 /// Changes closer together than this are checked once.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 /// A check the API server could not answer is tried again after this.
@@ -216,7 +219,7 @@ impl Drift {
             }
             match self.ctx.applier.api_resource(&gvk).await {
                 Ok(resource) => {
-                    let api: Api<DynamicObject> =
+                    let api: Api<Meta> =
                         Api::all_with(self.ctx.applier.client().clone(), &resource);
                     let task = tokio::spawn(watch_kind(api, gvk.clone(), self.tx.clone()));
                     self.watches.insert(gvk, task);
@@ -256,9 +259,7 @@ impl Drift {
                 let Some(app) = self.owners.get(&key).cloned() else {
                     return;
                 };
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                diff::normalize(&object, &[]).to_string().hash(&mut hasher);
-                let print = hasher.finish();
+                let print = fingerprint(&object);
                 let changed = self.fingerprints.insert(key.clone(), print) != Some(print);
                 if changed && touched_by_others(&object) {
                     self.queue(app, key);
@@ -433,6 +434,30 @@ impl Drift {
     }
 }
 
+/// What changes when anyone but the status writers changes the object: its generation, labels
+/// and annotations, and the managedFields entries of other writers. The watches carry only
+/// metadata (far less memory than whole objects), and this is all a drift check needs to know
+/// that it should look.
+fn fingerprint(object: &Value) -> u64 {
+    let meta = object.get("metadata").cloned().unwrap_or(Value::Null);
+    let foreign: Vec<&Value> = meta
+        .get("managedFields")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.get("manager").and_then(Value::as_str) != Some(apply::FIELD_MANAGER))
+        .filter(|e| e.get("subresource").and_then(Value::as_str) != Some("status"))
+        .collect();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for key in ["generation", "labels", "annotations"] {
+        meta.get(key).map(Value::to_string).hash(&mut hasher);
+    }
+    for entry in foreign {
+        entry.to_string().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// Whether someone other than edgesync wrote the object (not its status) since edgesync's
 /// last apply. Any write to a field edgesync applies moves that field to the writer's
 /// managedFields entry, with the time of the write; writes by edgesync itself cannot drift.
@@ -471,15 +496,16 @@ fn display(k: &Key) -> String {
     }
 }
 
-/// Watches one kind cluster-wide and forwards changes to objects edgesync applied.
-async fn watch_kind(api: Api<DynamicObject>, gvk: GroupVersionKind, tx: mpsc::Sender<Seen>) {
-    let ours = |o: &DynamicObject| {
+/// Watches one kind cluster-wide, metadata only, and forwards changes to objects edgesync
+/// applied.
+async fn watch_kind(api: Api<Meta>, gvk: GroupVersionKind, tx: mpsc::Sender<Seen>) {
+    let ours = |o: &Meta| {
         o.metadata
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(apply::APP_ANNOTATION))
     };
-    let value = |o: DynamicObject| serde_json::to_value(o).unwrap_or(Value::Null);
+    let value = |o: Meta| serde_json::json!({"metadata": o.metadata});
     let mut listed: HashSet<Key> = HashSet::new();
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()

@@ -590,21 +590,24 @@ struct Http {
     bearer: Option<String>,
 }
 
-fn root_certs() -> ureq::tls::RootCerts {
+/// The system's CA certificates (the `ca-certificates` package), as for MQTT; no bundled
+/// roots, which would cost a quarter of a MiB of binary.
+fn tls() -> ureq::tls::TlsConfig {
     static ROOTS: OnceLock<ureq::tls::RootCerts> = OnceLock::new();
-    ROOTS
+    let roots = ROOTS
         .get_or_init(|| {
-            let native = rustls_native_certs::load_native_certs().certs;
-            if native.is_empty() {
-                return ureq::tls::RootCerts::WebPki;
-            }
-            let certs = native
+            let certs = rustls_native_certs::load_native_certs()
+                .certs
                 .iter()
                 .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
                 .collect();
             ureq::tls::RootCerts::Specific(Arc::new(certs))
         })
-        .clone()
+        .clone();
+    ureq::tls::TlsConfig::builder()
+        .root_certs(roots)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build()
 }
 
 impl Http {
@@ -615,11 +618,7 @@ impl Http {
             .timeout_per_read(Some(Duration::from_secs(60)))
             .timeout_global(Some(Duration::from_secs(600)))
             .user_agent(concat!("edgesync/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(root_certs())
-                    .build(),
-            )
+            .tls_config(tls())
             .build()
             .new_agent();
         let origin = if is_oci(&repo.url) {
