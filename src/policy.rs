@@ -51,6 +51,20 @@ impl GroupKind {
     }
 }
 
+/// An `orphanedResources.ignore` entry (globs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanIgnore {
+    group: String,
+    kind: String,
+    name: String,
+}
+
+impl OrphanIgnore {
+    pub fn matches(&self, group: &str, kind: &str, name: &str) -> bool {
+        glob(&self.group, group) && glob(&self.kind, kind) && glob(&self.name, name)
+    }
+}
+
 /// An AppProject sync window and the apps it covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProjectWindow {
@@ -66,6 +80,9 @@ pub struct Project {
     /// What in the spec could not be used, for the fleet's problem list.
     pub warnings: Vec<String>,
     windows: Vec<ProjectWindow>,
+    /// `orphanedResources` with `warn: true`: objects in an app's namespace that no app manages
+    /// are reported, except these `ignore` entries.
+    pub orphans_warn: Option<Vec<OrphanIgnore>>,
     source_repos: Vec<String>,
     destination_namespaces: Vec<String>,
     cluster_whitelist: Vec<GroupKind>,
@@ -153,10 +170,26 @@ impl Project {
                 }
             })
             .collect();
+        let orphans_warn = spec
+            .get("orphanedResources")
+            .filter(|o| o.get("warn").and_then(Value::as_bool).unwrap_or(false))
+            .map(|o| {
+                o.get("ignore")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|i| OrphanIgnore {
+                        group: i.get("group").and_then(Value::as_str).unwrap_or("").into(),
+                        kind: i.get("kind").and_then(Value::as_str).unwrap_or("*").into(),
+                        name: i.get("name").and_then(Value::as_str).unwrap_or("*").into(),
+                    })
+                    .collect()
+            });
         Project {
             name: name.to_string(),
             warnings,
             windows,
+            orphans_warn,
             source_repos: strings(spec, "sourceRepos"),
             destination_namespaces: spec
                 .get("destinations")

@@ -512,6 +512,38 @@ impl KubeApplier {
         Ok(Some((parse("inventory")?, parse("objects")?)))
     }
 
+    /// Objects of `object`'s kind in `namespace`, metadata only: `(name, managed by edgesync,
+    /// owned by another object)`.
+    pub async fn list_meta(
+        &self,
+        object: &ObjectRef,
+        namespace: &str,
+    ) -> Result<Vec<(String, bool, bool)>, CallError> {
+        let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
+        let resource = self.api_resource(&gvk).await?;
+        let api: Api<kube::core::PartialObjectMeta<DynamicObject>> =
+            Api::namespaced_with(self.client.clone(), namespace, &resource);
+        let listed = api.list(&Default::default()).await;
+        self.count("list", &listed);
+        Ok(listed?
+            .items
+            .into_iter()
+            .map(|o| {
+                let managed = o
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(super::APP_ANNOTATION));
+                let owned = o
+                    .metadata
+                    .owner_references
+                    .as_ref()
+                    .is_some_and(|r| !r.is_empty());
+                (o.metadata.name.unwrap_or_default(), managed, owned)
+            })
+            .collect())
+    }
+
     /// Whether `object`'s kind is namespaced, if the API server knows the kind yet.
     pub async fn is_namespaced(&self, object: &Object) -> Option<bool> {
         let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());

@@ -1,5 +1,6 @@
-//! Drift detection and self-heal. One watch per kind (kube-runtime watchers, cluster-wide)
-//! sees every change to the objects the apps applied. A change that touches more than status
+//! Drift detection and self-heal. One watch per kind and namespace the apps use (kube-runtime
+//! watchers, metadata only; cluster-wide for cluster-scoped kinds) sees every change to the
+//! objects the apps applied. A change that touches more than status
 //! is checked, after a short debounce, against the app's last-known-good render with a
 //! server-side dry run; deletion is checked too, and so is every object a watch's initial list
 //! did not return (drift while the agent was down). Drifted objects are re-applied when the
@@ -33,6 +34,10 @@ use crate::state::RenderKind;
 /// Objects as the watches see them: metadata only.
 type Meta = kube::core::PartialObjectMeta<DynamicObject>;
 
+/// What one watch covers: a kind in one namespace, or cluster-wide for cluster-scoped objects.
+/// Watching only the apps' own namespaces keeps the initial lists, and so memory, small.
+type Scope = (GroupVersionKind, Option<String>);
+
 /// Changes closer together than this are checked once.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 /// A check the API server could not answer is tried again after this.
@@ -64,7 +69,7 @@ enum Seen {
     Changed(GroupVersionKind, Value),
     Deleted(GroupVersionKind, Value),
     /// A watch (re)listed its kind: these objects with our annotation exist.
-    Listed(GroupVersionKind, HashSet<Key>),
+    Listed(Scope, HashSet<Key>),
 }
 
 /// One app's desired state: its last-known-good plan and which plan object each applied
@@ -129,7 +134,7 @@ struct Drift {
     desired: HashMap<String, Desired>,
     /// The app each watched object belongs to.
     owners: HashMap<Key, String>,
-    watches: HashMap<GroupVersionKind, JoinHandle<()>>,
+    watches: HashMap<Scope, JoinHandle<()>>,
     /// Hash of each object's last seen content without status.
     fingerprints: HashMap<Key, u64>,
     pending: HashMap<String, (HashSet<Key>, Instant)>,
@@ -200,29 +205,38 @@ impl Drift {
                 tracing::debug!(%app, "drift cleared by a sync");
             }
         }
-        let kinds: HashSet<GroupVersionKind> = self
+        let scopes: HashSet<Scope> = self
             .desired
             .values()
             .flat_map(|d| d.objects.values())
-            .map(|(r, _)| GroupVersionKind::gvk(&r.group, &r.version, &r.kind))
+            .map(|(r, _)| {
+                (
+                    GroupVersionKind::gvk(&r.group, &r.version, &r.kind),
+                    r.namespace.clone(),
+                )
+            })
             .collect();
-        self.watches.retain(|gvk, task| {
-            let keep = kinds.contains(gvk);
+        self.watches.retain(|scope, task| {
+            let keep = scopes.contains(scope);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for gvk in kinds {
-            if self.watches.contains_key(&gvk) {
+        for scope in scopes {
+            if self.watches.contains_key(&scope) {
                 continue;
             }
-            match self.ctx.applier.api_resource(&gvk).await {
+            let (gvk, namespace) = &scope;
+            match self.ctx.applier.api_resource(gvk).await {
                 Ok(resource) => {
-                    let api: Api<Meta> =
-                        Api::all_with(self.ctx.applier.client().clone(), &resource);
-                    let task = tokio::spawn(watch_kind(api, gvk.clone(), self.tx.clone()));
-                    self.watches.insert(gvk, task);
+                    let client = self.ctx.applier.client().clone();
+                    let api: Api<Meta> = match namespace {
+                        Some(ns) => Api::namespaced_with(client, ns, &resource),
+                        None => Api::all_with(client, &resource),
+                    };
+                    let task = tokio::spawn(watch_kind(api, scope.clone(), self.tx.clone()));
+                    self.watches.insert(scope, task);
                 }
                 Err(e) => tracing::debug!(kind = %gvk.kind, "cannot watch yet: {e}"),
             }
@@ -272,11 +286,12 @@ impl Drift {
                     self.queue(app, key);
                 }
             }
-            Seen::Listed(gvk, present) => {
+            Seen::Listed((gvk, namespace), present) => {
                 let missing: Vec<(String, Key)> = self
                     .owners
                     .iter()
                     .filter(|(k, _)| k.group == gvk.group && k.kind == gvk.kind)
+                    .filter(|(k, _)| namespace.is_none() || k.namespace == namespace)
                     .filter(|(k, _)| !present.contains(k))
                     .map(|(k, app)| (app.clone(), k.clone()))
                     .collect();
@@ -498,7 +513,8 @@ fn display(k: &Key) -> String {
 
 /// Watches one kind cluster-wide, metadata only, and forwards changes to objects edgesync
 /// applied.
-async fn watch_kind(api: Api<Meta>, gvk: GroupVersionKind, tx: mpsc::Sender<Seen>) {
+async fn watch_kind(api: Api<Meta>, scope: Scope, tx: mpsc::Sender<Seen>) {
+    let gvk = scope.0.clone();
     let ours = |o: &Meta| {
         o.metadata
             .annotations
@@ -523,7 +539,9 @@ async fn watch_kind(api: Api<Meta>, gvk: GroupVersionKind, tx: mpsc::Sender<Seen
                 listed.insert(Drift::key_of(&gvk, &v));
                 Seen::Changed(gvk.clone(), v)
             }
-            Ok(watcher::Event::InitDone) => Seen::Listed(gvk.clone(), std::mem::take(&mut listed)),
+            Ok(watcher::Event::InitDone) => {
+                Seen::Listed(scope.clone(), std::mem::take(&mut listed))
+            }
             Ok(_) => continue,
             Err(e) => {
                 tracing::debug!(kind = %gvk.kind, "watch: {e}");

@@ -411,6 +411,7 @@ impl SyncContext {
         self.save_inventory(app, &state).await;
         self.board.synced(&app.name, &state, None);
         self.store.save(&app.name, &state)?;
+        self.warn_orphans(app, &state).await;
         Ok(SyncResult::Applied {
             revision: sha.to_string(),
             objects: total,
@@ -579,6 +580,67 @@ impl SyncContext {
             Ok(_) => {}
             Err(e) => self.metrics.error(e.metric_label()),
         }
+    }
+
+    /// AppProject `orphanedResources.warn`: objects of the kinds the app applies, in its
+    /// namespace, that no app manages and nothing owns, are reported (log and status), as Argo
+    /// CD warns about them. Objects every namespace has (`kube-root-ca.crt`, the `default`
+    /// ServiceAccount) and the project's `ignore` entries are left out.
+    async fn warn_orphans(&self, app: &AppConfig, state: &AppState) {
+        let Some(ignore) = app
+            .project
+            .as_deref()
+            .and_then(|p| self.config.projects.get(p))
+            .and_then(|p| p.orphans_warn.as_ref())
+        else {
+            return;
+        };
+        let Some(ns) = app.namespace.as_deref() else {
+            return;
+        };
+        let mut kinds: Vec<&ObjectRef> = Vec::new();
+        for o in state
+            .objects
+            .iter()
+            .filter(|o| o.namespace.as_deref() == Some(ns))
+        {
+            if !kinds.iter().any(|k| k.group == o.group && k.kind == o.kind) {
+                kinds.push(o);
+            }
+        }
+        let mut orphans = Vec::new();
+        for kind in kinds {
+            let Ok(listed) = self.applier.list_meta(kind, ns).await else {
+                continue;
+            };
+            for (name, managed, owned) in listed {
+                let system = matches!(
+                    (kind.kind.as_str(), name.as_str()),
+                    ("ConfigMap", "kube-root-ca.crt") | ("ServiceAccount", "default")
+                );
+                if managed
+                    || owned
+                    || system
+                    || ignore
+                        .iter()
+                        .any(|i| i.matches(&kind.group, &kind.kind, &name))
+                {
+                    continue;
+                }
+                orphans.push(format!("{} {ns}/{name}", kind.kind));
+            }
+        }
+        let warnings = if orphans.is_empty() {
+            Vec::new()
+        } else {
+            tracing::warn!(app = %app.name, count = orphans.len(), "orphaned resources: {}", orphans.join(", "));
+            vec![format!(
+                "{} orphaned resources: {}",
+                orphans.len(),
+                orphans.join(", ")
+            )]
+        };
+        self.board.warnings(&app.name, warnings);
     }
 
     /// Mirrors the app's inventory into the cluster, so a node whose state directory was lost

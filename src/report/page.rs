@@ -144,6 +144,7 @@ mod tests {
                 last_sync_start: None,
                 last_sync_end: None,
                 last_error: None,
+                warnings: Vec::new(),
             }],
             events: vec![],
         };

@@ -59,6 +59,9 @@ pub struct AppStatus {
     pub last_sync_start: Option<u64>,
     pub last_sync_end: Option<u64>,
     pub last_error: Option<String>,
+    /// Standing warnings from the last sync (orphaned resources).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +150,7 @@ impl StatusBoard {
                     last_sync_start: state.last_attempt_at,
                     last_sync_end: state.last_attempt_at,
                     last_error: state.last_error.clone(),
+                    warnings: Vec::new(),
                 };
                 (a.name.clone(), status)
             })
@@ -271,6 +275,11 @@ impl StatusBoard {
             s.target_revision = Some(target.to_string());
             s.message = first_line(reason);
         });
+    }
+
+    /// Replaces the app's standing warnings (they stay until the next sync sets them again).
+    pub fn warnings(&self, app: &str, warnings: Vec<String>) {
+        self.update(app, |s| s.warnings = warnings);
     }
 
     /// Adds a note (retry plans) to the app's message.

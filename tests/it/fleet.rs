@@ -429,3 +429,55 @@ async fn argo_kustomize_and_directory_options_shape_what_is_applied() {
     let state = config.state("flat").to_string();
     assert!(!state.contains("\"deep\""), "{state}");
 }
+
+#[tokio::test]
+async fn a_project_with_orphaned_resources_warn_reports_unmanaged_objects() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let ns = TestNamespace::reserve("orphans").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "fleet/project.yaml",
+        "apiVersion: argoproj.io/v1alpha1\nkind: AppProject\nmetadata:\n  name: restricted\nspec:\n  sourceRepos: [\"*\"]\n  destinations: [{namespace: \"*\", server: \"https://kubernetes.default.svc\"}]\n  orphanedResources:\n    warn: true\n    ignore: [{kind: ConfigMap, name: \"ignored-*\"}]\n",
+    );
+    let target = format!("{}-app", ns.name);
+    repo.write(
+        "fleet/app.yaml",
+        &restricted_app("app", &url, "app", &target),
+    );
+    let sha = greeting_app(&repo, "hello");
+    // Someone created objects in the app's namespace by hand.
+    let client = crate::harness::cluster::cluster().client().await;
+    let namespaces = kube::Api::<Namespace>::all(client.clone());
+    let _ = namespaces
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": target}})).unwrap(),
+        )
+        .await;
+    let cms = kube::Api::<ConfigMap>::namespaced(client.clone(), &target);
+    for name in ["stray", "ignored-cache"] {
+        cms.create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let config = fleet_config(&url, "1h");
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    let message =
+        crate::harness::eventually("the orphan reported", crate::harness::WAIT, || async {
+            let status = config.status().await;
+            let message = status["apps"][0]["warnings"][0].as_str()?.to_string();
+            message.contains("orphaned").then_some(message)
+        })
+        .await;
+    assert!(
+        message.contains(&format!("1 orphaned resources: ConfigMap {target}/stray")),
+        "{message}"
+    );
+    assert!(agent.log().contains("orphaned resources"));
+    let _ = namespaces.delete(&target, &Default::default()).await;
+}
