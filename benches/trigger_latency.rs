@@ -51,6 +51,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+/// The namespace's ConfigMap events after `version`.
+async fn watch_from(
+    api: &Api<ConfigMap>,
+    version: &str,
+) -> futures::stream::BoxStream<'static, kube::Result<WatchEvent<ConfigMap>>> {
+    api.watch(&WatchParams::default().timeout(60), version)
+        .await
+        .expect("watch")
+        .boxed()
+}
+
 /// Waits, on a watch opened before the trigger, until all objects carry `value`.
 async fn applied(
     api: &Api<ConfigMap>,
@@ -59,11 +70,7 @@ async fn applied(
     seen: &mut BTreeMap<String, String>,
 ) {
     let wanted = value.to_string();
-    let mut stream = api
-        .watch(&WatchParams::default().timeout(60), version)
-        .await
-        .expect("watch")
-        .boxed();
+    let mut stream = watch_from(api, version).await;
     while seen.values().filter(|v| **v == wanted).count() < OBJECTS {
         match stream.try_next().await.expect("watch event") {
             Some(WatchEvent::Added(cm) | WatchEvent::Modified(cm)) => {
@@ -86,11 +93,7 @@ async fn applied(
 /// change (`changed` seen first, or a deletion when `changed` is empty).
 async fn reverted(api: &Api<ConfigMap>, version: &str, name: &str, changed: &str, value: usize) {
     let wanted = value.to_string();
-    let mut stream = api
-        .watch(&WatchParams::default().timeout(60), version)
-        .await
-        .expect("watch")
-        .boxed();
+    let mut stream = watch_from(api, version).await;
     let mut saw_change = false;
     loop {
         match stream.try_next().await.expect("watch event") {

@@ -11,6 +11,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use crate::harness::cluster::cluster;
 use crate::harness::proxy::ApiProxy;
 use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
+use crate::skeleton::image_of;
 
 /// A Deployment of one replica running `image`, in sync wave `wave`.
 pub fn deployment(name: &str, image: &str, wave: i64) -> String {
@@ -311,20 +312,6 @@ async fn self_heal_reverts_edits_and_deletions_and_without_it_drift_is_reported(
     assert!(metrics >= 2.0, "{metrics} self-heals counted");
 }
 
-fn image(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .image
-        .clone()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
     let ns = TestNamespace::reserve("rollback").await;
@@ -358,7 +345,7 @@ async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
     .await;
     assert_eq!(state["last_applied_revision"], good.as_str());
     let web = ns.api::<Deployment>().get("web").await.unwrap();
-    assert_eq!(image(&web), "nginx:1.27");
+    assert_eq!(image_of(&web), "nginx:1.27");
     assert_eq!(
         configmap_value(&ns, "settings").await.as_deref(),
         Some("good")
@@ -383,7 +370,7 @@ async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
     // Polls keep finding the bad revision in Git; it is not applied again.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let web = ns.api::<Deployment>().get("web").await.unwrap();
-    assert_eq!(image(&web), "nginx:1.27");
+    assert_eq!(image_of(&web), "nginx:1.27");
     assert_eq!(config.state("app")["last_applied_revision"], good.as_str());
 
     // A newer revision is synced as usual.
@@ -391,7 +378,7 @@ async fn a_revision_that_goes_degraded_is_rolled_back_and_not_retried() {
     let fixed = repo.commit("fixed");
     config.wait_applied("app", &fixed).await;
     let web = ns.api::<Deployment>().get("web").await.unwrap();
-    assert_eq!(image(&web), "nginx:1.28");
+    assert_eq!(image_of(&web), "nginx:1.28");
 }
 
 #[tokio::test]
@@ -572,7 +559,7 @@ async fn offline_restart_runs_on_the_last_known_good_render_and_a_damaged_one_pr
         Some("v1")
     );
     let web = ns.api::<Deployment>().get("web").await.unwrap();
-    assert_eq!(image(&web), "nginx:1.27");
+    assert_eq!(image_of(&web), "nginx:1.27");
 }
 
 #[tokio::test]

@@ -85,7 +85,7 @@ pub async fn wait_available(ns: &TestNamespace, name: &str) -> Deployment {
     .await
 }
 
-fn image_of(d: &Deployment) -> String {
+pub fn image_of(d: &Deployment) -> String {
     d.spec
         .as_ref()
         .unwrap()
