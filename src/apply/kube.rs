@@ -83,6 +83,8 @@ pub struct KubeApplier {
     client: Client,
     resources: Mutex<HashMap<GroupVersionKind, (ApiResource, Scope)>>,
     metrics: Arc<Metrics>,
+    /// Set once [`INVENTORY_NAMESPACE`] has been applied.
+    inventory_namespace: tokio::sync::OnceCell<()>,
 }
 
 impl KubeApplier {
@@ -91,6 +93,7 @@ impl KubeApplier {
             client,
             resources: Mutex::new(HashMap::new()),
             metrics,
+            inventory_namespace: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -438,14 +441,20 @@ impl KubeApplier {
     ) -> Result<(), CallError> {
         let json = |v: &Inventory| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
-        let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": INVENTORY_NAMESPACE}});
-        let result = namespaces
-            .patch(INVENTORY_NAMESPACE, &params, &Patch::Apply(&ns))
-            .await;
-        self.count("patch", &result);
-        result?;
+        // The namespace once per process, not on every sync.
+        self.inventory_namespace
+            .get_or_try_init(|| async {
+                let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+                    Api::all(self.client.clone());
+                let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": INVENTORY_NAMESPACE}});
+                let result = namespaces
+                    .patch(INVENTORY_NAMESPACE, &params, &Patch::Apply(&ns))
+                    .await;
+                self.count("patch", &result);
+                result.map(|_| ()).map_err(CallError::from)
+            })
+            .await?;
         let body = serde_json::json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -473,17 +482,14 @@ impl KubeApplier {
 
     /// Deletes the app's inventory ConfigMap (the app left this node).
     pub async fn delete_inventory(&self, app: &str, node: &str) -> Result<(), CallError> {
-        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
-            Api::namespaced(self.client.clone(), INVENTORY_NAMESPACE);
-        let result = api
-            .delete(&inventory_name(node, app), &Default::default())
-            .await;
-        self.count("delete", &result);
-        match result {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        let inventory = ObjectRef {
+            group: String::new(),
+            version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some(INVENTORY_NAMESPACE.into()),
+            name: inventory_name(node, app),
+        };
+        self.delete(&inventory, "Background").await
     }
 
     /// The inventory stored in the cluster for `app`: `(inventory, objects)`, `None` if there

@@ -255,6 +255,17 @@ impl Plan {
         self.rendered_objects().count()
     }
 
+    /// What of `applied` the app owns: everything but the namespace `create_namespace` added,
+    /// which is never the app's to prune.
+    pub fn owned(&self, applied: &[ObjectRef]) -> Vec<ObjectRef> {
+        let created = self.created_namespace();
+        applied
+            .iter()
+            .filter(|o| Some(*o) != created.as_ref())
+            .cloned()
+            .collect()
+    }
+
     /// The namespace `create_namespace` added, if any: applied, but not owned by the app.
     pub fn created_namespace(&self) -> Option<ObjectRef> {
         self.objects

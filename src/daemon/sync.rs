@@ -73,6 +73,11 @@ fn claim_key(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> Cl
 /// How long a wave may take to become healthy when the app sets no `health_timeout`.
 const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// How long each sync wave may take to become healthy.
+fn wave_timeout(app: &AppConfig) -> std::time::Duration {
+    app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT)
+}
+
 /// What a repository offers, read once per round.
 pub enum Revisions {
     Git(RemoteRefs),
@@ -244,7 +249,7 @@ impl SyncContext {
                 revision: sha.to_string(),
             });
         }
-        if let Some(hold) = self.hold(app, sha, force) {
+        if let Some(hold) = self.hold(app, &state, sha, force) {
             self.board.waiting(&app.name, sha, &hold.reason);
             return Ok(SyncResult::Waiting {
                 revision: sha.to_string(),
@@ -279,7 +284,13 @@ impl SyncContext {
 
     /// Why `app` must not be synced to `sha` now, if it must not: a sync window, or the
     /// backoff of its retries.
-    fn hold(&self, app: &AppConfig, sha: &str, manual: bool) -> Option<retry::Hold> {
+    fn hold(
+        &self,
+        app: &AppConfig,
+        state: &AppState,
+        sha: &str,
+        manual: bool,
+    ) -> Option<retry::Hold> {
         let windows: Vec<Window> = self
             .config
             .sync_windows(app)
@@ -301,8 +312,7 @@ impl SyncContext {
             self.retries.reset(&app.name);
             return None;
         }
-        let bad = self.store.load(&app.name).ok()?.bad_revision;
-        if bad.as_deref() == Some(sha) {
+        if state.bad_revision.as_deref() == Some(sha) {
             return Some(retry::Hold {
                 reason: format!(
                     "revision {} went Degraded and was rolled back; waiting for a newer revision",
@@ -363,11 +373,7 @@ impl SyncContext {
         if let Err(e) = self.check_conflicts(app, &plan) {
             return self.failed(app, &mut state, e).await;
         }
-        let created = plan.created_namespace();
-        let outcome = self
-            .applier
-            .apply(&plan, app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT))
-            .await;
+        let outcome = self.applier.apply(&plan, wave_timeout(app)).await;
         self.metrics.sync_duration(&app.name, started.elapsed());
         self.applied.notify_one();
         let total = outcome.applied.len() + outcome.failures.len();
@@ -375,11 +381,7 @@ impl SyncContext {
             Ok(applied) => (applied, None),
             Err((applied, error)) => (applied, Some(error)),
         };
-        // The namespace create_namespace made is applied, but it is not the app's to prune.
-        let owned: Vec<ObjectRef> = applied
-            .into_iter()
-            .filter(|o| Some(o) != created.as_ref())
-            .collect();
+        let owned = plan.owned(&applied);
         state.inventory = apply::merge_inventory(&state.inventory, &owned);
         if let Some(error) = error {
             // A partial apply never prunes.
@@ -516,20 +518,8 @@ impl SyncContext {
         };
         tracing::warn!(app = %app.name, bad = %bad, to = %healthy.revision, "rolling back: {reason}");
         self.syncing_lock().insert(app.name.clone());
-        let outcome = self
-            .applier
-            .apply(
-                &healthy.plan,
-                app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT),
-            )
-            .await;
-        let created = healthy.plan.created_namespace();
-        let owned: Vec<ObjectRef> = outcome
-            .applied
-            .iter()
-            .filter(|o| Some(*o) != created.as_ref())
-            .cloned()
-            .collect();
+        let outcome = self.applier.apply(&healthy.plan, wave_timeout(app)).await;
+        let owned = healthy.plan.owned(&outcome.applied);
         state.inventory = apply::merge_inventory(&state.inventory, &owned);
         state.bad_revision = Some(bad.clone());
         let result = if outcome.failures.is_empty() {
