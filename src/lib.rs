@@ -16,6 +16,7 @@ pub mod policy;
 pub mod render;
 pub mod report;
 pub mod scheduler;
+pub mod signature;
 pub mod source;
 pub mod state;
 pub mod telemetry;

@@ -83,6 +83,9 @@ pub struct Project {
     /// `orphanedResources` with `warn: true`: objects in an app's namespace that no app manages
     /// are reported, except these `ignore` entries.
     pub orphans_warn: Option<Vec<OrphanIgnore>>,
+    /// `signatureKeys[].keyID`: a revision must be signed by one of these (see
+    /// [`crate::signature`]). Empty: signatures are not required.
+    pub signature_keys: Vec<String>,
     source_repos: Vec<String>,
     destination_namespaces: Vec<String>,
     cluster_whitelist: Vec<GroupKind>,
@@ -185,9 +188,25 @@ impl Project {
                     })
                     .collect()
             });
+        let mut signature_keys = Vec::new();
+        let keys = spec.get("signatureKeys").and_then(Value::as_array);
+        for (i, key) in keys.into_iter().flatten().enumerate() {
+            match key.get("keyID").and_then(Value::as_str) {
+                Some(id) if !id.trim().is_empty() => signature_keys.push(id.trim().to_string()),
+                // Dropping it could leave the list empty and turn verification off: keep an
+                // entry no key matches instead.
+                _ => {
+                    warnings.push(format!(
+                        "AppProject {name}: spec.signatureKeys[{i}] has no keyID; no key matches it"
+                    ));
+                    signature_keys.push(String::new());
+                }
+            }
+        }
         Project {
             name: name.to_string(),
             warnings,
+            signature_keys,
             windows,
             orphans_warn,
             source_repos: strings(spec, "sourceRepos"),
@@ -230,6 +249,16 @@ impl Project {
             })
             .map(|w| w.window.clone())
             .collect()
+    }
+
+    /// Who requires signed revisions and which keys it accepts, when `signatureKeys` is set.
+    pub fn required_signers(&self) -> Option<(String, Vec<String>)> {
+        (!self.signature_keys.is_empty()).then(|| {
+            (
+                format!("project {} (signatureKeys)", self.name),
+                self.signature_keys.clone(),
+            )
+        })
     }
 
     pub fn check_source(&self, repo: &str) -> Result<(), String> {

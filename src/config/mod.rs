@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -80,6 +81,10 @@ pub struct Config {
     pub helm: HelmConfig,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub fleet: Option<FleetConfig>,
+    /// The keys trusted to sign revisions (`[signatures]`), loaded.
+    pub keyring: Arc<crate::signature::Keyring>,
+    /// Whether the fleet repository's revision must be signed by a trusted key.
+    pub signed_fleet: bool,
     /// AppProjects from the fleet repository, by name.
     pub projects: BTreeMap<String, crate::policy::Project>,
     /// The apps this node runs.
@@ -385,6 +390,22 @@ impl AppConfig {
     }
 }
 
+/// `[signatures]`: the keys this node trusts to sign Git revisions. AppProjects with
+/// `signatureKeys` pick among them; with `fleet`, the fleet repository must be signed too.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignaturesConfig {
+    /// OpenPGP public keys, armored (`gpg --armor --export`) or binary, any number per file.
+    #[serde(default)]
+    pub gpg_keys: Vec<PathBuf>,
+    /// OpenSSH public keys, one `authorized_keys` line each.
+    #[serde(default)]
+    pub ssh_keys: Vec<PathBuf>,
+    /// Refuse a fleet revision that no trusted key signed.
+    #[serde(default)]
+    pub fleet: bool,
+}
+
 /// `[helm]`: how charts are rendered.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -487,6 +508,7 @@ struct RawConfig {
     #[serde(default)]
     log: LogConfig,
     fleet: Option<Spanned<FleetConfig>>,
+    signatures: Option<Spanned<SignaturesConfig>>,
     variables: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     helm: HelmConfig,
@@ -604,6 +626,24 @@ impl Config {
             }
             w
         });
+        let signatures_line = raw
+            .signatures
+            .as_ref()
+            .map_or(0, |s| validate::line_at(text, s.span().start));
+        let signatures = raw.signatures.map(Spanned::into_inner).unwrap_or_default();
+        let files = |list: &[PathBuf]| list.iter().map(resolve).collect::<Vec<_>>();
+        let keyring = crate::signature::Keyring::load(
+            &files(&signatures.gpg_keys),
+            &files(&signatures.ssh_keys),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                line: signatures_line,
+                key: "signatures".into(),
+                message: e.to_string(),
+            }],
+        })?;
         let (apps, skipped) = for_this_node(
             raw.apps.into_iter().map(Spanned::into_inner).collect(),
             &node.labels,
@@ -643,6 +683,8 @@ impl Config {
                 }),
             },
             fleet: raw.fleet.map(Spanned::into_inner),
+            keyring: Arc::new(keyring),
+            signed_fleet: signatures.fleet,
             projects: BTreeMap::new(),
             apps,
             skipped,

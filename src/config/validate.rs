@@ -36,6 +36,9 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
     if let Some(fleet) = &raw.fleet {
         c.fleet(fleet);
     }
+    if let Some(signatures) = &raw.signatures {
+        c.signatures(signatures, raw.fleet.is_some());
+    }
     let mut urls = HashSet::new();
     for (i, repo) in raw.repositories.iter().enumerate() {
         c.repository(i, repo, &mut urls);
@@ -61,6 +64,11 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
     c.problems
 }
 
+/// The 1-based line of byte `offset` in `text`.
+pub(super) fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
 struct Checker<'a> {
     text: &'a str,
     base: &'a Path,
@@ -69,10 +77,7 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn push(&mut self, span: &Range<usize>, key: impl Into<String>, message: impl Into<String>) {
-        let line = self.text[..span.start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1;
+        let line = line_at(self.text, span.start);
         self.problems.push(Problem {
             line,
             key: key.into(),
@@ -199,6 +204,29 @@ impl Checker<'_> {
                 key("known_hosts_file"),
                 "ssh_key_file needs known_hosts_file: host keys are always verified",
             );
+        }
+    }
+
+    fn signatures(&mut self, signatures: &Spanned<super::SignaturesConfig>, has_fleet: bool) {
+        let (span, s) = (signatures.span(), signatures.get_ref());
+        for (field, files) in [("gpg_keys", &s.gpg_keys), ("ssh_keys", &s.ssh_keys)] {
+            for (i, file) in files.iter().enumerate() {
+                self.file(
+                    &span,
+                    format!("signatures.{field}[{i}]"),
+                    &Some(file.clone()),
+                );
+            }
+        }
+        if s.fleet && s.gpg_keys.is_empty() && s.ssh_keys.is_empty() {
+            self.push(
+                &span,
+                "signatures.fleet",
+                "needs at least one key in gpg_keys or ssh_keys",
+            );
+        }
+        if s.fleet && !has_fleet {
+            self.push(&span, "signatures.fleet", "there is no [fleet] to verify");
         }
     }
 

@@ -24,6 +24,10 @@ pub struct FleetApps {
     /// Read from Git just now, not the saved set.
     #[serde(skip)]
     pub fresh: bool,
+    /// The commit the fleet was at when it was last looked at, even if that commit could not
+    /// be read or was refused: the fleet is looked at again once it moves on from there.
+    #[serde(skip)]
+    pub seen: Option<String>,
 }
 
 fn saved_path(state_dir: &Path) -> std::path::PathBuf {
@@ -38,14 +42,34 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
     let repo = config.repository(&fleet.repo);
     let fleet = fleet.clone();
     let config_for_children = config.clone();
-    let read = tokio::task::spawn_blocking(move || -> Result<(FleetApps, Vec<String>), String> {
-        let refs = source.remote_refs(&repo).map_err(|e| e.to_string())?;
-        let sha = refs.resolve(&fleet.revision).map_err(|e| e.to_string())?;
+    type Failure = (String, Option<String>);
+    let read = tokio::task::spawn_blocking(move || -> Result<(FleetApps, Vec<String>), Failure> {
+        let unseen = |e: crate::source::SourceError| (e.to_string(), None);
+        let refs = source.remote_refs(&repo).map_err(unseen)?;
+        let target = super::sync::Target {
+            sha: refs.resolve(&fleet.revision).map_err(unseen)?,
+            tag: refs.annotated_tag(&fleet.revision),
+        };
+        let seen = |e: &dyn std::fmt::Display| (e.to_string(), Some(target.sha.clone()));
+        if config_for_children.signed_fleet {
+            let keyring = &config_for_children.keyring;
+            let (object, signer) = super::sync::verify_revision(
+                &source,
+                keyring,
+                &repo,
+                &fleet.revision,
+                &target,
+                "[signatures] fleet",
+                &keyring.key_ids(),
+            )
+            .map_err(|e| seen(&e))?;
+            tracing::info!(%object, signer = %signer.0, "fleet signature verified");
+        }
         let snapshot = source
-            .snapshot(&repo, &fleet.revision, &sha)
-            .map_err(|e| e.to_string())?;
+            .snapshot(&repo, &fleet.revision, &target.sha)
+            .map_err(|e| seen(&e))?;
         let manifests =
-            render::render(&snapshot.root, Path::new(&fleet.path)).map_err(|e| e.to_string())?;
+            render::render(&snapshot.root, Path::new(&fleet.path)).map_err(|e| seen(&e))?;
         let mut expander = Expander {
             config: &config_for_children,
             source: &source,
@@ -68,16 +92,17 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
         }
         Ok((
             FleetApps {
-                revision: sha,
+                revision: target.sha.clone(),
                 apps: expander.apps,
                 projects: expander.projects,
                 fresh: !expander.uncertain,
+                seen: Some(target.sha),
             },
             expander.problems,
         ))
     })
     .await
-    .map_err(|e| e.to_string())
+    .map_err(|e| (e.to_string(), None))
     .and_then(|r| r);
     let saved = saved_path(&config.state_dir);
     match read {
@@ -87,11 +112,12 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             }
             (apps, problems)
         }
-        Err(e) => {
-            let last = std::fs::read(&saved)
+        Err((e, seen)) => {
+            let mut last = std::fs::read(&saved)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<FleetApps>(&b).ok())
                 .unwrap_or_default();
+            last.seen = seen;
             let problem = format!(
                 "cannot read the fleet ({e}); running the apps of fleet revision {:?}",
                 last.revision
@@ -116,7 +142,10 @@ struct Expander<'a> {
 impl Expander<'_> {
     /// `chain` is the path of app-of-apps that led here, for cycle detection.
     fn objects(&mut self, objects: &[crate::render::Object], chain: &[String]) {
-        for object in objects {
+        // AppProjects first: an app-of-apps' project decides whether its children may be read.
+        let (projects, others): (Vec<_>, Vec<_>) =
+            objects.iter().partition(|o| o.kind() == "AppProject");
+        for object in projects.into_iter().chain(others) {
             match argo::parse(object) {
                 Ok(Some(parsed)) => {
                     for w in &parsed.warnings {
@@ -194,11 +223,30 @@ impl Expander<'_> {
             return Some(Vec::new());
         }
         let repo = self.config.repository(&app.repo);
-        let sha = self
-            .source
-            .remote_refs(&repo)
-            .and_then(|refs| refs.resolve(&app.revision))
+        let refs = self.source.remote_refs(&repo).ok()?;
+        let sha = refs.resolve(&app.revision).ok()?;
+        // Children of an app whose project requires signatures are read only from a signed
+        // revision; otherwise the app stays an ordinary app, and its sync reports the refusal.
+        let project = app.project.as_deref().and_then(|name| {
+            let (_, spec) = self.projects.iter().rev().find(|(n, _)| n == name)?;
+            Some(crate::policy::Project::from_spec(name, spec))
+        });
+        if let Some((required_by, keys)) = project.and_then(|p| p.required_signers()) {
+            let target = super::sync::Target {
+                sha: sha.clone(),
+                tag: refs.annotated_tag(&app.revision),
+            };
+            super::sync::verify_revision(
+                self.source,
+                &self.config.keyring,
+                &repo,
+                &app.revision,
+                &target,
+                &required_by,
+                &keys,
+            )
             .ok()?;
+        }
         let snapshot = self.source.snapshot(&repo, &app.revision, &sha).ok()?;
         render::render(&snapshot.root, Path::new(&app.path))
             .ok()

@@ -264,7 +264,7 @@ enum Signal {
 
 /// The app set is known for sure: no fleet, or a fleet read from Git just now.
 struct FleetLoad {
-    /// The fleet commit, when there is a fleet.
+    /// The fleet commit last looked at, when there is a fleet.
     revision: Option<String>,
     certain: bool,
 }
@@ -291,7 +291,7 @@ async fn with_fleet(config: &mut Config, metrics: &Metrics) -> FleetLoad {
     }
     tracing::info!(revision = %apps.revision, apps = config.apps.len(), "fleet loaded");
     FleetLoad {
-        revision: Some(apps.revision),
+        revision: Some(apps.seen.unwrap_or(apps.revision)),
         certain,
     }
 }
@@ -393,8 +393,8 @@ pub async fn sync_repository(
         if *shutdown.borrow() {
             break;
         }
-        let sha = match ctx.resolve(repo, &refs, app).await {
-            Ok(sha) => sha,
+        let target = match ctx.resolve(repo, &refs, app).await {
+            Ok(target) => target,
             Err(e) => {
                 failed += 1;
                 ctx.board.unreachable(&app.name, &e.to_string());
@@ -402,13 +402,13 @@ pub async fn sync_repository(
                 continue;
             }
         };
-        in_use.push(sha.clone());
+        in_use.push(target.sha.clone());
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
         let (ctx, app) = (ctx.clone(), app.clone());
         running.spawn(async move {
-            let result = ctx.sync_app(&app, &sha, force).await;
+            let result = ctx.sync_app(&app, &target, force).await;
             drop(permit);
             (app, result)
         });

@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
 use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
-use crate::source::{ChartIndex, ChartSource, GitSource, RemoteRefs, SourceError};
+use crate::source::{ChartIndex, ChartSource, GitSource, RemoteRefs, SourceError, TagRef};
 use crate::state::{unix_now, AppState, RenderKind, RenderRecord, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,8 @@ pub enum SyncError {
     State(#[from] StateError),
     #[error("refused by project policy: {0}")]
     Policy(String),
+    #[error("revision refused: {0}")]
+    Signature(#[from] crate::signature::VerifyError),
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("internal error: {0}")]
@@ -53,6 +55,7 @@ impl SyncError {
             SyncError::Apply(e) => e.metric_label(),
             SyncError::State(e) => e.metric_label(),
             SyncError::Policy(_) => "policy",
+            SyncError::Signature(_) => "signature",
             SyncError::Conflict(_) => "conflict",
             SyncError::Internal(_) => "internal",
         }
@@ -76,6 +79,14 @@ const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// How long each sync wave may take to become healthy.
 fn wave_timeout(app: &AppConfig) -> std::time::Duration {
     app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT)
+}
+
+/// What an app syncs to: a commit SHA (for a chart, `<version>@sha256:<hex>`), and the
+/// annotated tag the revision named, whose signature vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub sha: String,
+    pub tag: Option<TagRef>,
 }
 
 /// What a repository offers, read once per round.
@@ -125,6 +136,23 @@ pub struct SyncContext {
     syncing: std::sync::Mutex<HashSet<String>>,
     /// Which app manages each object on this node (read from the states on first use).
     claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
+}
+
+/// Checks that `target` (reached from `revision` of `repo`) is signed by a key of `keyring`
+/// that `allowed` names; `required_by` says who asks, for messages. Returns the signed
+/// object's name and the signer. Blocking (Git I/O).
+pub fn verify_revision(
+    source: &GitSource,
+    keyring: &crate::signature::Keyring,
+    repo: &RepositoryConfig,
+    revision: &str,
+    target: &Target,
+    required_by: &str,
+    allowed: &[String],
+) -> Result<(String, crate::signature::Signer), SyncError> {
+    let signed = source.signed(repo, revision, &target.sha, target.tag.as_ref())?;
+    let signer = keyring.verify(&signed, required_by, allowed)?;
+    Ok((signed.object, signer))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -192,9 +220,12 @@ impl SyncContext {
         repo: &RepositoryConfig,
         revisions: &Revisions,
         app: &AppConfig,
-    ) -> Result<String, SyncError> {
+    ) -> Result<Target, SyncError> {
         match (revisions, &app.chart) {
-            (Revisions::Git(refs), None) => Ok(refs.resolve(&app.revision)?),
+            (Revisions::Git(refs), None) => Ok(Target {
+                sha: refs.resolve(&app.revision)?,
+                tag: refs.annotated_tag(&app.revision),
+            }),
             (Revisions::Charts(index), Some(chart)) => {
                 let (charts, repo, index, chart) =
                     (self.charts.clone(), repo.clone(), index.clone(), chart.clone());
@@ -203,8 +234,11 @@ impl SyncContext {
                     "HEAD" => String::new(),
                     other => other.to_string(),
                 };
-                blocking(move || Ok(charts.pull(&repo, index.as_deref(), &chart, &constraint)?))
-                    .await
+                let sha = blocking(move || {
+                    Ok(charts.pull(&repo, index.as_deref(), &chart, &constraint)?)
+                })
+                .await?;
+                Ok(Target { sha, tag: None })
             }
             (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
                 Err(SyncError::Source(SourceError::Chart {
@@ -239,9 +273,10 @@ impl SyncContext {
     pub async fn sync_app(
         &self,
         app: &AppConfig,
-        sha: &str,
+        target: &Target,
         force: bool,
     ) -> Result<SyncResult, SyncError> {
+        let sha = target.sha.as_str();
         let state = self.load_state(&app.name)?;
         if !force && state.last_applied_revision.as_deref() == Some(sha) {
             self.board.up_to_date(&app.name, sha);
@@ -258,7 +293,7 @@ impl SyncContext {
             });
         }
         self.syncing_lock().insert(app.name.clone());
-        let result = self.attempt(app, sha, state).await;
+        let result = self.attempt(app, target, state).await;
         self.syncing_lock().remove(&app.name);
         self.synced.send_modify(|n| *n += 1);
         match &result {
@@ -327,9 +362,10 @@ impl SyncContext {
     async fn attempt(
         &self,
         app: &AppConfig,
-        sha: &str,
+        target: &Target,
         mut state: AppState,
     ) -> Result<SyncResult, SyncError> {
+        let sha = target.sha.as_str();
         if state == AppState::default() {
             // No local state (a new state directory, or a damaged file set aside): what the
             // app owns may still be known to the cluster.
@@ -356,7 +392,7 @@ impl SyncContext {
         self.board.syncing(&app.name, sha);
 
         let started = Instant::now();
-        let plan = match self.render_and_plan(app, sha).await {
+        let plan = match self.render_and_plan(app, target).await {
             Ok(plan) => plan,
             Err(e) => return self.failed(app, &mut state, e).await,
         };
@@ -719,16 +755,29 @@ impl SyncContext {
     pub async fn target_plan(&self, app: &AppConfig) -> Result<(String, apply::Plan), SyncError> {
         let repo = self.config.repository(&app.repo);
         let revisions = self.remote_refs(&repo).await?;
-        let sha = self.resolve(&repo, &revisions, app).await?;
-        let plan = self.render_and_plan(app, &sha).await?;
-        Ok((sha, plan))
+        let target = self.resolve(&repo, &revisions, app).await?;
+        let plan = self.render_and_plan(app, &target).await?;
+        Ok((target.sha, plan))
     }
 
-    async fn render_and_plan(&self, app: &AppConfig, sha: &str) -> Result<apply::Plan, SyncError> {
+    /// Who requires the app's revision to be signed, and by which keys: its project, when
+    /// that lists signatureKeys.
+    fn required_signers(&self, app: &AppConfig) -> Option<(String, Vec<String>)> {
+        let name = app.project.as_deref()?;
+        self.config.projects.get(name)?.required_signers()
+    }
+
+    async fn render_and_plan(
+        &self,
+        app: &AppConfig,
+        target: &Target,
+    ) -> Result<apply::Plan, SyncError> {
         let source = self.source.clone();
         let repo = self.config.repository(&app.repo);
         let app = app.clone();
-        let sha = sha.to_string();
+        let (sha, tag) = (target.sha.clone(), target.tag.clone());
+        let signers = self.required_signers(&app);
+        let keyring = self.config.keyring.clone();
         let metrics = self.metrics.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
@@ -745,6 +794,29 @@ impl SyncContext {
         };
         let charts = self.charts.clone();
         blocking(move || {
+            if let Some((required_by, keys)) = &signers {
+                if let Some(chart) = &app.chart {
+                    return Err(crate::signature::VerifyError::NotGit {
+                        object: format!("chart {chart} {sha}"),
+                        required_by: required_by.clone(),
+                    }
+                    .into());
+                }
+                // Before the commit is checked out, let alone rendered.
+                let (object, signer) = verify_revision(
+                    &source,
+                    &keyring,
+                    &repo,
+                    &app.revision,
+                    &Target {
+                        sha: sha.clone(),
+                        tag,
+                    },
+                    required_by,
+                    keys,
+                )?;
+                tracing::info!(app = %app.name, %object, signer = %signer.0, "signature verified");
+            }
             let (root, path) = if app.chart.is_some() {
                 charts.unpacked(&repo.url, &sha)?
             } else {

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::auth::{callbacks, Refusal};
 use super::{is_commit_sha, redact, Snapshot, SourceError};
 use crate::config::RepositoryConfig;
+use crate::signature::Signed;
 
 /// A fetch that downloads more than this is cancelled: no fleet repo is that large, and a
 /// hostile server must not fill the node's disk.
@@ -173,8 +174,7 @@ impl GitSource {
         let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
         let mut last_error = None;
         for (refspecs, shallow) in attempts {
-            // libgit2's local transport cannot do shallow fetches.
-            let shallow = shallow && !url.starts_with("file://") && !url.starts_with('/');
+            let shallow = shallow && can_be_shallow(url);
             let mut too_large = false;
             let refusal = Refusal::default();
             let cb = callbacks(repo, &refusal, |p| {
@@ -255,6 +255,79 @@ impl GitSource {
         Ok(())
     }
 
+    /// Commit `sha`, or the annotated tag `tag` that points to it, with its signature, for the
+    /// signature stage. The commit is in the cache once its snapshot exists; a tag object is
+    /// fetched by its ref the first time.
+    pub fn signed(
+        &self,
+        repo: &RepositoryConfig,
+        revision: &str,
+        sha: &str,
+        tag: Option<&TagRef>,
+    ) -> Result<Signed, SourceError> {
+        let url = &repo.url;
+        let cache = self.open(url)?;
+        let short = |id: &str| id.chars().take(12).collect::<String>();
+        let Some(tag) = tag else {
+            let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
+            if cache.find_commit(oid).is_err() {
+                self.fetch(&cache, repo, revision, sha)?;
+            }
+            let object = format!("commit {}", short(sha));
+            return match cache.extract_signature(&oid, None) {
+                Ok((signature, payload)) => Ok(Signed {
+                    object,
+                    payload: payload.to_vec(),
+                    signature: Some(signature.to_vec()),
+                }),
+                Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(Signed {
+                    object,
+                    payload: Vec::new(),
+                    signature: None,
+                }),
+                Err(e) => Err(Self::git_err(url)(e)),
+            };
+        };
+        let oid = Oid::from_str(&tag.oid).map_err(Self::git_err(url))?;
+        if cache.find_tag(oid).is_err() {
+            let local = format!("refs/edgesync/{}", tag.name.trim_start_matches("refs/"));
+            let refspec = format!("+{}:{local}", tag.name);
+            let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
+            let refusal = Refusal::default();
+            let cb = callbacks(repo, &refusal, |p| p.received_bytes() <= MAX_FETCH_BYTES)?;
+            let mut options = FetchOptions::new();
+            options.remote_callbacks(cb);
+            if can_be_shallow(url) {
+                options.depth(1);
+            }
+            remote
+                .fetch(&[refspec], Some(&mut options), None)
+                .map_err(|e| SourceError::Git {
+                    url: redact(url),
+                    message: refusal.message(&e),
+                })?;
+        }
+        let not_found = || SourceError::RevisionNotFound {
+            url: redact(url),
+            revision: tag.name.clone(),
+        };
+        let tagged = cache.find_tag(oid).map_err(|_| not_found())?;
+        let peeled = tagged.target().and_then(|t| t.peel_to_commit());
+        if peeled.map(|c| c.id().to_string()).ok().as_deref() != Some(sha) {
+            return Err(SourceError::Git {
+                url: redact(url),
+                message: format!("tag {} does not point to commit {sha}", tag.name),
+            });
+        }
+        let odb = cache.odb().map_err(Self::git_err(url))?;
+        let raw = odb.read(oid).map_err(Self::git_err(url))?;
+        let name = tag.name.trim_start_matches("refs/tags/");
+        Ok(Signed::from_tag(
+            format!("tag {name} ({})", short(&tag.oid)),
+            raw.data(),
+        ))
+    }
+
     /// Deletes `url`'s snapshot directories whose commit is not in `keep`. Snapshots of
     /// other repositories are left alone: their syncs may be rendering them right now.
     pub fn retain(&self, url: &str, keep: &HashSet<String>) {
@@ -296,6 +369,35 @@ impl RemoteRefs {
                 revision: revision.to_string(),
             })
     }
+}
+
+impl RemoteRefs {
+    /// The annotated tag `revision` resolves through, if it does: its signature, not the
+    /// commit's, vouches for the revision first.
+    pub fn annotated_tag(&self, revision: &str) -> Option<TagRef> {
+        if is_commit_sha(revision) {
+            return None;
+        }
+        let (name, _) = pick_ref(&self.heads, revision)?;
+        let name = name.strip_suffix("^{}")?;
+        let (_, oid) = self.heads.iter().find(|(n, _)| n == name)?;
+        Some(TagRef {
+            name: name.to_string(),
+            oid: oid.to_string(),
+        })
+    }
+}
+
+/// An annotated tag on a remote: its full ref name and the tag object's ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRef {
+    pub name: String,
+    pub oid: String,
+}
+
+/// libgit2's local transport cannot do shallow fetches.
+fn can_be_shallow(url: &str) -> bool {
+    !url.starts_with("file://") && !url.starts_with('/')
 }
 
 fn full_refname(revision: &str) -> String {
@@ -354,5 +456,27 @@ mod tests {
         // Annotated tags resolve to the commit, not the tag object.
         assert_eq!(pick("v2"), Some(oid(5)));
         assert_eq!(pick("nope"), None);
+        let refs = RemoteRefs {
+            url: "u".into(),
+            heads,
+        };
+        assert_eq!(
+            refs.annotated_tag("v2"),
+            Some(TagRef {
+                name: "refs/tags/v2".into(),
+                oid: oid(4).to_string()
+            })
+        );
+        assert_eq!(
+            refs.annotated_tag("refs/tags/v2").map(|t| t.oid),
+            Some(oid(4).to_string())
+        );
+        assert_eq!(
+            refs.annotated_tag("v1"),
+            None,
+            "a branch, and a lightweight tag"
+        );
+        assert_eq!(refs.annotated_tag("refs/tags/v1"), None);
+        assert_eq!(refs.annotated_tag("main"), None);
     }
 }

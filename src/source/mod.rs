@@ -11,7 +11,7 @@ mod git;
 use std::path::PathBuf;
 
 pub use chart::{ChartIndex, ChartSource};
-pub use git::{GitSource, RemoteRefs, MAX_FETCH_BYTES};
+pub use git::{GitSource, RemoteRefs, TagRef, MAX_FETCH_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

@@ -61,6 +61,15 @@ impl GitRepo {
         self.git(&["rev-parse", "HEAD"])
     }
 
+    /// Commits everything signed with `key` (`git commit -S`) and returns the SHA.
+    pub fn commit_signed(&self, message: &str, key: &super::signing::SigningKey) -> String {
+        self.git(&["add", "-A"]);
+        let mut args = key.git_config();
+        args.extend(["commit", "-q", "-S", "-m", message]);
+        self.git(&args);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
     /// A bare clone under `root/name.git`, for serving over HTTP.
     pub fn bare_clone_into(&self, root: &Path, name: &str) -> PathBuf {
         let target = root.join(format!("{name}.git"));

@@ -8,6 +8,7 @@ pub mod http;
 pub mod http_git;
 pub mod mqtt;
 pub mod proxy;
+pub mod signing;
 pub mod ssh_git;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ pub use agent::{Agent, AgentConfig};
 pub use cluster::TestNamespace;
 pub use git::GitRepo;
 pub use http_git::{GitHttpServer, Remote};
+pub use signing::Keys;
 pub use ssh_git::SshGitServer;
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.

@@ -1,0 +1,387 @@
+//! Signature stage: a Git revision of an app whose AppProject lists `signatureKeys` must carry
+//! a valid signature by one of those keys before it is rendered, let alone applied.
+//!
+//! The keys themselves are trusted on the node ([`Keyring`], from `[signatures]` in the
+//! config), never taken from Git: the project only says which of them an app accepts, as Argo
+//! CD's keyring and `signatureKeys` do. OpenPGP signatures are checked with rPGP, SSH
+//! signatures (`gpg.format = ssh`, namespace `git`) with `ssh-key`. Pure: bytes in, a verdict
+//! out; reading the signed objects out of Git is the source stage's job.
+
+use std::path::{Path, PathBuf};
+
+use pgp::composed::{Deserializable, DetachedSignature, SignedPublicKey};
+use pgp::types::KeyDetails;
+
+const PGP_BEGIN: &[u8] = b"-----BEGIN PGP SIGNATURE-----";
+const SSH_BEGIN: &[u8] = b"-----BEGIN SSH SIGNATURE-----";
+/// The namespace `git` signs commits and tags in (`ssh-keygen -Y sign -n git`).
+const SSH_NAMESPACE: &str = "git";
+
+/// A key file of the node's keyring that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct KeyError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Why a revision is refused. `object` names the commit or tag, as in
+/// `commit 1a2b3c4d5e6f` or `tag v1.2 (3c4d5e6f7a8b)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{object} is not signed, and {required_by} requires a signature")]
+    Unsigned { object: String, required_by: String },
+    #[error("{object} is signed by {key}, which is not among this node's trusted keys ([signatures] in the config)")]
+    UnknownKey { object: String, key: String },
+    #[error("{object} is signed by {key}, which {required_by} does not list")]
+    NotAllowed {
+        object: String,
+        key: String,
+        required_by: String,
+    },
+    #[error("{object}: the signature by {key} does not verify: {message}")]
+    Invalid {
+        object: String,
+        key: String,
+        message: String,
+    },
+    #[error("{object}: unreadable signature: {message}")]
+    Malformed { object: String, message: String },
+    #[error("{object} cannot be verified: {required_by} requires signed revisions, and only Git commits and tags carry signatures")]
+    NotGit { object: String, required_by: String },
+}
+
+/// A Git object and what its signature covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// How messages name it: `commit <sha>` or `tag <name> (<sha>)`.
+    pub object: String,
+    /// The bytes the signature is over: the object without its signature.
+    pub payload: Vec<u8>,
+    /// The armored signature, if the object has one.
+    pub signature: Option<Vec<u8>>,
+}
+
+impl Signed {
+    /// Splits a raw tag object into what is signed and the signature, which is appended to
+    /// the message: it starts at the last line that opens a PGP or SSH signature, as in git.
+    pub fn from_tag(object: String, raw: &[u8]) -> Signed {
+        let mut start = None;
+        let mut offset = 0;
+        for line in raw.split_inclusive(|b| *b == b'\n') {
+            if line.starts_with(PGP_BEGIN) || line.starts_with(SSH_BEGIN) {
+                start = Some(offset);
+            }
+            offset += line.len();
+        }
+        match start {
+            Some(at) => Signed {
+                object,
+                payload: raw[..at].to_vec(),
+                signature: Some(raw[at..].to_vec()),
+            },
+            None => Signed {
+                object,
+                payload: raw.to_vec(),
+                signature: None,
+            },
+        }
+    }
+}
+
+/// Who signed an accepted revision, for the log: `OpenPGP key <ID>` or `SSH key SHA256:…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signer(pub String);
+
+#[derive(Debug, Clone)]
+struct PgpCert {
+    cert: SignedPublicKey,
+    /// The primary key's ID (16 upper-case hex digits), as Argo CD's `keyID`.
+    id: String,
+}
+
+#[derive(Debug, Clone)]
+struct SshKey {
+    key: ssh_key::PublicKey,
+    /// `SHA256:<base64>`, as `ssh-keygen -l` prints it.
+    fingerprint: String,
+}
+
+/// The keys this node trusts. Empty unless `[signatures]` lists key files.
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    pgp: Vec<PgpCert>,
+    ssh: Vec<SshKey>,
+}
+
+fn upper_hex(bytes: &[u8]) -> String {
+    hex::encode_upper(bytes)
+}
+
+impl Keyring {
+    /// Reads OpenPGP public keys (armored or binary, any number per file) and OpenSSH
+    /// public keys (`authorized_keys` lines; blank lines and `#` comments skipped).
+    pub fn load(pgp_files: &[PathBuf], ssh_files: &[PathBuf]) -> Result<Keyring, KeyError> {
+        let mut keyring = Keyring::default();
+        for path in pgp_files {
+            keyring.pgp.extend(read_pgp(path)?);
+        }
+        for path in ssh_files {
+            keyring.ssh.extend(read_ssh(path)?);
+        }
+        Ok(keyring)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pgp.is_empty() && self.ssh.is_empty()
+    }
+
+    /// The IDs a project can list: OpenPGP primary key IDs and SSH fingerprints.
+    pub fn key_ids(&self) -> Vec<String> {
+        let pgp = self.pgp.iter().map(|c| c.id.clone());
+        pgp.chain(self.ssh.iter().map(|k| k.fingerprint.clone()))
+            .collect()
+    }
+
+    /// Accepts `signed` if it carries a valid signature by a trusted key that `allowed` (the
+    /// project's `signatureKeys`) names; `required_by` names who asks (`project edge
+    /// (signatureKeys)`), for messages. An OpenPGP key is named by its 16-digit key ID or its
+    /// fingerprint (the primary key's, or the signing subkey's), in any case; an SSH key by
+    /// its `SHA256:` fingerprint.
+    pub fn verify(
+        &self,
+        signed: &Signed,
+        required_by: &str,
+        allowed: &[String],
+    ) -> Result<Signer, VerifyError> {
+        let object = signed.object.clone();
+        let Some(signature) = &signed.signature else {
+            return Err(VerifyError::Unsigned {
+                object,
+                required_by: required_by.to_string(),
+            });
+        };
+        if signature.starts_with(PGP_BEGIN) {
+            self.verify_pgp(signed, signature, required_by, allowed)
+        } else if signature.starts_with(SSH_BEGIN) {
+            self.verify_ssh(signed, signature, required_by, allowed)
+        } else {
+            Err(VerifyError::Malformed {
+                object,
+                message:
+                    "neither an OpenPGP nor an SSH signature (X.509 signatures are not supported)"
+                        .into(),
+            })
+        }
+    }
+
+    fn verify_pgp(
+        &self,
+        signed: &Signed,
+        armored: &[u8],
+        required_by: &str,
+        allowed: &[String],
+    ) -> Result<Signer, VerifyError> {
+        let object = || signed.object.clone();
+        let malformed = |message: String| VerifyError::Malformed {
+            object: object(),
+            message,
+        };
+        let text = std::str::from_utf8(armored).map_err(|e| malformed(e.to_string()))?;
+        let (signature, _) =
+            DetachedSignature::from_string(text).map_err(|e| malformed(e.to_string()))?;
+        let sig = &signature.signature;
+        // The issuer, by fingerprint (newer signers) or key ID; either may name a subkey.
+        let fingerprints: Vec<String> = sig
+            .issuer_fingerprint()
+            .iter()
+            .map(|f| upper_hex(f.as_bytes()))
+            .collect();
+        let ids: Vec<String> = sig
+            .issuer_key_id()
+            .iter()
+            .map(|id| upper_hex(id.as_ref()))
+            .collect();
+        let issuer = fingerprints
+            .first()
+            .or(ids.first())
+            .map(|id| format!("OpenPGP key {id}"))
+            .unwrap_or_else(|| "an OpenPGP key that is not named in the signature".into());
+        let names = |fp: &[u8], id: &[u8]| {
+            fingerprints.contains(&upper_hex(fp)) || ids.contains(&upper_hex(id))
+        };
+        for cert in &self.pgp {
+            let primary = &cert.cert.primary_key;
+            let signing =
+                if names(
+                    primary.fingerprint().as_bytes(),
+                    primary.legacy_key_id().as_ref(),
+                ) {
+                    SigningKey::Primary(primary)
+                } else {
+                    let subkey =
+                        cert.cert.public_subkeys.iter().map(|s| &s.key).find(|k| {
+                            names(k.fingerprint().as_bytes(), k.legacy_key_id().as_ref())
+                        });
+                    match subkey {
+                        Some(k) => SigningKey::Subkey(k),
+                        None => continue,
+                    }
+                };
+            let signing_fp = upper_hex(signing.fingerprint().as_bytes());
+            let primary_fp = upper_hex(primary.fingerprint().as_bytes());
+            let listed = allowed.iter().any(|a| {
+                let a = a.trim().to_ascii_uppercase();
+                let a = a.trim_start_matches("0X");
+                a.len() >= 16 && (primary_fp.ends_with(a) || signing_fp.ends_with(a))
+            });
+            let name = format!("OpenPGP key {}", cert.id);
+            if !listed {
+                return Err(VerifyError::NotAllowed {
+                    object: object(),
+                    key: name,
+                    required_by: required_by.to_string(),
+                });
+            }
+            let payload = signed.payload.as_slice();
+            let result = match signing {
+                SigningKey::Primary(k) => sig.verify(k, payload),
+                SigningKey::Subkey(k) => sig.verify(k, payload),
+            };
+            return match result {
+                Ok(()) => Ok(Signer(name)),
+                Err(e) => Err(VerifyError::Invalid {
+                    object: object(),
+                    key: name,
+                    message: e.to_string(),
+                }),
+            };
+        }
+        Err(VerifyError::UnknownKey {
+            object: object(),
+            key: issuer,
+        })
+    }
+
+    fn verify_ssh(
+        &self,
+        signed: &Signed,
+        armored: &[u8],
+        required_by: &str,
+        allowed: &[String],
+    ) -> Result<Signer, VerifyError> {
+        let object = || signed.object.clone();
+        let sig = ssh_key::SshSig::from_pem(armored).map_err(|e| VerifyError::Malformed {
+            object: object(),
+            message: e.to_string(),
+        })?;
+        let fingerprint = sig
+            .public_key()
+            .fingerprint(ssh_key::HashAlg::Sha256)
+            .to_string();
+        let name = format!("SSH key {fingerprint}");
+        let Some(trusted) = self
+            .ssh
+            .iter()
+            .find(|k| k.key.key_data() == sig.public_key())
+        else {
+            return Err(VerifyError::UnknownKey {
+                object: object(),
+                key: name,
+            });
+        };
+        if !allowed.iter().any(|a| a.trim() == trusted.fingerprint) {
+            return Err(VerifyError::NotAllowed {
+                object: object(),
+                key: name,
+                required_by: required_by.to_string(),
+            });
+        }
+        trusted
+            .key
+            .verify(SSH_NAMESPACE, &signed.payload, &sig)
+            .map(|()| Signer(name.clone()))
+            .map_err(|e| VerifyError::Invalid {
+                object: object(),
+                key: name,
+                message: e.to_string(),
+            })
+    }
+}
+
+/// The key of a trusted certificate that made a signature.
+enum SigningKey<'a> {
+    Primary(&'a pgp::packet::PublicKey),
+    Subkey(&'a pgp::packet::PublicSubkey),
+}
+
+impl SigningKey<'_> {
+    fn fingerprint(&self) -> pgp::types::Fingerprint {
+        match self {
+            SigningKey::Primary(k) => k.fingerprint(),
+            SigningKey::Subkey(k) => k.fingerprint(),
+        }
+    }
+}
+
+fn read_pgp(path: &Path) -> Result<Vec<PgpCert>, KeyError> {
+    let err = |message: String| KeyError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs: Vec<SignedPublicKey> = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        let text = std::str::from_utf8(&bytes).map_err(|e| err(e.to_string()))?;
+        SignedPublicKey::from_string_many(text)
+            .map_err(|e| err(e.to_string()))?
+            .0
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?
+    } else {
+        SignedPublicKey::from_bytes_many(bytes.as_slice())
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?
+    };
+    if certs.is_empty() {
+        return Err(err("no OpenPGP public key in the file".into()));
+    }
+    certs
+        .into_iter()
+        .map(|cert| {
+            let id = upper_hex(cert.legacy_key_id().as_ref());
+            // Self-signatures and subkey bindings must hold, so a subkey cannot be grafted
+            // onto a trusted primary key.
+            cert.verify_bindings()
+                .map_err(|e| err(format!("key {id}: {e}")))?;
+            Ok(PgpCert { cert, id })
+        })
+        .collect()
+}
+
+fn read_ssh(path: &Path) -> Result<Vec<SshKey>, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| KeyError {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = ssh_key::PublicKey::from_openssh(line).map_err(|e| KeyError {
+            path: path.to_path_buf(),
+            message: format!("line {}: not an OpenSSH public key: {e}", i + 1),
+        })?;
+        let fingerprint = key.fingerprint(ssh_key::HashAlg::Sha256).to_string();
+        keys.push(SshKey { key, fingerprint });
+    }
+    if keys.is_empty() {
+        return Err(KeyError {
+            path: path.to_path_buf(),
+            message: "no SSH public key in the file".into(),
+        });
+    }
+    Ok(keys)
+}
