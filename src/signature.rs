@@ -385,3 +385,165 @@ fn read_ssh(path: &Path) -> Result<Vec<SshKey>, KeyError> {
     }
     Ok(keys)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Fixtures in `tests/fixtures/signatures/` were made with GnuPG 2.2 and OpenSSH 9.2 (see
+    //! the README there): Alice's RSA key signs with an Ed25519 subkey, as with a smartcard.
+    use super::*;
+
+    const ALICE_ID: &str = "F77FA6F07FE5DDCA";
+    const ALICE_FPR: &str = "1E470C881063125EE2EABA92F77FA6F07FE5DDCA";
+    const ALICE_SUBKEY_FPR: &str = "4208899349E75CE1899F271CADF01C398BD810E3";
+    const MALLORY_FPR: &str = "312E80DCB3643C8B5C6F2E0C99FCEDDCAAA264C7";
+    const DEPLOY: &str = "SHA256:rJiOm4+Jw+C/N4TNPNmquLAXp2bX0XZX6s0f/5Nv4f0";
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/signatures")
+            .join(name)
+    }
+
+    fn keyring() -> Keyring {
+        Keyring::load(&[fixture("alice.asc")], &[fixture("deploy.pub")]).unwrap()
+    }
+
+    fn commit(signature: Option<&str>) -> Signed {
+        Signed {
+            object: "commit 1a2b3c4d5e6f".into(),
+            payload: std::fs::read(fixture("commit.payload")).unwrap(),
+            signature: signature.map(|s| std::fs::read(fixture(s)).unwrap()),
+        }
+    }
+
+    fn verify(signed: &Signed, allowed: &[&str]) -> Result<Signer, VerifyError> {
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        keyring().verify(signed, "project edge (signatureKeys)", &allowed)
+    }
+
+    #[test]
+    fn the_keyring_names_its_keys_as_projects_list_them() {
+        assert_eq!(keyring().key_ids(), [ALICE_ID, DEPLOY]);
+        assert!(Keyring::default().is_empty());
+    }
+
+    #[test]
+    fn an_openpgp_subkey_signature_is_accepted_under_any_name_of_its_key() {
+        let signed = commit(Some("commit.alice.sig"));
+        for name in [
+            ALICE_ID,
+            &ALICE_ID.to_lowercase(),
+            &format!("0x{ALICE_ID}"),
+            ALICE_FPR,
+            ALICE_SUBKEY_FPR,
+        ] {
+            let signer = verify(&signed, &[name]).unwrap();
+            assert_eq!(signer.0, format!("OpenPGP key {ALICE_ID}"), "{name}");
+        }
+        // A short ID is too easily forged to count.
+        assert!(matches!(
+            verify(&signed, &[&ALICE_ID[8..]]),
+            Err(VerifyError::NotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn refusals_name_the_object_and_the_key() {
+        let err = verify(&commit(Some("commit.alice.sig")), &[DEPLOY]).unwrap_err();
+        assert!(matches!(err, VerifyError::NotAllowed { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!("commit 1a2b3c4d5e6f is signed by OpenPGP key {ALICE_ID}, which project edge (signatureKeys) does not list")
+        );
+        let err = verify(&commit(Some("commit.mallory.sig")), &[ALICE_ID]).unwrap_err();
+        assert!(matches!(err, VerifyError::UnknownKey { .. }));
+        assert!(err.to_string().contains(MALLORY_FPR), "{err}");
+        let err = verify(&commit(None), &[ALICE_ID]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "commit 1a2b3c4d5e6f is not signed, and project edge (signatureKeys) requires a signature"
+        );
+    }
+
+    #[test]
+    fn a_changed_payload_does_not_verify() {
+        for sig in ["commit.alice.sig", "commit.deploy.sig"] {
+            let mut signed = commit(Some(sig));
+            signed.payload.extend_from_slice(b"one more line\n");
+            let err = verify(&signed, &[ALICE_ID, DEPLOY]).unwrap_err();
+            assert!(matches!(err, VerifyError::Invalid { .. }), "{sig}: {err}");
+        }
+    }
+
+    #[test]
+    fn ssh_signatures_verify_in_gits_namespace_only() {
+        let signer = verify(&commit(Some("commit.deploy.sig")), &[DEPLOY]).unwrap();
+        assert_eq!(signer.0, format!("SSH key {DEPLOY}"));
+        assert!(matches!(
+            verify(&commit(Some("commit.deploy.sig")), &[ALICE_ID]),
+            Err(VerifyError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            verify(&commit(Some("commit.deploy-file-namespace.sig")), &[DEPLOY]),
+            Err(VerifyError::Invalid { .. })
+        ));
+        let pgp_only = Keyring::load(&[fixture("alice.asc")], &[]).unwrap();
+        let err = pgp_only
+            .verify(&commit(Some("commit.deploy.sig")), "p", &[DEPLOY.into()])
+            .unwrap_err();
+        assert!(matches!(err, VerifyError::UnknownKey { .. }), "{err}");
+        assert!(err.to_string().contains(DEPLOY), "{err}");
+    }
+
+    #[test]
+    fn unreadable_signatures_are_malformed() {
+        let mut signed = commit(None);
+        for junk in [
+            &b"-----BEGIN PGP SIGNATURE-----\n\nnot base64\n-----END PGP SIGNATURE-----\n"[..],
+            b"-----BEGIN SSH SIGNATURE-----\nAAAA\n-----END SSH SIGNATURE-----\n",
+            b"-----BEGIN SIGNED MESSAGE-----\n",
+        ] {
+            signed.signature = Some(junk.to_vec());
+            assert!(
+                matches!(
+                    verify(&signed, &[ALICE_ID, DEPLOY]),
+                    Err(VerifyError::Malformed { .. })
+                ),
+                "{}",
+                String::from_utf8_lossy(junk)
+            );
+        }
+    }
+
+    #[test]
+    fn a_tag_is_split_at_its_last_signature_line() {
+        let sig = "-----BEGIN PGP SIGNATURE-----\n\nabc\n-----END PGP SIGNATURE-----\n";
+        let head = "object 1a2b\ntype commit\ntag v1\ntagger A <a@b> 1 +0000\n\nquoting:\n-----BEGIN SSH SIGNATURE----- is how it starts\n";
+        let tag = Signed::from_tag("tag v1".into(), format!("{head}{sig}").as_bytes());
+        assert_eq!(tag.payload, head.as_bytes());
+        assert_eq!(tag.signature.as_deref(), Some(sig.as_bytes()));
+        let unsigned = Signed::from_tag("tag v2".into(), b"object 1a2b\ntag v2\n\nplain\n");
+        assert_eq!(unsigned.signature, None);
+    }
+
+    #[test]
+    fn key_files_that_hold_no_key_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, "ssh-ed25519 not-base64 x\n").unwrap();
+        let err = Keyring::load(&[], &[junk.clone()]).unwrap_err();
+        assert_eq!(err.path, junk);
+        assert!(
+            err.message.starts_with("line 1: not an OpenSSH public key"),
+            "{err}"
+        );
+        let err = Keyring::load(&[fixture("deploy.pub")], &[]).unwrap_err();
+        assert_eq!(err.path, fixture("deploy.pub"));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "# no keys yet\n").unwrap();
+        assert!(Keyring::load(&[], &[empty])
+            .unwrap_err()
+            .message
+            .contains("no SSH public key"));
+    }
+}
