@@ -531,7 +531,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk");
         std::fs::write(&junk, "ssh-ed25519 not-base64 x\n").unwrap();
-        let err = Keyring::load(&[], &[junk.clone()]).unwrap_err();
+        let err = Keyring::load(&[], std::slice::from_ref(&junk)).unwrap_err();
         assert_eq!(err.path, junk);
         assert!(
             err.message.starts_with("line 1: not an OpenSSH public key"),
