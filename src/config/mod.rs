@@ -784,6 +784,34 @@ repo = "https://git.example.com/fleet.git"
     }
 
     #[test]
+    fn signature_keys_are_loaded_and_their_problems_named() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/signatures");
+        let cfg = parse(&format!(
+            "[fleet]\nrepo = \"https://git.example.com/fleet.git\"\n\n[signatures]\ngpg_keys = [\"{fixtures}/alice.asc\"]\nssh_keys = [\"{fixtures}/deploy.pub\"]\nfleet = true\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.keyring.key_ids().len(), 2);
+        assert!(cfg.signed_fleet);
+        assert!(parse("").unwrap().keyring.is_empty());
+
+        let problems = |text: &str| match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("{other:?}"),
+        };
+        let p = problems("\n[signatures]\nfleet = true\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().all(|p| p.key == "signatures.fleet" && p.line == 2));
+        let p = problems("[signatures]\nssh_keys = [\"/nonexistent/key.pub\"]\n");
+        assert_eq!(p[0].key, "signatures.ssh_keys[0]");
+        // A file that exists but holds no usable key: named, with the table's line.
+        let p = problems(&format!(
+            "\n\n[signatures]\ngpg_keys = [\"{fixtures}/deploy.pub\"]\n"
+        ));
+        assert_eq!((p[0].key.as_str(), p[0].line), ("signatures", 3));
+        assert!(p[0].message.contains("deploy.pub"), "{}", p[0].message);
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let err = parse("state_dir = \"/x\"\n\n[node]\nnmae = \"edge\"\n")
             .unwrap_err()
