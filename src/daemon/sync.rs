@@ -775,7 +775,8 @@ impl SyncContext {
         let source = self.source.clone();
         let repo = self.config.repository(&app.repo);
         let app = app.clone();
-        let (sha, tag) = (target.sha.clone(), target.tag.clone());
+        let target = target.clone();
+        let sha = target.sha.clone();
         let signers = self.required_signers(&app);
         let keyring = self.config.keyring.clone();
         let metrics = self.metrics.clone();
@@ -808,10 +809,7 @@ impl SyncContext {
                     &keyring,
                     &repo,
                     &app.revision,
-                    &Target {
-                        sha: sha.clone(),
-                        tag,
-                    },
+                    &target,
                     required_by,
                     keys,
                 )?;
