@@ -136,8 +136,8 @@ fn project_window(w: &Value) -> Result<ProjectWindow, String> {
     let window = SyncWindow {
         kind,
         schedule: text("schedule").ok_or("schedule is missing")?.to_string(),
-        duration: humantime::parse_duration(duration)
-            .map_err(|e| format!("duration {duration:?}: {e}"))?,
+        duration: crate::config::sync_policy::human::parse(duration)
+            .map_err(|e| format!("duration: {e}"))?,
         time_zone: text("timeZone").unwrap_or("UTC").to_string(),
         manual_sync: w
             .get("manualSync")

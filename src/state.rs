@@ -24,6 +24,8 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("state directory {} is in use by another edgesync process (the running agent, or another `edgesync sync`); a manual sync cannot run beside the agent: wake the agent instead (its webhook, an MQTT message, or `systemctl reload edgesync`)", .path.display())]
+    Locked { path: PathBuf },
     #[error("state file {path} is unreadable ({message}); moved aside to {quarantined}")]
     Corrupt {
         path: PathBuf,
@@ -35,8 +37,41 @@ pub enum StateError {
 impl StateError {
     pub fn metric_label(&self) -> &'static str {
         match self {
+            StateError::Locked { .. } => "state_locked",
             StateError::Io { .. } => "state_io",
             StateError::Corrupt { .. } => "state_corrupt",
+        }
+    }
+}
+
+/// One process per state directory: the agent, or a one-shot sync, holds this for as long
+/// as it runs (an advisory lock on `state_dir/lock`, released when the process ends, even by
+/// `kill -9`). Two processes writing one app's state and objects would undo each other.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, StateError> {
+        let path = state_dir.join("lock");
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Locked {
+                path: state_dir.to_path_buf(),
+            }),
+            Err(std::fs::TryLockError::Error(source)) => Err(io(source)),
         }
     }
 }

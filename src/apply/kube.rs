@@ -398,9 +398,16 @@ impl KubeApplier {
     }
 
     /// The API for `object`'s kind, in its namespace when the kind is namespaced.
+    /// The API of an object already applied. The version it was applied at may no longer be
+    /// served (a CRD or a built-in API that dropped it): the object is then addressed through
+    /// the version the API server prefers for its group and kind, since identity has no version.
     async fn api_for(&self, object: &ObjectRef) -> Result<Api<DynamicObject>, CallError> {
         let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
-        let (resource, scope) = self.resource(&gvk).await.map_err(CallError::from)?;
+        let (resource, scope) = match self.resource(&gvk).await {
+            Ok(found) => found,
+            Err(e) if is_missing_resource(&e) => self.preferred_resource(object).await?,
+            Err(e) => return Err(e.into()),
+        };
         Ok(match (scope, &object.namespace) {
             (Scope::Namespaced, Some(ns)) => {
                 Api::namespaced_with(self.client.clone(), ns, &resource)
@@ -412,6 +419,37 @@ impl KubeApplier {
     /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
     /// already counts as deleted.
     pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), CallError> {
+        self.delete_with(object, propagation, None).await.map(|_| ())
+    }
+
+    /// Deletes `object` only if it is still the object `live` (same uid and resourceVersion):
+    /// one that changed since it was read (another app or a person took it over) is left in
+    /// place, and `Ok(false)` says so.
+    pub async fn delete_unchanged(
+        &self,
+        object: &ObjectRef,
+        live: &Value,
+        propagation: &str,
+    ) -> Result<bool, CallError> {
+        let text = |key: &str| {
+            live.pointer(&format!("/metadata/{key}"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let preconditions = kube::api::Preconditions {
+            uid: text("uid"),
+            resource_version: text("resourceVersion"),
+        };
+        self.delete_with(object, propagation, Some(preconditions))
+            .await
+    }
+
+    async fn delete_with(
+        &self,
+        object: &ObjectRef,
+        propagation: &str,
+        preconditions: Option<kube::api::Preconditions>,
+    ) -> Result<bool, CallError> {
         let api = self.api_for(object).await?;
         let params = kube::api::DeleteParams {
             propagation_policy: Some(match propagation {
@@ -419,13 +457,15 @@ impl KubeApplier {
                 "Orphan" => kube::api::PropagationPolicy::Orphan,
                 _ => kube::api::PropagationPolicy::Foreground,
             }),
+            preconditions,
             ..Default::default()
         };
         let result = api.delete(&object.name, &params).await;
         self.count("delete", &result);
         match result {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -439,7 +479,17 @@ impl KubeApplier {
         node: &str,
         state: &crate::state::AppState,
     ) -> Result<(), CallError> {
-        let json = |v: &Inventory| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+        let inventory = pack_inventory(&state.inventory)?;
+        let objects = pack_inventory(&state.objects)?;
+        let size = inventory.len() + objects.len();
+        if size > INVENTORY_MAX_BYTES {
+            return Err(CallError {
+                message: format!(
+                    "the inventory of app {app} is {size} bytes compressed, more than a ConfigMap holds; it is kept on this node only"
+                ),
+                transient: false,
+            });
+        }
         let params = PatchParams::apply(FIELD_MANAGER).force();
         // The namespace once per process, not on every sync.
         self.inventory_namespace
@@ -465,9 +515,11 @@ impl KubeApplier {
                 "annotations": {super::APP_ANNOTATION: app, "edgesync.io/node": node},
             },
             "data": {
-                "inventory": json(&state.inventory),
-                "objects": json(&state.objects),
                 "revision": state.last_applied_revision.clone().unwrap_or_default(),
+            },
+            "binaryData": {
+                "inventory.json.gz": inventory,
+                "objects.json.gz": objects,
             },
         });
         let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
@@ -506,14 +558,23 @@ impl KubeApplier {
         let Some(cm) = found? else {
             return Ok(None);
         };
+        let name = inventory_name(node, app);
         let data = cm.data.unwrap_or_default();
+        let binary = cm.binary_data.unwrap_or_default();
         let parse = |key: &str| -> Result<Inventory, CallError> {
-            serde_json::from_str(data.get(key).map(String::as_str).unwrap_or("[]")).map_err(|e| {
-                CallError {
-                    message: format!("ConfigMap {INVENTORY_NAMESPACE}/{app}: {key}: {e}"),
-                    transient: false,
-                }
-            })
+            let bad = |message: String| CallError {
+                message: format!(
+                    "ConfigMap {INVENTORY_NAMESPACE}/{name}: {key}: {message} (delete the ConfigMap to let the app start afresh, leaving what it applied in place)"
+                ),
+                transient: false,
+            };
+            // Written compressed; inventories from before that are plain JSON.
+            let json = match (binary.get(&format!("{key}.json.gz")), data.get(key)) {
+                (Some(packed), _) => unpack_inventory(&packed.0).map_err(|e| bad(e.to_string()))?,
+                (None, Some(text)) => text.clone().into_bytes(),
+                (None, None) => return Err(bad("missing".into())),
+            };
+            serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))
         };
         Ok(Some((parse("inventory")?, parse("objects")?)))
     }
@@ -592,6 +653,23 @@ impl KubeApplier {
         Ok(found)
     }
 
+    /// The resource of `object`'s group and kind at the version the API server prefers.
+    async fn preferred_resource(&self, object: &ObjectRef) -> Result<(ApiResource, Scope), CallError> {
+        let group = kube::discovery::oneshot::group(&self.client, &object.group).await;
+        self.count("discover", &group);
+        let group = group?;
+        let Some((resource, caps)) = group.recommended_kind(&object.kind) else {
+            return Err(CallError {
+                message: format!(
+                    "the API server no longer serves kind {} in group {:?} at any version",
+                    object.kind, object.group
+                ),
+                transient: false,
+            });
+        };
+        Ok((resource, caps.scope))
+    }
+
     async fn wait_established(&self, name: &str) -> Result<(), String> {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         let deadline = tokio::time::Instant::now() + CRD_ESTABLISHED_TIMEOUT;
@@ -617,15 +695,70 @@ impl KubeApplier {
     }
 }
 
-/// The inventory ConfigMap of `app` on `node`: `<node>.<app>`, both DNS names already (so
-/// is the result); names longer than Kubernetes allows end in a hash instead.
+/// What an inventory ConfigMap may hold: a ConfigMap is limited to 1 MiB, its metadata
+/// included.
+const INVENTORY_MAX_BYTES: usize = 1000 * 1024;
+
+/// An inventory as gzipped JSON, base64 for a ConfigMap's `binaryData`: about a tenth of the
+/// JSON, so even apps of tens of thousands of objects fit.
+fn pack_inventory(inventory: &Inventory) -> Result<String, CallError> {
+    use base64::Engine;
+    use std::io::Write;
+    let failed = |e: &dyn std::fmt::Display| CallError {
+        message: format!("cannot encode the inventory: {e}"),
+        transient: false,
+    };
+    let json = serde_json::to_vec(inventory).map_err(|e| failed(&e))?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&json).map_err(|e| failed(&e))?;
+    let packed = gz.finish().map_err(|e| failed(&e))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(packed))
+}
+
+fn unpack_inventory(packed: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut json = Vec::new();
+    // An inventory is object references: 64 MiB of them is far beyond any app.
+    flate2::read::GzDecoder::new(packed)
+        .take(64 << 20)
+        .read_to_end(&mut json)?;
+    Ok(json)
+}
+
+/// The inventory ConfigMap of `app` on `node`: `<node>.<app>`, lowercased. A name that is
+/// not a valid object name as it stands (a host name with `_`, say) has its other characters
+/// replaced and a hash of the original added, so two nodes never share a ConfigMap; names
+/// longer than Kubernetes allows end in a hash too.
 pub fn inventory_name(node: &str, app: &str) -> String {
-    let name = format!("{node}.{app}").to_ascii_lowercase();
-    if name.len() <= 253 {
+    let original = format!("{node}.{app}").to_ascii_lowercase();
+    let labels: Vec<String> = original
+        .split('.')
+        .map(|label| {
+            let mapped: String = label
+                .chars()
+                .map(|c| match c {
+                    'a'..='z' | '0'..='9' | '-' => c,
+                    _ => '-',
+                })
+                .collect();
+            mapped.trim_matches('-').to_string()
+        })
+        .filter(|label| !label.is_empty())
+        .collect();
+    let name = labels.join(".");
+    if name == original && name.len() <= 253 {
         return name;
     }
-    let digest = hex::encode(&sha2::Sha256::digest(name.as_bytes())[..8]);
-    format!("{}.{digest}", &name[..236].trim_end_matches(['.', '-']))
+    let digest = hex::encode(&sha2::Sha256::digest(original.as_bytes())[..8]);
+    let head = name
+        .get(..name.len().min(236))
+        .unwrap_or_default()
+        .trim_end_matches(['.', '-']);
+    if head.is_empty() {
+        digest
+    } else {
+        format!("{head}.{digest}")
+    }
 }
 
 /// Records one object's apply result, logging failures.
@@ -699,4 +832,54 @@ fn is_transient(e: &kube::Error) -> bool {
 
 fn is_missing_resource(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(name: &str) -> bool {
+        name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    }
+
+    #[test]
+    fn inventory_names_are_valid_object_names_and_distinct() {
+        assert_eq!(inventory_name("node-1", "web"), "node-1.web");
+        let odd = inventory_name("edge_box_7", "web");
+        assert!(valid(&odd), "{odd}");
+        assert_ne!(odd, inventory_name("edge-box-7", "web"));
+        assert_ne!(odd, inventory_name("edge_box-7", "web"));
+        let long = inventory_name(&"n".repeat(300), "web");
+        assert!(valid(&long), "{long}");
+        for weird in ["_", "-.-", "Ä", "a..b"] {
+            let name = inventory_name(weird, "x");
+            assert!(valid(&name), "{weird}: {name}");
+        }
+    }
+
+    #[test]
+    fn inventories_pack_and_unpack() {
+        let inventory: Inventory = (0..2000)
+            .map(|i| ObjectRef {
+                group: "apps".into(),
+                version: "v1".into(),
+                kind: "Deployment".into(),
+                namespace: Some("team".into()),
+                name: format!("web-{i}"),
+            })
+            .collect();
+        let packed = pack_inventory(&inventory).unwrap();
+        let json = serde_json::to_vec(&inventory).unwrap();
+        assert!(packed.len() * 5 < json.len(), "{} vs {}", packed.len(), json.len());
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(packed).unwrap();
+        let back: Inventory = serde_json::from_slice(&unpack_inventory(&bytes).unwrap()).unwrap();
+        assert_eq!(back, inventory);
+    }
 }

@@ -99,15 +99,53 @@ impl fmt::Display for ObjectFailure {
 }
 
 /// Identifies one object in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// Identity is group, kind, namespace and name: the API version is only how the object was
+/// last read or written. An object moved from `autoscaling/v1` to `autoscaling/v2` is the same
+/// object, so equality, ordering and hashing leave the version out (an inventory never holds
+/// one object twice, and an object in the plan is never a prune candidate at another version).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ObjectRef {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group: String,
+    /// The version the object was last applied at: used to address it, not to identify it.
     pub version: String,
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
+}
+
+impl ObjectRef {
+    fn identity(&self) -> (&str, &str, Option<&str>, &str) {
+        (&self.group, &self.kind, self.namespace.as_deref(), &self.name)
+    }
+}
+
+impl PartialEq for ObjectRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for ObjectRef {}
+
+impl std::hash::Hash for ObjectRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state)
+    }
+}
+
+impl PartialOrd for ObjectRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ObjectRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.identity().cmp(&other.identity())
+    }
 }
 
 impl fmt::Display for ObjectRef {
@@ -266,6 +304,40 @@ impl Plan {
             .collect()
     }
 
+    /// What no prune may delete while this plan is the app's: every object in it (whatever
+    /// its version, and whether or not its kind turns out namespaced), and every namespace it
+    /// puts objects in, the app's own namespace above all, even when the app stopped defining
+    /// it.
+    pub fn protected(&self) -> BTreeSet<ObjectRef> {
+        let mut keep = BTreeSet::new();
+        let namespace = |name: &str| ObjectRef {
+            group: String::new(),
+            version: "v1".into(),
+            kind: "Namespace".into(),
+            namespace: None,
+            name: name.to_string(),
+        };
+        if let Some(ns) = &self.default_namespace {
+            keep.insert(namespace(ns));
+        }
+        for o in &self.objects {
+            let ns = o.namespace().or(self.default_namespace.as_deref());
+            for scope in [ns, None] {
+                keep.insert(ObjectRef {
+                    group: o.group().to_string(),
+                    version: o.version().to_string(),
+                    kind: o.kind().to_string(),
+                    namespace: scope.map(str::to_string),
+                    name: o.name().to_string(),
+                });
+            }
+            if let Some(ns) = o.namespace() {
+                keep.insert(namespace(ns));
+            }
+        }
+        keep
+    }
+
     /// The namespace `create_namespace` added, if any: applied, but not owned by the app.
     pub fn created_namespace(&self) -> Option<ObjectRef> {
         self.objects
@@ -281,13 +353,13 @@ impl Plan {
     }
 }
 
-/// What a prune may delete: inventory objects the latest complete apply did not include,
-/// in deletion order (workloads first, CRDs after them, namespaces last).
-pub fn prune_candidates(inventory: &Inventory, applied: &[ObjectRef]) -> Vec<ObjectRef> {
-    let applied: BTreeSet<&ObjectRef> = applied.iter().collect();
+/// What a prune may delete: inventory objects that `keep` (the current plan's
+/// [`Plan::protected`] and what it applied) does not hold, in deletion order (workloads
+/// first, CRDs after them, namespaces last).
+pub fn prune_candidates(inventory: &Inventory, keep: &BTreeSet<ObjectRef>) -> Vec<ObjectRef> {
     let mut candidates: Vec<ObjectRef> = inventory
         .iter()
-        .filter(|o| !applied.contains(o))
+        .filter(|o| !keep.contains(o))
         .cloned()
         .collect();
     let rank = |o: &ObjectRef| match (o.group.as_str(), o.kind.as_str()) {
@@ -470,8 +542,14 @@ fn check_duplicates(objects: &[Object], default_ns: Option<&str>) -> Result<(), 
 
 /// The inventory after a sync: everything previously applied that may still exist plus what
 /// was applied now. Nothing is forgotten until a prune has actually deleted it.
+/// An object applied at a new version replaces its old entry, so it is addressed at the version
+/// that is served now.
 pub fn merge_inventory(previous: &Inventory, applied: &[ObjectRef]) -> Inventory {
-    previous.iter().chain(applied).cloned().collect()
+    let mut merged = previous.clone();
+    for object in applied {
+        merged.replace(object.clone());
+    }
+    merged
 }
 
 /// The result of applying one plan.
@@ -691,8 +769,84 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let candidates = prune_candidates(&inventory, &[r("ConfigMap", "a")]);
+        let keep = [r("ConfigMap", "a")].into_iter().collect();
+        let candidates = prune_candidates(&inventory, &keep);
         assert_eq!(candidates, [r("ConfigMap", "b"), r("Namespace", "old")]);
+    }
+
+    fn oref(api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> ObjectRef {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        ObjectRef {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            namespace: ns.map(str::to_string),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn an_api_version_bump_is_the_same_object_and_never_a_prune_candidate() {
+        let v1 = oref("autoscaling/v1", "HorizontalPodAutoscaler", Some("ns"), "web");
+        let v2 = oref("autoscaling/v2", "HorizontalPodAutoscaler", Some("ns"), "web");
+        assert_eq!(v1, v2);
+        let inventory: Inventory = [v1.clone()].into_iter().collect();
+        let mut hpa = obj("autoscaling/v2", "HorizontalPodAutoscaler", "web", "hpa.yaml#0");
+        hpa.value["metadata"]["namespace"] = json!("ns");
+        let p = plan("app", Some("ns"), false, manifests(vec![hpa])).unwrap();
+        assert!(prune_candidates(&inventory, &p.protected()).is_empty());
+        // The inventory now addresses the object at the version applied last.
+        let merged = merge_inventory(&inventory, &[v2]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged.iter().next().unwrap().version, "v2");
+    }
+
+    #[test]
+    fn the_apps_namespace_is_never_pruned_while_the_app_uses_it() {
+        // The app defined its Namespace, then dropped the manifest with create_namespace on.
+        let inventory: Inventory = [
+            oref("v1", "Namespace", None, "team"),
+            oref("v1", "Namespace", None, "other"),
+            oref("v1", "ConfigMap", Some("team"), "c"),
+        ]
+        .into_iter()
+        .collect();
+        let p = plan(
+            "a",
+            Some("team"),
+            true,
+            manifests(vec![obj("v1", "ConfigMap", "c", "x#0")]),
+        )
+        .unwrap();
+        assert_eq!(
+            prune_candidates(&inventory, &p.protected()),
+            [oref("v1", "Namespace", None, "other")]
+        );
+        // Without create_namespace too: the namespace the app's objects live in stays.
+        let p = plan(
+            "a",
+            Some("team"),
+            false,
+            manifests(vec![obj("v1", "ConfigMap", "c", "x#0")]),
+        )
+        .unwrap();
+        assert!(!prune_candidates(&inventory, &p.protected())
+            .contains(&oref("v1", "Namespace", None, "team")));
+    }
+
+    #[test]
+    fn cluster_scoped_objects_of_the_plan_are_protected_too() {
+        let inventory: Inventory = [oref("rbac.authorization.k8s.io/v1", "ClusterRole", None, "r")]
+            .into_iter()
+            .collect();
+        let p = plan(
+            "a",
+            Some("team"),
+            false,
+            manifests(vec![obj("rbac.authorization.k8s.io/v1", "ClusterRole", "r", "x#0")]),
+        )
+        .unwrap();
+        assert!(prune_candidates(&inventory, &p.protected()).is_empty());
     }
 
     #[test]

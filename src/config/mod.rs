@@ -464,11 +464,7 @@ mod humantime_serde_compat {
 
     fn parse<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""
-            ))
-        })
+        super::sync_policy::human::parse(&text).map_err(serde::de::Error::custom)
     }
 
     /// A duration greater than zero.

@@ -75,6 +75,8 @@ enum Seen {
 /// One app's desired state: its last-known-good plan and which plan object each applied
 /// object is.
 struct Desired {
+    /// The revision the render is of.
+    revision: String,
     plan: Plan,
     objects: HashMap<Key, (ObjectRef, usize)>,
 }
@@ -95,6 +97,7 @@ impl Desired {
         if state.last_applied_revision.as_deref() != Some(record.revision.as_str()) {
             return None;
         }
+        let revision = record.revision;
         let plan = record.plan;
         let default_ns = plan.default_namespace.clone();
         let mut by_key: HashMap<Key, usize> = HashMap::new();
@@ -124,7 +127,11 @@ impl Desired {
                 Some((Key::of(r), (r.clone(), i)))
             })
             .collect();
-        Some(Desired { plan, objects })
+        Some(Desired {
+            revision,
+            plan,
+            objects,
+        })
     }
 }
 
@@ -322,21 +329,25 @@ impl Drift {
         let Some(config) = self.ctx.config.app(app).cloned() else {
             return;
         };
-        if self.ctx.is_syncing(app) {
+        // Held until the heal is done: a sync or rollback waits, and one in flight makes
+        // this check wait for the next change (it reloads the desired state first).
+        let Some(_writer) = self.ctx.try_writer(app) else {
             return;
-        }
-        let failed = self
-            .ctx
-            .store
-            .load(app)
-            .map(|s| s.last_error.is_some())
-            .unwrap_or(true);
-        if failed {
+        };
+        let Ok(state) = self.ctx.store.load(app) else {
+            return;
+        };
+        if state.last_error.is_some() {
             return;
         }
         let Some(desired) = self.desired.get(app) else {
             return;
         };
+        // A sync or rollback finished since the render was loaded: healing back to the old
+        // render would bring back what it just pruned.
+        if state.last_applied_revision.as_deref() != Some(desired.revision.as_str()) {
+            return;
+        }
         let mut drifted: Vec<(Key, Object, String)> = Vec::new();
         let mut clean = Vec::new();
         let mut retry = HashSet::new();

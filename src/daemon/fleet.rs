@@ -87,7 +87,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
         expander.objects(&manifests.objects, &[root]);
         if expander.uncertain {
             expander.problems.push(
-                "an Application's source could not be read, so its children are unknown; apps that left this node are not removed this time".into(),
+                "not every Application of the fleet could be read and accepted (see the other problems), so which apps left this node is unknown; nothing is removed this time".into(),
             );
         }
         Ok((
@@ -154,10 +154,14 @@ impl Expander<'_> {
                     match parsed.object {
                         FleetObject::Application(app) => match app.to_app_config() {
                             Ok(cfg) => self.application(cfg, chain),
-                            Err(why) => self.problems.push(format!(
-                                "{}: app {} cannot run yet: {why}",
-                                object.origin, app.name
-                            )),
+                            Err(why) => {
+                                // The app is still in the fleet: it must not count as gone.
+                                self.uncertain = true;
+                                self.problems.push(format!(
+                                    "{}: app {} cannot run yet: {why}",
+                                    object.origin, app.name
+                                ))
+                            }
                         },
                         FleetObject::AppProject(project) => {
                             self.projects.push((project.name, project.spec));
@@ -169,7 +173,11 @@ impl Expander<'_> {
                     object.origin,
                     object.display_name()
                 )),
-                Err(e) => self.problems.push(e.to_string()),
+                Err(e) => {
+                    // An Application we cannot read may be one this node runs.
+                    self.uncertain = true;
+                    self.problems.push(e.to_string())
+                }
             }
         }
     }

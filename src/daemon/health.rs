@@ -95,7 +95,7 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
                     healthy.insert(app.name.clone(), revision.to_string());
                 }
                 HealthStatus::Degraded if app.rollback == Rollback::Auto && !seen_healthy => {
-                    if let Err(e) = ctx.rollback(app, &app_health.message).await {
+                    if let Err(e) = ctx.rollback(app, revision, &app_health.message).await {
                         ctx.metrics.error(e.metric_label());
                         tracing::error!(app = %app.name, error = %e, "rollback failed");
                     }

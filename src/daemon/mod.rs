@@ -6,6 +6,7 @@ mod dispatch;
 mod drift;
 mod fleet;
 mod health;
+mod prune;
 mod removal;
 mod retry;
 mod sync;
@@ -32,14 +33,23 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// Runs the agent until SIGTERM or SIGINT. SIGHUP, or a change to the config file, reloads
 /// the config; a new config that does not validate is refused and the running one stays.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _lock = crate::state::StateLock::acquire(&config.state_dir)?;
     let metrics = Arc::new(Metrics::default());
     let mut signals = Signals::new()?;
     let (changed_tx, mut changed_rx) = mpsc::channel(1);
-    let mut agent = Agent::start(config.clone(), metrics.clone(), changed_tx.clone()).await?;
-    let mut current = config;
+    // READY once the config is valid and the state directory ours: reading the fleet from Git
+    // and rendering it can take long, and must not count against systemd's start timeout
+    // (a slow or hostile fleet commit would otherwise make every node crash-loop).
     notify_systemd(sd_notify::NotifyState::Ready);
-    // The watchdog is fed from this loop, so a wedged main loop lets systemd restart us.
+    notify_systemd(sd_notify::NotifyState::Status("starting: reading the fleet"));
     let watchdog = sd_notify::watchdog_enabled();
+    let mut agent = fed(
+        watchdog,
+        Agent::start(config.clone(), metrics.clone(), changed_tx.clone()),
+    )
+    .await?;
+    let mut current = config;
+    // The watchdog is fed from this loop, so a wedged main loop lets systemd restart us.
     let every = watchdog
         .map(|d| d / 2)
         .unwrap_or(STATUS_EVERY)
@@ -75,10 +85,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 continue;
             }
         };
+        if let Err(why) = confirm_removals(&current, &new).await {
+            metrics.error("config_unsettled");
+            tracing::warn!("{why}");
+            continue;
+        }
         tracing::info!("{why}: reloading config");
         notify_systemd(sd_notify::NotifyState::Reloading);
         agent.stop().await;
-        agent = match Agent::start(new.clone(), metrics.clone(), changed_tx.clone()).await {
+        let started = fed(
+            watchdog,
+            Agent::start(new.clone(), metrics.clone(), changed_tx.clone()),
+        )
+        .await;
+        agent = match started {
             Ok(started) => {
                 current = new;
                 started
@@ -86,7 +106,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Err(e) => {
                 metrics.error("config_start");
                 tracing::error!("cannot start with the new config, keeping the running one: {e:#}");
-                Agent::start(current.clone(), metrics.clone(), changed_tx.clone()).await?
+                fed(
+                    watchdog,
+                    Agent::start(current.clone(), metrics.clone(), changed_tx.clone()),
+                )
+                .await?
             }
         };
         notify_systemd(sd_notify::NotifyState::Ready);
@@ -95,6 +119,59 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     notify_systemd(sd_notify::NotifyState::Stopping);
     agent.stop().await;
     Ok(())
+}
+
+/// How long a config that deletes apps' objects must stay the same before it is acted on.
+const REMOVAL_SETTLE: Duration = Duration::from_secs(3);
+
+/// A new config that drops apps with `delete_on_removal` deletes their objects: it must read
+/// the same twice, [`REMOVAL_SETTLE`] apart, so a file still being written (it parsed, but
+/// apps are missing) never deletes anything. `Err` says why the reload waits.
+async fn confirm_removals(current: &Config, new: &Config) -> Result<(), String> {
+    let dropped: Vec<&str> = current
+        .apps
+        .iter()
+        .filter(|a| a.delete_on_removal && new.app(&a.name).is_none())
+        .map(|a| a.name.as_str())
+        .collect();
+    if dropped.is_empty() {
+        return Ok(());
+    }
+    let path = new.path.clone();
+    let read = || async {
+        tokio::fs::read(&path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let first = read().await?;
+    tokio::time::sleep(REMOVAL_SETTLE).await;
+    let again = read().await?;
+    let settled = Config::load(&path).map_err(|e| e.to_string())?;
+    if first != again || settled.apps != new.apps {
+        return Err(format!(
+            "{} changed again while it was being read; it would remove {} (delete_on_removal): waiting until it is complete",
+            path.display(),
+            dropped.join(", ")
+        ));
+    }
+    tracing::info!(apps = %dropped.join(", "), "the new config removes apps, and read the same twice");
+    Ok(())
+}
+
+/// Runs `work` (starting an agent: reading the fleet, binding listeners) while feeding
+/// systemd's watchdog, which the main loop cannot do meanwhile.
+async fn fed<T>(watchdog: Option<Duration>, work: impl std::future::Future<Output = T>) -> T {
+    let Some(every) = watchdog.map(|d| d / 2) else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick() => notify_systemd(sd_notify::NotifyState::Watchdog),
+        }
+    }
 }
 
 /// One configuration's worth of running agent: repository workers, triggers, listeners.
@@ -278,13 +355,21 @@ async fn with_fleet(config: &mut Config, metrics: &Metrics) -> FleetLoad {
         };
     };
     let (apps, mut problems) = fleet::load(config, &fleet).await;
-    let certain = apps.fresh;
     for (name, spec) in &apps.projects {
         let project = crate::policy::Project::from_spec(name, spec);
         problems.extend(project.warnings.iter().cloned());
         config.projects.insert(name.clone(), project);
     }
-    problems.extend(config.add_fleet_apps(apps.apps));
+    let refused = config.add_fleet_apps(apps.apps);
+    // Removal needs every Application of the commit read and accepted: one refused here
+    // (a bad duration, a name in use) is still in the fleet and must not count as departed.
+    let certain = apps.fresh && refused.is_empty();
+    if !refused.is_empty() && apps.fresh {
+        problems.push(
+            "fleet apps were refused, so which apps left this node is unknown; nothing is removed this time".into(),
+        );
+    }
+    problems.extend(refused);
     for problem in &problems {
         metrics.error("fleet");
         tracing::warn!("fleet: {problem}");
@@ -579,6 +664,7 @@ pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
 /// Returns the number of apps that failed, or that a sync window held.
 pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result<usize> {
+    let _lock = crate::state::StateLock::acquire(&config.state_dir)?;
     with_fleet(&mut config, &Metrics::default()).await;
     if let Some(name) = only {
         if config.app(name).is_none() {

@@ -19,33 +19,21 @@ pub async fn remove_departed(ctx: Arc<SyncContext>) {
         if ctx.config.app(&app).is_some() {
             continue;
         }
+        let _writer = ctx.writer(&app).await;
         let Ok(state) = ctx.store.load(&app) else {
             continue;
         };
         if state.delete_on_removal {
-            let mut failed = 0;
-            for object in apply::prune_candidates(&state.inventory, &[]) {
-                let live = match ctx.applier.get(&object).await {
-                    Ok(Some(live)) => live,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        failed += 1;
-                        tracing::warn!(%app, %object, "cannot read for removal: {e}");
-                        continue;
-                    }
-                };
-                if let Some(reason) = apply::keep_reason(&live, &app) {
-                    tracing::info!(%app, %object, "left in place: {reason}");
-                    continue;
-                }
-                match ctx.applier.delete(&object, "Foreground").await {
-                    Ok(()) => tracing::info!(%app, %object, "deleted: the app left this node"),
-                    Err(e) => {
-                        failed += 1;
-                        tracing::warn!(%app, %object, "cannot delete: {e}");
-                    }
-                }
+            let candidates = apply::prune_candidates(&state.inventory, &Default::default());
+            let done =
+                super::prune::delete_owned(&ctx.applier, &app, candidates, "Foreground").await;
+            for failure in &done.failures {
+                tracing::warn!(%app, object = %failure.object, "cannot delete: {}", failure.message);
             }
+            for object in &done.deleted {
+                tracing::info!(%app, %object, "deleted: the app left this node");
+            }
+            let failed = done.failures.len() + done.changed.len();
             if failed > 0 {
                 ctx.metrics.error("removal");
                 tracing::warn!(%app, failed, "removal incomplete; tried again at the next start");

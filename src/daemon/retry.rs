@@ -101,7 +101,8 @@ impl Retries {
             .delays
             .next()
             .unwrap_or(app.retry.backoff.max_duration);
-        state.next_at = now + delay;
+        // Durations are bounded when read; saturate anyway rather than trust every caller.
+        state.next_at = now.checked_add(delay).unwrap_or(now + crate::config::sync_policy::human::MAX);
         let limit = if app.retry.limit < 0 {
             "unlimited".to_string()
         } else {
@@ -196,5 +197,19 @@ mod tests {
         for _ in 0..100 {
             assert!(r.failed(&a, "rev", false, now).1.is_some());
         }
+    }
+
+    #[test]
+    fn the_longest_backoff_does_not_overflow_the_clock() {
+        let r = Retries::default();
+        let mut a = app(-1);
+        a.retry.backoff.duration = crate::config::sync_policy::human::MAX;
+        a.retry.backoff.max_duration = crate::config::sync_policy::human::MAX;
+        let now = Instant::now();
+        for _ in 0..5 {
+            let (_, delay) = r.failed(&a, "rev", false, now);
+            assert!(delay.unwrap() <= crate::config::sync_policy::human::MAX * 2);
+        }
+        assert!(r.gate("a", "rev", now).is_some());
     }
 }

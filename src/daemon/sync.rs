@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::retry;
 use crate::apply::window::{self, Verdict, Window};
-use crate::apply::{self, ApplyError, KubeApplier, ObjectFailure, ObjectRef};
+use crate::apply::{self, ApplyError, KubeApplier, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
@@ -32,6 +32,8 @@ pub enum SyncError {
     Signature(#[from] crate::signature::VerifyError),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("the app has no local state and its inventory in the cluster cannot be read, so nothing is applied until it can: {0}")]
+    Inventory(apply::kube::CallError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -42,6 +44,7 @@ impl SyncError {
         match self {
             SyncError::Apply(e) => e.is_transient(),
             SyncError::Source(SourceError::Git { .. }) => true,
+            SyncError::Inventory(e) => e.transient,
             _ => false,
         }
     }
@@ -57,6 +60,7 @@ impl SyncError {
             SyncError::Policy(_) => "policy",
             SyncError::Signature(_) => "signature",
             SyncError::Conflict(_) => "conflict",
+            SyncError::Inventory(_) => "inventory",
             SyncError::Internal(_) => "internal",
         }
     }
@@ -132,8 +136,9 @@ pub struct SyncContext {
     pub retries: retry::Retries,
     /// Counts finished sync attempts; the drift watcher reloads its desired state on each.
     pub synced: tokio::sync::watch::Sender<u64>,
-    /// Apps with a sync in flight.
-    syncing: std::sync::Mutex<HashSet<String>>,
+    /// One writer per app: sync, rollback, self-heal and removal each hold the app's lock
+    /// while they change its objects or its state, so none undoes what another just did.
+    writers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Which app manages each object on this node (read from the states on first use).
     claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
 }
@@ -187,7 +192,7 @@ impl SyncContext {
             applier: KubeApplier::new(client, metrics.clone()),
             retries: Default::default(),
             synced: tokio::sync::watch::Sender::new(0),
-            syncing: Default::default(),
+            writers: Default::default(),
             claims: Default::default(),
             metrics,
             config,
@@ -277,6 +282,7 @@ impl SyncContext {
         force: bool,
     ) -> Result<SyncResult, SyncError> {
         let sha = target.sha.as_str();
+        let _writer = self.writer(&app.name).await;
         let state = self.load_state(&app.name)?;
         if !force && state.last_applied_revision.as_deref() == Some(sha) {
             self.board.up_to_date(&app.name, sha);
@@ -292,9 +298,7 @@ impl SyncContext {
                 retry_in: hold.retry_in,
             });
         }
-        self.syncing_lock().insert(app.name.clone());
         let result = self.attempt(app, target, state).await;
-        self.syncing_lock().remove(&app.name);
         self.synced.send_modify(|n| *n += 1);
         match &result {
             Ok(_) => self.retries.succeeded(&app.name),
@@ -308,13 +312,24 @@ impl SyncContext {
         result
     }
 
-    fn syncing_lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.syncing.lock().unwrap_or_else(|e| e.into_inner())
+    fn writer_lock(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        writers.entry(app.to_string()).or_default().clone()
     }
 
-    /// Whether a sync of `app` is in flight.
+    /// Waits until nothing else writes `app`, and holds it until the guard is dropped.
+    pub async fn writer(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.writer_lock(app).lock_owned().await
+    }
+
+    /// Holds `app` if nothing else writes it now.
+    pub fn try_writer(&self, app: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.writer_lock(app).try_lock_owned().ok()
+    }
+
+    /// Whether something (a sync, a rollback, a self-heal) is writing `app` now.
     pub fn is_syncing(&self, app: &str) -> bool {
-        self.syncing_lock().contains(app)
+        self.try_writer(app).is_none()
     }
 
     /// Why `app` must not be synced to `sha` now, if it must not: a sync window, or the
@@ -368,7 +383,9 @@ impl SyncContext {
         let sha = target.sha.as_str();
         if state == AppState::default() {
             // No local state (a new state directory, or a damaged file set aside): what the
-            // app owns may still be known to the cluster.
+            // app owns may still be known to the cluster. Until it has been read, nothing is
+            // applied and nothing saved: carrying on with an empty inventory would overwrite
+            // the cluster's copy and orphan every object the app had.
             match self
                 .applier
                 .load_inventory(&app.name, &self.config.node.name)
@@ -382,7 +399,9 @@ impl SyncContext {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(app = %app.name, "cannot read the inventory in the cluster: {e}")
+                    let error = SyncError::Inventory(e);
+                    self.board.synced(&app.name, &state, Some(&error.to_string()));
+                    return Err(error);
                 }
             }
         }
@@ -425,7 +444,7 @@ impl SyncContext {
         }
         state.objects = owned.into_iter().collect();
         if app.prune {
-            if let Err(e) = self.prune(app, &mut state).await {
+            if let Err(e) = self.prune(app, &mut state, &plan).await {
                 return self.failed(app, &mut state, e.into()).await;
             }
         }
@@ -538,9 +557,21 @@ impl SyncContext {
     /// Healthy. Re-applies the last Healthy render, prunes what only the bad revision had
     /// (with `prune`), and marks the bad revision so it is not synced again until a newer one
     /// arrives. Nothing happens without a Healthy render to go back to.
-    pub async fn rollback(&self, app: &AppConfig, reason: &str) -> Result<(), SyncError> {
+    /// `revision` is the one found Degraded: if a sync moved the app on meanwhile, nothing
+    /// is rolled back.
+    pub async fn rollback(
+        &self,
+        app: &AppConfig,
+        revision: &str,
+        reason: &str,
+    ) -> Result<(), SyncError> {
+        let _writer = self.writer(&app.name).await;
         let mut state = self.load_state(&app.name)?;
-        let Some(bad) = state.last_applied_revision.clone() else {
+        let Some(bad) = state
+            .last_applied_revision
+            .clone()
+            .filter(|r| r == revision && state.last_error.is_none())
+        else {
             return Ok(());
         };
         let healthy = match self.store.load_render(&app.name, RenderKind::Healthy) {
@@ -553,7 +584,6 @@ impl SyncContext {
             }
         };
         tracing::warn!(app = %app.name, bad = %bad, to = %healthy.revision, "rolling back: {reason}");
-        self.syncing_lock().insert(app.name.clone());
         let outcome = self.applier.apply(&healthy.plan, wave_timeout(app)).await;
         let owned = healthy.plan.owned(&outcome.applied);
         state.inventory = apply::merge_inventory(&state.inventory, &owned);
@@ -561,7 +591,7 @@ impl SyncContext {
         let result = if outcome.failures.is_empty() {
             state.objects = owned.into_iter().collect();
             let pruned = if app.prune {
-                self.prune(app, &mut state).await
+                self.prune(app, &mut state, &healthy.plan).await
             } else {
                 Ok(())
             };
@@ -582,7 +612,6 @@ impl SyncContext {
         };
         self.store.save(&app.name, &state)?;
         self.save_inventory(app, &state).await;
-        self.syncing_lock().remove(&app.name);
         self.synced.send_modify(|n| *n += 1);
         self.metrics.sync(&app.name, "rolled_back");
         self.board
@@ -700,46 +729,27 @@ impl SyncContext {
     /// Deletes what the app applied before and its latest complete apply left out, unless it
     /// is someone else's now or opts out with `Prune=false`. The inventory forgets what is
     /// gone or no longer ours; what could not be deleted stays, to be tried again.
-    async fn prune(&self, app: &AppConfig, state: &mut AppState) -> Result<(), ApplyError> {
-        let current: Vec<ObjectRef> = state.objects.iter().cloned().collect();
+    async fn prune(
+        &self,
+        app: &AppConfig,
+        state: &mut AppState,
+        plan: &apply::Plan,
+    ) -> Result<(), ApplyError> {
+        let mut keep = plan.protected();
+        keep.extend(state.objects.iter().cloned());
         let propagation = match app.sync_option("PrunePropagationPolicy") {
             Some("background") => "Background",
             Some("orphan") => "Orphan",
             _ => "Foreground",
         };
-        let mut pruned = Vec::new();
-        let mut failures = Vec::new();
-        for object in apply::prune_candidates(&state.inventory, &current) {
-            let live = match self.applier.get(&object).await {
-                Ok(live) => live,
-                Err(e) => {
-                    failures.push(ObjectFailure {
-                        object,
-                        message: e.message,
-                        transient: e.transient,
-                    });
-                    continue;
-                }
-            };
-            if let Some(live) = live {
-                if let Some(reason) = apply::keep_reason(&live, &app.name) {
-                    tracing::info!(app = %app.name, %object, "not pruned: {reason}");
-                    state.inventory.remove(&object);
-                    continue;
-                }
-                if let Err(e) = self.applier.delete(&object, propagation).await {
-                    failures.push(ObjectFailure {
-                        object,
-                        message: e.message,
-                        transient: e.transient,
-                    });
-                    continue;
-                }
-                tracing::info!(app = %app.name, %object, "pruned");
-                pruned.push(object.to_string());
-            }
-            state.inventory.remove(&object);
+        let candidates = apply::prune_candidates(&state.inventory, &keep);
+        let done =
+            super::prune::delete_owned(&self.applier, &app.name, candidates, propagation).await;
+        for object in done.deleted.iter().chain(&done.forgotten) {
+            state.inventory.remove(object);
         }
+        let pruned: Vec<String> = done.deleted.iter().map(ToString::to_string).collect();
+        let failures = done.failures;
         if !pruned.is_empty() {
             self.board
                 .pruned(&app.name, state.last_attempted_revision.as_deref(), &pruned);

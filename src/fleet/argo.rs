@@ -505,9 +505,9 @@ fn retry_policy(retry: &Value) -> Result<sync_policy::Retry, String> {
                 } else {
                     text
                 };
-                humantime::parse_duration(&text)
+                crate::config::sync_policy::human::parse(&text)
                     .map(Some)
-                    .map_err(|e| format!("spec.syncPolicy.retry.backoff.{key} {text:?}: {e}"))
+                    .map_err(|e| format!("spec.syncPolicy.retry.backoff.{key}: {e}"))
             }
         }
     };
@@ -769,5 +769,23 @@ mod tests {
             err.contains("not supported on a node agent") && err.contains("Application x"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_retry_duration_beyond_any_clock_is_refused_naming_the_key() {
+        for (key, value) in [("maxDuration", "300000000000y"), ("duration", "9999999999999999s")] {
+            let parsed = parse(&application_object(serde_json::json!({
+                "source": {"repoURL": "https://g/r.git", "path": "p"},
+                "destination": {"server": "https://kubernetes.default.svc", "namespace": "n"},
+                "syncPolicy": {"automated": {}, "retry": {"limit": 2, "backoff": {key: value}}}
+            })))
+            .unwrap()
+            .unwrap();
+            let err = app(&parsed).to_app_config().unwrap_err();
+            assert!(
+                err.contains(&format!("spec.syncPolicy.retry.backoff.{key}")) && err.contains("longer"),
+                "{err}"
+            );
+        }
     }
 }

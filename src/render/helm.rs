@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde::Deserialize;
 
@@ -63,8 +63,7 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
         .current_dir(dir)
         .env("HELM_CONFIG_HOME", scratch.path().join("config"))
         .env("HELM_CACHE_HOME", scratch.path().join("cache"))
-        .env("HELM_DATA_HOME", scratch.path().join("data"))
-        .stdin(Stdio::null());
+        .env("HELM_DATA_HOME", scratch.path().join("data"));
     if let Some(ns) = &req.namespace {
         cmd.arg("--namespace").arg(ns);
     }
@@ -81,14 +80,17 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
     for (name, value) in &req.options.parameters {
         cmd.arg("--set").arg(format!("{name}={value}"));
     }
-    let output = cmd.output().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => fail(format!(
-            "helm is not installed ({} not found); install helm or set [helm] binary",
-            req.binary.display()
-        )),
-        _ => fail(format!("cannot run {}: {e}", req.binary.display())),
-    })?;
-    if !output.status.success() {
+    let output = super::process::run(cmd, super::process::TIMEOUT, super::process::MAX_OUTPUT)
+        .map_err(|e| match e {
+            super::process::RunError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fail(format!(
+                    "helm is not installed ({} not found); install helm or set [helm] binary",
+                    req.binary.display()
+                ))
+            }
+            e => fail(format!("helm template: {e}")),
+        })?;
+    if !output.success {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(fail(format!(
             "helm template failed: {}",

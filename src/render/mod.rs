@@ -7,6 +7,7 @@
 mod directory;
 pub mod helm;
 pub mod kustomize;
+pub mod process;
 pub mod substitute;
 mod yaml;
 

@@ -129,7 +129,7 @@ impl ChartSource {
             None => None,
         };
         if let Some(hex) = &expected {
-            if self.entry(hex).is_dir() {
+            if super::sealed::usable_or_removed(&self.entry(hex)) {
                 return Ok(revision(version, hex));
             }
         }
@@ -200,7 +200,7 @@ impl ChartSource {
                     format!("{name}:{tag}: unsupported layer digest {}", layer.digest),
                 )
             })?;
-        if !self.entry(&hex).is_dir() {
+        if !super::sealed::usable_or_removed(&self.entry(&hex)) {
             let url = format!("{base}/v2/{name}/blobs/{}", layer.digest);
             let archive = http.get(&url, None, MAX_ARCHIVE_BYTES)?.body;
             self.store(repo, &archive, Some(&hex))?;
@@ -230,7 +230,7 @@ impl ChartSource {
             }
         }
         let target = self.entry(&hex);
-        if target.is_dir() {
+        if super::sealed::usable_or_removed(&target) {
             return Ok(hex);
         }
         let cache = |source| SourceError::Cache {
@@ -245,14 +245,9 @@ impl ChartSource {
             .map_err(cache)?;
         unpack(archive, tmp.path()).map_err(|e| chart_err(repo, format!("chart archive: {e}")))?;
         chart_dir_in(tmp.path()).map_err(|e| chart_err(repo, e))?;
-        let unpacked = tmp.keep();
-        if let Err(e) = std::fs::rename(&unpacked, &target) {
-            let _ = std::fs::remove_dir_all(&unpacked);
-            // Another worker unpacked the same archive first.
-            if !target.is_dir() {
-                return Err(cache(e));
-            }
-        }
+        super::sealed::seal(tmp.path()).map_err(cache)?;
+        // Another worker may have unpacked the same archive first.
+        super::sealed::publish(&tmp.keep(), &target).map_err(cache)?;
         Ok(hex)
     }
 
@@ -267,7 +262,8 @@ impl ChartSource {
         };
         let hex = revision_digest(revision).ok_or_else(missing)?;
         let root = self.entry(hex);
-        if !root.is_dir() {
+        // A damaged entry is removed here; the next round pulls the chart again.
+        if !super::sealed::usable_or_removed(&root) {
             return Err(missing());
         }
         let dir = chart_dir_in(&root).map_err(|message| SourceError::Chart {

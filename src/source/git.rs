@@ -114,7 +114,8 @@ impl GitSource {
     ) -> Result<Snapshot, SourceError> {
         let url = &repo.url;
         let dir = self.snapshots.join(format!("{}-{sha}", Self::key(url)));
-        if dir.is_dir() {
+        // Only a checkout whose files are all as they were written is used.
+        if super::sealed::usable_or_removed(&dir) {
             return Ok(Snapshot {
                 repo: url.clone(),
                 revision: sha.to_string(),
@@ -244,14 +245,10 @@ impl GitSource {
         cache
             .checkout_tree(tree.as_object(), Some(&mut co))
             .map_err(Self::git_err(url))?;
+        super::sealed::seal(tmp.path()).map_err(Self::cache_err(url, tmp.path()))?;
+        // Another sync of the same commit may win the race; its directory is identical.
         let tmp_path = tmp.keep();
-        if let Err(e) = std::fs::rename(&tmp_path, dir) {
-            let _ = std::fs::remove_dir_all(&tmp_path);
-            // Another sync of the same commit won the race; its directory is identical.
-            if !dir.is_dir() {
-                return Err(Self::cache_err(url, dir)(e));
-            }
-        }
+        super::sealed::publish(&tmp_path, dir).map_err(Self::cache_err(url, dir))?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 mod auth;
 pub mod chart;
 mod git;
+mod sealed;
 
 use std::path::PathBuf;
 

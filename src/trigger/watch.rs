@@ -22,8 +22,9 @@ pub fn local_repo_dir(url: &str) -> Option<PathBuf> {
     Some(if git_dir.is_dir() { git_dir } else { path })
 }
 
-/// Starts watching. `config_changed` receives a signal for every change to `config_path`
-/// (editors often replace the file, so its directory is watched).
+/// Starts watching. `config_changed` receives a signal whenever `config_path` was written
+/// and closed, or renamed into place (editors often replace the file, so its directory is
+/// watched).
 pub fn watch(
     config_path: &Path,
     local_repos: Vec<(String, PathBuf)>,
@@ -40,15 +41,28 @@ pub fn watch(
     let watched_config_dir = config_dir.clone();
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         let Ok(event) = result else { return };
-        if matches!(event.kind, notify::EventKind::Access(_)) {
+        // The config counts as changed once it is complete: closed after writing, or renamed
+        // into place. A file caught half-written (an editor or scp writing in place over a
+        // slow link) may still parse, with apps missing.
+        let config_complete = matches!(
+            event.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Close(
+                notify::event::AccessMode::Write
+            )) | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+        );
+        if matches!(event.kind, notify::EventKind::Access(_)) && !config_complete {
             return;
         }
         for path in &event.paths {
-            if path.parent() == Some(watched_config_dir.as_path())
+            if config_complete
+                && path.parent() == Some(watched_config_dir.as_path())
                 && path.file_name().map(|n| n.to_os_string()) == config_file
             {
                 // Full means a reload is already pending.
                 let _ = config_changed.try_send(());
+            }
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                continue;
             }
             for (url, dir) in &repos {
                 // Object writes say nothing new; refs, HEAD and packed-refs do.

@@ -614,3 +614,37 @@ async fn two_apps_claiming_one_object_is_a_reported_conflict_not_a_tug_of_war() 
     }
     assert!(config.state(loser)["last_applied_revision"].is_null());
 }
+
+#[tokio::test]
+async fn a_revision_whose_pods_cannot_be_scheduled_is_rolled_back() {
+    let ns = TestNamespace::reserve("unschedulable").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.27", 0));
+    let good = repo.commit("good");
+    let config = app_config(&repo, &ns, "rollback = \"auto\"");
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &good).await;
+    eventually("the good revision Healthy", WAIT, || async {
+        let status = config.status().await;
+        (status["apps"][0]["health"] == "Healthy").then_some(())
+    })
+    .await;
+
+    // No node has this label: the new pod stays Pending until the progress deadline (10 s).
+    let unschedulable = deployment("web", "nginx:1.28", 0).replace(
+        "    spec:\n      containers:",
+        "    spec:\n      nodeSelector: {edgesync.io/nowhere: \"true\"}\n      containers:",
+    );
+    assert_ne!(unschedulable, deployment("web", "nginx:1.28", 0));
+    repo.write("deploy/web.yaml", &unschedulable);
+    let bad = repo.commit("unschedulable");
+    config.wait_applied("app", &bad).await;
+    let state = eventually("the rollback", WAIT, || async {
+        let state = config.state("app");
+        (state["bad_revision"] == bad.as_str()).then_some(state)
+    })
+    .await;
+    assert_eq!(state["last_applied_revision"], good.as_str());
+    let web = ns.api::<Deployment>().get("web").await.unwrap();
+    assert_eq!(image_of(&web), "nginx:1.27");
+}

@@ -16,6 +16,7 @@ mod node_targeting;
 mod prune;
 mod report;
 mod report_mqtt;
+mod safety;
 mod signatures;
 mod skeleton;
 mod trigger_local;

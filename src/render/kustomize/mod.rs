@@ -35,6 +35,10 @@ pub const KUSTOMIZATION_FILES: [&str; 3] =
 const MAX_DEPTH: usize = 64;
 /// Total objects one build may produce.
 const MAX_OBJECTS: usize = 50_000;
+/// Kustomizations and components one build may expand. Each reference to a base is built
+/// anew, as kustomize does, so a chain whose every level lists the next twice takes 2^n
+/// builds: this stops it long before it stops the agent.
+const MAX_EXPANSIONS: usize = 2_000;
 
 /// Finds the kustomization file in `dir`, if any; more than one is an error, as in kustomize.
 pub fn kustomization_file(dir: &Path) -> Option<PathBuf> {
@@ -108,6 +112,7 @@ pub fn build_with(
         stack: Vec::new(),
         vars: Vec::new(),
         overrides,
+        expansions: 0,
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
@@ -140,14 +145,11 @@ pub fn external(root: &Path, dir: &Path, command: &str) -> Result<Manifests, Ren
     let program = words
         .next()
         .ok_or_else(|| fail("the command is empty".into()))?;
-    let output = std::process::Command::new(program)
-        .args(words)
-        .arg(".")
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
-    if !output.status.success() {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(words).arg(".").current_dir(dir);
+    let output = super::process::run(cmd, super::process::TIMEOUT, super::process::MAX_OUTPUT)
+        .map_err(|e| fail(format!("{program}: {e}")))?;
+    if !output.success {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(fail(stderr.trim().chars().take(2000).collect()));
     }
@@ -262,6 +264,8 @@ struct Builder<'a> {
     vars: Vec<vars::Var>,
     /// Changes to the top kustomization (Argo CD's `source.kustomize`).
     overrides: &'a Overrides,
+    /// Kustomizations and components expanded so far.
+    expansions: usize,
 }
 
 impl Builder<'_> {
@@ -302,6 +306,13 @@ impl Builder<'_> {
         }
         if self.stack.len() >= MAX_DEPTH {
             return Err(self.error(&file, format!("nested deeper than {MAX_DEPTH} levels")));
+        }
+        self.expansions += 1;
+        if self.expansions > MAX_EXPANSIONS {
+            return Err(self.error(
+                &file,
+                format!("more than {MAX_EXPANSIONS} kustomizations and components expanded in one build: bases or components are referenced over and over"),
+            ));
         }
         let mut k = self.read_kustomization(&file, kind)?;
         if self.stack.is_empty() {
@@ -533,6 +544,40 @@ mod tests {
 
     fn build_err(root: &Path, dir: &str) -> String {
         build(root, &root.join(dir)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_base_referenced_over_and_over_stops_at_the_expansion_bound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let depth = 24;
+        for level in 0..depth {
+            for side in ["a", "b"] {
+                let text = if level + 1 == depth {
+                    "resources: [cm.yaml]\n".to_string()
+                } else {
+                    format!("resources: [../a{0}, ../b{0}]\n", level + 1)
+                };
+                write(
+                    root,
+                    &format!("{side}{level}/kustomization.yaml"),
+                    &format!("namePrefix: {side}-\n{text}"),
+                );
+            }
+        }
+        write(
+            root,
+            &format!("a{}/cm.yaml", depth - 1),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n",
+        );
+        write(
+            root,
+            &format!("b{}/cm.yaml", depth - 1),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n",
+        );
+        // Without the bound this is 2^24 builds.
+        let err = build_err(root, "a0");
+        assert!(err.contains("expanded in one build"), "{err}");
     }
 
     #[test]

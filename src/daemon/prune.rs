@@ -1,0 +1,75 @@
+//! The one place edgesync deletes what it applied: the prune after a complete sync, the prune
+//! of a rollback, and the removal of apps that left the node all go through [`delete_owned`].
+//! An object is deleted only if it still carries the app's annotation, does not opt out
+//! (`Prune=false`, `Delete=false`), and is unchanged since it was read (uid and
+//! resourceVersion preconditions): whoever touched it in between wins.
+
+use crate::apply::kube::CallError;
+use crate::apply::{self, KubeApplier, ObjectFailure, ObjectRef};
+
+/// What a deletion pass did with each candidate.
+#[derive(Debug, Default)]
+pub struct Deletion {
+    pub deleted: Vec<ObjectRef>,
+    /// Gone already, or no longer the app's: the inventory forgets these.
+    pub forgotten: Vec<ObjectRef>,
+    /// Changed between the read and the delete: left in place and looked at again next time.
+    pub changed: Vec<ObjectRef>,
+    pub failures: Vec<ObjectFailure>,
+}
+
+/// Deletes `candidates` (in the order given) that still belong to `app`.
+pub async fn delete_owned(
+    applier: &KubeApplier,
+    app: &str,
+    candidates: Vec<ObjectRef>,
+    propagation: &str,
+) -> Deletion {
+    let mut done = Deletion::default();
+    for object in candidates {
+        match delete_one(applier, app, &object, propagation).await {
+            Ok(Fate::Deleted) => done.deleted.push(object),
+            Ok(Fate::Forgotten) => done.forgotten.push(object),
+            Ok(Fate::Changed) => done.changed.push(object),
+            Err(e) => done.failures.push(ObjectFailure {
+                object,
+                message: e.message,
+                transient: e.transient,
+            }),
+        }
+    }
+    done
+}
+
+enum Fate {
+    Deleted,
+    Forgotten,
+    Changed,
+}
+
+/// A busy object (a controller writing its status) changes between read and delete now and
+/// then: it is read and judged again this many times.
+const ATTEMPTS: usize = 3;
+
+async fn delete_one(
+    applier: &KubeApplier,
+    app: &str,
+    object: &ObjectRef,
+    propagation: &str,
+) -> Result<Fate, CallError> {
+    for _ in 0..ATTEMPTS {
+        let Some(live) = applier.get(object).await? else {
+            return Ok(Fate::Forgotten);
+        };
+        if let Some(reason) = apply::keep_reason(&live, app) {
+            tracing::info!(%app, %object, "not deleted: {reason}");
+            return Ok(Fate::Forgotten);
+        }
+        if applier.delete_unchanged(object, &live, propagation).await? {
+            tracing::info!(%app, %object, "deleted");
+            return Ok(Fate::Deleted);
+        }
+    }
+    tracing::info!(%app, %object, "not deleted: it kept changing while being read");
+    Ok(Fate::Changed)
+}

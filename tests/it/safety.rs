@@ -1,0 +1,247 @@
+//! The destructive path on the real control plane: what must stay, stays. An apiVersion bump,
+//! a dropped Namespace manifest, a refused fleet Application, an unreadable inventory and a
+//! second process on one state directory each once deleted, or could delete, live objects.
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::json;
+
+use crate::harness::cluster::cluster;
+use crate::harness::{eventually, Agent, AgentConfig, GitRepo, TestNamespace, WAIT};
+
+fn cm(name: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  v: \"1\"\n")
+}
+
+fn pruning_app(repo: &GitRepo, ns: &str) -> AgentConfig {
+    AgentConfig::new().app(&format!(
+        "name = \"app\"\nrepo = \"{}\"\npath = \"app\"\nnamespace = \"{ns}\"\ncreate_namespace = true\nprune = true",
+        repo.url()
+    ))
+}
+
+async fn sync(config: &AgentConfig) -> (bool, String) {
+    let out = config.command(&["sync"]).await;
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Present and not being deleted.
+async fn cm_exists(ns: &str, name: &str) -> bool {
+    let api = kube::Api::<ConfigMap>::namespaced(cluster().client().await, ns);
+    let live = api.get_opt(name).await.unwrap();
+    live.is_some_and(|o| o.metadata.deletion_timestamp.is_none())
+}
+
+fn hpa(api_version: &str) -> String {
+    let metrics = if api_version == "autoscaling/v1" {
+        "  targetCPUUtilizationPercentage: 50\n"
+    } else {
+        "  metrics:\n    - type: Resource\n      resource:\n        name: cpu\n        target: {type: Utilization, averageUtilization: 50}\n"
+    };
+    format!(
+        "apiVersion: {api_version}\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: web\nspec:\n  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}\n  minReplicas: 1\n  maxReplicas: 2\n{metrics}"
+    )
+}
+
+#[tokio::test]
+async fn an_api_version_bump_keeps_the_object_it_moved() {
+    let ns = TestNamespace::reserve("bump").await;
+    let repo = GitRepo::new();
+    repo.write("app/hpa.yaml", &hpa("autoscaling/v1"));
+    repo.write("app/cm.yaml", &cm("settings"));
+    repo.commit("hpa at v1");
+    let config = pruning_app(&repo, &ns.name);
+    let (ok, log) = sync(&config).await;
+    assert!(ok, "{log}");
+    let gvk = GroupVersionKind::gvk("autoscaling", "v2", "HorizontalPodAutoscaler");
+    let api = kube::Api::<DynamicObject>::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &ApiResource::from_gvk(&gvk),
+    );
+    let uid = api.get("web").await.unwrap().metadata.uid;
+
+    repo.write("app/hpa.yaml", &hpa("autoscaling/v2"));
+    repo.commit("hpa at v2");
+    let (ok, log) = sync(&config).await;
+    assert!(ok, "{log}");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let live = api.get_opt("web").await.unwrap().expect("the HPA was pruned");
+    assert!(live.metadata.deletion_timestamp.is_none(), "being deleted");
+    assert_eq!(live.metadata.uid, uid, "deleted and created again");
+    let inventory = config.state("app")["inventory"].clone();
+    let hpas: Vec<_> = inventory
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["kind"] == "HorizontalPodAutoscaler")
+        .collect();
+    assert_eq!(hpas.len(), 1, "{inventory}");
+    assert_eq!(hpas[0]["version"], "v2", "{inventory}");
+}
+
+#[tokio::test]
+async fn dropping_the_namespace_manifest_keeps_the_namespace_the_app_runs_in() {
+    let ns = TestNamespace::reserve("dropns").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "app/ns.yaml",
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", ns.name),
+    );
+    repo.write("app/cm.yaml", &cm("settings"));
+    repo.commit("with its Namespace");
+    let config = pruning_app(&repo, &ns.name);
+    let (ok, log) = sync(&config).await;
+    assert!(ok, "{log}");
+    assert!(config.state("app")["inventory"]
+        .to_string()
+        .contains("\"Namespace\""));
+
+    repo.remove("app/ns.yaml");
+    repo.commit("Namespace manifest dropped, create_namespace still on");
+    let (ok, log) = sync(&config).await;
+    assert!(ok, "{log}");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let namespaces = kube::Api::<Namespace>::all(ns.client.clone());
+    let live = namespaces.get(&ns.name).await.unwrap();
+    assert!(
+        live.metadata.deletion_timestamp.is_none(),
+        "the app's namespace is being deleted"
+    );
+    assert!(cm_exists(&ns.name, "settings").await);
+}
+
+#[tokio::test]
+async fn without_local_state_an_unreadable_inventory_stops_the_sync_and_is_kept() {
+    let ns = TestNamespace::reserve("inventory").await;
+    let repo = GitRepo::new();
+    repo.write("app/a.yaml", &cm("a"));
+    repo.write("app/b.yaml", &cm("b"));
+    repo.commit("a and b");
+    let config = pruning_app(&repo, &ns.name);
+    let (ok, log) = sync(&config).await;
+    assert!(ok, "{log}");
+
+    // The node loses its state directory, and the cluster's copy cannot be read.
+    std::fs::remove_dir_all(config.dir().join("state")).unwrap();
+    let inventories = kube::Api::<ConfigMap>::namespaced(ns.client.clone(), "edgesync-system");
+    let name = format!("{}.app", config.node_name);
+    let garbage = json!({"binaryData": {"inventory.json.gz": "bm90IGd6aXA="}});
+    inventories
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&garbage))
+        .await
+        .unwrap();
+    repo.remove("app/b.yaml");
+    repo.write("app/c.yaml", &cm("c"));
+    repo.commit("b dropped, c added");
+    let (ok, log) = sync(&config).await;
+    assert!(!ok, "synced on an unknown inventory: {log}");
+    assert!(
+        log.contains(&name) && log.contains("inventory"),
+        "the error names the ConfigMap: {log}"
+    );
+    assert!(!cm_exists(&ns.name, "c").await, "nothing is applied");
+    assert!(cm_exists(&ns.name, "b").await);
+    let kept = inventories.get(&name).await.unwrap();
+    assert_eq!(
+        kept.binary_data.unwrap()["inventory.json.gz"].0,
+        b"not gzip",
+        "the cluster's copy was overwritten"
+    );
+}
+
+#[tokio::test]
+async fn one_process_per_state_directory() {
+    let ns = TestNamespace::reserve("lock").await;
+    let repo = GitRepo::new();
+    repo.write("app/a.yaml", &cm("a"));
+    let sha = repo.commit("a");
+    let config = pruning_app(&repo, &ns.name);
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    let out = config.command(&["sync"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("in use by another edgesync process"), "{stderr}");
+    assert!(agent.stop().await.success());
+    let (ok, log) = sync(&config).await;
+    assert!(ok, "the lock outlives the agent: {log}");
+}
+
+#[tokio::test]
+async fn a_plain_app_goes_healthy_in_the_status() {
+    let ns = TestNamespace::reserve("plainhealth").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "app/ns.yaml",
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", ns.name),
+    );
+    repo.write("app/cm.yaml", &cm("settings"));
+    let sha = repo.commit("a Namespace and a ConfigMap");
+    let config = pruning_app(&repo, &ns.name);
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    eventually("Healthy in the status API", WAIT, || async {
+        let status = config.status().await;
+        (status["apps"][0]["health"] == "Healthy").then_some(())
+    })
+    .await;
+}
+
+/// A fleet Application switched to something this node refuses is still in the fleet: its
+/// objects stay, and so does its state.
+#[tokio::test]
+async fn a_refused_fleet_application_is_not_a_departed_one() {
+    let ns = TestNamespace::reserve("refusedapp").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    let app = |retry: &str| {
+        format!(
+            r#"apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: web
+  finalizers: [resources-finalizer.argocd.argoproj.io]
+spec:
+  source: {{repoURL: "{url}", targetRevision: main, path: app}}
+  destination: {{server: "https://kubernetes.default.svc", namespace: {ns}}}
+  syncPolicy:
+    automated: {{prune: true}}
+    syncOptions: [CreateNamespace=true]
+{retry}"#,
+            ns = ns.name
+        )
+    };
+    repo.write("fleet/web.yaml", &app(""));
+    repo.write("app/cm.yaml", &cm("greeting"));
+    let sha = repo.commit("web");
+    let config = AgentConfig::new()
+        .section(
+            "fleet",
+            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+        )
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""));
+    let agent = Agent::start(&config);
+    config.wait_applied("web", &sha).await;
+
+    repo.write(
+        "fleet/web.yaml",
+        &app("    retry:\n      backoff: {maxDuration: 300000000000y}\n"),
+    );
+    repo.commit("a retry duration no clock holds");
+    eventually("the refusal reported", WAIT, || async {
+        agent.log().contains("maxDuration").then_some(())
+    })
+    .await;
+    // Several polls and reloads later, nothing was removed and the agent still runs.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(cm_exists(&ns.name, "greeting").await, "{}", agent.log());
+    assert!(!config.state("web").is_null(), "the app's state was archived");
+    assert!(!agent.log().contains("deleted: the app left this node"));
+    let log = agent.log();
+    assert!(log.contains("nothing is removed this time"), "{log}");
+}
