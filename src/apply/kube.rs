@@ -419,7 +419,9 @@ impl KubeApplier {
     /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
     /// already counts as deleted.
     pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), CallError> {
-        self.delete_with(object, propagation, None).await.map(|_| ())
+        self.delete_with(object, propagation, None)
+            .await
+            .map(|_| ())
     }
 
     /// Deletes `object` only if it is still the object `live` (same uid and resourceVersion):
@@ -562,11 +564,13 @@ impl KubeApplier {
         let data = cm.data.unwrap_or_default();
         let binary = cm.binary_data.unwrap_or_default();
         let parse = |key: &str| -> Result<Inventory, CallError> {
-            let bad = |message: String| CallError {
+            let bad = |message: String| {
+                CallError {
                 message: format!(
                     "ConfigMap {INVENTORY_NAMESPACE}/{name}: {key}: {message} (delete the ConfigMap to let the app start afresh, leaving what it applied in place)"
                 ),
                 transient: false,
+            }
             };
             // Written compressed; inventories from before that are plain JSON.
             let json = match (binary.get(&format!("{key}.json.gz")), data.get(key)) {
@@ -654,7 +658,10 @@ impl KubeApplier {
     }
 
     /// The resource of `object`'s group and kind at the version the API server prefers.
-    async fn preferred_resource(&self, object: &ObjectRef) -> Result<(ApiResource, Scope), CallError> {
+    async fn preferred_resource(
+        &self,
+        object: &ObjectRef,
+    ) -> Result<(ApiResource, Scope), CallError> {
         let group = kube::discovery::oneshot::group(&self.client, &object.group).await;
         self.count("discover", &group);
         let group = group?;
@@ -844,7 +851,8 @@ mod tests {
                 !l.is_empty()
                     && !l.starts_with('-')
                     && !l.ends_with('-')
-                    && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             })
     }
 
@@ -876,9 +884,16 @@ mod tests {
             .collect();
         let packed = pack_inventory(&inventory).unwrap();
         let json = serde_json::to_vec(&inventory).unwrap();
-        assert!(packed.len() * 5 < json.len(), "{} vs {}", packed.len(), json.len());
+        assert!(
+            packed.len() * 5 < json.len(),
+            "{} vs {}",
+            packed.len(),
+            json.len()
+        );
         use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(packed).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(packed)
+            .unwrap();
         let back: Inventory = serde_json::from_slice(&unpack_inventory(&bytes).unwrap()).unwrap();
         assert_eq!(back, inventory);
     }

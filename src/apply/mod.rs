@@ -118,7 +118,12 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     fn identity(&self) -> (&str, &str, Option<&str>, &str) {
-        (&self.group, &self.kind, self.namespace.as_deref(), &self.name)
+        (
+            &self.group,
+            &self.kind,
+            self.namespace.as_deref(),
+            &self.name,
+        )
     }
 }
 
@@ -787,11 +792,26 @@ mod tests {
 
     #[test]
     fn an_api_version_bump_is_the_same_object_and_never_a_prune_candidate() {
-        let v1 = oref("autoscaling/v1", "HorizontalPodAutoscaler", Some("ns"), "web");
-        let v2 = oref("autoscaling/v2", "HorizontalPodAutoscaler", Some("ns"), "web");
+        let v1 = oref(
+            "autoscaling/v1",
+            "HorizontalPodAutoscaler",
+            Some("ns"),
+            "web",
+        );
+        let v2 = oref(
+            "autoscaling/v2",
+            "HorizontalPodAutoscaler",
+            Some("ns"),
+            "web",
+        );
         assert_eq!(v1, v2);
         let inventory: Inventory = [v1.clone()].into_iter().collect();
-        let mut hpa = obj("autoscaling/v2", "HorizontalPodAutoscaler", "web", "hpa.yaml#0");
+        let mut hpa = obj(
+            "autoscaling/v2",
+            "HorizontalPodAutoscaler",
+            "web",
+            "hpa.yaml#0",
+        );
         hpa.value["metadata"]["namespace"] = json!("ns");
         let p = plan("app", Some("ns"), false, manifests(vec![hpa])).unwrap();
         assert!(prune_candidates(&inventory, &p.protected()).is_empty());
@@ -830,20 +850,36 @@ mod tests {
             manifests(vec![obj("v1", "ConfigMap", "c", "x#0")]),
         )
         .unwrap();
-        assert!(!prune_candidates(&inventory, &p.protected())
-            .contains(&oref("v1", "Namespace", None, "team")));
+        assert!(
+            !prune_candidates(&inventory, &p.protected()).contains(&oref(
+                "v1",
+                "Namespace",
+                None,
+                "team"
+            ))
+        );
     }
 
     #[test]
     fn cluster_scoped_objects_of_the_plan_are_protected_too() {
-        let inventory: Inventory = [oref("rbac.authorization.k8s.io/v1", "ClusterRole", None, "r")]
-            .into_iter()
-            .collect();
+        let inventory: Inventory = [oref(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            None,
+            "r",
+        )]
+        .into_iter()
+        .collect();
         let p = plan(
             "a",
             Some("team"),
             false,
-            manifests(vec![obj("rbac.authorization.k8s.io/v1", "ClusterRole", "r", "x#0")]),
+            manifests(vec![obj(
+                "rbac.authorization.k8s.io/v1",
+                "ClusterRole",
+                "r",
+                "x#0",
+            )]),
         )
         .unwrap();
         assert!(prune_candidates(&inventory, &p.protected()).is_empty());

@@ -212,9 +212,8 @@ pub(crate) mod human {
 
     /// Parses a duration and refuses one over [`MAX`]. The caller names the key.
     pub fn parse(text: &str) -> Result<Duration, String> {
-        let parsed = humantime::parse_duration(text).map_err(|e| {
-            format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\"")
-        })?;
+        let parsed = humantime::parse_duration(text)
+            .map_err(|e| format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""))?;
         if parsed > MAX {
             return Err(format!(
                 "duration {text:?} is longer than the longest allowed, {}",

@@ -41,7 +41,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // and rendering it can take long, and must not count against systemd's start timeout
     // (a slow or hostile fleet commit would otherwise make every node crash-loop).
     notify_systemd(sd_notify::NotifyState::Ready);
-    notify_systemd(sd_notify::NotifyState::Status("starting: reading the fleet"));
+    notify_systemd(sd_notify::NotifyState::Status(
+        "starting: reading the fleet",
+    ));
     let watchdog = sd_notify::watchdog_enabled();
     let mut agent = fed(
         watchdog,

@@ -102,7 +102,9 @@ impl Retries {
             .next()
             .unwrap_or(app.retry.backoff.max_duration);
         // Durations are bounded when read; saturate anyway rather than trust every caller.
-        state.next_at = now.checked_add(delay).unwrap_or(now + crate::config::sync_policy::human::MAX);
+        state.next_at = now
+            .checked_add(delay)
+            .unwrap_or(now + crate::config::sync_policy::human::MAX);
         let limit = if app.retry.limit < 0 {
             "unlimited".to_string()
         } else {

@@ -400,7 +400,8 @@ impl SyncContext {
                 Ok(None) => {}
                 Err(e) => {
                     let error = SyncError::Inventory(e);
-                    self.board.synced(&app.name, &state, Some(&error.to_string()));
+                    self.board
+                        .synced(&app.name, &state, Some(&error.to_string()));
                     return Err(error);
                 }
             }

@@ -773,7 +773,10 @@ mod tests {
 
     #[test]
     fn a_retry_duration_beyond_any_clock_is_refused_naming_the_key() {
-        for (key, value) in [("maxDuration", "300000000000y"), ("duration", "9999999999999999s")] {
+        for (key, value) in [
+            ("maxDuration", "300000000000y"),
+            ("duration", "9999999999999999s"),
+        ] {
             let parsed = parse(&application_object(serde_json::json!({
                 "source": {"repoURL": "https://g/r.git", "path": "p"},
                 "destination": {"server": "https://kubernetes.default.svc", "namespace": "n"},
@@ -783,7 +786,8 @@ mod tests {
             .unwrap();
             let err = app(&parsed).to_app_config().unwrap_err();
             assert!(
-                err.contains(&format!("spec.syncPolicy.retry.backoff.{key}")) && err.contains("longer"),
+                err.contains(&format!("spec.syncPolicy.retry.backoff.{key}"))
+                    && err.contains("longer"),
                 "{err}"
             );
         }

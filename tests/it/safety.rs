@@ -70,7 +70,11 @@ async fn an_api_version_bump_keeps_the_object_it_moved() {
     let (ok, log) = sync(&config).await;
     assert!(ok, "{log}");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let live = api.get_opt("web").await.unwrap().expect("the HPA was pruned");
+    let live = api
+        .get_opt("web")
+        .await
+        .unwrap()
+        .expect("the HPA was pruned");
     assert!(live.metadata.deletion_timestamp.is_none(), "being deleted");
     assert_eq!(live.metadata.uid, uid, "deleted and created again");
     let inventory = config.state("app")["inventory"].clone();
@@ -90,7 +94,10 @@ async fn dropping_the_namespace_manifest_keeps_the_namespace_the_app_runs_in() {
     let repo = GitRepo::new();
     repo.write(
         "app/ns.yaml",
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", ns.name),
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n",
+            ns.name
+        ),
     );
     repo.write("app/cm.yaml", &cm("settings"));
     repo.commit("with its Namespace");
@@ -166,7 +173,10 @@ async fn one_process_per_state_directory() {
     let out = config.command(&["sync"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("in use by another edgesync process"), "{stderr}");
+    assert!(
+        stderr.contains("in use by another edgesync process"),
+        "{stderr}"
+    );
     assert!(agent.stop().await.success());
     let (ok, log) = sync(&config).await;
     assert!(ok, "the lock outlives the agent: {log}");
@@ -178,7 +188,10 @@ async fn a_plain_app_goes_healthy_in_the_status() {
     let repo = GitRepo::new();
     repo.write(
         "app/ns.yaml",
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", ns.name),
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n",
+            ns.name
+        ),
     );
     repo.write("app/cm.yaml", &cm("settings"));
     let sha = repo.commit("a Namespace and a ConfigMap");
@@ -240,7 +253,10 @@ spec:
     // Several polls and reloads later, nothing was removed and the agent still runs.
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert!(cm_exists(&ns.name, "greeting").await, "{}", agent.log());
-    assert!(!config.state("web").is_null(), "the app's state was archived");
+    assert!(
+        !config.state("web").is_null(),
+        "the app's state was archived"
+    );
     assert!(!agent.log().contains("deleted: the app left this node"));
     let log = agent.log();
     assert!(log.contains("nothing is removed this time"), "{log}");
