@@ -560,27 +560,37 @@ impl KubeApplier {
         let Some(cm) = found? else {
             return Ok(None);
         };
-        let name = inventory_name(node, app);
-        let data = cm.data.unwrap_or_default();
-        let binary = cm.binary_data.unwrap_or_default();
-        let parse = |key: &str| -> Result<Inventory, CallError> {
-            let bad = |message: String| {
-                CallError {
-                message: format!(
-                    "ConfigMap {INVENTORY_NAMESPACE}/{name}: {key}: {message} (delete the ConfigMap to let the app start afresh, leaving what it applied in place)"
-                ),
-                transient: false,
+        Ok(Some((
+            stored_inventory(&cm, "inventory")?,
+            stored_inventory(&cm, "objects")?,
+        )))
+    }
+
+    /// What the apps of other nodes on this cluster run now (the `objects` of their inventory
+    /// ConfigMaps): with an agent on each node of a multi-node cluster, one node must never
+    /// prune or remove what another still runs. One list call; on a single-node cluster it
+    /// finds only this node's own ConfigMaps. An inventory that cannot be read is an error:
+    /// without it, nothing can be deleted with certainty.
+    pub async fn held_by_other_nodes(&self, node: &str) -> Result<Inventory, CallError> {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), INVENTORY_NAMESPACE);
+        let params =
+            kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=edgesync");
+        let listed = api.list(&params).await;
+        self.count("list", &listed);
+        let mut held = Inventory::new();
+        for cm in listed? {
+            let owner = cm
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("edgesync.io/node"));
+            if owner.is_none_or(|n| n == node) {
+                continue;
             }
-            };
-            // Written compressed; inventories from before that are plain JSON.
-            let json = match (binary.get(&format!("{key}.json.gz")), data.get(key)) {
-                (Some(packed), _) => unpack_inventory(&packed.0).map_err(|e| bad(e.to_string()))?,
-                (None, Some(text)) => text.clone().into_bytes(),
-                (None, None) => return Err(bad("missing".into())),
-            };
-            serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))
-        };
-        Ok(Some((parse("inventory")?, parse("objects")?)))
+            held.extend(stored_inventory(&cm, "objects")?);
+        }
+        Ok(held)
     }
 
     /// Objects of `object`'s kind in `namespace`, metadata only: `(name, managed by edgesync,
@@ -700,6 +710,32 @@ impl KubeApplier {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// One list (`inventory` or `objects`) of an inventory ConfigMap.
+fn stored_inventory(
+    cm: &k8s_openapi::api::core::v1::ConfigMap,
+    key: &str,
+) -> Result<Inventory, CallError> {
+    let name = cm.metadata.name.as_deref().unwrap_or_default();
+    let bad = |message: String| CallError {
+        message: format!(
+            "inventory ConfigMap {INVENTORY_NAMESPACE}/{name}: {key}: {message} (delete the ConfigMap to let its app start afresh, leaving what it applied in place)"
+        ),
+        transient: false,
+    };
+    // Written compressed; inventories from before that are plain JSON.
+    let packed = cm
+        .binary_data
+        .as_ref()
+        .and_then(|b| b.get(&format!("{key}.json.gz")));
+    let plain = cm.data.as_ref().and_then(|d| d.get(key));
+    let json = match (packed, plain) {
+        (Some(packed), _) => unpack_inventory(&packed.0).map_err(|e| bad(e.to_string()))?,
+        (None, Some(text)) => text.clone().into_bytes(),
+        (None, None) => return Err(bad("missing".into())),
+    };
+    serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))
 }
 
 /// What an inventory ConfigMap may hold: a ConfigMap is limited to 1 MiB, its metadata

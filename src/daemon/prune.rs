@@ -2,7 +2,8 @@
 //! of a rollback, and the removal of apps that left the node all go through [`delete_owned`].
 //! An object is deleted only if it still carries the app's annotation, does not opt out
 //! (`Prune=false`, `Delete=false`), and is unchanged since it was read (uid and
-//! resourceVersion preconditions): whoever touched it in between wins.
+//! resourceVersion preconditions): whoever touched it in between wins. What an app of another
+//! node on the same cluster runs (its inventory ConfigMap says so) is never deleted.
 
 use crate::apply::kube::CallError;
 use crate::apply::{self, KubeApplier, ObjectFailure, ObjectRef};
@@ -18,15 +19,40 @@ pub struct Deletion {
     pub failures: Vec<ObjectFailure>,
 }
 
-/// Deletes `candidates` (in the order given) that still belong to `app`.
+/// Deletes `candidates` (in the order given) that still belong to `app` of `node`, and that
+/// no app of another node on this cluster runs.
 pub async fn delete_owned(
     applier: &KubeApplier,
+    node: &str,
     app: &str,
     candidates: Vec<ObjectRef>,
     propagation: &str,
 ) -> Deletion {
     let mut done = Deletion::default();
+    if candidates.is_empty() {
+        return done;
+    }
+    let elsewhere = match applier.held_by_other_nodes(node).await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(%app, "nothing deleted: {e}");
+            done.failures = candidates
+                .into_iter()
+                .map(|object| ObjectFailure {
+                    object,
+                    message: format!("not deleted: what other nodes run is unknown: {e}"),
+                    transient: e.transient,
+                })
+                .collect();
+            return done;
+        }
+    };
     for object in candidates {
+        if elsewhere.contains(&object) {
+            tracing::info!(%app, %object, "not deleted: an app of another node runs it");
+            done.forgotten.push(object);
+            continue;
+        }
         match delete_one(applier, app, &object, propagation).await {
             Ok(Fate::Deleted) => done.deleted.push(object),
             Ok(Fate::Forgotten) => done.forgotten.push(object),

@@ -25,8 +25,14 @@ pub async fn remove_departed(ctx: Arc<SyncContext>) {
         };
         if state.delete_on_removal {
             let candidates = apply::prune_candidates(&state.inventory, &Default::default());
-            let done =
-                super::prune::delete_owned(&ctx.applier, &app, candidates, "Foreground").await;
+            let done = super::prune::delete_owned(
+                &ctx.applier,
+                &ctx.config.node.name,
+                &app,
+                candidates,
+                "Foreground",
+            )
+            .await;
             for failure in &done.failures {
                 tracing::warn!(%app, object = %failure.object, "cannot delete: {}", failure.message);
             }

@@ -744,8 +744,14 @@ impl SyncContext {
             _ => "Foreground",
         };
         let candidates = apply::prune_candidates(&state.inventory, &keep);
-        let done =
-            super::prune::delete_owned(&self.applier, &app.name, candidates, propagation).await;
+        let done = super::prune::delete_owned(
+            &self.applier,
+            &self.config.node.name,
+            &app.name,
+            candidates,
+            propagation,
+        )
+        .await;
         for object in done.deleted.iter().chain(&done.forgotten) {
             state.inventory.remove(object);
         }

@@ -261,3 +261,50 @@ spec:
     let log = agent.log();
     assert!(log.contains("nothing is removed this time"), "{log}");
 }
+
+/// An agent on each node of one cluster: what one node's app still runs, another node's prune
+/// or removal leaves alone.
+#[tokio::test]
+async fn a_node_never_deletes_what_another_node_of_the_cluster_runs() {
+    let ns = TestNamespace::reserve("twonodes").await;
+    let repo = GitRepo::new();
+    for dir in ["one", "two"] {
+        repo.write(&format!("{dir}/a.yaml"), &cm("a"));
+        repo.write(&format!("{dir}/b.yaml"), &cm("b"));
+    }
+    repo.commit("both nodes run a and b");
+    let node = |path: &str| {
+        AgentConfig::new().app(&format!(
+            "name = \"app\"\nrepo = \"{}\"\npath = \"{path}\"\nnamespace = \"{}\"\ncreate_namespace = true\nprune = true\ndelete_on_removal = true",
+            repo.url(),
+            ns.name
+        ))
+    };
+    let (first, second) = (node("one"), node("two"));
+    for config in [&first, &second] {
+        let (ok, log) = sync(config).await;
+        assert!(ok, "{log}");
+    }
+
+    repo.remove("one/b.yaml");
+    repo.commit("the first node's app drops b");
+    let (ok, log) = sync(&first).await;
+    assert!(ok, "{log}");
+    assert!(cm_exists(&ns.name, "b").await, "pruned what the second node runs");
+    assert!(
+        log.contains("an app of another node runs it"),
+        "{log}"
+    );
+    let inventory = first.state("app")["inventory"].to_string();
+    assert!(!inventory.contains("\"b\""), "{inventory}");
+
+    // Now the second node drops b too: its prune deletes it.
+    repo.remove("two/b.yaml");
+    repo.commit("the second node's app drops b");
+    let (ok, log) = sync(&second).await;
+    assert!(ok, "{log}");
+    eventually("b pruned", WAIT, || async {
+        (!cm_exists(&ns.name, "b").await).then_some(())
+    })
+    .await;
+}
