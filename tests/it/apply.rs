@@ -639,6 +639,7 @@ async fn a_revision_whose_pods_cannot_be_scheduled_is_rolled_back() {
     repo.write("deploy/web.yaml", &unschedulable);
     let bad = repo.commit("unschedulable");
     config.wait_applied("app", &bad).await;
+
     let state = eventually("the rollback", WAIT, || async {
         let state = config.state("app");
         (state["bad_revision"] == bad.as_str()).then_some(state)

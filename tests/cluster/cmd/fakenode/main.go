@@ -4,7 +4,8 @@
 //
 // Images whose reference contains "crashloop" stay in CrashLoopBackOff and those containing
 // "imagepullbackoff" stay in ImagePullBackOff, so tests can exercise unhealthy workloads.
-// Pods with restartPolicy Never or OnFailure (Jobs, hooks) run to Succeeded.
+// Pods with restartPolicy Never or OnFailure (Jobs, hooks) run to Succeeded. Pods whose
+// nodeSelector no node matches stay Pending and Unschedulable, as the scheduler leaves them.
 package main
 
 import (
@@ -103,9 +104,7 @@ func registerNode(ctx context.Context, client kubernetes.Interface, name string)
 		corev1.ResourcePods:   resource.MustParse("1000"),
 	}
 	node := &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
-			"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "fake",
-		}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: nodeLabels(name)},
 	}
 	created, err := client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
@@ -157,7 +156,11 @@ func (k *fakeKubelet) reconcile(ctx context.Context, key string) error {
 		return pods.Delete(ctx, pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
 	}
 	if pod.Spec.NodeName == "" {
-		node := k.nodes[k.next.Add(1)%uint64(len(k.nodes))]
+		fits := k.fitting(pod)
+		if len(fits) == 0 {
+			return k.unschedulable(ctx, pod)
+		}
+		node := fits[k.next.Add(1)%uint64(len(fits))]
 		return pods.Bind(ctx, &corev1.Binding{
 			ObjectMeta: metav1.ObjectMeta{Name: pod.Name, UID: pod.UID},
 			Target:     corev1.ObjectReference{Kind: "Node", Name: node},
@@ -170,6 +173,50 @@ func (k *fakeKubelet) reconcile(ctx context.Context, key string) error {
 	updated := pod.DeepCopy()
 	updated.Status = status
 	_, err := pods.UpdateStatus(ctx, updated, metav1.UpdateOptions{})
+	return err
+}
+
+// nodeLabels are the labels registerNode gives node name.
+func nodeLabels(name string) map[string]string {
+	return map[string]string{"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "fake"}
+}
+
+// fitting lists the nodes whose labels satisfy the pod's nodeSelector, as the scheduler's
+// NodeAffinity filter does for it.
+func (k *fakeKubelet) fitting(pod *corev1.Pod) []string {
+	var fits []string
+	for _, node := range k.nodes {
+		labels := nodeLabels(node)
+		ok := true
+		for key, want := range pod.Spec.NodeSelector {
+			if labels[key] != want {
+				ok = false
+			}
+		}
+		if ok {
+			fits = append(fits, node)
+		}
+	}
+	return fits
+}
+
+// unschedulable reports what the scheduler reports for a pod no node fits: Pending with
+// PodScheduled False, reason Unschedulable.
+func (k *fakeKubelet) unschedulable(ctx context.Context, pod *corev1.Pod) error {
+	for _, c := range pod.Status.Conditions {
+		if c.Type == corev1.PodScheduled && c.Reason == corev1.PodReasonUnschedulable {
+			return nil
+		}
+	}
+	updated := pod.DeepCopy()
+	updated.Status.Phase = corev1.PodPending
+	updated.Status.Conditions = []corev1.PodCondition{{
+		Type: corev1.PodScheduled, Status: corev1.ConditionFalse,
+		Reason:             corev1.PodReasonUnschedulable,
+		Message:            fmt.Sprintf("0/%d nodes are available: %d node(s) didn't match Pod's node affinity/selector.", len(k.nodes), len(k.nodes)),
+		LastTransitionTime: metav1.Now(),
+	}}
+	_, err := k.client.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, updated, metav1.UpdateOptions{})
 	return err
 }
 
