@@ -718,11 +718,13 @@ fn stored_inventory(
     key: &str,
 ) -> Result<Inventory, CallError> {
     let name = cm.metadata.name.as_deref().unwrap_or_default();
-    let bad = |message: String| CallError {
+    let bad = |message: String| {
+        CallError {
         message: format!(
             "inventory ConfigMap {INVENTORY_NAMESPACE}/{name}: {key}: {message} (delete the ConfigMap to let its app start afresh, leaving what it applied in place)"
         ),
         transient: false,
+    }
     };
     // Written compressed; inventories from before that are plain JSON.
     let packed = cm

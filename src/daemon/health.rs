@@ -45,10 +45,15 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
                         status: HealthStatus::Missing,
                         message: format!("{object} does not exist"),
                     },
-                    Err(e) => Health {
-                        status: HealthStatus::Unknown,
-                        message: format!("{object}: {e}"),
-                    },
+                    Err(e) => {
+                        // Unknown must say why, where an operator looks: log, metric, status.
+                        ctx.metrics.error("health_read");
+                        tracing::warn!(app = %app.name, %object, "cannot read for health: {e}");
+                        Health {
+                            status: HealthStatus::Unknown,
+                            message: format!("cannot be read: {e}"),
+                        }
+                    }
                 };
                 *counts.entry(h.status.as_str().to_string()).or_default() += 1;
                 let message = if h.message.is_empty() {

@@ -74,7 +74,7 @@ pub fn render(doc: &StatusDocument, now: u64) -> String {
             html,
             "<tr id=\"app-{id}\"><td><b>{app}</b><br><code>{repo} {path}</code></td>\
              <td><span class=\"pill {sync_class}\">{sync}</span></td>\
-             <td><span class=\"pill {health_class}\">{health}</span></td>\
+             <td><span class=\"pill {health_class}\" title=\"{health_message}\">{health}</span></td>\
              <td><code>{revision}</code></td><td>{last}</td><td class=\"msg\">{message}</td></tr>",
             id = escape(&a.app),
             app = escape(&a.app),
@@ -84,6 +84,7 @@ pub fn render(doc: &StatusDocument, now: u64) -> String {
             sync = a.sync.as_str(),
             health_class = health_class(&a.health),
             health = escape(&a.health),
+            health_message = escape(&a.health_message),
             revision = escape(revision),
             last = ago(now, a.last_sync_end),
             message = escape(&a.message),
@@ -139,6 +140,7 @@ mod tests {
                 target_revision: None,
                 sync: SyncState::Failed,
                 health: "Unknown".into(),
+                health_message: String::new(),
                 message: "bad.yaml: <script>alert(1)</script>".into(),
                 objects: Default::default(),
                 last_sync_start: None,

@@ -52,6 +52,10 @@ pub struct AppStatus {
     pub target_revision: Option<String>,
     pub sync: SyncState,
     pub health: String,
+    /// Why the app has this health, whatever its sync state: the worst object and what is
+    /// wrong with it (for `Unknown`, the error reading it).
+    #[serde(default)]
+    pub health_message: String,
     pub message: String,
     /// Objects in the app's inventory, by health.
     pub objects: BTreeMap<String, usize>,
@@ -145,6 +149,7 @@ impl StatusBoard {
                     target_revision: state.last_attempted_revision.clone(),
                     sync: SyncState::Waiting,
                     health: UNKNOWN.into(),
+                    health_message: "not assessed yet".into(),
                     message: "waiting for the first round".into(),
                     objects: counts(&state),
                     last_sync_start: state.last_attempt_at,
@@ -380,6 +385,7 @@ impl StatusBoard {
     ) {
         self.update(app, |s| {
             s.health = health.status.as_str().to_string();
+            s.health_message = first_line(&health.message);
             s.objects = counts;
             if s.sync == SyncState::Synced {
                 s.message = if health.message.is_empty() {

@@ -203,6 +203,50 @@ async fn a_plain_app_goes_healthy_in_the_status() {
         (status["apps"][0]["health"] == "Healthy").then_some(())
     })
     .await;
+
+    // A kind the API server stops serving cannot be read: Unknown, saying why.
+    let crd = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.health.example.com
+spec:
+  group: health.example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#;
+    repo.write("app/crd.yaml", crd);
+    repo.write(
+        "app/gadget.yaml",
+        "apiVersion: health.example.com/v1
+kind: Gadget
+metadata:
+  name: g
+",
+    );
+    let sha = repo.commit("a CRD and a Gadget");
+    config.wait_applied("app", &sha).await;
+    let crds = kube::Api::<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    >::all(ns.client.clone());
+    crds.delete("gadgets.health.example.com", &Default::default())
+        .await
+        .unwrap();
+    let app = eventually("Unknown, saying why", WAIT, || async {
+        let status = config.status().await;
+        let app = status["apps"][0].clone();
+        (app["health"] == "Unknown").then_some(app)
+    })
+    .await;
+    let why = app["health_message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("Gadget") && why.contains("cannot be read"),
+        "{app}"
+    );
 }
 
 /// A fleet Application switched to something this node refuses is still in the fleet: its
@@ -290,11 +334,11 @@ async fn a_node_never_deletes_what_another_node_of_the_cluster_runs() {
     repo.commit("the first node's app drops b");
     let (ok, log) = sync(&first).await;
     assert!(ok, "{log}");
-    assert!(cm_exists(&ns.name, "b").await, "pruned what the second node runs");
     assert!(
-        log.contains("an app of another node runs it"),
-        "{log}"
+        cm_exists(&ns.name, "b").await,
+        "pruned what the second node runs"
     );
+    assert!(log.contains("an app of another node runs it"), "{log}");
     let inventory = first.state("app")["inventory"].to_string();
     assert!(!inventory.contains("\"b\""), "{inventory}");
 
