@@ -44,10 +44,21 @@ impl SyncError {
         match self {
             SyncError::Apply(e) => e.is_transient(),
             SyncError::Source(SourceError::Git { .. }) => true,
+            // A full disk is the node's own resource being away, not a rejection: retried
+            // for as long as it takes, so the agent recovers by itself once space returns.
+            SyncError::Source(SourceError::Cache { source, .. })
+            | SyncError::State(StateError::Io { source, .. }) => is_disk_full(source),
             SyncError::Inventory(e) => e.transient,
             _ => false,
         }
     }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl SyncError {

@@ -5,6 +5,7 @@
 mod harness;
 
 mod apply;
+mod chaos;
 mod fleet;
 mod git_http;
 mod git_revisions;

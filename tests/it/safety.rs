@@ -352,3 +352,149 @@ async fn a_node_never_deletes_what_another_node_of_the_cluster_runs() {
     })
     .await;
 }
+
+/// A small tmpfs, unmounted when dropped. Needs root (as `tests/run` has).
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallFs { dir }
+    }
+
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.dir.path().join("filler");
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_state_directory_leaves_the_cluster_alone_is_reported_and_recovers() {
+    let ns = TestNamespace::reserve("diskfull").await;
+    let repo = GitRepo::new();
+    repo.write("app/a.yaml", &cm("a"));
+    repo.write("app/b.yaml", &cm("b"));
+    let first = repo.commit("a and b");
+    let fs = SmallFs::mount("16m");
+    let state_dir = fs.dir.path().join("state");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{url}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\nprune = true\nretry = {{ limit = 2, backoff = {{ duration = \"1s\", max_duration = \"2s\" }} }}",
+            ns.name
+        ))
+        .state_dir(&state_dir);
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &first).await;
+
+    let filler = fs.fill();
+    repo.remove("app/b.yaml");
+    repo.write("app/c.yaml", &cm("c"));
+    let second = repo.commit("b dropped, c added");
+    let app = eventually("the full disk reported", WAIT, || async {
+        let status = config.status().await;
+        let app = status["apps"][0].clone();
+        app["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("space"))
+            .then_some(app)
+    })
+    .await;
+    assert_ne!(app["sync"], "Synced", "{app}");
+    assert!(
+        cm_exists(&ns.name, "b").await,
+        "pruned without a state to record it"
+    );
+    let metrics =
+        crate::harness::http::request(config.http_port, "GET", "/metrics", &[], b"").await;
+    assert!(
+        metrics.body.contains("edgesync_errors_total"),
+        "{}",
+        metrics.body
+    );
+
+    // Space returns: the agent carries on by itself, whatever the retry limit said meanwhile.
+    std::fs::remove_file(filler).unwrap();
+    config.wait_applied("app", &second).await;
+    eventually("b pruned", WAIT, || async {
+        (!cm_exists(&ns.name, "b").await).then_some(())
+    })
+    .await;
+    assert!(cm_exists(&ns.name, "c").await);
+    drop(agent);
+}
+
+/// A config file written in place over a slow link: the first half (which parses, without the
+/// second app) sits on disk for seconds before the rest arrives. Reloads react to complete
+/// files only, so the second app's objects are never deleted.
+#[tokio::test]
+async fn a_config_caught_half_written_removes_nothing() {
+    use std::io::Write;
+    let ns = TestNamespace::reserve("halfwritten").await;
+    let repo = GitRepo::new();
+    repo.write("one/a.yaml", &cm("a"));
+    repo.write("two/b.yaml", &cm("b"));
+    let sha = repo.commit("two apps");
+    let url = repo.url();
+    let app = |name: &str, path: &str| {
+        format!(
+            "name = \"{name}\"\nrepo = \"{url}\"\npath = \"{path}\"\nnamespace = \"{}\"\ncreate_namespace = true\ndelete_on_removal = true",
+            ns.name
+        )
+    };
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&app("first", "one"))
+        .app(&app("second", "two"));
+    let path = config.write();
+    let agent = Agent::start(&config);
+    config.wait_applied("first", &sha).await;
+    config.wait_applied("second", &sha).await;
+
+    let cms = kube::Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name);
+    let uid = cms.get("b").await.unwrap().metadata.uid;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.rfind("[[apps]]").unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&text.as_bytes()[..cut]).unwrap();
+    file.flush().unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    file.write_all(&text.as_bytes()[cut..]).unwrap();
+    drop(file);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // The same object: not deleted and applied again once the file was whole.
+    let now = cms.get_opt("b").await.unwrap().map(|b| b.metadata.uid);
+    assert_eq!(now, Some(uid), "{}", agent.log());
+    assert!(
+        !agent.log().contains("the app left this node"),
+        "{}",
+        agent.log()
+    );
+}

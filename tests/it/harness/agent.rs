@@ -22,6 +22,8 @@ pub struct AgentConfig {
     /// `[node] name`, unique per config: agents of different tests share one control plane,
     /// where each node keeps its apps' inventories.
     pub node_name: String,
+    /// `state_dir`; `state/` beside the config unless set.
+    state_dir: Option<PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -46,11 +48,24 @@ impl AgentConfig {
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 format!("test-node-{}-{n}", std::process::id() % 10000)
             },
+            state_dir: None,
         }
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Puts the state directory at `path` (a small filesystem, say).
+    pub fn state_dir(mut self, path: &Path) -> Self {
+        self.state_dir = Some(path.to_path_buf());
+        self
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("state"))
     }
 
     /// Sets extra keys of `[node]`, such as `labels = { site = "plant-7" }`.
@@ -107,7 +122,7 @@ impl AgentConfig {
         let path = self.dir.path().join("config.toml");
         let text = format!(
             "state_dir = \"{}\"\n\n[node]\nname = \"{}\"\n{}\n\n[kubernetes]\nkubeconfig = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{}",
-            self.dir.path().join("state").display(),
+            self.state_path().display(),
             self.node_name,
             self.node,
             self.kubeconfig
@@ -122,7 +137,7 @@ impl AgentConfig {
 
     /// The app's persisted state, or `Null` before its first sync.
     pub fn state(&self, app: &str) -> serde_json::Value {
-        let path = self.dir.path().join(format!("state/apps/{app}.json"));
+        let path = self.state_path().join(format!("apps/{app}.json"));
         match std::fs::read_to_string(path) {
             Ok(text) => serde_json::from_str(&text).expect("state is JSON"),
             Err(_) => serde_json::Value::Null,

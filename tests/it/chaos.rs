@@ -1,0 +1,190 @@
+//! Fault injection on the real control plane: the agent is killed with SIGKILL at random
+//! points (spread over the time a start and a full sync take) while an app of 50 objects syncs commits that add, change and remove objects (prune
+//! on). After each restart the cluster must equal the target revision: nothing lost, nothing
+//! wrongly pruned (deleted and created again), nothing left over, nothing stale, no inventory
+//! entry twice. Short here (`EDGESYNC_CHAOS_KILLS`, 5 by default); `cargo bench --bench chaos`
+//! runs 100 and prints the figures for docs/RELIABILITY.md.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
+
+/// What the runs found; every count but `kills` must be 0.
+#[derive(Debug, Default, Clone)]
+pub struct ChaosReport {
+    pub kills: usize,
+    /// In the target revision, missing from the cluster.
+    pub lost: usize,
+    /// Present in every revision, but deleted and created again on the way.
+    pub wrongly_pruned: usize,
+    /// In the cluster with the app's annotation, not in the target revision.
+    pub left_over: usize,
+    /// In both, with other content than the target revision's.
+    pub stale: usize,
+    /// Inventory entries held twice.
+    pub duplicated: usize,
+    /// Kills that came before the sync had recorded the target revision: the ones that hit
+    /// the sync itself rather than an idle agent.
+    pub mid_sync: usize,
+    /// Seconds from each restart to the target revision applied, for kills mid-sync.
+    pub recoveries: Vec<f64>,
+}
+
+/// Objects that stay in every revision: their uids show whether anything deleted them.
+const STABLE: usize = 10;
+const OBJECTS: usize = 50;
+
+fn cm(name: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n"
+    )
+}
+
+/// Kills the agent `kills` times, each at a random point of a sync, checking the cluster
+/// after every restart. `seed` makes the commits and kill points reproducible.
+pub async fn run(kills: usize, seed: u64) -> ChaosReport {
+    let ns = TestNamespace::reserve("chaos").await;
+    let repo = GitRepo::new();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // name -> value, as in Git now.
+    let mut target: BTreeMap<String, String> = BTreeMap::new();
+    let mut next = 0;
+    for _ in 0..OBJECTS {
+        target.insert(format!("cm-{next:04}"), "v0".into());
+        next += 1;
+    }
+    for (name, value) in &target {
+        repo.write(&format!("app/{name}.yaml"), &cm(name, value));
+    }
+    let first = repo.commit("50 objects");
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{}\"\npoll_interval = \"1s\"", repo.url()))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\nprune = true",
+            repo.url(),
+            ns.name
+        ));
+    // How long a start and a sync of the whole app take: kills are spread over that span.
+    let started = Instant::now();
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &first).await;
+    let span = started.elapsed().as_millis() as u64;
+    drop(agent);
+    let api = ns.api::<ConfigMap>();
+    let stable_uids = uids(&api).await;
+
+    let mut report = ChaosReport::default();
+    for round in 1..=kills {
+        // Change the app: drop a few objects, add a few, edit a few.
+        let movable: Vec<String> = target.keys().skip(STABLE).cloned().collect();
+        for _ in 0..rng.usize(1..=5) {
+            if let Some(name) = movable.get(rng.usize(..movable.len().max(1))) {
+                if target.remove(name).is_some() {
+                    repo.remove(&format!("app/{name}.yaml"));
+                }
+            }
+        }
+        while target.len() < OBJECTS {
+            target.insert(format!("cm-{next:04}"), format!("v{round}"));
+            next += 1;
+        }
+        let names: Vec<String> = target.keys().cloned().collect();
+        for _ in 0..rng.usize(1..=5) {
+            let name = &names[rng.usize(..names.len())];
+            target.insert(name.clone(), format!("v{round}"));
+        }
+        for (name, value) in &target {
+            repo.write(&format!("app/{name}.yaml"), &cm(name, value));
+        }
+        let sha = repo.commit(&format!("round {round}"));
+
+        // Start, kill at a random point of the sync, start again.
+        let agent = Agent::start(&config);
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..=span))).await;
+        drop(agent); // SIGKILL
+        report.kills += 1;
+        let hit = config.state("app")["last_applied_revision"] != sha.as_str();
+        let restarted = Instant::now();
+        let agent = Agent::start(&config);
+        let state = config.wait_applied("app", &sha).await;
+        if hit {
+            report.mid_sync += 1;
+            report.recoveries.push(restarted.elapsed().as_secs_f64());
+        }
+        drop(agent);
+
+        let live = live(&api).await;
+        for (name, value) in &target {
+            match live.get(name) {
+                None => report.lost += 1,
+                Some(v) if v != value => report.stale += 1,
+                Some(_) => {}
+            }
+        }
+        report.left_over += live.keys().filter(|n| !target.contains_key(*n)).count();
+        let inventory = state["inventory"].as_array().cloned().unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        report.duplicated += inventory
+            .iter()
+            .filter(|o| !seen.insert((o["kind"].to_string(), o["name"].to_string())))
+            .count();
+    }
+    let now = uids(&api).await;
+    report.wrongly_pruned = stable_uids
+        .iter()
+        .take(STABLE)
+        .filter(|(name, uid)| now.get(*name) != Some(*uid))
+        .count();
+    report
+}
+
+/// The app's objects that exist and are not being deleted: name -> value.
+async fn live(api: &kube::Api<ConfigMap>) -> BTreeMap<String, String> {
+    let list = api.list(&Default::default()).await.expect("list");
+    list.items
+        .into_iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .filter(|c| {
+            c.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("edgesync.io/app"))
+        })
+        .filter_map(|c| {
+            let value = c.data.as_ref()?.get("value")?.clone();
+            Some((c.metadata.name?, value))
+        })
+        .collect()
+}
+
+async fn uids(api: &kube::Api<ConfigMap>) -> BTreeMap<String, String> {
+    let list = api.list(&Default::default()).await.expect("list");
+    list.items
+        .into_iter()
+        .filter_map(|c| Some((c.metadata.name?, c.metadata.uid?)))
+        .collect()
+}
+
+#[tokio::test]
+async fn kill_9_at_random_points_never_loses_prunes_wrongly_or_leaves_over() {
+    let kills = std::env::var("EDGESYNC_CHAOS_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(5);
+    let report = run(kills, 7).await;
+    assert_eq!(report.kills, kills);
+    assert_eq!(
+        (
+            report.lost,
+            report.wrongly_pruned,
+            report.left_over,
+            report.stale,
+            report.duplicated
+        ),
+        (0, 0, 0, 0, 0),
+        "{report:?}"
+    );
+}
