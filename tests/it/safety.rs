@@ -14,6 +14,15 @@ fn cm(name: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  v: \"1\"\n")
 }
 
+/// The app's own Namespace manifest and a ConfigMap `settings`.
+fn namespace_and_configmap(repo: &GitRepo, ns: &str) {
+    repo.write(
+        "app/ns.yaml",
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+    );
+    repo.write("app/cm.yaml", &cm("settings"));
+}
+
 fn pruning_app(repo: &GitRepo, ns: &str) -> AgentConfig {
     AgentConfig::new().app(&format!(
         "name = \"app\"\nrepo = \"{}\"\npath = \"app\"\nnamespace = \"{ns}\"\ncreate_namespace = true\nprune = true",
@@ -92,14 +101,7 @@ async fn an_api_version_bump_keeps_the_object_it_moved() {
 async fn dropping_the_namespace_manifest_keeps_the_namespace_the_app_runs_in() {
     let ns = TestNamespace::reserve("dropns").await;
     let repo = GitRepo::new();
-    repo.write(
-        "app/ns.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n",
-            ns.name
-        ),
-    );
-    repo.write("app/cm.yaml", &cm("settings"));
+    namespace_and_configmap(&repo, &ns.name);
     repo.commit("with its Namespace");
     let config = pruning_app(&repo, &ns.name);
     let (ok, log) = sync(&config).await;
@@ -186,14 +188,7 @@ async fn one_process_per_state_directory() {
 async fn a_plain_app_goes_healthy_in_the_status() {
     let ns = TestNamespace::reserve("plainhealth").await;
     let repo = GitRepo::new();
-    repo.write(
-        "app/ns.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n",
-            ns.name
-        ),
-    );
-    repo.write("app/cm.yaml", &cm("settings"));
+    namespace_and_configmap(&repo, &ns.name);
     let sha = repo.commit("a Namespace and a ConfigMap");
     let config = pruning_app(&repo, &ns.name);
     let _agent = Agent::start(&config);
