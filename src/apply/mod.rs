@@ -4,7 +4,10 @@
 //! Ordering and inventory bookkeeping are pure and live here; talking to the API server is
 //! confined to [`kube`](self::kube).
 
+pub mod cluster;
 pub mod diff;
+#[cfg(test)]
+pub mod fake;
 pub mod kube;
 pub mod window;
 
@@ -16,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::render::{Manifests, Object};
 
+pub use self::cluster::Cluster;
 pub use self::kube::{connect, KubeApplier};
 
 /// Field manager for server-side apply, and the key of edgesync's tracking annotation.

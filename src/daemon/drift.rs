@@ -235,9 +235,12 @@ impl Drift {
                 continue;
             }
             let (gvk, namespace) = &scope;
-            match self.ctx.applier.api_resource(gvk).await {
+            let Some(kube) = self.ctx.kube.as_ref() else {
+                return;
+            };
+            match kube.api_resource(gvk).await {
                 Ok(resource) => {
-                    let client = self.ctx.applier.client().clone();
+                    let client = kube.client().clone();
                     let api: Api<Meta> = match namespace {
                         Some(ns) => Api::namespaced_with(client, ns, &resource),
                         None => Api::all_with(client, &resource),
@@ -356,7 +359,7 @@ impl Drift {
                 continue;
             };
             let object = &desired.plan.objects[*index];
-            match self.ctx.applier.dry_run(object, &desired.plan).await {
+            match self.ctx.cluster.dry_run(object, &desired.plan).await {
                 Ok((oref, wanted, live)) => {
                     let why = match live {
                         None => Some("deleted".to_string()),
@@ -427,7 +430,7 @@ impl Drift {
                 waves: vec![0; drifted.len()],
                 ..desired.plan.clone()
             };
-            let outcome = self.ctx.applier.apply(&plan, RECHECK).await;
+            let outcome = self.ctx.cluster.apply(&plan, RECHECK).await;
             self.ctx.metrics.self_heal(app, outcome.failures.is_empty());
             if outcome.failures.is_empty() {
                 self.ctx.board.healed(app, &described);

@@ -39,7 +39,7 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
             let mut healths = Vec::new();
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for object in &state.objects {
-                let h = match ctx.applier.get(object).await {
+                let h = match ctx.cluster.get(object).await {
                     Ok(Some(live)) => health::assess(&live),
                     Ok(None) => Health {
                         status: HealthStatus::Missing,
@@ -96,7 +96,7 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
             let seen_healthy = healthy.get(&app.name).map(String::as_str) == Some(revision);
             match app_health.status {
                 HealthStatus::Healthy if !seen_healthy => {
-                    ctx.remember_healthy(&app.name, revision);
+                    ctx.remember_healthy(&app.name, revision).await;
                     healthy.insert(app.name.clone(), revision.to_string());
                 }
                 HealthStatus::Degraded if app.rollback == Rollback::Auto && !seen_healthy => {

@@ -4,6 +4,8 @@
 
 mod dispatch;
 mod drift;
+#[cfg(test)]
+mod engine_tests;
 mod fleet;
 mod health;
 mod prune;
@@ -211,6 +213,11 @@ impl Agent {
             None => None,
         };
         let ctx = SyncContext::connect(config, metrics.clone(), publisher.clone()).await?;
+        let kube_client = ctx
+            .kube
+            .as_ref()
+            .map(|k| k.client().clone())
+            .ok_or_else(|| anyhow::anyhow!("the agent runs against a real API server"))?;
         let dispatcher = Arc::new(Dispatcher::new(&ctx.config, metrics.clone()));
         let sink: Arc<dyn EventSink> = dispatcher.clone();
         let mut tasks = JoinSet::new();
@@ -260,7 +267,7 @@ impl Agent {
                 crate::report::Http {
                     metrics: metrics.clone(),
                     board: ctx.board.clone(),
-                    client: ctx.applier.client().clone(),
+                    client: kube_client.clone(),
                 },
                 shutdown_rx.clone(),
             ));
@@ -612,7 +619,7 @@ pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> 
                 None => object.name().to_string(),
             }
         );
-        match ctx.applier.dry_run(object, &plan).await {
+        match ctx.cluster.dry_run(object, &plan).await {
             Ok((oref, wanted, live)) => {
                 let ignored = d::ignored_pointers(
                     &plan.ignore_differences,
@@ -640,7 +647,7 @@ pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> 
     }
     let state = ctx.store.load(name).unwrap_or_default();
     for gone in state.objects.iter().filter(|o| !wanted_refs.contains(*o)) {
-        if let Ok(Some(live)) = ctx.applier.get(gone).await {
+        if let Ok(Some(live)) = ctx.cluster.get(gone).await {
             if crate::apply::keep_reason(&live, name).is_some() {
                 continue;
             }

@@ -6,7 +6,7 @@
 //! node on the same cluster runs (its inventory ConfigMap says so) is never deleted.
 
 use crate::apply::kube::CallError;
-use crate::apply::{self, KubeApplier, ObjectFailure, ObjectRef};
+use crate::apply::{self, Cluster, ObjectFailure, ObjectRef};
 
 /// What a deletion pass did with each candidate.
 #[derive(Debug, Default)]
@@ -22,7 +22,7 @@ pub struct Deletion {
 /// Deletes `candidates` (in the order given) that still belong to `app` of `node`, and that
 /// no app of another node on this cluster runs.
 pub async fn delete_owned(
-    applier: &KubeApplier,
+    applier: &dyn Cluster,
     node: &str,
     app: &str,
     candidates: Vec<ObjectRef>,
@@ -78,7 +78,7 @@ enum Fate {
 const ATTEMPTS: usize = 3;
 
 async fn delete_one(
-    applier: &KubeApplier,
+    applier: &dyn Cluster,
     app: &str,
     object: &ObjectRef,
     propagation: &str,

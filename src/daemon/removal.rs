@@ -26,7 +26,7 @@ pub async fn remove_departed(ctx: Arc<SyncContext>) {
         if state.delete_on_removal {
             let candidates = apply::prune_candidates(&state.inventory, &Default::default());
             let done = super::prune::delete_owned(
-                &ctx.applier,
+                &*ctx.cluster,
                 &ctx.config.node.name,
                 &app,
                 candidates,
@@ -50,13 +50,15 @@ pub async fn remove_departed(ctx: Arc<SyncContext>) {
                 "app left this node; its objects stay (no resources finalizer, delete_on_removal off)");
         }
         if let Err(e) = ctx
-            .applier
+            .cluster
             .delete_inventory(&app, &ctx.config.node.name)
             .await
         {
             tracing::warn!(%app, "cannot delete the inventory in the cluster: {e}");
         }
-        if let Err(e) = ctx.store.archive(&app) {
+        let (store, name) = (ctx.store.clone(), app.clone());
+        let archived = tokio::task::spawn_blocking(move || store.archive(&name)).await;
+        if let Ok(Err(e)) = archived {
             ctx.metrics.error(e.metric_label());
             tracing::warn!(%app, error = %e, "cannot archive the app's state");
         }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::retry;
 use crate::apply::window::{self, Verdict, Window};
-use crate::apply::{self, ApplyError, KubeApplier, ObjectRef};
+use crate::apply::{self, ApplyError, Cluster, KubeApplier, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
@@ -142,7 +142,10 @@ pub struct SyncContext {
     pub applied: tokio::sync::Notify,
     pub source: GitSource,
     pub charts: ChartSource,
-    pub applier: KubeApplier,
+    /// What the engine reads, applies and deletes through.
+    pub cluster: Arc<dyn Cluster>,
+    /// The real API server, for the drift watches and the status API.
+    pub kube: Option<Arc<KubeApplier>>,
     pub store: StateStore,
     pub retries: retry::Retries,
     /// Counts finished sync attempts; the drift watcher reloads its desired state on each.
@@ -187,6 +190,25 @@ impl SyncContext {
         publisher: Option<Arc<StatusPublisher>>,
     ) -> Result<Arc<SyncContext>, ApplyError> {
         let client = apply::connect(config.kubernetes.kubeconfig.as_deref()).await?;
+        let kube = Arc::new(KubeApplier::new(client, metrics.clone()));
+        Ok(Self::with_cluster(
+            config,
+            metrics,
+            publisher,
+            kube.clone(),
+            Some(kube),
+        ))
+    }
+
+    /// A context over any [`Cluster`]; `kube`, the real API server, is what the drift
+    /// watches and the status API need besides (engine tests run without one).
+    pub fn with_cluster(
+        config: Config,
+        metrics: Arc<Metrics>,
+        publisher: Option<Arc<StatusPublisher>>,
+        cluster: Arc<dyn Cluster>,
+        kube: Option<Arc<KubeApplier>>,
+    ) -> Arc<SyncContext> {
         let store = StateStore::new(&config.state_dir);
         let board = Arc::new(StatusBoard::new(
             &config,
@@ -194,20 +216,21 @@ impl SyncContext {
             publisher,
             |app| store.load(app).unwrap_or_default(),
         ));
-        Ok(Arc::new(SyncContext {
+        Arc::new(SyncContext {
             source: GitSource::new(&config.state_dir),
             charts: ChartSource::new(&config.state_dir),
             store,
             board,
             applied: tokio::sync::Notify::new(),
-            applier: KubeApplier::new(client, metrics.clone()),
+            cluster,
+            kube,
             retries: Default::default(),
             synced: tokio::sync::watch::Sender::new(0),
             writers: Default::default(),
             claims: Default::default(),
             metrics,
             config,
-        }))
+        })
     }
 
     /// Reads what `repo` offers once, for resolving all its apps' revisions: a Git
@@ -398,7 +421,7 @@ impl SyncContext {
             // applied and nothing saved: carrying on with an empty inventory would overwrite
             // the cluster's copy and orphan every object the app had.
             match self
-                .applier
+                .cluster
                 .load_inventory(&app.name, &self.config.node.name)
                 .await
             {
@@ -440,7 +463,7 @@ impl SyncContext {
         if let Err(e) = self.check_conflicts(app, &plan) {
             return self.failed(app, &mut state, e).await;
         }
-        let outcome = self.applier.apply(&plan, wave_timeout(app)).await;
+        let outcome = self.cluster.apply(&plan, wave_timeout(app)).await;
         self.metrics.sync_duration(&app.name, started.elapsed());
         self.applied.notify_one();
         let total = outcome.applied.len() + outcome.failures.len();
@@ -471,15 +494,15 @@ impl SyncContext {
             plan,
         };
         if let Err(e) = self
-            .store
             .save_render(&app.name, RenderKind::Applied, &record)
+            .await
         {
             self.metrics.error(e.metric_label());
             tracing::warn!(app = %app.name, error = %e, "cannot keep the last-known-good render");
         }
-        self.save_inventory(app, &state).await;
         self.board.synced(&app.name, &state, None);
-        self.store.save(&app.name, &state)?;
+        self.save_inventory(app, &state).await;
+        self.save_state(&app.name, &state).await?;
         self.warn_orphans(app, &state).await;
         Ok(SyncResult::Applied {
             revision: sha.to_string(),
@@ -547,7 +570,7 @@ impl SyncContext {
         for object in plan.rendered_objects() {
             // Kinds the API server does not know yet (a CRD in this very commit) count as
             // namespaced, the scope of nearly every custom resource.
-            let namespaced = self.applier.is_namespaced(object).await.unwrap_or(true);
+            let namespaced = self.cluster.is_namespaced(object).await.unwrap_or(true);
             let refused = |e: String| {
                 SyncError::Policy(format!(
                     "{} ({}): {e}",
@@ -596,7 +619,7 @@ impl SyncContext {
             }
         };
         tracing::warn!(app = %app.name, bad = %bad, to = %healthy.revision, "rolling back: {reason}");
-        let outcome = self.applier.apply(&healthy.plan, wave_timeout(app)).await;
+        let outcome = self.cluster.apply(&healthy.plan, wave_timeout(app)).await;
         let owned = healthy.plan.owned(&outcome.applied);
         state.inventory = apply::merge_inventory(&state.inventory, &owned);
         state.bad_revision = Some(bad.clone());
@@ -611,8 +634,8 @@ impl SyncContext {
             state.last_applied_at = Some(unix_now());
             state.last_error = None;
             if let Err(e) = self
-                .store
                 .save_render(&app.name, RenderKind::Applied, &healthy)
+                .await
             {
                 self.metrics.error(e.metric_label());
             }
@@ -622,7 +645,7 @@ impl SyncContext {
             state.last_error = error.as_ref().map(|e| format!("rollback failed: {e}"));
             error.map_or(Ok(()), |e| Err(e.into()))
         };
-        self.store.save(&app.name, &state)?;
+        self.save_state(&app.name, &state).await?;
         self.save_inventory(app, &state).await;
         self.synced.send_modify(|n| *n += 1);
         self.metrics.sync(&app.name, "rolled_back");
@@ -631,15 +654,33 @@ impl SyncContext {
         result
     }
 
+    /// Writes the app's state on a blocking thread: each write ends in fsyncs, which must
+    /// not stall the async workers.
+    async fn save_state(&self, app: &str, state: &AppState) -> Result<(), SyncError> {
+        let (store, app, state) = (self.store.clone(), app.to_string(), state.clone());
+        blocking(move || Ok(store.save(&app, &state)?)).await
+    }
+
+    /// Writes a last-known-good render on a blocking thread (see [`Self::save_state`]).
+    async fn save_render(
+        &self,
+        app: &str,
+        kind: RenderKind,
+        record: &RenderRecord,
+    ) -> Result<(), SyncError> {
+        let (store, app, record) = (self.store.clone(), app.to_string(), record.clone());
+        blocking(move || Ok(store.save_render(&app, kind, &record)?)).await
+    }
+
     /// Keeps the applied render as the app's last Healthy one, once its revision is Healthy.
-    pub fn remember_healthy(&self, app: &str, revision: &str) {
+    pub async fn remember_healthy(&self, app: &str, revision: &str) {
         let current = self.store.load_render(app, RenderKind::Healthy);
         if matches!(&current, Ok(Some(r)) if r.revision == revision) {
             return;
         }
         match self.store.load_render(app, RenderKind::Applied) {
             Ok(Some(record)) if record.revision == revision => {
-                if let Err(e) = self.store.save_render(app, RenderKind::Healthy, &record) {
+                if let Err(e) = self.save_render(app, RenderKind::Healthy, &record).await {
                     self.metrics.error(e.metric_label());
                     tracing::warn!(%app, error = %e, "cannot keep the Healthy render");
                 }
@@ -677,7 +718,7 @@ impl SyncContext {
         }
         let mut orphans = Vec::new();
         for kind in kinds {
-            let Ok(listed) = self.applier.list_meta(kind, ns).await else {
+            let Ok(listed) = self.cluster.list_meta(kind, ns).await else {
                 continue;
             };
             for (name, managed, owned) in listed {
@@ -714,12 +755,16 @@ impl SyncContext {
     /// still knows what the app owns. A failure is logged and counted; the local copy rules.
     async fn save_inventory(&self, app: &AppConfig, state: &AppState) {
         if let Err(e) = self
-            .applier
+            .cluster
             .save_inventory(&app.name, &self.config.node.name, state)
             .await
         {
             self.metrics.error("inventory");
             tracing::warn!(app = %app.name, "cannot store the inventory in the cluster: {e}");
+            self.board.note(
+                &app.name,
+                &format!("inventory not mirrored to the cluster: {e}"),
+            );
         }
     }
 
@@ -733,7 +778,7 @@ impl SyncContext {
         state.last_error = Some(error.to_string());
         self.board
             .synced(&app.name, state, state.last_error.as_deref());
-        self.store.save(&app.name, state)?;
+        self.save_state(&app.name, state).await?;
         self.save_inventory(app, state).await;
         Err(error)
     }
@@ -756,7 +801,7 @@ impl SyncContext {
         };
         let candidates = apply::prune_candidates(&state.inventory, &keep);
         let done = super::prune::delete_owned(
-            &self.applier,
+            &*self.cluster,
             &self.config.node.name,
             &app.name,
             candidates,

@@ -1,0 +1,267 @@
+//! An in-memory [`Cluster`] for engine tests: objects keyed by identity (group, kind,
+//! namespace, name) with uids and resourceVersions, a few cluster-scoped kinds, and knobs to
+//! make objects fail, inventories unreadable, or other nodes hold objects. Health is always
+//! Healthy and waves never wait. What it does not model (admission, defaulting, garbage
+//! collection) the integration tests against the real control plane cover.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+
+use super::cluster::{Cluster, DryRun, ListedMeta};
+use super::kube::CallError;
+use super::{Inventory, ObjectFailure, ObjectRef, Outcome, Plan, APP_ANNOTATION};
+use crate::render::Object;
+use crate::state::AppState;
+
+const CLUSTER_SCOPED: [&str; 5] = [
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+];
+
+#[derive(Default)]
+struct World {
+    objects: BTreeMap<ObjectRef, Value>,
+    next_uid: u64,
+    next_version: u64,
+    inventories: BTreeMap<(String, String), (Inventory, Inventory)>,
+}
+
+#[derive(Default)]
+pub struct FakeCluster {
+    world: Mutex<World>,
+    /// Objects (by name) whose apply is refused, as an invalid object is.
+    pub refuse: Mutex<BTreeSet<String>>,
+    /// Every inventory read fails.
+    pub inventory_unreadable: Mutex<bool>,
+    /// What other nodes run.
+    pub elsewhere: Mutex<Inventory>,
+    /// Calls made, by name: `apply`, `delete`, ...
+    pub calls: Mutex<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FakeCluster {
+    /// The reference `object` gets in the cluster, as the API server's scope rules give it.
+    pub fn reference(object: &Object, default_ns: Option<&str>) -> ObjectRef {
+        let cluster_scoped = CLUSTER_SCOPED.contains(&object.kind());
+        ObjectRef {
+            group: object.group().to_string(),
+            version: object.version().to_string(),
+            kind: object.kind().to_string(),
+            namespace: if cluster_scoped {
+                None
+            } else {
+                object.namespace().or(default_ns).map(str::to_string)
+            },
+            name: object.name().to_string(),
+        }
+    }
+
+    /// The live object at `object`'s identity.
+    pub fn live(&self, object: &ObjectRef) -> Option<Value> {
+        lock(&self.world).objects.get(object).cloned()
+    }
+
+    /// Names of every object of `kind` that exists.
+    pub fn names(&self, kind: &str) -> Vec<String> {
+        lock(&self.world)
+            .objects
+            .keys()
+            .filter(|o| o.kind == kind)
+            .map(|o| o.name.clone())
+            .collect()
+    }
+
+    /// Writes `value` at `object` as someone else would (no edgesync annotation unless given).
+    pub fn put(&self, object: ObjectRef, mut value: Value) {
+        let mut world = lock(&self.world);
+        world.next_version += 1;
+        world.next_uid += 1;
+        let (uid, version) = (world.next_uid, world.next_version);
+        value["metadata"]["uid"] = json!(format!("uid-{uid}"));
+        value["metadata"]["resourceVersion"] = json!(version.to_string());
+        world.objects.insert(object, value);
+    }
+
+    pub fn count(&self, call: &str) -> usize {
+        lock(&self.calls).iter().filter(|c| *c == call).count()
+    }
+
+    fn call(&self, name: &str) {
+        lock(&self.calls).push(name.to_string());
+    }
+
+    /// Applies one object, recording the result in `outcome`.
+    fn upsert(&self, object: &Object, plan: &Plan, outcome: &mut Outcome) {
+        let oref = Self::reference(object, plan.default_namespace.as_deref());
+        if lock(&self.refuse).contains(object.name()) {
+            outcome.failures.push(ObjectFailure {
+                object: oref,
+                message: "refused by the fake API server".into(),
+                transient: false,
+            });
+            return;
+        }
+        let mut world = lock(&self.world);
+        world.next_version += 1;
+        let version = world.next_version;
+        let uid = match world.objects.get(&oref) {
+            Some(live) => live["metadata"]["uid"].clone(),
+            None => {
+                world.next_uid += 1;
+                json!(format!("uid-{}", world.next_uid))
+            }
+        };
+        let mut value = Value::Object(object.value.clone());
+        value["metadata"]["uid"] = uid;
+        value["metadata"]["resourceVersion"] = json!(version.to_string());
+        world.objects.remove(&oref);
+        world.objects.insert(oref.clone(), value);
+        outcome.applied.push(oref);
+    }
+}
+
+impl Cluster for FakeCluster {
+    fn apply<'a>(&'a self, plan: &'a Plan, _wave_timeout: Duration) -> BoxFuture<'a, Outcome> {
+        self.call("apply");
+        let mut outcome = Outcome::default();
+        for object in &plan.objects {
+            self.upsert(object, plan, &mut outcome);
+        }
+        Box::pin(async move { outcome })
+    }
+
+    fn dry_run<'a>(
+        &'a self,
+        object: &'a Object,
+        plan: &'a Plan,
+    ) -> BoxFuture<'a, Result<DryRun, ObjectFailure>> {
+        let oref = Self::reference(object, plan.default_namespace.as_deref());
+        let live = self.live(&oref);
+        let mut wanted = Value::Object(object.value.clone());
+        if let Some(live) = &live {
+            wanted["metadata"]["uid"] = live["metadata"]["uid"].clone();
+            wanted["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"].clone();
+        }
+        Box::pin(async move { Ok((oref, wanted, live)) })
+    }
+
+    fn get<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, Result<Option<Value>, CallError>> {
+        self.call("get");
+        let live = self.live(object);
+        Box::pin(async move { Ok(live) })
+    }
+
+    fn delete_unchanged<'a>(
+        &'a self,
+        object: &'a ObjectRef,
+        live: &'a Value,
+        _propagation: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CallError>> {
+        self.call("delete");
+        let mut world = lock(&self.world);
+        let same = world.objects.get(object).map(|now| {
+            now["metadata"]["uid"] == live["metadata"]["uid"]
+                && now["metadata"]["resourceVersion"] == live["metadata"]["resourceVersion"]
+        });
+        let result = match same {
+            None => Ok(true),
+            Some(true) => {
+                world.objects.remove(object);
+                Ok(true)
+            }
+            Some(false) => Ok(false),
+        };
+        Box::pin(async move { result })
+    }
+
+    fn is_namespaced<'a>(&'a self, object: &'a Object) -> BoxFuture<'a, Option<bool>> {
+        let namespaced = !CLUSTER_SCOPED.contains(&object.kind());
+        Box::pin(async move { Some(namespaced) })
+    }
+
+    fn list_meta<'a>(
+        &'a self,
+        kind: &'a ObjectRef,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ListedMeta>, CallError>> {
+        let listed = lock(&self.world)
+            .objects
+            .iter()
+            .filter(|(o, _)| {
+                o.group == kind.group
+                    && o.kind == kind.kind
+                    && o.namespace.as_deref() == Some(namespace)
+            })
+            .map(|(o, v)| {
+                let managed = v
+                    .pointer("/metadata/annotations")
+                    .and_then(|a| a.get(APP_ANNOTATION))
+                    .is_some();
+                (o.name.clone(), managed, false)
+            })
+            .collect();
+        Box::pin(async move { Ok(listed) })
+    }
+
+    fn save_inventory<'a>(
+        &'a self,
+        app: &'a str,
+        node: &'a str,
+        state: &'a AppState,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        lock(&self.world).inventories.insert(
+            (node.to_string(), app.to_string()),
+            (state.inventory.clone(), state.objects.clone()),
+        );
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn load_inventory<'a>(
+        &'a self,
+        app: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(Inventory, Inventory)>, CallError>> {
+        let result = if *lock(&self.inventory_unreadable) {
+            Err(CallError {
+                message: "inventory ConfigMap unreadable".into(),
+                transient: false,
+            })
+        } else {
+            Ok(lock(&self.world)
+                .inventories
+                .get(&(node.to_string(), app.to_string()))
+                .cloned())
+        };
+        Box::pin(async move { result })
+    }
+
+    fn delete_inventory<'a>(
+        &'a self,
+        app: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        lock(&self.world)
+            .inventories
+            .remove(&(node.to_string(), app.to_string()));
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn held_by_other_nodes<'a>(
+        &'a self,
+        _node: &'a str,
+    ) -> BoxFuture<'a, Result<Inventory, CallError>> {
+        let held = lock(&self.elsewhere).clone();
+        Box::pin(async move { Ok(held) })
+    }
+}

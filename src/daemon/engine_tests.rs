@@ -1,0 +1,330 @@
+//! The sync engine on an in-memory cluster ([`FakeCluster`]): real Git (a local repository),
+//! real rendering and state files, no API server. Each behaviour runs in milliseconds; the
+//! integration tests in `tests/it` hold the same rules against the real control plane.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::sync::{SyncContext, SyncError, SyncResult, Target};
+use crate::apply::fake::FakeCluster;
+use crate::apply::ObjectRef;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+struct Engine {
+    _dir: tempfile::TempDir,
+    repo: git2::Repository,
+    work: std::path::PathBuf,
+    cluster: Arc<FakeCluster>,
+    ctx: Arc<SyncContext>,
+}
+
+fn cm(name: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  v: \"{value}\"\n")
+}
+
+impl Engine {
+    /// An engine whose apps (TOML `[[apps]]` bodies, `{repo}` replaced) read one local repo.
+    fn new(apps: &[&str]) -> Engine {
+        Self::with_cluster(apps, Arc::new(FakeCluster::default()))
+    }
+
+    fn with_cluster(apps: &[&str], cluster: Arc<FakeCluster>) -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("repo");
+        let repo = git2::Repository::init(&work).unwrap();
+        let url = format!("file://{}", work.display());
+        let mut text = format!(
+            "state_dir = \"{}\"\n[node]\nname = \"node-a\"\n",
+            dir.path().join("state").display()
+        );
+        for app in apps {
+            text.push_str(&format!("[[apps]]\n{}\n", app.replace("{repo}", &url)));
+        }
+        let config = Config::parse(&dir.path().join("config.toml"), &text).unwrap();
+        let ctx = SyncContext::with_cluster(
+            config,
+            Arc::new(Metrics::default()),
+            None,
+            cluster.clone(),
+            None,
+        );
+        Engine {
+            _dir: dir,
+            repo,
+            work,
+            cluster,
+            ctx,
+        }
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        let path = self.work.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn remove(&self, rel: &str) {
+        std::fs::remove_file(self.work.join(rel)).unwrap();
+    }
+
+    fn commit(&self) -> Target {
+        let mut index = self.repo.index().unwrap();
+        index
+            .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+            .unwrap();
+        index.update_all(["*"], None).unwrap();
+        index.write().unwrap();
+        let tree = self.repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        let oid = self
+            .repo
+            .commit(Some("HEAD"), &sig, &sig, "c", &tree, &parents)
+            .unwrap();
+        Target {
+            sha: oid.to_string(),
+            tag: None,
+        }
+    }
+
+    async fn sync(&self, app: &str, target: &Target) -> Result<SyncResult, SyncError> {
+        let config = self.ctx.config.app(app).unwrap().clone();
+        self.ctx.sync_app(&config, target, true).await
+    }
+
+    fn exists(&self, kind: &str, name: &str) -> bool {
+        self.cluster.names(kind).iter().any(|n| n == name)
+    }
+
+    fn uid(&self, reference: &ObjectRef) -> serde_json::Value {
+        self.cluster.live(reference).unwrap()["metadata"]["uid"].clone()
+    }
+}
+
+fn cm_ref(ns: &str, name: &str) -> ObjectRef {
+    ObjectRef {
+        group: String::new(),
+        version: "v1".into(),
+        kind: "ConfigMap".into(),
+        namespace: Some(ns.into()),
+        name: name.into(),
+    }
+}
+
+const PRUNING: &str = "name = \"web\"\nrepo = \"{repo}\"\npath = \"app\"\nnamespace = \"team\"\ncreate_namespace = true\nprune = true";
+
+#[tokio::test]
+async fn an_applied_revision_is_not_sent_again() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    let rev = e.commit();
+    e.sync("web", &rev).await.unwrap();
+    let applies = e.cluster.count("apply");
+    let app = e.ctx.config.app("web").unwrap().clone();
+    let again = e.ctx.sync_app(&app, &rev, false).await.unwrap();
+    assert!(matches!(again, SyncResult::Unchanged { .. }), "{again:?}");
+    assert_eq!(e.cluster.count("apply"), applies);
+}
+
+#[tokio::test]
+async fn prune_deletes_what_git_dropped_and_keeps_what_others_took() {
+    let e = Engine::new(&[PRUNING]);
+    for name in ["a", "b", "c"] {
+        e.write(&format!("app/{name}.yaml"), &cm(name, "1"));
+    }
+    e.sync("web", &e.commit()).await.unwrap();
+    // Someone else takes c over.
+    let mut c = e.cluster.live(&cm_ref("team", "c")).unwrap();
+    c["metadata"]["annotations"]["edgesync.io/app"] = json!("other");
+    e.cluster.put(cm_ref("team", "c"), c);
+    e.remove("app/b.yaml");
+    e.remove("app/c.yaml");
+    e.sync("web", &e.commit()).await.unwrap();
+    assert!(!e.exists("ConfigMap", "b"));
+    assert!(e.exists("ConfigMap", "c"));
+    assert!(e.exists("ConfigMap", "a"));
+    let state = e.ctx.store.load("web").unwrap();
+    assert_eq!(state.inventory.len(), 1, "{:?}", state.inventory);
+}
+
+#[tokio::test]
+async fn a_partial_apply_prunes_nothing() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write("app/b.yaml", &cm("b", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.remove("app/a.yaml");
+    e.write("app/bad.yaml", &cm("bad", "1"));
+    e.cluster.refuse.lock().unwrap().insert("bad".into());
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(err.to_string().contains("bad"), "{err}");
+    assert!(e.exists("ConfigMap", "a"), "pruned after a partial apply");
+    assert_eq!(e.cluster.count("delete"), 0);
+}
+
+#[tokio::test]
+async fn an_empty_render_prunes_nothing() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.remove("app/a.yaml");
+    e.write("app/README.md", "nothing here\n");
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(err.to_string().contains("allow_empty"), "{err}");
+    assert!(e.exists("ConfigMap", "a"));
+}
+
+#[tokio::test]
+async fn an_api_version_bump_keeps_the_object() {
+    let e = Engine::new(&[PRUNING]);
+    let hpa = |v: &str| {
+        format!("apiVersion: autoscaling/{v}\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: web\nspec:\n  maxReplicas: 2\n")
+    };
+    e.write("app/hpa.yaml", &hpa("v1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    let reference = ObjectRef {
+        group: "autoscaling".into(),
+        version: "v2".into(),
+        kind: "HorizontalPodAutoscaler".into(),
+        namespace: Some("team".into()),
+        name: "web".into(),
+    };
+    let uid = e.uid(&reference);
+    e.write("app/hpa.yaml", &hpa("v2"));
+    e.sync("web", &e.commit()).await.unwrap();
+    assert_eq!(e.uid(&reference), uid, "deleted and created again");
+    assert_eq!(e.cluster.count("delete"), 0);
+    let state = e.ctx.store.load("web").unwrap();
+    let versions: Vec<&str> = state.inventory.iter().map(|o| o.version.as_str()).collect();
+    assert_eq!(
+        versions.iter().filter(|v| **v == "v2").count(),
+        1,
+        "{versions:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_apps_namespace_stays_when_its_manifest_is_dropped() {
+    let e = Engine::new(&[PRUNING]);
+    e.write(
+        "app/ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team\n",
+    );
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.remove("app/ns.yaml");
+    e.sync("web", &e.commit()).await.unwrap();
+    assert!(e.exists("Namespace", "team"));
+    assert!(e.exists("ConfigMap", "a"));
+}
+
+#[tokio::test]
+async fn two_apps_claiming_one_object_is_a_conflict() {
+    let e = Engine::new(&[
+        PRUNING,
+        "name = \"copy\"\nrepo = \"{repo}\"\npath = \"app\"\nnamespace = \"team\"",
+    ]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    let rev = e.commit();
+    e.sync("web", &rev).await.unwrap();
+    let err = e.sync("copy", &rev).await.unwrap_err();
+    assert!(matches!(err, SyncError::Conflict(_)), "{err}");
+}
+
+#[tokio::test]
+async fn without_local_state_an_unreadable_inventory_applies_and_saves_nothing() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    *e.cluster.inventory_unreadable.lock().unwrap() = true;
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(matches!(err, SyncError::Inventory(_)), "{err}");
+    assert_eq!(e.cluster.count("apply"), 0);
+    assert_eq!(
+        e.ctx.store.load("web").unwrap(),
+        crate::state::AppState::default()
+    );
+}
+
+#[tokio::test]
+async fn what_another_node_runs_is_not_pruned() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write("app/b.yaml", &cm("b", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.cluster
+        .elsewhere
+        .lock()
+        .unwrap()
+        .insert(cm_ref("team", "b"));
+    e.remove("app/b.yaml");
+    e.sync("web", &e.commit()).await.unwrap();
+    assert!(e.exists("ConfigMap", "b"));
+}
+
+#[tokio::test]
+async fn rollback_returns_to_the_healthy_render_and_prunes_what_only_the_bad_one_had() {
+    let e = Engine::new(&[&format!("{PRUNING}\nrollback = \"auto\"")]);
+    e.write("app/a.yaml", &cm("a", "good"));
+    let good = e.commit();
+    e.sync("web", &good).await.unwrap();
+    e.ctx.remember_healthy("web", &good.sha).await;
+    e.write("app/a.yaml", &cm("a", "bad"));
+    e.write("app/extra.yaml", &cm("extra", "1"));
+    let bad = e.commit();
+    e.sync("web", &bad).await.unwrap();
+    let app = e.ctx.config.app("web").unwrap().clone();
+    // A rollback for a revision the app already left does nothing.
+    e.ctx.rollback(&app, &good.sha, "stale").await.unwrap();
+    assert!(e.exists("ConfigMap", "extra"));
+    e.ctx.rollback(&app, &bad.sha, "Degraded").await.unwrap();
+    let a = e.cluster.live(&cm_ref("team", "a")).unwrap();
+    assert_eq!(a["data"]["v"], "good");
+    assert!(!e.exists("ConfigMap", "extra"));
+    let state = e.ctx.store.load("web").unwrap();
+    assert_eq!(
+        state.last_applied_revision.as_deref(),
+        Some(good.sha.as_str())
+    );
+    assert_eq!(state.bad_revision.as_deref(), Some(bad.sha.as_str()));
+    // The bad revision is held until a newer one.
+    let held = e.ctx.sync_app(&app, &bad, false).await.unwrap();
+    assert!(matches!(held, SyncResult::Waiting { .. }), "{held:?}");
+}
+
+#[tokio::test]
+async fn a_departed_app_with_delete_on_removal_takes_only_its_own_objects() {
+    let cluster = Arc::new(FakeCluster::default());
+    let app = format!("{PRUNING}\ndelete_on_removal = true");
+    let e = Engine::with_cluster(&[&app], cluster.clone());
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write("app/b.yaml", &cm("b", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    let mut b = cluster.live(&cm_ref("team", "b")).unwrap();
+    b["metadata"]["annotations"]["edgesync.io/app"] = json!("other");
+    cluster.put(cm_ref("team", "b"), b);
+    // The same state directory, the app gone from the config.
+    let state_dir = e.ctx.config.state_dir.clone();
+    let config = Config::parse(
+        Path::new("config.toml"),
+        &format!(
+            "state_dir = \"{}\"\n[node]\nname = \"node-a\"\n",
+            state_dir.display()
+        ),
+    )
+    .unwrap();
+    let ctx = SyncContext::with_cluster(
+        config,
+        Arc::new(Metrics::default()),
+        None,
+        cluster.clone(),
+        None,
+    );
+    super::removal::remove_departed(ctx.clone()).await;
+    assert!(!e.exists("ConfigMap", "a"));
+    assert!(e.exists("ConfigMap", "b"), "someone else's now");
+    assert!(ctx.store.apps().is_empty(), "state archived");
+}
