@@ -1,7 +1,8 @@
 //! The fault-injection suite at full size: 100 SIGKILLs of the agent at random points while an
-//! app of 50 objects syncs commits that add, change and remove objects (prune on), on the real
-//! control plane. Prints the loss counts (all must be 0) and the recovery times, for
-//! docs/RELIABILITY.md. `cargo bench --bench chaos` (`EDGESYNC_CHAOS_KILLS` to change the count).
+//! app of 50 objects syncs commits that add, change and remove objects (prune on), then 5
+//! outages each of the API server (mid-sync) and of the Git server, on the real control plane.
+//! Prints the loss counts (all must be 0), the recovery times and whether an outage spent retry
+//! budget, for docs/RELIABILITY.md. `cargo bench --bench chaos` (`EDGESYNC_CHAOS_KILLS` to change the count).
 
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/it/harness/mod.rs"]
@@ -40,8 +41,27 @@ async fn main() {
         median(report.recoveries.clone()),
         worst
     );
+    let outages = chaos::outages(5, std::time::Duration::from_secs(15), 3).await;
+    println!(
+        "outages: 5 of the API server mid-sync and 5 of the Git server, 15 s each; backoff ceiling {} s, poll 1 s",
+        chaos::OUTAGE_CEILING.as_secs()
+    );
+    for (what, times) in [
+        ("API server", &outages.api_server),
+        ("Git server", &outages.git_server),
+    ] {
+        println!(
+            "  {what} back to revision applied: median {:.2} s, worst {:.2} s",
+            median(times.clone()),
+            times.iter().copied().fold(0.0, f64::max)
+        );
+    }
+    println!("  retry budget spent while away: {}", outages.budget_spent);
     let losses =
         report.lost + report.wrongly_pruned + report.left_over + report.stale + report.duplicated;
+    if outages.budget_spent {
+        std::process::exit(1);
+    }
     if losses > 0 {
         std::process::exit(1);
     }

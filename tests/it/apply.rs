@@ -164,19 +164,10 @@ spec:
         .await;
 }
 
-fn api_address() -> std::net::SocketAddr {
-    let text = std::fs::read_to_string(&cluster().kubeconfig).unwrap();
-    let server = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: https://"))
-        .expect("server in the kubeconfig");
-    server.trim().parse().unwrap()
-}
-
 #[tokio::test]
 async fn the_api_server_away_for_60_seconds_does_not_use_up_the_retry_limit() {
     let ns = TestNamespace::reserve("apidown").await;
-    let proxy = ApiProxy::start(api_address()).await;
+    let proxy = ApiProxy::start(cluster().api_address()).await;
     let repo = GitRepo::new();
     repo.write("deploy/settings.yaml", &configmap("settings", 0, "before"));
     let first = repo.commit("before");

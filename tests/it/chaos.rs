@@ -168,6 +168,105 @@ async fn uids(api: &kube::Api<ConfigMap>) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// What the outage run measured: seconds from the end of each outage until the revision
+/// committed during it was applied.
+#[derive(Debug, Default, Clone)]
+pub struct OutageReport {
+    pub api_server: Vec<f64>,
+    pub git_server: Vec<f64>,
+    /// Whether any outage used up the app's retry budget (it must not).
+    pub budget_spent: bool,
+}
+
+/// The backoff ceiling of the outage run's app: convergence after recovery is measured
+/// against it (plus the 1 s poll).
+pub const OUTAGE_CEILING: Duration = Duration::from_secs(4);
+
+/// `rounds` times each: the API server taken away in the middle of a sync of 50 objects, and
+/// the Git server taken away with a commit waiting, each for `away`. The app has a retry limit
+/// of 1: were the failures while away counted, it would give up before the outage ends.
+pub async fn outages(rounds: usize, away: Duration, seed: u64) -> OutageReport {
+    use crate::harness::cluster::cluster;
+    use crate::harness::http_git::Remote;
+    use crate::harness::proxy::ApiProxy;
+    let ns = TestNamespace::reserve("outage").await;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let repo = GitRepo::new();
+    let write_all = |repo: &GitRepo, value: &str| {
+        for i in 0..OBJECTS {
+            let name = format!("cm-{i:04}");
+            repo.write(&format!("app/{name}.yaml"), &cm(&name, value));
+        }
+    };
+    write_all(&repo, "v0");
+    let first = repo.commit("v0");
+    let remote = Remote::serve(repo).await;
+    let git = ApiProxy::start(format!("127.0.0.1:{}", remote.server.port).parse().unwrap()).await;
+    let api = ApiProxy::start(cluster().api_address()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(&cluster().kubeconfig, dir.path());
+    let url = format!("http://127.0.0.1:{}/fleet.git", git.port);
+    let ceiling = OUTAGE_CEILING.as_secs();
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{url}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\nprune = true\nretry = {{ limit = 1, backoff = {{ duration = \"1s\", factor = 2, max_duration = \"{ceiling}s\" }} }}",
+            ns.name
+        ))
+        .kubeconfig(&kubeconfig.display().to_string());
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &first).await;
+    let mut report = OutageReport::default();
+    let mut version = 0;
+    for _ in 0..rounds {
+        for git_away in [false, true] {
+            version += 1;
+            write_all(&remote.repo, &format!("v{version}"));
+            let sha = remote.repo.commit(&format!("v{version}"));
+            if git_away {
+                git.cut();
+                remote.push();
+            } else {
+                remote.push();
+                // Somewhere in the sync: the poll finds the commit within 1 s.
+                tokio::time::sleep(Duration::from_millis(rng.u64(200..1200))).await;
+                api.cut();
+            }
+            tokio::time::sleep(away).await;
+            let message = config.status().await["apps"][0]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            report.budget_spent |= message.contains("retry limit");
+            let back = Instant::now();
+            if git_away {
+                git.restore().await;
+            } else {
+                api.restore().await;
+            }
+            config.wait_applied("app", &sha).await;
+            let seconds = back.elapsed().as_secs_f64();
+            if git_away {
+                report.git_server.push(seconds);
+            } else {
+                report.api_server.push(seconds);
+            }
+        }
+    }
+    report
+}
+
+#[tokio::test]
+async fn outages_of_the_api_server_and_git_spend_no_retry_budget_and_converge() {
+    let report = outages(1, Duration::from_secs(8), 3).await;
+    assert!(!report.budget_spent, "{report:?}");
+    assert_eq!(
+        (report.api_server.len(), report.git_server.len()),
+        (1, 1),
+        "{report:?}"
+    );
+}
+
 #[tokio::test]
 async fn kill_9_at_random_points_never_loses_prunes_wrongly_or_leaves_over() {
     let kills = std::env::var("EDGESYNC_CHAOS_KILLS")

@@ -50,6 +50,16 @@ pub fn cluster() -> &'static Cluster {
 }
 
 impl Cluster {
+    /// The API server's address, for a relay in front of it.
+    pub fn api_address(&self) -> std::net::SocketAddr {
+        let text = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let server = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: https://"))
+            .expect("server in the kubeconfig");
+        server.trim().parse().unwrap()
+    }
+
     /// A client bound to the calling test's runtime.
     pub async fn client(&self) -> kube::Client {
         let kc = Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
