@@ -174,6 +174,20 @@ pub fn verify_revision(
     Ok((signed.object, signer))
 }
 
+/// The app's state; a damaged file (set aside by the store) is reported, counted, and the app
+/// starts again from a blank state rather than staying stuck. Other errors (I/O) are returned.
+fn load_or_blank(store: &StateStore, metrics: &Metrics, app: &str) -> Result<AppState, StateError> {
+    match store.load(app) {
+        Ok(state) => Ok(state),
+        Err(e @ StateError::Corrupt { .. }) => {
+            metrics.error(e.metric_label());
+            tracing::error!(%app, error = %e, kind = e.metric_label(), "starting from blank state");
+            Ok(AppState::default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SyncError> + Send + 'static,
 ) -> Result<T, SyncError> {
@@ -210,11 +224,13 @@ impl SyncContext {
         kube: Option<Arc<KubeApplier>>,
     ) -> Arc<SyncContext> {
         let store = StateStore::new(&config.state_dir);
+        // The first read of each state: a damaged file is reported here, once, as it is
+        // set aside.
         let board = Arc::new(StatusBoard::new(
             &config,
             metrics.clone(),
             publisher,
-            |app| store.load(app).unwrap_or_default(),
+            |app| load_or_blank(&store, &metrics, app).unwrap_or_default(),
         ));
         Arc::new(SyncContext {
             source: GitSource::new(&config.state_dir),
@@ -294,15 +310,7 @@ impl SyncContext {
     /// Loads the app's state. An unreadable file has been moved aside by the store; the app
     /// starts again from a blank state rather than staying stuck.
     fn load_state(&self, app: &str) -> Result<AppState, SyncError> {
-        match self.store.load(app) {
-            Ok(state) => Ok(state),
-            Err(e @ StateError::Corrupt { .. }) => {
-                self.metrics.error(e.metric_label());
-                tracing::error!(%app, error = %e, kind = e.metric_label(), "starting from blank state");
-                Ok(AppState::default())
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(load_or_blank(&self.store, &self.metrics, app)?)
     }
 
     /// Syncs `app` to commit `sha`. Unless `force` is set (a manual sync), an already applied

@@ -493,3 +493,68 @@ async fn a_config_caught_half_written_removes_nothing() {
         agent.log()
     );
 }
+
+/// A power cut leaves files empty or short: the app's state, its last-known-good render and
+/// a file of the checkout. Each is refused and reported; the agent reads the inventory back,
+/// checks the snapshot out again, and deletes nothing (the objects keep their uids).
+#[tokio::test]
+async fn empty_and_truncated_files_after_a_power_cut_are_refused_and_nothing_is_deleted() {
+    let ns = TestNamespace::reserve("powercut").await;
+    let repo = GitRepo::new();
+    repo.write("app/a.yaml", &cm("a"));
+    repo.write("app/b.yaml", &cm("b"));
+    let sha = repo.commit("a and b");
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{}\"\npoll_interval = \"1s\"", repo.url()))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\nprune = true",
+            repo.url(),
+            ns.name
+        ));
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    drop(agent);
+    let cms = kube::Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name);
+    let uids = |names: [&'static str; 2]| {
+        let cms = cms.clone();
+        async move {
+            let mut out = Vec::new();
+            for name in names {
+                out.push(cms.get(name).await.unwrap().metadata.uid);
+            }
+            out
+        }
+    };
+    let before = uids(["a", "b"]).await;
+
+    let state = config.dir().join("state");
+    std::fs::write(state.join("apps/app.json"), "").unwrap();
+    let render = state.join("apps/app.applied.json");
+    let text = std::fs::read(&render).unwrap();
+    std::fs::write(&render, &text[..text.len() / 2]).unwrap();
+    let snapshot = std::fs::read_dir(state.join("git/snapshots"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.join("app/a.yaml").is_file())
+        .expect("the snapshot");
+    std::fs::write(snapshot.join("app/a.yaml"), "").unwrap();
+
+    let agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(uids(["a", "b"]).await, before, "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("damaged snapshot removed"), "{log}");
+    assert!(log.contains("starting from blank state"), "{log}");
+    assert!(
+        log.contains("inventory recovered from the cluster"),
+        "{log}"
+    );
+    let quarantined = std::fs::read_dir(state.join("apps"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("corrupt"))
+        .count();
+    assert!(quarantined >= 1, "the damaged state was not set aside");
+}
