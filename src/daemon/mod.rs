@@ -47,11 +47,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "starting: reading the fleet",
     ));
     let watchdog = sd_notify::watchdog_enabled();
-    let mut agent = fed(
+    let started = fed(
         watchdog,
+        &mut signals,
         Agent::start(config.clone(), metrics.clone(), changed_tx.clone()),
     )
-    .await?;
+    .await;
+    let Some(started) = started else {
+        return stopped_while_starting();
+    };
+    let mut agent = started?;
     let mut current = config;
     // The watchdog is fed from this loop, so a wedged main loop lets systemd restart us.
     let every = watchdog
@@ -99,9 +104,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         agent.stop().await;
         let started = fed(
             watchdog,
+            &mut signals,
             Agent::start(new.clone(), metrics.clone(), changed_tx.clone()),
         )
         .await;
+        let Some(started) = started else {
+            return stopped_while_starting();
+        };
         agent = match started {
             Ok(started) => {
                 current = new;
@@ -110,11 +119,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Err(e) => {
                 metrics.error("config_start");
                 tracing::error!("cannot start with the new config, keeping the running one: {e:#}");
-                fed(
+                let again = fed(
                     watchdog,
+                    &mut signals,
                     Agent::start(current.clone(), metrics.clone(), changed_tx.clone()),
                 )
-                .await?
+                .await;
+                let Some(again) = again else {
+                    return stopped_while_starting();
+                };
+                again?
             }
         };
         notify_systemd(sd_notify::NotifyState::Ready);
@@ -163,19 +177,33 @@ async fn confirm_removals(current: &Config, new: &Config) -> Result<(), String> 
 }
 
 /// Runs `work` (starting an agent: reading the fleet, binding listeners) while feeding
-/// systemd's watchdog, which the main loop cannot do meanwhile.
-async fn fed<T>(watchdog: Option<Duration>, work: impl std::future::Future<Output = T>) -> T {
-    let Some(every) = watchdog.map(|d| d / 2) else {
-        return work.await;
-    };
+/// systemd's watchdog and listening for SIGTERM, which the main loop cannot do meanwhile.
+/// `None`: the process was told to stop first.
+async fn fed<T>(
+    watchdog: Option<Duration>,
+    signals: &mut Signals,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
     tokio::pin!(work);
-    let mut ticker = tokio::time::interval(every);
+    // Without a watchdog the ticker still runs, at the status pace, and feeds nothing.
+    let mut ticker = tokio::time::interval(watchdog.map(|d| d / 2).unwrap_or(STATUS_EVERY));
     loop {
         tokio::select! {
-            out = &mut work => return out,
-            _ = ticker.tick() => notify_systemd(sd_notify::NotifyState::Watchdog),
+            out = &mut work => return Some(out),
+            _ = signals.terminated() => return None,
+            _ = ticker.tick() => {
+                if watchdog.is_some() {
+                    notify_systemd(sd_notify::NotifyState::Watchdog);
+                }
+            }
         }
     }
+}
+
+fn stopped_while_starting() -> anyhow::Result<()> {
+    tracing::info!("stopped while starting");
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    Ok(())
 }
 
 /// One configuration's worth of running agent: repository workers, triggers, listeners.
@@ -332,6 +360,14 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
         })
+    }
+
+    /// SIGTERM or SIGINT.
+    async fn terminated(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 
     async fn next(&mut self) -> Signal {

@@ -558,3 +558,47 @@ async fn empty_and_truncated_files_after_a_power_cut_are_refused_and_nothing_is_
         .count();
     assert!(quarantined >= 1, "the damaged state was not set aside");
 }
+
+/// A fleet repository that accepts connections and never answers: the agent is READY and feeds
+/// the watchdog while it waits for the fleet, and stops on SIGTERM meanwhile, so systemd
+/// neither times its start out nor kills it as wedged.
+#[tokio::test]
+async fn a_fleet_that_never_answers_does_not_hold_ready_the_watchdog_or_stop() {
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = stuck.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = stuck.accept().await {
+            open.push(socket);
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}/fleet.git");
+    let config = AgentConfig::new().section(
+        "fleet",
+        &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+    );
+    let socket_path = config.dir().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let agent = Agent::start_with_env(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 3
+        || !seen.iter().any(|m| m.contains("READY=1"))
+    {
+        let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no READY and watchdog while the fleet loads; got {seen:?}"))
+            .unwrap();
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(!agent.log().contains("fleet loaded"), "{}", agent.log());
+    assert!(agent.stop().await.success());
+    held.abort();
+}
