@@ -48,6 +48,8 @@ pub struct Outbox {
     bytes: usize,
     next_position: u64,
     dropped: u64,
+    /// Files found unreadable at open (empty or cut short by a power cut) and set aside.
+    pub set_aside: usize,
 }
 
 impl Outbox {
@@ -75,6 +77,7 @@ impl Outbox {
             bytes: 0,
             next_position: found.last().map_or(0, |(p, _)| p + 1),
             dropped: 0,
+            set_aside: 0,
         };
         for (position, path) in found {
             let parsed = std::fs::read(&path)
@@ -93,6 +96,7 @@ impl Outbox {
                 None => {
                     tracing::warn!(path = %path.display(), "unreadable queued status message set aside");
                     let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+                    outbox.set_aside += 1;
                 }
             }
         }
@@ -220,6 +224,37 @@ mod tests {
         max_messages: 1000,
         max_bytes: 1 << 20,
     };
+
+    #[test]
+    fn empty_and_truncated_files_are_set_aside_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        };
+        let mut outbox = Outbox::open(dir.path(), limits).unwrap();
+        for i in 0..3 {
+            outbox
+                .push(Message {
+                    topic: format!("t/{i}"),
+                    payload: "{\"n\": 1}".into(),
+                    retain: false,
+                })
+                .unwrap();
+        }
+        let mut files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        std::fs::write(&files[0], "").unwrap();
+        let text = std::fs::read(&files[1]).unwrap();
+        std::fs::write(&files[1], &text[..text.len() / 2]).unwrap();
+        let reopened = Outbox::open(dir.path(), limits).unwrap();
+        assert_eq!(reopened.set_aside, 2);
+        assert_eq!(reopened.entries.len(), 1);
+        assert_eq!(reopened.entries[0].message.topic, "t/2");
+    }
 
     #[test]
     fn messages_survive_a_restart_in_order() {

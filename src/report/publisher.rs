@@ -70,6 +70,9 @@ impl StatusPublisher {
                 max_bytes: mqtt.queue_max_bytes,
             },
         )?;
+        for _ in 0..outbox.set_aside {
+            metrics.error("outbox_corrupt");
+        }
         let sequence_path = state_dir.join("outbox-sequence.json");
         let sequence = std::fs::read(&sequence_path)
             .ok()

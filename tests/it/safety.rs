@@ -589,7 +589,11 @@ async fn a_fleet_that_never_answers_does_not_hold_ready_the_watchdog_or_stop() {
     let mut seen = Vec::new();
     let mut buf = vec![0u8; 4096];
     let deadline = tokio::time::Instant::now() + WAIT;
-    while seen.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 3
+    while seen
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 3
         || !seen.iter().any(|m| m.contains("READY=1"))
     {
         let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
