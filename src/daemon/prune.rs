@@ -22,7 +22,7 @@ pub struct Deletion {
 /// Deletes `candidates` (in the order given) that still belong to `app` of `node`, and that
 /// no app of another node on this cluster runs.
 pub async fn delete_owned(
-    applier: &dyn Cluster,
+    cluster: &dyn Cluster,
     node: &str,
     app: &str,
     candidates: Vec<ObjectRef>,
@@ -32,7 +32,7 @@ pub async fn delete_owned(
     if candidates.is_empty() {
         return done;
     }
-    let elsewhere = match applier.held_by_other_nodes(node).await {
+    let elsewhere = match cluster.held_by_other_nodes(node).await {
         Ok(held) => held,
         Err(e) => {
             tracing::warn!(%app, "nothing deleted: {e}");
@@ -53,7 +53,7 @@ pub async fn delete_owned(
             done.forgotten.push(object);
             continue;
         }
-        match delete_one(applier, app, &object, propagation).await {
+        match delete_one(cluster, app, &object, propagation).await {
             Ok(Fate::Deleted) => done.deleted.push(object),
             Ok(Fate::Forgotten) => done.forgotten.push(object),
             Ok(Fate::Changed) => done.changed.push(object),
@@ -78,20 +78,20 @@ enum Fate {
 const ATTEMPTS: usize = 3;
 
 async fn delete_one(
-    applier: &dyn Cluster,
+    cluster: &dyn Cluster,
     app: &str,
     object: &ObjectRef,
     propagation: &str,
 ) -> Result<Fate, CallError> {
     for _ in 0..ATTEMPTS {
-        let Some(live) = applier.get(object).await? else {
+        let Some(live) = cluster.get(object).await? else {
             return Ok(Fate::Forgotten);
         };
         if let Some(reason) = apply::keep_reason(&live, app) {
             tracing::info!(%app, %object, "not deleted: {reason}");
             return Ok(Fate::Forgotten);
         }
-        if applier.delete_unchanged(object, &live, propagation).await? {
+        if cluster.delete_unchanged(object, &live, propagation).await? {
             tracing::info!(%app, %object, "deleted");
             return Ok(Fate::Deleted);
         }
