@@ -66,22 +66,12 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
                     message,
                 });
             }
-            let mut app_health = health::worst(healths);
-            // A per-app deadline turns a rollout that never finishes into a failure.
-            if let (HealthStatus::Progressing, Some(timeout), Some(at)) =
-                (app_health.status, app.health_timeout, state.last_applied_at)
-            {
-                if unix_now().saturating_sub(at) > timeout.as_secs() {
-                    app_health = Health {
-                        status: HealthStatus::Degraded,
-                        message: format!(
-                            "still Progressing {} after the sync (health_timeout): {}",
-                            humantime::format_duration(timeout),
-                            app_health.message
-                        ),
-                    };
-                }
-            }
+            let app_health = rate(
+                healths,
+                app.health_timeout,
+                state.last_applied_at,
+                unix_now(),
+            );
             changing |= matches!(
                 app_health.status,
                 HealthStatus::Progressing | HealthStatus::Missing | HealthStatus::Unknown
@@ -118,5 +108,84 @@ pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>)
             _ = ctx.applied.notified() => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// The app's health from its objects': the worst of them, except that Progressing for longer
+/// than `timeout` since the sync (`applied_at`, Unix seconds) counts as Degraded, so a rollout
+/// that never finishes is a failure (and can be rolled back).
+fn rate(
+    healths: Vec<Health>,
+    timeout: Option<Duration>,
+    applied_at: Option<u64>,
+    now: u64,
+) -> Health {
+    let worst = health::worst(healths);
+    match (worst.status, timeout, applied_at) {
+        (HealthStatus::Progressing, Some(timeout), Some(at))
+            if now.saturating_sub(at) > timeout.as_secs() =>
+        {
+            Health {
+                status: HealthStatus::Degraded,
+                message: format!(
+                    "still Progressing {} after the sync (health_timeout): {}",
+                    humantime::format_duration(timeout),
+                    worst.message
+                ),
+            }
+        }
+        _ => worst,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(status: HealthStatus, message: &str) -> Health {
+        Health {
+            status,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn progressing_past_the_health_timeout_is_degraded() {
+        let rollout = || {
+            vec![
+                h(HealthStatus::Healthy, ""),
+                h(
+                    HealthStatus::Progressing,
+                    "Deployment ns/web: 0 of 1 updated",
+                ),
+            ]
+        };
+        let timeout = Some(Duration::from_secs(60));
+        let within = rate(rollout(), timeout, Some(1000), 1060);
+        assert_eq!(within.status, HealthStatus::Progressing);
+        let past = rate(rollout(), timeout, Some(1000), 1061);
+        assert_eq!(past.status, HealthStatus::Degraded);
+        assert!(
+            past.message.contains("Deployment ns/web"),
+            "{}",
+            past.message
+        );
+        // Without a timeout a rollout may take as long as it takes.
+        assert_eq!(
+            rate(rollout(), None, Some(0), u64::MAX).status,
+            HealthStatus::Progressing
+        );
+        // Unknown says why and is never turned into Degraded.
+        let unknown = rate(
+            vec![h(
+                HealthStatus::Unknown,
+                "ConfigMap ns/a: cannot be read: 403",
+            )],
+            timeout,
+            Some(0),
+            10_000,
+        );
+        assert_eq!(unknown.status, HealthStatus::Unknown);
+        assert!(unknown.message.contains("403"));
     }
 }
