@@ -397,10 +397,10 @@ impl KubeApplier {
         }
     }
 
-    /// The API for `object`'s kind, in its namespace when the kind is namespaced.
-    /// The API of an object already applied. The version it was applied at may no longer be
-    /// served (a CRD or a built-in API that dropped it): the object is then addressed through
-    /// the version the API server prefers for its group and kind, since identity has no version.
+    /// The API for `object`'s kind, in its namespace when the kind is namespaced. The version
+    /// the object was applied at may no longer be served (a CRD or a built-in API that dropped
+    /// it): the object is then addressed through the version the API server prefers for its
+    /// group and kind, since identity has no version.
     async fn api_for(&self, object: &ObjectRef) -> Result<Api<DynamicObject>, CallError> {
         let gvk = GroupVersionKind::gvk(&object.group, &object.version, &object.kind);
         let (resource, scope) = match self.resource(&gvk).await {
