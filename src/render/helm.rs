@@ -54,32 +54,44 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
         message,
     };
     let release = req.options.release_name.as_deref().unwrap_or(&req.app);
+    // The release name comes from Git (an Application's releaseName): it must be a name, never
+    // something helm could read as a flag (`--post-renderer=./x`, `--set-file=...`).
+    if !is_release_name(release) {
+        return Err(fail(format!(
+            "release name {release:?} is not a valid Helm release name (lowercase letters, digits, '-' and '.', at most 53 characters)"
+        )));
+    }
     let scratch = tempfile::tempdir().map_err(|e| fail(format!("no temporary directory: {e}")))?;
     let mut cmd = Command::new(&req.binary);
     cmd.arg("template")
-        .arg(release)
-        .arg(dir)
         .arg("--skip-tests")
         .current_dir(dir)
         .env("HELM_CONFIG_HOME", scratch.path().join("config"))
         .env("HELM_CACHE_HOME", scratch.path().join("cache"))
         .env("HELM_DATA_HOME", scratch.path().join("data"));
+    // Every value joined to its flag (`--flag=value`), and `--` before the positionals, so no
+    // value from Git is ever read as a flag of its own.
     if let Some(ns) = &req.namespace {
-        cmd.arg("--namespace").arg(ns);
+        cmd.arg(format!("--namespace={ns}"));
     }
     for file in &req.options.value_files {
         let chart_rel = rel.join(file);
         let path = contained_path(root, &chart_rel)?;
-        cmd.arg("--values").arg(path);
+        let mut arg = std::ffi::OsString::from("--values=");
+        arg.push(path);
+        cmd.arg(arg);
     }
     if let Some(values) = &req.options.values {
         let path = scratch.path().join("inline-values.yaml");
         std::fs::write(&path, values).map_err(|e| fail(format!("cannot write values: {e}")))?;
-        cmd.arg("--values").arg(path);
+        let mut arg = std::ffi::OsString::from("--values=");
+        arg.push(path);
+        cmd.arg(arg);
     }
     for (name, value) in &req.options.parameters {
-        cmd.arg("--set").arg(format!("{name}={value}"));
+        cmd.arg(format!("--set={name}={value}"));
     }
+    cmd.arg("--").arg(release).arg(dir);
     let output = super::process::run(cmd, super::process::TIMEOUT, super::process::MAX_OUTPUT)
         .map_err(|e| match e {
             super::process::RunError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -103,9 +115,57 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
     Ok(Manifests { objects })
 }
 
+/// Helm's rule for release names: a DNS-1123 subdomain of at most 53 characters.
+fn is_release_name(name: &str) -> bool {
+    name.len() <= 53
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_names_from_git_cannot_be_flags() {
+        for good in ["web", "web-1", "a.b-c", &"a".repeat(53)] {
+            assert!(is_release_name(good), "{good}");
+        }
+        for bad in [
+            "--post-renderer=./x",
+            "-x",
+            "--set-file=a=/etc/shadow",
+            "Web",
+            "",
+            "a..b",
+            "a_b",
+            &"a".repeat(54),
+        ] {
+            assert!(!is_release_name(bad), "{bad}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("chart")).unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let req = HelmRequest {
+            app: "web".into(),
+            namespace: None,
+            options: HelmOptions {
+                release_name: Some("--post-renderer=./evil".into()),
+                ..Default::default()
+            },
+            binary: PathBuf::from("/nonexistent/helm"),
+        };
+        let err = template(&root, &root.join("chart"), &req)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a valid Helm release name"), "{err}");
+    }
 
     #[test]
     fn a_missing_helm_is_named_with_the_app() {

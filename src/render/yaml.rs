@@ -25,11 +25,16 @@ fn options() -> serde_saphyr::Options {
 /// Parses every document of a YAML stream; empty documents come back as `Value::Null`.
 pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Value>, RenderError> {
     serde_saphyr::from_multiple_with_options::<Value>(text, options()).map_err(|e| {
+        // The parser's message is followed by a snippet of the lines around the error: a
+        // broken Secret would put its values into the status, MQTT and the logs. The first
+        // line names the line, the column and what is wrong, and that is all that is kept.
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
         RenderError::Yaml {
             path: path.to_path_buf(),
             // The parser suggests one of its own options; meaningless to someone fixing YAML.
-            message: e
-                .to_string()
+            message: first
+                .trim_start_matches("error: ")
                 .replace(", set DuplicateKeyPolicy in Options if acceptable", ""),
         }
     })
@@ -91,6 +96,19 @@ mod tests {
             .to_string();
         assert!(err.starts_with("deploy/bad.yaml: invalid YAML"), "{err}");
         assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_line_but_never_quote_the_text() {
+        let secret = "apiVersion: v1\nkind: Secret\nstringData:\n  password: hunter2-SECRET\n  bad: [unclosed\n  other: x\n";
+        let duplicate = "a: hunter2-SECRET\na: 2\n";
+        for text in [secret, duplicate] {
+            let err = parse_documents(text, Path::new("s.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("line"), "{err}");
+        }
     }
 
     #[test]
