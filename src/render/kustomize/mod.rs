@@ -483,11 +483,20 @@ impl Builder<'_> {
         Ok(resolved)
     }
 
+    /// Reads a file of the build. Every file, the kustomization itself included, must resolve
+    /// inside the checkout: a `kustomization.yaml` that is a symlink to a credentials file
+    /// would otherwise be read, and quoted in the error.
     fn read(&self, path: &Path) -> Result<String, RenderError> {
         let io = |source| RenderError::Io {
             path: self.rel(path).to_path_buf(),
             source,
         };
+        let path = &path.canonicalize().map_err(io)?;
+        if !path.starts_with(self.root) {
+            return Err(RenderError::OutsideCheckout {
+                path: self.rel(path).to_path_buf(),
+            });
+        }
         let meta = std::fs::metadata(path).map_err(io)?;
         if meta.len() > MAX_FILE_BYTES {
             return Err(RenderError::TooLarge {
@@ -578,6 +587,22 @@ mod tests {
         // Without the bound this is 2^24 builds.
         let err = build_err(root, "a0");
         assert!(err.contains("expanded in one build"), "{err}");
+    }
+
+    #[test]
+    fn a_kustomization_that_links_out_of_the_checkout_is_not_read() {
+        let outer = tempfile::tempdir().unwrap();
+        let root = outer.path().join("repo");
+        write(outer.path(), "credentials", "token: NEVER-READ-ME\n");
+        fs::create_dir_all(root.join("app")).unwrap();
+        std::os::unix::fs::symlink(
+            outer.path().join("credentials"),
+            root.join("app/kustomization.yaml"),
+        )
+        .unwrap();
+        let err = build_err(&root, "app");
+        assert!(err.contains("outside the repository checkout"), "{err}");
+        assert!(!err.contains("NEVER-READ-ME"), "{err}");
     }
 
     #[test]
