@@ -234,7 +234,8 @@ pub fn unified_yaml_diff(
         v.map(|v| serde_saphyr::to_string(v).unwrap_or_else(|e| format!("# cannot print: {e}\n")))
             .unwrap_or_default()
     };
-    let (old, new) = (yaml(live), yaml(wanted));
+    let (live, wanted) = mask_secret_values(live, wanted);
+    let (old, new) = (yaml(live.as_ref()), yaml(wanted.as_ref()));
     if old == new {
         return None;
     }
@@ -247,10 +248,81 @@ pub fn unified_yaml_diff(
     )
 }
 
+/// Secret values never reach the diff, as with `kubectl diff`: each key of `data` and
+/// `stringData` shows as `***`, or `*** (before)` / `*** (after)` where the value changed, and a
+/// `last-applied-configuration` annotation (which holds them too) is masked alike.
+fn mask_secret_values(
+    live: Option<&Value>,
+    wanted: Option<&Value>,
+) -> (Option<Value>, Option<Value>) {
+    let is_secret =
+        |v: Option<&Value>| v.is_some_and(|v| v.get("kind") == Some(&Value::from("Secret")));
+    let (mut live, mut wanted) = (live.cloned(), wanted.cloned());
+    if !is_secret(live.as_ref()) && !is_secret(wanted.as_ref()) {
+        return (live, wanted);
+    }
+    const LAST_APPLIED: &str =
+        "/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration";
+    for pointer in ["/data", "/stringData"] {
+        let before = live.as_ref().and_then(|v| v.pointer(pointer)).cloned();
+        let after = wanted.as_ref().and_then(|v| v.pointer(pointer)).cloned();
+        let mask =
+            |side: &mut Option<Value>, own: &Option<Value>, other: &Option<Value>, tag: &str| {
+                let Some(Value::Object(values)) =
+                    side.as_mut().and_then(|v| v.pointer_mut(pointer))
+                else {
+                    return;
+                };
+                for (key, value) in values.iter_mut() {
+                    let same = own.as_ref().and_then(|o| o.get(key))
+                        == other.as_ref().and_then(|o| o.get(key));
+                    *value = Value::from(if same {
+                        "***".to_string()
+                    } else {
+                        format!("*** ({tag})")
+                    });
+                }
+            };
+        mask(&mut live, &before, &after, "before");
+        mask(&mut wanted, &after, &before, "after");
+    }
+    for side in [&mut live, &mut wanted] {
+        if let Some(annotation) = side.as_mut().and_then(|v| v.pointer_mut(LAST_APPLIED)) {
+            *annotation = Value::from("***");
+        }
+    }
+    (live, wanted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn secret_values_are_masked_in_diffs() {
+        let secret = |password: &str, token: &str| {
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": format!("{{\"data\":{{\"password\":\"{password}\"}}}}")}},
+                "data": {"password": password, "token": token}})
+        };
+        let live = secret("b2xkLXNlY3JldA==", "c2FtZQ==");
+        let wanted = secret("bmV3LXNlY3JldA==", "c2FtZQ==");
+        let diff = unified_yaml_diff("v1/Secret/ns/s", Some(&live), Some(&wanted)).unwrap();
+        for value in ["b2xkLXNlY3JldA==", "bmV3LXNlY3JldA==", "c2FtZQ=="] {
+            assert!(!diff.contains(value), "{diff}");
+        }
+        assert!(
+            diff.contains("*** (before)") && diff.contains("*** (after)"),
+            "{diff}"
+        );
+        // Equal secrets stay equal.
+        assert!(unified_yaml_diff("x", Some(&live), Some(&live)).is_none());
+        // A ConfigMap is shown as it is.
+        let cm = json!({"kind": "ConfigMap", "data": {"a": "visible"}});
+        let diff = unified_yaml_diff("x", None, Some(&cm)).unwrap();
+        assert!(diff.contains("visible"), "{diff}");
+    }
 
     #[test]
     fn normalized_objects_ignore_status_and_server_metadata() {
