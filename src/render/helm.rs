@@ -104,15 +104,67 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
         })?;
     if !output.success {
         let stderr = String::from_utf8_lossy(&output.stderr);
+        // A chart can `fail` with any value it was given: those never reach the status.
+        let stderr = redact_values(stderr.trim(), &given_values(root, dir, req));
         return Err(fail(format!(
             "helm template failed: {}",
-            stderr.trim().chars().take(2000).collect::<String>()
+            stderr.chars().take(2000).collect::<String>()
         )));
     }
     let text =
         String::from_utf8(output.stdout).map_err(|_| fail("helm printed non-UTF-8".into()))?;
     let objects = parse_objects(&text, &rel.join("(helm template)"))?;
     Ok(Manifests { objects })
+}
+
+/// Every value the chart was given, as text: the chart's own `values.yaml`, the value files,
+/// the inline values and the parameters (scalars of four characters or more, and their base64
+/// forms, as a template's `b64enc` would print them).
+fn given_values(root: &Path, dir: &Path, req: &HelmRequest) -> Vec<String> {
+    use base64::Engine;
+    let mut texts: Vec<String> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(dir.join("values.yaml")) {
+        texts.push(text);
+    }
+    let rel = dir.strip_prefix(root).unwrap_or(dir);
+    for file in &req.options.value_files {
+        if let Ok(path) = contained_path(root, &rel.join(file)) {
+            texts.extend(std::fs::read_to_string(path));
+        }
+    }
+    texts.extend(req.options.values.clone());
+    let mut values: Vec<String> = req.options.parameters.values().cloned().collect();
+    for text in &texts {
+        if let Ok(docs) = super::yaml::parse_documents(text, Path::new("values")) {
+            docs.iter().for_each(|doc| scalars(doc, &mut values));
+        }
+    }
+    values.retain(|v| v.chars().count() >= 4);
+    let encoded: Vec<String> = values
+        .iter()
+        .map(|v| base64::engine::general_purpose::STANDARD.encode(v))
+        .collect();
+    values.extend(encoded);
+    // Longest first, so a value that contains another is replaced whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values.dedup();
+    values
+}
+
+fn scalars(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Number(n) => out.push(n.to_string()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| scalars(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| scalars(v, out)),
+        _ => {}
+    }
+}
+
+fn redact_values(text: &str, values: &[String]) -> String {
+    values.iter().fold(text.to_string(), |text, value| {
+        text.replace(value.as_str(), "***")
+    })
 }
 
 /// Helm's rule for release names: a DNS-1123 subdomain of at most 53 characters.
@@ -131,6 +183,45 @@ fn is_release_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_given_to_the_chart_are_redacted_from_its_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("chart")).unwrap();
+        std::fs::write(
+            root.join("chart/values.yaml"),
+            "db:\n  password: chart-default-pw\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("chart/prod.yaml"), "token: from-a-value-file\n").unwrap();
+        let req = HelmRequest {
+            app: "web".into(),
+            namespace: None,
+            options: HelmOptions {
+                values: Some("apiKey: inline-key-1234\n".into()),
+                value_files: vec!["prod.yaml".into()],
+                parameters: [("admin.password".to_string(), "param-pw-5678".to_string())].into(),
+                ..Default::default()
+            },
+            binary: PathBuf::from("helm"),
+        };
+        let values = given_values(&root, &root.join("chart"), &req);
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode("param-pw-5678");
+        let stderr = format!("Error: execution error at (web/templates/x.yaml:3:4): bad: chart-default-pw from-a-value-file inline-key-1234 param-pw-5678 {encoded}");
+        let redacted = redact_values(&stderr, &values);
+        for secret in [
+            "chart-default-pw",
+            "from-a-value-file",
+            "inline-key-1234",
+            "param-pw-5678",
+            encoded.as_str(),
+        ] {
+            assert!(!redacted.contains(secret), "{redacted}");
+        }
+        assert!(redacted.contains("web/templates/x.yaml:3:4"), "{redacted}");
+    }
 
     #[test]
     fn release_names_from_git_cannot_be_flags() {
