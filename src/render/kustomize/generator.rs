@@ -104,8 +104,9 @@ fn generate(
                 continue;
             }
             let (key, value) = line.split_once('=').ok_or_else(|| {
+                // The line itself is not quoted: an env file holds secrets.
                 GenError::Message(format!(
-                    "{}:{}: {line:?} has no '='; kustomize would read it from the environment, \
+                    "{}:{}: the line has no '='; kustomize would read it from the environment, \
                      which edgesync does not",
                     path.display(),
                     n + 1
@@ -114,10 +115,11 @@ fn generate(
             pairs.push((key.to_string(), value.as_bytes().to_vec()));
         }
     }
-    for literal in &args.literals {
+    for (n, literal) in args.literals.iter().enumerate() {
+        // Not quoted: a literal without '=' may well be the value itself.
         let (key, value) = literal
             .split_once('=')
-            .ok_or_else(|| GenError::Message(format!("literal {literal:?} is not KEY=VALUE")))?;
+            .ok_or_else(|| GenError::Message(format!("literals[{n}] is not KEY=VALUE")))?;
         pairs.push((key.to_string(), unquote(value).as_bytes().to_vec()));
     }
     for file in &args.files {
