@@ -762,6 +762,21 @@ mod tests {
     }
 
     #[test]
+    fn node_names_cannot_carry_topic_syntax() {
+        for bad in ["a/b", "plant+7", "x#", "two words"] {
+            let err = parse(&format!("[node]\nname = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("node.name") && err.contains("MQTT topics"),
+                "{err}"
+            );
+        }
+        // Host names with '_' are fine: the inventory ConfigMap name is sanitized.
+        parse("[node]\nname = \"edge_box-7\"\n").unwrap();
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let cfg = parse(
             r#"

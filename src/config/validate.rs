@@ -20,6 +20,25 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
             c.push(&n.span(), "max_concurrent_syncs", "must be at least 1");
         }
     }
+    // The node name becomes part of MQTT topics and object names: topic syntax (`+`, `#`,
+    // `/`) would let it subscribe to, or publish on, other nodes' topics.
+    let node = &raw.node.name;
+    let bad = node
+        .chars()
+        .find(|c| matches!(c, '+' | '#' | '/') || c.is_control() || c.is_whitespace());
+    if bad.is_some() || node.len() > 253 {
+        let at = text.find("[node]").unwrap_or(0);
+        c.push(
+            &(at..at),
+            "node.name",
+            match bad {
+                Some(c) => format!(
+                    "must not contain {c:?}: the node name is part of MQTT topics and object names"
+                ),
+                None => "is longer than 253 characters".to_string(),
+            },
+        );
+    }
     if let Some(k) = &raw.kubernetes {
         c.file(
             &k.span(),
