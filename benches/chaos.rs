@@ -1,6 +1,6 @@
 //! The fault-injection suite at full size: 100 SIGKILLs of the agent at random points while an
 //! app of 50 objects syncs commits that add, change and remove objects (prune on), then 5
-//! outages each of the API server (mid-sync) and of the Git server, on the real control plane.
+//! outages each of the API server (mid-sync), the Git server and the MQTT broker, on the real control plane.
 //! Prints the loss counts (all must be 0), the recovery times and whether an outage spent retry
 //! budget, for docs/RELIABILITY.md. `cargo bench --bench chaos` (`EDGESYNC_CHAOS_KILLS` to change the count).
 
@@ -43,12 +43,13 @@ async fn main() {
     );
     let outages = chaos::outages(5, std::time::Duration::from_secs(15), 3).await;
     println!(
-        "outages: 5 of the API server mid-sync and 5 of the Git server, 15 s each; backoff ceiling {} s, poll 1 s",
+        "outages: 5 each of the API server mid-sync, the Git server and the MQTT broker, 15 s each; backoff ceiling {} s, poll 1 s",
         chaos::OUTAGE_CEILING.as_secs()
     );
     for (what, times) in [
         ("API server", &outages.api_server),
         ("Git server", &outages.git_server),
+        ("MQTT broker", &outages.broker),
     ] {
         println!(
             "  {what} back to revision applied: median {:.2} s, worst {:.2} s",

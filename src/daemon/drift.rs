@@ -283,6 +283,7 @@ impl Drift {
                 let Some(app) = self.owners.get(&key).cloned() else {
                     return;
                 };
+                self.ctx.object_changed(&app);
                 let print = fingerprint(&object);
                 let changed = self.fingerprints.insert(key.clone(), print) != Some(print);
                 if changed && touched_by_others(&object) {
@@ -293,6 +294,7 @@ impl Drift {
                 let key = Self::key_of(&gvk, &object);
                 self.fingerprints.remove(&key);
                 if let Some(app) = self.owners.get(&key).cloned() {
+                    self.ctx.object_changed(&app);
                     self.queue(app, key);
                 }
             }

@@ -328,3 +328,53 @@ async fn a_departed_app_with_delete_on_removal_takes_only_its_own_objects() {
     assert!(e.exists("ConfigMap", "b"), "someone else's now");
     assert!(ctx.store.apps().is_empty(), "state archived");
 }
+
+const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers: [{name: web, image: web:2}]\n";
+
+#[tokio::test]
+async fn a_rollout_past_its_health_timeout_is_rolled_back_by_the_health_monitor() {
+    let e = Engine::new(&[&format!(
+        "{PRUNING}\nrollback = \"auto\"\nhealth_timeout = \"60s\""
+    )]);
+    let app = e.ctx.config.app("web").unwrap().clone();
+    let mut monitor = super::health::Monitor::new(&e.ctx);
+    e.write("app/a.yaml", &cm("a", "good"));
+    let good = e.commit();
+    e.sync("web", &good).await.unwrap();
+    let now = crate::state::unix_now();
+    monitor.round(&e.ctx, None, now).await;
+    let health = |e: &Engine| {
+        let doc = e.ctx.board.document();
+        doc.apps
+            .iter()
+            .find(|a| a.app == "web")
+            .map(|a| a.health.clone())
+    };
+    assert_eq!(health(&e).as_deref(), Some("Healthy"));
+    // A revision whose Deployment never rolls out (the fake cluster runs no controllers).
+    e.write("app/deploy.yaml", DEPLOYMENT);
+    let bad = e.commit();
+    e.sync("web", &bad).await.unwrap();
+    let changing = monitor.round(&e.ctx, None, now).await;
+    assert!(changing, "a rollout on its way is polled quickly");
+    assert!(
+        e.exists("Deployment", "web"),
+        "within the timeout: no rollback"
+    );
+    let only: std::collections::HashSet<String> = ["other".to_string()].into();
+    monitor.round(&e.ctx, Some(&only), now + 61).await;
+    assert!(
+        e.exists("Deployment", "web"),
+        "rounds only rate the apps asked for"
+    );
+    monitor.round(&e.ctx, None, now + 61).await;
+    assert!(!e.exists("Deployment", "web"), "rolled back and pruned");
+    let state = e.ctx.store.load("web").unwrap();
+    assert_eq!(
+        state.last_applied_revision.as_deref(),
+        Some(good.sha.as_str())
+    );
+    assert_eq!(state.bad_revision.as_deref(), Some(bad.sha.as_str()));
+    let held = e.ctx.sync_app(&app, &bad, false).await.unwrap();
+    assert!(matches!(held, SyncResult::Waiting { .. }), "{held:?}");
+}

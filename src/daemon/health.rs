@@ -1,11 +1,15 @@
 //! Keeps each app's health current: reads the live objects of its last complete apply and
-//! rates them with [`crate::health`]. Polls quickly while anything is on its way (Progressing
-//! or Missing) and slowly when all is settled. An app Progressing for longer than its
+//! rates them with [`crate::health`]. An app is rated again as soon as the drift watches
+//! (metadata-only, one per kind and namespace) see one of its objects change, status
+//! included, and right after every apply; besides, every app is rated every 2 s while
+//! anything is on its way (Progressing, Missing, Unknown) and every 15 s when all is settled,
+//! which also covers clusters where a kind cannot be watched. Full-object watches would save
+//! the GETs but keep every watched object in memory, which the RSS budget does not allow. An app Progressing for longer than its
 //! `health_timeout` counts as Degraded. A revision seen Healthy has its render kept as the
 //! app's last Healthy one; with `rollback = "auto"`, a revision that goes Degraded before it
 //! was ever Healthy is rolled back to that render.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,101 +17,138 @@ use tokio::sync::watch;
 
 use super::SyncContext;
 use crate::config::sync_policy::Rollback;
+use crate::config::AppConfig;
 use crate::health::{self, Health, HealthStatus};
 use crate::state::{unix_now, RenderKind};
 
 const SETTLED_EVERY: Duration = Duration::from_secs(15);
 const CHANGING_EVERY: Duration = Duration::from_secs(2);
 
+/// At least this long between two rounds woken by watch events, so a rollout's stream of
+/// status updates is rated in batches.
+const BATCH: Duration = Duration::from_millis(250);
+
 pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
-    // The revision each app was last seen Healthy at (its Healthy render is kept).
-    let mut healthy: HashMap<String, String> = HashMap::new();
-    for app in &ctx.config.apps {
-        if let Ok(Some(record)) = ctx.store.load_render(&app.name, RenderKind::Healthy) {
-            healthy.insert(app.name.clone(), record.revision);
-        }
-    }
+    let mut monitor = Monitor::new(&ctx);
+    let mut next_full = tokio::time::Instant::now();
     loop {
-        let mut changing = false;
-        for app in &ctx.config.apps {
-            let Ok(state) = ctx.store.load(&app.name) else {
-                continue;
-            };
-            if state.objects.is_empty() {
-                continue;
-            }
-            let mut healths = Vec::new();
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for object in &state.objects {
-                let h = match ctx.cluster.get(object).await {
-                    Ok(Some(live)) => health::assess(&live),
-                    Ok(None) => Health {
-                        status: HealthStatus::Missing,
-                        message: format!("{object} does not exist"),
-                    },
-                    Err(e) => {
-                        // Unknown must say why, where an operator looks: log, metric, status.
-                        ctx.metrics.error("health_read");
-                        tracing::warn!(app = %app.name, %object, "cannot read for health: {e}");
-                        Health {
-                            status: HealthStatus::Unknown,
-                            message: format!("cannot be read: {e}"),
-                        }
-                    }
-                };
-                *counts.entry(h.status.as_str().to_string()).or_default() += 1;
-                let message = if h.message.is_empty() {
-                    String::new()
-                } else {
-                    format!("{object}: {}", h.message)
-                };
-                healths.push(Health {
-                    status: h.status,
-                    message,
-                });
-            }
-            let app_health = rate(
-                healths,
-                app.health_timeout,
-                state.last_applied_at,
-                unix_now(),
-            );
-            changing |= matches!(
-                app_health.status,
-                HealthStatus::Progressing | HealthStatus::Missing | HealthStatus::Unknown
-            );
-            ctx.board.health(&app.name, &app_health, counts);
-            if ctx.is_syncing(&app.name) || state.last_error.is_some() {
-                continue;
-            }
-            let Some(revision) = state.last_applied_revision.as_deref() else {
-                continue;
-            };
-            let seen_healthy = healthy.get(&app.name).map(String::as_str) == Some(revision);
-            match app_health.status {
-                HealthStatus::Healthy if !seen_healthy => {
-                    ctx.remember_healthy(&app.name, revision).await;
-                    healthy.insert(app.name.clone(), revision.to_string());
-                }
-                HealthStatus::Degraded if app.rollback == Rollback::Auto && !seen_healthy => {
-                    if let Err(e) = ctx.rollback(app, revision, &app_health.message).await {
-                        ctx.metrics.error(e.metric_label());
-                        tracing::error!(app = %app.name, error = %e, "rollback failed");
-                    }
-                }
-                _ => {}
-            }
-        }
-        let every = if changing {
-            CHANGING_EVERY
-        } else {
-            SETTLED_EVERY
-        };
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = ctx.applied.notified() => {}
+            _ = tokio::time::sleep_until(next_full) => {
+                let changing = monitor.round(&ctx, None, unix_now()).await;
+                let every = if changing { CHANGING_EVERY } else { SETTLED_EVERY };
+                next_full = tokio::time::Instant::now() + every;
+            }
+            _ = ctx.health_wake.notified() => {
+                tokio::time::sleep(BATCH).await;
+                let only = ctx.take_health_dirty();
+                if monitor.round(&ctx, Some(&only), unix_now()).await {
+                    next_full = next_full.min(tokio::time::Instant::now() + CHANGING_EVERY);
+                }
+            }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Rates apps and acts on what it finds (keeps Healthy renders, rolls back).
+pub(super) struct Monitor {
+    /// The revision each app was last seen Healthy at (its Healthy render is kept).
+    healthy: HashMap<String, String>,
+}
+
+impl Monitor {
+    pub(super) fn new(ctx: &SyncContext) -> Monitor {
+        let mut healthy = HashMap::new();
+        for app in &ctx.config.apps {
+            if let Ok(Some(record)) = ctx.store.load_render(&app.name, RenderKind::Healthy) {
+                healthy.insert(app.name.clone(), record.revision);
+            }
+        }
+        Monitor { healthy }
+    }
+
+    /// Rates every app (or those in `only`, the ones the drift watches saw change) at `now`
+    /// (Unix seconds). Returns whether any is still on its way somewhere.
+    pub(super) async fn round(
+        &mut self,
+        ctx: &SyncContext,
+        only: Option<&HashSet<String>>,
+        now: u64,
+    ) -> bool {
+        let mut changing = false;
+        for app in &ctx.config.apps {
+            if only.is_some_and(|only| !only.contains(&app.name)) {
+                continue;
+            }
+            changing |= self.rate_app(ctx, app, now).await;
+        }
+        changing
+    }
+
+    async fn rate_app(&mut self, ctx: &SyncContext, app: &AppConfig, now: u64) -> bool {
+        let Ok(state) = ctx.store.load(&app.name) else {
+            return false;
+        };
+        if state.objects.is_empty() {
+            return false;
+        }
+        let mut healths = Vec::new();
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for object in &state.objects {
+            let h = match ctx.cluster.get(object).await {
+                Ok(Some(live)) => health::assess(&live),
+                Ok(None) => Health {
+                    status: HealthStatus::Missing,
+                    message: format!("{object} does not exist"),
+                },
+                Err(e) => {
+                    // Unknown must say why, where an operator looks: log, metric, status.
+                    ctx.metrics.error("health_read");
+                    tracing::warn!(app = %app.name, %object, "cannot read for health: {e}");
+                    Health {
+                        status: HealthStatus::Unknown,
+                        message: format!("cannot be read: {e}"),
+                    }
+                }
+            };
+            *counts.entry(h.status.as_str().to_string()).or_default() += 1;
+            let message = if h.message.is_empty() {
+                String::new()
+            } else {
+                format!("{object}: {}", h.message)
+            };
+            healths.push(Health {
+                status: h.status,
+                message,
+            });
+        }
+        let app_health = rate(healths, app.health_timeout, state.last_applied_at, now);
+        let changing = matches!(
+            app_health.status,
+            HealthStatus::Progressing | HealthStatus::Missing | HealthStatus::Unknown
+        );
+        ctx.board.health(&app.name, &app_health, counts);
+        if ctx.is_syncing(&app.name) || state.last_error.is_some() {
+            return changing;
+        }
+        let Some(revision) = state.last_applied_revision.as_deref() else {
+            return changing;
+        };
+        let seen_healthy = self.healthy.get(&app.name).map(String::as_str) == Some(revision);
+        match app_health.status {
+            HealthStatus::Healthy if !seen_healthy => {
+                ctx.remember_healthy(&app.name, revision).await;
+                self.healthy.insert(app.name.clone(), revision.to_string());
+            }
+            HealthStatus::Degraded if app.rollback == Rollback::Auto && !seen_healthy => {
+                if let Err(e) = ctx.rollback(app, revision, &app_health.message).await {
+                    ctx.metrics.error(e.metric_label());
+                    tracing::error!(app = %app.name, error = %e, "rollback failed");
+                }
+            }
+            _ => {}
+        }
+        changing
     }
 }
 

@@ -138,8 +138,10 @@ pub struct SyncContext {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub board: Arc<StatusBoard>,
-    /// Woken after every apply, so health is assessed at once.
-    pub applied: tokio::sync::Notify,
+    /// Wakes the health monitor: after every apply, and when a watch sees an app's object
+    /// change (the apps in `health_dirty`).
+    pub health_wake: tokio::sync::Notify,
+    health_dirty: std::sync::Mutex<HashSet<String>>,
     pub source: GitSource,
     pub charts: ChartSource,
     /// What the engine reads, applies and deletes through.
@@ -237,7 +239,8 @@ impl SyncContext {
             charts: ChartSource::new(&config.state_dir),
             store,
             board,
-            applied: tokio::sync::Notify::new(),
+            health_wake: tokio::sync::Notify::new(),
+            health_dirty: Default::default(),
             cluster,
             kube,
             retries: Default::default(),
@@ -352,6 +355,19 @@ impl SyncContext {
             }
         }
         result
+    }
+
+    /// Has `app` rated again soon: one of its objects changed.
+    pub fn object_changed(&self, app: &str) {
+        let mut dirty = self.health_dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.insert(app.to_string());
+        self.health_wake.notify_one();
+    }
+
+    /// The apps whose objects changed since the last call.
+    pub fn take_health_dirty(&self) -> HashSet<String> {
+        let mut dirty = self.health_dirty.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *dirty)
     }
 
     fn writer_lock(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -471,43 +487,17 @@ impl SyncContext {
         if let Err(e) = self.check_conflicts(app, &plan) {
             return self.failed(app, &mut state, e).await;
         }
-        let outcome = self.cluster.apply(&plan, wave_timeout(app)).await;
-        self.metrics.sync_duration(&app.name, started.elapsed());
-        self.applied.notify_one();
-        let total = outcome.applied.len() + outcome.failures.len();
-        let (applied, error) = match outcome.into_result() {
-            Ok(applied) => (applied, None),
-            Err((applied, error)) => (applied, Some(error)),
-        };
-        let owned = plan.owned(&applied);
-        state.inventory = apply::merge_inventory(&state.inventory, &owned);
-        if let Some(error) = error {
-            // A partial apply never prunes.
-            return self.failed(app, &mut state, error.into()).await;
-        }
-        state.objects = owned.into_iter().collect();
-        if app.prune {
-            if let Err(e) = self.prune(app, &mut state, &plan).await {
-                return self.failed(app, &mut state, e.into()).await;
-            }
-        }
-        state.last_applied_revision = Some(sha.to_string());
-        state.last_applied_at = state.last_attempt_at;
-        state.last_error = None;
-        // The render first, then the inventory, and the state last: once the state says a
-        // revision is applied, everything that goes with it is in place.
         let record = RenderRecord {
             revision: sha.to_string(),
             saved_at: unix_now(),
             plan,
         };
-        if let Err(e) = self
-            .save_render(&app.name, RenderKind::Applied, &record)
-            .await
-        {
-            self.metrics.error(e.metric_label());
-            tracing::warn!(app = %app.name, error = %e, "cannot keep the last-known-good render");
-        }
+        let applied = self.apply_and_record(app, &mut state, &record).await;
+        self.metrics.sync_duration(&app.name, started.elapsed());
+        let total = match applied {
+            Ok(total) => total,
+            Err(e) => return self.failed(app, &mut state, e.into()).await,
+        };
         self.board.synced(&app.name, &state, None);
         self.save_inventory(app, &state).await;
         self.save_state(&app.name, &state).await?;
@@ -627,31 +617,13 @@ impl SyncContext {
             }
         };
         tracing::warn!(app = %app.name, bad = %bad, to = %healthy.revision, "rolling back: {reason}");
-        let outcome = self.cluster.apply(&healthy.plan, wave_timeout(app)).await;
-        let owned = healthy.plan.owned(&outcome.applied);
-        state.inventory = apply::merge_inventory(&state.inventory, &owned);
         state.bad_revision = Some(bad.clone());
-        let result = if outcome.failures.is_empty() {
-            state.objects = owned.into_iter().collect();
-            let pruned = if app.prune {
-                self.prune(app, &mut state, &healthy.plan).await
-            } else {
-                Ok(())
-            };
-            state.last_applied_revision = Some(healthy.revision.clone());
-            state.last_applied_at = Some(unix_now());
-            state.last_error = None;
-            if let Err(e) = self
-                .save_render(&app.name, RenderKind::Applied, &healthy)
-                .await
-            {
-                self.metrics.error(e.metric_label());
+        let result = match self.apply_and_record(app, &mut state, &healthy).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                state.last_error = Some(format!("rollback failed: {e}"));
+                Err(SyncError::from(e))
             }
-            pruned.map_err(SyncError::from)
-        } else {
-            let error = outcome.into_result().err().map(|(_, e)| e);
-            state.last_error = error.as_ref().map(|e| format!("rollback failed: {e}"));
-            error.map_or(Ok(()), |e| Err(e.into()))
         };
         self.save_state(&app.name, &state).await?;
         self.save_inventory(app, &state).await;
@@ -660,6 +632,51 @@ impl SyncContext {
         self.board
             .rolled_back(&app.name, &state, &bad, reason, result.as_ref().err());
         result
+    }
+
+    /// The one apply-and-record path of sync and rollback: applies `record`'s plan; a
+    /// complete apply makes its objects the app's, prunes what only earlier revisions had
+    /// (with `prune`), and records the revision as applied with its render kept as the
+    /// last-known-good one. A partial apply never prunes and records nothing but the
+    /// inventory (what was created must stay known); a failed prune leaves the revision
+    /// unrecorded, so nothing downstream (drift, health, rollback) takes it for done.
+    /// The caller saves the state. Returns how many objects the plan had.
+    async fn apply_and_record(
+        &self,
+        app: &AppConfig,
+        state: &mut AppState,
+        record: &RenderRecord,
+    ) -> Result<usize, ApplyError> {
+        let plan = &record.plan;
+        let outcome = self.cluster.apply(plan, wave_timeout(app)).await;
+        self.object_changed(&app.name);
+        let total = outcome.applied.len() + outcome.failures.len();
+        let (applied, error) = match outcome.into_result() {
+            Ok(applied) => (applied, None),
+            Err((applied, error)) => (applied, Some(error)),
+        };
+        let owned = plan.owned(&applied);
+        state.inventory = apply::merge_inventory(&state.inventory, &owned);
+        if let Some(error) = error {
+            return Err(error);
+        }
+        state.objects = owned.into_iter().collect();
+        if app.prune {
+            self.prune(app, state, plan).await?;
+        }
+        state.last_applied_revision = Some(record.revision.clone());
+        state.last_applied_at = Some(unix_now());
+        state.last_error = None;
+        // The render before the state: once the state says a revision is applied, the
+        // render that goes with it is in place.
+        if let Err(e) = self
+            .save_render(&app.name, RenderKind::Applied, record)
+            .await
+        {
+            self.metrics.error(e.metric_label());
+            tracing::warn!(app = %app.name, error = %e, "cannot keep the last-known-good render");
+        }
+        Ok(total)
     }
 
     /// Writes the app's state on a blocking thread: each write ends in fsyncs, which must

@@ -174,6 +174,10 @@ async fn uids(api: &kube::Api<ConfigMap>) -> BTreeMap<String, String> {
 pub struct OutageReport {
     pub api_server: Vec<f64>,
     pub git_server: Vec<f64>,
+    /// Seconds from the broker's restart (with no memory of sessions or retained messages)
+    /// until a new subscriber gets the app's retained document at the revision synced while
+    /// the broker was away.
+    pub broker: Vec<f64>,
     /// Whether any outage used up the app's retry budget (it must not).
     pub budget_spent: bool,
 }
@@ -182,13 +186,16 @@ pub struct OutageReport {
 /// against it (plus the 1 s poll).
 pub const OUTAGE_CEILING: Duration = Duration::from_secs(4);
 
-/// `rounds` times each: the API server taken away in the middle of a sync of 50 objects, and
-/// the Git server taken away with a commit waiting, each for `away`. The app has a retry limit
+/// `rounds` times each: the API server taken away in the middle of a sync of 50 objects, the
+/// Git server taken away with a commit waiting, and the MQTT broker killed (a commit must
+/// still be synced meanwhile, and the status republished once it is back), each for `away`. The app has a retry limit
 /// of 1: were the failures while away counted, it would give up before the outage ends.
 pub async fn outages(rounds: usize, away: Duration, seed: u64) -> OutageReport {
     use crate::harness::cluster::cluster;
     use crate::harness::http_git::Remote;
+    use crate::harness::mqtt::Broker;
     use crate::harness::proxy::ApiProxy;
+    let mut broker = Broker::start(false);
     let ns = TestNamespace::reserve("outage").await;
     let mut rng = fastrand::Rng::with_seed(seed);
     let repo = GitRepo::new();
@@ -213,12 +220,14 @@ pub async fn outages(rounds: usize, away: Duration, seed: u64) -> OutageReport {
             "name = \"app\"\nrepo = \"{url}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\nprune = true\nretry = {{ limit = 1, backoff = {{ duration = \"1s\", factor = 2, max_duration = \"{ceiling}s\" }} }}",
             ns.name
         ))
+        .section("mqtt", &broker.agent_section())
         .kubeconfig(&kubeconfig.display().to_string());
     let _agent = Agent::start(&config);
     config.wait_applied("app", &first).await;
+    let document = format!("edgesync/nodes/{}/apps/app", config.node_name);
     let mut report = OutageReport::default();
     let mut version = 0;
-    for _ in 0..rounds {
+    for round in 0..rounds {
         for git_away in [false, true] {
             version += 1;
             write_all(&remote.repo, &format!("v{version}"));
@@ -252,17 +261,51 @@ pub async fn outages(rounds: usize, away: Duration, seed: u64) -> OutageReport {
                 report.api_server.push(seconds);
             }
         }
+        // The broker away: syncing goes on without it, and the status is there again after.
+        version += 1;
+        broker.stop();
+        let started = Instant::now();
+        write_all(&remote.repo, &format!("v{version}"));
+        let sha = remote.repo.commit(&format!("v{version}"));
+        remote.push();
+        config.wait_applied("app", &sha).await;
+        tokio::time::sleep(away.saturating_sub(started.elapsed())).await;
+        broker.restart();
+        let back = Instant::now();
+        let (mut sub, out) = broker.subscribe(&format!("chaos-{round}"), &document);
+        let deadline = back + Duration::from_secs(60);
+        loop {
+            let seen = std::fs::read_to_string(&out).unwrap_or_default();
+            if seen
+                .lines()
+                .any(|l| l.starts_with(&document) && l.contains(&format!("\"revision\":\"{sha}\"")))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no retained document at {sha} 60 s after the broker came back: {seen}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        report.broker.push(back.elapsed().as_secs_f64());
+        let _ = sub.kill();
+        let _ = sub.wait();
     }
     report
 }
 
 #[tokio::test]
-async fn outages_of_the_api_server_and_git_spend_no_retry_budget_and_converge() {
+async fn outages_of_the_api_server_git_and_the_broker_spend_no_retry_budget_and_converge() {
     let report = outages(1, Duration::from_secs(8), 3).await;
     assert!(!report.budget_spent, "{report:?}");
     assert_eq!(
-        (report.api_server.len(), report.git_server.len()),
-        (1, 1),
+        (
+            report.api_server.len(),
+            report.git_server.len(),
+            report.broker.len()
+        ),
+        (1, 1, 1),
         "{report:?}"
     );
 }
