@@ -1,5 +1,9 @@
-//! Logging: to the journal when running under systemd, otherwise human-readable (or JSON
-//! lines, with `--log-format json`) on stderr.
+//! Logging: human-readable lines (or JSON lines, with `--log-format json`) on stderr. Under
+//! systemd, stderr goes to the journal: each line then starts with its syslog priority
+//! (`<3>` for errors, ...), which journald turns into the entry's PRIORITY, and carries no
+//! timestamp (the journal has one). Every field stays in the message, so `journalctl -u
+//! edgesync` says which app and revision a line is about (the native journald protocol would
+//! keep fields out of MESSAGE, where nobody reading the journal sees them).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -30,10 +34,19 @@ pub fn init(level: &str, format: LogFormat) {
     }
     // systemd sets JOURNAL_STREAM for services whose stdout/stderr go to the journal.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald).init();
-            return;
-        }
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
+                    .event_format(Journal(
+                        tracing_subscriber::fmt::format()
+                            .without_time()
+                            .with_target(false),
+                    )),
+            )
+            .init();
+        return;
     }
     registry
         .with(
@@ -42,4 +55,35 @@ pub fn init(level: &str, format: LogFormat) {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
+}
+
+/// An event line for journald's stream: the syslog priority prefix, then `inner`'s line.
+struct Journal<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journal<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// syslog priorities, as tracing-journald maps levels.
+fn priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 5,
+        tracing::Level::DEBUG => 6,
+        tracing::Level::TRACE => 7,
+    }
 }

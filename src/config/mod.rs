@@ -517,9 +517,18 @@ struct RawConfig {
 /// The variable systemd sets for a unit with `LoadCredential=`.
 pub const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
 
+/// The credential ID the packaged unit loads `/etc/edgesync/credentials` under
+/// (`LoadCredential=edgesync:/etc/edgesync/credentials`). systemd names each file of a
+/// directory credential `<ID>_<file>`, so `kubeconfig` there is `edgesync_kubeconfig` in
+/// `$CREDENTIALS_DIRECTORY`.
+pub const CREDENTIAL_ID: &str = "edgesync";
+
 /// Resolves a file path from the config: relative paths are relative to the config file's
 /// directory, and a leading `${CREDENTIALS_DIRECTORY}` is the directory where systemd put the
 /// unit's credentials (`LoadCredential=`), so secrets can stay readable by root only.
+/// `${CREDENTIALS_DIRECTORY}/NAME` is the credential `NAME` when there is one, and else the
+/// file `NAME` of the packaged unit's directory credential ([`CREDENTIAL_ID`]`_NAME`), so one
+/// config works under the unit and by hand with `CREDENTIALS_DIRECTORY=/etc/edgesync/credentials`.
 pub fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, String> {
     resolve_file_in(base, path, std::env::var_os(CREDENTIALS_VAR))
 }
@@ -538,7 +547,14 @@ fn resolve_file_in(
                      (systemd sets it for a unit with LoadCredential=)"
                 )
             })?;
-            return Ok(PathBuf::from(dir).join(rest.trim_start_matches('/')));
+            let dir = PathBuf::from(dir);
+            let name = rest.trim_start_matches('/');
+            let plain = dir.join(name);
+            let loaded = dir.join(format!("{CREDENTIAL_ID}_{}", name.replace('/', "_")));
+            if !plain.exists() && loaded.exists() {
+                return Ok(loaded);
+            }
+            return Ok(plain);
         }
     }
     Ok(base.join(path))
@@ -895,6 +911,32 @@ repo = "https://a/b.git"
         );
         let err = resolve_file_in(base, Path::new("${CREDENTIALS_DIRECTORY}/x"), None).unwrap_err();
         assert!(err.contains("LoadCredential="), "{err}");
+    }
+
+    #[test]
+    fn a_file_of_the_packaged_directory_credential_is_found_by_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = Some(dir.path().as_os_str().to_owned());
+        let resolve = |name: &str| {
+            resolve_file_in(Path::new("/etc/edgesync"), Path::new(name), creds.clone()).unwrap()
+        };
+        // As systemd loads LoadCredential=edgesync:/etc/edgesync/credentials.
+        std::fs::write(dir.path().join("edgesync_kubeconfig"), "k").unwrap();
+        assert_eq!(
+            resolve("${CREDENTIALS_DIRECTORY}/kubeconfig"),
+            dir.path().join("edgesync_kubeconfig")
+        );
+        // A credential of that very name (by hand, or LoadCredential=kubeconfig:...) wins.
+        std::fs::write(dir.path().join("kubeconfig"), "k").unwrap();
+        assert_eq!(
+            resolve("${CREDENTIALS_DIRECTORY}/kubeconfig"),
+            dir.path().join("kubeconfig")
+        );
+        // Neither: the plain name, which the error then names.
+        assert_eq!(
+            resolve("${CREDENTIALS_DIRECTORY}/token"),
+            dir.path().join("token")
+        );
     }
 
     #[test]
