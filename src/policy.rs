@@ -68,7 +68,8 @@ impl OrphanIgnore {
 /// An AppProject sync window and the apps it covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ProjectWindow {
-    window: SyncWindow,
+    /// The window, or why it cannot be read (such a window holds what it covers).
+    window: Result<SyncWindow, String>,
     applications: Vec<String>,
     namespaces: Vec<String>,
     clusters: Vec<String>,
@@ -125,7 +126,16 @@ fn group_kinds(spec: &Value, key: &str) -> Vec<GroupKind> {
 
 /// One `spec.syncWindows` entry: kind, schedule, duration (Go's `1h30m` form), timeZone,
 /// manualSync, and the applications, namespaces and clusters it covers.
-fn project_window(w: &Value) -> Result<ProjectWindow, String> {
+fn project_window(w: &Value) -> ProjectWindow {
+    ProjectWindow {
+        window: window_of(w),
+        applications: strings(w, "applications"),
+        namespaces: strings(w, "namespaces"),
+        clusters: strings(w, "clusters"),
+    }
+}
+
+fn window_of(w: &Value) -> Result<SyncWindow, String> {
     let text = |key: &str| w.get(key).and_then(Value::as_str);
     let kind = match text("kind") {
         Some("allow") => WindowKind::Allow,
@@ -145,34 +155,25 @@ fn project_window(w: &Value) -> Result<ProjectWindow, String> {
             .unwrap_or(false),
     };
     crate::apply::window::Window::new(&window)?;
-    Ok(ProjectWindow {
-        window,
-        applications: strings(w, "applications"),
-        namespaces: strings(w, "namespaces"),
-        clusters: strings(w, "clusters"),
-    })
+    Ok(window)
 }
 
 impl Project {
     /// From an AppProject's `spec`.
     pub fn from_spec(name: &str, spec: &Value) -> Project {
         let mut warnings = Vec::new();
-        let windows = spec
-            .get("syncWindows")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(i, w)| match project_window(w) {
-                Ok(window) => Some(window),
-                Err(why) => {
-                    warnings.push(format!(
-                        "AppProject {name}: spec.syncWindows[{i}]: {why}; ignored"
-                    ));
-                    None
-                }
-            })
-            .collect();
+        let mut windows = Vec::new();
+        let listed = spec.get("syncWindows").and_then(Value::as_array);
+        for (i, w) in listed.into_iter().flatten().enumerate() {
+            let window = project_window(w);
+            if let Err(why) = &window.window {
+                warnings.push(format!(
+                    "AppProject {name}: spec.syncWindows[{i}]: {why}; it holds the syncs of \
+                     the apps it covers until it is fixed"
+                ));
+            }
+            windows.push(window);
+        }
         let orphans_warn = spec
             .get("orphanedResources")
             .filter(|o| o.get("warn").and_then(Value::as_bool).unwrap_or(false))
@@ -236,8 +237,12 @@ impl Project {
 
     /// The project's sync windows that cover the app `app` with destination `namespace`:
     /// those whose `applications` or `namespaces` globs match, or whose `clusters` name the
-    /// node's own cluster, as in Argo CD.
-    pub fn sync_windows(&self, app: &str, namespace: Option<&str>) -> Vec<SyncWindow> {
+    /// node's own cluster, as in Argo CD. A window that cannot be read is an `Err` saying why.
+    pub fn sync_windows(
+        &self,
+        app: &str,
+        namespace: Option<&str>,
+    ) -> Vec<Result<SyncWindow, String>> {
         self.windows
             .iter()
             .filter(|w| {
@@ -372,15 +377,29 @@ mod tests {
         );
         assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
         assert!(p.warnings[0].contains("syncWindows[3]"), "{:?}", p.warnings);
-        let db = p.sync_windows("db-main", Some("dev"));
+        // Unreadable, and covering no app: nothing to hold.
+        let ok = |ws: Vec<Result<SyncWindow, String>>| -> Vec<SyncWindow> {
+            ws.into_iter().map(|w| w.unwrap()).collect()
+        };
+        let db = ok(p.sync_windows("db-main", Some("dev")));
         assert_eq!(db.len(), 2);
         assert_eq!(db[0].kind, WindowKind::Deny);
         assert_eq!(db[0].duration, std::time::Duration::from_secs(5400));
         assert_eq!(db[0].time_zone, "Europe/Berlin");
-        let prod = p.sync_windows("web", Some("prod-eu"));
+        let prod = ok(p.sync_windows("web", Some("prod-eu")));
         assert_eq!(prod.len(), 2);
         assert!(prod[0].manual_sync);
         assert_eq!(p.sync_windows("web", Some("dev")).len(), 1);
+        // An unreadable window that covers an app is there, as an error.
+        let broken = Project::from_spec(
+            "edge",
+            &json!({"syncWindows": [
+                {"kind": "deny", "schedule": "0 25 * * *", "duration": "1h", "applications": ["*"]},
+            ]}),
+        );
+        let windows = broken.sync_windows("web", None);
+        assert_eq!(windows.len(), 1);
+        assert!(windows[0].is_err(), "{windows:?}");
     }
 
     #[test]

@@ -342,6 +342,11 @@ pub struct AppConfig {
     /// Helm options for an app whose path holds a chart (Argo CD's `source.helm`).
     #[serde(default)]
     pub helm: Option<crate::render::helm::HelmOptions>,
+    /// Sync each new revision by itself (`true`, the default). `false`: only a manual
+    /// `edgesync sync APP` applies it, and the app shows OutOfSync until then, as an Argo CD
+    /// Application without `syncPolicy.automated`.
+    #[serde(default = "default_true")]
+    pub automated: bool,
     /// Re-apply at once when a managed object drifts or is deleted (Argo CD's `selfHeal`);
     /// otherwise drift is reported as OutOfSync.
     #[serde(default)]
@@ -750,8 +755,10 @@ impl Config {
     }
 
     /// The sync windows that hold `app`: its own and those of its AppProject.
-    pub fn sync_windows(&self, app: &AppConfig) -> Vec<sync_policy::SyncWindow> {
-        let mut windows = app.sync_windows.clone();
+    /// The app's own sync windows and its project's; a project window that cannot be read
+    /// is an `Err` saying why.
+    pub fn sync_windows(&self, app: &AppConfig) -> Vec<Result<sync_policy::SyncWindow, String>> {
+        let mut windows: Vec<_> = app.sync_windows.iter().cloned().map(Ok).collect();
         if let Some(project) = app.project.as_deref().and_then(|p| self.projects.get(p)) {
             windows.extend(project.sync_windows(&app.name, app.namespace.as_deref()));
         }

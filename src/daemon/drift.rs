@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::SyncContext;
-use crate::apply::window::{self, Verdict, Window};
+use crate::apply::window::{self, Verdict};
 use crate::apply::{self, diff, ObjectRef, Plan};
 use crate::render::Object;
 use crate::state::RenderKind;
@@ -414,16 +414,13 @@ impl Drift {
             .iter()
             .map(|(k, _, why)| format!("{} {}: {why}", k.kind, display(k)))
             .collect();
-        let windows: Vec<Window> = self
-            .ctx
-            .config
-            .sync_windows(&config)
-            .iter()
-            .filter_map(|w| Window::new(w).ok())
-            .collect();
-        let held = match window::verdict(&windows, jiff::Timestamp::now(), false) {
-            Verdict::Allowed => None,
-            Verdict::Blocked { reason, .. } => Some(reason),
+        // A window that cannot be read holds self-heal as it holds syncs.
+        let held = match super::sync::windows_of(&self.ctx.config, &config) {
+            Ok(windows) => match window::verdict(&windows, jiff::Timestamp::now(), false) {
+                Verdict::Allowed => None,
+                Verdict::Blocked { reason, .. } => Some(reason),
+            },
+            Err(e) => Some(e),
         };
         if config.self_heal && held.is_none() {
             tracing::info!(%app, "self-heal: {}", described.join("; "));

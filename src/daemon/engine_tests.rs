@@ -32,6 +32,11 @@ impl Engine {
     }
 
     fn with_cluster(apps: &[&str], cluster: Arc<FakeCluster>) -> Engine {
+        Self::build(apps, cluster, |_| {})
+    }
+
+    /// An engine whose config `adjust` changes first (AppProjects a fleet would bring).
+    fn build(apps: &[&str], cluster: Arc<FakeCluster>, adjust: impl FnOnce(&mut Config)) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("repo");
         let repo = git2::Repository::init(&work).unwrap();
@@ -43,7 +48,8 @@ impl Engine {
         for app in apps {
             text.push_str(&format!("[[apps]]\n{}\n", app.replace("{repo}", &url)));
         }
-        let config = Config::parse(&dir.path().join("config.toml"), &text).unwrap();
+        let mut config = Config::parse(&dir.path().join("config.toml"), &text).unwrap();
+        adjust(&mut config);
         let ctx = SyncContext::with_cluster(
             config,
             Arc::new(Metrics::default()),
@@ -377,4 +383,90 @@ async fn a_rollout_past_its_health_timeout_is_rolled_back_by_the_health_monitor(
     assert_eq!(state.bad_revision.as_deref(), Some(bad.sha.as_str()));
     let held = e.ctx.sync_app(&app, &bad, false).await.unwrap();
     assert!(matches!(held, SyncResult::Waiting { .. }), "{held:?}");
+}
+
+fn with_project(name: &str, spec: serde_json::Value) -> impl FnOnce(&mut Config) {
+    let project = crate::policy::Project::from_spec(name, &spec);
+    let name = name.to_string();
+    move |config: &mut Config| {
+        config.projects.insert(name, project);
+    }
+}
+
+#[tokio::test]
+async fn a_default_project_the_fleet_defines_restricts_its_apps() {
+    let app = format!("{PRUNING}\nproject = \"default\"");
+    let e = Engine::build(
+        &[&app],
+        Arc::new(FakeCluster::default()),
+        with_project(
+            "default",
+            json!({"sourceRepos": ["*"], "destinations": [{"namespace": "team", "server": "*"}],
+                   "namespaceResourceBlacklist": [{"group": "", "kind": "ConfigMap"}]}),
+        ),
+    );
+    e.write("app/a.yaml", &cm("a", "1"));
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("namespaceResourceBlacklist"),
+        "{err}"
+    );
+    assert!(!e.exists("ConfigMap", "a"));
+}
+
+#[tokio::test]
+async fn a_sync_window_that_cannot_be_read_holds_every_sync() {
+    let app = format!("{PRUNING}\nproject = \"edge\"");
+    let e = Engine::build(
+        &[&app],
+        Arc::new(FakeCluster::default()),
+        with_project(
+            "edge",
+            json!({"sourceRepos": ["*"], "destinations": [{"namespace": "*", "server": "*"}],
+                   "syncWindows": [{"kind": "deny", "schedule": "0 25 * * *", "duration": "1h",
+                                    "applications": ["web"], "manualSync": true}]}),
+        ),
+    );
+    e.write("app/a.yaml", &cm("a", "1"));
+    let target = e.commit();
+    // Manual syncs too: the window that cannot be read might be the one that allows them.
+    let held = e.sync("web", &target).await.unwrap();
+    match held {
+        SyncResult::Waiting { reason, .. } => {
+            assert!(reason.contains("cannot be read"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!e.exists("ConfigMap", "a"));
+}
+
+#[test]
+fn a_crd_in_the_plan_gives_its_kinds_their_scope() {
+    use crate::render::Object;
+    let object = |text: &str| -> Object {
+        let value: serde_json::Value = serde_saphyr::from_str(text).unwrap();
+        assert!(value.is_object(), "{text}");
+        Object {
+            value: value.as_object().unwrap().clone(),
+            origin: "crd.yaml#0".into(),
+        }
+    };
+    let plan = crate::apply::Plan {
+        objects: vec![object(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: gadgets.example.com}\nspec: {group: example.com, scope: Cluster, names: {kind: Gadget, plural: gadgets}}\n",
+        )],
+        waves: vec![0],
+        app: "web".into(),
+        default_namespace: None,
+        ignore_differences: Vec::new(),
+        out_of_sync_only: false,
+    };
+    assert_eq!(
+        super::sync::plan_scope(&plan, "example.com", "Gadget"),
+        Some(false)
+    );
+    assert_eq!(
+        super::sync::plan_scope(&plan, "example.com", "Widget"),
+        None
+    );
 }

@@ -2,6 +2,7 @@
 //! Each repository has a worker fed by the poll timer and the triggers; a failing app or
 //! repository never stops the others.
 
+mod control;
 mod dispatch;
 mod drift;
 #[cfg(test)]
@@ -265,6 +266,11 @@ impl Agent {
             ));
         }
         let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
+        tasks.spawn(control::serve(
+            ctx.clone(),
+            permits.clone(),
+            shutdown_rx.clone(),
+        ));
         for worker in dispatcher.workers() {
             tasks.spawn(work_repository(
                 ctx.clone(),
@@ -709,7 +715,15 @@ pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
 /// Returns the number of apps that failed, or that a sync window held.
 pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result<usize> {
-    let _lock = crate::state::StateLock::acquire(&config.state_dir)?;
+    let _lock = match crate::state::StateLock::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        // An agent runs on this state directory: it does the sync (its apps have one writer).
+        Err(crate::state::StateError::Locked { path }) => {
+            tracing::info!(state_dir = %path.display(), "an agent holds the state directory; asking it to sync");
+            return Ok(control::ask_agent(&path, only).await?);
+        }
+        Err(e) => return Err(e.into()),
+    };
     with_fleet(&mut config, &Metrics::default()).await;
     if let Some(name) = only {
         if config.app(name).is_none() {
@@ -719,6 +733,18 @@ pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result
     let ctx = SyncContext::connect(config, Arc::new(Metrics::default()), None).await?;
     let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
     let (_tx, shutdown) = watch::channel(false);
+    Ok(manual_sync(&ctx, only, &shutdown, &permits).await)
+}
+
+/// A manual sync of `only` (or every app): applies each app's current revision even if it is
+/// applied already, and whether or not the app syncs automatically. Returns the number of
+/// apps that failed, or that a sync window held (a manual sync that did not happen).
+async fn manual_sync(
+    ctx: &Arc<SyncContext>,
+    only: Option<&str>,
+    shutdown: &watch::Receiver<bool>,
+    permits: &Arc<Semaphore>,
+) -> usize {
     let mut failed = 0;
     for repo in ctx.config.repositories_in_use() {
         let apps: Vec<AppConfig> = ctx
@@ -729,10 +755,9 @@ pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result
             .cloned()
             .collect();
         if !apps.is_empty() {
-            // A manual sync that a sync window holds did not happen: say so.
-            let round = sync_repository(&ctx, &repo, &apps, &shutdown, true, &permits).await;
+            let round = sync_repository(ctx, &repo, &apps, shutdown, true, permits).await;
             failed += round.failed + round.held;
         }
     }
-    Ok(failed)
+    failed
 }

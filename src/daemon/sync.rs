@@ -159,6 +159,40 @@ pub struct SyncContext {
     claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
 }
 
+/// The sync windows that cover `app`, or why one of them cannot be read.
+pub fn windows_of(config: &Config, app: &AppConfig) -> Result<Vec<Window>, String> {
+    config
+        .sync_windows(app)
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            w.as_ref()
+                .map_err(Clone::clone)
+                .and_then(Window::new)
+                .map_err(|e| format!("sync window {i} cannot be read ({e})"))
+        })
+        .collect()
+}
+
+/// The scope a CustomResourceDefinition in `plan` gives `group`/`kind`: `Some(true)` for
+/// namespaced, `None` when no CRD of the plan defines the kind.
+pub(super) fn plan_scope(plan: &apply::Plan, group: &str, kind: &str) -> Option<bool> {
+    let text = |spec: &serde_json::Value, pointer: &str| {
+        spec.pointer(pointer)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+    };
+    plan.rendered_objects()
+        .filter(|o| o.group() == "apiextensions.k8s.io" && o.kind() == "CustomResourceDefinition")
+        .filter_map(|crd| crd.value.get("spec"))
+        .find(|spec| {
+            text(spec, "/group").as_deref() == Some(group)
+                && text(spec, "/names/kind").as_deref() == Some(kind)
+        })
+        .and_then(|spec| text(spec, "/scope"))
+        .map(|scope| scope != "Cluster")
+}
+
 /// Checks that `target` (reached from `revision` of `repo`) is signed by a key of `keyring`
 /// that `allowed` names; `required_by` says who asks, for messages. Returns the signed
 /// object's name and the signer. Blocking (Git I/O).
@@ -335,6 +369,20 @@ impl SyncContext {
                 revision: sha.to_string(),
             });
         }
+        if !force && !app.automated {
+            // Argo CD's manual sync policy: a new revision waits for `edgesync sync`.
+            let reason = format!(
+                "manual sync policy (no syncPolicy.automated): run `edgesync sync {}` to apply",
+                app.name
+            );
+            self.board.waiting(&app.name, sha, &reason);
+            self.board.out_of_sync(&app.name, &reason);
+            return Ok(SyncResult::Waiting {
+                revision: sha.to_string(),
+                reason,
+                retry_in: None,
+            });
+        }
         if let Some(hold) = self.hold(app, &state, sha, force) {
             self.board.waiting(&app.name, sha, &hold.reason);
             return Ok(SyncResult::Waiting {
@@ -399,12 +447,20 @@ impl SyncContext {
         sha: &str,
         manual: bool,
     ) -> Option<retry::Hold> {
-        let windows: Vec<Window> = self
-            .config
-            .sync_windows(app)
-            .iter()
-            .filter_map(|w| Window::new(w).ok())
-            .collect();
+        let windows = match windows_of(&self.config, app) {
+            Ok(windows) => windows,
+            Err(e) => {
+                // A window that cannot be read might be the deny window that should hold this
+                // sync now, or the only allow window: it holds every sync, manual ones too,
+                // until it is fixed.
+                self.metrics.error("sync_window");
+                tracing::warn!(app = %app.name, "syncs held: {e}");
+                return Some(retry::Hold {
+                    reason: format!("{e}; syncs are held until it is fixed"),
+                    retry_in: Some(WINDOW_RECHECK),
+                });
+            }
+        };
         let now = jiff::Timestamp::now();
         if let Verdict::Blocked { reason, until } = window::verdict(&windows, now, manual) {
             let retry_in = until
@@ -555,20 +611,24 @@ impl SyncContext {
 
     /// The app's AppProject rules, for the whole plan, before anything is applied.
     async fn check_policy(&self, app: &AppConfig, plan: &apply::Plan) -> Result<(), SyncError> {
-        let Some(name) = app.project.as_deref().filter(|p| *p != "default") else {
+        let Some(name) = app.project.as_deref() else {
             return Ok(());
         };
-        let project = self.config.projects.get(name).ok_or_else(|| {
-            SyncError::Policy(format!("project {name} is not defined in the fleet"))
-        })?;
+        let project = match self.config.projects.get(name) {
+            Some(project) => project,
+            // Argo CD's `default` project allows everything unless the fleet defines it.
+            None if name == "default" => return Ok(()),
+            None => {
+                return Err(SyncError::Policy(format!(
+                    "project {name} is not defined in the fleet"
+                )))
+            }
+        };
         project.check_source(&app.repo).map_err(SyncError::Policy)?;
         if let Some(ns) = &app.namespace {
             project.check_destination(ns).map_err(SyncError::Policy)?;
         }
         for object in plan.rendered_objects() {
-            // Kinds the API server does not know yet (a CRD in this very commit) count as
-            // namespaced, the scope of nearly every custom resource.
-            let namespaced = self.cluster.is_namespaced(object).await.unwrap_or(true);
             let refused = |e: String| {
                 SyncError::Policy(format!(
                     "{} ({}): {e}",
@@ -576,10 +636,29 @@ impl SyncContext {
                     object.origin
                 ))
             };
-            project
-                .check_kind(object.group(), object.kind(), namespaced)
-                .map_err(refused)?;
-            if let (true, Some(ns)) = (namespaced, object.namespace()) {
+            // The scope from discovery, or from a CRD in this very plan; a kind whose scope
+            // is not known (discovery failed, or nothing defines it) must pass the rules of
+            // both scopes: policy fails closed.
+            let scope = match self.cluster.is_namespaced(object).await {
+                Some(namespaced) => Some(namespaced),
+                None => plan_scope(plan, object.group(), object.kind()),
+            };
+            let scopes: &[bool] = match scope {
+                Some(true) => &[true],
+                Some(false) => &[false],
+                None => &[true, false],
+            };
+            for &namespaced in scopes {
+                project
+                    .check_kind(object.group(), object.kind(), namespaced)
+                    .map_err(|e| match scope {
+                        None => refused(format!(
+                            "{e} (its scope is not known yet, so both scopes' rules apply)"
+                        )),
+                        Some(_) => refused(e),
+                    })?;
+            }
+            if let (false, Some(ns)) = (scope == Some(false), object.namespace()) {
                 project.check_destination(ns).map_err(refused)?;
             }
         }

@@ -379,6 +379,7 @@ impl Application {
             variables: Default::default(),
             kustomize_fallback: None,
             helm: helm.clone(),
+            automated: self.automated.is_some(),
             self_heal: automated.self_heal,
             sync_options: self
                 .sync_options

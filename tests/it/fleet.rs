@@ -191,6 +191,7 @@ spec:
     server: https://kubernetes.default.svc
     namespace: {namespace}
   syncPolicy:
+    automated: {{}}
     syncOptions: [CreateNamespace=true]
 "#
     )
@@ -378,7 +379,7 @@ async fn argo_kustomize_and_directory_options_shape_what_is_applied() {
     );
     let app = |name: &str, path: &str, source_extra: &str| {
         format!(
-            "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata:\n  name: {name}\nspec:\n  project: default\n  source:\n    repoURL: {url}\n    targetRevision: main\n    path: {path}\n{source_extra}  destination:\n    server: https://kubernetes.default.svc\n    namespace: {}\n  syncPolicy:\n    syncOptions: [CreateNamespace=true]\n",
+            "apiVersion: argoproj.io/v1alpha1\nkind: Application\nmetadata:\n  name: {name}\nspec:\n  project: default\n  source:\n    repoURL: {url}\n    targetRevision: main\n    path: {path}\n{source_extra}  destination:\n    server: https://kubernetes.default.svc\n    namespace: {}\n  syncPolicy:\n    automated: {{}}\n    syncOptions: [CreateNamespace=true]\n",
             ns.name
         )
     };

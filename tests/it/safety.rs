@@ -163,25 +163,87 @@ async fn without_local_state_an_unreadable_inventory_stops_the_sync_and_is_kept(
     );
 }
 
+/// One process per state directory: `edgesync sync` cannot take it while the agent runs, so
+/// it asks the agent, which does the sync. That is how an Application without
+/// `syncPolicy.automated` (synced only by hand, as in Argo CD) is synced on a running node.
 #[tokio::test]
-async fn one_process_per_state_directory() {
-    let ns = TestNamespace::reserve("lock").await;
+async fn one_process_per_state_directory_and_manual_syncs_go_through_the_agent() {
+    let ns = TestNamespace::reserve("manual").await;
     let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "fleet/manual.yaml",
+        &format!(
+            r#"apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: manual
+spec:
+  source: {{repoURL: "{url}", targetRevision: main, path: app}}
+  destination: {{server: "https://kubernetes.default.svc", namespace: {ns}}}
+  syncPolicy:
+    syncOptions: [CreateNamespace=true]
+"#,
+            ns = ns.name
+        ),
+    );
     repo.write("app/a.yaml", &cm("a"));
-    let sha = repo.commit("a");
-    let config = pruning_app(&repo, &ns.name);
+    let first = repo.commit("a manual app");
+    let config = AgentConfig::new()
+        .section(
+            "fleet",
+            &format!("repo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\""),
+        )
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""));
     let agent = Agent::start(&config);
-    config.wait_applied("app", &sha).await;
-    let out = config.command(&["sync"]).await;
+    let out_of_sync = |sha: String| {
+        let config = &config;
+        async move {
+            eventually("OutOfSync, saying how to sync it", WAIT, || async {
+                let status = config.status().await;
+                let app = status["apps"][0].clone();
+                (app["sync"] == "OutOfSync"
+                    && app["target_revision"] == sha.as_str()
+                    && app["message"].as_str()?.contains("edgesync sync manual"))
+                .then_some(())
+            })
+            .await
+        }
+    };
+    out_of_sync(first.clone()).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(
+        !cm_exists(&ns.name, "a").await,
+        "synced without being asked"
+    );
+
+    let out = config.command(&["sync", "manual"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", agent.log());
+    assert!(cm_exists(&ns.name, "a").await);
+    assert!(agent
+        .log()
+        .contains("manual sync asked for over the control socket"));
+    assert_eq!(
+        config.state("manual")["last_applied_revision"],
+        first.as_str()
+    );
+
+    // The next commit waits for its own manual sync.
+    repo.write("app/b.yaml", &cm("b"));
+    let second = repo.commit("b");
+    out_of_sync(second.clone()).await;
+    assert!(!cm_exists(&ns.name, "b").await);
+    let out = config.command(&["sync", "nope"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("in use by another edgesync process"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no app named"), "{stderr}");
+
+    // Without the agent, the CLI holds the state directory and syncs by itself.
     assert!(agent.stop().await.success());
     let (ok, log) = sync(&config).await;
     assert!(ok, "the lock outlives the agent: {log}");
+    assert!(cm_exists(&ns.name, "b").await);
 }
 
 #[tokio::test]
