@@ -47,12 +47,15 @@ async fn main() {
         chaos::OUTAGE_CEILING.as_secs()
     );
     for (what, times) in [
-        ("API server", &outages.api_server),
-        ("Git server", &outages.git_server),
-        ("MQTT broker", &outages.broker),
+        ("API server back to revision applied", &outages.api_server),
+        ("Git server back to revision applied", &outages.git_server),
+        (
+            "MQTT broker back to the retained document at the new revision",
+            &outages.broker,
+        ),
     ] {
         println!(
-            "  {what} back to revision applied: median {:.2} s, worst {:.2} s",
+            "  {what}: median {:.2} s, worst {:.2} s",
             median(times.clone()),
             times.iter().copied().fold(0.0, f64::max)
         );
