@@ -27,7 +27,7 @@ pub fn init(level: &str, format: LogFormat) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr),
+                    .with_writer(Redacting),
             )
             .init();
         return;
@@ -37,7 +37,7 @@ pub fn init(level: &str, format: LogFormat) {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(Redacting)
                     .with_ansi(false)
                     .event_format(Journal(
                         tracing_subscriber::fmt::format()
@@ -51,7 +51,7 @@ pub fn init(level: &str, format: LogFormat) {
     registry
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(Redacting)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
@@ -85,5 +85,37 @@ fn priority(level: tracing::Level) -> u8 {
         tracing::Level::INFO => 5,
         tracing::Level::DEBUG => 6,
         tracing::Level::TRACE => 7,
+    }
+}
+
+/// Writes log lines to stderr with the user part of every URL in them redacted
+/// ([`crate::source::redact_text`]): an error from libgit2 or an HTTP client may quote a
+/// repository URL with its token. The fmt layer writes each event with one call.
+struct Redacting;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Redacting {
+    type Writer = RedactingWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingWriter
+    }
+}
+
+struct RedactingWriter;
+
+impl std::io::Write for RedactingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut stderr = std::io::stderr().lock();
+        if text.contains("://") {
+            stderr.write_all(crate::source::redact_text(&text).as_bytes())?;
+        } else {
+            stderr.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }

@@ -141,9 +141,9 @@ impl StatusBoard {
             .iter()
             .map(|a| {
                 let state = states(&a.name);
-                let status = AppStatus {
+                let mut status = AppStatus {
                     app: a.name.clone(),
-                    repo: crate::source::redact(&a.repo),
+                    repo: a.repo.clone(),
                     path: a.path.clone(),
                     revision: state.last_applied_revision.clone(),
                     target_revision: state.last_attempted_revision.clone(),
@@ -157,6 +157,7 @@ impl StatusBoard {
                     last_error: state.last_error.clone(),
                     warnings: Vec::new(),
                 };
+                scrub(&mut status);
                 (a.name.clone(), status)
             })
             .collect::<BTreeMap<_, _>>();
@@ -206,6 +207,7 @@ impl StatusBoard {
             };
             let before = status.clone();
             change(status);
+            scrub(status);
             self.publish_info(status);
             (before != *status).then(|| status.clone())
         };
@@ -216,6 +218,7 @@ impl StatusBoard {
     }
 
     fn event(&self, app: &str, event: &str, revision: Option<&str>, message: &str) {
+        let message = &crate::source::redact_text(message);
         {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             recent.push_front(EventRecord {
@@ -487,6 +490,21 @@ pub fn ago(now: u64, then: Option<u64>) -> String {
         s @ 120..=7199 => format!("{}m ago", s / 60),
         s @ 7200..=172_799 => format!("{}h ago", s / 3600),
         s => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// Credentials in URLs never leave the node: every text of an app's status passes here
+/// (errors from libgit2, HTTP clients and helm may quote a URL with its user part).
+fn scrub(status: &mut AppStatus) {
+    let redact = crate::source::redact_text;
+    status.repo = redact(&status.repo);
+    status.message = redact(&status.message);
+    status.health_message = redact(&status.health_message);
+    if let Some(error) = &mut status.last_error {
+        *error = redact(error);
+    }
+    for warning in &mut status.warnings {
+        *warning = redact(warning);
     }
 }
 
