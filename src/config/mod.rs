@@ -158,6 +158,10 @@ pub struct MqttConfig {
     pub client_id: String,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Send the password over plain `mqtt://`, where anyone on the path can read it. Off:
+    /// a password with `mqtt://` is refused at load.
+    #[serde(default)]
+    pub insecure_password: bool,
     /// CA bundle for `mqtts://`; the system roots when unset.
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key for mutual TLS.
@@ -994,6 +998,23 @@ repo = "https://a/b.git"
         assert!(err.contains("repositories[0].token_file"), "{err}");
         assert!(err.contains("does not exist"), "{err}");
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn an_mqtt_password_in_clear_needs_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "secret").unwrap();
+        let config = |url: &str, extra: &str| {
+            let text = format!(
+                "[mqtt]\nurl = \"{url}\"\nusername = \"edge\"\npassword_file = \"pw\"\n{extra}"
+            );
+            Config::parse(&dir.path().join("config.toml"), &text)
+        };
+        let err = config("mqtt://broker", "").unwrap_err().to_string();
+        assert!(err.contains("mqtt.password_file") && err.contains("unencrypted"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        assert!(config("mqtt://broker", "insecure_password = true").is_ok());
+        assert!(config("mqtts://broker", "").is_ok());
     }
 
     #[test]

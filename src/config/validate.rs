@@ -138,6 +138,17 @@ impl Checker<'_> {
         if m.password_file.is_some() && m.username.is_none() {
             self.push(&span, "mqtt.username", "password_file needs a username");
         }
+        if m.password_file.is_some()
+            && !m.url.to_ascii_lowercase().starts_with("mqtts://")
+            && !m.insecure_password
+        {
+            self.push(
+                &span,
+                "mqtt.password_file",
+                "the password would cross the network unencrypted over mqtt://; use mqtts://, \
+                 or set insecure_password = true to send it anyway",
+            );
+        }
         if m.topics.is_empty() || m.topics.iter().any(|t| t.is_empty()) {
             self.push(&span, "mqtt.topics", "needs at least one non-empty topic");
         }

@@ -215,7 +215,7 @@ async fn secrets_never_reach_logs_metrics_or_status() {
     let config = AgentConfig::new()
         .section(
             "mqtt",
-            "url = \"mqtt://127.0.0.1:1\"\nusername = \"edge\"\npassword_file = \"mqtt.pw\"",
+            "url = \"mqtt://127.0.0.1:1\"\nusername = \"edge\"\npassword_file = \"mqtt.pw\"\ninsecure_password = true",
         )
         .section(
             "webhook",
