@@ -216,11 +216,16 @@ async fn main() {
                     .await
                     .expect("publish");
             } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs();
                 let headers = [
                     ("x-edgesync-delivery", format!("bench-{value}")),
+                    ("x-edgesync-timestamp", now.to_string()),
                     (
                         "x-edgesync-signature",
-                        sign("bench-secret", payload.as_bytes()),
+                        sign("bench-secret", format!("{now}.{payload}").as_bytes()),
                     ),
                 ];
                 let reply = request(

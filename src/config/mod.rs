@@ -227,6 +227,19 @@ pub struct WebhookConfig {
     /// How long delivery IDs are remembered to reject replays.
     #[serde(default = "default_replay_window", with = "humantime_serde_compat")]
     pub replay_window: Duration,
+    /// Open connections at most, in all; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections at most from one client address.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+}
+
+fn default_max_connections() -> usize {
+    64
+}
+fn default_max_connections_per_client() -> usize {
+    8
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -1011,7 +1024,10 @@ repo = "https://a/b.git"
             Config::parse(&dir.path().join("config.toml"), &text)
         };
         let err = config("mqtt://broker", "").unwrap_err().to_string();
-        assert!(err.contains("mqtt.password_file") && err.contains("unencrypted"), "{err}");
+        assert!(
+            err.contains("mqtt.password_file") && err.contains("unencrypted"),
+            "{err}"
+        );
         assert!(!err.contains("secret"), "{err}");
         assert!(config("mqtt://broker", "insecure_password = true").is_ok());
         assert!(config("mqtts://broker", "").is_ok());

@@ -174,14 +174,17 @@ impl Checker<'_> {
             );
         }
         if w.max_body_bytes == 0
-            || w.rate_limit.is_nan()
+            || !w.rate_limit.is_finite()
             || w.rate_limit <= 0.0
             || w.rate_burst == 0
+            || w.max_connections == 0
+            || w.max_connections_per_client == 0
         {
             self.push(
                 &span,
                 "webhook",
-                "max_body_bytes, rate_limit and rate_burst must be greater than zero",
+                "max_body_bytes, rate_limit, rate_burst, max_connections and \
+                 max_connections_per_client must be greater than zero",
             );
         }
     }

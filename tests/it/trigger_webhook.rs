@@ -64,7 +64,17 @@ fn push(provider: &str, url: &str, delivery: &str) -> (Vec<(&'static str, String
             format!(r#"{{"repo":"{url}","revision":"main"}}"#),
         ),
     };
-    let sig = hmac_hex(&secret, body.as_bytes());
+    // /generic signs "<timestamp>.<body>", the timestamp sent beside it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sig = if provider == "generic" {
+        headers.push(("x-edgesync-timestamp", now.to_string()));
+        hmac_hex(&secret, format!("{now}.{body}").as_bytes())
+    } else {
+        hmac_hex(&secret, body.as_bytes())
+    };
     match provider {
         "github" => headers.push(("x-hub-signature-256", format!("sha256={sig}"))),
         "gitea" => headers.push(("x-gitea-signature", sig)),
@@ -162,6 +172,27 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
         let reply = deliver(port, provider, headers, body).await;
         assert_eq!(reply.status, 409, "{provider} replay: {}", reply.body);
     }
+    // A /generic delivery captured and replayed later than 5 minutes: refused by its
+    // timestamp, whatever the replay memory still holds.
+    let old = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 600;
+    let body = format!(r#"{{"repo":"{url}","revision":"main"}}"#);
+    let stale = vec![
+        ("x-edgesync-delivery", "stale-1".to_string()),
+        ("x-edgesync-timestamp", old.to_string()),
+        (
+            "x-edgesync-signature",
+            format!(
+                "sha256={}",
+                hmac_hex(&secret("generic"), format!("{old}.{body}").as_bytes())
+            ),
+        ),
+    ];
+    let reply = deliver(port, "generic", &stale, body.as_bytes()).await;
+    assert_eq!(reply.status, 401, "stale timestamp: {}", reply.body);
     let big = format!(r#"{{"repo":"{url}","pad":"{}"}}"#, "x".repeat(70_000));
     let sig = hmac_hex(&secret("generic"), big.as_bytes());
     let headers = vec![
@@ -191,6 +222,12 @@ async fn each_provider_push_syncs_and_rejected_requests_sync_nothing() {
     )
     .await;
     assert_eq!(bad, 2.0);
+    let stale_generic = metric(
+        config.http_port,
+        r#"edgesync_trigger_events_total{source="generic",result="bad_signature"}"#,
+    )
+    .await;
+    assert_eq!(stale_generic, 1.0);
 
     // A ping is answered and ignored; a fresh valid delivery then syncs what was pending.
     let ping = vec![
@@ -235,4 +272,106 @@ async fn webhook_listener_needs_a_secret() {
         stderr.contains("webhook") && stderr.contains("insecure_no_secret"),
         "{stderr}"
     );
+}
+
+/// Opens `n` connections from `from` to the webhook port and sends half a request on each,
+/// then stalls; connections the listener refuses (closed at once) are kept too.
+async fn slow_clients(from: std::net::Ipv4Addr, port: u16, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        let Ok(mut stream) = socket.connect(([127, 0, 0, 1], port).into()).await else {
+            continue;
+        };
+        let _ = stream
+            .write_all(b"POST /hooks/generic HTTP/1.1\r\nHost: edge\r\nContent-Length: 100\r\n")
+            .await;
+        open.push(stream);
+    }
+    open
+}
+
+/// Connections the listener has closed (it read EOF or a reset).
+async fn closed(streams: &mut [tokio::net::TcpStream]) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut n = 0;
+    for stream in streams {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(std::time::Duration::from_millis(20), stream.read(&mut buf))
+            .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => n += 1,
+            // An answer (408) then close counts as closed too.
+            Ok(Ok(_)) => n += 1,
+            Err(_) => {}
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn slow_connections_cannot_wedge_the_webhook_or_the_agent() {
+    let ns = TestNamespace::reserve("slowloris").await;
+    let repo = GitRepo::new();
+    let first = greeting_app(&repo, "one");
+    let remote = Remote::serve(repo).await;
+    let url = remote.url();
+    let port = free_port();
+    let config = AgentConfig::new()
+        .section(
+            "webhook",
+            &format!("listen = \"127.0.0.1:{port}\"\ngeneric_secret_file = \"generic.secret\""),
+        )
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"greeting\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true",
+            ns.name
+        ));
+    config.file("generic.secret", &secret("generic"));
+    let agent = Agent::start(&config);
+    config.wait_applied("greeting", &first).await;
+
+    // 1. One address opens 200 slow connections: it gets 8, the rest are closed at once, and
+    // a delivery from another address goes through.
+    let mut one = slow_clients([127, 0, 0, 2].into(), port, 200).await;
+    let (headers, body) = push("generic", &url, "during-slow-1");
+    let reply = deliver(port, "generic", &headers, &body).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let refused = closed(&mut one).await;
+    assert!(refused >= 150, "only {refused} of 200 were closed at once");
+
+    // 2. Forty addresses, 8 each: more than the listener takes in all. The agent still syncs
+    // (the poll) and saves its state, and its status API answers.
+    let mut many = Vec::new();
+    for last in 3..43u8 {
+        many.extend(slow_clients([127, 0, 0, last].into(), port, 8).await);
+    }
+    let second = greeting_app(&remote.repo, "two");
+    remote.push();
+    config.wait_applied("greeting", &second).await;
+    assert_eq!(
+        config.status().await["apps"][0]["revision"],
+        second.as_str()
+    );
+    let limited = metric(
+        config.http_port,
+        r#"edgesync_trigger_events_total{source="webhook",result="connection_limit"}"#,
+    )
+    .await;
+    assert!(limited >= 150.0, "{limited}");
+
+    // 3. The header timeout (10 s) closes every slow connection; deliveries go through again.
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let still_open = one.len() + many.len() - closed(&mut one).await - closed(&mut many).await;
+    assert_eq!(
+        still_open, 0,
+        "slow connections outlived the header timeout"
+    );
+    let (headers, body) = push("generic", &url, "after-slow-1");
+    let reply = deliver(port, "generic", &headers, &body).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert!(agent.stop().await.success());
 }

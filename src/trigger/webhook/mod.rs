@@ -1,19 +1,25 @@
 //! Git webhook receiver (axum): `POST /hooks/{github,gitlab,gitea,bitbucket,generic}`.
 //!
-//! Checks run cheapest first, and nothing is synced for a rejected request: rate limit
-//! (429), body size (413), signature (401), replay of a delivery ID (409), payload (400).
+//! Checks run cheapest first, and nothing is synced for a rejected request: connections per
+//! client and in all (closed at once), the client's request rate (429), body size (413), the
+//! time to send headers and body (closed / 408), signature (401), the rate of verified
+//! deliveries across all clients (429), replay of a delivery ID (409), payload (400). Unsigned
+//! junk from one client therefore never uses up what real deliveries need: it is limited per
+//! client, and only verified requests count against the global rate.
 //! A verified push is answered 202 once the sync is scheduled. Pings and events that need no
 //! sync, or name no configured repository, get 200 with the reason.
 
 mod guard;
 mod providers;
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,10 +31,18 @@ use super::EventSink;
 use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
 use guard::{ReplayGuard, TokenBucket};
-pub use providers::{sign, BadRequest, Parsed, Provider};
+pub use providers::{sign, sign_generic, BadRequest, Parsed, Provider, GENERIC_SKEW};
 
 /// Delivery IDs remembered at most, whatever the window.
 const MAX_REMEMBERED_DELIVERIES: usize = 100_000;
+/// Client addresses whose request rate is tracked at most; beyond, idle ones are forgotten.
+const MAX_TRACKED_CLIENTS: usize = 4096;
+/// A client must have sent a request's headers within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// ... and its body, and had its answer, within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection is closed after this, however busy (keep-alive included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -90,7 +104,12 @@ pub struct Server {
     secrets: Secrets,
     sink: Arc<dyn EventSink>,
     metrics: Arc<Metrics>,
+    /// Verified deliveries, across all clients.
     bucket: Mutex<TokenBucket>,
+    /// Requests of each client address, verified or not.
+    clients: Mutex<HashMap<IpAddr, TokenBucket>>,
+    /// Open connections of each client address.
+    connections: Mutex<HashMap<IpAddr, usize>>,
     replays: Mutex<ReplayGuard>,
 }
 
@@ -107,6 +126,8 @@ impl Server {
                 cfg.rate_burst,
                 Instant::now(),
             )),
+            clients: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
             replays: Mutex::new(ReplayGuard::new(
                 cfg.replay_window,
                 MAX_REMEMBERED_DELIVERIES,
@@ -129,6 +150,8 @@ impl Server {
             .with_state(self.clone())
     }
 
+    /// Serves until shutdown. Each connection is served on its own task with a header read
+    /// timeout and a lifetime; connections over the caps are closed as soon as accepted.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -136,15 +159,48 @@ impl Server {
     ) {
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, "webhook listener ready");
-        let stop = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        if let Err(e) = axum::serve(listener, self.router())
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!("webhook listener failed: {e}");
+        let router = self.router();
+        let open = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_connections));
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            // Out of file descriptors, say: wait a little, not a busy loop.
+                            tracing::warn!("webhook accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = open.clone().try_acquire_owned() else {
+                        self.metrics.trigger("webhook", "connection_limit");
+                        continue;
+                    };
+                    let Some(client) = ClientSlot::take(&self, peer.ip()) else {
+                        self.metrics.trigger("webhook", "connection_limit");
+                        continue;
+                    };
+                    let router = router.clone();
+                    connections.spawn(async move {
+                        serve_connection(stream, peer, router).await;
+                        drop(client);
+                        drop(permit);
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
         }
+        connections.shutdown().await;
     }
 
     fn reject(&self, provider: &str, outcome: &str, status: StatusCode, message: &str) -> Response {
@@ -158,21 +214,110 @@ impl Server {
     }
 }
 
+/// One open connection of a client, counted while it lives.
+struct ClientSlot {
+    server: Arc<Server>,
+    ip: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(server: &Arc<Server>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = lock(&server.connections);
+        let n = open.entry(ip).or_default();
+        if *n >= server.cfg.max_connections_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            server: server.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.server.connections);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// HTTP/1 (and HTTP/2) on one connection, with the peer's address for the per-client rate
+/// limit, headers within [`HEADER_TIMEOUT`] and the whole connection within
+/// [`CONNECTION_LIFETIME`].
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, router: axum::Router) {
+    use tower::ServiceExt;
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs before the body is read, so a flood costs no body buffering or HMAC work.
+/// Runs before the body is read, so a flood costs no body buffering or HMAC work: the
+/// client's own request rate, then the time the request (body included) may take.
 async fn rate_limit(State(server): State<Arc<Server>>, request: Request, next: Next) -> Response {
-    if !lock(&server.bucket).try_take(Instant::now()) {
-        return server.reject(
-            "webhook",
-            "rate_limited",
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate limited",
-        );
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) = client {
+        let now = Instant::now();
+        let allowed = {
+            let mut clients = lock(&server.clients);
+            if clients.len() >= MAX_TRACKED_CLIENTS && !clients.contains_key(&ip) {
+                // Forget clients whose bucket has refilled: they are idle.
+                let full = f64::from(server.cfg.rate_burst);
+                clients.retain(|_, bucket| bucket.tokens_at(now) < full);
+                if clients.len() >= MAX_TRACKED_CLIENTS {
+                    clients.clear();
+                }
+            }
+            clients
+                .entry(ip)
+                .or_insert_with(|| {
+                    TokenBucket::new(server.cfg.rate_limit, server.cfg.rate_burst, now)
+                })
+                .try_take(now)
+        };
+        if !allowed {
+            return server.reject(
+                "webhook",
+                "rate_limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limited (this client)",
+            );
+        }
     }
-    let response = next.run(request).await;
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            return server.reject(
+                "webhook",
+                "timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                "request not received in time",
+            )
+        }
+    };
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
         server.metrics.trigger("webhook", "too_large");
         tracing::warn!(
@@ -195,7 +340,7 @@ async fn receive(
     let label = provider.label();
     match server.secrets.of(provider) {
         Some(secret) => {
-            if let Err(why) = provider.verify(&headers, &body, secret) {
+            if let Err(why) = provider.verify(&headers, &body, secret, crate::state::unix_now()) {
                 return server.reject(label, "bad_signature", StatusCode::UNAUTHORIZED, why);
             }
         }
@@ -208,6 +353,15 @@ async fn receive(
                 "no secret configured for this provider",
             );
         }
+    }
+    // Only verified requests count against the global rate, so junk cannot starve them.
+    if !lock(&server.bucket).try_take(Instant::now()) {
+        return server.reject(
+            label,
+            "rate_limited",
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limited (all clients)",
+        );
     }
     // Only verified requests may enter the replay memory, or forged IDs could block real ones.
     match provider.delivery_id(&headers) {

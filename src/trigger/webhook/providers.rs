@@ -53,13 +53,16 @@ impl Provider {
     }
 
     /// Checks the request's signature (HMAC-SHA256 over the raw body, compared in constant
-    /// time) or, for GitLab, its token.
+    /// time) or, for GitLab, its token. `/generic` signs `"<timestamp>.<body>"` with the
+    /// Unix time in `X-Edgesync-Timestamp`, which must be within [`GENERIC_SKEW`] of `now`:
+    /// a captured request cannot be replayed once the replay memory has forgotten it.
     /// The error says what is wrong with the signature.
     pub fn verify(
         self,
         headers: &HeaderMap,
         body: &[u8],
         secret: &[u8],
+        now: u64,
     ) -> Result<(), &'static str> {
         if self == Provider::GitLab {
             let token = header(headers, "x-gitlab-token").ok_or("missing X-Gitlab-Token")?;
@@ -84,6 +87,18 @@ impl Provider {
             .ok_or("signature is not HMAC-SHA256")?;
         let expected = hex::decode(hex_sig).map_err(|_| "signature is not hex")?;
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "unusable secret")?;
+        if self == Provider::Generic {
+            let stamp =
+                header(headers, "x-edgesync-timestamp").ok_or("missing X-Edgesync-Timestamp")?;
+            let at: u64 = stamp
+                .parse()
+                .map_err(|_| "X-Edgesync-Timestamp is not Unix seconds")?;
+            if now.abs_diff(at) > GENERIC_SKEW.as_secs() {
+                return Err("X-Edgesync-Timestamp is more than 5 minutes away from now");
+            }
+            mac.update(stamp.as_bytes());
+            mac.update(b".");
+        }
         mac.update(body);
         mac.verify_slice(&expected)
             .map_err(|_| "signature does not match")
@@ -219,6 +234,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// HMAC-SHA256 of `body` under `secret`, hex-encoded: what senders put in signature headers.
+/// How far `X-Edgesync-Timestamp` may be from the receiver's clock.
+pub const GENERIC_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The `/generic` signature of `body` sent at `timestamp` (Unix seconds).
+pub fn sign_generic(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    sign(secret, &signed)
+}
+
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
         Ok(mac) => mac,
@@ -250,28 +275,52 @@ mod tests {
         let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
         assert_eq!(format!("sha256={}", sign(SECRET, BODY)), sig);
         let h = headers(&[("x-hub-signature-256", sig)]);
-        assert_eq!(Provider::GitHub.verify(&h, BODY, SECRET), Ok(()));
+        assert_eq!(Provider::GitHub.verify(&h, BODY, SECRET, 0), Ok(()));
         assert!(Provider::GitHub
-            .verify(&h, b"Hello, World?", SECRET)
+            .verify(&h, b"Hello, World?", SECRET, 0)
             .is_err());
         assert!(Provider::GitHub
-            .verify(&HeaderMap::new(), BODY, SECRET)
+            .verify(&HeaderMap::new(), BODY, SECRET, 0)
             .is_err());
     }
 
     #[test]
     fn each_provider_reads_its_own_header() {
         let hex = sign(SECRET, BODY);
-        let ok = |p: Provider, h: HeaderMap| p.verify(&h, BODY, SECRET).is_ok();
+        let ok = |p: Provider, h: HeaderMap| p.verify(&h, BODY, SECRET, 1_000_000).is_ok();
         assert!(ok(Provider::Gitea, headers(&[("x-gitea-signature", &hex)])));
         assert!(ok(Provider::Gitea, headers(&[("x-gogs-signature", &hex)])));
         assert!(ok(
             Provider::Bitbucket,
             headers(&[("x-hub-signature", &format!("sha256={hex}"))])
         ));
+        // /generic signs the timestamp too, and it must be recent.
+        let stamped = format!("sha256={}", sign_generic(SECRET, 1_000_000, BODY));
         assert!(ok(
             Provider::Generic,
+            headers(&[
+                ("x-edgesync-signature", &stamped),
+                ("x-edgesync-timestamp", "1000000")
+            ])
+        ));
+        assert!(!ok(
+            Provider::Generic,
             headers(&[("x-edgesync-signature", &format!("sha256={hex}"))])
+        ));
+        assert!(!ok(
+            Provider::Generic,
+            headers(&[
+                ("x-edgesync-signature", &stamped),
+                ("x-edgesync-timestamp", "1000001")
+            ])
+        ));
+        let old = format!("sha256={}", sign_generic(SECRET, 999_000, BODY));
+        assert!(!ok(
+            Provider::Generic,
+            headers(&[
+                ("x-edgesync-signature", &old),
+                ("x-edgesync-timestamp", "999000")
+            ])
         ));
         let secret_text = std::str::from_utf8(SECRET).unwrap();
         assert!(ok(
