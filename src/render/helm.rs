@@ -61,6 +61,14 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
             "release name {release:?} is not a valid Helm release name (lowercase letters, digits, '-' and '.', at most 53 characters)"
         )));
     }
+    // helm follows symlinks: one leaving the chart (`templates/x -> /etc/...`) would put a
+    // host file into the render, or into an error.
+    if let Some(link) = symlink_leaving(dir).map_err(&fail)? {
+        return Err(fail(format!(
+            "{} is a symlink that leads out of the chart; charts must be self-contained",
+            link.strip_prefix(root).unwrap_or(&link).display()
+        )));
+    }
     let scratch = tempfile::tempdir().map_err(|e| fail(format!("no temporary directory: {e}")))?;
     let mut cmd = Command::new(&req.binary);
     cmd.arg("template")
@@ -115,6 +123,42 @@ pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests,
         String::from_utf8(output.stdout).map_err(|_| fail("helm printed non-UTF-8".into()))?;
     let objects = parse_objects(&text, &rel.join("(helm template)"))?;
     Ok(Manifests { objects })
+}
+
+/// Files a chart may hold at most (charts are small; a bigger tree is refused, not walked).
+const MAX_CHART_ENTRIES: usize = 20_000;
+
+/// The first symlink under `chart` whose target is outside `chart` (or does not resolve).
+fn symlink_leaving(chart: &Path) -> Result<Option<PathBuf>, String> {
+    let top = chart
+        .canonicalize()
+        .map_err(|e| format!("cannot read the chart: {e}"))?;
+    let mut pending = vec![chart.to_path_buf()];
+    let mut seen = 0usize;
+    while let Some(dir) = pending.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            seen += 1;
+            if seen > MAX_CHART_ENTRIES {
+                return Err(format!("the chart has more than {MAX_CHART_ENTRIES} files"));
+            }
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if kind.is_symlink() {
+                match path.canonicalize() {
+                    Ok(target) if target.starts_with(&top) => {}
+                    _ => return Ok(Some(path)),
+                }
+            } else if kind.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Every value the chart was given, as text: the chart's own `values.yaml`, the value files,
@@ -221,6 +265,25 @@ mod tests {
             assert!(!redacted.contains(secret), "{redacted}");
         }
         assert!(redacted.contains("web/templates/x.yaml:3:4"), "{redacted}");
+    }
+
+    #[test]
+    fn symlinks_leaving_the_chart_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let chart = dir.path().join("chart");
+        std::fs::create_dir_all(chart.join("templates")).unwrap();
+        std::fs::write(chart.join("values.yaml"), "a: 1\n").unwrap();
+        std::fs::write(dir.path().join("secret"), "token\n").unwrap();
+        // Inside the chart: fine.
+        std::os::unix::fs::symlink(chart.join("values.yaml"), chart.join("templates/v.yaml"))
+            .unwrap();
+        assert_eq!(symlink_leaving(&chart), Ok(None));
+        std::os::unix::fs::symlink(dir.path().join("secret"), chart.join("templates/s.yaml"))
+            .unwrap();
+        assert_eq!(
+            symlink_leaving(&chart),
+            Ok(Some(chart.join("templates/s.yaml")))
+        );
     }
 
     #[test]
