@@ -971,6 +971,14 @@ impl SyncContext {
                 .unwrap_or_else(|| "helm".into()),
         };
         let charts = self.charts.clone();
+        let remote_policy = app
+            .project
+            .as_deref()
+            .and_then(|p| self.config.projects.get(p))
+            .cloned()
+            .map(|project| {
+                render::RemotePolicy(Arc::new(move |repo: &str| project.check_source(repo)))
+            });
         blocking(move || {
             if let Some((required_by, keys)) = &signers {
                 if let Some(chart) = &app.chart {
@@ -1007,6 +1015,7 @@ impl SyncContext {
                 helm: Some(helm),
                 directory: app.directory.clone(),
                 kustomize: app.kustomize.clone(),
+                remote_policy,
             };
             let mut manifests = render::render_with(&root, &path, &options)?;
             if let Some(vars) = vars {

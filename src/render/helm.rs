@@ -136,8 +136,8 @@ fn symlink_leaving(chart: &Path) -> Result<Option<PathBuf>, String> {
     let mut pending = vec![chart.to_path_buf()];
     let mut seen = 0usize;
     while let Some(dir) = pending.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
         for entry in entries {
             let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
             seen += 1;

@@ -164,6 +164,22 @@ pub struct RenderOptions<'a> {
     pub directory: directory::DirectoryOptions,
     /// Changes to the app's kustomization (Argo CD's `source.kustomize`).
     pub kustomize: kustomize::Overrides,
+    /// Which remote sources the kustomize fallback may fetch (the AppProject's
+    /// `sourceRepos`); `None`: any.
+    pub remote_policy: Option<RemotePolicy>,
+}
+
+/// Whether a repository URL may be fetched (`Err` says why not).
+pub type RemoteCheck = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Says whether a repository URL may be fetched, and why not.
+#[derive(Clone)]
+pub struct RemotePolicy(pub std::sync::Arc<RemoteCheck>);
+
+impl std::fmt::Debug for RemotePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemotePolicy")
+    }
 }
 
 /// Renders `app_path`: a Helm chart (a `Chart.yaml`), a kustomization, or plain manifests.
@@ -211,6 +227,17 @@ pub fn render_with(
             })
         }
         (Err(RenderError::KustomizeUnsupported { .. }), Some(command)) => {
+            // The fallback fetches what the kustomization names: only what the app's project
+            // allows, checked before it runs.
+            if let Some(policy) = &options.remote_policy {
+                for entry in kustomize::remote_references(root, &dir)? {
+                    let repo = kustomize::remote_repository(&entry);
+                    (policy.0)(&repo).map_err(|why| RenderError::Kustomize {
+                        path: rel(),
+                        message: format!("the kustomize fallback would fetch {entry}: {why}"),
+                    })?;
+                }
+            }
             kustomize::external(root, &dir, command)
         }
         (result, _) => result,
@@ -313,6 +340,62 @@ fn kind_of(v: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_kustomize_fallback_fetches_only_what_the_project_allows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let app = tmp.path().join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::write(
+            app.join("kustomization.yaml"),
+            "resources:\n  - https://github.com/evil/repo//deploy?ref=v1\n",
+        )
+        .unwrap();
+        let marker = tmp.path().join("ran");
+        let script = tmp.path().join("fallback.sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\ntouch {}\necho 'apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: a}}'\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let command = script.display().to_string();
+        let only_org = RemotePolicy(std::sync::Arc::new(|repo: &str| {
+            if repo.starts_with("https://github.com/org/") {
+                Ok(())
+            } else {
+                Err(format!("{repo} is not permitted (sourceRepos)"))
+            }
+        }));
+        let options = RenderOptions {
+            kustomize_fallback: Some(&command),
+            remote_policy: Some(only_org),
+            ..Default::default()
+        };
+        let err = render_with(tmp.path(), Path::new("app"), &options)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("would fetch") && err.contains("https://github.com/evil/repo"),
+            "{err}"
+        );
+        assert!(!marker.exists(), "the fallback ran");
+        // Without a project, or with one that allows it, the fallback runs.
+        let options = RenderOptions {
+            kustomize_fallback: Some(&command),
+            ..Default::default()
+        };
+        assert_eq!(
+            render_with(tmp.path(), Path::new("app"), &options)
+                .unwrap()
+                .objects
+                .len(),
+            1
+        );
+        assert!(marker.exists());
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -532,6 +532,95 @@ impl Ctx<'_, '_> {
     }
 }
 
+/// Kustomization directories [`remote_references`] reads at most.
+const MAX_REMOTE_SCAN: usize = 2000;
+
+/// Every remote source the kustomization in `dir` reaches, as written: remote `resources`,
+/// `components` and `bases`, and `helmCharts[].repo`, in it and in every local directory it
+/// refers to. What the kustomize fallback would fetch, for the AppProject's `sourceRepos`
+/// check. Files stay inside the checkout at `root`; what cannot be read is an error (a
+/// reference nobody could check must not be fetched).
+pub fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderError> {
+    let root = root.canonicalize().map_err(|source| RenderError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let mut remote = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let rel = dir.strip_prefix(&root).unwrap_or(&dir).to_path_buf();
+        let dir = super::directory::contained_path(&root, &rel)?;
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        if seen.len() > MAX_REMOTE_SCAN {
+            return Err(RenderError::Kustomize {
+                path: rel,
+                message: format!("more than {MAX_REMOTE_SCAN} kustomizations to check"),
+            });
+        }
+        let Some(file) = kustomization_file(&dir) else {
+            continue;
+        };
+        let file_rel = file.strip_prefix(&root).unwrap_or(&file).to_path_buf();
+        let file = super::directory::contained_path(&root, &file_rel)?;
+        let text = std::fs::read_to_string(&file).map_err(|source| RenderError::Io {
+            path: file_rel.clone(),
+            source,
+        })?;
+        let docs = super::yaml::parse_documents(&text, &file_rel)?;
+        let Some(k) = docs.first() else { continue };
+        for field in ["resources", "components", "bases"] {
+            let entries = k.get(field).and_then(Value::as_array);
+            for entry in entries.into_iter().flatten().filter_map(Value::as_str) {
+                if is_remote(entry) {
+                    remote.push(entry.to_string());
+                } else {
+                    let local = dir.join(entry);
+                    if local.is_dir() {
+                        pending.push(local);
+                    }
+                }
+            }
+        }
+        let charts = k.get("helmCharts").and_then(Value::as_array);
+        for chart in charts.into_iter().flatten() {
+            if let Some(repo) = chart.get("repo").and_then(Value::as_str) {
+                remote.push(repo.to_string());
+            }
+        }
+    }
+    Ok(remote)
+}
+
+/// The repository a remote kustomize reference names, as an Argo CD `sourceRepos` entry
+/// would: `github.com/org/repo//path?ref=v1` is `https://github.com/org/repo`,
+/// `git@host:org/repo.git//path` stays an scp-like URL without its path and query.
+pub fn remote_repository(entry: &str) -> String {
+    let entry = entry.split(['?', '#']).next().unwrap_or(entry);
+    let (scheme, rest) = match entry.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None if entry.starts_with("git@") => (String::new(), entry),
+        None => ("https://".to_string(), entry),
+    };
+    // `//` separates the repository from a path inside it.
+    let rest = rest.split("//").next().unwrap_or(rest);
+    let rest = match rest.find(".git/") {
+        Some(i) => &rest[..i + 4],
+        None => rest,
+    };
+    // On the big hosts a repository is `org/repo`: what follows is a path inside it.
+    let mut parts = rest.split('/');
+    if let Some(host) = parts.next() {
+        if ["github.com", "gitlab.com", "bitbucket.org"].contains(&host) {
+            let repo: Vec<&str> = std::iter::once(host).chain(parts.take(2)).collect();
+            return format!("{scheme}{}", repo.join("/"));
+        }
+    }
+    format!("{scheme}{rest}")
+}
+
 fn is_remote(entry: &str) -> bool {
     entry.contains("://")
         || entry.starts_with("git@")
@@ -635,6 +724,53 @@ mod tests {
         );
         let err = build_err(&root, "app");
         assert!(err.contains("outside the repository checkout"), "{err}");
+    }
+
+    #[test]
+    fn remote_references_are_found_through_local_bases() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(
+            root,
+            "app/kustomization.yaml",
+            "resources:\n  - ../base\n  - https://github.com/org/extra//deploy?ref=v1\nhelmCharts:\n  - name: redis\n    repo: https://charts.example.com\n",
+        );
+        write(
+            root,
+            "base/kustomization.yaml",
+            "resources:\n  - github.com/other/repo/manifests?ref=main\n  - cm.yaml\n",
+        );
+        write(
+            root,
+            "base/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+        );
+        let mut found = remote_references(root, &root.join("app")).unwrap();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "github.com/other/repo/manifests?ref=main",
+                "https://charts.example.com",
+                "https://github.com/org/extra//deploy?ref=v1",
+            ]
+        );
+        assert_eq!(
+            remote_repository("https://github.com/org/extra//deploy?ref=v1"),
+            "https://github.com/org/extra"
+        );
+        assert_eq!(
+            remote_repository("github.com/other/repo/manifests?ref=main"),
+            "https://github.com/other/repo"
+        );
+        assert_eq!(
+            remote_repository("git@github.com:org/r.git//x?ref=1"),
+            "git@github.com:org/r.git"
+        );
+        assert_eq!(
+            remote_repository("https://example.com/r.git/sub/dir"),
+            "https://example.com/r.git"
+        );
     }
 
     #[test]
