@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Queue positions stay below this (2^53: more messages than a node will ever queue). A file
+/// named with a bigger one is not the outbox's, and would overflow the next position.
+const MAX_POSITION: u64 = 1 << 53;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub topic: String,
@@ -65,8 +69,8 @@ impl Outbox {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let position = name.strip_suffix(".json")?.parse().ok()?;
-                Some((position, e.path()))
+                let position: u64 = name.strip_suffix(".json")?.parse().ok()?;
+                (position < MAX_POSITION).then(|| (position, e.path()))
             })
             .collect();
         found.sort();

@@ -339,6 +339,18 @@ fn absolute_url(repo_url: &str, url: &str) -> String {
 }
 
 /// `scheme://host[:port]` of a URL.
+/// Whether `url` is at exactly `origin` (`scheme://host[:port]`, as [`origin`] gives it):
+/// the same scheme, host and port, with no user part.
+fn same_origin(url: &str, origin: &str) -> bool {
+    let Some(rest) = url.get(origin.len()..) else {
+        return false;
+    };
+    url.get(..origin.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(origin))
+        && (rest.is_empty() || rest.starts_with(['/', '?', '#']))
+        && !origin.contains('@')
+}
+
 fn origin(url: &str) -> &str {
     let start = url.find("://").map(|i| i + 3).unwrap_or(0);
     let end = url[start..]
@@ -669,7 +681,9 @@ impl Http {
 
     /// GETs `url`, authenticating as the server asks, and reads at most `limit` bytes.
     fn get(&mut self, url: &str, accept: Option<&str>, limit: u64) -> Result<Reply, SourceError> {
-        let ours = url.starts_with(&self.origin);
+        // The exact origin (scheme, host, port): `https://charts.example.com.evil.net` and
+        // `https://charts.example.com@evil.net` are somebody else's.
+        let ours = same_origin(url, &self.origin);
         let credentials = |http: &Http| {
             if !ours {
                 None
@@ -731,7 +745,19 @@ impl Http {
         } else {
             format!("{realm}?{}", query.join("&"))
         };
-        let response = self.send(&url, Some("application/json"), self.basic().as_deref())?;
+        // The repository's credentials go to its own origin only: a token service on another
+        // host (which the registry's answer names, so anyone answering for it could) is asked
+        // for an anonymous token.
+        let basic = if same_origin(realm, &self.origin) {
+            self.basic()
+        } else {
+            if self.userpass.is_some() {
+                tracing::warn!(realm = %redact(realm), registry = %self.origin,
+                    "the registry's token service is on another host; asking it without the repository's credentials");
+            }
+            None
+        };
+        let response = self.send(&url, Some("application/json"), basic.as_deref())?;
         let status = response.status().as_u16();
         if status != 200 {
             return Err(self.err(format!(
@@ -820,6 +846,25 @@ mod tests {
 
     fn pick(versions: &[&'static str], constraint: &str) -> Option<&'static str> {
         select_version(versions.iter().copied(), constraint).unwrap()
+    }
+
+    #[test]
+    fn credentials_go_to_the_exact_origin_only() {
+        let o = "https://charts.example.com";
+        assert!(same_origin("https://charts.example.com/index.yaml", o));
+        assert!(same_origin("https://charts.example.com", o));
+        assert!(same_origin("HTTPS://Charts.Example.com/x", o));
+        assert!(!same_origin(
+            "https://charts.example.com.evil.net/index.yaml",
+            o
+        ));
+        assert!(!same_origin(
+            "https://charts.example.com:8443/index.yaml",
+            o
+        ));
+        assert!(!same_origin("https://charts.example.com@evil.net/x", o));
+        assert!(!same_origin("http://charts.example.com/index.yaml", o));
+        assert!(!same_origin("https://auth.example.com/token", o));
     }
 
     #[test]
