@@ -42,6 +42,8 @@ pub struct FakeCluster {
     pub inventory_unreadable: Mutex<bool>,
     /// What other nodes run.
     pub elsewhere: Mutex<Inventory>,
+    /// Kinds discovery does not know (a CRD not installed yet, or discovery failing).
+    pub unknown_kinds: Mutex<BTreeSet<String>>,
     /// Calls made, by name: `apply`, `delete`, ...
     pub calls: Mutex<Vec<String>>,
 }
@@ -187,7 +189,8 @@ impl Cluster for FakeCluster {
 
     fn is_namespaced<'a>(&'a self, object: &'a Object) -> BoxFuture<'a, Option<bool>> {
         let namespaced = !CLUSTER_SCOPED.contains(&object.kind());
-        Box::pin(async move { Some(namespaced) })
+        let known = !lock(&self.unknown_kinds).contains(object.kind());
+        Box::pin(async move { known.then_some(namespaced) })
     }
 
     fn list_meta<'a>(

@@ -470,3 +470,34 @@ fn a_crd_in_the_plan_gives_its_kinds_their_scope() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_kind_of_unknown_scope_must_pass_both_scopes_rules() {
+    let cluster = Arc::new(FakeCluster::default());
+    cluster
+        .unknown_kinds
+        .lock()
+        .unwrap()
+        .insert("Gadget".to_string());
+    let app = format!("{PRUNING}\nproject = \"edge\"");
+    // Namespaced kinds are all allowed; no cluster-scoped kind is.
+    let e = Engine::build(
+        &[&app],
+        cluster,
+        with_project(
+            "edge",
+            json!({"sourceRepos": ["*"], "destinations": [{"namespace": "*", "server": "*"}],
+                   "clusterResourceWhitelist": [{"group": "", "kind": "Namespace"}]}),
+        ),
+    );
+    e.write(
+        "app/gadget.yaml",
+        "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g\n",
+    );
+    let err = e.sync("web", &e.commit()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("clusterResourceWhitelist") && err.contains("scope is not known"),
+        "{err}"
+    );
+    assert!(!e.exists("Gadget", "g"));
+}
