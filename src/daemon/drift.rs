@@ -46,7 +46,7 @@ const RECHECK: Duration = Duration::from_secs(5);
 /// An object's identity without its API version: watches and inventories may name different
 /// versions of one kind.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Key {
+pub(super) struct Key {
     group: String,
     kind: String,
     namespace: Option<String>,
@@ -64,7 +64,7 @@ impl Key {
     }
 }
 
-enum Seen {
+pub(super) enum Seen {
     /// Added or changed.
     Changed(GroupVersionKind, Value),
     Deleted(GroupVersionKind, Value),
@@ -135,7 +135,7 @@ impl Desired {
     }
 }
 
-struct Drift {
+pub(super) struct Drift {
     ctx: Arc<SyncContext>,
     tx: mpsc::Sender<Seen>,
     desired: HashMap<String, Desired>,
@@ -152,16 +152,7 @@ struct Drift {
 pub async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
     let (tx, mut rx) = mpsc::channel(1024);
     let mut synced = ctx.synced.subscribe();
-    let mut drift = Drift {
-        ctx,
-        tx,
-        desired: HashMap::new(),
-        owners: HashMap::new(),
-        watches: HashMap::new(),
-        fingerprints: HashMap::new(),
-        pending: HashMap::new(),
-        drifted: HashMap::new(),
-    };
+    let mut drift = Drift::new(ctx, tx);
     drift.refresh().await;
     loop {
         let due = drift.pending.values().map(|(_, at)| *at).min();
@@ -189,8 +180,32 @@ pub async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
 }
 
 impl Drift {
+    pub(super) fn new(ctx: Arc<SyncContext>, tx: mpsc::Sender<Seen>) -> Drift {
+        Drift {
+            ctx,
+            tx,
+            desired: HashMap::new(),
+            owners: HashMap::new(),
+            watches: HashMap::new(),
+            fingerprints: HashMap::new(),
+            pending: HashMap::new(),
+            drifted: HashMap::new(),
+        }
+    }
+
+    /// Checks every object of `app` now, as after a watch's relist.
+    #[cfg(test)]
+    pub(super) async fn check_app(&mut self, app: &str) {
+        let keys = self
+            .desired
+            .get(app)
+            .map(|d| d.objects.keys().cloned().collect())
+            .unwrap_or_default();
+        self.check(app, keys).await;
+    }
+
     /// Reloads every app's desired state after a sync, and watches the kinds they use.
-    async fn refresh(&mut self) {
+    pub(super) async fn refresh(&mut self) {
         self.desired.clear();
         self.owners.clear();
         let apps: Vec<String> = self

@@ -501,3 +501,41 @@ async fn a_kind_of_unknown_scope_must_pass_both_scopes_rules() {
     );
     assert!(!e.exists("Gadget", "g"));
 }
+
+#[tokio::test]
+async fn drift_is_reported_without_self_heal_and_healed_with_it() {
+    for self_heal in [false, true] {
+        let app = format!("{PRUNING}\nself_heal = {self_heal}");
+        let e = Engine::new(&[&app]);
+        e.write("app/a.yaml", &cm("a", "git"));
+        e.sync("web", &e.commit()).await.unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let mut drift = super::drift::Drift::new(e.ctx.clone(), tx);
+        drift.refresh().await;
+        let status = |e: &Engine| {
+            let doc = e.ctx.board.document();
+            let app = doc.apps.into_iter().find(|a| a.app == "web").unwrap();
+            (app.sync.as_str().to_string(), app.message)
+        };
+        // Nothing differs yet.
+        drift.check_app("web").await;
+        assert_eq!(status(&e).0, "Synced", "{:?}", status(&e));
+        // Someone edits the ConfigMap by hand.
+        let mut live = e.cluster.live(&cm_ref("team", "a")).unwrap();
+        live["data"]["v"] = json!("by hand");
+        e.cluster.put(cm_ref("team", "a"), live);
+        drift.check_app("web").await;
+        let v = e.cluster.live(&cm_ref("team", "a")).unwrap()["data"]["v"].clone();
+        if self_heal {
+            assert_eq!(v, "git", "healed from the last applied render");
+        } else {
+            assert_eq!(v, "by hand", "left alone");
+            let (sync, message) = status(&e);
+            assert_eq!(sync, "OutOfSync");
+            assert!(
+                message.contains("ConfigMap") && message.contains("/data/v"),
+                "{message}"
+            );
+        }
+    }
+}
