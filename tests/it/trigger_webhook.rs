@@ -293,6 +293,27 @@ async fn slow_clients(from: std::net::Ipv4Addr, port: u16, n: usize) -> Vec<toki
     open
 }
 
+/// One unsigned POST to /generic from `from`; the answer's status (0 if none).
+async fn junk_from(from: std::net::Ipv4Addr, port: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let Ok(mut stream) = socket.connect(([127, 0, 0, 1], port).into()).await else {
+        return 0;
+    };
+    let request = "POST /hooks/generic HTTP/1.1\r\nHost: edge\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Connections the listener has closed (it read EOF or a reset).
 async fn closed(streams: &mut [tokio::net::TcpStream]) -> usize {
     use tokio::io::AsyncReadExt;
@@ -332,6 +353,17 @@ async fn slow_connections_cannot_wedge_the_webhook_or_the_agent() {
     config.file("generic.secret", &secret("generic"));
     let agent = Agent::start(&config);
     config.wait_applied("greeting", &first).await;
+
+    // 0. Unsigned junk from one address is refused and then rate limited, and a real delivery
+    // from another address still goes through: junk never counts against verified deliveries.
+    let mut junk = Vec::new();
+    for _ in 0..60 {
+        junk.push(junk_from([127, 0, 0, 3].into(), port).await);
+    }
+    assert!(junk.contains(&401) && junk.contains(&429), "{junk:?}");
+    let (headers, body) = push("generic", &url, "after-junk-1");
+    let reply = deliver(port, "generic", &headers, &body).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
 
     // 1. One address opens 200 slow connections: it gets 8, the rest are closed at once, and
     // a delivery from another address goes through.
