@@ -226,7 +226,7 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
                             "{}: app {} from {} at {} {} into namespace {} (project {}, prune {}, node selector {})",
                             object.origin,
                             cfg.name,
-                            crate::source::redact(&cfg.repo),
+                            crate::model::url::redact(&cfg.repo),
                             cfg.revision,
                             match &cfg.chart {
                                 Some(chart) => format!("chart {chart}"),

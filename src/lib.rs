@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod fleet;
 pub mod health;
 pub mod metrics;
+pub mod model;
 pub mod policy;
 pub mod render;
 pub mod report;

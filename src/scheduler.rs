@@ -110,7 +110,7 @@ impl RouteError {
 
 /// The branch an app's `revision` follows, if it names one (`main`, `refs/heads/main`).
 fn tracked_branch(revision: &str) -> Option<&str> {
-    if revision == "HEAD" || crate::source::is_commit_sha(revision) {
+    if revision == "HEAD" || crate::model::url::is_commit_sha(revision) {
         return None;
     }
     if let Some(tag) = revision.strip_prefix("refs/") {

@@ -89,7 +89,7 @@ fn priority(level: tracing::Level) -> u8 {
 }
 
 /// Writes log lines to stderr with the user part of every URL in them redacted
-/// ([`crate::source::redact_text`]): an error from libgit2 or an HTTP client may quote a
+/// ([`crate::model::url::redact_text`]): an error from libgit2 or an HTTP client may quote a
 /// repository URL with its token. The fmt layer writes each event with one call.
 struct Redacting;
 
@@ -108,7 +108,7 @@ impl std::io::Write for RedactingWriter {
         let text = String::from_utf8_lossy(buf);
         let mut stderr = std::io::stderr().lock();
         if text.contains("://") {
-            stderr.write_all(crate::source::redact_text(&text).as_bytes())?;
+            stderr.write_all(crate::model::url::redact_text(&text).as_bytes())?;
         } else {
             stderr.write_all(buf)?;
         }

@@ -457,7 +457,7 @@ fn for_this_node(
         match app
             .node_selector
             .as_deref()
-            .map(crate::fleet::Selector::parse)
+            .map(crate::model::selector::Selector::parse)
         {
             Some(Ok(selector)) if !selector.matches(labels) => skipped.push(SkippedApp {
                 reason: format!("node_selector \"{selector}\" does not match this node's labels"),
@@ -784,7 +784,7 @@ impl Config {
 
     /// Whether `url` is a Helm chart repository (or OCI registry) rather than a Git one.
     pub fn is_chart_repository(&self, url: &str) -> bool {
-        crate::source::chart::is_oci(url)
+        crate::model::url::is_oci(url)
             || self.apps.iter().any(|a| a.repo == url && a.chart.is_some())
     }
 

@@ -198,7 +198,7 @@ impl Checker<'_> {
         let (span, r) = (repo.span(), repo.get_ref());
         let key = |field: &str| format!("repositories[{i}].{field}");
         if let Err(msg) = check_repo_url(&r.url).or_else(|msg| {
-            if crate::source::chart::is_oci(&r.url) {
+            if crate::model::url::is_oci(&r.url) {
                 Ok(())
             } else {
                 Err(msg)
@@ -301,7 +301,7 @@ impl Checker<'_> {
             }
         }
         if let Some(selector) = &a.node_selector {
-            if let Err(e) = crate::fleet::Selector::parse(selector) {
+            if let Err(e) = crate::model::selector::Selector::parse(selector) {
                 self.push(&span, key("node_selector"), e.reason);
             }
         }
@@ -337,7 +337,7 @@ pub(super) fn check_app(a: &AppConfig) -> Result<(), String> {
         check_dns_label(ns)?;
     }
     if let Some(selector) = &a.node_selector {
-        crate::fleet::Selector::parse(selector).map_err(|e| e.to_string())?;
+        crate::model::selector::Selector::parse(selector).map_err(|e| e.to_string())?;
     }
     if a.creates_namespace() && a.namespace.is_none() {
         return Err("CreateNamespace=true needs a destination namespace".into());

@@ -117,7 +117,7 @@ impl EventSink for Dispatcher {
                 } else {
                     worker.jitter()
                 };
-                tracing::debug!(source, repo = %crate::source::redact(&url), ?apps, ?delay, "sync requested");
+                tracing::debug!(source, repo = %crate::model::url::redact(&url), ?apps, ?delay, "sync requested");
                 worker.request(apps, delay);
             }
         }

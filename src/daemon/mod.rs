@@ -508,7 +508,7 @@ pub async fn sync_repository(
         Ok(refs) => refs,
         Err(e) => {
             ctx.metrics.error(e.metric_label());
-            tracing::warn!(repo = %crate::source::redact(&repo.url), error = %e, kind = e.metric_label(),
+            tracing::warn!(repo = %crate::model::url::redact(&repo.url), error = %e, kind = e.metric_label(),
                 "cannot list remote refs; keeping the last applied state");
             for app in apps {
                 ctx.board.unreachable(&app.name, &e.to_string());

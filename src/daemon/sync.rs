@@ -292,7 +292,7 @@ impl SyncContext {
         let started = Instant::now();
         let repo = repo.clone();
         let revisions = if self.config.is_chart_repository(&repo.url) {
-            if crate::source::chart::is_oci(&repo.url) {
+            if crate::model::url::is_oci(&repo.url) {
                 return Ok(Revisions::Charts(None));
             }
             let charts = self.charts.clone();
@@ -334,7 +334,7 @@ impl SyncContext {
             }
             (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
                 Err(SyncError::Source(SourceError::Chart {
-                    url: crate::source::redact(&repo.url),
+                    url: crate::model::url::redact(&repo.url),
                     message: format!(
                         "apps {} use this repository both as a Git repository and as a chart repository; an app on a chart repository needs `chart`, and other apps cannot use it",
                         self.config.apps.iter().filter(|a| a.repo == repo.url).map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")

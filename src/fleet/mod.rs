@@ -2,7 +2,7 @@
 //! carry a label selector, matched against the node's labels plus facts about the node.
 
 pub mod argo;
-pub mod selector;
+pub use crate::model::selector;
 
 use std::collections::BTreeMap;
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::yaml::parse_json;
 use super::{into_objects, parse_objects, Manifests, RenderError, MAX_FILE_BYTES};
-use crate::policy::glob;
+use crate::model::glob::glob;
 
 /// Resolves `rel` below `root`, refusing anything (`..`, symlinks) that leaves the checkout.
 pub(super) fn contained_path(root: &Path, rel: &Path) -> Result<PathBuf, RenderError> {

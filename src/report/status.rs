@@ -218,7 +218,7 @@ impl StatusBoard {
     }
 
     fn event(&self, app: &str, event: &str, revision: Option<&str>, message: &str) {
-        let message = &crate::source::redact_text(message);
+        let message = &crate::model::url::redact_text(message);
         {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             recent.push_front(EventRecord {
@@ -496,7 +496,7 @@ pub fn ago(now: u64, then: Option<u64>) -> String {
 /// Credentials in URLs never leave the node: every text of an app's status passes here
 /// (errors from libgit2, HTTP clients and helm may quote a URL with its user part).
 fn scrub(status: &mut AppStatus) {
-    let redact = crate::source::redact_text;
+    let redact = crate::model::url::redact_text;
     status.repo = redact(&status.repo);
     status.message = redact(&status.message);
     status.health_message = redact(&status.health_message);

@@ -32,10 +32,7 @@ const MAX_SMALL_BYTES: u64 = 4 * 1024 * 1024;
 const HELM_CHART_LAYER: &str = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-/// True for an OCI registry URL (`oci://host/path`).
-pub fn is_oci(url: &str) -> bool {
-    url.starts_with("oci://")
-}
+pub use crate::model::url::is_oci;
 
 /// An HTTP(S) chart repository's index, read once per round for all of its apps.
 #[derive(Debug, Default)]

@@ -91,7 +91,9 @@ impl ChangeMessage {
             source,
             repos: self.repo.into_iter().collect(),
             // A SHA names no branch; the round resolves every app's revision anyway.
-            branch: self.revision.filter(|r| !crate::source::is_commit_sha(r)),
+            branch: self
+                .revision
+                .filter(|r| !crate::model::url::is_commit_sha(r)),
             apps: self.apps,
             directed,
         }

@@ -311,7 +311,7 @@ fn select(
         .filter(|t| !t.trim().is_empty())
     {
         None => Ok(None),
-        Some(t) => crate::fleet::Selector::parse(t)
+        Some(t) => crate::model::selector::Selector::parse(t)
             .map(Some)
             .map_err(|e| ctx.error(format!("{field}: target.{what} {t:?}: {}", e.reason))),
     };

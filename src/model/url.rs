@@ -1,0 +1,106 @@
+//! Repository URLs: commit SHAs, OCI references, and redaction of credentials in any text.
+
+/// True for a full 40-character hexadecimal commit SHA.
+pub fn is_commit_sha(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `url` with any password or token in its user part replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    redact_text(url)
+}
+
+/// `text` with the user part of every URL in it redacted: a password (`user:***@`), and for
+/// HTTP(S) a user part alone too (`https://***@host`: a token is often put there). An SSH
+/// user name (`ssh://git@host`) is not a secret and stays.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(sep) = rest.find("://") {
+        let scheme_start = rest[..sep]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+            .map_or(0, |i| i + 1);
+        let scheme = &rest[scheme_start..sep];
+        let after = &rest[sep + 3..];
+        let authority_end = after
+            .find(|c: char| {
+                c == '/'
+                    || c == '?'
+                    || c == '#'
+                    || c.is_whitespace()
+                    || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')')
+            })
+            .unwrap_or(after.len());
+        out.push_str(&rest[..sep + 3]);
+        let authority = &after[..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let user_info = &authority[..at];
+                match user_info.split_once(':') {
+                    Some((user, _secret)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None if scheme.eq_ignore_ascii_case("http")
+                        || scheme.eq_ignore_ascii_case("https") =>
+                    {
+                        out.push_str("***")
+                    }
+                    None => out.push_str(user_info),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// True for an OCI registry URL (`oci://host/path`).
+pub fn is_oci(url: &str) -> bool {
+    url.starts_with("oci://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_text_are_redacted() {
+        assert_eq!(
+            redact("https://ghp_TOKEN@github.com/org/repo.git"),
+            "https://***@github.com/org/repo.git"
+        );
+        assert_eq!(
+            redact("ssh://git@github.com/org/repo.git"),
+            "ssh://git@github.com/org/repo.git"
+        );
+        assert_eq!(
+            redact_text(
+                "cannot fetch 'https://bot:pw@h/x.git': 401; also http://tok@h2 and mqtts://u:p@b:8883"
+            ),
+            "cannot fetch 'https://bot:***@h/x.git': 401; also http://***@h2 and mqtts://u:***@b:8883"
+        );
+        assert_eq!(redact_text("no urls here: a@b"), "no urls here: a@b");
+        assert_eq!(redact_text("://@"), "://@");
+        assert_eq!(redact_text("x://"), "x://");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact("https://bot:s3cret@git.example.com/fleet.git"),
+            "https://bot:***@git.example.com/fleet.git"
+        );
+        assert_eq!(
+            redact("https://git.example.com/a@b.git"),
+            "https://git.example.com/a@b.git"
+        );
+        assert_eq!(
+            redact("git@github.com:org/repo.git"),
+            "git@github.com:org/repo.git"
+        );
+    }
+}
