@@ -18,7 +18,12 @@ fuzz_target!(|data: &[u8]| {
                     let _ = app.to_app_config();
                 }
                 edgesync::fleet::argo::FleetObject::AppProject(project) => {
-                    let _ = edgesync::policy::Project::from_spec(&project.name, &project.spec);
+                    // Its globs run against real-looking names (hostile patterns must not hang).
+                    let p = edgesync::policy::Project::from_spec(&project.name, &project.spec);
+                    let _ = p.check_source("https://github.com/org/repo-aaaaaaaaaaaaaaaaaaaaaaaa.git");
+                    let _ = p.check_destination("team-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+                    let _ = p.sync_windows("web-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", Some("team"));
+                    let _ = p.check_kind("apps", "Deployment", true);
                 }
             }
         }
