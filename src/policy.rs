@@ -140,7 +140,7 @@ fn window_of(w: &Value) -> Result<SyncWindow, String> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
     };
-    crate::apply::window::Window::new(&window)?;
+    crate::model::window::Window::new(&window)?;
     Ok(window)
 }
 

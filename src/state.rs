@@ -8,7 +8,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -100,12 +99,7 @@ pub struct AppState {
     pub delete_on_removal: bool,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::model::unix_now;
 
 /// Which persisted render: the last one applied completely, or the last one that was also
 /// Healthy (what a rollback returns to).

@@ -9,14 +9,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (or the journal under systemd).
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
+pub use crate::config::LogFormat;
 
 /// `level` is a tracing filter (`info`, `edgesync=debug`, ...); `RUST_LOG` overrides it.
 pub fn init(level: &str, format: LogFormat) {

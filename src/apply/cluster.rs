@@ -10,9 +10,8 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use super::kube::CallError;
-use super::{Inventory, KubeApplier, ObjectFailure, ObjectRef, Outcome, Plan};
+use super::{Inventory, InventoryRecord, KubeApplier, ObjectFailure, ObjectRef, Outcome, Plan};
 use crate::render::Object;
-use crate::state::AppState;
 
 /// `(name, managed by edgesync, owned by another object)` of one listed object.
 pub type ListedMeta = (String, bool, bool);
@@ -48,7 +47,7 @@ pub trait Cluster: Send + Sync {
         &'a self,
         app: &'a str,
         node: &'a str,
-        state: &'a AppState,
+        record: InventoryRecord<'a>,
     ) -> BoxFuture<'a, Result<(), CallError>>;
     #[allow(clippy::type_complexity)]
     fn load_inventory<'a>(
@@ -115,9 +114,9 @@ impl Cluster for KubeApplier {
         &'a self,
         app: &'a str,
         node: &'a str,
-        state: &'a AppState,
+        record: InventoryRecord<'a>,
     ) -> BoxFuture<'a, Result<(), CallError>> {
-        Box::pin(KubeApplier::save_inventory(self, app, node, state))
+        Box::pin(KubeApplier::save_inventory(self, app, node, record))
     }
 
     fn load_inventory<'a>(

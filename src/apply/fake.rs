@@ -13,9 +13,8 @@ use serde_json::{json, Value};
 
 use super::cluster::{Cluster, DryRun, ListedMeta};
 use super::kube::CallError;
-use super::{Inventory, ObjectFailure, ObjectRef, Outcome, Plan, APP_ANNOTATION};
+use super::{Inventory, InventoryRecord, ObjectFailure, ObjectRef, Outcome, Plan, APP_ANNOTATION};
 use crate::render::Object;
-use crate::state::AppState;
 
 const CLUSTER_SCOPED: [&str; 5] = [
     "Namespace",
@@ -221,11 +220,11 @@ impl Cluster for FakeCluster {
         &'a self,
         app: &'a str,
         node: &'a str,
-        state: &'a AppState,
+        record: InventoryRecord<'a>,
     ) -> BoxFuture<'a, Result<(), CallError>> {
         lock(&self.world).inventories.insert(
             (node.to_string(), app.to_string()),
-            (state.inventory.clone(), state.objects.clone()),
+            (record.inventory.clone(), record.objects.clone()),
         );
         Box::pin(async move { Ok(()) })
     }

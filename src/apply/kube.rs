@@ -479,10 +479,10 @@ impl KubeApplier {
         &self,
         app: &str,
         node: &str,
-        state: &crate::state::AppState,
+        record: super::InventoryRecord<'_>,
     ) -> Result<(), CallError> {
-        let inventory = pack_inventory(&state.inventory)?;
-        let objects = pack_inventory(&state.objects)?;
+        let inventory = pack_inventory(record.inventory)?;
+        let objects = pack_inventory(record.objects)?;
         let size = inventory.len() + objects.len();
         if size > INVENTORY_MAX_BYTES {
             return Err(CallError {
@@ -517,7 +517,7 @@ impl KubeApplier {
                 "annotations": {super::APP_ANNOTATION: app, "edgesync.io/node": node},
             },
             "data": {
-                "revision": state.last_applied_revision.clone().unwrap_or_default(),
+                "revision": record.revision.unwrap_or_default(),
             },
             "binaryData": {
                 "inventory.json.gz": inventory,

@@ -9,7 +9,6 @@ pub mod diff;
 #[cfg(test)]
 pub mod fake;
 pub mod kube;
-pub mod window;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -258,6 +257,15 @@ pub fn sync_wave(object: &Object) -> Result<i64, ApplyError> {
             message: format!("{SYNC_WAVE_ANNOTATION} must be a string, not {other}"),
         }),
     }
+}
+
+/// What the inventory ConfigMap keeps of an app: everything it owns, what its last complete
+/// apply consisted of, and that apply's revision.
+#[derive(Debug, Clone, Copy)]
+pub struct InventoryRecord<'a> {
+    pub inventory: &'a Inventory,
+    pub objects: &'a Inventory,
+    pub revision: Option<&'a str>,
 }
 
 /// An app's objects in application order, tagged with the app that owns them.

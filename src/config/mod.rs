@@ -117,7 +117,7 @@ pub struct SkippedApp {
 pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, `edgesync=debug,kube=warn`, ...
     pub level: Option<String>,
-    pub format: Option<crate::telemetry::LogFormat>,
+    pub format: Option<LogFormat>,
 }
 
 /// The local HTTP listener: metrics, health and the status API.
@@ -534,6 +534,16 @@ struct RawConfig {
     repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
     apps: Vec<Spanned<AppConfig>>,
+}
+
+/// How log lines are written (`[log] format`, `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (or the journal under systemd).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// The variable systemd sets for a unit with `LoadCredential=`.

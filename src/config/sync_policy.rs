@@ -128,34 +128,7 @@ impl IgnoreDifference {
     }
 }
 
-/// Whether a sync window allows or denies syncs while it is open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WindowKind {
-    Allow,
-    Deny,
-}
-
-/// Argo CD's sync window: open for `duration` from every time `schedule` (cron, five fields)
-/// fires in `time_zone`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyncWindow {
-    pub kind: WindowKind,
-    pub schedule: String,
-    #[serde(with = "human")]
-    pub duration: Duration,
-    /// An IANA time zone, e.g. `Europe/Berlin`; `UTC` by default.
-    #[serde(default = "default_zone")]
-    pub time_zone: String,
-    /// Manual syncs (`edgesync sync`) are allowed even when this window blocks.
-    #[serde(default)]
-    pub manual_sync: bool,
-}
-
-fn default_zone() -> String {
-    "UTC".into()
-}
+pub use crate::model::window::{SyncWindow, WindowKind};
 
 /// What to do when an app goes Degraded after syncing a new revision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -200,59 +173,7 @@ pub fn sync_option<'a>(options: &'a [String], name: &str) -> Option<&'a str> {
     })
 }
 
-/// Durations written like `5s`, `3m`, `1h`.
-pub(crate) mod human {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    /// The longest duration any setting takes. Durations come from Git too (Applications),
-    /// and the agent adds them to clock readings: bounding them where they are read keeps a
-    /// `300000000000y` from overflowing an `Instant` anywhere later.
-    pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
-
-    /// Parses a duration and refuses one over [`MAX`]. The caller names the key.
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let parsed = humantime::parse_duration(text)
-            .map_err(|e| format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""))?;
-        if parsed > MAX {
-            return Err(format!(
-                "duration {text:?} is longer than the longest allowed, {}",
-                humantime::format_duration(MAX)
-            ));
-        }
-        Ok(parsed)
-    }
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).map_err(serde::de::Error::custom)
-    }
-
-    pub mod option {
-        use serde::{Deserialize, Deserializer, Serializer};
-        use std::time::Duration;
-
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => super::serialize(d, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            match Option::<String>::deserialize(d)? {
-                None => Ok(None),
-                Some(text) => super::parse(&text)
-                    .map(Some)
-                    .map_err(serde::de::Error::custom),
-            }
-        }
-    }
-}
+pub use crate::model::human;
 
 #[cfg(test)]
 mod tests {

@@ -117,7 +117,7 @@ impl Checker<'_> {
 
     fn mqtt(&mut self, mqtt: &Spanned<MqttConfig>) {
         let (span, m) = (mqtt.span(), mqtt.get_ref());
-        if let Err(msg) = crate::trigger::mqtt::parse_broker_url(&m.url) {
+        if let Err(msg) = crate::model::url::parse_broker_url(&m.url) {
             self.push(&span, "mqtt.url", msg);
         }
         for (field, file) in [
@@ -361,7 +361,7 @@ fn check_sync_policy(a: &AppConfig) -> Result<(), (&'static str, String)> {
         return Err(("health_timeout", "must be greater than zero".into()));
     }
     for w in &a.sync_windows {
-        crate::apply::window::Window::new(w).map_err(|m| ("sync_windows", m))?;
+        crate::model::window::Window::new(w).map_err(|m| ("sync_windows", m))?;
     }
     for i in &a.ignore_differences {
         for pointer in &i.json_pointers {

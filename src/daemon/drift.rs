@@ -26,8 +26,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::SyncContext;
-use crate::apply::window::{self, Verdict};
 use crate::apply::{self, diff, ObjectRef, Plan};
+use crate::model::window::{self, Verdict};
 use crate::render::Object;
 use crate::state::RenderKind;
 

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::retry;
-use crate::apply::window::{self, Verdict, Window};
 use crate::apply::{self, ApplyError, Cluster, KubeApplier, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::metrics::Metrics;
+use crate::model::window::{self, Verdict, Window};
 use crate::render::{self, RenderError};
 use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
@@ -860,7 +860,15 @@ impl SyncContext {
     async fn save_inventory(&self, app: &AppConfig, state: &AppState) {
         if let Err(e) = self
             .cluster
-            .save_inventory(&app.name, &self.config.node.name, state)
+            .save_inventory(
+                &app.name,
+                &self.config.node.name,
+                apply::InventoryRecord {
+                    inventory: &state.inventory,
+                    objects: &state.objects,
+                    revision: state.last_applied_revision.as_deref(),
+                },
+            )
             .await
         {
             self.metrics.error("inventory");

@@ -1,7 +1,17 @@
 //! Small values every stage shares: globs, label selectors, repository URLs and their
-//! redaction. A leaf: it imports nothing of the crate, so any stage may use it without an
+//! redaction, bounded durations, sync windows. A leaf: it imports nothing of the crate, so any stage may use it without an
 //! edge back (docs/ARCHITECTURE.md).
 
 pub mod glob;
+pub mod human;
 pub mod selector;
 pub mod url;
+pub mod window;
+
+/// Unix seconds now (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

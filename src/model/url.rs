@@ -63,6 +63,31 @@ pub fn is_oci(url: &str) -> bool {
     url.starts_with("oci://")
 }
 
+/// Host, port and whether TLS is used, from `mqtt://host[:port]` or `mqtts://host[:port]`.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| format!("{url:?} has an invalid port"))?,
+        ),
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{url:?} has no valid host"));
+    }
+    Ok((host.to_string(), port, tls))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

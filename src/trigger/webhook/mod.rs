@@ -340,7 +340,7 @@ async fn receive(
     let label = provider.label();
     match server.secrets.of(provider) {
         Some(secret) => {
-            if let Err(why) = provider.verify(&headers, &body, secret, crate::state::unix_now()) {
+            if let Err(why) = provider.verify(&headers, &body, secret, crate::model::unix_now()) {
                 return server.reject(label, "bad_signature", StatusCode::UNAUTHORIZED, why);
             }
         }

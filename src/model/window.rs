@@ -14,7 +14,38 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
 
-use crate::config::sync_policy::{SyncWindow, WindowKind};
+use serde::{Deserialize, Serialize};
+
+use super::human;
+
+/// Whether a sync window allows or denies syncs while it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    Allow,
+    Deny,
+}
+
+/// Argo CD's sync window: open for `duration` from every time `schedule` (cron, five fields)
+/// fires in `time_zone`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncWindow {
+    pub kind: WindowKind,
+    pub schedule: String,
+    #[serde(with = "human")]
+    pub duration: Duration,
+    /// An IANA time zone, e.g. `Europe/Berlin`; `UTC` by default.
+    #[serde(default = "default_zone")]
+    pub time_zone: String,
+    /// Manual syncs (`edgesync sync`) are allowed even when this window blocks.
+    #[serde(default)]
+    pub manual_sync: bool,
+}
+
+fn default_zone() -> String {
+    "UTC".into()
+}
 
 /// Windows longer than this are refused: checking one walks its duration minute by minute.
 const MAX_DURATION: Duration = Duration::from_secs(31 * 24 * 3600);
