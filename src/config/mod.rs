@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod options;
 pub mod sync_policy;
 mod validate;
 #[cfg(test)]
@@ -358,7 +359,7 @@ pub struct AppConfig {
     pub kustomize_fallback: Option<String>,
     /// Helm options for an app whose path holds a chart (Argo CD's `source.helm`).
     #[serde(default)]
-    pub helm: Option<crate::render::helm::HelmOptions>,
+    pub helm: Option<options::HelmOptions>,
     /// Sync each new revision by itself (`true`, the default). `false`: only a manual
     /// `edgesync sync APP` applies it, and the app shows OutOfSync until then, as an Argo CD
     /// Application without `syncPolicy.automated`.
@@ -389,11 +390,11 @@ pub struct AppConfig {
     pub rollback: sync_policy::Rollback,
     /// Changes to the app's kustomization before it is built (Argo CD's `source.kustomize`).
     #[serde(default)]
-    pub kustomize: crate::render::kustomize::Overrides,
+    pub kustomize: options::Overrides,
     /// How a plain directory is read (Argo CD's `source.directory`): `recurse` (default
     /// `true`), `include` and `exclude` globs.
     #[serde(default)]
-    pub directory: crate::render::DirectoryOptions,
+    pub directory: options::DirectoryOptions,
     /// Delete the app's objects when the app leaves this node (removed from the config or the
     /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
     #[serde(default)]
@@ -596,8 +597,7 @@ impl Config {
     /// The variables `${VAR}` substitution uses for `app`: the node's own (`NODE_NAME`,
     /// `NODE_LABEL_<key>`), then `[variables]`, then the app's `variables`, later ones winning.
     pub fn substitution_variables(&self, app: &AppConfig) -> BTreeMap<String, String> {
-        let mut vars =
-            crate::render::substitute::node_variables(&self.node.name, &self.node.labels);
+        let mut vars = options::node_variables(&self.node.name, &self.node.labels);
         vars.extend(self.variables.clone());
         vars.extend(app.variables.clone());
         vars

@@ -67,7 +67,7 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
         .iter()
         .flat_map(|v| v.get_ref().keys().map(move |k| (k, v.span())))
     {
-        if !crate::render::substitute::valid_name(name) {
+        if !super::options::valid_name(name) {
             c.push(
                 &span,
                 "variables",
@@ -306,7 +306,7 @@ impl Checker<'_> {
             }
         }
         for name in a.variables.keys() {
-            if !crate::render::substitute::valid_name(name) {
+            if !super::options::valid_name(name) {
                 self.push(
                     &span,
                     key("variables"),

@@ -6,8 +6,6 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::yaml::parse_json;
 use super::{into_objects, parse_objects, Manifests, RenderError, MAX_FILE_BYTES};
 use crate::model::glob::glob;
@@ -37,35 +35,7 @@ fn canonical(path: &Path, root: &Path) -> Result<PathBuf, RenderError> {
     })
 }
 
-/// Argo CD's `source.directory`: whether subdirectories are read, and glob patterns on the
-/// file's path below the app directory (`*` and `?` match any character, `/` included;
-/// `{a,b}` is either). `exclude` wins over `include`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DirectoryOptions {
-    /// edgesync reads subdirectories unless told not to; Argo CD's default is not to, so fleet
-    /// Applications without `directory.recurse: true` get `false`.
-    #[serde(default = "yes")]
-    pub recurse: bool,
-    #[serde(default)]
-    pub include: Option<String>,
-    #[serde(default)]
-    pub exclude: Option<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Default for DirectoryOptions {
-    fn default() -> Self {
-        DirectoryOptions {
-            recurse: true,
-            include: None,
-            exclude: None,
-        }
-    }
-}
+pub use crate::config::options::DirectoryOptions;
 
 impl DirectoryOptions {
     fn wants(&self, rel: &str) -> bool {

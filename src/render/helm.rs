@@ -6,30 +6,13 @@
 //! helm runs with its own empty config, cache and data directories, so nothing from the host's
 //! helm setup leaks in, and with no network needed for a chart whose dependencies are vendored.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Deserialize;
+pub use crate::config::options::HelmOptions;
 
 use super::directory::contained_path;
 use super::{parse_objects, Manifests, RenderError};
-
-/// An app's Helm options (`[apps.helm]`), named as in Argo CD's `source.helm`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HelmOptions {
-    /// Defaults to the app's name.
-    pub release_name: Option<String>,
-    /// Inline values (YAML), applied after the value files.
-    pub values: Option<String>,
-    /// Value files, relative to the chart directory, inside the repository.
-    #[serde(default)]
-    pub value_files: Vec<String>,
-    /// `--set name=value`, applied last.
-    #[serde(default)]
-    pub parameters: BTreeMap<String, String>,
-}
 
 /// What one render needs from the app and the config.
 #[derive(Debug, Clone)]

@@ -25,36 +25,7 @@ pub enum Mode {
 
 const DISABLE_KEY: &str = "kustomize.toolkit.fluxcd.io/substitute";
 
-/// The node's own variables: `NODE_NAME` and `NODE_LABEL_<key>`, with every character of the
-/// key that cannot be in a variable name turned into `_` (`topology.kubernetes.io/zone` is
-/// `NODE_LABEL_topology_kubernetes_io_zone`).
-pub fn node_variables(name: &str, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let mut vars = BTreeMap::new();
-    vars.insert("NODE_NAME".to_string(), name.to_string());
-    for (k, v) in labels {
-        let key: String = k
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        vars.insert(format!("NODE_LABEL_{key}"), v.clone());
-    }
-    vars
-}
-
-/// A variable name as Flux accepts it.
-pub fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+pub use crate::config::options::{node_variables, valid_name};
 
 /// Substitutes in every object that does not opt out.
 pub fn substitute(

@@ -53,23 +53,7 @@ pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
     build_with(root, dir, &Overrides::default())
 }
 
-/// Argo CD's `source.kustomize`: changes made to the app's own kustomization before it is
-/// built, as Argo CD makes them with `kustomize edit` (prefix, suffix and namespace replace;
-/// labels and annotations are added over the file's; images replace entries of the same name).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Overrides {
-    pub name_prefix: Option<String>,
-    pub name_suffix: Option<String>,
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub common_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub common_annotations: BTreeMap<String, String>,
-    /// `[name=]newName[:tag][@digest]`.
-    #[serde(default)]
-    pub images: Vec<String>,
-}
+pub use crate::config::options::Overrides;
 
 impl Overrides {
     pub fn is_empty(&self) -> bool {

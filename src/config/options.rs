@@ -1,0 +1,101 @@
+//! The options an app gives its renderers, as the config file (and an Argo CD Application's
+//! `source`) writes them. Schema only: the renderers act on them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// An app's Helm options (`[apps.helm]`), named as in Argo CD's `source.helm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelmOptions {
+    /// Defaults to the app's name.
+    pub release_name: Option<String>,
+    /// Inline values (YAML), applied after the value files.
+    pub values: Option<String>,
+    /// Value files, relative to the chart directory, inside the repository.
+    #[serde(default)]
+    pub value_files: Vec<String>,
+    /// `--set name=value`, applied last.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// Argo CD's `source.kustomize`: changes made to the app's own kustomization before it is
+/// built, as Argo CD makes them with `kustomize edit` (prefix, suffix and namespace replace;
+/// labels and annotations are added over the file's; images replace entries of the same name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    pub name_prefix: Option<String>,
+    pub name_suffix: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub common_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub common_annotations: BTreeMap<String, String>,
+    /// `[name=]newName[:tag][@digest]`.
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+/// Argo CD's `source.directory`: whether subdirectories are read, and glob patterns on the
+/// file's path below the app directory (`*` and `?` match any character, `/` included;
+/// `{a,b}` is either). `exclude` wins over `include`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryOptions {
+    /// edgesync reads subdirectories unless told not to; Argo CD's default is not to, so fleet
+    /// Applications without `directory.recurse: true` get `false`.
+    #[serde(default = "yes")]
+    pub recurse: bool,
+    #[serde(default)]
+    pub include: Option<String>,
+    #[serde(default)]
+    pub exclude: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for DirectoryOptions {
+    fn default() -> Self {
+        DirectoryOptions {
+            recurse: true,
+            include: None,
+            exclude: None,
+        }
+    }
+}
+
+/// The node's own variables: `NODE_NAME` and `NODE_LABEL_<key>`, with every character of the
+/// key that cannot be in a variable name turned into `_` (`topology.kubernetes.io/zone` is
+/// `NODE_LABEL_topology_kubernetes_io_zone`).
+pub fn node_variables(name: &str, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    vars.insert("NODE_NAME".to_string(), name.to_string());
+    for (k, v) in labels {
+        let key: String = k
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        vars.insert(format!("NODE_LABEL_{key}"), v.clone());
+    }
+    vars
+}
+
+/// A variable name as Flux accepts it.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
