@@ -85,10 +85,7 @@ impl GitSource {
         let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
         let refusal = Refusal::default();
         let cb = callbacks(repo, &refusal, |_| true)?;
-        let refused = |e: git2::Error| SourceError::Git {
-            url: redact(url),
-            message: refusal.message(&e),
-        };
+        let refused = |e: git2::Error| classify(url, &e, refusal.message(&e));
         let connection = remote
             .connect_auth(Direction::Fetch, Some(cb), None)
             .map_err(refused)?;
@@ -205,10 +202,7 @@ impl GitSource {
                 Err(e) => {
                     let message = refusal.message(&e);
                     if is_final(&e, &message) {
-                        return Err(SourceError::Git {
-                            url: redact(url),
-                            message,
-                        });
+                        return Err(classify(url, &e, message));
                     }
                     tracing::debug!(url = %redact(url), ?refspecs, "fetch attempt failed: {message}");
                     last_error = Some(message);
@@ -406,6 +400,22 @@ fn full_refname(revision: &str) -> String {
 }
 
 /// Errors another refspec cannot fix: credentials and host verification.
+/// A libgit2 error as a [`SourceError`]: [`SourceError::Refused`] when the server refused
+/// us ([`is_final`]), else [`SourceError::Git`], which is retried as transient.
+fn classify(url: &str, e: &git2::Error, message: String) -> SourceError {
+    if is_final(e, &message) {
+        SourceError::Refused {
+            url: redact(url),
+            message,
+        }
+    } else {
+        SourceError::Git {
+            url: redact(url),
+            message,
+        }
+    }
+}
+
 fn is_final(e: &git2::Error, message: &str) -> bool {
     matches!(
         e.code(),
@@ -429,6 +439,28 @@ fn pick_ref<'a>(heads: &'a [(String, Oid)], revision: &str) -> Option<&'a (Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_not_transient_failures() {
+        let auth = git2::Error::new(
+            git2::ErrorCode::Auth,
+            git2::ErrorClass::Http,
+            "authentication required but no callback set",
+        );
+        assert!(matches!(
+            classify("https://bot:pw@h/r.git", &auth, auth.message().to_string()),
+            SourceError::Refused { url, .. } if !url.contains("pw")
+        ));
+        let down = git2::Error::new(
+            git2::ErrorCode::GenericError,
+            git2::ErrorClass::Net,
+            "failed to connect to h: Connection refused",
+        );
+        assert!(matches!(
+            classify("https://h/r.git", &down, down.message().to_string()),
+            SourceError::Git { .. }
+        ));
+    }
 
     fn oid(n: u8) -> Oid {
         Oid::from_bytes(&[n; 20]).unwrap()

@@ -18,6 +18,10 @@ pub use git::{GitSource, RemoteRefs, TagRef, MAX_FETCH_BYTES};
 pub enum SourceError {
     #[error("{url}: {message}")]
     Git { url: String, message: String },
+    /// The server refused us (credentials, certificate, host key): trying again without a
+    /// change on the node or the server cannot help, so it is not a transient failure.
+    #[error("{url}: {message}")]
+    Refused { url: String, message: String },
     #[error("{url}: revision {revision:?} not found on the remote")]
     RevisionNotFound { url: String, revision: String },
     #[error("{url}: cannot read credential file {path}: {source}")]
@@ -40,6 +44,7 @@ impl SourceError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             SourceError::Git { .. } => "git",
+            SourceError::Refused { .. } => "git_refused",
             SourceError::RevisionNotFound { .. } => "git_revision_not_found",
             SourceError::Credentials { .. } => "git_credentials",
             SourceError::Cache { .. } => "git_cache",
