@@ -265,7 +265,7 @@ impl SyncContext {
         let board = Arc::new(StatusBoard::new(
             &config,
             metrics.clone(),
-            publisher,
+            publisher.map(crate::report::publisher::forward),
             |app| load_or_blank(&store, &metrics, app).unwrap_or_default(),
         ));
         Arc::new(SyncContext {

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::outbox::{Limits, Message, Outbox, OutboxError};
-use super::status::{AppStatus, NodeStatus, SCHEMA_VERSION};
+use super::status::{AppStatus, NodeStatus, Upstream, UpstreamSender, SCHEMA_VERSION};
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::state::unix_now;
@@ -171,6 +171,32 @@ impl StatusPublisher {
         let body = serde_json::to_value(status).unwrap_or_default();
         self.queue(self.topics.status.clone(), self.envelope(seq, body), true);
     }
+}
+
+/// Starts the thread that writes what the status board reports into `publisher`'s outbox, in
+/// order, off the async workers (the outbox syncs files). It ends when the board is gone.
+pub fn forward(publisher: Arc<StatusPublisher>) -> UpstreamSender {
+    let (tx, rx) = std::sync::mpsc::channel::<Upstream>();
+    let spawned = std::thread::Builder::new()
+        .name("status-outbox".into())
+        .spawn(move || {
+            for update in rx {
+                match update {
+                    Upstream::App(status) => publisher.app(&status),
+                    Upstream::Node(status) => publisher.node(&status),
+                    Upstream::Event {
+                        app,
+                        event,
+                        revision,
+                        message,
+                    } => publisher.event(&app, &event, revision.as_deref(), &message),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the status outbox thread; status is not published: {e}");
+    }
+    tx
 }
 
 impl Outbound for StatusPublisher {

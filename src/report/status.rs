@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::publisher::StatusPublisher;
 use crate::config::{Config, SkippedApp};
 use crate::metrics::{AppInfo, Metrics};
 use crate::state::{unix_now, AppState};
@@ -100,6 +99,23 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// What the board hands upstream, in the order it happened. The report's publisher writes it
+/// to the outbox on a thread of its own ([`super::publisher::forward`]): the board is updated
+/// from async tasks, and the outbox syncs files.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    App(AppStatus),
+    Node(NodeStatus),
+    Event {
+        app: String,
+        event: String,
+        revision: Option<String>,
+        message: String,
+    },
+}
+
+pub type UpstreamSender = std::sync::mpsc::Sender<Upstream>;
+
 /// Events kept in memory for the page and the API (MQTT gets all of them).
 const RECENT_EVENTS: usize = 50;
 
@@ -121,7 +137,7 @@ pub struct StatusBoard {
     started: Instant,
     apps: Mutex<BTreeMap<String, AppStatus>>,
     metrics: Arc<Metrics>,
-    publisher: Option<Arc<StatusPublisher>>,
+    publisher: Option<UpstreamSender>,
     recent: Mutex<VecDeque<EventRecord>>,
 }
 
@@ -133,7 +149,7 @@ impl StatusBoard {
     pub fn new(
         config: &Config,
         metrics: Arc<Metrics>,
-        publisher: Option<Arc<StatusPublisher>>,
+        publisher: Option<UpstreamSender>,
         mut states: impl FnMut(&str) -> AppState,
     ) -> StatusBoard {
         let apps = config
@@ -174,13 +190,9 @@ impl StatusBoard {
         let all: Vec<AppStatus> = board.lock().values().cloned().collect();
         for status in &all {
             board.publish_info(status);
-            if let Some(p) = &board.publisher {
-                p.app(status);
-            }
+            board.upstream(Upstream::App(status.clone()));
         }
-        if let Some(p) = &board.publisher {
-            p.node(&board.document().node);
-        }
+        board.upstream(Upstream::Node(board.document().node));
         board
     }
 
@@ -211,9 +223,18 @@ impl StatusBoard {
             self.publish_info(status);
             (before != *status).then(|| status.clone())
         };
-        if let (Some(status), Some(p)) = (changed, &self.publisher) {
-            p.app(&status);
-            p.node(&self.document().node);
+        if let Some(status) = changed {
+            if self.publisher.is_some() {
+                self.upstream(Upstream::App(status));
+                self.upstream(Upstream::Node(self.document().node));
+            }
+        }
+    }
+
+    fn upstream(&self, update: Upstream) {
+        if let Some(p) = &self.publisher {
+            // Gone only when the publisher's thread is: nothing left to publish to.
+            let _ = p.send(update);
         }
     }
 
@@ -230,9 +251,12 @@ impl StatusBoard {
             });
             recent.truncate(RECENT_EVENTS);
         }
-        if let Some(p) = &self.publisher {
-            p.event(app, event, revision, message);
-        }
+        self.upstream(Upstream::Event {
+            app: app.to_string(),
+            event: event.to_string(),
+            revision: revision.map(str::to_string),
+            message: message.to_string(),
+        });
     }
 
     pub fn syncing(&self, app: &str, target: &str) {

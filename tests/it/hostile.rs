@@ -128,6 +128,14 @@ async fn planted_secrets_reach_no_log_status_metrics_mqtt_event_or_diff() {
     })
     .await;
 
+    let metrics = request(config.http_port, "GET", "/metrics", &[], b"")
+        .await
+        .body;
+    let log = agent.log();
+    // Stopped first: the agent would sync the next commit at once (it watches the local
+    // repository), and leave nothing to diff.
+    assert!(agent.stop().await.success());
+
     // The Secret changes in Git; the diff masks both values.
     repo.write("diff/secret.yaml", &secret("creds", value("diff-after")));
     repo.commit("new password");
@@ -142,11 +150,6 @@ async fn planted_secrets_reach_no_log_status_metrics_mqtt_event_or_diff() {
         "the diff shows the change masked: {diff_text}"
     );
 
-    let metrics = request(config.http_port, "GET", "/metrics", &[], b"")
-        .await
-        .body;
-    let log = agent.log();
-    assert!(agent.stop().await.success());
     let _ = subscriber.kill();
     let _ = subscriber.wait();
     broker.stop();
