@@ -445,6 +445,7 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 }
 
 /// One repository's worker: a round at start, then whenever a poll or a trigger asks.
+#[tracing::instrument(name = "repo", skip_all, fields(url = %crate::model::url::redact(&worker.repo.url)))]
 async fn work_repository(
     ctx: Arc<SyncContext>,
     worker: Arc<RepoWorker>,

@@ -354,6 +354,7 @@ impl SyncContext {
     /// commit is a no-op and a failed one waits for its retry. Sync windows hold both kinds,
     /// except for windows that allow manual syncs. A failure is recorded in the app's state;
     /// the last applied revision and the inventory are never lost.
+    #[tracing::instrument(name = "sync", skip_all, fields(app = %app.name, revision = %crate::report::status::short_revision(Some(&target.sha))))]
     pub async fn sync_app(
         &self,
         app: &AppConfig,
