@@ -633,7 +633,7 @@ impl Config {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "edgesync".to_string());
         }
-        node.labels = crate::fleet::node_labels(&node.name, &node.labels);
+        node.labels = crate::model::node::node_labels(&node.name, &node.labels);
         // Validation has checked every file path, so `resolve_file` cannot fail here.
         let resolve = |p: &PathBuf| resolve_file(base, p).unwrap_or_else(|_| base.join(p));
         let repositories = raw

@@ -4,6 +4,7 @@
 
 pub mod glob;
 pub mod human;
+pub mod node;
 pub mod selector;
 pub mod url;
 pub mod window;
