@@ -529,6 +529,14 @@ pub fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderE
         path: root.to_path_buf(),
         source,
     })?;
+    // The engine's reader: inside the checkout, and at most MAX_FILE_BYTES.
+    let reader = Builder {
+        root: &root,
+        stack: Vec::new(),
+        vars: Vec::new(),
+        overrides: &Overrides::default(),
+        expansions: 0,
+    };
     let mut remote = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -547,12 +555,8 @@ pub fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderE
         let Some(file) = kustomization_file(&dir) else {
             continue;
         };
-        let file_rel = file.strip_prefix(&root).unwrap_or(&file).to_path_buf();
-        let file = super::directory::contained_path(&root, &file_rel)?;
-        let text = std::fs::read_to_string(&file).map_err(|source| RenderError::Io {
-            path: file_rel.clone(),
-            source,
-        })?;
+        let file_rel = reader.rel(&file).to_path_buf();
+        let text = reader.read(&file)?;
         let docs = super::yaml::parse_documents(&text, &file_rel)?;
         let Some(k) = docs.first() else { continue };
         for field in ["resources", "components", "bases"] {
