@@ -96,7 +96,7 @@ pub fn main() -> ExitCode {
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::CheckConfig => {
-            let config = Config::load(&cli.config)?;
+            let config = daemon::Node::load(&cli.config)?.config;
             println!(
                 "{}: OK ({} repositories, {} apps, node {})",
                 cli.config.display(),
@@ -135,15 +135,15 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
-            let config = Config::load(&cli.config)?;
-            init_logging(&cli, &config);
-            run_to_end(daemon::run(config))?;
+            let node = daemon::Node::load(&cli.config)?;
+            init_logging(&cli, &node.config);
+            run_to_end(daemon::run(node))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { app } => {
-            let config = Config::load(&cli.config)?;
-            init_logging(&cli, &config);
-            let report = run_to_end(daemon::diff(config, app))?;
+            let node = daemon::Node::load(&cli.config)?;
+            init_logging(&cli, &node.config);
+            let report = run_to_end(daemon::diff(node, app))?;
             print!("{}", report.text);
             Ok(if report.differs {
                 ExitCode::from(1)
@@ -152,9 +152,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Sync { app } => {
-            let config = Config::load(&cli.config)?;
-            init_logging(&cli, &config);
-            let failed = run_to_end(daemon::sync_once(config, app.as_deref()))?;
+            let node = daemon::Node::load(&cli.config)?;
+            init_logging(&cli, &node.config);
+            let failed = run_to_end(daemon::sync_once(node, app.as_deref()))?;
             if failed > 0 {
                 eprintln!(
                     "{failed} app(s) failed to sync or were held by a sync window (see the log)"

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -82,12 +81,11 @@ pub struct Config {
     pub helm: HelmConfig,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub fleet: Option<FleetConfig>,
-    /// The keys trusted to sign revisions (`[signatures]`), loaded.
-    pub keyring: Arc<crate::signature::Keyring>,
-    /// Whether the fleet repository's revision must be signed by a trusted key.
-    pub signed_fleet: bool,
-    /// AppProjects from the fleet repository, by name.
-    pub projects: BTreeMap<String, crate::policy::Project>,
+    /// `[signatures]`, its key files resolved against the config's directory; the daemon
+    /// loads the keys.
+    pub signatures: SignaturesConfig,
+    /// The line of the `[signatures]` table, for problems with its key files.
+    pub signatures_line: usize,
     /// The apps this node runs.
     pub apps: Vec<AppConfig>,
     /// Apps whose `node_selector` does not match this node, and why.
@@ -676,18 +674,11 @@ impl Config {
             .map_or(0, |s| validate::line_at(text, s.span().start));
         let signatures = raw.signatures.map(Spanned::into_inner).unwrap_or_default();
         let files = |list: &[PathBuf]| list.iter().map(resolve).collect::<Vec<_>>();
-        let keyring = crate::signature::Keyring::load(
-            &files(&signatures.gpg_keys),
-            &files(&signatures.ssh_keys),
-        )
-        .map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems: vec![Problem {
-                line: signatures_line,
-                key: "signatures".into(),
-                message: e.to_string(),
-            }],
-        })?;
+        let signatures = SignaturesConfig {
+            gpg_keys: files(&signatures.gpg_keys),
+            ssh_keys: files(&signatures.ssh_keys),
+            fleet: signatures.fleet,
+        };
         let (apps, skipped) = for_this_node(
             raw.apps.into_iter().map(Spanned::into_inner).collect(),
             &node.labels,
@@ -727,9 +718,8 @@ impl Config {
                 }),
             },
             fleet: raw.fleet.map(Spanned::into_inner),
-            keyring: Arc::new(keyring),
-            signed_fleet: signatures.fleet,
-            projects: BTreeMap::new(),
+            signatures,
+            signatures_line,
             apps,
             skipped,
         })
@@ -779,17 +769,6 @@ impl Config {
             .filter(|a| seen.insert(a.repo.clone()))
             .map(|a| self.repository(&a.repo))
             .collect()
-    }
-
-    /// The sync windows that hold `app`: its own and those of its AppProject.
-    /// The app's own sync windows and its project's; a project window that cannot be read
-    /// is an `Err` saying why.
-    pub fn sync_windows(&self, app: &AppConfig) -> Vec<Result<sync_policy::SyncWindow, String>> {
-        let mut windows: Vec<_> = app.sync_windows.iter().cloned().map(Ok).collect();
-        if let Some(project) = app.project.as_deref().and_then(|p| self.projects.get(p)) {
-            windows.extend(project.sync_windows(&app.name, app.namespace.as_deref()));
-        }
-        windows
     }
 
     /// Whether `url` is a Helm chart repository (or OCI registry) rather than a Git one.
@@ -845,15 +824,16 @@ repo = "https://git.example.com/fleet.git"
     }
 
     #[test]
-    fn signature_keys_are_loaded_and_their_problems_named() {
+    fn signature_key_files_are_resolved_and_their_problems_named() {
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/signatures");
         let cfg = parse(&format!(
             "[fleet]\nrepo = \"https://git.example.com/fleet.git\"\n\n[signatures]\ngpg_keys = [\"{fixtures}/alice.asc\"]\nssh_keys = [\"{fixtures}/deploy.pub\"]\nfleet = true\n"
         ))
         .unwrap();
-        assert_eq!(cfg.keyring.key_ids().len(), 2);
-        assert!(cfg.signed_fleet);
-        assert!(parse("").unwrap().keyring.is_empty());
+        assert_eq!(cfg.signatures.gpg_keys.len(), 1);
+        assert_eq!(cfg.signatures.ssh_keys.len(), 1);
+        assert!(cfg.signatures.fleet);
+        assert_eq!(cfg.signatures_line, 4);
 
         let problems = |text: &str| match parse(text) {
             Err(ConfigError::Invalid { problems, .. }) => problems,
@@ -864,12 +844,6 @@ repo = "https://git.example.com/fleet.git"
         assert!(p.iter().all(|p| p.key == "signatures.fleet" && p.line == 2));
         let p = problems("[signatures]\nssh_keys = [\"/nonexistent/key.pub\"]\n");
         assert_eq!(p[0].key, "signatures.ssh_keys[0]");
-        // A file that exists but holds no usable key: named, with the table's line.
-        let p = problems(&format!(
-            "\n\n[signatures]\ngpg_keys = [\"{fixtures}/deploy.pub\"]\n"
-        ));
-        assert_eq!((p[0].key.as_str(), p[0].line), ("signatures", 3));
-        assert!(p[0].message.contains("deploy.pub"), "{}", p[0].message);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::node::Node;
 use super::sync::{SyncContext, SyncError, SyncResult, Target};
 use crate::apply::fake::FakeCluster;
 use crate::apply::ObjectRef;
@@ -35,8 +36,8 @@ impl Engine {
         Self::build(apps, cluster, |_| {})
     }
 
-    /// An engine whose config `adjust` changes first (AppProjects a fleet would bring).
-    fn build(apps: &[&str], cluster: Arc<FakeCluster>, adjust: impl FnOnce(&mut Config)) -> Engine {
+    /// An engine whose node `adjust` changes first (AppProjects a fleet would bring).
+    fn build(apps: &[&str], cluster: Arc<FakeCluster>, adjust: impl FnOnce(&mut Node)) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("repo");
         let repo = git2::Repository::init(&work).unwrap();
@@ -48,10 +49,11 @@ impl Engine {
         for app in apps {
             text.push_str(&format!("[[apps]]\n{}\n", app.replace("{repo}", &url)));
         }
-        let mut config = Config::parse(&dir.path().join("config.toml"), &text).unwrap();
-        adjust(&mut config);
+        let config = Config::parse(&dir.path().join("config.toml"), &text).unwrap();
+        let mut node = Node::assemble(config).unwrap();
+        adjust(&mut node);
         let ctx = SyncContext::with_cluster(
-            config,
+            node,
             Arc::new(Metrics::default()),
             None,
             cluster.clone(),
@@ -323,7 +325,7 @@ async fn a_departed_app_with_delete_on_removal_takes_only_its_own_objects() {
     )
     .unwrap();
     let ctx = SyncContext::with_cluster(
-        config,
+        Node::assemble(config).unwrap(),
         Arc::new(Metrics::default()),
         None,
         cluster.clone(),
@@ -385,11 +387,11 @@ async fn a_rollout_past_its_health_timeout_is_rolled_back_by_the_health_monitor(
     assert!(matches!(held, SyncResult::Waiting { .. }), "{held:?}");
 }
 
-fn with_project(name: &str, spec: serde_json::Value) -> impl FnOnce(&mut Config) {
+fn with_project(name: &str, spec: serde_json::Value) -> impl FnOnce(&mut Node) {
     let project = crate::policy::Project::from_spec(name, &spec);
     let name = name.to_string();
-    move |config: &mut Config| {
-        config.projects.insert(name, project);
+    move |node: &mut Node| {
+        node.projects.insert(name, project);
     }
 }
 

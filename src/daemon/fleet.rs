@@ -13,6 +13,8 @@ use crate::fleet::argo::{self, FleetObject};
 use crate::render;
 use crate::source::GitSource;
 
+use super::node::Node;
+
 /// The apps one fleet commit yields.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FleetApps {
@@ -37,11 +39,13 @@ fn saved_path(state_dir: &Path) -> std::path::PathBuf {
 /// Reads the fleet's Applications at its current commit. Returns the apps, and problems to
 /// report (unreadable manifests, apps that cannot run yet, an unreachable repository: then
 /// the last known set is used).
-pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<String>) {
+pub async fn load(node: &Node, fleet: &FleetConfig) -> (FleetApps, Vec<String>) {
+    let config = &node.config;
     let source = GitSource::new(&config.state_dir);
     let repo = config.repository(&fleet.repo);
     let fleet = fleet.clone();
     let config_for_children = config.clone();
+    let keyring = node.keyring.clone();
     type Failure = (String, Option<String>);
     let read = tokio::task::spawn_blocking(move || -> Result<(FleetApps, Vec<String>), Failure> {
         let unseen = |e: crate::source::SourceError| (e.to_string(), None);
@@ -51,11 +55,10 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             tag: refs.annotated_tag(&fleet.revision),
         };
         let seen = |e: &dyn std::fmt::Display| (e.to_string(), Some(target.sha.clone()));
-        if config_for_children.signed_fleet {
-            let keyring = &config_for_children.keyring;
+        if config_for_children.signatures.fleet {
             let (object, signer) = super::sync::verify_revision(
                 &source,
-                keyring,
+                &keyring,
                 &repo,
                 &fleet.revision,
                 &target,
@@ -72,6 +75,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
             render::render(&snapshot.root, Path::new(&fleet.path)).map_err(|e| seen(&e))?;
         let mut expander = Expander {
             config: &config_for_children,
+            keyring: &keyring,
             source: &source,
             apps: Vec::new(),
             projects: Vec::new(),
@@ -132,6 +136,7 @@ pub async fn load(config: &Config, fleet: &FleetConfig) -> (FleetApps, Vec<Strin
 /// is not run (this node has no Argo CD to hand Applications to).
 struct Expander<'a> {
     config: &'a Config,
+    keyring: &'a crate::signature::Keyring,
     source: &'a GitSource,
     apps: Vec<AppConfig>,
     projects: Vec<(String, serde_json::Value)>,
@@ -246,7 +251,7 @@ impl Expander<'_> {
             };
             super::sync::verify_revision(
                 self.source,
-                &self.config.keyring,
+                self.keyring,
                 &repo,
                 &app.revision,
                 &target,

@@ -9,6 +9,7 @@ mod drift;
 mod engine_tests;
 mod fleet;
 mod health;
+pub mod node;
 mod prune;
 mod removal;
 mod retry;
@@ -26,6 +27,7 @@ use crate::report::publisher::StatusPublisher;
 use crate::scheduler::AppSet;
 use crate::trigger::EventSink;
 pub use dispatch::{Dispatcher, RepoWorker};
+pub use node::Node;
 pub use sync::{SyncContext, SyncError, SyncResult};
 
 /// How long in-flight syncs may take to finish after SIGTERM.
@@ -35,8 +37,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGTERM or SIGINT. SIGHUP, or a change to the config file, reloads
 /// the config; a new config that does not validate is refused and the running one stays.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let _lock = crate::state::StateLock::acquire(&config.state_dir)?;
+pub async fn run(node: Node) -> anyhow::Result<()> {
+    let _lock = crate::state::StateLock::acquire(&node.config.state_dir)?;
     let metrics = Arc::new(Metrics::default());
     let mut signals = Signals::new()?;
     let (changed_tx, mut changed_rx) = mpsc::channel(1);
@@ -51,14 +53,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = fed(
         watchdog,
         &mut signals,
-        Agent::start(config.clone(), metrics.clone(), changed_tx.clone()),
+        Agent::start(node.clone(), metrics.clone(), changed_tx.clone()),
     )
     .await;
     let Some(started) = started else {
         return stopped_while_starting();
     };
     let mut agent = started?;
-    let mut current = config;
+    let mut current = node;
     // The watchdog is fed from this loop, so a wedged main loop lets systemd restart us.
     let every = watchdog
         .map(|d| d / 2)
@@ -87,7 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // Editors write in several steps; let them finish.
         tokio::time::sleep(Duration::from_millis(300)).await;
         while changed_rx.try_recv().is_ok() {}
-        let new = match Config::load(&current.path) {
+        let new = match Node::load(&current.config.path) {
             Ok(new) => new,
             Err(e) => {
                 metrics.error(e.metric_label());
@@ -95,7 +97,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if let Err(why) = confirm_removals(&current, &new).await {
+        if let Err(why) = confirm_removals(&current.config, &new.config).await {
             metrics.error("config_unsettled");
             tracing::warn!("{why}");
             continue;
@@ -217,11 +219,12 @@ struct Agent {
 
 impl Agent {
     async fn start(
-        mut config: Config,
+        mut node: Node,
         metrics: Arc<Metrics>,
         config_changed: mpsc::Sender<()>,
     ) -> anyhow::Result<Agent> {
-        let fleet_load = with_fleet(&mut config, &metrics).await;
+        let fleet_load = with_fleet(&mut node, &metrics).await;
+        let config = &node.config;
         // Bind listeners first: a port in use is a startup error, not a silent degradation.
         let http_listener = match config.http.enabled {
             true => Some(bind(config.http.listen, "http").await?),
@@ -241,7 +244,7 @@ impl Agent {
             )?),
             None => None,
         };
-        let ctx = SyncContext::connect(config, metrics.clone(), publisher.clone()).await?;
+        let ctx = SyncContext::connect(node, metrics.clone(), publisher.clone()).await?;
         let kube_client = ctx
             .kube
             .as_ref()
@@ -397,21 +400,22 @@ struct FleetLoad {
     certain: bool,
 }
 
-/// Adds the fleet's apps to `config`, logging and counting what is wrong with them.
-async fn with_fleet(config: &mut Config, metrics: &Metrics) -> FleetLoad {
-    let Some(fleet) = config.fleet.clone() else {
+/// Adds the fleet's apps and AppProjects to `node`, logging and counting what is wrong with
+/// them.
+async fn with_fleet(node: &mut Node, metrics: &Metrics) -> FleetLoad {
+    let Some(fleet) = node.config.fleet.clone() else {
         return FleetLoad {
             revision: None,
             certain: true,
         };
     };
-    let (apps, mut problems) = fleet::load(config, &fleet).await;
+    let (apps, mut problems) = fleet::load(node, &fleet).await;
     for (name, spec) in &apps.projects {
         let project = crate::policy::Project::from_spec(name, spec);
         problems.extend(project.warnings.iter().cloned());
-        config.projects.insert(name.clone(), project);
+        node.projects.insert(name.clone(), project);
     }
-    let refused = config.add_fleet_apps(apps.apps);
+    let refused = node.config.add_fleet_apps(apps.apps);
     // Removal needs every Application of the commit read and accepted: one refused here
     // (a bad duration, a name in use) is still in the fleet and must not count as departed.
     let certain = apps.fresh && refused.is_empty();
@@ -425,7 +429,7 @@ async fn with_fleet(config: &mut Config, metrics: &Metrics) -> FleetLoad {
         metrics.error("fleet");
         tracing::warn!("fleet: {problem}");
     }
-    tracing::info!(revision = %apps.revision, apps = config.apps.len(), "fleet loaded");
+    tracing::info!(revision = %apps.revision, apps = node.config.apps.len(), "fleet loaded");
     FleetLoad {
         revision: Some(apps.seen.unwrap_or(apps.revision)),
         certain,
@@ -617,14 +621,13 @@ pub struct DiffReport {
 
 /// `edgesync diff APP`: the app's current revision (or, without Git, its last applied render)
 /// against the cluster, object by object, from server-side dry runs.
-pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> {
+pub async fn diff(mut node: Node, name: &str) -> anyhow::Result<DiffReport> {
     use crate::apply::diff as d;
-    with_fleet(&mut config, &Metrics::default()).await;
-    let app = config
-        .app(name)
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no app named {name:?} in {}", config.path.display()))?;
-    let ctx = SyncContext::connect(config, Arc::new(Metrics::default()), None).await?;
+    with_fleet(&mut node, &Metrics::default()).await;
+    let app = node.config.app(name).cloned().ok_or_else(|| {
+        anyhow::anyhow!("no app named {name:?} in {}", node.config.path.display())
+    })?;
+    let ctx = SyncContext::connect(node, Arc::new(Metrics::default()), None).await?;
     let mut text = String::new();
     let plan = match ctx.target_plan(&app).await {
         Ok((revision, plan)) => {
@@ -715,8 +718,8 @@ pub async fn diff(mut config: Config, name: &str) -> anyhow::Result<DiffReport> 
 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
 /// Returns the number of apps that failed, or that a sync window held.
-pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result<usize> {
-    let _lock = match crate::state::StateLock::acquire(&config.state_dir) {
+pub async fn sync_once(mut node: Node, only: Option<&str>) -> anyhow::Result<usize> {
+    let _lock = match crate::state::StateLock::acquire(&node.config.state_dir) {
         Ok(lock) => lock,
         // An agent runs on this state directory: it does the sync (its apps have one writer).
         Err(crate::state::StateError::Locked { path }) => {
@@ -725,13 +728,13 @@ pub async fn sync_once(mut config: Config, only: Option<&str>) -> anyhow::Result
         }
         Err(e) => return Err(e.into()),
     };
-    with_fleet(&mut config, &Metrics::default()).await;
+    with_fleet(&mut node, &Metrics::default()).await;
     if let Some(name) = only {
-        if config.app(name).is_none() {
-            anyhow::bail!("no app named {name:?} in {}", config.path.display());
+        if node.config.app(name).is_none() {
+            anyhow::bail!("no app named {name:?} in {}", node.config.path.display());
         }
     }
-    let ctx = SyncContext::connect(config, Arc::new(Metrics::default()), None).await?;
+    let ctx = SyncContext::connect(node, Arc::new(Metrics::default()), None).await?;
     let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
     let (_tx, shutdown) = watch::channel(false);
     Ok(manual_sync(&ctx, only, &shutdown, &permits).await)

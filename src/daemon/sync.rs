@@ -1,10 +1,11 @@
 //! One sync of one app through the pipeline: snapshot → render → plan → apply → state.
 //! Shared by `edgesync run` and `edgesync sync`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::node::Node;
 use super::retry;
 use crate::apply::{self, ApplyError, Cluster, KubeApplier, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
@@ -136,6 +137,10 @@ pub enum SyncResult {
 /// Everything a sync needs, shared by all apps.
 pub struct SyncContext {
     pub config: Config,
+    /// The keys trusted to sign revisions.
+    pub keyring: Arc<crate::signature::Keyring>,
+    /// The fleet's AppProjects, by name.
+    pub projects: BTreeMap<String, crate::policy::Project>,
     pub metrics: Arc<Metrics>,
     pub board: Arc<StatusBoard>,
     /// Wakes the health monitor: after every apply, and when a watch sees an app's object
@@ -160,9 +165,11 @@ pub struct SyncContext {
 }
 
 /// The sync windows that cover `app`, or why one of them cannot be read.
-pub fn windows_of(config: &Config, app: &AppConfig) -> Result<Vec<Window>, String> {
-    config
-        .sync_windows(app)
+pub fn windows_of(
+    projects: &BTreeMap<String, crate::policy::Project>,
+    app: &AppConfig,
+) -> Result<Vec<Window>, String> {
+    super::node::sync_windows(projects, app)
         .iter()
         .enumerate()
         .map(|(i, w)| {
@@ -235,14 +242,14 @@ async fn blocking<T: Send + 'static>(
 impl SyncContext {
     /// `publisher` carries status upstream; `None` for one-shot syncs and nodes without MQTT.
     pub async fn connect(
-        config: Config,
+        node: Node,
         metrics: Arc<Metrics>,
         publisher: Option<Arc<StatusPublisher>>,
     ) -> Result<Arc<SyncContext>, ApplyError> {
-        let client = apply::connect(config.kubernetes.kubeconfig.as_deref()).await?;
+        let client = apply::connect(node.config.kubernetes.kubeconfig.as_deref()).await?;
         let kube = Arc::new(KubeApplier::new(client, metrics.clone()));
         Ok(Self::with_cluster(
-            config,
+            node,
             metrics,
             publisher,
             kube.clone(),
@@ -253,12 +260,17 @@ impl SyncContext {
     /// A context over any [`Cluster`]; `kube`, the real API server, is what the drift
     /// watches and the status API need besides (engine tests run without one).
     pub fn with_cluster(
-        config: Config,
+        node: Node,
         metrics: Arc<Metrics>,
         publisher: Option<Arc<StatusPublisher>>,
         cluster: Arc<dyn Cluster>,
         kube: Option<Arc<KubeApplier>>,
     ) -> Arc<SyncContext> {
+        let Node {
+            config,
+            keyring,
+            projects,
+        } = node;
         let store = StateStore::new(&config.state_dir);
         // The first read of each state: a damaged file is reported here, once, as it is
         // set aside.
@@ -283,6 +295,8 @@ impl SyncContext {
             claims: Default::default(),
             metrics,
             config,
+            keyring,
+            projects,
         })
     }
 
@@ -448,7 +462,7 @@ impl SyncContext {
         sha: &str,
         manual: bool,
     ) -> Option<retry::Hold> {
-        let windows = match windows_of(&self.config, app) {
+        let windows = match windows_of(&self.projects, app) {
             Ok(windows) => windows,
             Err(e) => {
                 // A window that cannot be read might be the deny window that should hold this
@@ -615,7 +629,7 @@ impl SyncContext {
         let Some(name) = app.project.as_deref() else {
             return Ok(());
         };
-        let project = match self.config.projects.get(name) {
+        let project = match self.projects.get(name) {
             Some(project) => project,
             // Argo CD's `default` project allows everything unless the fleet defines it.
             None if name == "default" => return Ok(()),
@@ -803,7 +817,7 @@ impl SyncContext {
         let Some(ignore) = app
             .project
             .as_deref()
-            .and_then(|p| self.config.projects.get(p))
+            .and_then(|p| self.projects.get(p))
             .and_then(|p| p.orphans_warn.as_ref())
         else {
             return;
@@ -950,7 +964,7 @@ impl SyncContext {
     /// that lists signatureKeys.
     fn required_signers(&self, app: &AppConfig) -> Option<(String, Vec<String>)> {
         let name = app.project.as_deref()?;
-        self.config.projects.get(name)?.required_signers()
+        self.projects.get(name)?.required_signers()
     }
 
     async fn render_and_plan(
@@ -964,7 +978,7 @@ impl SyncContext {
         let target = target.clone();
         let sha = target.sha.clone();
         let signers = self.required_signers(&app);
-        let keyring = self.config.keyring.clone();
+        let keyring = self.keyring.clone();
         let metrics = self.metrics.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
@@ -983,7 +997,7 @@ impl SyncContext {
         let remote_policy = app
             .project
             .as_deref()
-            .and_then(|p| self.config.projects.get(p))
+            .and_then(|p| self.projects.get(p))
             .cloned()
             .map(|project| {
                 render::RemotePolicy(Arc::new(move |repo: &str| project.check_source(repo)))
