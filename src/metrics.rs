@@ -61,6 +61,95 @@ struct BuildLabels {
     target: String,
 }
 
+macro_rules! error_kinds {
+    ($($variant:ident = $label:literal: $meaning:literal,)*) => {
+        /// The fixed set of `kind`s of `edgesync_errors_total`. Every error type's
+        /// `metric_label()` returns one; docs/METRICS.md lists them all (a test holds it to that).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorKind {
+            $(#[doc = $meaning] $variant,)*
+        }
+
+        impl ErrorKind {
+            pub const ALL: &'static [ErrorKind] = &[$(ErrorKind::$variant,)*];
+
+            /// The `kind` label.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$variant => $label,)*
+                }
+            }
+
+            /// What an error of this kind means, as docs/METRICS.md says.
+            pub fn meaning(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$variant => $meaning,)*
+                }
+            }
+        }
+    };
+}
+
+error_kinds! {
+    ConfigRead = "config_read": "the config file cannot be read",
+    ConfigParse = "config_parse": "the config file is not valid TOML of the schema (unknown key, wrong type)",
+    ConfigInvalid = "config_invalid": "the config file parses but a value is wrong (names the key and line), including a `[signatures]` key file without a usable key",
+    ConfigUnsettled = "config_unsettled": "a reloaded config that removes apps changed again while it was read; the reload waits",
+    ConfigStart = "config_start": "the agent could not start with a new config (a port in use, no API server); the running config stays",
+    UnknownRepository = "unknown_repository": "a trigger named a repository no app of this node uses",
+    UnknownApp = "unknown_app": "a trigger named an app this node does not run",
+    UntrackedBranch = "untracked_branch": "a push to a branch no app of the repository tracks",
+    MqttConfig = "mqtt_config": "the `[mqtt]` URL cannot be used",
+    MqttCredentials = "mqtt_credentials": "an MQTT password, certificate or key file cannot be read",
+    MqttTls = "mqtt_tls": "the MQTT TLS settings cannot be used (bad CA, certificate or key)",
+    MqttConnection = "mqtt_connection": "the MQTT connection failed or dropped (it is retried)",
+    Git = "git": "fetching from a Git server failed (network, server error); retried without counting",
+    GitRefused = "git_refused": "a Git server refused the credentials, its certificate or its host key; not transient",
+    GitRevisionNotFound = "git_revision_not_found": "the revision an app names is not in its repository",
+    GitCredentials = "git_credentials": "a repository's token, password or SSH key file cannot be read",
+    GitCache = "git_cache": "the local Git cache or a checkout cannot be written or read",
+    Chart = "chart": "a Helm chart repository or OCI registry failed: index, version constraint, download, digest or archive",
+    Signature = "signature": "a revision that must be signed is unsigned, signed by an untrusted or unlisted key, or does not verify",
+    RenderPathNotFound = "render_path_not_found": "an app's path is not in its checkout",
+    RenderOutsideCheckout = "render_outside_checkout": "a path (symlink, `../`, kustomization resource) leads outside the checkout",
+    RenderIo = "render_io": "a file of the checkout cannot be read",
+    RenderTooLarge = "render_too_large": "a file or a render is over the size limits",
+    RenderParse = "render_parse": "a manifest is not valid YAML or JSON",
+    RenderInvalidObject = "render_invalid_object": "a manifest is not a Kubernetes object (no apiVersion, kind or name)",
+    RenderKustomize = "render_kustomize": "a kustomization cannot be built (natively, or by the configured fallback)",
+    RenderUnsupported = "render_unsupported": "a kustomization uses a feature edgesync does not build and no fallback is configured",
+    RenderHelm = "render_helm": "`helm template` failed",
+    RenderSubstitution = "render_substitution": "`${VAR}` substitution failed (an unset variable with `substitute = \"strict\"`)",
+    Policy = "policy": "the AppProject refuses the app's source, destination or an object's kind, or the project is not defined",
+    SyncWindow = "sync_window": "a sync window cannot be read; the app is held until it is fixed",
+    Conflict = "conflict": "an object of the render is managed by another app of this node",
+    KubeConfig = "kube_config": "no usable kubeconfig or in-cluster credentials",
+    KubeClient = "kube_client": "the Kubernetes client cannot be built or reach the API server",
+    ApplyDuplicate = "apply_duplicate": "a render holds the same object twice",
+    ApplyFailed = "apply_failed": "the API server refused objects of the render, or a wave did not become Healthy",
+    ApplyEmptyRender = "apply_empty_render": "a render yields no objects where objects were applied before; nothing is pruned",
+    PruneFailed = "prune_failed": "an object that left the render could not be deleted; the revision is not recorded",
+    BadAnnotation = "bad_annotation": "an Argo CD annotation of an object (sync wave, options, hook) cannot be read",
+    Inventory = "inventory": "the inventory ConfigMap cannot be read or written",
+    StateLocked = "state_locked": "another edgesync process holds the state directory",
+    StateIo = "state_io": "a state file cannot be written or read",
+    StateCorrupt = "state_corrupt": "a state file is damaged; it is set aside and the app starts from the inventory",
+    HealthRead = "health_read": "an app's objects cannot be read back to rate their health",
+    Removal = "removal": "the objects of an app that left the node could not be removed",
+    Fleet = "fleet": "a problem with the fleet repository: an Application that cannot be read or run, an unreachable repository",
+    ControlSocket = "control_socket": "the control socket (`edgesync sync` asking the running agent) failed",
+    OutboxCorrupt = "outbox_corrupt": "a damaged record in the MQTT outbox was dropped; the rest of the queue is kept",
+    StatusSequence = "status_sequence": "the status sequence number cannot be saved",
+    StatusOutbox = "status_outbox": "a status message cannot be queued in the outbox",
+    Internal = "internal": "a bug: a task panicked or an invariant broke",
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 fn duration_histogram() -> Histogram {
     // 5 ms to about 5 minutes.
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
@@ -88,6 +177,13 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("edgesync");
         let triggers = Family::<TriggerLabels, Counter>::default();
         let errors = Family::<KindLabels, Counter>::default();
+        // Every kind at zero from the start, so `rate()` and alerts see it before it first
+        // happens.
+        for kind in ErrorKind::ALL {
+            let _ = errors.get_or_create(&KindLabels {
+                kind: kind.label().to_string(),
+            });
+        }
         let syncs = Family::<SyncLabels, Counter>::default();
         let self_heals = Family::<SyncLabels, Counter>::default();
         let sync_duration = Family::<AppLabels, Histogram>::new_with_constructor(
@@ -191,10 +287,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn error(&self, kind: &str) {
+    pub fn error(&self, kind: ErrorKind) {
         self.errors
             .get_or_create(&KindLabels {
-                kind: kind.to_string(),
+                kind: kind.label().to_string(),
             })
             .inc();
     }
@@ -286,7 +382,7 @@ mod tests {
         let m = Metrics::default();
         m.trigger("mqtt", "malformed");
         m.trigger("mqtt", "malformed");
-        m.error("git");
+        m.error(ErrorKind::Git);
         m.apply_request("patch", Some(200));
         let text = m.encode();
         assert!(
@@ -299,6 +395,44 @@ mod tests {
         );
         assert!(text.contains(r#"edgesync_apply_requests_total{verb="patch",code="200"} 1"#));
         assert!(text.contains("edgesync_build_info{version="), "{text}");
+    }
+
+    /// docs/METRICS.md lists exactly the kinds there are, each with its meaning, and every
+    /// kind is exported before it first happens.
+    #[test]
+    fn error_kinds_are_the_documented_set() {
+        let doc = include_str!("../docs/METRICS.md");
+        let documented: Vec<(&str, &str)> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split_once("` | "))
+            .filter(|(kind, _)| !kind.starts_with("edgesync_"))
+            .map(|(kind, meaning)| (kind, meaning.trim_end_matches(" |")))
+            .collect();
+        let code: Vec<(&str, &str)> = ErrorKind::ALL
+            .iter()
+            .map(|k| (k.label(), k.meaning()))
+            .collect();
+        assert_eq!(documented, code);
+        // A kind the other documents name is one there is.
+        for doc in [
+            include_str!("../docs/CONFIG.md"),
+            include_str!("../docs/RELIABILITY.md"),
+            include_str!("../docs/STATUS.md"),
+            include_str!("../docs/ARCHITECTURE.md"),
+        ] {
+            for named in doc.split("kind=\"").skip(1) {
+                let kind = named.split('"').next().unwrap_or_default();
+                assert!(
+                    ErrorKind::ALL.iter().any(|k| k.label() == kind),
+                    "the docs name an error kind {kind:?} that does not exist"
+                );
+            }
+        }
+        let text = Metrics::default().encode();
+        for kind in ErrorKind::ALL {
+            let series = format!("edgesync_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "{series} missing");
+        }
     }
 
     #[test]
@@ -323,7 +457,7 @@ mod tests {
     fn packaging_queries_name_real_series() {
         let m = Metrics::default();
         m.trigger("mqtt", "accepted");
-        m.error("git");
+        m.error(ErrorKind::Git);
         m.sync("web", "applied");
         m.sync_duration("web", Duration::from_millis(5));
         m.apply_request("patch", Some(200));

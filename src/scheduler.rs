@@ -99,11 +99,12 @@ pub enum RouteError {
 }
 
 impl RouteError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            RouteError::UnknownRepository(_) => "unknown_repository",
-            RouteError::UnknownApp(_) => "unknown_app",
-            RouteError::NoAppTracksBranch { .. } => "untracked_branch",
+            RouteError::UnknownRepository(_) => ErrorKind::UnknownRepository,
+            RouteError::UnknownApp(_) => ErrorKind::UnknownApp,
+            RouteError::NoAppTracksBranch { .. } => ErrorKind::UntrackedBranch,
         }
     }
 }

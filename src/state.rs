@@ -34,11 +34,12 @@ pub enum StateError {
 }
 
 impl StateError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            StateError::Locked { .. } => "state_locked",
-            StateError::Io { .. } => "state_io",
-            StateError::Corrupt { .. } => "state_corrupt",
+            StateError::Locked { .. } => ErrorKind::StateLocked,
+            StateError::Io { .. } => ErrorKind::StateIo,
+            StateError::Corrupt { .. } => ErrorKind::StateCorrupt,
         }
     }
 }

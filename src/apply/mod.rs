@@ -61,15 +61,16 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            ApplyError::Kubeconfig { .. } | ApplyError::NoCredentials(_) => "kube_config",
-            ApplyError::Client(_) => "kube_client",
-            ApplyError::Duplicate { .. } => "apply_duplicate",
-            ApplyError::Objects { .. } => "apply_failed",
-            ApplyError::EmptyRender => "apply_empty_render",
-            ApplyError::Prune { .. } => "prune_failed",
-            ApplyError::BadAnnotation { .. } => "bad_annotation",
+            ApplyError::Kubeconfig { .. } | ApplyError::NoCredentials(_) => ErrorKind::KubeConfig,
+            ApplyError::Client(_) => ErrorKind::KubeClient,
+            ApplyError::Duplicate { .. } => ErrorKind::ApplyDuplicate,
+            ApplyError::Objects { .. } => ErrorKind::ApplyFailed,
+            ApplyError::EmptyRender => ErrorKind::ApplyEmptyRender,
+            ApplyError::Prune { .. } => ErrorKind::PruneFailed,
+            ApplyError::BadAnnotation { .. } => ErrorKind::BadAnnotation,
         }
     }
 

@@ -40,11 +40,12 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            ConfigError::Read { .. } => "config_read",
-            ConfigError::Parse { .. } => "config_parse",
-            ConfigError::Invalid { .. } => "config_invalid",
+            ConfigError::Read { .. } => ErrorKind::ConfigRead,
+            ConfigError::Parse { .. } => ErrorKind::ConfigParse,
+            ConfigError::Invalid { .. } => ErrorKind::ConfigInvalid,
         }
     }
 }

@@ -42,7 +42,7 @@ pub async fn serve(
     let listener = match UnixListener::bind(&path) {
         Ok(listener) => listener,
         Err(e) => {
-            ctx.metrics.error("control_socket");
+            ctx.metrics.error(crate::metrics::ErrorKind::ControlSocket);
             tracing::warn!(path = %path.display(), "cannot open the control socket; `edgesync sync` cannot reach this agent: {e}");
             return;
         }

@@ -103,11 +103,11 @@ impl EventSink for Dispatcher {
     fn deliver(&self, event: Event) -> Result<(), Refused> {
         let source = event.source.label();
         let targets = scheduler::route(&event, &self.config).map_err(|e| {
-            self.metrics.trigger(source, e.metric_label());
+            self.metrics.trigger(source, e.metric_label().label());
             tracing::warn!(source, "event dropped: {e}");
             Refused {
                 reason: e.to_string(),
-                label: e.metric_label(),
+                label: e.metric_label().label(),
             }
         })?;
         for (url, apps) in targets {

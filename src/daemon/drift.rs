@@ -88,7 +88,7 @@ impl Desired {
             Ok(record) => record?,
             Err(e) => {
                 ctx.metrics.error(e.metric_label());
-                tracing::error!(%app, error = %e, kind = e.metric_label(), "last-known-good render set aside");
+                tracing::error!(%app, error = %e, kind = e.metric_label().label(), "last-known-good render set aside");
                 ctx.board
                     .note(app, &format!("last-known-good render unusable: {e}"));
                 return None;

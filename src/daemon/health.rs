@@ -103,7 +103,7 @@ impl Monitor {
                 },
                 Err(e) => {
                     // Unknown must say why, where an operator looks: log, metric, status.
-                    ctx.metrics.error("health_read");
+                    ctx.metrics.error(crate::metrics::ErrorKind::HealthRead);
                     tracing::warn!(app = %app.name, %object, "cannot read for health: {e}");
                     Health {
                         status: HealthStatus::Unknown,

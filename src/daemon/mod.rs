@@ -98,7 +98,7 @@ pub async fn run(node: Node) -> anyhow::Result<()> {
             }
         };
         if let Err(why) = confirm_removals(&current.config, &new.config).await {
-            metrics.error("config_unsettled");
+            metrics.error(crate::metrics::ErrorKind::ConfigUnsettled);
             tracing::warn!("{why}");
             continue;
         }
@@ -120,7 +120,7 @@ pub async fn run(node: Node) -> anyhow::Result<()> {
                 started
             }
             Err(e) => {
-                metrics.error("config_start");
+                metrics.error(crate::metrics::ErrorKind::ConfigStart);
                 tracing::error!("cannot start with the new config, keeping the running one: {e:#}");
                 let again = fed(
                     watchdog,
@@ -426,7 +426,7 @@ async fn with_fleet(node: &mut Node, metrics: &Metrics) -> FleetLoad {
     }
     problems.extend(refused);
     for problem in &problems {
-        metrics.error("fleet");
+        metrics.error(crate::metrics::ErrorKind::Fleet);
         tracing::warn!("fleet: {problem}");
     }
     tracing::info!(revision = %apps.revision, apps = node.config.apps.len(), "fleet loaded");
@@ -513,7 +513,7 @@ pub async fn sync_repository(
         Ok(refs) => refs,
         Err(e) => {
             ctx.metrics.error(e.metric_label());
-            tracing::warn!(repo = %crate::model::url::redact(&repo.url), error = %e, kind = e.metric_label(),
+            tracing::warn!(repo = %crate::model::url::redact(&repo.url), error = %e, kind = e.metric_label().label(),
                 "cannot list remote refs; keeping the last applied state");
             for app in apps {
                 ctx.board.unreachable(&app.name, &e.to_string());
@@ -608,7 +608,7 @@ fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncErr
         Err(e) => {
             ctx.metrics.sync(&app.name, "failed");
             ctx.metrics.error(e.metric_label());
-            tracing::error!(app = %app.name, error = %e, kind = e.metric_label(), "sync failed");
+            tracing::error!(app = %app.name, error = %e, kind = e.metric_label().label(), "sync failed");
         }
     }
 }

@@ -31,16 +31,15 @@ impl Node {
     /// config, named by the `[signatures]` table's line, as any other.
     pub fn assemble(config: Config) -> Result<Node, ConfigError> {
         let keys = &config.signatures;
-        let keyring = Keyring::load(&keys.gpg_keys, &keys.ssh_keys).map_err(|e| {
-            ConfigError::Invalid {
+        let keyring =
+            Keyring::load(&keys.gpg_keys, &keys.ssh_keys).map_err(|e| ConfigError::Invalid {
                 path: config.path.clone(),
                 problems: vec![Problem {
                     line: config.signatures_line,
                     key: "signatures".into(),
                     message: e.to_string(),
                 }],
-            }
-        })?;
+            })?;
         Ok(Node {
             config,
             keyring: Arc::new(keyring),

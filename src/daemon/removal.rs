@@ -41,7 +41,7 @@ pub async fn remove_departed(ctx: Arc<SyncContext>) {
             }
             let failed = done.failures.len() + done.changed.len();
             if failed > 0 {
-                ctx.metrics.error("removal");
+                ctx.metrics.error(crate::metrics::ErrorKind::Removal);
                 tracing::warn!(%app, failed, "removal incomplete; tried again at the next start");
                 continue;
             }

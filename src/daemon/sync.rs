@@ -63,17 +63,18 @@ fn is_disk_full(e: &std::io::Error) -> bool {
 }
 
 impl SyncError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
             SyncError::Source(e) => e.metric_label(),
             SyncError::Render(e) => e.metric_label(),
             SyncError::Apply(e) => e.metric_label(),
             SyncError::State(e) => e.metric_label(),
-            SyncError::Policy(_) => "policy",
-            SyncError::Signature(_) => "signature",
-            SyncError::Conflict(_) => "conflict",
-            SyncError::Inventory(_) => "inventory",
-            SyncError::Internal(_) => "internal",
+            SyncError::Policy(_) => ErrorKind::Policy,
+            SyncError::Signature(_) => ErrorKind::Signature,
+            SyncError::Conflict(_) => ErrorKind::Conflict,
+            SyncError::Inventory(_) => ErrorKind::Inventory,
+            SyncError::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -224,7 +225,7 @@ fn load_or_blank(store: &StateStore, metrics: &Metrics, app: &str) -> Result<App
         Ok(state) => Ok(state),
         Err(e @ StateError::Corrupt { .. }) => {
             metrics.error(e.metric_label());
-            tracing::error!(%app, error = %e, kind = e.metric_label(), "starting from blank state");
+            tracing::error!(%app, error = %e, kind = e.metric_label().label(), "starting from blank state");
             Ok(AppState::default())
         }
         Err(e) => Err(e),
@@ -468,7 +469,7 @@ impl SyncContext {
                 // A window that cannot be read might be the deny window that should hold this
                 // sync now, or the only allow window: it holds every sync, manual ones too,
                 // until it is fixed.
-                self.metrics.error("sync_window");
+                self.metrics.error(crate::metrics::ErrorKind::SyncWindow);
                 tracing::warn!(app = %app.name, "syncs held: {e}");
                 return Some(retry::Hold {
                     reason: format!("{e}; syncs are held until it is fixed"),
@@ -886,7 +887,7 @@ impl SyncContext {
             )
             .await
         {
-            self.metrics.error("inventory");
+            self.metrics.error(crate::metrics::ErrorKind::Inventory);
             tracing::warn!(app = %app.name, "cannot store the inventory in the cluster: {e}");
             self.board.note(
                 &app.name,

@@ -72,20 +72,21 @@ pub enum RenderError {
 }
 
 impl RenderError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            RenderError::PathNotFound { .. } => "render_path_not_found",
-            RenderError::OutsideCheckout { .. } => "render_outside_checkout",
-            RenderError::Io { .. } => "render_io",
-            RenderError::TooLarge { .. } => "render_too_large",
-            RenderError::Yaml { .. } | RenderError::Json { .. } => "render_parse",
-            RenderError::InvalidObject { .. } => "render_invalid_object",
+            RenderError::PathNotFound { .. } => ErrorKind::RenderPathNotFound,
+            RenderError::OutsideCheckout { .. } => ErrorKind::RenderOutsideCheckout,
+            RenderError::Io { .. } => ErrorKind::RenderIo,
+            RenderError::TooLarge { .. } => ErrorKind::RenderTooLarge,
+            RenderError::Yaml { .. } | RenderError::Json { .. } => ErrorKind::RenderParse,
+            RenderError::InvalidObject { .. } => ErrorKind::RenderInvalidObject,
             RenderError::Kustomize { .. } | RenderError::KustomizeFallback { .. } => {
-                "render_kustomize"
+                ErrorKind::RenderKustomize
             }
-            RenderError::KustomizeUnsupported { .. } => "render_unsupported",
-            RenderError::Helm { .. } => "render_helm",
-            RenderError::Substitution { .. } => "render_substitution",
+            RenderError::KustomizeUnsupported { .. } => ErrorKind::RenderUnsupported,
+            RenderError::Helm { .. } => ErrorKind::RenderHelm,
+            RenderError::Substitution { .. } => ErrorKind::RenderSubstitution,
         }
     }
 }

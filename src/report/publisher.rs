@@ -71,7 +71,7 @@ impl StatusPublisher {
             },
         )?;
         for _ in 0..outbox.set_aside {
-            metrics.error("outbox_corrupt");
+            metrics.error(crate::metrics::ErrorKind::OutboxCorrupt);
         }
         let sequence_path = state_dir.join("outbox-sequence.json");
         let sequence = std::fs::read(&sequence_path)
@@ -109,7 +109,8 @@ impl StatusPublisher {
                 .and_then(|_| std::fs::rename(&tmp, &self.sequence_path))
                 .is_err()
             {
-                self.metrics.error("status_sequence");
+                self.metrics
+                    .error(crate::metrics::ErrorKind::StatusSequence);
             }
         }
         n
@@ -133,7 +134,7 @@ impl StatusPublisher {
                 tracing::warn!(dropped, "status outbox full: oldest events dropped");
             }
             Err(e) => {
-                self.metrics.error("status_outbox");
+                self.metrics.error(crate::metrics::ErrorKind::StatusOutbox);
                 tracing::error!("{e}");
             }
         }

@@ -41,14 +41,15 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            SourceError::Git { .. } => "git",
-            SourceError::Refused { .. } => "git_refused",
-            SourceError::RevisionNotFound { .. } => "git_revision_not_found",
-            SourceError::Credentials { .. } => "git_credentials",
-            SourceError::Cache { .. } => "git_cache",
-            SourceError::Chart { .. } => "chart",
+            SourceError::Git { .. } => ErrorKind::Git,
+            SourceError::Refused { .. } => ErrorKind::GitRefused,
+            SourceError::RevisionNotFound { .. } => ErrorKind::GitRevisionNotFound,
+            SourceError::Credentials { .. } => ErrorKind::GitCredentials,
+            SourceError::Cache { .. } => ErrorKind::GitCache,
+            SourceError::Chart { .. } => ErrorKind::Chart,
         }
     }
 }

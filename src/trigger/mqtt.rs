@@ -37,11 +37,12 @@ pub enum MqttError {
 }
 
 impl MqttError {
-    pub fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
         match self {
-            MqttError::Url(_) => "mqtt_config",
-            MqttError::File { .. } => "mqtt_credentials",
-            MqttError::Tls(_) => "mqtt_tls",
+            MqttError::Url(_) => ErrorKind::MqttConfig,
+            MqttError::File { .. } => ErrorKind::MqttCredentials,
+            MqttError::Tls(_) => ErrorKind::MqttTls,
         }
     }
 }
@@ -261,7 +262,7 @@ pub async fn run(
                 Err(e) => {
                     upstream = Upstream::default();
                     metrics.set_mqtt_connected(false);
-                    metrics.error("mqtt_connection");
+                    metrics.error(crate::metrics::ErrorKind::MqttConnection);
                     tracing::warn!(broker = %cfg.url, "MQTT connection: {e}; reconnecting");
                     if wait(&mut shutdown, delays.next()).await {
                         return;
