@@ -19,10 +19,35 @@ const SSH_NAMESPACE: &str = "git";
 
 /// A key file of the node's keyring that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
+#[error("{path}: {what}{}", .source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
 pub struct KeyError {
     pub path: PathBuf,
-    pub message: String,
+    /// What is wrong, or what failed.
+    pub what: String,
+    /// The error of the reader (file system, rPGP, ssh-key), when one said so.
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl KeyError {
+    fn new(path: &Path, what: impl Into<String>) -> KeyError {
+        KeyError {
+            path: path.to_path_buf(),
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// `what` failed because of `e`.
+    fn caused<E: std::error::Error + Send + Sync + 'static>(
+        path: &Path,
+        what: impl Into<String>,
+    ) -> impl FnOnce(E) -> KeyError {
+        let mut error = KeyError::new(path, what);
+        move |e| {
+            error.source = Some(Box::new(e));
+            error
+        }
+    }
 }
 
 /// Why a revision is refused. `object` names the commit or tag, as in
@@ -325,26 +350,23 @@ impl SigningKey<'_> {
 }
 
 fn read_pgp(path: &Path) -> Result<Vec<PgpCert>, KeyError> {
-    let err = |message: String| KeyError {
-        path: path.to_path_buf(),
-        message,
-    };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let unreadable = "not an OpenPGP public key";
+    let bytes = std::fs::read(path).map_err(KeyError::caused(path, "cannot read"))?;
     let certs: Vec<SignedPublicKey> = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
-        let text = std::str::from_utf8(&bytes).map_err(|e| err(e.to_string()))?;
+        let text = std::str::from_utf8(&bytes).map_err(KeyError::caused(path, unreadable))?;
         SignedPublicKey::from_string_many(text)
-            .map_err(|e| err(e.to_string()))?
+            .map_err(KeyError::caused(path, unreadable))?
             .0
             .collect::<Result<_, _>>()
-            .map_err(|e| err(e.to_string()))?
+            .map_err(KeyError::caused(path, unreadable))?
     } else {
         SignedPublicKey::from_bytes_many(bytes.as_slice())
-            .map_err(|e| err(e.to_string()))?
+            .map_err(KeyError::caused(path, unreadable))?
             .collect::<Result<_, _>>()
-            .map_err(|e| err(e.to_string()))?
+            .map_err(KeyError::caused(path, unreadable))?
     };
     if certs.is_empty() {
-        return Err(err("no OpenPGP public key in the file".into()));
+        return Err(KeyError::new(path, "no OpenPGP public key in the file"));
     }
     certs
         .into_iter()
@@ -353,35 +375,29 @@ fn read_pgp(path: &Path) -> Result<Vec<PgpCert>, KeyError> {
             // Self-signatures and subkey bindings must hold, so a subkey cannot be grafted
             // onto a trusted primary key.
             cert.verify_bindings()
-                .map_err(|e| err(format!("key {id}: {e}")))?;
+                .map_err(KeyError::caused(path, format!("key {id}")))?;
             Ok(PgpCert { cert, id })
         })
         .collect()
 }
 
 fn read_ssh(path: &Path) -> Result<Vec<SshKey>, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|e| KeyError {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(KeyError::caused(path, "cannot read"))?;
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let key = ssh_key::PublicKey::from_openssh(line).map_err(|e| KeyError {
-            path: path.to_path_buf(),
-            message: format!("line {}: not an OpenSSH public key: {e}", i + 1),
-        })?;
+        let key = ssh_key::PublicKey::from_openssh(line).map_err(KeyError::caused(
+            path,
+            format!("line {}: not an OpenSSH public key", i + 1),
+        ))?;
         let fingerprint = key.fingerprint(ssh_key::HashAlg::Sha256).to_string();
         keys.push(SshKey { key, fingerprint });
     }
     if keys.is_empty() {
-        return Err(KeyError {
-            path: path.to_path_buf(),
-            message: "no SSH public key in the file".into(),
-        });
+        return Err(KeyError::new(path, "no SSH public key in the file"));
     }
     Ok(keys)
 }
@@ -533,8 +549,11 @@ mod tests {
         std::fs::write(&junk, "ssh-ed25519 not-base64 x\n").unwrap();
         let err = Keyring::load(&[], std::slice::from_ref(&junk)).unwrap_err();
         assert_eq!(err.path, junk);
+        assert_eq!(err.what, "line 1: not an OpenSSH public key");
+        // The parser's own words are kept as the cause, and shown.
+        assert!(err.source.is_some(), "{err:?}");
         assert!(
-            err.message.starts_with("line 1: not an OpenSSH public key"),
+            err.to_string().len() > err.what.len() + junk.display().to_string().len() + 2,
             "{err}"
         );
         let err = Keyring::load(&[fixture("deploy.pub")], &[]).unwrap_err();
@@ -543,7 +562,7 @@ mod tests {
         std::fs::write(&empty, "# no keys yet\n").unwrap();
         assert!(Keyring::load(&[], &[empty])
             .unwrap_err()
-            .message
+            .what
             .contains("no SSH public key"));
     }
 }

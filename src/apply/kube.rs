@@ -36,7 +36,7 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ApplyError> {
     let mut config = load_config(kubeconfig).await?;
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));
-    Client::try_from(config).map_err(|e| ApplyError::Client(e.to_string()))
+    Client::try_from(config).map_err(ApplyError::Client)
 }
 
 async fn load_config(kubeconfig: Option<&Path>) -> Result<Config, ApplyError> {
@@ -46,13 +46,13 @@ async fn load_config(kubeconfig: Option<&Path>) -> Result<Config, ApplyError> {
     if std::env::var_os("KUBECONFIG").is_some() {
         return Config::from_kubeconfig(&KubeConfigOptions::default())
             .await
-            .map_err(|e| ApplyError::Kubeconfig {
+            .map_err(|source| ApplyError::Kubeconfig {
                 path: "$KUBECONFIG".into(),
-                message: e.to_string(),
+                source,
             });
     }
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        return Config::incluster().map_err(|e| ApplyError::NoCredentials(e.to_string()));
+        return Config::incluster().map_err(ApplyError::InCluster);
     }
     let k3s = PathBuf::from(K3S_KUBECONFIG);
     if k3s.is_file() {
@@ -60,22 +60,18 @@ async fn load_config(kubeconfig: Option<&Path>) -> Result<Config, ApplyError> {
     }
     Config::from_kubeconfig(&KubeConfigOptions::default())
         .await
-        .map_err(|e| {
-            ApplyError::NoCredentials(format!(
-                "set kubernetes.kubeconfig, $KUBECONFIG, run in a pod, or install k3s ({K3S_KUBECONFIG}): {e}"
-            ))
-        })
+        .map_err(ApplyError::NoCredentials)
 }
 
 async fn from_file(path: &Path) -> Result<Config, ApplyError> {
-    let err = |e: &dyn std::fmt::Display| ApplyError::Kubeconfig {
+    let err = |source| ApplyError::Kubeconfig {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source,
     };
-    let kc = Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+    let kc = Kubeconfig::read_from(path).map_err(err)?;
     Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .map_err(|e| err(&e))
+        .map_err(err)
 }
 
 /// Server-side applies plans. Discovery results are cached per kind.

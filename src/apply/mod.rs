@@ -31,12 +31,17 @@ pub const CREATED_NAMESPACE: &str = "create_namespace";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("cannot load kubeconfig {path}: {message}")]
-    Kubeconfig { path: String, message: String },
-    #[error("no Kubernetes credentials: {0}")]
-    NoCredentials(String),
+    #[error("cannot load kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: ::kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes credentials in the pod: {0}")]
+    InCluster(#[source] ::kube::config::InClusterError),
+    #[error("no Kubernetes credentials: set kubernetes.kubeconfig, $KUBECONFIG, run in a pod, or install k3s ({k3s}): {0}", k3s = crate::config::K3S_KUBECONFIG)]
+    NoCredentials(#[source] ::kube::config::KubeconfigError),
     #[error("cannot create Kubernetes client: {0}")]
-    Client(String),
+    Client(#[source] ::kube::Error),
     #[error("{first} and {second} both define {object}")]
     Duplicate {
         object: String,
@@ -64,7 +69,9 @@ impl ApplyError {
     pub fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
-            ApplyError::Kubeconfig { .. } | ApplyError::NoCredentials(_) => ErrorKind::KubeConfig,
+            ApplyError::Kubeconfig { .. }
+            | ApplyError::InCluster(_)
+            | ApplyError::NoCredentials(_) => ErrorKind::KubeConfig,
             ApplyError::Client(_) => ErrorKind::KubeClient,
             ApplyError::Duplicate { .. } => ErrorKind::ApplyDuplicate,
             ApplyError::Objects { .. } => ErrorKind::ApplyFailed,

@@ -36,7 +36,7 @@ pub enum SyncError {
     #[error("the app has no local state and its inventory in the cluster cannot be read, so nothing is applied until it can: {0}")]
     Inventory(apply::kube::CallError),
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] tokio::task::JoinError),
 }
 
 impl SyncError {
@@ -237,7 +237,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, SyncError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SyncError::Internal(e.to_string()))?
+        .map_err(SyncError::Internal)?
 }
 
 impl SyncContext {

@@ -34,10 +34,15 @@ pub enum RenderError {
     },
     #[error("{path} is {size} bytes, more than the {max} byte limit for a manifest file")]
     TooLarge { path: PathBuf, size: u64, max: u64 },
+    /// Only the first line of the parser's message: the rest quotes the file around the
+    /// error, which may be a Secret's values, so the parser's error is not kept as a source.
     #[error("{path}: invalid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
-    #[error("{path}: invalid JSON: {message}")]
-    Json { path: PathBuf, message: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: document {document}: {message}")]
     InvalidObject {
         path: PathBuf,

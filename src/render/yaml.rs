@@ -42,9 +42,9 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Value>, RenderErro
 
 /// Parses a JSON file, which holds exactly one document.
 pub fn parse_json(text: &str, path: &Path) -> Result<Value, RenderError> {
-    serde_json::from_str(text).map_err(|e| RenderError::Json {
+    serde_json::from_str(text).map_err(|source| RenderError::Json {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
     })
 }
 

@@ -58,6 +58,7 @@ impl GitSource {
         move |e| SourceError::Git {
             url: redact(url),
             message: e.message().to_string(),
+            source: Some(e),
         }
     }
 
@@ -85,7 +86,10 @@ impl GitSource {
         let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
         let refusal = Refusal::default();
         let cb = callbacks(repo, &refusal, |_| true)?;
-        let refused = |e: git2::Error| classify(url, &e, refusal.message(&e));
+        let refused = |e: git2::Error| {
+            let message = refusal.message(&e);
+            classify(url, e, message)
+        };
         let connection = remote
             .connect_auth(Direction::Fetch, Some(cb), None)
             .map_err(refused)?;
@@ -197,22 +201,24 @@ impl GitSource {
                             "fetch cancelled after {MAX_FETCH_BYTES} bytes: {}",
                             e.message()
                         ),
+                        source: Some(e),
                     })
                 }
                 Err(e) => {
                     let message = refusal.message(&e);
                     if is_final(&e, &message) {
-                        return Err(classify(url, &e, message));
+                        return Err(classify(url, e, message));
                     }
                     tracing::debug!(url = %redact(url), ?refspecs, "fetch attempt failed: {message}");
-                    last_error = Some(message);
+                    last_error = Some((message, e));
                 }
             }
         }
         Err(match last_error {
-            Some(message) => SourceError::Git {
+            Some((message, e)) => SourceError::Git {
                 url: redact(url),
                 message,
+                source: Some(e),
             },
             None => SourceError::RevisionNotFound {
                 url: redact(url),
@@ -296,6 +302,7 @@ impl GitSource {
                 .map_err(|e| SourceError::Git {
                     url: redact(url),
                     message: refusal.message(&e),
+                    source: Some(e),
                 })?;
         }
         let not_found = || SourceError::RevisionNotFound {
@@ -308,6 +315,7 @@ impl GitSource {
             return Err(SourceError::Git {
                 url: redact(url),
                 message: format!("tag {} does not point to commit {sha}", tag.name),
+                source: None,
             });
         }
         let odb = cache.odb().map_err(Self::git_err(url))?;
@@ -402,16 +410,18 @@ fn full_refname(revision: &str) -> String {
 /// Errors another refspec cannot fix: credentials and host verification.
 /// A libgit2 error as a [`SourceError`]: [`SourceError::Refused`] when the server refused
 /// us ([`is_final`]), else [`SourceError::Git`], which is retried as transient.
-fn classify(url: &str, e: &git2::Error, message: String) -> SourceError {
-    if is_final(e, &message) {
+fn classify(url: &str, e: git2::Error, message: String) -> SourceError {
+    if is_final(&e, &message) {
         SourceError::Refused {
             url: redact(url),
             message,
+            source: e,
         }
     } else {
         SourceError::Git {
             url: redact(url),
             message,
+            source: Some(e),
         }
     }
 }
@@ -442,22 +452,26 @@ mod tests {
 
     #[test]
     fn refusals_are_not_transient_failures() {
-        let auth = git2::Error::new(
-            git2::ErrorCode::Auth,
-            git2::ErrorClass::Http,
-            "authentication required but no callback set",
-        );
+        let auth = || {
+            git2::Error::new(
+                git2::ErrorCode::Auth,
+                git2::ErrorClass::Http,
+                "authentication required but no callback set",
+            )
+        };
         assert!(matches!(
-            classify("https://bot:pw@h/r.git", &auth, auth.message().to_string()),
+            classify("https://bot:pw@h/r.git", auth(), auth().message().to_string()),
             SourceError::Refused { url, .. } if !url.contains("pw")
         ));
-        let down = git2::Error::new(
-            git2::ErrorCode::GenericError,
-            git2::ErrorClass::Net,
-            "failed to connect to h: Connection refused",
-        );
+        let down = || {
+            git2::Error::new(
+                git2::ErrorCode::GenericError,
+                git2::ErrorClass::Net,
+                "failed to connect to h: Connection refused",
+            )
+        };
         assert!(matches!(
-            classify("https://h/r.git", &down, down.message().to_string()),
+            classify("https://h/r.git", down(), down().message().to_string()),
             SourceError::Git { .. }
         ));
     }

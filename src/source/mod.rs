@@ -16,12 +16,22 @@ pub use git::{GitSource, RemoteRefs, TagRef, MAX_FETCH_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// `message` says what failed, with libgit2's message; `source` is libgit2's error,
+    /// when one caused it.
     #[error("{url}: {message}")]
-    Git { url: String, message: String },
+    Git {
+        url: String,
+        message: String,
+        source: Option<git2::Error>,
+    },
     /// The server refused us (credentials, certificate, host key): trying again without a
     /// change on the node or the server cannot help, so it is not a transient failure.
     #[error("{url}: {message}")]
-    Refused { url: String, message: String },
+    Refused {
+        url: String,
+        message: String,
+        source: git2::Error,
+    },
     #[error("{url}: revision {revision:?} not found on the remote")]
     RevisionNotFound { url: String, revision: String },
     #[error("{url}: cannot read credential file {path}: {source}")]

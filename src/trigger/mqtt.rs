@@ -10,7 +10,7 @@
 //! message only once the broker has acknowledged it.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,10 +30,17 @@ use crate::metrics::Metrics;
 pub enum MqttError {
     #[error("mqtt.url: {0}")]
     Url(String),
-    #[error("cannot read {path}: {message}")]
-    File { path: String, message: String },
-    #[error("TLS setup: {0}")]
-    Tls(String),
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `what` is the file or step that failed; `source` is rustls's error.
+    #[error("TLS setup: {what}: {source}")]
+    Tls {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl MqttError {
@@ -42,7 +49,7 @@ impl MqttError {
         match self {
             MqttError::Url(_) => ErrorKind::MqttConfig,
             MqttError::File { .. } => ErrorKind::MqttCredentials,
-            MqttError::Tls(_) => ErrorKind::MqttTls,
+            MqttError::Tls { .. } => ErrorKind::MqttTls,
         }
     }
 }
@@ -69,21 +76,29 @@ pub trait Outbound: Send + Sync {
 pub use crate::model::url::parse_broker_url;
 
 fn read(path: &Path) -> Result<Vec<u8>, MqttError> {
-    std::fs::read(path).map_err(|e| MqttError::File {
-        path: path.display().to_string(),
-        message: e.to_string(),
+    std::fs::read(path).map_err(|source| MqttError::File {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
 fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
-    let tls = |e: &dyn std::fmt::Display| MqttError::Tls(e.to_string());
+    fn tls<E: std::error::Error + Send + Sync + 'static>(
+        what: impl std::fmt::Display,
+    ) -> impl Fn(E) -> MqttError {
+        let what = what.to_string();
+        move |e| MqttError::Tls {
+            what: what.clone(),
+            source: Box::new(e),
+        }
+    }
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(ca) => {
             for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
                 roots
-                    .add(cert.map_err(|e| tls(&format!("{}: {e}", ca.display())))?)
-                    .map_err(|e| tls(&format!("{}: {e}", ca.display())))?;
+                    .add(cert.map_err(tls(ca.display()))?)
+                    .map_err(tls(ca.display()))?;
             }
         }
         None => {
@@ -95,18 +110,17 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls(&e))?
+        .map_err(tls("protocol versions"))?
         .with_root_certificates(roots);
     match (&cfg.cert_file, &cfg.key_file) {
         (Some(cert), Some(key)) => {
             let certs = CertificateDer::pem_slice_iter(&read(cert)?)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls(&format!("{}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_slice(&read(key)?)
-                .map_err(|e| tls(&format!("{}: {e}", key.display())))?;
+                .map_err(tls(cert.display()))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(tls(key.display()))?;
             builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| tls(&e))
+                .with_client_auth_cert(certs, key_der)
+                .map_err(tls(key.display()))
         }
         _ => Ok(builder.with_no_client_auth()),
     }
