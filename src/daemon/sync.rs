@@ -350,10 +350,10 @@ impl SyncContext {
             (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
                 Err(SyncError::Source(SourceError::Chart {
                     url: crate::model::url::redact(&repo.url),
-                    message: format!(
+                    source: crate::source::ChartError::Unusable(format!(
                         "apps {} use this repository both as a Git repository and as a chart repository; an app on a chart repository needs `chart`, and other apps cannot use it",
                         self.config.apps.iter().filter(|a| a.repo == repo.url).map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
-                    ),
+                    )),
                 }))
             }
         }

@@ -11,7 +11,7 @@ mod sealed;
 
 use std::path::PathBuf;
 
-pub use chart::{ChartIndex, ChartSource};
+pub use chart::{ChartError, ChartIndex, ChartSource};
 pub use git::{GitSource, RemoteRefs, TagRef, MAX_FETCH_BYTES};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +40,8 @@ pub enum SourceError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{url}: {message}")]
-    Chart { url: String, message: String },
+    #[error("{url}: {source}")]
+    Chart { url: String, source: ChartError },
     #[error("{url}: cache {path}: {source}")]
     Cache {
         url: String,
