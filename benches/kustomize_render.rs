@@ -229,7 +229,7 @@ fn main() {
         let t = Instant::now();
         let m = edgesync::render::render(tmp.path(), Path::new("overlay")).unwrap();
         in_large.push(t.elapsed());
-        assert_eq!(m.objects.len(), want.len());
+        assert_eq!(m.len(), want.len());
         let t = Instant::now();
         for (root, dir) in &cases {
             edgesync::render::render(root, dir.strip_prefix(root).unwrap()).unwrap();

@@ -16,24 +16,24 @@ use crate::{daemon, render, telemetry};
 /// server-side applies them to the node's cluster.
 #[derive(Debug, Parser)]
 #[command(name = "edgesync", version, about, long_about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "EDGESYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
     /// Log filter, e.g. `info` or `edgesync=debug` [default: `[log] level`, else info].
     /// RUST_LOG overrides it.
     #[arg(long, global = true)]
-    pub log_level: Option<String>,
+    pub(crate) log_level: Option<String>,
     /// `text` (the journal under systemd) or `json` (one object per line on stderr)
     /// [default: `[log] format`, else text].
     #[arg(long, global = true, value_enum)]
-    pub log_format: Option<telemetry::LogFormat>,
+    pub(crate) log_format: Option<telemetry::LogFormat>,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the agent: poll every repository at its interval and sync apps whose revision
     /// changed. Stops cleanly on SIGTERM.
     Run,

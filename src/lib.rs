@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fleet;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod model;

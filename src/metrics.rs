@@ -47,12 +47,12 @@ struct RequestLabels {
 
 /// One app as `edgesync_app_info` shows it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AppInfo {
-    pub app: String,
-    pub repo: String,
-    pub revision: String,
-    pub sync: String,
-    pub health: String,
+pub(crate) struct AppInfo {
+    pub(crate) app: String,
+    pub(crate) repo: String,
+    pub(crate) revision: String,
+    pub(crate) sync: String,
+    pub(crate) health: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,22 +66,23 @@ macro_rules! error_kinds {
         /// The fixed set of `kind`s of `edgesync_errors_total`. Every error type's
         /// `metric_label()` returns one; docs/METRICS.md lists them all (a test holds it to that).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum ErrorKind {
+        pub(crate) enum ErrorKind {
             $(#[doc = $meaning] $variant,)*
         }
 
         impl ErrorKind {
-            pub const ALL: &'static [ErrorKind] = &[$(ErrorKind::$variant,)*];
+            pub(crate) const ALL: &'static [ErrorKind] = &[$(ErrorKind::$variant,)*];
 
             /// The `kind` label.
-            pub fn label(self) -> &'static str {
+            pub(crate) fn label(self) -> &'static str {
                 match self {
                     $(ErrorKind::$variant => $label,)*
                 }
             }
 
             /// What an error of this kind means, as docs/METRICS.md says.
-            pub fn meaning(self) -> &'static str {
+            #[cfg(test)]
+            pub(crate) fn meaning(self) -> &'static str {
                 match self {
                     $(ErrorKind::$variant => $meaning,)*
                 }
@@ -155,7 +156,7 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     triggers: Family<TriggerLabels, Counter>,
     errors: Family<KindLabels, Counter>,
@@ -278,7 +279,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn trigger(&self, source: &str, result: &str) {
+    pub(crate) fn trigger(&self, source: &str, result: &str) {
         self.triggers
             .get_or_create(&TriggerLabels {
                 source: source.to_string(),
@@ -287,7 +288,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn error(&self, kind: ErrorKind) {
+    pub(crate) fn error(&self, kind: ErrorKind) {
         self.errors
             .get_or_create(&KindLabels {
                 kind: kind.label().to_string(),
@@ -295,7 +296,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn self_heal(&self, app: &str, ok: bool) {
+    pub(crate) fn self_heal(&self, app: &str, ok: bool) {
         self.self_heals
             .get_or_create(&SyncLabels {
                 app: app.to_string(),
@@ -304,7 +305,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn sync(&self, app: &str, result: &str) {
+    pub(crate) fn sync(&self, app: &str, result: &str) {
         self.syncs
             .get_or_create(&SyncLabels {
                 app: app.to_string(),
@@ -313,7 +314,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn sync_duration(&self, app: &str, took: Duration) {
+    pub(crate) fn sync_duration(&self, app: &str, took: Duration) {
         self.sync_duration
             .get_or_create(&AppLabels {
                 app: app.to_string(),
@@ -321,7 +322,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn apply_request(&self, verb: &str, code: Option<u16>) {
+    pub(crate) fn apply_request(&self, verb: &str, code: Option<u16>) {
         self.apply_requests
             .get_or_create(&RequestLabels {
                 verb: verb.to_string(),
@@ -330,12 +331,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn git_fetch(&self, took: Duration) {
+    pub(crate) fn git_fetch(&self, took: Duration) {
         self.git_fetch_duration.observe(took.as_secs_f64());
     }
 
     /// Replaces the app's `edgesync_app_info` series.
-    pub fn app_info(&self, info: AppInfo) {
+    pub(crate) fn app_info(&self, info: AppInfo) {
         let mut current = self
             .app_info_current
             .lock()
@@ -346,25 +347,25 @@ impl Metrics {
         self.app_info.get_or_create(&info).set(1);
     }
 
-    pub fn round(&self) {
+    pub(crate) fn round(&self) {
         self.rounds.inc();
     }
 
-    pub fn set_mqtt_connected(&self, connected: bool) {
+    pub(crate) fn set_mqtt_connected(&self, connected: bool) {
         self.mqtt_connected.set(i64::from(connected));
     }
 
-    pub fn set_status_queue_depth(&self, depth: usize) {
+    pub(crate) fn set_status_queue_depth(&self, depth: usize) {
         self.status_queue_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
-    pub fn status_dropped(&self, n: usize) {
+    pub(crate) fn status_dropped(&self, n: usize) {
         self.status_dropped.inc_by(n as u64);
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::config::sync_policy::{SyncWindow, WindowKind};
 
-pub use crate::model::glob::glob;
+pub(crate) use crate::model::glob::glob;
 
 /// Allowed if some pattern allows it and no `!pattern` denies it.
 fn allowed_by(patterns: &[String], text: &str) -> bool {
@@ -39,14 +39,14 @@ impl GroupKind {
 
 /// An `orphanedResources.ignore` entry (globs).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrphanIgnore {
+pub(crate) struct OrphanIgnore {
     group: String,
     kind: String,
     name: String,
 }
 
 impl OrphanIgnore {
-    pub fn matches(&self, group: &str, kind: &str, name: &str) -> bool {
+    pub(crate) fn matches(&self, group: &str, kind: &str, name: &str) -> bool {
         glob(&self.group, group) && glob(&self.kind, kind) && glob(&self.name, name)
     }
 }
@@ -62,17 +62,17 @@ struct ProjectWindow {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Project {
-    pub name: String,
+pub(crate) struct Project {
+    pub(crate) name: String,
     /// What in the spec could not be used, for the fleet's problem list.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     windows: Vec<ProjectWindow>,
     /// `orphanedResources` with `warn: true`: objects in an app's namespace that no app manages
     /// are reported, except these `ignore` entries.
-    pub orphans_warn: Option<Vec<OrphanIgnore>>,
+    pub(crate) orphans_warn: Option<Vec<OrphanIgnore>>,
     /// `signatureKeys[].keyID`: a revision must be signed by one of these (see
     /// [`crate::signature`]). Empty: signatures are not required.
-    pub signature_keys: Vec<String>,
+    pub(crate) signature_keys: Vec<String>,
     source_repos: Vec<String>,
     destination_namespaces: Vec<String>,
     cluster_whitelist: Vec<GroupKind>,
@@ -146,7 +146,7 @@ fn window_of(w: &Value) -> Result<SyncWindow, String> {
 
 impl Project {
     /// From an AppProject's `spec`.
-    pub fn from_spec(name: &str, spec: &Value) -> Project {
+    pub(crate) fn from_spec(name: &str, spec: &Value) -> Project {
         let mut warnings = Vec::new();
         let mut windows = Vec::new();
         let listed = spec.get("syncWindows").and_then(Value::as_array);
@@ -224,7 +224,7 @@ impl Project {
     /// The project's sync windows that cover the app `app` with destination `namespace`:
     /// those whose `applications` or `namespaces` globs match, or whose `clusters` name the
     /// node's own cluster, as in Argo CD. A window that cannot be read is an `Err` saying why.
-    pub fn sync_windows(
+    pub(crate) fn sync_windows(
         &self,
         app: &str,
         namespace: Option<&str>,
@@ -243,7 +243,7 @@ impl Project {
     }
 
     /// Who requires signed revisions and which keys it accepts, when `signatureKeys` is set.
-    pub fn required_signers(&self) -> Option<(String, Vec<String>)> {
+    pub(crate) fn required_signers(&self) -> Option<(String, Vec<String>)> {
         (!self.signature_keys.is_empty()).then(|| {
             (
                 format!("project {} (signatureKeys)", self.name),
@@ -252,7 +252,7 @@ impl Project {
         })
     }
 
-    pub fn check_source(&self, repo: &str) -> Result<(), String> {
+    pub(crate) fn check_source(&self, repo: &str) -> Result<(), String> {
         if allowed_by(&self.source_repos, repo) {
             Ok(())
         } else {
@@ -263,7 +263,7 @@ impl Project {
         }
     }
 
-    pub fn check_destination(&self, namespace: &str) -> Result<(), String> {
+    pub(crate) fn check_destination(&self, namespace: &str) -> Result<(), String> {
         if allowed_by(&self.destination_namespaces, namespace) {
             Ok(())
         } else {
@@ -275,7 +275,12 @@ impl Project {
     }
 
     /// Whether an object of `group`/`kind` may be applied; `namespaced` from discovery.
-    pub fn check_kind(&self, group: &str, kind: &str, namespaced: bool) -> Result<(), String> {
+    pub(crate) fn check_kind(
+        &self,
+        group: &str,
+        kind: &str,
+        namespaced: bool,
+    ) -> Result<(), String> {
         let gk = if group.is_empty() {
             kind.to_string()
         } else {

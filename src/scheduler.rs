@@ -13,17 +13,17 @@ use crate::trigger::{repo_key, Event};
 
 /// Which apps of a repository a round syncs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppSet {
+pub(crate) enum AppSet {
     All,
     Only(BTreeSet<String>),
 }
 
 impl AppSet {
-    pub fn only<I: IntoIterator<Item = S>, S: Into<String>>(apps: I) -> AppSet {
+    pub(crate) fn only<I: IntoIterator<Item = S>, S: Into<String>>(apps: I) -> AppSet {
         AppSet::Only(apps.into_iter().map(Into::into).collect())
     }
 
-    pub fn contains(&self, app: &str) -> bool {
+    pub(crate) fn contains(&self, app: &str) -> bool {
         match self {
             AppSet::All => true,
             AppSet::Only(set) => set.contains(app),
@@ -43,14 +43,14 @@ impl AppSet {
 
 /// A round waiting to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
-    pub apps: AppSet,
-    pub due: Instant,
+pub(crate) struct Pending {
+    pub(crate) apps: AppSet,
+    pub(crate) due: Instant,
 }
 
 /// The pending work of one repository.
 #[derive(Debug, Default)]
-pub struct RepoQueue {
+pub(crate) struct RepoQueue {
     pending: Option<Pending>,
 }
 
@@ -59,7 +59,7 @@ impl RepoQueue {
     /// node-directed events). Merges with any pending round into the union of apps. A
     /// jittered request keeps the pending round's time, so a flood of broadcasts cannot pull it
     /// forward by drawing ever smaller delays; an immediate request runs it now.
-    pub fn request(&mut self, now: Instant, apps: AppSet, delay: Duration) {
+    pub(crate) fn request(&mut self, now: Instant, apps: AppSet, delay: Duration) {
         let due = now + delay;
         self.pending = Some(match self.pending.take() {
             None => Pending { apps, due },
@@ -75,12 +75,12 @@ impl RepoQueue {
     }
 
     /// When the pending round is due, if there is one.
-    pub fn due(&self) -> Option<Instant> {
+    pub(crate) fn due(&self) -> Option<Instant> {
         self.pending.as_ref().map(|p| p.due)
     }
 
     /// Takes the pending round if it is due at `now`.
-    pub fn take_due(&mut self, now: Instant) -> Option<Pending> {
+    pub(crate) fn take_due(&mut self, now: Instant) -> Option<Pending> {
         match &self.pending {
             Some(p) if p.due <= now => self.pending.take(),
             _ => None,
@@ -89,7 +89,7 @@ impl RepoQueue {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     #[error("no configured repository matches {0:?}")]
     UnknownRepository(String),
     #[error("no configured app named {0:?}")]
@@ -99,7 +99,7 @@ pub enum RouteError {
 }
 
 impl RouteError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             RouteError::UnknownRepository(_) => ErrorKind::UnknownRepository,
@@ -121,7 +121,10 @@ fn tracked_branch(revision: &str) -> Option<&str> {
 }
 
 /// Maps an event onto configured repositories (by URL) and the apps to sync in each.
-pub fn route(event: &Event, config: &Config) -> Result<BTreeMap<String, AppSet>, RouteError> {
+pub(crate) fn route(
+    event: &Event,
+    config: &Config,
+) -> Result<BTreeMap<String, AppSet>, RouteError> {
     for name in &event.apps {
         if config.app(name).is_none() {
             return Err(RouteError::UnknownApp(name.clone()));
@@ -171,7 +174,7 @@ pub fn route(event: &Event, config: &Config) -> Result<BTreeMap<String, AppSet>,
 }
 
 /// A delay drawn uniformly from `[0, window]`, from a random `unit` in `[0, 1)`.
-pub fn jitter(window: Duration, unit: f64) -> Duration {
+pub(crate) fn jitter(window: Duration, unit: f64) -> Duration {
     window.mul_f64(unit.clamp(0.0, 1.0))
 }
 

@@ -20,12 +20,12 @@ const SSH_NAMESPACE: &str = "git";
 /// A key file of the node's keyring that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {what}{}", .source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
-pub struct KeyError {
-    pub path: PathBuf,
+pub(crate) struct KeyError {
+    pub(crate) path: PathBuf,
     /// What is wrong, or what failed.
-    pub what: String,
+    pub(crate) what: String,
     /// The error of the reader (file system, rPGP, ssh-key), when one said so.
-    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    pub(crate) source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl KeyError {
@@ -53,7 +53,7 @@ impl KeyError {
 /// Why a revision is refused. `object` names the commit or tag, as in
 /// `commit 1a2b3c4d5e6f` or `tag v1.2 (3c4d5e6f7a8b)`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
+pub(crate) enum VerifyError {
     #[error("{object} is not signed, and {required_by} requires a signature")]
     Unsigned { object: String, required_by: String },
     #[error("{object} is signed by {key}, which is not among this node's trusted keys ([signatures] in the config)")]
@@ -78,19 +78,19 @@ pub enum VerifyError {
 
 /// A Git object and what its signature covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Signed {
+pub(crate) struct Signed {
     /// How messages name it: `commit <sha>` or `tag <name> (<sha>)`.
-    pub object: String,
+    pub(crate) object: String,
     /// The bytes the signature is over: the object without its signature.
-    pub payload: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
     /// The armored signature, if the object has one.
-    pub signature: Option<Vec<u8>>,
+    pub(crate) signature: Option<Vec<u8>>,
 }
 
 impl Signed {
     /// Splits a raw tag object into what is signed and the signature, which is appended to
     /// the message: it starts at the last line that opens a PGP or SSH signature, as in git.
-    pub fn from_tag(object: String, raw: &[u8]) -> Signed {
+    pub(crate) fn from_tag(object: String, raw: &[u8]) -> Signed {
         let mut start = None;
         let mut offset = 0;
         for line in raw.split_inclusive(|b| *b == b'\n') {
@@ -116,7 +116,7 @@ impl Signed {
 
 /// Who signed an accepted revision, for the log: `OpenPGP key <ID>` or `SSH key SHA256:…`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Signer(pub String);
+pub(crate) struct Signer(pub(crate) String);
 
 #[derive(Debug, Clone)]
 struct PgpCert {
@@ -134,7 +134,7 @@ struct SshKey {
 
 /// The keys this node trusts. Empty unless `[signatures]` lists key files.
 #[derive(Debug, Clone, Default)]
-pub struct Keyring {
+pub(crate) struct Keyring {
     pgp: Vec<PgpCert>,
     ssh: Vec<SshKey>,
 }
@@ -146,7 +146,7 @@ fn upper_hex(bytes: &[u8]) -> String {
 impl Keyring {
     /// Reads OpenPGP public keys (armored or binary, any number per file) and OpenSSH
     /// public keys (`authorized_keys` lines; blank lines and `#` comments skipped).
-    pub fn load(pgp_files: &[PathBuf], ssh_files: &[PathBuf]) -> Result<Keyring, KeyError> {
+    pub(crate) fn load(pgp_files: &[PathBuf], ssh_files: &[PathBuf]) -> Result<Keyring, KeyError> {
         let mut keyring = Keyring::default();
         for path in pgp_files {
             keyring.pgp.extend(read_pgp(path)?);
@@ -157,12 +157,13 @@ impl Keyring {
         Ok(keyring)
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.pgp.is_empty() && self.ssh.is_empty()
     }
 
     /// The IDs a project can list: OpenPGP primary key IDs and SSH fingerprints.
-    pub fn key_ids(&self) -> Vec<String> {
+    pub(crate) fn key_ids(&self) -> Vec<String> {
         let pgp = self.pgp.iter().map(|c| c.id.clone());
         pgp.chain(self.ssh.iter().map(|k| k.fingerprint.clone()))
             .collect()
@@ -173,7 +174,7 @@ impl Keyring {
     /// (signatureKeys)`), for messages. An OpenPGP key is named by its 16-digit key ID or its
     /// fingerprint (the primary key's, or the signing subkey's), in any case; an SSH key by
     /// its `SHA256:` fingerprint.
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         signed: &Signed,
         required_by: &str,

@@ -17,7 +17,7 @@ use crate::apply::Inventory;
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     #[error("cannot access state {path}: {source}")]
     Io {
         path: PathBuf,
@@ -34,7 +34,7 @@ pub enum StateError {
 }
 
 impl StateError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             StateError::Locked { .. } => ErrorKind::StateLocked,
@@ -48,12 +48,12 @@ impl StateError {
 /// as it runs (an advisory lock on `state_dir/lock`, released when the process ends, even by
 /// `kill -9`). Two processes writing one app's state and objects would undo each other.
 #[derive(Debug)]
-pub struct StateLock {
+pub(crate) struct StateLock {
     _file: std::fs::File,
 }
 
 impl StateLock {
-    pub fn acquire(state_dir: &Path) -> Result<StateLock, StateError> {
+    pub(crate) fn acquire(state_dir: &Path) -> Result<StateLock, StateError> {
         let path = state_dir.join("lock");
         let io = |source| StateError::Io {
             path: path.clone(),
@@ -78,34 +78,34 @@ impl StateLock {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct AppState {
-    pub format: u32,
+pub(crate) struct AppState {
+    pub(crate) format: u32,
     /// Commit SHA whose render was applied completely.
-    pub last_applied_revision: Option<String>,
+    pub(crate) last_applied_revision: Option<String>,
     /// Unix seconds of that apply.
-    pub last_applied_at: Option<u64>,
+    pub(crate) last_applied_at: Option<u64>,
     /// Commit SHA of the most recent attempt, successful or not.
-    pub last_attempted_revision: Option<String>,
-    pub last_attempt_at: Option<u64>,
+    pub(crate) last_attempted_revision: Option<String>,
+    pub(crate) last_attempt_at: Option<u64>,
     /// Why the most recent attempt failed; `None` once an attempt succeeds.
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// Objects applied for this app that may still exist in the cluster.
-    pub inventory: Inventory,
+    pub(crate) inventory: Inventory,
     /// The objects of the last complete apply: what the app consists of now.
-    pub objects: Inventory,
+    pub(crate) objects: Inventory,
     /// A revision that went Degraded and was rolled back: not synced again until a newer
     /// revision arrives (or a manual sync asks for it).
-    pub bad_revision: Option<String>,
+    pub(crate) bad_revision: Option<String>,
     /// The app's `delete_on_removal` at its last sync: what to do once it leaves the node.
-    pub delete_on_removal: bool,
+    pub(crate) delete_on_removal: bool,
 }
 
-pub use crate::model::unix_now;
+pub(crate) use crate::model::unix_now;
 
 /// Which persisted render: the last one applied completely, or the last one that was also
 /// Healthy (what a rollback returns to).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RenderKind {
+pub(crate) enum RenderKind {
     Applied,
     Healthy,
 }
@@ -122,11 +122,11 @@ impl RenderKind {
 /// A render as it was applied: enough to apply it again without Git (self-heal, rollback,
 /// offline restarts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RenderRecord {
-    pub revision: String,
+pub(crate) struct RenderRecord {
+    pub(crate) revision: String,
     /// Unix seconds when it was saved.
-    pub saved_at: u64,
-    pub plan: crate::apply::Plan,
+    pub(crate) saved_at: u64,
+    pub(crate) plan: crate::apply::Plan,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,12 +137,12 @@ struct RenderHeader {
 }
 
 #[derive(Debug, Clone)]
-pub struct StateStore {
+pub(crate) struct StateStore {
     dir: PathBuf,
 }
 
 impl StateStore {
-    pub fn new(state_dir: &Path) -> Self {
+    pub(crate) fn new(state_dir: &Path) -> Self {
         StateStore {
             dir: state_dir.join("apps"),
         }
@@ -155,7 +155,7 @@ impl StateStore {
 
     /// The app's state; the default state if the app has never been synced. An unreadable
     /// file is quarantined and reported, and the caller continues from a blank state.
-    pub fn load(&self, app: &str) -> Result<AppState, StateError> {
+    pub(crate) fn load(&self, app: &str) -> Result<AppState, StateError> {
         let path = self.path(app);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -168,7 +168,7 @@ impl StateStore {
         }
     }
 
-    pub fn save(&self, app: &str, state: &AppState) -> Result<(), StateError> {
+    pub(crate) fn save(&self, app: &str, state: &AppState) -> Result<(), StateError> {
         let path = self.path(app);
         let mut state = state.clone();
         state.format = FORMAT_VERSION;
@@ -202,7 +202,7 @@ impl StateStore {
     }
 
     /// Apps with a state file.
-    pub fn apps(&self) -> Vec<String> {
+    pub(crate) fn apps(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -223,7 +223,7 @@ impl StateStore {
 
     /// Moves the app's files (state and renders) to `removed/`, named with the time, so a
     /// departed app stops being an app without anything being lost.
-    pub fn archive(&self, app: &str) -> Result<(), StateError> {
+    pub(crate) fn archive(&self, app: &str) -> Result<(), StateError> {
         let dir = self.dir.join("removed");
         std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
             path: dir.clone(),
@@ -253,7 +253,7 @@ impl StateStore {
     }
 
     /// Persists a render: a header line with the checksum, then the record.
-    pub fn save_render(
+    pub(crate) fn save_render(
         &self,
         app: &str,
         kind: RenderKind,
@@ -280,7 +280,7 @@ impl StateStore {
 
     /// The persisted render, `None` if there is none. A file whose checksum or format does not
     /// hold is moved aside and reported; it is never used.
-    pub fn load_render(
+    pub(crate) fn load_render(
         &self,
         app: &str,
         kind: RenderKind,

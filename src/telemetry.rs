@@ -9,10 +9,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-pub use crate::config::LogFormat;
+pub(crate) use crate::config::LogFormat;
 
 /// `level` is a tracing filter (`info`, `edgesync=debug`, ...); `RUST_LOG` overrides it.
-pub fn init(level: &str, format: LogFormat) {
+pub(crate) fn init(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let registry = tracing_subscriber::registry().with(filter);
     if format == LogFormat::Json {

@@ -3,6 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = edgesync::config::Config::parse(std::path::Path::new("/nonexistent/config.toml"), text);
+    edgesync::fuzzing::config(data);
 });

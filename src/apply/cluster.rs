@@ -14,13 +14,13 @@ use super::{Inventory, InventoryRecord, KubeApplier, ObjectFailure, ObjectRef, O
 use crate::render::Object;
 
 /// `(name, managed by edgesync, owned by another object)` of one listed object.
-pub type ListedMeta = (String, bool, bool);
+pub(crate) type ListedMeta = (String, bool, bool);
 
 /// What a dry-run apply answers: the object's reference, what it would become, and the live
 /// object (`None` if it does not exist).
-pub type DryRun = (ObjectRef, Value, Option<Value>);
+pub(crate) type DryRun = (ObjectRef, Value, Option<Value>);
 
-pub trait Cluster: Send + Sync {
+pub(crate) trait Cluster: Send + Sync {
     /// Applies `plan` wave by wave (see [`KubeApplier::apply`]).
     fn apply<'a>(&'a self, plan: &'a Plan, wave_timeout: Duration) -> BoxFuture<'a, Outcome>;
     /// What a server-side apply of `object` would make, and the live object.

@@ -22,7 +22,7 @@ const VOLATILE_METADATA: [&str; 6] = [
 ];
 
 /// `object` without status and server-maintained metadata, and without `ignored` pointers.
-pub fn normalize(object: &Value, ignored: &[String]) -> Value {
+pub(crate) fn normalize(object: &Value, ignored: &[String]) -> Value {
     let mut v = object.clone();
     if let Value::Object(map) = &mut v {
         map.remove("status");
@@ -46,7 +46,7 @@ pub fn normalize(object: &Value, ignored: &[String]) -> Value {
 
 /// The JSON pointers ignored for `object` (from `rules`), and the fields `live` says the
 /// listed field managers own.
-pub fn ignored_pointers(
+pub(crate) fn ignored_pointers(
     rules: &[IgnoreDifference],
     object: &Object,
     namespace: Option<&str>,
@@ -67,7 +67,7 @@ pub fn ignored_pointers(
 
 /// Pointers to the leaf fields that `managers` own in `live`'s managedFields. Only plain
 /// field paths (`f:`) are followed; list items keyed by value are left out.
-pub fn managed_by(live: &Value, managers: &[String]) -> Vec<String> {
+pub(crate) fn managed_by(live: &Value, managers: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     let Some(entries) = live
         .pointer("/metadata/managedFields")
@@ -113,7 +113,7 @@ fn walk_fields(fields: &Value, prefix: String, out: &mut Vec<String>) {
 
 /// Sets every `ignored` field of `desired` to its value in `live`, or removes it when `live`
 /// has none, so that applying `desired` leaves those fields as they are.
-pub fn respect_ignored(desired: &mut Value, live: Option<&Value>, ignored: &[String]) {
+pub(crate) fn respect_ignored(desired: &mut Value, live: Option<&Value>, ignored: &[String]) {
     for pointer in ignored {
         match live.and_then(|l| l.pointer(pointer)) {
             Some(value) => set_pointer(desired, pointer, value.clone()),
@@ -180,7 +180,7 @@ fn set_pointer(v: &mut Value, pointer: &str, value: Value) {
 }
 
 /// The first path at which `a` and `b` differ, `None` when they are equal.
-pub fn first_difference(a: &Value, b: &Value) -> Option<String> {
+pub(crate) fn first_difference(a: &Value, b: &Value) -> Option<String> {
     fn walk(a: &Value, b: &Value, path: &mut String) -> bool {
         match (a, b) {
             (Value::Object(x), Value::Object(y)) => {
@@ -225,7 +225,7 @@ pub fn first_difference(a: &Value, b: &Value) -> Option<String> {
 
 /// A unified diff of two objects as YAML, `None` when they are equal. `label` names them in
 /// the header, like `kubectl diff` does.
-pub fn unified_yaml_diff(
+pub(crate) fn unified_yaml_diff(
     label: &str,
     live: Option<&Value>,
     wanted: Option<&Value>,

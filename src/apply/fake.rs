@@ -33,18 +33,18 @@ struct World {
 }
 
 #[derive(Default)]
-pub struct FakeCluster {
+pub(crate) struct FakeCluster {
     world: Mutex<World>,
     /// Objects (by name) whose apply is refused, as an invalid object is.
-    pub refuse: Mutex<BTreeSet<String>>,
+    pub(crate) refuse: Mutex<BTreeSet<String>>,
     /// Every inventory read fails.
-    pub inventory_unreadable: Mutex<bool>,
+    pub(crate) inventory_unreadable: Mutex<bool>,
     /// What other nodes run.
-    pub elsewhere: Mutex<Inventory>,
+    pub(crate) elsewhere: Mutex<Inventory>,
     /// Kinds discovery does not know (a CRD not installed yet, or discovery failing).
-    pub unknown_kinds: Mutex<BTreeSet<String>>,
+    pub(crate) unknown_kinds: Mutex<BTreeSet<String>>,
     /// Calls made, by name: `apply`, `delete`, ...
-    pub calls: Mutex<Vec<String>>,
+    pub(crate) calls: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -53,7 +53,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FakeCluster {
     /// The reference `object` gets in the cluster, as the API server's scope rules give it.
-    pub fn reference(object: &Object, default_ns: Option<&str>) -> ObjectRef {
+    pub(crate) fn reference(object: &Object, default_ns: Option<&str>) -> ObjectRef {
         let cluster_scoped = CLUSTER_SCOPED.contains(&object.kind());
         ObjectRef {
             group: object.group().to_string(),
@@ -69,12 +69,12 @@ impl FakeCluster {
     }
 
     /// The live object at `object`'s identity.
-    pub fn live(&self, object: &ObjectRef) -> Option<Value> {
+    pub(crate) fn live(&self, object: &ObjectRef) -> Option<Value> {
         lock(&self.world).objects.get(object).cloned()
     }
 
     /// Names of every object of `kind` that exists.
-    pub fn names(&self, kind: &str) -> Vec<String> {
+    pub(crate) fn names(&self, kind: &str) -> Vec<String> {
         lock(&self.world)
             .objects
             .keys()
@@ -84,7 +84,7 @@ impl FakeCluster {
     }
 
     /// Writes `value` at `object` as someone else would (no edgesync annotation unless given).
-    pub fn put(&self, object: ObjectRef, mut value: Value) {
+    pub(crate) fn put(&self, object: ObjectRef, mut value: Value) {
         let mut world = lock(&self.world);
         world.next_version += 1;
         world.next_uid += 1;
@@ -94,7 +94,7 @@ impl FakeCluster {
         world.objects.insert(object, value);
     }
 
-    pub fn count(&self, call: &str) -> usize {
+    pub(crate) fn count(&self, call: &str) -> usize {
         lock(&self.calls).iter().filter(|c| *c == call).count()
     }
 

@@ -26,13 +26,13 @@ use crate::render::Object;
 
 const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where each app's inventory is kept in the cluster, one ConfigMap per app.
-pub const INVENTORY_NAMESPACE: &str = "edgesync-system";
+pub(crate) const INVENTORY_NAMESPACE: &str = "edgesync-system";
 /// Objects of one wave applied at the same time.
 const WAVE_CONCURRENCY: usize = 4;
 
 /// Builds a client. Order: the configured kubeconfig, `$KUBECONFIG`, in-cluster service
 /// account, then the k3s kubeconfig, then `~/.kube/config`.
-pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ApplyError> {
+pub(crate) async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ApplyError> {
     let mut config = load_config(kubeconfig).await?;
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));
@@ -75,7 +75,7 @@ async fn from_file(path: &Path) -> Result<Config, ApplyError> {
 }
 
 /// Server-side applies plans. Discovery results are cached per kind.
-pub struct KubeApplier {
+pub(crate) struct KubeApplier {
     client: Client,
     resources: Mutex<HashMap<GroupVersionKind, (ApiResource, Scope)>>,
     metrics: Arc<Metrics>,
@@ -84,7 +84,7 @@ pub struct KubeApplier {
 }
 
 impl KubeApplier {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         KubeApplier {
             client,
             resources: Mutex::new(HashMap::new()),
@@ -102,7 +102,7 @@ impl KubeApplier {
         self.metrics.apply_request(verb, code);
     }
 
-    pub fn client(&self) -> &Client {
+    pub(crate) fn client(&self) -> &Client {
         &self.client
     }
 
@@ -111,7 +111,7 @@ impl KubeApplier {
     /// time; a failed object does not stop the others of its wave. Before a later wave starts,
     /// the earlier one must be healthy (within `wave_timeout`); a failed or unhealthy wave
     /// stops the sync there, and the objects of later waves are reported as not applied.
-    pub async fn apply(&self, plan: &Plan, wave_timeout: Duration) -> Outcome {
+    pub(crate) async fn apply(&self, plan: &Plan, wave_timeout: Duration) -> Outcome {
         let mut outcome = Outcome::default();
         let ns = plan.default_namespace.as_deref();
         let waves = plan.by_wave();
@@ -266,7 +266,7 @@ impl KubeApplier {
 
     /// What the API server would make of `object` (a server-side dry-run apply), and the live
     /// object, `None` if it does not exist.
-    pub async fn dry_run(
+    pub(crate) async fn dry_run(
         &self,
         object: &Object,
         plan: &Plan,
@@ -414,7 +414,11 @@ impl KubeApplier {
 
     /// Deletes `object` with `propagation` (`Foreground`, `Background` or `Orphan`). Gone
     /// already counts as deleted.
-    pub async fn delete(&self, object: &ObjectRef, propagation: &str) -> Result<(), CallError> {
+    pub(crate) async fn delete(
+        &self,
+        object: &ObjectRef,
+        propagation: &str,
+    ) -> Result<(), CallError> {
         self.delete_with(object, propagation, None)
             .await
             .map(|_| ())
@@ -423,7 +427,7 @@ impl KubeApplier {
     /// Deletes `object` only if it is still the object `live` (same uid and resourceVersion):
     /// one that changed since it was read (another app or a person took it over) is left in
     /// place, and `Ok(false)` says so.
-    pub async fn delete_unchanged(
+    pub(crate) async fn delete_unchanged(
         &self,
         object: &ObjectRef,
         live: &Value,
@@ -471,7 +475,7 @@ impl KubeApplier {
     /// Writes the app's inventory to its ConfigMap (see [`inventory_name`]) in
     /// [`INVENTORY_NAMESPACE`], creating the namespace: what it owns, what it consists of now,
     /// and the revision.
-    pub async fn save_inventory(
+    pub(crate) async fn save_inventory(
         &self,
         app: &str,
         node: &str,
@@ -531,7 +535,7 @@ impl KubeApplier {
     }
 
     /// Deletes the app's inventory ConfigMap (the app left this node).
-    pub async fn delete_inventory(&self, app: &str, node: &str) -> Result<(), CallError> {
+    pub(crate) async fn delete_inventory(&self, app: &str, node: &str) -> Result<(), CallError> {
         let inventory = ObjectRef {
             group: String::new(),
             version: "v1".into(),
@@ -544,7 +548,7 @@ impl KubeApplier {
 
     /// The inventory stored in the cluster for `app`: `(inventory, objects)`, `None` if there
     /// is none.
-    pub async fn load_inventory(
+    pub(crate) async fn load_inventory(
         &self,
         app: &str,
         node: &str,
@@ -567,7 +571,7 @@ impl KubeApplier {
     /// prune or remove what another still runs. One list call; on a single-node cluster it
     /// finds only this node's own ConfigMaps. An inventory that cannot be read is an error:
     /// without it, nothing can be deleted with certainty.
-    pub async fn held_by_other_nodes(&self, node: &str) -> Result<Inventory, CallError> {
+    pub(crate) async fn held_by_other_nodes(&self, node: &str) -> Result<Inventory, CallError> {
         let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
             Api::namespaced(self.client.clone(), INVENTORY_NAMESPACE);
         let params =
@@ -591,7 +595,7 @@ impl KubeApplier {
 
     /// Objects of `object`'s kind in `namespace`, metadata only: `(name, managed by edgesync,
     /// owned by another object)`.
-    pub async fn list_meta(
+    pub(crate) async fn list_meta(
         &self,
         object: &ObjectRef,
         namespace: &str,
@@ -622,14 +626,14 @@ impl KubeApplier {
     }
 
     /// Whether `object`'s kind is namespaced, if the API server knows the kind yet.
-    pub async fn is_namespaced(&self, object: &Object) -> Option<bool> {
+    pub(crate) async fn is_namespaced(&self, object: &Object) -> Option<bool> {
         let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());
         let (_, scope) = self.resource(&gvk).await.ok()?;
         Some(matches!(scope, Scope::Namespaced))
     }
 
     /// The live object, or `None` if it does not exist.
-    pub async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, CallError> {
+    pub(crate) async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, CallError> {
         let api = self.api_for(object).await?;
         let found = api.get_opt(&object.name).await;
         self.count("get", &found);
@@ -644,7 +648,10 @@ impl KubeApplier {
     }
 
     /// The API resource of a kind, from discovery (cached).
-    pub async fn api_resource(&self, gvk: &GroupVersionKind) -> Result<ApiResource, CallError> {
+    pub(crate) async fn api_resource(
+        &self,
+        gvk: &GroupVersionKind,
+    ) -> Result<ApiResource, CallError> {
         Ok(self.resource(gvk).await?.0)
     }
 
@@ -770,7 +777,7 @@ fn unpack_inventory(packed: &[u8]) -> std::io::Result<Vec<u8>> {
 /// not a valid object name as it stands (a host name with `_`, say) has its other characters
 /// replaced and a hash of the original added, so two nodes never share a ConfigMap; names
 /// longer than Kubernetes allows end in a hash too.
-pub fn inventory_name(node: &str, app: &str) -> String {
+pub(crate) fn inventory_name(node: &str, app: &str) -> String {
     let original = format!("{node}.{app}").to_ascii_lowercase();
     let labels: Vec<String> = original
         .split('.')
@@ -835,9 +842,9 @@ fn object_ref(object: &Object, default_ns: Option<&str>) -> ObjectRef {
 
 /// A failed API call: the server's message, and whether it was the server being away.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallError {
-    pub message: String,
-    pub transient: bool,
+pub(crate) struct CallError {
+    pub(crate) message: String,
+    pub(crate) transient: bool,
 }
 
 impl std::fmt::Display for CallError {

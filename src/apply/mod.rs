@@ -4,11 +4,11 @@
 //! Ordering and inventory bookkeeping are pure and live here; talking to the API server is
 //! confined to [`kube`](self::kube).
 
-pub mod cluster;
-pub mod diff;
+pub(crate) mod cluster;
+pub(crate) mod diff;
 #[cfg(test)]
-pub mod fake;
-pub mod kube;
+pub(crate) mod fake;
+pub(crate) mod kube;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -18,19 +18,19 @@ use serde_json::{json, Value};
 
 use crate::render::{Manifests, Object};
 
-pub use self::cluster::Cluster;
-pub use self::kube::{connect, KubeApplier};
+pub(crate) use self::cluster::Cluster;
+pub(crate) use self::kube::{connect, KubeApplier};
 
 /// Field manager for server-side apply, and the key of edgesync's tracking annotation.
-pub const FIELD_MANAGER: &str = "edgesync";
-pub const APP_ANNOTATION: &str = "edgesync.io/app";
+pub(crate) const FIELD_MANAGER: &str = "edgesync";
+pub(crate) const APP_ANNOTATION: &str = "edgesync.io/app";
 /// Argo CD's per-object sync options; `Prune=false` keeps an object from being pruned.
-pub const SYNC_OPTIONS_ANNOTATION: &str = "argocd.argoproj.io/sync-options";
+pub(crate) const SYNC_OPTIONS_ANNOTATION: &str = "argocd.argoproj.io/sync-options";
 /// The origin of the Namespace `create_namespace` adds: not part of the app.
-pub const CREATED_NAMESPACE: &str = "create_namespace";
+pub(crate) const CREATED_NAMESPACE: &str = "create_namespace";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
+pub(crate) enum ApplyError {
     #[error("cannot load kubeconfig {path}: {source}")]
     Kubeconfig {
         path: String,
@@ -66,7 +66,7 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             ApplyError::Kubeconfig { .. }
@@ -83,7 +83,7 @@ impl ApplyError {
 
     /// Whether the failure is the API server's being away (unreachable, 5xx, 429), which
     /// does not count against an app's retry limit.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             ApplyError::Objects { failures, .. } | ApplyError::Prune { failures } => {
                 !failures.is_empty() && failures.iter().all(|f| f.transient)
@@ -95,12 +95,12 @@ impl ApplyError {
 
 /// One object the API server refused, with its message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ObjectFailure {
-    pub object: ObjectRef,
-    pub message: String,
+pub(crate) struct ObjectFailure {
+    pub(crate) object: ObjectRef,
+    pub(crate) message: String,
     /// The API server could not be reached, or answered 5xx or 429.
     #[serde(default)]
-    pub transient: bool,
+    pub(crate) transient: bool,
 }
 
 impl fmt::Display for ObjectFailure {
@@ -116,15 +116,15 @@ impl fmt::Display for ObjectFailure {
 /// object, so equality, ordering and hashing leave the version out (an inventory never holds
 /// one object twice, and an object in the plan is never a prune candidate at another version).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ObjectRef {
+pub(crate) struct ObjectRef {
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub group: String,
+    pub(crate) group: String,
     /// The version the object was last applied at: used to address it, not to identify it.
-    pub version: String,
-    pub kind: String,
+    pub(crate) version: String,
+    pub(crate) kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    pub name: String,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: String,
 }
 
 impl ObjectRef {
@@ -174,22 +174,22 @@ impl fmt::Display for ObjectRef {
 }
 
 /// The objects an app has applied and that may still exist: what a prune may delete.
-pub type Inventory = BTreeSet<ObjectRef>;
+pub(crate) type Inventory = BTreeSet<ObjectRef>;
 
 /// Argo CD's sync wave annotation: lower waves are applied, and healthy, before higher ones.
-pub const SYNC_WAVE_ANNOTATION: &str = "argocd.argoproj.io/sync-wave";
+pub(crate) const SYNC_WAVE_ANNOTATION: &str = "argocd.argoproj.io/sync-wave";
 
 /// Within a wave, namespaces and CRDs are applied one by one before anything else (and CRDs
 /// waited on until Established); the other objects follow concurrently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     Namespaces,
     CustomResourceDefinitions,
     Resources,
 }
 
 impl Phase {
-    pub fn of(object: &Object) -> Phase {
+    pub(crate) fn of(object: &Object) -> Phase {
         match (object.group(), object.kind()) {
             ("", "Namespace") => Phase::Namespaces,
             ("apiextensions.k8s.io", "CustomResourceDefinition") => {
@@ -246,7 +246,7 @@ fn kind_rank(kind: &str) -> usize {
 }
 
 /// The object's sync wave (0 without the annotation).
-pub fn sync_wave(object: &Object) -> Result<i64, ApplyError> {
+pub(crate) fn sync_wave(object: &Object) -> Result<i64, ApplyError> {
     let value = object
         .value
         .get("metadata")
@@ -270,32 +270,32 @@ pub fn sync_wave(object: &Object) -> Result<i64, ApplyError> {
 /// What the inventory ConfigMap keeps of an app: everything it owns, what its last complete
 /// apply consisted of, and that apply's revision.
 #[derive(Debug, Clone, Copy)]
-pub struct InventoryRecord<'a> {
-    pub inventory: &'a Inventory,
-    pub objects: &'a Inventory,
-    pub revision: Option<&'a str>,
+pub(crate) struct InventoryRecord<'a> {
+    pub(crate) inventory: &'a Inventory,
+    pub(crate) objects: &'a Inventory,
+    pub(crate) revision: Option<&'a str>,
 }
 
 /// An app's objects in application order, tagged with the app that owns them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    pub app: String,
+pub(crate) struct Plan {
+    pub(crate) app: String,
     /// Namespace for namespaced objects that name none.
-    pub default_namespace: Option<String>,
-    pub objects: Vec<Object>,
+    pub(crate) default_namespace: Option<String>,
+    pub(crate) objects: Vec<Object>,
     /// The wave of each object, in the same order; never decreasing.
-    pub waves: Vec<i64>,
+    pub(crate) waves: Vec<i64>,
     /// Fields left as they are live (the app's `ignore_differences`).
     #[serde(default)]
-    pub ignore_differences: Vec<crate::config::sync_policy::IgnoreDifference>,
+    pub(crate) ignore_differences: Vec<crate::config::sync_policy::IgnoreDifference>,
     /// Argo CD's `ApplyOutOfSyncOnly=true`: objects a dry run finds unchanged are not sent.
     #[serde(default)]
-    pub out_of_sync_only: bool,
+    pub(crate) out_of_sync_only: bool,
 }
 
 impl Plan {
     /// The objects grouped by wave, lowest first: `(wave, objects)`.
-    pub fn by_wave(&self) -> Vec<(i64, &[Object])> {
+    pub(crate) fn by_wave(&self) -> Vec<(i64, &[Object])> {
         let mut out: Vec<(i64, &[Object])> = Vec::new();
         let mut start = 0;
         for i in 1..=self.objects.len() {
@@ -308,19 +308,19 @@ impl Plan {
     }
 
     /// The objects that came from the render (not the namespace `create_namespace` adds).
-    pub fn rendered_objects(&self) -> impl Iterator<Item = &Object> {
+    pub(crate) fn rendered_objects(&self) -> impl Iterator<Item = &Object> {
         self.objects
             .iter()
             .filter(|o| o.origin != CREATED_NAMESPACE)
     }
 
-    pub fn rendered(&self) -> usize {
+    pub(crate) fn rendered(&self) -> usize {
         self.rendered_objects().count()
     }
 
     /// What of `applied` the app owns: everything but the namespace `create_namespace` added,
     /// which is never the app's to prune.
-    pub fn owned(&self, applied: &[ObjectRef]) -> Vec<ObjectRef> {
+    pub(crate) fn owned(&self, applied: &[ObjectRef]) -> Vec<ObjectRef> {
         let created = self.created_namespace();
         applied
             .iter()
@@ -333,7 +333,7 @@ impl Plan {
     /// its version, and whether or not its kind turns out namespaced), and every namespace it
     /// puts objects in, the app's own namespace above all, even when the app stopped defining
     /// it.
-    pub fn protected(&self) -> BTreeSet<ObjectRef> {
+    pub(crate) fn protected(&self) -> BTreeSet<ObjectRef> {
         let mut keep = BTreeSet::new();
         let namespace = |name: &str| ObjectRef {
             group: String::new(),
@@ -364,7 +364,7 @@ impl Plan {
     }
 
     /// The namespace `create_namespace` added, if any: applied, but not owned by the app.
-    pub fn created_namespace(&self) -> Option<ObjectRef> {
+    pub(crate) fn created_namespace(&self) -> Option<ObjectRef> {
         self.objects
             .iter()
             .find(|o| o.origin == CREATED_NAMESPACE)
@@ -381,7 +381,10 @@ impl Plan {
 /// What a prune may delete: inventory objects that `keep` (the current plan's
 /// [`Plan::protected`] and what it applied) does not hold, in deletion order (workloads
 /// first, CRDs after them, namespaces last).
-pub fn prune_candidates(inventory: &Inventory, keep: &BTreeSet<ObjectRef>) -> Vec<ObjectRef> {
+pub(crate) fn prune_candidates(
+    inventory: &Inventory,
+    keep: &BTreeSet<ObjectRef>,
+) -> Vec<ObjectRef> {
     let mut candidates: Vec<ObjectRef> = inventory
         .iter()
         .filter(|o| !keep.contains(o))
@@ -398,7 +401,7 @@ pub fn prune_candidates(inventory: &Inventory, keep: &BTreeSet<ObjectRef>) -> Ve
 
 /// Why a live object must not be pruned, if it must not: someone else owns it now, or it
 /// opts out with Argo CD's `Prune=false`.
-pub fn keep_reason(live: &Value, app: &str) -> Option<String> {
+pub(crate) fn keep_reason(live: &Value, app: &str) -> Option<String> {
     let annotations = live.pointer("/metadata/annotations");
     let owner = annotations
         .and_then(|a| a.get(APP_ANNOTATION))
@@ -426,7 +429,7 @@ pub fn keep_reason(live: &Value, app: &str) -> Option<String> {
 
 /// Orders `manifests` for application and refuses duplicates. When `create_namespace` is set
 /// and the app does not define its namespace itself, a Namespace object is added first.
-pub fn plan(
+pub(crate) fn plan(
     app: &str,
     default_namespace: Option<&str>,
     create_namespace: bool,
@@ -569,7 +572,7 @@ fn check_duplicates(objects: &[Object], default_ns: Option<&str>) -> Result<(), 
 /// was applied now. Nothing is forgotten until a prune has actually deleted it.
 /// An object applied at a new version replaces its old entry, so it is addressed at the version
 /// that is served now.
-pub fn merge_inventory(previous: &Inventory, applied: &[ObjectRef]) -> Inventory {
+pub(crate) fn merge_inventory(previous: &Inventory, applied: &[ObjectRef]) -> Inventory {
     let mut merged = previous.clone();
     for object in applied {
         merged.replace(object.clone());
@@ -579,13 +582,13 @@ pub fn merge_inventory(previous: &Inventory, applied: &[ObjectRef]) -> Inventory
 
 /// The result of applying one plan.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Outcome {
-    pub applied: Vec<ObjectRef>,
-    pub failures: Vec<ObjectFailure>,
+pub(crate) struct Outcome {
+    pub(crate) applied: Vec<ObjectRef>,
+    pub(crate) failures: Vec<ObjectFailure>,
 }
 
 impl Outcome {
-    pub fn into_result(self) -> Result<Vec<ObjectRef>, (Vec<ObjectRef>, ApplyError)> {
+    pub(crate) fn into_result(self) -> Result<Vec<ObjectRef>, (Vec<ObjectRef>, ApplyError)> {
         if self.failures.is_empty() {
             Ok(self.applied)
         } else {

@@ -11,20 +11,20 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub mod options;
-pub mod sync_policy;
+pub(crate) mod options;
+pub(crate) mod sync_policy;
 mod validate;
 #[cfg(test)]
 use validate::check_repo_url;
-pub use validate::{check_dns_label, check_dns_name, is_scp_like};
+pub(crate) use validate::is_scp_like;
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/config.toml";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(180);
-pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/config.toml";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
+pub(crate) const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(180);
+pub(crate) const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -43,7 +43,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             ConfigError::Read { .. } => ErrorKind::ConfigRead,
@@ -55,10 +55,10 @@ impl ConfigError {
 
 /// One semantic problem in an otherwise well-formed file, located by key and line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub line: usize,
-    pub key: String,
-    pub message: String,
+pub(crate) struct Problem {
+    pub(crate) line: usize,
+    pub(crate) key: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for Problem {
@@ -68,69 +68,69 @@ impl fmt::Display for Problem {
 }
 
 #[derive(Debug, Clone)]
-pub struct Config {
-    pub path: PathBuf,
-    pub state_dir: PathBuf,
-    pub max_concurrent_syncs: usize,
-    pub node: NodeConfig,
-    pub kubernetes: KubernetesConfig,
-    pub mqtt: Option<MqttConfig>,
-    pub webhook: Option<WebhookConfig>,
-    pub http: HttpConfig,
-    pub log: LogConfig,
-    pub repositories: Vec<RepositoryConfig>,
+pub(crate) struct Config {
+    pub(crate) path: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) max_concurrent_syncs: usize,
+    pub(crate) node: NodeConfig,
+    pub(crate) kubernetes: KubernetesConfig,
+    pub(crate) mqtt: Option<MqttConfig>,
+    pub(crate) webhook: Option<WebhookConfig>,
+    pub(crate) http: HttpConfig,
+    pub(crate) log: LogConfig,
+    pub(crate) repositories: Vec<RepositoryConfig>,
     /// `[variables]`: values for `${VAR}` substitution in apps that turn it on.
-    pub variables: BTreeMap<String, String>,
+    pub(crate) variables: BTreeMap<String, String>,
     /// `[helm]`: the helm binary charts are rendered with.
-    pub helm: HelmConfig,
+    pub(crate) helm: HelmConfig,
     /// Where Argo CD Applications for this node come from, if anywhere.
-    pub fleet: Option<FleetConfig>,
+    pub(crate) fleet: Option<FleetConfig>,
     /// `[signatures]`, its key files resolved against the config's directory; the daemon
     /// loads the keys.
-    pub signatures: SignaturesConfig,
+    pub(crate) signatures: SignaturesConfig,
     /// The line of the `[signatures]` table, for problems with its key files.
-    pub signatures_line: usize,
+    pub(crate) signatures_line: usize,
     /// The apps this node runs.
-    pub apps: Vec<AppConfig>,
+    pub(crate) apps: Vec<AppConfig>,
     /// Apps whose `node_selector` does not match this node, and why.
-    pub skipped: Vec<SkippedApp>,
+    pub(crate) skipped: Vec<SkippedApp>,
 }
 
 /// A Git directory of Argo CD Application (and AppProject) manifests that adds apps.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FleetConfig {
-    pub repo: String,
+pub(crate) struct FleetConfig {
+    pub(crate) repo: String,
     #[serde(default = "default_revision")]
-    pub revision: String,
+    pub(crate) revision: String,
     #[serde(default = "default_path")]
-    pub path: String,
+    pub(crate) path: String,
 }
 
 /// An app that is not for this node.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SkippedApp {
-    pub app: String,
-    pub reason: String,
+pub(crate) struct SkippedApp {
+    pub(crate) app: String,
+    pub(crate) reason: String,
 }
 
 /// Logging defaults; `--log-level`, `--log-format` and `RUST_LOG` override them.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     /// A tracing filter: `info`, `debug`, `edgesync=debug,kube=warn`, ...
-    pub level: Option<String>,
-    pub format: Option<LogFormat>,
+    pub(crate) level: Option<String>,
+    pub(crate) format: Option<LogFormat>,
 }
 
 /// The local HTTP listener: metrics, health and the status API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpConfig {
+pub(crate) struct HttpConfig {
     #[serde(default = "default_true")]
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     #[serde(default = "default_status_listen")]
-    pub listen: std::net::SocketAddr,
+    pub(crate) listen: std::net::SocketAddr,
 }
 
 impl Default for HttpConfig {
@@ -149,41 +149,42 @@ fn default_status_listen() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], 9421))
 }
 
-pub const DEFAULT_MAX_CONCURRENT_SYNCS: usize = 4;
-pub const DEFAULT_MQTT_TOPICS: [&str; 2] = ["edgesync/changes", "edgesync/nodes/{node}/sync"];
+pub(crate) const DEFAULT_MAX_CONCURRENT_SYNCS: usize = 4;
+pub(crate) const DEFAULT_MQTT_TOPICS: [&str; 2] =
+    ["edgesync/changes", "edgesync/nodes/{node}/sync"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MqttConfig {
+pub(crate) struct MqttConfig {
     /// `mqtt://host[:1883]` or `mqtts://host[:8883]`.
-    pub url: String,
+    pub(crate) url: String,
     #[serde(default = "default_client_id")]
-    pub client_id: String,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
+    pub(crate) client_id: String,
+    pub(crate) username: Option<String>,
+    pub(crate) password_file: Option<PathBuf>,
     /// Send the password over plain `mqtt://`, where anyone on the path can read it. Off:
     /// a password with `mqtt://` is refused at load.
     #[serde(default)]
-    pub insecure_password: bool,
+    pub(crate) insecure_password: bool,
     /// CA bundle for `mqtts://`; the system roots when unset.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Client certificate and key for mutual TLS.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Topic filters; `{node}` is replaced by the node name, and messages on such a topic
     /// are node-directed (no fetch jitter).
     #[serde(default = "default_topics")]
-    pub topics: Vec<String>,
+    pub(crate) topics: Vec<String>,
     #[serde(default = "default_keep_alive", with = "humantime_serde_compat")]
-    pub keep_alive: Duration,
+    pub(crate) keep_alive: Duration,
     /// Where status goes: `<prefix>/status`, `/apps/<app>`, `/events`, `/online`.
     #[serde(default = "default_status_prefix")]
-    pub status_prefix: String,
+    pub(crate) status_prefix: String,
     /// Store and forward: messages kept on disk while the broker is away, at most.
     #[serde(default = "default_queue_max_messages")]
-    pub queue_max_messages: usize,
+    pub(crate) queue_max_messages: usize,
     #[serde(default = "default_queue_max_bytes")]
-    pub queue_max_bytes: usize,
+    pub(crate) queue_max_bytes: usize,
 }
 
 fn default_status_prefix() -> String {
@@ -208,34 +209,34 @@ fn default_keep_alive() -> Duration {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
+pub(crate) struct WebhookConfig {
     #[serde(default = "default_listen")]
-    pub listen: std::net::SocketAddr,
-    pub github_secret_file: Option<PathBuf>,
-    pub gitlab_token_file: Option<PathBuf>,
-    pub gitea_secret_file: Option<PathBuf>,
-    pub bitbucket_secret_file: Option<PathBuf>,
-    pub generic_secret_file: Option<PathBuf>,
+    pub(crate) listen: std::net::SocketAddr,
+    pub(crate) github_secret_file: Option<PathBuf>,
+    pub(crate) gitlab_token_file: Option<PathBuf>,
+    pub(crate) gitea_secret_file: Option<PathBuf>,
+    pub(crate) bitbucket_secret_file: Option<PathBuf>,
+    pub(crate) generic_secret_file: Option<PathBuf>,
     /// Accept unsigned requests on endpoints without a secret. For lab setups only.
     #[serde(default)]
-    pub insecure_no_secret: bool,
+    pub(crate) insecure_no_secret: bool,
     #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     /// Sustained requests per second accepted, across all endpoints.
     #[serde(default = "default_rate_limit")]
-    pub rate_limit: f64,
+    pub(crate) rate_limit: f64,
     /// Requests accepted at once before `rate_limit` applies.
     #[serde(default = "default_rate_burst")]
-    pub rate_burst: u32,
+    pub(crate) rate_burst: u32,
     /// How long delivery IDs are remembered to reject replays.
     #[serde(default = "default_replay_window", with = "humantime_serde_compat")]
-    pub replay_window: Duration,
+    pub(crate) replay_window: Duration,
     /// Open connections at most, in all; more are closed at once.
     #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Open connections at most from one client address.
     #[serde(default = "default_max_connections_per_client")]
-    pub max_connections_per_client: usize,
+    pub(crate) max_connections_per_client: usize,
 }
 
 fn default_max_connections() -> usize {
@@ -263,43 +264,43 @@ fn default_replay_window() -> Duration {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NodeConfig {
+pub(crate) struct NodeConfig {
     /// Defaults to the hostname.
     #[serde(default)]
-    pub name: String,
+    pub(crate) name: String,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KubernetesConfig {
-    pub kubeconfig: Option<PathBuf>,
+pub(crate) struct KubernetesConfig {
+    pub(crate) kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RepositoryConfig {
-    pub url: String,
-    pub token_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub ssh_key_file: Option<PathBuf>,
-    pub known_hosts_file: Option<PathBuf>,
+pub(crate) struct RepositoryConfig {
+    pub(crate) url: String,
+    pub(crate) token_file: Option<PathBuf>,
+    pub(crate) username: Option<String>,
+    pub(crate) password_file: Option<PathBuf>,
+    pub(crate) ssh_key_file: Option<PathBuf>,
+    pub(crate) known_hosts_file: Option<PathBuf>,
     #[serde(default = "default_poll_interval", with = "humantime_serde_compat")]
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// Random delay, up to this, before a fetch caused by a broadcast event or a poll, so a
     /// fleet does not hit the Git server at once.
     #[serde(default, with = "humantime_serde_compat::or_zero")]
-    pub fetch_jitter: Duration,
+    pub(crate) fetch_jitter: Duration,
     /// For an `oci://` registry: speak plain HTTP instead of HTTPS (Helm's `--plain-http`).
     #[serde(default)]
-    pub plain_http: bool,
+    pub(crate) plain_http: bool,
 }
 
 impl RepositoryConfig {
     /// A repository an app names without a `[[repositories]]` entry: public, default polling.
-    pub fn anonymous(url: &str) -> Self {
+    pub(crate) fn anonymous(url: &str) -> Self {
         RepositoryConfig {
             url: url.to_string(),
             token_file: None,
@@ -316,101 +317,101 @@ impl RepositoryConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct AppConfig {
-    pub name: String,
-    pub repo: String,
+pub(crate) struct AppConfig {
+    pub(crate) name: String,
+    pub(crate) repo: String,
     /// Branch, tag or commit SHA. `HEAD` follows the remote's default branch. For a `chart`,
     /// the chart version or a semver constraint (`*` or `HEAD`: the latest release).
     #[serde(default = "default_revision")]
-    pub revision: String,
+    pub(crate) revision: String,
     /// A chart in the Helm repository (`https://…` with an index.yaml) or OCI registry
     /// (`oci://host/path`) that `repo` names, instead of a path in a Git repository.
     #[serde(default)]
-    pub chart: Option<String>,
+    pub(crate) chart: Option<String>,
     /// Directory inside the repository; `.` is the root.
     #[serde(default = "default_path")]
-    pub path: String,
+    pub(crate) path: String,
     /// Namespace for namespaced objects that name none.
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// Create `namespace` if it does not exist (Argo CD's `CreateNamespace=true`). The
     /// namespace is not part of the app: it is never pruned.
     #[serde(default)]
-    pub create_namespace: bool,
+    pub(crate) create_namespace: bool,
     /// Delete objects this app applied earlier that its render no longer contains (Argo CD's
     /// `prune`). Only after a fully successful apply, and only objects still marked as ours.
     #[serde(default)]
-    pub prune: bool,
+    pub(crate) prune: bool,
     /// Let a render with no objects prune everything (Argo CD's `allowEmpty`).
     #[serde(default)]
-    pub allow_empty: bool,
+    pub(crate) allow_empty: bool,
     /// Run only on nodes whose labels match, e.g. `site in (plant-7,plant-8),!decommissioned`.
-    pub node_selector: Option<String>,
+    pub(crate) node_selector: Option<String>,
     /// The Argo CD AppProject whose rules apply; `default` (or none) allows everything.
     #[serde(default)]
-    pub project: Option<String>,
+    pub(crate) project: Option<String>,
     /// Substitute `${VAR}` in the rendered objects (Flux's `postBuild.substitute`): `off`,
     /// `on` (unset variables become empty) or `strict` (unset variables are errors).
     #[serde(default)]
-    pub substitute: Substitute,
+    pub(crate) substitute: Substitute,
     /// Variables for this app, over the top-level `[variables]` and the node's own.
     #[serde(default)]
-    pub variables: BTreeMap<String, String>,
+    pub(crate) variables: BTreeMap<String, String>,
     /// A command that builds a kustomization the native engine does not support (helmCharts,
     /// KRM functions, remote resources), e.g. `kubectl kustomize` or `kustomize build`.
     #[serde(default)]
-    pub kustomize_fallback: Option<String>,
+    pub(crate) kustomize_fallback: Option<String>,
     /// Helm options for an app whose path holds a chart (Argo CD's `source.helm`).
     #[serde(default)]
-    pub helm: Option<options::HelmOptions>,
+    pub(crate) helm: Option<options::HelmOptions>,
     /// Sync each new revision by itself (`true`, the default). `false`: only a manual
     /// `edgesync sync APP` applies it, and the app shows OutOfSync until then, as an Argo CD
     /// Application without `syncPolicy.automated`.
     #[serde(default = "default_true")]
-    pub automated: bool,
+    pub(crate) automated: bool,
     /// Re-apply at once when a managed object drifts or is deleted (Argo CD's `selfHeal`);
     /// otherwise drift is reported as OutOfSync.
     #[serde(default)]
-    pub self_heal: bool,
+    pub(crate) self_heal: bool,
     /// Argo CD's sync options: `CreateNamespace=true`, `PruneLast=true`,
     /// `PrunePropagationPolicy=foreground|background|orphan`, `ApplyOutOfSyncOnly=true`.
     #[serde(default)]
-    pub sync_options: Vec<String>,
+    pub(crate) sync_options: Vec<String>,
     /// Retry of failed syncs (Argo CD's `syncPolicy.retry`).
     #[serde(default)]
-    pub retry: sync_policy::Retry,
+    pub(crate) retry: sync_policy::Retry,
     /// Fields left alone (Argo CD's `ignoreDifferences`).
     #[serde(default)]
-    pub ignore_differences: Vec<sync_policy::IgnoreDifference>,
+    pub(crate) ignore_differences: Vec<sync_policy::IgnoreDifference>,
     /// When syncs may run (Argo CD's sync windows).
     #[serde(default)]
-    pub sync_windows: Vec<sync_policy::SyncWindow>,
+    pub(crate) sync_windows: Vec<sync_policy::SyncWindow>,
     /// How long an app may stay Progressing after a sync before it counts as Degraded.
     #[serde(default, with = "sync_policy::human::option")]
-    pub health_timeout: Option<Duration>,
+    pub(crate) health_timeout: Option<Duration>,
     /// `auto`: an app that goes Degraded after a new revision goes back to its last Healthy one.
     #[serde(default)]
-    pub rollback: sync_policy::Rollback,
+    pub(crate) rollback: sync_policy::Rollback,
     /// Changes to the app's kustomization before it is built (Argo CD's `source.kustomize`).
     #[serde(default)]
-    pub kustomize: options::Overrides,
+    pub(crate) kustomize: options::Overrides,
     /// How a plain directory is read (Argo CD's `source.directory`): `recurse` (default
     /// `true`), `include` and `exclude` globs.
     #[serde(default)]
-    pub directory: options::DirectoryOptions,
+    pub(crate) directory: options::DirectoryOptions,
     /// Delete the app's objects when the app leaves this node (removed from the config or the
     /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
     #[serde(default)]
-    pub delete_on_removal: bool,
+    pub(crate) delete_on_removal: bool,
 }
 
 impl AppConfig {
     /// The value of one of the app's sync options.
-    pub fn sync_option(&self, name: &str) -> Option<&str> {
+    pub(crate) fn sync_option(&self, name: &str) -> Option<&str> {
         sync_policy::sync_option(&self.sync_options, name)
     }
 
     /// `create_namespace`, or the sync option `CreateNamespace=true`.
-    pub fn creates_namespace(&self) -> bool {
+    pub(crate) fn creates_namespace(&self) -> bool {
         self.create_namespace || self.sync_option("CreateNamespace") == Some("true")
     }
 }
@@ -419,29 +420,29 @@ impl AppConfig {
 /// `signatureKeys` pick among them; with `fleet`, the fleet repository must be signed too.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SignaturesConfig {
+pub(crate) struct SignaturesConfig {
     /// OpenPGP public keys, armored (`gpg --armor --export`) or binary, any number per file.
     #[serde(default)]
-    pub gpg_keys: Vec<PathBuf>,
+    pub(crate) gpg_keys: Vec<PathBuf>,
     /// OpenSSH public keys, one `authorized_keys` line each.
     #[serde(default)]
-    pub ssh_keys: Vec<PathBuf>,
+    pub(crate) ssh_keys: Vec<PathBuf>,
     /// Refuse a fleet revision that no trusted key signed.
     #[serde(default)]
-    pub fleet: bool,
+    pub(crate) fleet: bool,
 }
 
 /// `[helm]`: how charts are rendered.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HelmConfig {
+pub(crate) struct HelmConfig {
     /// The pinned helm binary; `helm` on PATH when unset.
-    pub binary: Option<PathBuf>,
+    pub(crate) binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Substitute {
+pub(crate) enum Substitute {
     #[default]
     Off,
     On,
@@ -493,7 +494,7 @@ mod humantime_serde_compat {
     }
 
     /// A duration greater than zero.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let parsed = parse(d)?;
         if parsed.is_zero() {
             return Err(serde::de::Error::custom(
@@ -504,8 +505,8 @@ mod humantime_serde_compat {
     }
 
     /// A duration that may be zero (`"0s"`).
-    pub mod or_zero {
-        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+    pub(crate) mod or_zero {
+        pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
             d: D,
         ) -> Result<std::time::Duration, D::Error> {
             super::parse(d)
@@ -542,7 +543,7 @@ struct RawConfig {
 /// How log lines are written (`[log] format`, `--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines (or the journal under systemd).
     Text,
     /// One JSON object per line, for log shippers.
@@ -550,13 +551,13 @@ pub enum LogFormat {
 }
 
 /// The variable systemd sets for a unit with `LoadCredential=`.
-pub const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
+pub(crate) const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
 
 /// The credential ID the packaged unit loads `/etc/edgesync/credentials` under
 /// (`LoadCredential=edgesync:/etc/edgesync/credentials`). systemd names each file of a
 /// directory credential `<ID>_<file>`, so `kubeconfig` there is `edgesync_kubeconfig` in
 /// `$CREDENTIALS_DIRECTORY`.
-pub const CREDENTIAL_ID: &str = "edgesync";
+pub(crate) const CREDENTIAL_ID: &str = "edgesync";
 
 /// Resolves a file path from the config: relative paths are relative to the config file's
 /// directory, and a leading `${CREDENTIALS_DIRECTORY}` is the directory where systemd put the
@@ -564,7 +565,7 @@ pub const CREDENTIAL_ID: &str = "edgesync";
 /// `${CREDENTIALS_DIRECTORY}/NAME` is the credential `NAME` when there is one, and else the
 /// file `NAME` of the packaged unit's directory credential ([`CREDENTIAL_ID`]`_NAME`), so one
 /// config works under the unit and by hand with `CREDENTIALS_DIRECTORY=/etc/edgesync/credentials`.
-pub fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, String> {
+pub(crate) fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, String> {
     resolve_file_in(base, path, std::env::var_os(CREDENTIALS_VAR))
 }
 
@@ -598,7 +599,7 @@ fn resolve_file_in(
 impl Config {
     /// The variables `${VAR}` substitution uses for `app`: the node's own (`NODE_NAME`,
     /// `NODE_LABEL_<key>`), then `[variables]`, then the app's `variables`, later ones winning.
-    pub fn substitution_variables(&self, app: &AppConfig) -> BTreeMap<String, String> {
+    pub(crate) fn substitution_variables(&self, app: &AppConfig) -> BTreeMap<String, String> {
         let mut vars = options::node_variables(&self.node.name, &self.node.labels);
         vars.extend(self.variables.clone());
         vars.extend(app.variables.clone());
@@ -607,7 +608,7 @@ impl Config {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -615,7 +616,7 @@ impl Config {
         Config::parse(path, &text)
     }
 
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
@@ -732,7 +733,7 @@ impl Config {
     /// Adds apps read from the fleet repository, checked as `[[apps]]` entries are and
     /// targeted by their node selector. An app whose name the config already uses, or that
     /// fails a check, is left out; the returned problems say why.
-    pub fn add_fleet_apps(&mut self, apps: Vec<AppConfig>) -> Vec<String> {
+    pub(crate) fn add_fleet_apps(&mut self, apps: Vec<AppConfig>) -> Vec<String> {
         let mut problems = Vec::new();
         let mut accepted = Vec::new();
         for app in apps {
@@ -757,7 +758,7 @@ impl Config {
     }
 
     /// The repository settings for `url`, or anonymous defaults when it has no entry.
-    pub fn repository(&self, url: &str) -> RepositoryConfig {
+    pub(crate) fn repository(&self, url: &str) -> RepositoryConfig {
         self.repositories
             .iter()
             .find(|r| r.url == url)
@@ -766,7 +767,7 @@ impl Config {
     }
 
     /// Every repository the apps this node runs use, each once, configured or anonymous.
-    pub fn repositories_in_use(&self) -> Vec<RepositoryConfig> {
+    pub(crate) fn repositories_in_use(&self) -> Vec<RepositoryConfig> {
         let mut seen = HashSet::new();
         self.apps
             .iter()
@@ -776,12 +777,12 @@ impl Config {
     }
 
     /// Whether `url` is a Helm chart repository (or OCI registry) rather than a Git one.
-    pub fn is_chart_repository(&self, url: &str) -> bool {
+    pub(crate) fn is_chart_repository(&self, url: &str) -> bool {
         crate::model::url::is_oci(url)
             || self.apps.iter().any(|a| a.repo == url && a.chart.is_some())
     }
 
-    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+    pub(crate) fn app(&self, name: &str) -> Option<&AppConfig> {
         self.apps.iter().find(|a| a.name == name)
     }
 }

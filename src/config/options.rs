@@ -8,17 +8,17 @@ use serde::{Deserialize, Serialize};
 /// An app's Helm options (`[apps.helm]`), named as in Argo CD's `source.helm`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct HelmOptions {
+pub(crate) struct HelmOptions {
     /// Defaults to the app's name.
-    pub release_name: Option<String>,
+    pub(crate) release_name: Option<String>,
     /// Inline values (YAML), applied after the value files.
-    pub values: Option<String>,
+    pub(crate) values: Option<String>,
     /// Value files, relative to the chart directory, inside the repository.
     #[serde(default)]
-    pub value_files: Vec<String>,
+    pub(crate) value_files: Vec<String>,
     /// `--set name=value`, applied last.
     #[serde(default)]
-    pub parameters: BTreeMap<String, String>,
+    pub(crate) parameters: BTreeMap<String, String>,
 }
 
 /// Argo CD's `source.kustomize`: changes made to the app's own kustomization before it is
@@ -26,17 +26,17 @@ pub struct HelmOptions {
 /// labels and annotations are added over the file's; images replace entries of the same name).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Overrides {
-    pub name_prefix: Option<String>,
-    pub name_suffix: Option<String>,
-    pub namespace: Option<String>,
+pub(crate) struct Overrides {
+    pub(crate) name_prefix: Option<String>,
+    pub(crate) name_suffix: Option<String>,
+    pub(crate) namespace: Option<String>,
     #[serde(default)]
-    pub common_labels: BTreeMap<String, String>,
+    pub(crate) common_labels: BTreeMap<String, String>,
     #[serde(default)]
-    pub common_annotations: BTreeMap<String, String>,
+    pub(crate) common_annotations: BTreeMap<String, String>,
     /// `[name=]newName[:tag][@digest]`.
     #[serde(default)]
-    pub images: Vec<String>,
+    pub(crate) images: Vec<String>,
 }
 
 /// Argo CD's `source.directory`: whether subdirectories are read, and glob patterns on the
@@ -44,15 +44,15 @@ pub struct Overrides {
 /// `{a,b}` is either). `exclude` wins over `include`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct DirectoryOptions {
+pub(crate) struct DirectoryOptions {
     /// edgesync reads subdirectories unless told not to; Argo CD's default is not to, so fleet
     /// Applications without `directory.recurse: true` get `false`.
     #[serde(default = "yes")]
-    pub recurse: bool,
+    pub(crate) recurse: bool,
     #[serde(default)]
-    pub include: Option<String>,
+    pub(crate) include: Option<String>,
     #[serde(default)]
-    pub exclude: Option<String>,
+    pub(crate) exclude: Option<String>,
 }
 
 fn yes() -> bool {
@@ -72,7 +72,10 @@ impl Default for DirectoryOptions {
 /// The node's own variables: `NODE_NAME` and `NODE_LABEL_<key>`, with every character of the
 /// key that cannot be in a variable name turned into `_` (`topology.kubernetes.io/zone` is
 /// `NODE_LABEL_topology_kubernetes_io_zone`).
-pub fn node_variables(name: &str, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub(crate) fn node_variables(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
     vars.insert("NODE_NAME".to_string(), name.to_string());
     for (k, v) in labels {
@@ -92,7 +95,7 @@ pub fn node_variables(name: &str, labels: &BTreeMap<String, String>) -> BTreeMap
 }
 
 /// A variable name as Flux accepts it.
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Sync options edgesync understands (Argo CD's `syncPolicy.syncOptions`). Others are refused
 /// by the config check so that a typo does not silently change behaviour.
-pub const KNOWN_SYNC_OPTIONS: [&str; 7] = [
+pub(crate) const KNOWN_SYNC_OPTIONS: [&str; 7] = [
     "CreateNamespace",
     "PruneLast",
     "PrunePropagationPolicy",
@@ -23,11 +23,11 @@ pub const KNOWN_SYNC_OPTIONS: [&str; 7] = [
 /// reached, or answers 5xx or 429, do not count.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Retry {
+pub(crate) struct Retry {
     #[serde(default = "default_limit")]
-    pub limit: i64,
+    pub(crate) limit: i64,
     #[serde(default)]
-    pub backoff: Backoff,
+    pub(crate) backoff: Backoff,
 }
 
 impl Default for Retry {
@@ -45,13 +45,13 @@ fn default_limit() -> i64 {
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     #[serde(default = "default_duration", with = "human")]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     #[serde(default = "default_factor")]
-    pub factor: u32,
+    pub(crate) factor: u32,
     #[serde(default = "default_max_duration", with = "human")]
-    pub max_duration: Duration,
+    pub(crate) max_duration: Duration,
 }
 
 impl Default for Backoff {
@@ -78,12 +78,12 @@ fn default_max_duration() -> Duration {
 
 impl Retry {
     /// Whether `failures` counted attempts have used up the limit.
-    pub fn exhausted(&self, failures: u32) -> bool {
+    pub(crate) fn exhausted(&self, failures: u32) -> bool {
         self.limit >= 0 && i64::from(failures) > self.limit
     }
 
     /// The delays between attempts, with jitter (backon).
-    pub fn delays(&self) -> backon::ExponentialBackoff {
+    pub(crate) fn delays(&self) -> backon::ExponentialBackoff {
         use backon::BackoffBuilder;
         backon::ExponentialBuilder::default()
             .with_min_delay(self.backoff.duration)
@@ -99,25 +99,31 @@ impl Retry {
 /// compared nor overwritten.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct IgnoreDifference {
+pub(crate) struct IgnoreDifference {
     #[serde(default)]
-    pub group: String,
-    pub kind: String,
+    pub(crate) group: String,
+    pub(crate) kind: String,
     #[serde(default)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     #[serde(default)]
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// RFC 6901 pointers, e.g. `/spec/replicas`.
     #[serde(default)]
-    pub json_pointers: Vec<String>,
+    pub(crate) json_pointers: Vec<String>,
     /// Fields owned by these field managers (e.g. `kube-controller-manager` for an HPA's
     /// replicas) are left to them.
     #[serde(default)]
-    pub managed_fields_managers: Vec<String>,
+    pub(crate) managed_fields_managers: Vec<String>,
 }
 
 impl IgnoreDifference {
-    pub fn matches(&self, group: &str, kind: &str, namespace: Option<&str>, name: &str) -> bool {
+    pub(crate) fn matches(
+        &self,
+        group: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> bool {
         self.group == group
             && self.kind == kind
             && self.name.as_deref().is_none_or(|n| n == name)
@@ -128,12 +134,12 @@ impl IgnoreDifference {
     }
 }
 
-pub use crate::model::window::{SyncWindow, WindowKind};
+pub(crate) use crate::model::window::{SyncWindow, WindowKind};
 
 /// What to do when an app goes Degraded after syncing a new revision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Rollback {
+pub(crate) enum Rollback {
     /// Report it, nothing else (Argo CD's behaviour).
     #[default]
     Off,
@@ -143,7 +149,7 @@ pub enum Rollback {
 }
 
 /// Checks one `sync_options` entry: `Name=value` with a known name and value.
-pub fn check_sync_option(option: &str) -> Result<(), String> {
+pub(crate) fn check_sync_option(option: &str) -> Result<(), String> {
     let Some((name, value)) = option.split_once('=') else {
         return Err(format!("{option:?} is not Name=value"));
     };
@@ -166,14 +172,14 @@ pub fn check_sync_option(option: &str) -> Result<(), String> {
 }
 
 /// The value of sync option `name` in `options`, if set.
-pub fn sync_option<'a>(options: &'a [String], name: &str) -> Option<&'a str> {
+pub(crate) fn sync_option<'a>(options: &'a [String], name: &str) -> Option<&'a str> {
     options.iter().find_map(|o| {
         let (n, v) = o.split_once('=')?;
         (n.trim() == name).then_some(v.trim())
     })
 }
 
-pub use crate::model::human;
+pub(crate) use crate::model::human;
 
 #[cfg(test)]
 mod tests {

@@ -414,7 +414,7 @@ pub(super) fn check_repo_url(url: &str) -> Result<(), String> {
 }
 
 /// `git@host:org/repo.git`, the scp-like form users copy from Git hosting pages.
-pub fn is_scp_like(url: &str) -> bool {
+pub(crate) fn is_scp_like(url: &str) -> bool {
     match (url.find('@'), url.find(':')) {
         (Some(at), Some(colon)) => at < colon && !url[..colon].contains('/'),
         _ => false,
@@ -423,7 +423,7 @@ pub fn is_scp_like(url: &str) -> bool {
 
 /// App names become file names and Kubernetes annotation values, so they follow the
 /// DNS subdomain rules Kubernetes uses for object names.
-pub fn check_dns_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_dns_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 253
         && name
@@ -440,7 +440,7 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
     }
 }
 
-pub fn check_dns_label(name: &str) -> Result<(), String> {
+pub(crate) fn check_dns_label(name: &str) -> Result<(), String> {
     if name.len() <= 63 && !name.contains('.') && check_dns_name(name).is_ok() {
         Ok(())
     } else {

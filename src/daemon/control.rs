@@ -25,13 +25,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the CLI waits for the agent's syncs.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-pub fn socket_path(state_dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET)
 }
 
 /// Serves the control socket until shutdown. A socket that cannot be made is logged and
 /// counted: the agent runs on without it.
-pub async fn serve(
+pub(crate) async fn serve(
     ctx: Arc<SyncContext>,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -112,7 +112,7 @@ fn parse(line: &str) -> Result<Option<&str>, String> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     #[error("cannot reach the running agent at {path}: {source}")]
     Connect {
         path: PathBuf,
@@ -126,7 +126,7 @@ pub enum ControlError {
 
 /// Asks the agent holding `state_dir` to sync `only` (or every app); returns how many apps
 /// failed or were held.
-pub async fn ask_agent(state_dir: &Path, only: Option<&str>) -> Result<usize, ControlError> {
+pub(crate) async fn ask_agent(state_dir: &Path, only: Option<&str>) -> Result<usize, ControlError> {
     let path = socket_path(state_dir);
     let mut stream = UnixStream::connect(&path)
         .await

@@ -14,9 +14,9 @@ use crate::metrics::Metrics;
 use crate::scheduler::{self, AppSet, Pending, RepoQueue};
 use crate::trigger::{Event, EventSink, Refused};
 
-pub struct RepoWorker {
-    pub repo: RepositoryConfig,
-    pub apps: Vec<AppConfig>,
+pub(crate) struct RepoWorker {
+    pub(crate) repo: RepositoryConfig,
+    pub(crate) apps: Vec<AppConfig>,
     queue: Mutex<RepoQueue>,
     wake: Notify,
 }
@@ -27,30 +27,30 @@ impl RepoWorker {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn request(&self, apps: AppSet, delay: Duration) {
+    pub(crate) fn request(&self, apps: AppSet, delay: Duration) {
         self.queue().request(Instant::now().into_std(), apps, delay);
         self.wake.notify_one();
     }
 
     /// A fetch-jitter delay for broadcast events and polls.
-    pub fn jitter(&self) -> Duration {
+    pub(crate) fn jitter(&self) -> Duration {
         scheduler::jitter(self.repo.fetch_jitter, fastrand::f64())
     }
 
-    pub fn due(&self) -> Option<Instant> {
+    pub(crate) fn due(&self) -> Option<Instant> {
         self.queue().due().map(Instant::from_std)
     }
 
-    pub fn take_due(&self) -> Option<Pending> {
+    pub(crate) fn take_due(&self) -> Option<Pending> {
         self.queue().take_due(Instant::now().into_std())
     }
 
-    pub async fn woken(&self) {
+    pub(crate) async fn woken(&self) {
         self.wake.notified().await
     }
 
     /// The apps of this repository that `apps` selects.
-    pub fn select(&self, apps: &AppSet) -> Vec<AppConfig> {
+    pub(crate) fn select(&self, apps: &AppSet) -> Vec<AppConfig> {
         self.apps
             .iter()
             .filter(|a| apps.contains(&a.name))
@@ -60,14 +60,14 @@ impl RepoWorker {
 }
 
 /// Routes trigger events to repository workers.
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     config: Config,
     workers: BTreeMap<String, Arc<RepoWorker>>,
     metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Dispatcher {
+    pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Dispatcher {
         let workers = config
             .repositories_in_use()
             .into_iter()
@@ -94,7 +94,7 @@ impl Dispatcher {
         }
     }
 
-    pub fn workers(&self) -> impl Iterator<Item = &Arc<RepoWorker>> {
+    pub(crate) fn workers(&self) -> impl Iterator<Item = &Arc<RepoWorker>> {
         self.workers.values()
     }
 }

@@ -149,7 +149,7 @@ pub(super) struct Drift {
     drifted: HashMap<String, BTreeMap<Key, String>>,
 }
 
-pub async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
     let (tx, mut rx) = mpsc::channel(1024);
     let mut synced = ctx.synced.subscribe();
     let mut drift = Drift::new(ctx, tx);

@@ -17,19 +17,19 @@ use super::node::Node;
 
 /// The apps one fleet commit yields.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FleetApps {
-    pub revision: String,
-    pub apps: Vec<AppConfig>,
+pub(crate) struct FleetApps {
+    pub(crate) revision: String,
+    pub(crate) apps: Vec<AppConfig>,
     /// AppProjects: name and spec.
     #[serde(default)]
-    pub projects: Vec<(String, serde_json::Value)>,
+    pub(crate) projects: Vec<(String, serde_json::Value)>,
     /// Read from Git just now, not the saved set.
     #[serde(skip)]
-    pub fresh: bool,
+    pub(crate) fresh: bool,
     /// The commit the fleet was at when it was last looked at, even if that commit could not
     /// be read or was refused: the fleet is looked at again once it moves on from there.
     #[serde(skip)]
-    pub seen: Option<String>,
+    pub(crate) seen: Option<String>,
 }
 
 fn saved_path(state_dir: &Path) -> std::path::PathBuf {
@@ -39,7 +39,7 @@ fn saved_path(state_dir: &Path) -> std::path::PathBuf {
 /// Reads the fleet's Applications at its current commit. Returns the apps, and problems to
 /// report (unreadable manifests, apps that cannot run yet, an unreachable repository: then
 /// the last known set is used).
-pub async fn load(node: &Node, fleet: &FleetConfig) -> (FleetApps, Vec<String>) {
+pub(crate) async fn load(node: &Node, fleet: &FleetConfig) -> (FleetApps, Vec<String>) {
     let config = &node.config;
     let source = GitSource::new(&config.state_dir);
     let repo = config.repository(&fleet.repo);
@@ -275,7 +275,7 @@ fn save(path: &Path, apps: &FleetApps) -> std::io::Result<()> {
 }
 
 /// Asks for a reload (through `changed`) once the fleet's commit is no longer `revision`.
-pub async fn watch_fleet(
+pub(crate) async fn watch_fleet(
     config: Config,
     fleet: FleetConfig,
     revision: String,

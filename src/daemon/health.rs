@@ -28,7 +28,7 @@ const CHANGING_EVERY: Duration = Duration::from_secs(2);
 /// status updates is rated in batches.
 const BATCH: Duration = Duration::from_millis(250);
 
-pub async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<bool>) {
     let mut monitor = Monitor::new(&ctx);
     let mut next_full = tokio::time::Instant::now();
     loop {

@@ -9,7 +9,7 @@ mod drift;
 mod engine_tests;
 mod fleet;
 mod health;
-pub mod node;
+pub(crate) mod node;
 mod prune;
 mod removal;
 mod retry;
@@ -26,9 +26,9 @@ use crate::metrics::Metrics;
 use crate::report::publisher::StatusPublisher;
 use crate::scheduler::AppSet;
 use crate::trigger::EventSink;
-pub use dispatch::{Dispatcher, RepoWorker};
-pub use node::Node;
-pub use sync::{SyncContext, SyncError, SyncResult};
+pub(crate) use dispatch::{Dispatcher, RepoWorker};
+pub(crate) use node::Node;
+pub(crate) use sync::{SyncContext, SyncError, SyncResult};
 
 /// How long in-flight syncs may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -37,7 +37,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGTERM or SIGINT. SIGHUP, or a change to the config file, reloads
 /// the config; a new config that does not validate is refused and the running one stays.
-pub async fn run(node: Node) -> anyhow::Result<()> {
+pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
     let _lock = crate::state::StateLock::acquire(&node.config.state_dir)?;
     let metrics = Arc::new(Metrics::default());
     let mut signals = Signals::new()?;
@@ -489,18 +489,18 @@ async fn work_repository(
 
 /// What a round of one repository left to do.
 #[derive(Debug, Default)]
-pub struct Round {
+pub(crate) struct Round {
     /// Apps that failed.
-    pub failed: usize,
+    pub(crate) failed: usize,
     /// Apps held by a sync window, a retry backoff or a rolled-back revision.
-    pub held: usize,
+    pub(crate) held: usize,
     /// Apps to look at again later: retries and closed sync windows.
-    pub follow_ups: Vec<(String, Duration)>,
+    pub(crate) follow_ups: Vec<(String, Duration)>,
 }
 
 /// Syncs the given apps of one repository: one ls-remote, then the apps concurrently within
 /// `permits`.
-pub async fn sync_repository(
+pub(crate) async fn sync_repository(
     ctx: &Arc<SyncContext>,
     repo: &RepositoryConfig,
     apps: &[AppConfig],
@@ -614,14 +614,14 @@ fn report(ctx: &SyncContext, app: &AppConfig, result: Result<SyncResult, SyncErr
 }
 
 /// What `edgesync diff` found.
-pub struct DiffReport {
-    pub text: String,
-    pub differs: bool,
+pub(crate) struct DiffReport {
+    pub(crate) text: String,
+    pub(crate) differs: bool,
 }
 
 /// `edgesync diff APP`: the app's current revision (or, without Git, its last applied render)
 /// against the cluster, object by object, from server-side dry runs.
-pub async fn diff(mut node: Node, name: &str) -> anyhow::Result<DiffReport> {
+pub(crate) async fn diff(mut node: Node, name: &str) -> anyhow::Result<DiffReport> {
     use crate::apply::diff as d;
     with_fleet(&mut node, &Metrics::default()).await;
     let app = node.config.app(name).cloned().ok_or_else(|| {
@@ -718,7 +718,7 @@ pub async fn diff(mut node: Node, name: &str) -> anyhow::Result<DiffReport> {
 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
 /// Returns the number of apps that failed, or that a sync window held.
-pub async fn sync_once(mut node: Node, only: Option<&str>) -> anyhow::Result<usize> {
+pub(crate) async fn sync_once(mut node: Node, only: Option<&str>) -> anyhow::Result<usize> {
     let _lock = match crate::state::StateLock::acquire(&node.config.state_dir) {
         Ok(lock) => lock,
         // An agent runs on this state directory: it does the sync (its apps have one writer).

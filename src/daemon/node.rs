@@ -13,23 +13,23 @@ use crate::policy::Project;
 use crate::signature::Keyring;
 
 #[derive(Debug, Clone)]
-pub struct Node {
-    pub config: Config,
+pub(crate) struct Node {
+    pub(crate) config: Config,
     /// The keys trusted to sign revisions (`[signatures]`), loaded.
-    pub keyring: Arc<Keyring>,
+    pub(crate) keyring: Arc<Keyring>,
     /// AppProjects from the fleet repository, by name (empty until the fleet is read).
-    pub projects: BTreeMap<String, Project>,
+    pub(crate) projects: BTreeMap<String, Project>,
 }
 
 impl Node {
     /// Reads the config file and the keys it names.
-    pub fn load(path: &Path) -> Result<Node, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Node, ConfigError> {
         Node::assemble(Config::load(path)?)
     }
 
     /// Loads the keys `config` names. A key file without a usable key is a problem of the
     /// config, named by the `[signatures]` table's line, as any other.
-    pub fn assemble(config: Config) -> Result<Node, ConfigError> {
+    pub(crate) fn assemble(config: Config) -> Result<Node, ConfigError> {
         let keys = &config.signatures;
         let keyring =
             Keyring::load(&keys.gpg_keys, &keys.ssh_keys).map_err(|e| ConfigError::Invalid {
@@ -46,16 +46,10 @@ impl Node {
             projects: BTreeMap::new(),
         })
     }
-
-    /// The app's own sync windows and its project's; a project window that cannot be read
-    /// is an `Err` saying why.
-    pub fn sync_windows(&self, app: &AppConfig) -> Vec<Result<SyncWindow, String>> {
-        sync_windows(&self.projects, app)
-    }
 }
 
 /// The sync windows that hold `app`: its own and those of its AppProject in `projects`.
-pub fn sync_windows(
+pub(crate) fn sync_windows(
     projects: &BTreeMap<String, Project>,
     app: &AppConfig,
 ) -> Vec<Result<SyncWindow, String>> {

@@ -10,18 +10,18 @@ use crate::apply::{self, Cluster, ObjectFailure, ObjectRef};
 
 /// What a deletion pass did with each candidate.
 #[derive(Debug, Default)]
-pub struct Deletion {
-    pub deleted: Vec<ObjectRef>,
+pub(crate) struct Deletion {
+    pub(crate) deleted: Vec<ObjectRef>,
     /// Gone already, or no longer the app's: the inventory forgets these.
-    pub forgotten: Vec<ObjectRef>,
+    pub(crate) forgotten: Vec<ObjectRef>,
     /// Changed between the read and the delete: left in place and looked at again next time.
-    pub changed: Vec<ObjectRef>,
-    pub failures: Vec<ObjectFailure>,
+    pub(crate) changed: Vec<ObjectRef>,
+    pub(crate) failures: Vec<ObjectFailure>,
 }
 
 /// Deletes `candidates` (in the order given) that still belong to `app` of `node`, and that
 /// no app of another node on this cluster runs.
-pub async fn delete_owned(
+pub(crate) async fn delete_owned(
     cluster: &dyn Cluster,
     node: &str,
     app: &str,

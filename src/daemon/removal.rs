@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::SyncContext;
 use crate::apply;
 
-pub async fn remove_departed(ctx: Arc<SyncContext>) {
+pub(crate) async fn remove_departed(ctx: Arc<SyncContext>) {
     for app in ctx.store.apps() {
         if ctx.config.app(&app).is_some() {
             continue;

@@ -20,15 +20,15 @@ struct RetryState {
 }
 
 #[derive(Default)]
-pub struct Retries {
+pub(crate) struct Retries {
     apps: Mutex<HashMap<String, RetryState>>,
 }
 
 /// Why an attempt must wait, and for how long (`None`: until something changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hold {
-    pub reason: String,
-    pub retry_in: Option<Duration>,
+pub(crate) struct Hold {
+    pub(crate) reason: String,
+    pub(crate) retry_in: Option<Duration>,
 }
 
 impl Retries {
@@ -37,7 +37,7 @@ impl Retries {
     }
 
     /// Whether `app` may be attempted at `revision` now.
-    pub fn gate(&self, app: &str, revision: &str, now: Instant) -> Option<Hold> {
+    pub(crate) fn gate(&self, app: &str, revision: &str, now: Instant) -> Option<Hold> {
         let mut apps = self.lock();
         let state = apps.get(app)?;
         if state.revision != revision {
@@ -60,7 +60,7 @@ impl Retries {
     }
 
     /// Records a failed attempt. Returns a note for the status message and when to retry.
-    pub fn failed(
+    pub(crate) fn failed(
         &self,
         app: &AppConfig,
         revision: &str,
@@ -125,18 +125,18 @@ impl Retries {
     }
 
     /// When the app's next retry is due, if one is.
-    pub fn retry_in(&self, app: &str, now: Instant) -> Option<Duration> {
+    pub(crate) fn retry_in(&self, app: &str, now: Instant) -> Option<Duration> {
         let apps = self.lock();
         let state = apps.get(app).filter(|s| !s.exhausted)?;
         Some(state.next_at.saturating_duration_since(now))
     }
 
-    pub fn succeeded(&self, app: &str) {
+    pub(crate) fn succeeded(&self, app: &str) {
         self.lock().remove(app);
     }
 
     /// Forgets the app's failures (a manual sync, or a config reload).
-    pub fn reset(&self, app: &str) {
+    pub(crate) fn reset(&self, app: &str) {
         self.succeeded(app)
     }
 }

@@ -18,7 +18,7 @@ use crate::source::{ChartIndex, ChartSource, GitSource, RemoteRefs, SourceError,
 use crate::state::{unix_now, AppState, RenderKind, RenderRecord, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
+pub(crate) enum SyncError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -41,7 +41,7 @@ pub enum SyncError {
 
 impl SyncError {
     /// The API server or Git was away: retried without counting against the limit.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             SyncError::Apply(e) => e.is_transient(),
             SyncError::Source(SourceError::Git { .. }) => true,
@@ -63,7 +63,7 @@ fn is_disk_full(e: &std::io::Error) -> bool {
 }
 
 impl SyncError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             SyncError::Source(e) => e.metric_label(),
@@ -101,13 +101,13 @@ fn wave_timeout(app: &AppConfig) -> std::time::Duration {
 /// What an app syncs to: a commit SHA (for a chart, `<version>@sha256:<hex>`), and the
 /// annotated tag the revision named, whose signature vouches for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub sha: String,
-    pub tag: Option<TagRef>,
+pub(crate) struct Target {
+    pub(crate) sha: String,
+    pub(crate) tag: Option<TagRef>,
 }
 
 /// What a repository offers, read once per round.
-pub enum Revisions {
+pub(crate) enum Revisions {
     Git(RemoteRefs),
     /// A chart repository, with its index when it is an HTTP(S) one.
     Charts(Option<Arc<ChartIndex>>),
@@ -117,7 +117,7 @@ pub enum Revisions {
 const WINDOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyncResult {
+pub(crate) enum SyncResult {
     /// Not attempted now: a sync window is closed, or a failed attempt waits for its retry.
     Waiting {
         revision: String,
@@ -136,28 +136,28 @@ pub enum SyncResult {
 }
 
 /// Everything a sync needs, shared by all apps.
-pub struct SyncContext {
-    pub config: Config,
+pub(crate) struct SyncContext {
+    pub(crate) config: Config,
     /// The keys trusted to sign revisions.
-    pub keyring: Arc<crate::signature::Keyring>,
+    pub(crate) keyring: Arc<crate::signature::Keyring>,
     /// The fleet's AppProjects, by name.
-    pub projects: BTreeMap<String, crate::policy::Project>,
-    pub metrics: Arc<Metrics>,
-    pub board: Arc<StatusBoard>,
+    pub(crate) projects: BTreeMap<String, crate::policy::Project>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) board: Arc<StatusBoard>,
     /// Wakes the health monitor: after every apply, and when a watch sees an app's object
     /// change (the apps in `health_dirty`).
-    pub health_wake: tokio::sync::Notify,
+    pub(crate) health_wake: tokio::sync::Notify,
     health_dirty: std::sync::Mutex<HashSet<String>>,
-    pub source: GitSource,
-    pub charts: ChartSource,
+    pub(crate) source: GitSource,
+    pub(crate) charts: ChartSource,
     /// What the engine reads, applies and deletes through.
-    pub cluster: Arc<dyn Cluster>,
+    pub(crate) cluster: Arc<dyn Cluster>,
     /// The real API server, for the drift watches and the status API.
-    pub kube: Option<Arc<KubeApplier>>,
-    pub store: StateStore,
-    pub retries: retry::Retries,
+    pub(crate) kube: Option<Arc<KubeApplier>>,
+    pub(crate) store: StateStore,
+    pub(crate) retries: retry::Retries,
     /// Counts finished sync attempts; the drift watcher reloads its desired state on each.
-    pub synced: tokio::sync::watch::Sender<u64>,
+    pub(crate) synced: tokio::sync::watch::Sender<u64>,
     /// One writer per app: sync, rollback, self-heal and removal each hold the app's lock
     /// while they change its objects or its state, so none undoes what another just did.
     writers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -166,7 +166,7 @@ pub struct SyncContext {
 }
 
 /// The sync windows that cover `app`, or why one of them cannot be read.
-pub fn windows_of(
+pub(crate) fn windows_of(
     projects: &BTreeMap<String, crate::policy::Project>,
     app: &AppConfig,
 ) -> Result<Vec<Window>, String> {
@@ -204,7 +204,7 @@ pub(super) fn plan_scope(plan: &apply::Plan, group: &str, kind: &str) -> Option<
 /// Checks that `target` (reached from `revision` of `repo`) is signed by a key of `keyring`
 /// that `allowed` names; `required_by` says who asks, for messages. Returns the signed
 /// object's name and the signer. Blocking (Git I/O).
-pub fn verify_revision(
+pub(crate) fn verify_revision(
     source: &GitSource,
     keyring: &crate::signature::Keyring,
     repo: &RepositoryConfig,
@@ -242,7 +242,7 @@ async fn blocking<T: Send + 'static>(
 
 impl SyncContext {
     /// `publisher` carries status upstream; `None` for one-shot syncs and nodes without MQTT.
-    pub async fn connect(
+    pub(crate) async fn connect(
         node: Node,
         metrics: Arc<Metrics>,
         publisher: Option<Arc<StatusPublisher>>,
@@ -260,7 +260,7 @@ impl SyncContext {
 
     /// A context over any [`Cluster`]; `kube`, the real API server, is what the drift
     /// watches and the status API need besides (engine tests run without one).
-    pub fn with_cluster(
+    pub(crate) fn with_cluster(
         node: Node,
         metrics: Arc<Metrics>,
         publisher: Option<Arc<StatusPublisher>>,
@@ -303,7 +303,10 @@ impl SyncContext {
 
     /// Reads what `repo` offers once, for resolving all its apps' revisions: a Git
     /// repository's refs, or a Helm repository's index.
-    pub async fn remote_refs(&self, repo: &RepositoryConfig) -> Result<Revisions, SyncError> {
+    pub(crate) async fn remote_refs(
+        &self,
+        repo: &RepositoryConfig,
+    ) -> Result<Revisions, SyncError> {
         let started = Instant::now();
         let repo = repo.clone();
         let revisions = if self.config.is_chart_repository(&repo.url) {
@@ -322,7 +325,7 @@ impl SyncContext {
 
     /// The revision `app` should be at: a commit SHA, or for a chart `<version>@sha256:<hex>`
     /// (the chart is then in the cache).
-    pub async fn resolve(
+    pub(crate) async fn resolve(
         &self,
         repo: &RepositoryConfig,
         revisions: &Revisions,
@@ -370,7 +373,7 @@ impl SyncContext {
     /// except for windows that allow manual syncs. A failure is recorded in the app's state;
     /// the last applied revision and the inventory are never lost.
     #[tracing::instrument(name = "sync", skip_all, fields(app = %app.name, revision = %crate::report::status::short_revision(Some(&target.sha))))]
-    pub async fn sync_app(
+    pub(crate) async fn sync_app(
         &self,
         app: &AppConfig,
         target: &Target,
@@ -422,14 +425,14 @@ impl SyncContext {
     }
 
     /// Has `app` rated again soon: one of its objects changed.
-    pub fn object_changed(&self, app: &str) {
+    pub(crate) fn object_changed(&self, app: &str) {
         let mut dirty = self.health_dirty.lock().unwrap_or_else(|e| e.into_inner());
         dirty.insert(app.to_string());
         self.health_wake.notify_one();
     }
 
     /// The apps whose objects changed since the last call.
-    pub fn take_health_dirty(&self) -> HashSet<String> {
+    pub(crate) fn take_health_dirty(&self) -> HashSet<String> {
         let mut dirty = self.health_dirty.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *dirty)
     }
@@ -440,17 +443,17 @@ impl SyncContext {
     }
 
     /// Waits until nothing else writes `app`, and holds it until the guard is dropped.
-    pub async fn writer(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn writer(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
         self.writer_lock(app).lock_owned().await
     }
 
     /// Holds `app` if nothing else writes it now.
-    pub fn try_writer(&self, app: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    pub(crate) fn try_writer(&self, app: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         self.writer_lock(app).try_lock_owned().ok()
     }
 
     /// Whether something (a sync, a rollback, a self-heal) is writing `app` now.
-    pub fn is_syncing(&self, app: &str) -> bool {
+    pub(crate) fn is_syncing(&self, app: &str) -> bool {
         self.try_writer(app).is_none()
     }
 
@@ -687,7 +690,7 @@ impl SyncContext {
     /// arrives. Nothing happens without a Healthy render to go back to.
     /// `revision` is the one found Degraded: if a sync moved the app on meanwhile, nothing
     /// is rolled back.
-    pub async fn rollback(
+    pub(crate) async fn rollback(
         &self,
         app: &AppConfig,
         revision: &str,
@@ -793,7 +796,7 @@ impl SyncContext {
     }
 
     /// Keeps the applied render as the app's last Healthy one, once its revision is Healthy.
-    pub async fn remember_healthy(&self, app: &str, revision: &str) {
+    pub(crate) async fn remember_healthy(&self, app: &str, revision: &str) {
         let current = self.store.load_render(app, RenderKind::Healthy);
         if matches!(&current, Ok(Some(r)) if r.revision == revision) {
             return;
@@ -953,7 +956,10 @@ impl SyncContext {
     }
 
     /// The app's current target revision, rendered and planned (for `edgesync diff`).
-    pub async fn target_plan(&self, app: &AppConfig) -> Result<(String, apply::Plan), SyncError> {
+    pub(crate) async fn target_plan(
+        &self,
+        app: &AppConfig,
+    ) -> Result<(String, apply::Plan), SyncError> {
         let repo = self.config.repository(&app.repo);
         let revisions = self.remote_refs(&repo).await?;
         let target = self.resolve(&repo, &revisions, app).await?;
@@ -1064,7 +1070,7 @@ impl SyncContext {
 
     /// Removes snapshots of `repo` that no app needs any more. Charts are kept per digest,
     /// whichever repository they came from, so all chart apps count for them.
-    pub fn retain_snapshots(&self, repo: &str, in_use: impl IntoIterator<Item = String>) {
+    pub(crate) fn retain_snapshots(&self, repo: &str, in_use: impl IntoIterator<Item = String>) {
         let charts = self.config.is_chart_repository(repo);
         let mut keep: HashSet<String> = in_use.into_iter().collect();
         let apps = self.config.apps.iter().filter(|a| {

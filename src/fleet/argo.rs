@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 use crate::config::{sync_policy, AppConfig};
 use crate::render::Object;
 
-pub const GROUP: &str = "argoproj.io";
+pub(crate) const GROUP: &str = "argoproj.io";
 /// `metadata.annotations` key of an Application's node selector.
-pub const NODE_SELECTOR_ANNOTATION: &str = "edgesync.io/node-selector";
+pub(crate) const NODE_SELECTOR_ANNOTATION: &str = "edgesync.io/node-selector";
 const IN_CLUSTER: [&str; 2] = [
     "https://kubernetes.default.svc",
     "https://kubernetes.default.svc/",
@@ -23,16 +23,16 @@ const DELETE_FINALIZER: &str = "resources-finalizer.argocd.argoproj.io";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{origin}: {kind} {name}: {message}")]
-pub struct ArgoError {
-    pub origin: String,
-    pub kind: String,
-    pub name: String,
-    pub message: String,
+pub(crate) struct ArgoError {
+    pub(crate) origin: String,
+    pub(crate) kind: String,
+    pub(crate) name: String,
+    pub(crate) message: String,
 }
 
 /// Where an Application's manifests come from.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Source {
+pub(crate) enum Source {
     /// A path in a Git repository (plain YAML, Kustomize, or a chart in the repository).
     Git {
         repo_url: String,
@@ -55,46 +55,46 @@ pub enum Source {
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Automated {
-    pub prune: bool,
-    pub self_heal: bool,
-    pub allow_empty: bool,
+pub(crate) struct Automated {
+    pub(crate) prune: bool,
+    pub(crate) self_heal: bool,
+    pub(crate) allow_empty: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Application {
-    pub name: String,
-    pub project: String,
-    pub source: Source,
-    pub namespace: Option<String>,
+pub(crate) struct Application {
+    pub(crate) name: String,
+    pub(crate) project: String,
+    pub(crate) source: Source,
+    pub(crate) namespace: Option<String>,
     /// `syncPolicy.automated`; `None` means manual sync only.
-    pub automated: Option<Automated>,
-    pub sync_options: Vec<String>,
-    pub retry: Option<Value>,
-    pub ignore_differences: Vec<Value>,
+    pub(crate) automated: Option<Automated>,
+    pub(crate) sync_options: Vec<String>,
+    pub(crate) retry: Option<Value>,
+    pub(crate) ignore_differences: Vec<Value>,
     /// The `resources-finalizer.argocd.argoproj.io` finalizer: removing the app deletes what it
     /// applied.
-    pub delete_resources_on_removal: bool,
-    pub node_selector: Option<String>,
+    pub(crate) delete_resources_on_removal: bool,
+    pub(crate) node_selector: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct AppProject {
-    pub name: String,
-    pub spec: Value,
+pub(crate) struct AppProject {
+    pub(crate) name: String,
+    pub(crate) spec: Value,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum FleetObject {
+pub(crate) enum FleetObject {
     Application(Box<Application>),
     AppProject(AppProject),
 }
 
 /// The parse of one object, with a warning for every field that is set but ignored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Parsed {
-    pub object: FleetObject,
-    pub warnings: Vec<String>,
+pub(crate) struct Parsed {
+    pub(crate) object: FleetObject,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Fields edgesync reads, or knowingly accepts, at each level.
@@ -174,7 +174,7 @@ fn flag(v: &Value, pointer: &str) -> bool {
 }
 
 /// Reads an Argo CD object; anything else is `None`.
-pub fn parse(object: &Object) -> Result<Option<Parsed>, ArgoError> {
+pub(crate) fn parse(object: &Object) -> Result<Option<Parsed>, ArgoError> {
     if object.group() != GROUP {
         return Ok(None);
     }
@@ -338,7 +338,7 @@ impl Application {
     }
 
     /// The app as edgesync runs it today, or why it cannot run yet.
-    pub fn to_app_config(&self) -> Result<AppConfig, String> {
+    pub(crate) fn to_app_config(&self) -> Result<AppConfig, String> {
         let (repo, revision, path, chart, helm) = match &self.source {
             Source::Git {
                 repo_url,

@@ -1,9 +1,5 @@
-//! The fleet model: which apps this node runs. Today that is node targeting: each app may
-//! carry a label selector, matched against the node's labels plus facts about the node.
+//! The fleet: Argo CD Applications and AppProjects as the fleet repository holds them
+//! ([`argo`]), read into apps and projects. Which apps this node runs is decided by their
+//! node selectors (`model::selector`) against the node's labels (`model::node`).
 
-pub mod argo;
-pub use crate::model::selector;
-
-pub use selector::{Selector, SelectorError};
-
-pub use crate::model::node::node_labels;
+pub(crate) mod argo;

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 /// Ordered from best to worst, as Argo CD orders them for the worst-of rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum HealthStatus {
+pub(crate) enum HealthStatus {
     Healthy,
     Suspended,
     Progressing,
@@ -17,7 +17,7 @@ pub enum HealthStatus {
 }
 
 impl HealthStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HealthStatus::Healthy => "Healthy",
             HealthStatus::Suspended => "Suspended",
@@ -31,9 +31,9 @@ impl HealthStatus {
 
 /// One object's health and, when not healthy, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    pub status: HealthStatus,
-    pub message: String,
+pub(crate) struct Health {
+    pub(crate) status: HealthStatus,
+    pub(crate) message: String,
 }
 
 fn health(status: HealthStatus, message: impl Into<String>) -> Health {
@@ -86,7 +86,7 @@ fn generation_pending(v: &Value) -> bool {
 }
 
 /// The health of one live object.
-pub fn assess(object: &Value) -> Health {
+pub(crate) fn assess(object: &Value) -> Health {
     let group = string(object, "/apiVersion")
         .and_then(|a| a.rsplit_once('/').map(|(g, _)| g))
         .unwrap_or("");
@@ -351,7 +351,7 @@ fn kstatus(o: &Value) -> Health {
 }
 
 /// The worst of several healths, keeping the message of the worst one.
-pub fn worst(healths: impl IntoIterator<Item = Health>) -> Health {
+pub(crate) fn worst(healths: impl IntoIterator<Item = Health>) -> Health {
     healths
         .into_iter()
         .max_by_key(|h| h.status)

@@ -4,7 +4,7 @@
 /// `*` matches any run of characters (`/` included), `?` exactly one. Linear in the text for
 /// each star (the greedy match with one backtrack point), so a pattern from Git such as
 /// `*a*a*a*a*b` cannot make it take exponential time.
-pub fn glob(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
     let (mut pi, mut ti) = (0, 0);

@@ -6,10 +6,10 @@ use std::time::Duration;
 /// The longest duration any setting takes. Durations come from Git too (Applications),
 /// and the agent adds them to clock readings: bounding them where they are read keeps a
 /// `300000000000y` from overflowing an `Instant` anywhere later.
-pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+pub(crate) const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Parses a duration and refuses one over [`MAX`]. The caller names the key.
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let parsed = humantime::parse_duration(text)
         .map_err(|e| format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""))?;
     if parsed > MAX {
@@ -21,27 +21,29 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(parsed)
 }
 
-pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
-pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse(&text).map_err(serde::de::Error::custom)
 }
 
-pub mod option {
+pub(crate) mod option {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => super::serialize(d, s),
             None => s.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
             Some(text) => super::parse(&text)

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 /// The node's labels: those from the config, plus facts edgesync knows (configured labels
 /// win): `kubernetes.io/hostname`, `kubernetes.io/arch` and `kubernetes.io/os`, named and
 /// valued as the kubelet does.
-pub fn node_labels(node: &str, configured: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub(crate) fn node_labels(
+    node: &str,
+    configured: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

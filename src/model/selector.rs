@@ -17,15 +17,15 @@ enum Requirement {
 
 /// A parsed selector; the empty selector matches every node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Selector {
+pub(crate) struct Selector {
     requirements: Vec<Requirement>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid label selector {selector:?}: {reason}")]
-pub struct SelectorError {
-    pub selector: String,
-    pub reason: String,
+pub(crate) struct SelectorError {
+    pub(crate) selector: String,
+    pub(crate) reason: String,
 }
 
 fn valid_key(key: &str) -> bool {
@@ -67,7 +67,7 @@ fn terms(text: &str) -> Vec<&str> {
 }
 
 impl Selector {
-    pub fn parse(text: &str) -> Result<Selector, SelectorError> {
+    pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
         let err = |reason: String| SelectorError {
             selector: text.to_string(),
             reason,
@@ -110,7 +110,7 @@ impl Selector {
         Ok(Selector { requirements })
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| match r {
             Requirement::Exists(k) => labels.contains_key(k),
             Requirement::NotExists(k) => !labels.contains_key(k),

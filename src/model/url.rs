@@ -1,19 +1,19 @@
 //! Repository URLs: commit SHAs, OCI references, and redaction of credentials in any text.
 
 /// True for a full 40-character hexadecimal commit SHA.
-pub fn is_commit_sha(revision: &str) -> bool {
+pub(crate) fn is_commit_sha(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// `url` with any password or token in its user part replaced, for messages and logs.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     redact_text(url)
 }
 
 /// `text` with the user part of every URL in it redacted: a password (`user:***@`), and for
 /// HTTP(S) a user part alone too (`https://***@host`: a token is often put there). An SSH
 /// user name (`ssh://git@host`) is not a secret and stays.
-pub fn redact_text(text: &str) -> String {
+pub(crate) fn redact_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(sep) = rest.find("://") {
@@ -59,12 +59,12 @@ pub fn redact_text(text: &str) -> String {
 }
 
 /// True for an OCI registry URL (`oci://host/path`).
-pub fn is_oci(url: &str) -> bool {
+pub(crate) fn is_oci(url: &str) -> bool {
     url.starts_with("oci://")
 }
 
 /// Host, port and whether TLS is used, from `mqtt://host[:port]` or `mqtts://host[:port]`.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+pub(crate) fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("mqtt://") {

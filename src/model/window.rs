@@ -21,7 +21,7 @@ use super::human;
 /// Whether a sync window allows or denies syncs while it is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum WindowKind {
+pub(crate) enum WindowKind {
     Allow,
     Deny,
 }
@@ -30,17 +30,17 @@ pub enum WindowKind {
 /// fires in `time_zone`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct SyncWindow {
-    pub kind: WindowKind,
-    pub schedule: String,
+pub(crate) struct SyncWindow {
+    pub(crate) kind: WindowKind,
+    pub(crate) schedule: String,
     #[serde(with = "human")]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// An IANA time zone, e.g. `Europe/Berlin`; `UTC` by default.
     #[serde(default = "default_zone")]
-    pub time_zone: String,
+    pub(crate) time_zone: String,
     /// Manual syncs (`edgesync sync`) are allowed even when this window blocks.
     #[serde(default)]
-    pub manual_sync: bool,
+    pub(crate) manual_sync: bool,
 }
 
 fn default_zone() -> String {
@@ -54,7 +54,7 @@ const LOOKAHEAD_MINUTES: i64 = 8 * 24 * 60;
 
 /// A parsed five-field cron schedule: one bit per allowed value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cron {
+pub(crate) struct Cron {
     minutes: u64,
     hours: u32,
     days: u32,
@@ -70,7 +70,7 @@ const MONTHS: [&str; 12] = [
 const WEEKDAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 
 impl Cron {
-    pub fn parse(expr: &str) -> Result<Cron, String> {
+    pub(crate) fn parse(expr: &str) -> Result<Cron, String> {
         let expanded = match expr.trim() {
             "@yearly" | "@annually" => "0 0 1 1 *",
             "@monthly" => "0 0 1 * *",
@@ -101,7 +101,7 @@ impl Cron {
     }
 
     /// Whether the schedule fires at the minute `t` falls in.
-    pub fn matches(&self, t: &Zoned) -> bool {
+    pub(crate) fn matches(&self, t: &Zoned) -> bool {
         let bit = |set: u64, v: i64| set >> v & 1 == 1;
         let day = bit(u64::from(self.days), i64::from(t.day()));
         let weekday = bit(
@@ -167,14 +167,14 @@ fn field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, String> 
 
 /// A configured window, parsed.
 #[derive(Debug, Clone)]
-pub struct Window {
-    pub spec: SyncWindow,
+pub(crate) struct Window {
+    pub(crate) spec: SyncWindow,
     cron: Cron,
     zone: TimeZone,
 }
 
 impl Window {
-    pub fn new(spec: &SyncWindow) -> Result<Window, String> {
+    pub(crate) fn new(spec: &SyncWindow) -> Result<Window, String> {
         let cron = Cron::parse(&spec.schedule)?;
         let zone = TimeZone::get(&spec.time_zone).map_err(|e| {
             format!(
@@ -196,7 +196,7 @@ impl Window {
     }
 
     /// When the window, open at `now`, closes; `None` when it is closed.
-    pub fn open_until(&self, now: Timestamp) -> Option<Timestamp> {
+    pub(crate) fn open_until(&self, now: Timestamp) -> Option<Timestamp> {
         let span = self.spec.duration.as_secs() as i64;
         let now_minute = now.as_second().div_euclid(60) * 60;
         // The latest firing within the last `duration` decides when the window closes.
@@ -215,7 +215,7 @@ impl Window {
     }
 
     /// The next time the window opens after `now`, looking a week and a day ahead.
-    pub fn next_open(&self, now: Timestamp) -> Option<Timestamp> {
+    pub(crate) fn next_open(&self, now: Timestamp) -> Option<Timestamp> {
         let start = now.as_second().div_euclid(60) * 60 + 60;
         (0..LOOKAHEAD_MINUTES)
             .map(|i| start + i * 60)
@@ -239,7 +239,7 @@ impl Window {
 
 /// Whether a sync may run now, and if not, why and when to look again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allowed,
     Blocked {
         reason: String,
@@ -249,7 +249,7 @@ pub enum Verdict {
 }
 
 /// Argo CD's rules for `windows` at `now`; `manual` for a sync a person asked for.
-pub fn verdict(windows: &[Window], now: Timestamp, manual: bool) -> Verdict {
+pub(crate) fn verdict(windows: &[Window], now: Timestamp, manual: bool) -> Verdict {
     if windows.is_empty() {
         return Verdict::Allowed;
     }

@@ -35,7 +35,7 @@ fn canonical(path: &Path, root: &Path) -> Result<PathBuf, RenderError> {
     })
 }
 
-pub use crate::config::options::DirectoryOptions;
+pub(crate) use crate::config::options::DirectoryOptions;
 
 impl DirectoryOptions {
     fn wants(&self, rel: &str) -> bool {
@@ -86,7 +86,7 @@ fn expand_braces(pattern: &str) -> Vec<String> {
 }
 
 /// Renders all manifest files below `dir`, which must already be inside `root`.
-pub fn render_directory(
+pub(crate) fn render_directory(
     root: &Path,
     dir: &Path,
     options: &DirectoryOptions,

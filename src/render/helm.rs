@@ -9,27 +9,31 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub use crate::config::options::HelmOptions;
+pub(crate) use crate::config::options::HelmOptions;
 
 use super::directory::contained_path;
 use super::{parse_objects, Manifests, RenderError};
 
 /// What one render needs from the app and the config.
 #[derive(Debug, Clone)]
-pub struct HelmRequest {
-    pub app: String,
-    pub namespace: Option<String>,
-    pub options: HelmOptions,
+pub(crate) struct HelmRequest {
+    pub(crate) app: String,
+    pub(crate) namespace: Option<String>,
+    pub(crate) options: HelmOptions,
     /// The helm binary: a path, or a name looked up on PATH.
-    pub binary: PathBuf,
+    pub(crate) binary: PathBuf,
 }
 
-pub fn is_chart(dir: &Path) -> bool {
+pub(crate) fn is_chart(dir: &Path) -> bool {
     dir.join("Chart.yaml").is_file()
 }
 
 /// Renders the chart in `dir` (inside the checkout at `root`).
-pub fn template(root: &Path, dir: &Path, req: &HelmRequest) -> Result<Manifests, RenderError> {
+pub(crate) fn template(
+    root: &Path,
+    dir: &Path,
+    req: &HelmRequest,
+) -> Result<Manifests, RenderError> {
     let rel = dir.strip_prefix(root).unwrap_or(dir).to_path_buf();
     let fail = |message: String| RenderError::Helm {
         app: req.app.clone(),

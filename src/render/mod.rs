@@ -5,21 +5,22 @@
 //! ([`kustomize`]); any other directory is read as plain manifests.
 
 mod directory;
-pub mod helm;
-pub mod kustomize;
-pub mod process;
-pub mod substitute;
+pub(crate) mod helm;
+pub(crate) mod kustomize;
+pub(crate) mod process;
+pub(crate) mod substitute;
 mod yaml;
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-pub use directory::{render_directory, DirectoryOptions};
-pub use yaml::{parse_documents, to_yaml_stream};
+pub(crate) use directory::{render_directory, DirectoryOptions};
+pub use yaml::parse_documents;
+pub(crate) use yaml::to_yaml_stream;
 
 /// Largest manifest file accepted; anything bigger is almost certainly not a manifest.
-pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -77,7 +78,7 @@ pub enum RenderError {
 }
 
 impl RenderError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             RenderError::PathNotFound { .. } => ErrorKind::RenderPathNotFound,
@@ -98,33 +99,33 @@ impl RenderError {
 
 /// One Kubernetes object, with where it came from for error messages.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Object {
-    pub value: Map<String, Value>,
+pub(crate) struct Object {
+    pub(crate) value: Map<String, Value>,
     /// `path/in/repo.yaml#2`: file relative to the checkout and document index.
-    pub origin: String,
+    pub(crate) origin: String,
 }
 
 impl Object {
-    pub fn api_version(&self) -> &str {
+    pub(crate) fn api_version(&self) -> &str {
         self.str_field("apiVersion")
     }
-    pub fn kind(&self) -> &str {
+    pub(crate) fn kind(&self) -> &str {
         self.str_field("kind")
     }
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.metadata_str("name").unwrap_or_default()
     }
-    pub fn namespace(&self) -> Option<&str> {
+    pub(crate) fn namespace(&self) -> Option<&str> {
         self.metadata_str("namespace").filter(|s| !s.is_empty())
     }
     /// API group, empty for the core group.
-    pub fn group(&self) -> &str {
+    pub(crate) fn group(&self) -> &str {
         self.api_version()
             .rsplit_once('/')
             .map(|(g, _)| g)
             .unwrap_or("")
     }
-    pub fn version(&self) -> &str {
+    pub(crate) fn version(&self) -> &str {
         let v = self.api_version();
         v.rsplit_once('/').map(|(_, v)| v).unwrap_or(v)
     }
@@ -135,11 +136,11 @@ impl Object {
         self.value.get("metadata")?.get(key)?.as_str()
     }
     /// The object's metadata, made a mapping first if it is missing or malformed.
-    pub fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
+    pub(crate) fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
         metadata_of(&mut self.value)
     }
     /// `Kind namespace/name` or `Kind name`, as used in messages.
-    pub fn display_name(&self) -> String {
+    pub(crate) fn display_name(&self) -> String {
         match self.namespace() {
             Some(ns) => format!("{} {}/{}", self.kind(), ns, self.name()),
             None => format!("{} {}", self.kind(), self.name()),
@@ -150,7 +151,18 @@ impl Object {
 /// The rendered objects of one app, in render order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Manifests {
-    pub objects: Vec<Object>,
+    pub(crate) objects: Vec<Object>,
+}
+
+impl Manifests {
+    /// How many objects the render holds.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
 }
 
 /// Renders `app_path` inside the checkout at `root`.
@@ -160,27 +172,27 @@ pub fn render(root: &Path, app_path: &Path) -> Result<Manifests, RenderError> {
 
 /// What an app adds to a render.
 #[derive(Debug, Default)]
-pub struct RenderOptions<'a> {
+pub(crate) struct RenderOptions<'a> {
     /// Builds kustomizations the native engine does not support (`kubectl kustomize`, ...).
-    pub kustomize_fallback: Option<&'a str>,
+    pub(crate) kustomize_fallback: Option<&'a str>,
     /// The app's Helm release, for a directory holding a chart; without it, the release is
     /// named after the directory and `helm` is looked up on PATH.
-    pub helm: Option<helm::HelmRequest>,
+    pub(crate) helm: Option<helm::HelmRequest>,
     /// How a plain directory is read.
-    pub directory: directory::DirectoryOptions,
+    pub(crate) directory: directory::DirectoryOptions,
     /// Changes to the app's kustomization (Argo CD's `source.kustomize`).
-    pub kustomize: kustomize::Overrides,
+    pub(crate) kustomize: kustomize::Overrides,
     /// Which remote sources the kustomize fallback may fetch (the AppProject's
     /// `sourceRepos`); `None`: any.
-    pub remote_policy: Option<RemotePolicy>,
+    pub(crate) remote_policy: Option<RemotePolicy>,
 }
 
 /// Whether a repository URL may be fetched (`Err` says why not).
-pub type RemoteCheck = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+pub(crate) type RemoteCheck = dyn Fn(&str) -> Result<(), String> + Send + Sync;
 
 /// Says whether a repository URL may be fetched, and why not.
 #[derive(Clone)]
-pub struct RemotePolicy(pub std::sync::Arc<RemoteCheck>);
+pub(crate) struct RemotePolicy(pub(crate) std::sync::Arc<RemoteCheck>);
 
 impl std::fmt::Debug for RemotePolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,7 +201,7 @@ impl std::fmt::Debug for RemotePolicy {
 }
 
 /// Renders `app_path`: a Helm chart (a `Chart.yaml`), a kustomization, or plain manifests.
-pub fn render_with(
+pub(crate) fn render_with(
     root: &Path,
     app_path: &Path,
     options: &RenderOptions,

@@ -7,21 +7,21 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long one render program may run.
-pub const TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(120);
 /// How much one render program may print (on stdout; stderr is kept to its first 64 KiB).
-pub const MAX_OUTPUT: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_OUTPUT: usize = 64 * 1024 * 1024;
 const MAX_STDERR: usize = 64 * 1024;
 
 /// What the program printed, once it exited with success or failure.
 #[derive(Debug)]
-pub struct Output {
-    pub success: bool,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+pub(crate) struct Output {
+    pub(crate) success: bool,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub(crate) enum RunError {
     #[error("{0}")]
     Spawn(#[source] std::io::Error),
     #[error("stopped after {}: it did not finish in time", humantime::format_duration(*.0))]
@@ -34,7 +34,11 @@ pub enum RunError {
 
 /// Runs `command` with stdin closed, for at most `timeout`, keeping at most `max_output`
 /// bytes of stdout; past either bound the program is killed.
-pub fn run(mut command: Command, timeout: Duration, max_output: usize) -> Result<Output, RunError> {
+pub(crate) fn run(
+    mut command: Command,
+    timeout: Duration,
+    max_output: usize,
+) -> Result<Output, RunError> {
     // Its own process group, so stopping it stops whatever it started too.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     command

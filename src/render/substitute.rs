@@ -16,7 +16,7 @@ use super::{Object, RenderError};
 
 /// How substitution treats a variable that is not set and has no default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// It becomes empty, as in Flux by default.
     Lenient,
     /// It is an error naming the object and the variable (Flux's strict mode).
@@ -25,10 +25,10 @@ pub enum Mode {
 
 const DISABLE_KEY: &str = "kustomize.toolkit.fluxcd.io/substitute";
 
-pub use crate::config::options::{node_variables, valid_name};
+pub(crate) use crate::config::options::valid_name;
 
 /// Substitutes in every object that does not opt out.
-pub fn substitute(
+pub(crate) fn substitute(
     objects: &mut [Object],
     vars: &BTreeMap<String, String>,
     mode: Mode,
@@ -166,6 +166,7 @@ fn expand(s: &str, vars: &BTreeMap<String, String>, mode: Mode) -> Result<Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::options::node_variables;
     use serde_json::json;
 
     fn vars() -> BTreeMap<String, String> {

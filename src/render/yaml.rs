@@ -41,7 +41,7 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Value>, RenderErro
 }
 
 /// Parses a JSON file, which holds exactly one document.
-pub fn parse_json(text: &str, path: &Path) -> Result<Value, RenderError> {
+pub(crate) fn parse_json(text: &str, path: &Path) -> Result<Value, RenderError> {
     serde_json::from_str(text).map_err(|source| RenderError::Json {
         path: path.to_path_buf(),
         source,
@@ -49,7 +49,7 @@ pub fn parse_json(text: &str, path: &Path) -> Result<Value, RenderError> {
 }
 
 /// Writes objects as one multi-document YAML stream, as `kubectl kustomize` does.
-pub fn to_yaml_stream<'a>(
+pub(crate) fn to_yaml_stream<'a>(
     objects: impl IntoIterator<Item = &'a serde_json::Map<String, Value>>,
 ) -> Result<String, serde_saphyr::SerializeError> {
     let mut out = String::new();

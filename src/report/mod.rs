@@ -1,10 +1,10 @@
 //! Report stage: what edgesync tells the outside world. The local HTTP listener serves
 //! Prometheus metrics, liveness and readiness, and the status documents of [`status`].
 
-pub mod outbox;
-pub mod page;
-pub mod publisher;
-pub mod status;
+pub(crate) mod outbox;
+pub(crate) mod page;
+pub(crate) mod publisher;
+pub(crate) mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +23,11 @@ use status::StatusBoard;
 
 /// What the HTTP listener reads.
 #[derive(Clone)]
-pub struct Http {
-    pub metrics: Arc<Metrics>,
-    pub board: Arc<StatusBoard>,
+pub(crate) struct Http {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) board: Arc<StatusBoard>,
     /// For readiness: is the Kubernetes API reachable?
-    pub client: kube::Client,
+    pub(crate) client: kube::Client,
 }
 
 /// Serves until shutdown:
@@ -36,7 +36,11 @@ pub struct Http {
 /// - `GET /healthz`: the process is alive;
 /// - `GET /readyz`: the config is loaded and the Kubernetes API answers;
 /// - `GET /api/v1/status`: the node and app status documents as JSON.
-pub async fn serve_http(listener: TcpListener, http: Http, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    http: Http,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let app = axum::Router::new()
         .route("/", get(page_html))
         .route("/metrics", get(metrics_text))

@@ -17,17 +17,17 @@ use serde::{Deserialize, Serialize};
 const MAX_POSITION: u64 = 1 << 53;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub topic: String,
-    pub payload: String,
+pub(crate) struct Message {
+    pub(crate) topic: String,
+    pub(crate) payload: String,
     /// Retained messages are status documents; the others are events.
-    pub retain: bool,
+    pub(crate) retain: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_messages: usize,
-    pub max_bytes: usize,
+pub(crate) struct Limits {
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -39,26 +39,25 @@ struct Entry {
 
 #[derive(Debug, thiserror::Error)]
 #[error("status outbox {path}: {source}")]
-pub struct OutboxError {
+pub(crate) struct OutboxError {
     path: PathBuf,
     source: std::io::Error,
 }
 
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     dir: PathBuf,
     limits: Limits,
     entries: VecDeque<Entry>,
     bytes: usize,
     next_position: u64,
-    dropped: u64,
     /// Files found unreadable at open (empty or cut short by a power cut) and set aside.
-    pub set_aside: usize,
+    pub(crate) set_aside: usize,
 }
 
 impl Outbox {
     /// Opens the outbox, loading what an earlier run left. Unreadable files are set aside.
-    pub fn open(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
+    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
         let err = |source| OutboxError {
             path: dir.to_path_buf(),
             source,
@@ -80,7 +79,6 @@ impl Outbox {
             entries: VecDeque::new(),
             bytes: 0,
             next_position: found.last().map_or(0, |(p, _)| p + 1),
-            dropped: 0,
             set_aside: 0,
         };
         for (position, path) in found {
@@ -112,7 +110,7 @@ impl Outbox {
     }
 
     /// Queues `message`. Returns how many queued messages had to be dropped to make room.
-    pub fn push(&mut self, message: Message) -> Result<usize, OutboxError> {
+    pub(crate) fn push(&mut self, message: Message) -> Result<usize, OutboxError> {
         if message.retain {
             let stale: Vec<u64> = self
                 .entries
@@ -168,7 +166,6 @@ impl Outbox {
                 None => break,
             }
         }
-        self.dropped += dropped as u64;
         dropped
     }
 
@@ -182,25 +179,17 @@ impl Outbox {
     }
 
     /// The oldest message, to send next.
-    pub fn front(&self) -> Option<(u64, &Message)> {
+    pub(crate) fn front(&self) -> Option<(u64, &Message)> {
         self.entries.front().map(|e| (e.position, &e.message))
     }
 
     /// Forgets a message once the broker has acknowledged it.
-    pub fn acknowledged(&mut self, position: u64) {
+    pub(crate) fn acknowledged(&mut self, position: u64) {
         self.remove(position);
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn dropped(&self) -> u64 {
-        self.dropped
     }
 }
 
@@ -309,9 +298,10 @@ mod tests {
             max_bytes: 1 << 20,
         };
         let mut o = Outbox::open(tmp.path(), limits).unwrap();
-        o.push(status("n/status", "doc")).unwrap();
+        assert_eq!(o.push(status("n/status", "doc")).unwrap(), 0);
+        let mut dropped = 0;
         for n in 0..5 {
-            o.push(event(n)).unwrap();
+            dropped += o.push(event(n)).unwrap();
         }
         let queued: Vec<_> = o
             .entries
@@ -319,7 +309,7 @@ mod tests {
             .map(|e| e.message.payload.as_str())
             .collect();
         assert_eq!(queued, ["doc", "{\"seq\":3}", "{\"seq\":4}"]);
-        assert_eq!(o.dropped(), 3);
+        assert_eq!(dropped, 3);
         let files = std::fs::read_dir(tmp.path()).unwrap().count();
         assert_eq!(files, 3);
     }

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use super::status::{ago, short_revision, StatusDocument, SyncState};
 
-pub fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -50,7 +50,7 @@ th{background:#f4f4f4}code{font-size:12px}\
 .msg{max-width:40em;word-break:break-word}";
 
 /// Renders the page for `doc` at Unix time `now`.
-pub fn render(doc: &StatusDocument, now: u64) -> String {
+pub(crate) fn render(doc: &StatusDocument, now: u64) -> String {
     let mut html = String::new();
     let node = &doc.node;
     let _ = write!(

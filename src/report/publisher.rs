@@ -25,15 +25,15 @@ struct Sequence {
     documents: u64,
 }
 
-pub struct Topics {
-    pub status: String,
-    pub apps: String,
-    pub events: String,
-    pub online: String,
+pub(crate) struct Topics {
+    pub(crate) status: String,
+    pub(crate) apps: String,
+    pub(crate) events: String,
+    pub(crate) online: String,
 }
 
 impl Topics {
-    pub fn new(prefix: &str, node: &str) -> Topics {
+    pub(crate) fn new(prefix: &str, node: &str) -> Topics {
         let prefix = prefix.replace("{node}", node);
         let prefix = prefix.trim_end_matches('/');
         Topics {
@@ -45,7 +45,7 @@ impl Topics {
     }
 }
 
-pub struct StatusPublisher {
+pub(crate) struct StatusPublisher {
     node: String,
     topics: Topics,
     outbox: Mutex<Outbox>,
@@ -56,7 +56,7 @@ pub struct StatusPublisher {
 }
 
 impl StatusPublisher {
-    pub fn open(
+    pub(crate) fn open(
         state_dir: &Path,
         node: &str,
         mqtt: &MqttConfig,
@@ -152,14 +152,14 @@ impl StatusPublisher {
     }
 
     /// An event (`sync_started`, `sync_succeeded`, `sync_failed`, ...): not retained, QoS 1.
-    pub fn event(&self, app: &str, event: &str, revision: Option<&str>, message: &str) {
+    pub(crate) fn event(&self, app: &str, event: &str, revision: Option<&str>, message: &str) {
         let seq = self.next_seq(true);
         let body = json!({"app": app, "event": event, "revision": revision, "message": message});
         self.queue(self.topics.events.clone(), self.envelope(seq, body), false);
     }
 
     /// The retained document of one app.
-    pub fn app(&self, status: &AppStatus) {
+    pub(crate) fn app(&self, status: &AppStatus) {
         let seq = self.next_seq(false);
         let body = serde_json::to_value(status).unwrap_or_default();
         let topic = format!("{}/{}", self.topics.apps, status.app);
@@ -167,7 +167,7 @@ impl StatusPublisher {
     }
 
     /// The node's retained summary document.
-    pub fn node(&self, status: &NodeStatus) {
+    pub(crate) fn node(&self, status: &NodeStatus) {
         let seq = self.next_seq(false);
         let body = serde_json::to_value(status).unwrap_or_default();
         self.queue(self.topics.status.clone(), self.envelope(seq, body), true);
@@ -176,7 +176,7 @@ impl StatusPublisher {
 
 /// Starts the thread that writes what the status board reports into `publisher`'s outbox, in
 /// order, off the async workers (the outbox syncs files). It ends when the board is gone.
-pub fn forward(publisher: Arc<StatusPublisher>) -> UpstreamSender {
+pub(crate) fn forward(publisher: Arc<StatusPublisher>) -> UpstreamSender {
     let (tx, rx) = std::sync::mpsc::channel::<Upstream>();
     let spawned = std::thread::Builder::new()
         .name("status-outbox".into())

@@ -13,10 +13,10 @@ use crate::config::{Config, SkippedApp};
 use crate::metrics::{AppInfo, Metrics};
 use crate::state::{unix_now, AppState};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SyncState {
+pub(crate) enum SyncState {
     /// The last applied revision is the one the app tracks.
     Synced,
     /// A newer revision exists and has not been applied yet.
@@ -29,7 +29,7 @@ pub enum SyncState {
 }
 
 impl SyncState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SyncState::Synced => "Synced",
             SyncState::OutOfSync => "OutOfSync",
@@ -41,69 +41,69 @@ impl SyncState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppStatus {
-    pub app: String,
-    pub repo: String,
-    pub path: String,
+pub(crate) struct AppStatus {
+    pub(crate) app: String,
+    pub(crate) repo: String,
+    pub(crate) path: String,
     /// The commit applied last, completely.
-    pub revision: Option<String>,
+    pub(crate) revision: Option<String>,
     /// The commit the app should be at, as last resolved.
-    pub target_revision: Option<String>,
-    pub sync: SyncState,
-    pub health: String,
+    pub(crate) target_revision: Option<String>,
+    pub(crate) sync: SyncState,
+    pub(crate) health: String,
     /// Why the app has this health, whatever its sync state: the worst object and what is
     /// wrong with it (for `Unknown`, the error reading it).
     #[serde(default)]
-    pub health_message: String,
-    pub message: String,
+    pub(crate) health_message: String,
+    pub(crate) message: String,
     /// Objects in the app's inventory, by health.
-    pub objects: BTreeMap<String, usize>,
+    pub(crate) objects: BTreeMap<String, usize>,
     /// Unix seconds.
-    pub last_sync_start: Option<u64>,
-    pub last_sync_end: Option<u64>,
-    pub last_error: Option<String>,
+    pub(crate) last_sync_start: Option<u64>,
+    pub(crate) last_sync_end: Option<u64>,
+    pub(crate) last_error: Option<String>,
     /// Standing warnings from the last sync (orphaned resources).
     #[serde(default)]
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppSummary {
-    pub app: String,
-    pub revision: Option<String>,
-    pub sync: SyncState,
-    pub health: String,
+pub(crate) struct AppSummary {
+    pub(crate) app: String,
+    pub(crate) revision: Option<String>,
+    pub(crate) sync: SyncState,
+    pub(crate) health: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub schema_version: u32,
-    pub node: String,
-    pub labels: BTreeMap<String, String>,
-    pub agent_version: String,
-    pub uptime_seconds: u64,
-    pub timestamp: u64,
-    pub apps: Vec<AppSummary>,
+pub(crate) struct NodeStatus {
+    pub(crate) schema_version: u32,
+    pub(crate) node: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) agent_version: String,
+    pub(crate) uptime_seconds: u64,
+    pub(crate) timestamp: u64,
+    pub(crate) apps: Vec<AppSummary>,
     /// Configured apps this node does not run, and why.
     #[serde(default)]
-    pub skipped: Vec<SkippedApp>,
+    pub(crate) skipped: Vec<SkippedApp>,
 }
 
 /// One recent event, as the status page and API show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventRecord {
-    pub timestamp: u64,
-    pub app: String,
-    pub event: String,
-    pub revision: Option<String>,
-    pub message: String,
+pub(crate) struct EventRecord {
+    pub(crate) timestamp: u64,
+    pub(crate) app: String,
+    pub(crate) event: String,
+    pub(crate) revision: Option<String>,
+    pub(crate) message: String,
 }
 
 /// What the board hands upstream, in the order it happened. The report's publisher writes it
 /// to the outbox on a thread of its own ([`super::publisher::forward`]): the board is updated
 /// from async tasks, and the outbox syncs files.
 #[derive(Debug, Clone)]
-pub enum Upstream {
+pub(crate) enum Upstream {
     App(AppStatus),
     Node(NodeStatus),
     Event {
@@ -114,23 +114,23 @@ pub enum Upstream {
     },
 }
 
-pub type UpstreamSender = std::sync::mpsc::Sender<Upstream>;
+pub(crate) type UpstreamSender = std::sync::mpsc::Sender<Upstream>;
 
 /// Events kept in memory for the page and the API (MQTT gets all of them).
 const RECENT_EVENTS: usize = 50;
 
 /// What `GET /api/v1/status` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusDocument {
-    pub node: NodeStatus,
-    pub apps: Vec<AppStatus>,
+pub(crate) struct StatusDocument {
+    pub(crate) node: NodeStatus,
+    pub(crate) apps: Vec<AppStatus>,
     /// The most recent events, newest first.
     #[serde(default)]
-    pub events: Vec<EventRecord>,
+    pub(crate) events: Vec<EventRecord>,
 }
 
 /// The live status of every app, updated by the daemon around each sync.
-pub struct StatusBoard {
+pub(crate) struct StatusBoard {
     node: String,
     labels: BTreeMap<String, String>,
     skipped: Vec<SkippedApp>,
@@ -146,7 +146,7 @@ const UNKNOWN: &str = "Unknown";
 impl StatusBoard {
     /// Starts from what the state directory remembers, so a restarted agent reports its
     /// last known state at once. `states` yields each app's persisted state.
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         metrics: Arc<Metrics>,
         publisher: Option<UpstreamSender>,
@@ -259,7 +259,7 @@ impl StatusBoard {
         });
     }
 
-    pub fn syncing(&self, app: &str, target: &str) {
+    pub(crate) fn syncing(&self, app: &str, target: &str) {
         self.event(app, "sync_started", Some(target), "");
         self.update(app, |s| {
             s.sync = SyncState::Syncing;
@@ -270,7 +270,7 @@ impl StatusBoard {
     }
 
     /// After a sync attempt, from the state it persisted.
-    pub fn synced(&self, app: &str, state: &AppState, error: Option<&str>) {
+    pub(crate) fn synced(&self, app: &str, state: &AppState, error: Option<&str>) {
         let target = state.last_attempted_revision.as_deref();
         match error {
             None => self.event(app, "sync_succeeded", target, ""),
@@ -299,7 +299,7 @@ impl StatusBoard {
     }
 
     /// The app is held at `target` by a sync window or a retry backoff.
-    pub fn waiting(&self, app: &str, target: &str, reason: &str) {
+    pub(crate) fn waiting(&self, app: &str, target: &str, reason: &str) {
         self.update(app, |s| {
             if s.revision.as_deref() != Some(target) {
                 s.sync = SyncState::Waiting;
@@ -310,17 +310,17 @@ impl StatusBoard {
     }
 
     /// Replaces the app's standing warnings (they stay until the next sync sets them again).
-    pub fn warnings(&self, app: &str, warnings: Vec<String>) {
+    pub(crate) fn warnings(&self, app: &str, warnings: Vec<String>) {
         self.update(app, |s| s.warnings = warnings);
     }
 
     /// Adds a note (retry plans) to the app's message.
-    pub fn note(&self, app: &str, note: &str) {
+    pub(crate) fn note(&self, app: &str, note: &str) {
         self.update(app, |s| s.message = format!("{} ({note})", s.message));
     }
 
     /// Live objects differ from Git and are not healed; `message` says which and how.
-    pub fn out_of_sync(&self, app: &str, message: &str) {
+    pub(crate) fn out_of_sync(&self, app: &str, message: &str) {
         self.update(app, |s| {
             s.sync = SyncState::OutOfSync;
             s.message = first_line(message);
@@ -328,7 +328,7 @@ impl StatusBoard {
     }
 
     /// The drift reported by [`out_of_sync`](Self::out_of_sync) is gone.
-    pub fn in_sync(&self, app: &str) {
+    pub(crate) fn in_sync(&self, app: &str) {
         self.update(app, |s| {
             if s.sync == SyncState::OutOfSync && s.last_error.is_none() {
                 s.sync = SyncState::Synced;
@@ -341,14 +341,14 @@ impl StatusBoard {
     }
 
     /// Drifted objects were re-applied from the last-known-good render.
-    pub fn healed(&self, app: &str, objects: &[String]) {
+    pub(crate) fn healed(&self, app: &str, objects: &[String]) {
         let revision = self.lock().get(app).and_then(|s| s.revision.clone());
         self.event(app, "self_healed", revision.as_deref(), &objects.join("; "));
         self.in_sync(app);
     }
 
     /// `rollback = "auto"` went back from `bad`, which went Degraded for `reason`.
-    pub fn rolled_back(
+    pub(crate) fn rolled_back(
         &self,
         app: &str,
         state: &AppState,
@@ -386,12 +386,12 @@ impl StatusBoard {
     }
 
     /// Objects deleted because Git no longer has them.
-    pub fn pruned(&self, app: &str, revision: Option<&str>, objects: &[String]) {
+    pub(crate) fn pruned(&self, app: &str, revision: Option<&str>, objects: &[String]) {
         self.event(app, "pruned", revision, &objects.join(", "));
     }
 
     /// A round found the app already at `revision`.
-    pub fn up_to_date(&self, app: &str, revision: &str) {
+    pub(crate) fn up_to_date(&self, app: &str, revision: &str) {
         self.update(app, |s| {
             if s.revision.as_deref() == Some(revision) {
                 s.sync = SyncState::Synced;
@@ -404,7 +404,7 @@ impl StatusBoard {
     }
 
     /// The app's health, the worst of its objects', with their counts by health.
-    pub fn health(
+    pub(crate) fn health(
         &self,
         app: &str,
         health: &crate::health::Health,
@@ -428,11 +428,11 @@ impl StatusBoard {
     }
 
     /// The round could not reach Git or resolve the revision; what runs stays as it is.
-    pub fn unreachable(&self, app: &str, error: &str) {
+    pub(crate) fn unreachable(&self, app: &str, error: &str) {
         self.update(app, |s| s.message = first_line(error));
     }
 
-    pub fn document(&self) -> StatusDocument {
+    pub(crate) fn document(&self) -> StatusDocument {
         let apps: Vec<AppStatus> = self.lock().values().cloned().collect();
         StatusDocument {
             node: NodeStatus {
@@ -465,7 +465,7 @@ impl StatusBoard {
     }
 
     /// "5 apps: 4 healthy, 1 degraded; 1 failing to sync", for systemd's STATUS= line.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let apps = self.lock();
         let mut by_health: BTreeMap<&str, usize> = BTreeMap::new();
         for s in apps.values() {
@@ -500,12 +500,12 @@ fn short(sha: &str) -> &str {
 }
 
 /// A revision as people read it: 12 characters, or `-` when there is none.
-pub fn short_revision(revision: Option<&str>) -> &str {
+pub(crate) fn short_revision(revision: Option<&str>) -> &str {
     revision.map(short).unwrap_or("-")
 }
 
 /// "42s ago", "5m ago", "3h ago", "2d ago" or "never".
-pub fn ago(now: u64, then: Option<u64>) -> String {
+pub(crate) fn ago(now: u64, then: Option<u64>) -> String {
     let Some(then) = then else {
         return "never".into();
     };

@@ -70,7 +70,7 @@ impl Secrets {
 /// Why our callbacks refused a connection. libgit2 replaces a callback's message with a
 /// generic one ("invalid or unknown remote ssh hostkey"), so the reason is kept here.
 #[derive(Clone, Default)]
-pub struct Refusal(Rc<RefCell<Option<String>>>);
+pub(crate) struct Refusal(Rc<RefCell<Option<String>>>);
 
 impl Refusal {
     fn refuse(&self, reason: String) -> git2::Error {
@@ -80,7 +80,7 @@ impl Refusal {
     }
 
     /// The message for `e`: our own reason when a callback refused, libgit2's otherwise.
-    pub fn message(&self, e: &git2::Error) -> String {
+    pub(crate) fn message(&self, e: &git2::Error) -> String {
         self.0
             .borrow_mut()
             .take()
@@ -90,7 +90,7 @@ impl Refusal {
 
 /// Callbacks for one connection to `repo`. `progress` sees every transfer update and may
 /// cancel the transfer by returning false.
-pub fn callbacks<'a>(
+pub(crate) fn callbacks<'a>(
     repo: &RepositoryConfig,
     refusal: &Refusal,
     mut progress: impl FnMut(&git2::Progress<'_>) -> bool + 'a,
@@ -154,7 +154,7 @@ pub fn callbacks<'a>(
 
 /// Whether `known_hosts` (OpenSSH format, plain host names) lists `key` for `host`.
 /// Entries for `[host]:port` match the host on any port.
-pub fn known_hosts_match(known_hosts: &str, host: &str, key: &[u8]) -> bool {
+pub(crate) fn known_hosts_match(known_hosts: &str, host: &str, key: &[u8]) -> bool {
     known_hosts.lines().any(|line| {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {

@@ -16,7 +16,7 @@ use crate::signature::Signed;
 
 /// A fetch that downloads more than this is cancelled: no fleet repo is that large, and a
 /// hostile server must not fill the node's disk.
-pub const MAX_FETCH_BYTES: usize = 2 * 1024 * 1024 * 1024;
+pub(crate) const MAX_FETCH_BYTES: usize = 2 * 1024 * 1024 * 1024;
 
 /// libgit2 waits forever on a silent server by default.
 fn set_timeouts() {
@@ -35,13 +35,13 @@ fn set_timeouts() {
 }
 
 #[derive(Debug, Clone)]
-pub struct GitSource {
+pub(crate) struct GitSource {
     repos: PathBuf,
     snapshots: PathBuf,
 }
 
 impl GitSource {
-    pub fn new(state_dir: &Path) -> Self {
+    pub(crate) fn new(state_dir: &Path) -> Self {
         set_timeouts();
         let dir = state_dir.join("git");
         GitSource {
@@ -80,7 +80,7 @@ impl GitSource {
     }
 
     /// Lists the remote's refs without downloading any objects, so polling stays cheap.
-    pub fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SourceError> {
+    pub(crate) fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SourceError> {
         let url = &repo.url;
         let cache = self.open(url)?;
         let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
@@ -107,7 +107,7 @@ impl GitSource {
 
     /// Makes commit `sha` (reached from `revision`) available as a snapshot directory,
     /// fetching it first if the cache does not have it.
-    pub fn snapshot(
+    pub(crate) fn snapshot(
         &self,
         repo: &RepositoryConfig,
         revision: &str,
@@ -255,7 +255,7 @@ impl GitSource {
     /// Commit `sha`, or the annotated tag `tag` that points to it, with its signature, for the
     /// signature stage. The commit is in the cache once its snapshot exists; a tag object is
     /// fetched by its ref the first time.
-    pub fn signed(
+    pub(crate) fn signed(
         &self,
         repo: &RepositoryConfig,
         revision: &str,
@@ -329,7 +329,7 @@ impl GitSource {
 
     /// Deletes `url`'s snapshot directories whose commit is not in `keep`. Snapshots of
     /// other repositories are left alone: their syncs may be rendering them right now.
-    pub fn retain(&self, url: &str, keep: &HashSet<String>) {
+    pub(crate) fn retain(&self, url: &str, keep: &HashSet<String>) {
         let Ok(entries) = std::fs::read_dir(&self.snapshots) else {
             return;
         };
@@ -350,14 +350,14 @@ impl GitSource {
 
 /// The refs a remote advertised at one moment.
 #[derive(Debug, Clone)]
-pub struct RemoteRefs {
+pub(crate) struct RemoteRefs {
     url: String,
     heads: Vec<(String, Oid)>,
 }
 
 impl RemoteRefs {
     /// Resolves a branch, tag, `HEAD`, full ref name or commit SHA to a commit SHA.
-    pub fn resolve(&self, revision: &str) -> Result<String, SourceError> {
+    pub(crate) fn resolve(&self, revision: &str) -> Result<String, SourceError> {
         if is_commit_sha(revision) {
             return Ok(revision.to_ascii_lowercase());
         }
@@ -373,7 +373,7 @@ impl RemoteRefs {
 impl RemoteRefs {
     /// The annotated tag `revision` resolves through, if it does: its signature, not the
     /// commit's, vouches for the revision first.
-    pub fn annotated_tag(&self, revision: &str) -> Option<TagRef> {
+    pub(crate) fn annotated_tag(&self, revision: &str) -> Option<TagRef> {
         if is_commit_sha(revision) {
             return None;
         }
@@ -389,9 +389,9 @@ impl RemoteRefs {
 
 /// An annotated tag on a remote: its full ref name and the tag object's ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagRef {
-    pub name: String,
-    pub oid: String,
+pub(crate) struct TagRef {
+    pub(crate) name: String,
+    pub(crate) oid: String,
 }
 
 /// libgit2's local transport cannot do shallow fetches.

@@ -5,17 +5,17 @@
 //! All Git I/O is blocking (libgit2); callers run it on a blocking thread.
 
 mod auth;
-pub mod chart;
+pub(crate) mod chart;
 mod git;
 mod sealed;
 
 use std::path::PathBuf;
 
-pub use chart::{ChartError, ChartIndex, ChartSource};
-pub use git::{GitSource, RemoteRefs, TagRef, MAX_FETCH_BYTES};
+pub(crate) use chart::{ChartError, ChartIndex, ChartSource};
+pub(crate) use git::{GitSource, RemoteRefs, TagRef};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub(crate) enum SourceError {
     /// `message` says what failed, with libgit2's message; `source` is libgit2's error,
     /// when one caused it.
     #[error("{url}: {message}")]
@@ -51,7 +51,7 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             SourceError::Git { .. } => ErrorKind::Git,
@@ -67,13 +67,13 @@ impl SourceError {
 /// One commit of one repository, checked out into a directory that never changes: it is
 /// created under a temporary name and renamed into place, and never written again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub repo: String,
+pub(crate) struct Snapshot {
+    pub(crate) repo: String,
     /// Full commit SHA.
-    pub revision: String,
-    pub root: PathBuf,
+    pub(crate) revision: String,
+    pub(crate) root: PathBuf,
     /// Whether objects had to be downloaded for it (false: already in the cache).
-    pub fetched: bool,
+    pub(crate) fetched: bool,
 }
 
-pub use crate::model::url::{is_commit_sha, redact, redact_text};
+pub(crate) use crate::model::url::{is_commit_sha, redact};

@@ -17,7 +17,7 @@ const SEAL: &str = ".edgesync-seal";
 type Manifest = BTreeMap<String, Option<(u64, String)>>;
 
 /// Syncs everything under `dir`, then writes and syncs its seal.
-pub fn seal(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn seal(dir: &Path) -> std::io::Result<()> {
     let manifest = read_tree(dir, true)?;
     let text = serde_json::to_vec(&manifest).map_err(std::io::Error::other)?;
     let path = dir.join(SEAL);
@@ -28,7 +28,7 @@ pub fn seal(dir: &Path) -> std::io::Result<()> {
 
 /// Moves a sealed `tmp` to `target` and syncs the parent, so the rename itself is durable.
 /// `Ok(false)`: `target` exists already (another worker won the race), `tmp` is removed.
-pub fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
+pub(crate) fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
     if let Err(e) = std::fs::rename(tmp, target) {
         let _ = std::fs::remove_dir_all(tmp);
         return if target.is_dir() { Ok(false) } else { Err(e) };
@@ -41,7 +41,7 @@ pub fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
 
 /// Whether `dir` is exactly what was sealed: `Err` says what differs (or that it has no
 /// seal, as directories written before seals existed have).
-pub fn verify(dir: &Path) -> Result<(), String> {
+pub(crate) fn verify(dir: &Path) -> Result<(), String> {
     let text = std::fs::read(dir.join(SEAL)).map_err(|e| format!("no seal: {e}"))?;
     let sealed: Manifest =
         serde_json::from_slice(&text).map_err(|e| format!("unreadable seal: {e}"))?;
@@ -56,7 +56,7 @@ pub fn verify(dir: &Path) -> Result<(), String> {
 }
 
 /// Removes `dir` unless it verifies, saying why. Returns whether it is usable.
-pub fn usable_or_removed(dir: &Path) -> bool {
+pub(crate) fn usable_or_removed(dir: &Path) -> bool {
     if !dir.is_dir() {
         return false;
     }

@@ -2,24 +2,24 @@
 //! what it hears into an [`Event`] and hands it to an [`EventSink`] (the scheduler), which
 //! only ever maps it onto repositories and apps that are already configured.
 
-pub mod mqtt;
-pub mod watch;
-pub mod webhook;
+pub(crate) mod mqtt;
+pub(crate) mod watch;
+pub(crate) mod webhook;
 
 use serde::Deserialize;
 
 /// Largest MQTT payload or webhook body we parse as a change message.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     Mqtt,
     Webhook(&'static str),
     Watch,
 }
 
 impl Source {
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Source::Mqtt => "mqtt",
             Source::Webhook(provider) => provider,
@@ -30,45 +30,45 @@ impl Source {
 
 /// "Something changed": the agent should look at these repositories and apps now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub source: Source,
+pub(crate) struct Event {
+    pub(crate) source: Source,
     /// The repository, as the sender wrote its URL (a push names several forms of one URL:
     /// clone, ssh, web). Empty means every repository.
-    pub repos: Vec<String>,
+    pub(crate) repos: Vec<String>,
     /// Branch or ref that moved, when the sender says; only apps tracking it are synced.
-    pub branch: Option<String>,
+    pub(crate) branch: Option<String>,
     /// App names; empty means every app of the repository.
-    pub apps: Vec<String>,
+    pub(crate) apps: Vec<String>,
     /// Addressed to this node alone: no fetch jitter.
-    pub directed: bool,
+    pub(crate) directed: bool,
 }
 
 /// Why the sink did not act on an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused {
-    pub reason: String,
+pub(crate) struct Refused {
+    pub(crate) reason: String,
     /// Short label for metrics.
-    pub label: &'static str,
+    pub(crate) label: &'static str,
 }
 
 /// Where triggers deliver events. Delivery must be quick and never block: the scheduler only
 /// records the request.
-pub trait EventSink: Send + Sync {
+pub(crate) trait EventSink: Send + Sync {
     fn deliver(&self, event: Event) -> Result<(), Refused>;
 }
 
 /// The change message on MQTT and the generic webhook: every field optional, an empty
 /// payload meaning "refresh everything". Unknown fields are ignored for forward compatibility.
 #[derive(Debug, Default, Deserialize)]
-pub struct ChangeMessage {
-    pub repo: Option<String>,
-    pub revision: Option<String>,
+pub(crate) struct ChangeMessage {
+    pub(crate) repo: Option<String>,
+    pub(crate) revision: Option<String>,
     #[serde(default)]
-    pub apps: Vec<String>,
+    pub(crate) apps: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MessageError {
+pub(crate) enum MessageError {
     #[error("payload is {0} bytes, more than {MAX_MESSAGE_BYTES}")]
     TooLarge(usize),
     #[error("payload is not a JSON change message: {0}")]
@@ -76,7 +76,7 @@ pub enum MessageError {
 }
 
 impl ChangeMessage {
-    pub fn parse(payload: &[u8]) -> Result<ChangeMessage, MessageError> {
+    pub(crate) fn parse(payload: &[u8]) -> Result<ChangeMessage, MessageError> {
         if payload.len() > MAX_MESSAGE_BYTES {
             return Err(MessageError::TooLarge(payload.len()));
         }
@@ -86,7 +86,7 @@ impl ChangeMessage {
         serde_json::from_slice(payload).map_err(|e| MessageError::Invalid(e.to_string()))
     }
 
-    pub fn into_event(self, source: Source, directed: bool) -> Event {
+    pub(crate) fn into_event(self, source: Source, directed: bool) -> Event {
         Event {
             source,
             repos: self.repo.into_iter().collect(),
@@ -102,7 +102,7 @@ impl ChangeMessage {
 
 /// Reduces a Git URL to `host/path` so that the https, ssh and scp-like forms of one
 /// repository compare equal: no scheme, user, port, trailing `/` or `.git`; lowercase.
-pub fn repo_key(url: &str) -> String {
+pub(crate) fn repo_key(url: &str) -> String {
     let url = url.trim();
     let rest = match url.split_once("://") {
         Some((_, rest)) => rest,

@@ -27,7 +27,7 @@ use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MqttError {
+pub(crate) enum MqttError {
     #[error("mqtt.url: {0}")]
     Url(String),
     #[error("cannot read {path}: {source}")]
@@ -44,7 +44,7 @@ pub enum MqttError {
 }
 
 impl MqttError {
-    pub fn metric_label(&self) -> crate::metrics::ErrorKind {
+    pub(crate) fn metric_label(&self) -> crate::metrics::ErrorKind {
         use crate::metrics::ErrorKind;
         match self {
             MqttError::Url(_) => ErrorKind::MqttConfig,
@@ -55,15 +55,15 @@ impl MqttError {
 }
 
 /// A message waiting to go upstream.
-pub struct Queued {
-    pub id: u64,
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub retain: bool,
+pub(crate) struct Queued {
+    pub(crate) id: u64,
+    pub(crate) topic: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) retain: bool,
 }
 
 /// Messages to publish, kept by their owner until acknowledged (store and forward).
-pub trait Outbound: Send + Sync {
+pub(crate) trait Outbound: Send + Sync {
     /// Where `online` is announced and the broker publishes the last will, `offline`.
     fn online_topic(&self) -> &str;
     /// The oldest message not yet acknowledged.
@@ -73,7 +73,7 @@ pub trait Outbound: Send + Sync {
     fn wake(&self) -> &Notify;
 }
 
-pub use crate::model::url::parse_broker_url;
+pub(crate) use crate::model::url::parse_broker_url;
 
 fn read(path: &Path) -> Result<Vec<u8>, MqttError> {
     std::fs::read(path).map_err(|source| MqttError::File {
@@ -190,7 +190,7 @@ fn reconnect_delays() -> impl Iterator<Item = Duration> {
 
 /// Runs the subscriber until shutdown. Never returns early: configuration problems are
 /// retried like connection failures, so fixing a credential file is enough to recover.
-pub async fn run(
+pub(crate) async fn run(
     cfg: MqttConfig,
     node: String,
     sink: Arc<dyn EventSink>,

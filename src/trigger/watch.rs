@@ -11,12 +11,12 @@ use tokio::sync::mpsc;
 use super::{Event, EventSink, Source};
 
 /// Keeps the watches alive; dropping it stops them.
-pub struct Watches {
+pub(crate) struct Watches {
     _watcher: notify::RecommendedWatcher,
 }
 
 /// The directory of a `file://` repository whose refs show that it moved.
-pub fn local_repo_dir(url: &str) -> Option<PathBuf> {
+pub(crate) fn local_repo_dir(url: &str) -> Option<PathBuf> {
     let path = PathBuf::from(url.strip_prefix("file://")?);
     let git_dir = path.join(".git");
     Some(if git_dir.is_dir() { git_dir } else { path })
@@ -25,7 +25,7 @@ pub fn local_repo_dir(url: &str) -> Option<PathBuf> {
 /// Starts watching. `config_changed` receives a signal whenever `config_path` was written
 /// and closed, or renamed into place (editors often replace the file, so its directory is
 /// watched).
-pub fn watch(
+pub(crate) fn watch(
     config_path: &Path,
     local_repos: Vec<(String, PathBuf)>,
     sink: Arc<dyn EventSink>,

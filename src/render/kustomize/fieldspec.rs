@@ -5,15 +5,15 @@ use serde_json::{Map, Value};
 
 /// A field in objects of one kind (any kind when `kind` is empty), optionally limited to a group.
 #[derive(Debug, Clone, Copy)]
-pub struct FieldSpec {
-    pub group: Option<&'static str>,
-    pub kind: &'static str,
-    pub path: &'static str,
+pub(crate) struct FieldSpec {
+    pub(crate) group: Option<&'static str>,
+    pub(crate) kind: &'static str,
+    pub(crate) path: &'static str,
     /// Create the field (as an empty mapping) when it is missing.
-    pub create: bool,
+    pub(crate) create: bool,
 }
 
-pub const fn fs(kind: &'static str, path: &'static str, create: bool) -> FieldSpec {
+pub(crate) const fn fs(kind: &'static str, path: &'static str, create: bool) -> FieldSpec {
     FieldSpec {
         group: None,
         kind,
@@ -22,7 +22,7 @@ pub const fn fs(kind: &'static str, path: &'static str, create: bool) -> FieldSp
     }
 }
 
-pub const fn fsg(
+pub(crate) const fn fsg(
     group: &'static str,
     kind: &'static str,
     path: &'static str,
@@ -37,14 +37,14 @@ pub const fn fsg(
 }
 
 impl FieldSpec {
-    pub fn applies(&self, group: &str, kind: &str) -> bool {
+    pub(crate) fn applies(&self, group: &str, kind: &str) -> bool {
         (self.kind.is_empty() || self.kind == kind) && self.group.is_none_or(|g| g == group)
     }
 }
 
 /// Calls `f` on every value at `path` below `obj`, walking into each element of the lists met on
 /// the way. With `create`, missing mappings along the path (and the last field) are created.
-pub fn visit(
+pub(crate) fn visit(
     obj: &mut Map<String, Value>,
     path: &str,
     create: bool,

@@ -14,7 +14,7 @@ use crate::render::RenderError;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct GeneratorArgs {
+pub(crate) struct GeneratorArgs {
     name: Option<String>,
     namespace: Option<String>,
     behavior: Option<String>,
@@ -34,7 +34,7 @@ pub struct GeneratorArgs {
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct GeneratorOptions {
+pub(crate) struct GeneratorOptions {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -316,7 +316,7 @@ fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), Stri
 }
 
 /// Gives every generated object that still needs one its `-<hash>` name suffix.
-pub fn add_hash_suffixes(resmap: &mut ResMap) -> Result<(), String> {
+pub(crate) fn add_hash_suffixes(resmap: &mut ResMap) -> Result<(), String> {
     for r in resmap.iter_mut() {
         if !r.needs_hash {
             continue;

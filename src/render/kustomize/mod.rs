@@ -28,7 +28,7 @@ use super::{parse_objects, Manifests, Object, RenderError, MAX_FILE_BYTES};
 use resource::{Res, ResMap};
 
 /// File names kustomize looks for, in its order.
-pub const KUSTOMIZATION_FILES: [&str; 3] =
+pub(crate) const KUSTOMIZATION_FILES: [&str; 3] =
     ["kustomization.yaml", "kustomization.yml", "Kustomization"];
 
 /// Nesting deeper than this is almost certainly a cycle through symlinks or a hostile repo.
@@ -41,7 +41,7 @@ const MAX_OBJECTS: usize = 50_000;
 const MAX_EXPANSIONS: usize = 2_000;
 
 /// Finds the kustomization file in `dir`, if any; more than one is an error, as in kustomize.
-pub fn kustomization_file(dir: &Path) -> Option<PathBuf> {
+pub(crate) fn kustomization_file(dir: &Path) -> Option<PathBuf> {
     KUSTOMIZATION_FILES
         .iter()
         .map(|f| dir.join(f))
@@ -49,14 +49,15 @@ pub fn kustomization_file(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Builds the kustomization in `dir` (inside the checkout at `root`).
-pub fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
+#[cfg(test)]
+pub(crate) fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
     build_with(root, dir, &Overrides::default())
 }
 
-pub use crate::config::options::Overrides;
+pub(crate) use crate::config::options::Overrides;
 
 impl Overrides {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Overrides::default()
     }
 
@@ -82,7 +83,7 @@ impl Overrides {
 }
 
 /// Builds the kustomization in `dir` with `overrides` applied to it (not to its bases).
-pub fn build_with(
+pub(crate) fn build_with(
     root: &Path,
     dir: &Path,
     overrides: &Overrides,
@@ -118,7 +119,7 @@ pub fn build_with(
 /// native engine does not support. The binary runs in `dir` with the load restrictor on, so it
 /// reads nothing outside the directory tree kustomize allows; its output is checked like any
 /// manifest file.
-pub fn external(root: &Path, dir: &Path, command: &str) -> Result<Manifests, RenderError> {
+pub(crate) fn external(root: &Path, dir: &Path, command: &str) -> Result<Manifests, RenderError> {
     let rel = dir.strip_prefix(root).unwrap_or(dir).to_path_buf();
     let fail = |message: String| RenderError::KustomizeFallback {
         path: rel.clone(),
@@ -524,7 +525,7 @@ const MAX_REMOTE_SCAN: usize = 2000;
 /// refers to. What the kustomize fallback would fetch, for the AppProject's `sourceRepos`
 /// check. Files stay inside the checkout at `root`; what cannot be read is an error (a
 /// reference nobody could check must not be fetched).
-pub fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderError> {
+pub(crate) fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderError> {
     let root = root.canonicalize().map_err(|source| RenderError::Io {
         path: root.to_path_buf(),
         source,
@@ -585,7 +586,7 @@ pub fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderE
 /// The repository a remote kustomize reference names, as an Argo CD `sourceRepos` entry
 /// would: `github.com/org/repo//path?ref=v1` is `https://github.com/org/repo`,
 /// `git@host:org/repo.git//path` stays an scp-like URL without its path and query.
-pub fn remote_repository(entry: &str) -> String {
+pub(crate) fn remote_repository(entry: &str) -> String {
     let entry = entry.split(['?', '#']).next().unwrap_or(entry);
     let (scheme, rest) = match entry.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),

@@ -114,7 +114,7 @@ struct Target {
 }
 
 /// Points every reference at the current name of the object it named.
-pub fn fix(resmap: &mut ResMap) -> Result<(), String> {
+pub(crate) fn fix(resmap: &mut ResMap) -> Result<(), String> {
     let targets: Vec<Target> = resmap
         .iter()
         .filter(|r| !r.history.is_empty())

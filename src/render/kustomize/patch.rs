@@ -13,7 +13,7 @@ use crate::render::RenderError;
 /// One entry of `patches` or `patchesJson6902`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PatchEntry {
+pub(crate) struct PatchEntry {
     path: Option<String>,
     patch: Option<String>,
     target: Option<Selector>,
@@ -37,13 +37,13 @@ struct PatchOptions {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct Selector {
-    pub group: Option<String>,
-    pub version: Option<String>,
-    pub kind: Option<String>,
-    pub name: Option<String>,
-    pub namespace: Option<String>,
-    pub label_selector: Option<String>,
-    pub annotation_selector: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) version: Option<String>,
+    pub(crate) kind: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) label_selector: Option<String>,
+    pub(crate) annotation_selector: Option<String>,
 }
 
 enum Content {

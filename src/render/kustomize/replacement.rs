@@ -13,14 +13,14 @@ use crate::render::RenderError;
 /// An entry of `replacements`: inline, or `path` to a file holding a list of them.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum ReplacementEntry {
+pub(crate) enum ReplacementEntry {
     File { path: String },
     Inline(Replacement),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Replacement {
+pub(crate) struct Replacement {
     source: Source,
     #[serde(default)]
     targets: Vec<Target>,

@@ -5,28 +5,28 @@ use serde_json::{Map, Value};
 
 /// How a generated ConfigMap or Secret meets one of the same name from a base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Behavior {
+pub(crate) enum Behavior {
     Create,
     Merge,
     Replace,
 }
 
 #[derive(Debug, Clone)]
-pub struct Res {
-    pub obj: Map<String, Value>,
-    pub origin: String,
+pub(crate) struct Res {
+    pub(crate) obj: Map<String, Value>,
+    pub(crate) origin: String,
     /// Earlier (namespace, name) pairs, oldest first; the current one is not included.
-    pub history: Vec<(String, String)>,
+    pub(crate) history: Vec<(String, String)>,
     /// Set for objects made by a generator that still need their hash suffix.
-    pub needs_hash: bool,
-    pub behavior: Option<Behavior>,
+    pub(crate) needs_hash: bool,
+    pub(crate) behavior: Option<Behavior>,
     /// Prefixes and suffixes applied so far, innermost first.
-    pub prefixes: Vec<String>,
-    pub suffixes: Vec<String>,
+    pub(crate) prefixes: Vec<String>,
+    pub(crate) suffixes: Vec<String>,
 }
 
 impl Res {
-    pub fn new(obj: Map<String, Value>, origin: String) -> Res {
+    pub(crate) fn new(obj: Map<String, Value>, origin: String) -> Res {
         Res {
             obj,
             origin,
@@ -38,19 +38,19 @@ impl Res {
         }
     }
 
-    pub fn str(&self, key: &str) -> &str {
+    pub(crate) fn str(&self, key: &str) -> &str {
         self.obj.get(key).and_then(Value::as_str).unwrap_or("")
     }
-    pub fn kind(&self) -> &str {
+    pub(crate) fn kind(&self) -> &str {
         self.str("kind")
     }
-    pub fn api_version(&self) -> &str {
+    pub(crate) fn api_version(&self) -> &str {
         self.str("apiVersion")
     }
-    pub fn group(&self) -> &str {
+    pub(crate) fn group(&self) -> &str {
         self.api_version().rsplit_once('/').map_or("", |(g, _)| g)
     }
-    pub fn version(&self) -> &str {
+    pub(crate) fn version(&self) -> &str {
         let v = self.api_version();
         v.rsplit_once('/').map_or(v, |(_, v)| v)
     }
@@ -61,26 +61,26 @@ impl Res {
             .and_then(Value::as_str)
             .unwrap_or("")
     }
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.meta("name")
     }
-    pub fn namespace(&self) -> &str {
+    pub(crate) fn namespace(&self) -> &str {
         self.meta("namespace")
     }
     /// The object's metadata, made a mapping first if it is missing or malformed.
-    pub fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
+    pub(crate) fn metadata_mut(&mut self) -> Option<&mut Map<String, Value>> {
         crate::render::metadata_of(&mut self.obj)
     }
 
     /// Renames the object, remembering the old name for references.
-    pub fn set_name(&mut self, name: String) {
+    pub(crate) fn set_name(&mut self, name: String) {
         self.remember();
         if let Some(meta) = self.metadata_mut() {
             meta.insert("name".into(), Value::String(name));
         }
     }
 
-    pub fn set_namespace(&mut self, ns: &str) {
+    pub(crate) fn set_namespace(&mut self, ns: &str) {
         if self.namespace() == ns {
             return;
         }
@@ -98,7 +98,7 @@ impl Res {
     }
 
     /// Every name this object has had, oldest first, the current one last.
-    pub fn all_names(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn all_names(&self) -> impl Iterator<Item = (&str, &str)> {
         self.history
             .iter()
             .map(|(ns, n)| (ns.as_str(), n.as_str()))
@@ -106,7 +106,7 @@ impl Res {
     }
 
     /// `Kind.version.group/name.namespace`, as kustomize prints ids in its errors.
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         let group = if self.group().is_empty() {
             "[noGrp]"
         } else {
@@ -137,18 +137,18 @@ impl Res {
 
 /// Resources in the order kustomize accumulated them.
 #[derive(Debug, Default)]
-pub struct ResMap {
+pub(crate) struct ResMap {
     items: Vec<Res>,
 }
 
 impl ResMap {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.items.len()
     }
 
     /// Adds a resource; the same group, kind, namespace and name twice is an error, as in
     /// kustomize ("may not add resource with an already registered id").
-    pub fn append(&mut self, res: Res) -> Result<(), String> {
+    pub(crate) fn append(&mut self, res: Res) -> Result<(), String> {
         if let Some(existing) = self.items.iter().find(|r| r.same_id(&res)) {
             return Err(format!(
                 "may not add resource with an already registered id: {} (from {} and {})",
@@ -161,41 +161,41 @@ impl ResMap {
         Ok(())
     }
 
-    pub fn append_all(&mut self, other: ResMap) -> Result<(), String> {
+    pub(crate) fn append_all(&mut self, other: ResMap) -> Result<(), String> {
         for r in other.items {
             self.append(r)?;
         }
         Ok(())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Res> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Res> {
         self.items.iter()
     }
 
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Res> {
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Res> {
         self.items.iter_mut()
     }
 
-    pub fn get_mut(&mut self, index: usize) -> Option<&mut Res> {
+    pub(crate) fn get_mut(&mut self, index: usize) -> Option<&mut Res> {
         self.items.get_mut(index)
     }
 
-    pub fn position(&self, f: impl Fn(&Res) -> bool) -> Option<usize> {
+    pub(crate) fn position(&self, f: impl Fn(&Res) -> bool) -> Option<usize> {
         self.items.iter().position(f)
     }
 
-    pub fn remove(&mut self, index: usize) -> Res {
+    pub(crate) fn remove(&mut self, index: usize) -> Res {
         self.items.remove(index)
     }
 
-    pub fn into_iter(self) -> impl Iterator<Item = Res> {
+    pub(crate) fn into_iter(self) -> impl Iterator<Item = Res> {
         self.items.into_iter()
     }
 
     /// kustomize's default ("legacy") output order: a fixed list of kinds first (Namespace,
     /// CRDs, RBAC, ConfigMaps, Services, workloads, ...), webhook configurations last, all
     /// other kinds in between; ties by group, version and kind, then namespace and name.
-    pub fn sort_legacy(&mut self) {
+    pub(crate) fn sort_legacy(&mut self) {
         self.items.sort_by_cached_key(|r| {
             (
                 kind_rank(r.kind()),
@@ -274,7 +274,7 @@ fn ns_for_sort(ns: &str) -> String {
 
 /// Kinds that are not namespaced, among the built-in APIs; anything else (custom resources
 /// included) is treated as namespaced, as kustomize does without an OpenAPI schema.
-pub fn is_cluster_scoped(kind: &str) -> bool {
+pub(crate) fn is_cluster_scoped(kind: &str) -> bool {
     matches!(
         kind,
         "Namespace"

@@ -7,14 +7,14 @@ use serde_json::{Map, Value};
 
 /// What a patch asks of the object it applies to.
 #[derive(Debug, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Patched,
     /// `$patch: delete` at the top: the object goes.
     Delete,
 }
 
 /// Applies `patch` to `target`.
-pub fn apply(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> Outcome {
+pub(crate) fn apply(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> Outcome {
     match directive(patch) {
         Some("delete") => return Outcome::Delete,
         Some("replace") => {

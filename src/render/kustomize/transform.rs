@@ -11,7 +11,7 @@ use super::resource::{is_cluster_scoped, ResMap};
 
 /// Sets the namespace of every namespaced object, renames Namespace objects to it, and moves
 /// the service references of APIServices and webhook configurations along.
-pub fn namespace(resmap: &mut ResMap, ns: &str) {
+pub(crate) fn namespace(resmap: &mut ResMap, ns: &str) {
     for r in resmap.iter_mut() {
         let kind = r.kind().to_string();
         if kind == "Namespace" {
@@ -41,7 +41,7 @@ pub fn namespace(resmap: &mut ResMap, ns: &str) {
 }
 
 /// Adds `prefix` and `suffix` to every name, except the kinds kustomize leaves alone.
-pub fn prefix_suffix(resmap: &mut ResMap, prefix: &str, suffix: &str) {
+pub(crate) fn prefix_suffix(resmap: &mut ResMap, prefix: &str, suffix: &str) {
     if prefix.is_empty() && suffix.is_empty() {
         return;
     }
@@ -66,7 +66,7 @@ pub fn prefix_suffix(resmap: &mut ResMap, prefix: &str, suffix: &str) {
 /// One entry of `labels`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct LabelSet {
+pub(crate) struct LabelSet {
     #[serde(default)]
     pairs: BTreeMap<String, String>,
     #[serde(default)]
@@ -177,7 +177,7 @@ const TOPOLOGY: &str = "spec/template/spec/topologySpreadConstraints/labelSelect
 
 /// `commonLabels` (metadata, templates and selectors) and `labels` (metadata, and templates or
 /// selectors when asked).
-pub fn labels(
+pub(crate) fn labels(
     resmap: &mut ResMap,
     common: &BTreeMap<String, String>,
     sets: &[LabelSet],
@@ -252,7 +252,7 @@ const TEMPLATE_ANNOTATIONS: [&str; 2] = [
 ];
 
 /// `commonAnnotations`: metadata and pod templates.
-pub fn annotations(resmap: &mut ResMap, common: &BTreeMap<String, String>) {
+pub(crate) fn annotations(resmap: &mut ResMap, common: &BTreeMap<String, String>) {
     if common.is_empty() {
         return;
     }
@@ -282,7 +282,7 @@ pub fn annotations(resmap: &mut ResMap, common: &BTreeMap<String, String>) {
 /// One entry of `replicas`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Replica {
+pub(crate) struct Replica {
     name: String,
     count: i64,
 }
@@ -295,7 +295,7 @@ const REPLICA_KINDS: [&str; 4] = [
 ];
 
 /// Sets `spec.replicas` of the workloads named (by any name they have had).
-pub fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
+pub(crate) fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
     for rep in replicas {
         for r in resmap.iter_mut() {
             if !REPLICA_KINDS.contains(&r.kind()) {
@@ -316,7 +316,7 @@ pub fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
 /// One entry of `images`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Image {
+pub(crate) struct Image {
     name: String,
     new_name: Option<String>,
     new_tag: Option<String>,
@@ -326,7 +326,7 @@ pub struct Image {
 impl Image {
     /// `kustomize edit set image` syntax, as Argo CD's `source.kustomize.images` writes it:
     /// `[name=]newName[:tag][@digest]`; without `name=`, the image keeps its name.
-    pub fn from_edit_syntax(spec: &str) -> Result<Image, String> {
+    pub(crate) fn from_edit_syntax(spec: &str) -> Result<Image, String> {
         let (name, image) = match spec.split_once('=') {
             Some((name, image)) => (Some(name), image),
             None => (None, spec),
@@ -344,14 +344,14 @@ impl Image {
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 }
 
 /// Rewrites container images: every `containers`, `initContainers` and `ephemeralContainers`
 /// list anywhere in an object, as kustomize's image transformer does.
-pub fn images(resmap: &mut ResMap, images: &[Image]) {
+pub(crate) fn images(resmap: &mut ResMap, images: &[Image]) {
     if images.is_empty() {
         return;
     }

@@ -10,7 +10,7 @@ use super::resource::ResMap;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Var {
+pub(crate) struct Var {
     name: String,
     objref: ObjRef,
     fieldref: Option<FieldRef>,
@@ -71,7 +71,7 @@ fn reference_paths(kind: &str) -> Vec<String> {
 }
 
 /// Adds the vars of one kustomization; a name defined twice differently is an error.
-pub fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), String> {
+pub(crate) fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), String> {
     for v in new {
         match all.iter().find(|a| a.name == v.name) {
             Some(existing) if existing == v => {}
@@ -83,7 +83,7 @@ pub fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), String> {
 }
 
 /// Expands the vars everywhere kustomize does.
-pub fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), String> {
+pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), String> {
     if vars.is_empty() {
         return Ok(());
     }

@@ -9,7 +9,7 @@ const MAX_ENTRIES: usize = 20_000;
 
 /// Why an archive is refused.
 #[derive(Debug, thiserror::Error)]
-pub enum ArchiveError {
+pub(crate) enum ArchiveError {
     #[error("not a readable gzipped tar archive: {0}")]
     Read(#[source] std::io::Error),
     #[error("more than {MAX_ENTRIES} entries")]

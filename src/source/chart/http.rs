@@ -49,9 +49,9 @@ fn origin(url: &str) -> &str {
 
 /// What a GET returned.
 pub(super) struct Reply {
-    pub body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
     /// The next page, from a `Link: <...>; rel="next"` header.
-    pub link_next: Option<String>,
+    pub(crate) link_next: Option<String>,
 }
 
 /// A small HTTP client for one repository: basic credentials only towards the repository's own
@@ -85,7 +85,7 @@ fn tls() -> ureq::tls::TlsConfig {
 }
 
 impl Http {
-    pub fn new(repo: &RepositoryConfig) -> Result<Http, SourceError> {
+    pub(crate) fn new(repo: &RepositoryConfig) -> Result<Http, SourceError> {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
@@ -109,7 +109,7 @@ impl Http {
         })
     }
 
-    pub fn err(&self, source: ChartError) -> SourceError {
+    pub(crate) fn err(&self, source: ChartError) -> SourceError {
         SourceError::Chart {
             url: redact(&self.url),
             source,
@@ -146,7 +146,7 @@ impl Http {
     }
 
     /// GETs `url`, authenticating as the server asks, and reads at most `limit` bytes.
-    pub fn get(
+    pub(crate) fn get(
         &mut self,
         url: &str,
         accept: Option<&str>,

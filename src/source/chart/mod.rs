@@ -37,7 +37,7 @@ const MAX_SMALL_BYTES: u64 = 4 * 1024 * 1024;
 
 /// What went wrong with a chart repository, an OCI registry or a chart they served.
 #[derive(Debug, thiserror::Error)]
-pub enum ChartError {
+pub(crate) enum ChartError {
     /// No answer: the connection, TLS, a timeout, or a body over its limit.
     #[error("GET {url}: {source}")]
     Transport {
@@ -90,7 +90,7 @@ impl ChartError {
 
 /// An HTTP(S) chart repository's index, read once per round for all of its apps.
 #[derive(Debug, Default)]
-pub struct ChartIndex {
+pub(crate) struct ChartIndex {
     entries: BTreeMap<String, Vec<IndexEntry>>,
 }
 
@@ -111,19 +111,19 @@ struct IndexEntry {
 
 /// The chart cache under `state_dir/charts`, shared by every chart repository.
 #[derive(Debug, Clone)]
-pub struct ChartSource {
+pub(crate) struct ChartSource {
     dir: PathBuf,
 }
 
 impl ChartSource {
-    pub fn new(state_dir: &Path) -> Self {
+    pub(crate) fn new(state_dir: &Path) -> Self {
         ChartSource {
             dir: state_dir.join("charts"),
         }
     }
 
     /// Reads the `index.yaml` of an HTTP(S) chart repository.
-    pub fn index(&self, repo: &RepositoryConfig) -> Result<ChartIndex, SourceError> {
+    pub(crate) fn index(&self, repo: &RepositoryConfig) -> Result<ChartIndex, SourceError> {
         let mut http = Http::new(repo)?;
         let url = format!("{}/index.yaml", repo.url.trim_end_matches('/'));
         let body = http.get(&url, None, MAX_INDEX_BYTES)?.body;
@@ -144,7 +144,7 @@ impl ChartSource {
     /// Resolves `chart` at `constraint` in `repo` (its `index` for an HTTP repository) and
     /// makes sure the chart is unpacked in the cache. Returns the revision,
     /// `<version>@sha256:<hex>`.
-    pub fn pull(
+    pub(crate) fn pull(
         &self,
         repo: &RepositoryConfig,
         index: Option<&ChartIndex>,
@@ -236,7 +236,11 @@ impl ChartSource {
     }
 
     /// The unpacked chart of `revision`: the cache entry and the chart directory inside it.
-    pub fn unpacked(&self, url: &str, revision: &str) -> Result<(PathBuf, PathBuf), SourceError> {
+    pub(crate) fn unpacked(
+        &self,
+        url: &str,
+        revision: &str,
+    ) -> Result<(PathBuf, PathBuf), SourceError> {
         let missing = || SourceError::Chart {
             url: redact(url),
             source: ChartError::Unusable(format!(
@@ -259,7 +263,7 @@ impl ChartSource {
 
     /// Removes unpacked charts whose revision is not in `keep`, except very recent ones, which
     /// a sync may be about to render.
-    pub fn retain(&self, keep: &HashSet<String>) {
+    pub(crate) fn retain(&self, keep: &HashSet<String>) {
         let keep: HashSet<&str> = keep.iter().filter_map(|r| revision_digest(r)).collect();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
@@ -301,7 +305,7 @@ fn revision(version: &str, hex: &str) -> String {
 }
 
 /// The archive digest a chart revision names.
-pub fn revision_digest(revision: &str) -> Option<&str> {
+pub(crate) fn revision_digest(revision: &str) -> Option<&str> {
     let (_, hex) = revision.rsplit_once("@sha256:")?;
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }

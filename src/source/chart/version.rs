@@ -5,10 +5,10 @@
 /// A version constraint that cannot be read.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid chart version constraint {constraint:?}: {why}{}", .source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
-pub struct ConstraintError {
-    pub constraint: String,
-    pub why: String,
-    pub source: Option<semver::Error>,
+pub(crate) struct ConstraintError {
+    pub(crate) constraint: String,
+    pub(crate) why: String,
+    pub(crate) source: Option<semver::Error>,
 }
 
 /// `constraint` when it names one exact version rather than a range.

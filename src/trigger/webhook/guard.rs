@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 /// Allows `burst` requests at once and `rate` per second sustained.
 #[derive(Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     capacity: f64,
     tokens: f64,
     rate: f64,
@@ -14,7 +14,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(rate: f64, burst: u32, now: Instant) -> TokenBucket {
+    pub(crate) fn new(rate: f64, burst: u32, now: Instant) -> TokenBucket {
         TokenBucket {
             capacity: f64::from(burst),
             tokens: f64::from(burst),
@@ -24,12 +24,12 @@ impl TokenBucket {
     }
 
     /// The tokens there would be at `now`, without taking any.
-    pub fn tokens_at(&self, now: Instant) -> f64 {
+    pub(crate) fn tokens_at(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         (self.tokens + elapsed * self.rate).min(self.capacity)
     }
 
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         self.last = now;
@@ -45,7 +45,7 @@ impl TokenBucket {
 /// Remembers delivery IDs for `window`, at most `max` of them (the oldest are forgotten
 /// first, so memory stays bounded under a flood).
 #[derive(Debug)]
-pub struct ReplayGuard {
+pub(crate) struct ReplayGuard {
     window: Duration,
     max: usize,
     seen: HashMap<String, Instant>,
@@ -53,7 +53,7 @@ pub struct ReplayGuard {
 }
 
 impl ReplayGuard {
-    pub fn new(window: Duration, max: usize) -> ReplayGuard {
+    pub(crate) fn new(window: Duration, max: usize) -> ReplayGuard {
         ReplayGuard {
             window,
             max,
@@ -63,7 +63,7 @@ impl ReplayGuard {
     }
 
     /// Records `id`; false if it was already seen within the window.
-    pub fn first_time(&mut self, id: &str, now: Instant) -> bool {
+    pub(crate) fn first_time(&mut self, id: &str, now: Instant) -> bool {
         while let Some((at, old)) = self.order.front() {
             let expired = now.saturating_duration_since(*at) > self.window;
             if !expired && self.order.len() < self.max {

@@ -31,7 +31,9 @@ use super::EventSink;
 use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
 use guard::{ReplayGuard, TokenBucket};
-pub use providers::{sign, sign_generic, BadRequest, Parsed, Provider, GENERIC_SKEW};
+#[cfg(feature = "fuzzing")]
+pub(crate) use providers::sign;
+pub(crate) use providers::{BadRequest, Parsed, Provider};
 
 /// Delivery IDs remembered at most, whatever the window.
 const MAX_REMEMBERED_DELIVERIES: usize = 100_000;
@@ -45,7 +47,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
+pub(crate) enum WebhookError {
     #[error("cannot read webhook secret {path}: {source}")]
     Secret {
         path: PathBuf,
@@ -99,7 +101,7 @@ impl Secrets {
     }
 }
 
-pub struct Server {
+pub(crate) struct Server {
     cfg: WebhookConfig,
     secrets: Secrets,
     sink: Arc<dyn EventSink>,
@@ -114,7 +116,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(
+    pub(crate) fn new(
         cfg: WebhookConfig,
         sink: Arc<dyn EventSink>,
         metrics: Arc<Metrics>,
@@ -139,7 +141,7 @@ impl Server {
         }))
     }
 
-    pub fn router(self: &Arc<Self>) -> axum::Router {
+    pub(crate) fn router(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()
             .route("/hooks/{provider}", post(receive))
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes))
@@ -152,7 +154,7 @@ impl Server {
 
     /// Serves until shutdown. Each connection is served on its own task with a header read
     /// timeout and a lifetime; connections over the caps are closed as soon as accepted.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,

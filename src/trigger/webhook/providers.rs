@@ -9,7 +9,7 @@ use sha2::Sha256;
 use crate::trigger::{ChangeMessage, Event, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Provider {
+pub(crate) enum Provider {
     GitHub,
     GitLab,
     Gitea,
@@ -19,11 +19,11 @@ pub enum Provider {
 
 /// Why a verified request's body is not usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadRequest(pub String);
+pub(crate) struct BadRequest(pub(crate) String);
 
 /// What a verified request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// A push: sync what tracks it.
     Push(Event),
     /// A ping or an event we do not act on; answered 200.
@@ -31,7 +31,7 @@ pub enum Parsed {
 }
 
 impl Provider {
-    pub fn from_path(name: &str) -> Option<Provider> {
+    pub(crate) fn from_path(name: &str) -> Option<Provider> {
         Some(match name {
             "github" => Provider::GitHub,
             "gitlab" => Provider::GitLab,
@@ -42,7 +42,7 @@ impl Provider {
         })
     }
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Provider::GitHub => "github",
             Provider::GitLab => "gitlab",
@@ -57,7 +57,7 @@ impl Provider {
     /// Unix time in `X-Edgesync-Timestamp`, which must be within [`GENERIC_SKEW`] of `now`:
     /// a captured request cannot be replayed once the replay memory has forgotten it.
     /// The error says what is wrong with the signature.
-    pub fn verify(
+    pub(crate) fn verify(
         self,
         headers: &HeaderMap,
         body: &[u8],
@@ -105,7 +105,7 @@ impl Provider {
     }
 
     /// The delivery ID used against replays.
-    pub fn delivery_id(self, headers: &HeaderMap) -> Option<&str> {
+    pub(crate) fn delivery_id(self, headers: &HeaderMap) -> Option<&str> {
         let names: &[&str] = match self {
             Provider::GitHub => &["x-github-delivery"],
             Provider::GitLab => &["x-gitlab-event-uuid", "x-gitlab-webhook-uuid"],
@@ -120,7 +120,7 @@ impl Provider {
     }
 
     /// Interprets a verified request.
-    pub fn parse(self, headers: &HeaderMap, body: &[u8]) -> Result<Parsed, BadRequest> {
+    pub(crate) fn parse(self, headers: &HeaderMap, body: &[u8]) -> Result<Parsed, BadRequest> {
         let bad = BadRequest;
         let event_type = match self {
             Provider::GitHub => header(headers, "x-github-event"),
@@ -233,18 +233,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// HMAC-SHA256 of `body` under `secret`, hex-encoded: what senders put in signature headers.
 /// How far `X-Edgesync-Timestamp` may be from the receiver's clock.
-pub const GENERIC_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const GENERIC_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The `/generic` signature of `body` sent at `timestamp` (Unix seconds).
-pub fn sign_generic(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+#[cfg(test)]
+pub(crate) fn sign_generic(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     let mut signed = format!("{timestamp}.").into_bytes();
     signed.extend_from_slice(body);
     sign(secret, &signed)
 }
 
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+/// HMAC-SHA256 of `body` under `secret`, hex-encoded: what senders put in signature headers.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
         Ok(mac) => mac,
         Err(_) => return String::new(),
