@@ -51,17 +51,57 @@ impl OrphanIgnore {
     }
 }
 
+/// Why a project refuses an app's source, its destination or one of its objects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Denied {
+    #[error("source repository {repo} is not permitted by project {project} (sourceRepos)")]
+    Source { repo: String, project: String },
+    #[error(
+        "destination namespace {namespace} is not permitted by project {project} (destinations)"
+    )]
+    Destination { namespace: String, project: String },
+    #[error("{kind} is not permitted by project {project} ({list})")]
+    Kind {
+        kind: String,
+        project: String,
+        list: &'static str,
+    },
+    #[error("project {0} is not defined in the fleet")]
+    Undefined(String),
+    /// An object of the render refused, named with where it came from.
+    #[error("{object} ({origin}): {source}{}", if *.unknown_scope { " (its scope is not known yet, so both scopes' rules apply)" } else { "" })]
+    Object {
+        object: String,
+        origin: String,
+        unknown_scope: bool,
+        source: Box<Denied>,
+    },
+}
+
+/// A sync window (an AppProject's `syncWindows` entry) that cannot be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum WindowSpecError {
+    #[error("kind {0:?} is neither allow nor deny")]
+    Kind(Option<String>),
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("duration: {0}")]
+    Duration(#[from] crate::model::human::DurationError),
+    #[error(transparent)]
+    Window(#[from] crate::model::window::WindowError),
+}
+
 /// An AppProject sync window and the apps it covers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 struct ProjectWindow {
     /// The window, or why it cannot be read (such a window holds what it covers).
-    window: Result<SyncWindow, String>,
+    window: Result<SyncWindow, WindowSpecError>,
     applications: Vec<String>,
     namespaces: Vec<String>,
     clusters: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Project {
     pub(crate) name: String,
     /// What in the spec could not be used, for the fleet's problem list.
@@ -121,19 +161,20 @@ fn project_window(w: &Value) -> ProjectWindow {
     }
 }
 
-fn window_of(w: &Value) -> Result<SyncWindow, String> {
+fn window_of(w: &Value) -> Result<SyncWindow, WindowSpecError> {
     let text = |key: &str| w.get(key).and_then(Value::as_str);
     let kind = match text("kind") {
         Some("allow") => WindowKind::Allow,
         Some("deny") => WindowKind::Deny,
-        other => return Err(format!("kind {other:?} is neither allow nor deny")),
+        other => return Err(WindowSpecError::Kind(other.map(str::to_string))),
     };
-    let duration = text("duration").ok_or("duration is missing")?;
+    let duration = text("duration").ok_or(WindowSpecError::Missing("duration"))?;
     let window = SyncWindow {
         kind,
-        schedule: text("schedule").ok_or("schedule is missing")?.to_string(),
-        duration: crate::config::sync_policy::human::parse(duration)
-            .map_err(|e| format!("duration: {e}"))?,
+        schedule: text("schedule")
+            .ok_or(WindowSpecError::Missing("schedule"))?
+            .to_string(),
+        duration: crate::model::human::parse(duration)?,
         time_zone: text("timeZone").unwrap_or("UTC").to_string(),
         manual_sync: w
             .get("manualSync")
@@ -228,7 +269,7 @@ impl Project {
         &self,
         app: &str,
         namespace: Option<&str>,
-    ) -> Vec<Result<SyncWindow, String>> {
+    ) -> Vec<Result<SyncWindow, WindowSpecError>> {
         self.windows
             .iter()
             .filter(|w| {
@@ -252,25 +293,25 @@ impl Project {
         })
     }
 
-    pub(crate) fn check_source(&self, repo: &str) -> Result<(), String> {
+    pub(crate) fn check_source(&self, repo: &str) -> Result<(), Denied> {
         if allowed_by(&self.source_repos, repo) {
             Ok(())
         } else {
-            Err(format!(
-                "source repository {repo} is not permitted by project {} (sourceRepos)",
-                self.name
-            ))
+            Err(Denied::Source {
+                repo: repo.to_string(),
+                project: self.name.clone(),
+            })
         }
     }
 
-    pub(crate) fn check_destination(&self, namespace: &str) -> Result<(), String> {
+    pub(crate) fn check_destination(&self, namespace: &str) -> Result<(), Denied> {
         if allowed_by(&self.destination_namespaces, namespace) {
             Ok(())
         } else {
-            Err(format!(
-                "destination namespace {namespace} is not permitted by project {} (destinations)",
-                self.name
-            ))
+            Err(Denied::Destination {
+                namespace: namespace.to_string(),
+                project: self.name.clone(),
+            })
         }
     }
 
@@ -280,17 +321,18 @@ impl Project {
         group: &str,
         kind: &str,
         namespaced: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Denied> {
         let gk = if group.is_empty() {
             kind.to_string()
         } else {
             format!("{kind}.{group}")
         };
-        let refuse = |list: &str| {
-            Err(format!(
-                "{gk} is not permitted by project {} ({list})",
-                self.name
-            ))
+        let refuse = |list: &'static str| {
+            Err(Denied::Kind {
+                kind: gk.clone(),
+                project: self.name.clone(),
+                list,
+            })
         };
         if namespaced {
             if self
@@ -369,7 +411,7 @@ mod tests {
         assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
         assert!(p.warnings[0].contains("syncWindows[3]"), "{:?}", p.warnings);
         // Unreadable, and covering no app: nothing to hold.
-        let ok = |ws: Vec<Result<SyncWindow, String>>| -> Vec<SyncWindow> {
+        let ok = |ws: Vec<Result<SyncWindow, WindowSpecError>>| -> Vec<SyncWindow> {
             ws.into_iter().map(|w| w.unwrap()).collect()
         };
         let db = ok(p.sync_windows("db-main", Some("dev")));
@@ -408,11 +450,13 @@ mod tests {
         assert!(p
             .check_source("https://github.com/evil/x.git")
             .unwrap_err()
+            .to_string()
             .contains("sourceRepos"));
         assert!(p.check_destination("dictamesh-dev").is_ok());
         assert!(p
             .check_destination("kube-system")
             .unwrap_err()
+            .to_string()
             .contains("destinations"));
         assert!(p
             .check_kind("rbac.authorization.k8s.io", "ClusterRole", false)
@@ -420,6 +464,11 @@ mod tests {
         let err = p
             .check_kind("rbac.authorization.k8s.io", "ClusterRoleBinding", false)
             .unwrap_err();
+        assert!(
+            matches!(&err, Denied::Kind { list, .. } if *list == "clusterResourceWhitelist"),
+            "{err}"
+        );
+        let err = err.to_string();
         assert!(
             err.contains("ClusterRoleBinding.rbac.authorization.k8s.io")
                 && err.contains("clusterResourceWhitelist"),
@@ -429,6 +478,7 @@ mod tests {
         assert!(p
             .check_kind("", "ResourceQuota", true)
             .unwrap_err()
+            .to_string()
             .contains("Blacklist"));
     }
 

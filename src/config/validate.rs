@@ -118,7 +118,7 @@ impl Checker<'_> {
     fn mqtt(&mut self, mqtt: &Spanned<MqttConfig>) {
         let (span, m) = (mqtt.span(), mqtt.get_ref());
         if let Err(msg) = crate::model::url::parse_broker_url(&m.url) {
-            self.push(&span, "mqtt.url", msg);
+            self.push(&span, "mqtt.url", msg.to_string());
         }
         for (field, file) in [
             ("password_file", &m.password_file),
@@ -361,7 +361,7 @@ fn check_sync_policy(a: &AppConfig) -> Result<(), (&'static str, String)> {
         return Err(("health_timeout", "must be greater than zero".into()));
     }
     for w in &a.sync_windows {
-        crate::model::window::Window::new(w).map_err(|m| ("sync_windows", m))?;
+        crate::model::window::Window::new(w).map_err(|e| ("sync_windows", e.to_string()))?;
     }
     for i in &a.ignore_differences {
         for pointer in &i.json_pointers {

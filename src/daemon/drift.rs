@@ -435,7 +435,7 @@ impl Drift {
                 Verdict::Allowed => None,
                 Verdict::Blocked { reason, .. } => Some(reason),
             },
-            Err(e) => Some(e),
+            Err(e) => Some(e.to_string()),
         };
         if config.self_heal && held.is_none() {
             tracing::info!(%app, "self-heal: {}", described.join("; "));

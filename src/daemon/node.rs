@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::config::sync_policy::SyncWindow;
 use crate::config::{AppConfig, Config, ConfigError, Problem};
-use crate::policy::Project;
+use crate::policy::{Project, WindowSpecError};
 use crate::signature::Keyring;
 
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ impl Node {
 pub(crate) fn sync_windows(
     projects: &BTreeMap<String, Project>,
     app: &AppConfig,
-) -> Vec<Result<SyncWindow, String>> {
+) -> Vec<Result<SyncWindow, WindowSpecError>> {
     let mut windows: Vec<_> = app.sync_windows.iter().cloned().map(Ok).collect();
     if let Some(project) = app.project.as_deref().and_then(|p| projects.get(p)) {
         windows.extend(project.sync_windows(&app.name, app.namespace.as_deref()));

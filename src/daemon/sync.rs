@@ -11,6 +11,7 @@ use crate::apply::{self, ApplyError, Cluster, KubeApplier, ObjectRef};
 use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::metrics::Metrics;
 use crate::model::window::{self, Verdict, Window};
+use crate::policy::{Denied, WindowSpecError};
 use crate::render::{self, RenderError};
 use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
@@ -28,7 +29,7 @@ pub(crate) enum SyncError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("refused by project policy: {0}")]
-    Policy(String),
+    Policy(#[from] Denied),
     #[error("revision refused: {0}")]
     Signature(#[from] crate::signature::VerifyError),
     #[error("conflict: {0}")]
@@ -165,19 +166,25 @@ pub(crate) struct SyncContext {
     claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
 }
 
+/// A sync window that covers an app but cannot be read: it holds the app's syncs.
+#[derive(Debug, thiserror::Error)]
+#[error("sync window {index} cannot be read ({source})")]
+pub(crate) struct UnreadableWindow {
+    index: usize,
+    source: WindowSpecError,
+}
+
 /// The sync windows that cover `app`, or why one of them cannot be read.
 pub(crate) fn windows_of(
     projects: &BTreeMap<String, crate::policy::Project>,
     app: &AppConfig,
-) -> Result<Vec<Window>, String> {
+) -> Result<Vec<Window>, UnreadableWindow> {
     super::node::sync_windows(projects, app)
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(i, w)| {
-            w.as_ref()
-                .map_err(Clone::clone)
-                .and_then(Window::new)
-                .map_err(|e| format!("sync window {i} cannot be read ({e})"))
+        .map(|(index, w)| {
+            w.and_then(|w| Ok(Window::new(&w)?))
+                .map_err(|source| UnreadableWindow { index, source })
         })
         .collect()
 }
@@ -637,23 +644,22 @@ impl SyncContext {
             Some(project) => project,
             // Argo CD's `default` project allows everything unless the fleet defines it.
             None if name == "default" => return Ok(()),
-            None => {
-                return Err(SyncError::Policy(format!(
-                    "project {name} is not defined in the fleet"
-                )))
-            }
+            None => return Err(SyncError::Policy(Denied::Undefined(name.to_string()))),
         };
-        project.check_source(&app.repo).map_err(SyncError::Policy)?;
+        project.check_source(&app.repo)?;
         if let Some(ns) = &app.namespace {
-            project.check_destination(ns).map_err(SyncError::Policy)?;
+            project.check_destination(ns)?;
         }
         for object in plan.rendered_objects() {
-            let refused = |e: String| {
-                SyncError::Policy(format!(
-                    "{} ({}): {e}",
-                    object.display_name(),
-                    object.origin
-                ))
+            let refused = |unknown_scope: bool| {
+                move |e: Denied| {
+                    SyncError::Policy(Denied::Object {
+                        object: object.display_name(),
+                        origin: object.origin.clone(),
+                        unknown_scope,
+                        source: Box::new(e),
+                    })
+                }
             };
             // The scope from discovery, or from a CRD in this very plan; a kind whose scope
             // is not known (discovery failed, or nothing defines it) must pass the rules of
@@ -670,15 +676,10 @@ impl SyncContext {
             for &namespaced in scopes {
                 project
                     .check_kind(object.group(), object.kind(), namespaced)
-                    .map_err(|e| match scope {
-                        None => refused(format!(
-                            "{e} (its scope is not known yet, so both scopes' rules apply)"
-                        )),
-                        Some(_) => refused(e),
-                    })?;
+                    .map_err(refused(scope.is_none()))?;
             }
             if let (false, Some(ns)) = (scope == Some(false), object.namespace()) {
-                project.check_destination(ns).map_err(refused)?;
+                project.check_destination(ns).map_err(refused(false))?;
             }
         }
         Ok(())
@@ -1007,7 +1008,7 @@ impl SyncContext {
             .and_then(|p| self.projects.get(p))
             .cloned()
             .map(|project| {
-                render::RemotePolicy(Arc::new(move |repo: &str| project.check_source(repo)))
+                render::RemotePolicy(Arc::new(move |repo: &str| Ok(project.check_source(repo)?)))
             });
         blocking(move || {
             if let Some((required_by, keys)) = &signers {

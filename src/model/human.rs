@@ -8,15 +8,31 @@ use std::time::Duration;
 /// `300000000000y` from overflowing an `Instant` anywhere later.
 pub(crate) const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// Parses a duration and refuses one over [`MAX`]. The caller names the key.
-pub(crate) fn parse(text: &str) -> Result<Duration, String> {
-    let parsed = humantime::parse_duration(text)
-        .map_err(|e| format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"3m\""))?;
+/// A duration that cannot be used; the caller names the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum DurationError {
+    #[error("invalid duration {text:?} ({source}); use e.g. \"30s\", \"3m\"")]
+    Invalid {
+        text: String,
+        source: humantime::DurationError,
+    },
+    #[error(
+        "duration {text:?} is longer than the longest allowed, {}",
+        humantime::format_duration(MAX)
+    )]
+    TooLong { text: String },
+}
+
+/// Parses a duration and refuses one over [`MAX`].
+pub(crate) fn parse(text: &str) -> Result<Duration, DurationError> {
+    let parsed = humantime::parse_duration(text).map_err(|source| DurationError::Invalid {
+        text: text.to_string(),
+        source,
+    })?;
     if parsed > MAX {
-        return Err(format!(
-            "duration {text:?} is longer than the longest allowed, {}",
-            humantime::format_duration(MAX)
-        ));
+        return Err(DurationError::TooLong {
+            text: text.to_string(),
+        });
     }
     Ok(parsed)
 }

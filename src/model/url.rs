@@ -63,27 +63,44 @@ pub(crate) fn is_oci(url: &str) -> bool {
     url.starts_with("oci://")
 }
 
+/// A broker URL that cannot be used (shown without its password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BrokerUrlError {
+    #[error("{url:?} must start with mqtt:// or mqtts://")]
+    Scheme { url: String },
+    #[error("{url:?} has an invalid port: {source}")]
+    Port {
+        url: String,
+        source: std::num::ParseIntError,
+    },
+    #[error("{url:?} has no valid host")]
+    Host { url: String },
+}
+
 /// Host, port and whether TLS is used, from `mqtt://host[:port]` or `mqtts://host[:port]`.
-pub(crate) fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+pub(crate) fn parse_broker_url(url: &str) -> Result<(String, u16, bool), BrokerUrlError> {
+    let shown = || redact(url);
     let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("mqtt://") {
         (false, rest)
     } else {
-        return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+        return Err(BrokerUrlError::Scheme { url: shown() });
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((host, port)) if !host.ends_with(':') => (
             host,
-            port.parse::<u16>()
-                .map_err(|_| format!("{url:?} has an invalid port"))?,
+            port.parse::<u16>().map_err(|source| BrokerUrlError::Port {
+                url: shown(),
+                source,
+            })?,
         ),
         _ => (rest, if tls { 8883 } else { 1883 }),
     };
     let host = host.trim_matches(|c| c == '[' || c == ']');
     if host.is_empty() || host.contains('/') {
-        return Err(format!("{url:?} has no valid host"));
+        return Err(BrokerUrlError::Host { url: shown() });
     }
     Ok((host.to_string(), port, tls))
 }

@@ -69,8 +69,40 @@ const MONTHS: [&str; 12] = [
 ];
 const WEEKDAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 
+/// A sync window that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum WindowError {
+    #[error(
+        "schedule {expr:?} must have five fields (minute hour day-of-month month day-of-week)"
+    )]
+    Fields { expr: String },
+    #[error("schedule {expr:?}: {field}: {source}")]
+    Field {
+        expr: String,
+        field: &'static str,
+        source: FieldError,
+    },
+    #[error("time zone {zone:?} is unknown ({message}); use an IANA name such as Europe/Berlin")]
+    Zone { zone: String, message: String },
+    #[error("duration {} must be more than zero and at most 31 days", humantime::format_duration(*.duration))]
+    Duration { duration: std::time::Duration },
+}
+
+/// What is wrong with one field of a schedule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FieldError {
+    #[error("{0:?} is not a number")]
+    NotANumber(String),
+    #[error("{value} is outside {min}-{max}")]
+    OutOfRange { value: u32, min: u32, max: u32 },
+    #[error("bad step in {0:?}")]
+    Step(String),
+    #[error("range {0:?} runs backwards")]
+    Backwards(String),
+}
+
 impl Cron {
-    pub(crate) fn parse(expr: &str) -> Result<Cron, String> {
+    pub(crate) fn parse(expr: &str) -> Result<Cron, WindowError> {
         let expanded = match expr.trim() {
             "@yearly" | "@annually" => "0 0 1 1 *",
             "@monthly" => "0 0 1 * *",
@@ -81,11 +113,15 @@ impl Cron {
         };
         let fields: Vec<&str> = expanded.split_whitespace().collect();
         let [minute, hour, day, month, weekday] = fields[..] else {
-            return Err(format!(
-                "schedule {expr:?} must have five fields (minute hour day-of-month month day-of-week)"
-            ));
+            return Err(WindowError::Fields {
+                expr: expr.to_string(),
+            });
         };
-        let err = |field: &str, why: String| format!("schedule {expr:?}: {field}: {why}");
+        let err = |field: &'static str, source: FieldError| WindowError::Field {
+            expr: expr.to_string(),
+            field,
+            source,
+        };
         let weekdays = field(weekday, 0, 7, &WEEKDAYS).map_err(|e| err("day-of-week", e))?;
         // 7 is Sunday too.
         let weekdays = ((weekdays | (weekdays >> 7)) & 0x7f) as u8;
@@ -121,14 +157,16 @@ impl Cron {
 }
 
 /// One field: `*`, values, names, ranges `a-b` and steps `/n`, comma-separated.
-fn field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, String> {
-    let value = |v: &str| -> Result<u32, String> {
+fn field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, FieldError> {
+    let value = |v: &str| -> Result<u32, FieldError> {
         if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(v)) {
             return Ok(i as u32 + min);
         }
-        let n: u32 = v.parse().map_err(|_| format!("{v:?} is not a number"))?;
+        let n: u32 = v
+            .parse()
+            .map_err(|_| FieldError::NotANumber(v.to_string()))?;
         if n < min || n > max {
-            return Err(format!("{n} is outside {min}-{max}"));
+            return Err(FieldError::OutOfRange { value: n, min, max });
         }
         Ok(n)
     };
@@ -140,7 +178,7 @@ fn field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, String> 
                 s.parse::<u32>()
                     .ok()
                     .filter(|s| *s > 0)
-                    .ok_or_else(|| format!("bad step in {part:?}"))?,
+                    .ok_or_else(|| FieldError::Step(part.to_string()))?,
             ),
             None => (part, 1),
         };
@@ -154,7 +192,7 @@ fn field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, String> 
             (v, if step > 1 { max } else { v })
         };
         if low > high {
-            return Err(format!("range {range:?} runs backwards"));
+            return Err(FieldError::Backwards(range.to_string()));
         }
         let mut v = low;
         while v <= high {
@@ -174,19 +212,17 @@ pub(crate) struct Window {
 }
 
 impl Window {
-    pub(crate) fn new(spec: &SyncWindow) -> Result<Window, String> {
+    pub(crate) fn new(spec: &SyncWindow) -> Result<Window, WindowError> {
         let cron = Cron::parse(&spec.schedule)?;
-        let zone = TimeZone::get(&spec.time_zone).map_err(|e| {
-            format!(
-                "time zone {:?} is unknown ({e}); use an IANA name such as Europe/Berlin",
-                spec.time_zone
-            )
+        // jiff's error is not `Clone`; its words are kept.
+        let zone = TimeZone::get(&spec.time_zone).map_err(|e| WindowError::Zone {
+            zone: spec.time_zone.clone(),
+            message: e.to_string(),
         })?;
         if spec.duration.is_zero() || spec.duration > MAX_DURATION {
-            return Err(format!(
-                "duration {} must be more than zero and at most 31 days",
-                humantime::format_duration(spec.duration)
-            ));
+            return Err(WindowError::Duration {
+                duration: spec.duration,
+            });
         }
         Ok(Window {
             spec: spec.clone(),
@@ -415,9 +451,11 @@ mod tests {
         };
         assert!(Window::new(&spec("Mars/Olympus", 60))
             .unwrap_err()
+            .to_string()
             .contains("Mars/Olympus"));
         assert!(Window::new(&spec("UTC", 0))
             .unwrap_err()
+            .to_string()
             .contains("duration"));
         assert!(Window::new(&spec("UTC", 40 * 24 * 3600)).is_err());
     }

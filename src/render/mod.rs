@@ -52,6 +52,13 @@ pub enum RenderError {
     },
     #[error("{path}: {message}")]
     Kustomize { path: PathBuf, message: String },
+    /// The kustomize fallback would fetch what the app's project does not allow.
+    #[error("{path}: the kustomize fallback would fetch {entry}: {source}")]
+    RemoteRefused {
+        path: PathBuf,
+        entry: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "{path}: {what} is not supported by edgesync's Kustomize engine; set the app's \
          kustomize_fallback (for example \"kubectl kustomize\") to build it with an external binary"
@@ -87,9 +94,9 @@ impl RenderError {
             RenderError::TooLarge { .. } => ErrorKind::RenderTooLarge,
             RenderError::Yaml { .. } | RenderError::Json { .. } => ErrorKind::RenderParse,
             RenderError::InvalidObject { .. } => ErrorKind::RenderInvalidObject,
-            RenderError::Kustomize { .. } | RenderError::KustomizeFallback { .. } => {
-                ErrorKind::RenderKustomize
-            }
+            RenderError::Kustomize { .. }
+            | RenderError::KustomizeFallback { .. }
+            | RenderError::RemoteRefused { .. } => ErrorKind::RenderKustomize,
             RenderError::KustomizeUnsupported { .. } => ErrorKind::RenderUnsupported,
             RenderError::Helm { .. } => ErrorKind::RenderHelm,
             RenderError::Substitution { .. } => ErrorKind::RenderSubstitution,
@@ -188,7 +195,8 @@ pub(crate) struct RenderOptions<'a> {
 }
 
 /// Whether a repository URL may be fetched (`Err` says why not).
-pub(crate) type RemoteCheck = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+pub(crate) type RemoteCheck =
+    dyn Fn(&str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync;
 
 /// Says whether a repository URL may be fetched, and why not.
 #[derive(Clone)]
@@ -250,9 +258,10 @@ pub(crate) fn render_with(
             if let Some(policy) = &options.remote_policy {
                 for entry in kustomize::remote_references(root, &dir)? {
                     let repo = kustomize::remote_repository(&entry);
-                    (policy.0)(&repo).map_err(|why| RenderError::Kustomize {
+                    (policy.0)(&repo).map_err(|source| RenderError::RemoteRefused {
                         path: rel(),
-                        message: format!("the kustomize fallback would fetch {entry}: {why}"),
+                        entry: entry.clone(),
+                        source,
                     })?;
                 }
             }
@@ -383,7 +392,7 @@ mod tests {
             if repo.starts_with("https://github.com/org/") {
                 Ok(())
             } else {
-                Err(format!("{repo} is not permitted (sourceRepos)"))
+                Err(format!("{repo} is not permitted (sourceRepos)").into())
             }
         }));
         let options = RenderOptions {

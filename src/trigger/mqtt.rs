@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MqttError {
     #[error("mqtt.url: {0}")]
-    Url(String),
+    Url(#[from] crate::model::url::BrokerUrlError),
     #[error("cannot read {path}: {source}")]
     File {
         path: PathBuf,
