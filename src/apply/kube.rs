@@ -132,8 +132,8 @@ impl KubeApplier {
                 record(&mut outcome, plan, object, result);
             }
             for name in crds {
-                if let Err(message) = self.wait_established(&name).await {
-                    tracing::warn!(crd = %name, "{message}");
+                if let Err(e) = self.wait_established(&name).await {
+                    tracing::warn!(crd = %name, "{e}");
                 }
             }
             // Collected first: a lazy `map` inside the stream trips up the Send check of
@@ -690,25 +690,30 @@ impl KubeApplier {
         Ok((resource, caps.scope))
     }
 
-    async fn wait_established(&self, name: &str) -> Result<(), String> {
+    async fn wait_established(&self, name: &str) -> Result<(), NotEstablished> {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         let deadline = tokio::time::Instant::now() + CRD_ESTABLISHED_TIMEOUT;
         loop {
-            if let Ok(crd) = api.get(name).await {
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                if established {
-                    return Ok(());
+            let last_error = match api.get(name).await {
+                Ok(crd) => {
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    if established {
+                        return Ok(());
+                    }
+                    None
                 }
-            }
+                Err(e) => Some(e),
+            };
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "CustomResourceDefinition {name} not Established after {CRD_ESTABLISHED_TIMEOUT:?}"
-                ));
+                return Err(NotEstablished {
+                    name: name.to_string(),
+                    source: last_error,
+                });
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -838,6 +843,15 @@ fn object_ref(object: &Object, default_ns: Option<&str>) -> ObjectRef {
         namespace: object.namespace().or(default_ns).map(str::to_string),
         name: object.name().to_string(),
     }
+}
+
+/// A CustomResourceDefinition that did not become Established in time; `source` is why it
+/// could not be read, when that was the last word.
+#[derive(Debug, thiserror::Error)]
+#[error("CustomResourceDefinition {name} not Established after {:?}{}", CRD_ESTABLISHED_TIMEOUT, .source.as_ref().map(|e| format!(" (reading it: {e})")).unwrap_or_default())]
+pub(crate) struct NotEstablished {
+    name: String,
+    source: Option<kube::Error>,
 }
 
 /// A failed API call: the server's message, and whether it was the server being away.

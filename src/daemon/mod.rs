@@ -145,10 +145,27 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
 /// How long a config that deletes apps' objects must stay the same before it is acted on.
 const REMOVAL_SETTLE: Duration = Duration::from_secs(3);
 
+/// Why a reloaded config that removes apps is not acted on yet.
+#[derive(Debug, thiserror::Error)]
+enum Unsettled {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{path} changed again while it was being read; it would remove {apps} (delete_on_removal): waiting until it is complete")]
+    Changing {
+        path: std::path::PathBuf,
+        apps: String,
+    },
+}
+
 /// A new config that drops apps with `delete_on_removal` deletes their objects: it must read
 /// the same twice, [`REMOVAL_SETTLE`] apart, so a file still being written (it parsed, but
 /// apps are missing) never deletes anything. `Err` says why the reload waits.
-async fn confirm_removals(current: &Config, new: &Config) -> Result<(), String> {
+async fn confirm_removals(current: &Config, new: &Config) -> Result<(), Unsettled> {
     let dropped: Vec<&str> = current
         .apps
         .iter()
@@ -162,18 +179,20 @@ async fn confirm_removals(current: &Config, new: &Config) -> Result<(), String> 
     let read = || async {
         tokio::fs::read(&path)
             .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .map_err(|source| Unsettled::Read {
+                path: path.clone(),
+                source,
+            })
     };
     let first = read().await?;
     tokio::time::sleep(REMOVAL_SETTLE).await;
     let again = read().await?;
-    let settled = Config::load(&path).map_err(|e| e.to_string())?;
+    let settled = Config::load(&path)?;
     if first != again || settled.apps != new.apps {
-        return Err(format!(
-            "{} changed again while it was being read; it would remove {} (delete_on_removal): waiting until it is complete",
-            path.display(),
-            dropped.join(", ")
-        ));
+        return Err(Unsettled::Changing {
+            path: path.clone(),
+            apps: dropped.join(", "),
+        });
     }
     tracing::info!(apps = %dropped.join(", "), "the new config removes apps, and read the same twice");
     Ok(())

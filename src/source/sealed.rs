@@ -39,18 +39,32 @@ pub(crate) fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Whether `dir` is exactly what was sealed: `Err` says what differs (or that it has no
-/// seal, as directories written before seals existed have).
-pub(crate) fn verify(dir: &Path) -> Result<(), String> {
-    let text = std::fs::read(dir.join(SEAL)).map_err(|e| format!("no seal: {e}"))?;
-    let sealed: Manifest =
-        serde_json::from_slice(&text).map_err(|e| format!("unreadable seal: {e}"))?;
-    let found = read_tree(dir, false).map_err(|e| e.to_string())?;
+/// Why a sealed directory is not usable.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SealError {
+    /// Directories written before seals existed have none.
+    #[error("no seal: {0}")]
+    Missing(#[source] std::io::Error),
+    #[error("unreadable seal: {0}")]
+    Unreadable(#[source] serde_json::Error),
+    #[error("cannot read the directory: {0}")]
+    Tree(#[source] std::io::Error),
+    #[error("{0} is not as it was written")]
+    Changed(String),
+    #[error("{0} was not written with it")]
+    Added(String),
+}
+
+/// Whether `dir` is exactly what was sealed: `Err` says what differs.
+pub(crate) fn verify(dir: &Path) -> Result<(), SealError> {
+    let text = std::fs::read(dir.join(SEAL)).map_err(SealError::Missing)?;
+    let sealed: Manifest = serde_json::from_slice(&text).map_err(SealError::Unreadable)?;
+    let found = read_tree(dir, false).map_err(SealError::Tree)?;
     if let Some((path, _)) = sealed.iter().find(|(p, want)| found.get(*p) != Some(want)) {
-        return Err(format!("{path} is not as it was written"));
+        return Err(SealError::Changed(path.clone()));
     }
     if let Some(path) = found.keys().find(|p| !sealed.contains_key(*p)) {
-        return Err(format!("{path} was not written with it"));
+        return Err(SealError::Added(path.clone()));
     }
     Ok(())
 }
@@ -142,17 +156,20 @@ mod tests {
         // A power cut before the data reached the disk: the file is there, but empty.
         std::fs::write(dir.join("app/cm.yaml"), "").unwrap();
         let why = verify(&dir).unwrap_err();
-        assert!(why.contains("app/cm.yaml"), "{why}");
+        assert!(
+            matches!(&why, SealError::Changed(p) if p == "app/cm.yaml"),
+            "{why}"
+        );
         assert!(!usable_or_removed(&dir));
         assert!(!dir.exists());
 
         let unsealed = root.path().join("old");
         std::fs::create_dir_all(&unsealed).unwrap();
-        assert!(verify(&unsealed).unwrap_err().contains("no seal"));
+        assert!(matches!(verify(&unsealed), Err(SealError::Missing(_))));
 
         std::fs::create_dir_all(&tmp).unwrap();
         seal(&tmp).unwrap();
         std::fs::write(tmp.join("extra.yaml"), "x: 1").unwrap();
-        assert!(verify(&tmp).unwrap_err().contains("extra.yaml"));
+        assert!(matches!(verify(&tmp), Err(SealError::Added(p)) if p == "extra.yaml"));
     }
 }
