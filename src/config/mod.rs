@@ -5,15 +5,18 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use toml::Spanned;
 
+mod app;
+mod load;
 pub(crate) mod options;
 pub(crate) mod sync_policy;
 mod validate;
+pub(crate) use app::{AppConfig, SkippedApp, Substitute};
+pub(crate) use load::resolve_file;
 #[cfg(test)]
 use validate::check_repo_url;
 pub(crate) use validate::is_scp_like;
@@ -105,13 +108,6 @@ pub(crate) struct FleetConfig {
     pub(crate) revision: String,
     #[serde(default = "default_path")]
     pub(crate) path: String,
-}
-
-/// An app that is not for this node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct SkippedApp {
-    pub(crate) app: String,
-    pub(crate) reason: String,
 }
 
 /// Logging defaults; `--log-level`, `--log-format` and `RUST_LOG` override them.
@@ -315,107 +311,6 @@ impl RepositoryConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct AppConfig {
-    pub(crate) name: String,
-    pub(crate) repo: String,
-    /// Branch, tag or commit SHA. `HEAD` follows the remote's default branch. For a `chart`,
-    /// the chart version or a semver constraint (`*` or `HEAD`: the latest release).
-    #[serde(default = "default_revision")]
-    pub(crate) revision: String,
-    /// A chart in the Helm repository (`https://…` with an index.yaml) or OCI registry
-    /// (`oci://host/path`) that `repo` names, instead of a path in a Git repository.
-    #[serde(default)]
-    pub(crate) chart: Option<String>,
-    /// Directory inside the repository; `.` is the root.
-    #[serde(default = "default_path")]
-    pub(crate) path: String,
-    /// Namespace for namespaced objects that name none.
-    pub(crate) namespace: Option<String>,
-    /// Create `namespace` if it does not exist (Argo CD's `CreateNamespace=true`). The
-    /// namespace is not part of the app: it is never pruned.
-    #[serde(default)]
-    pub(crate) create_namespace: bool,
-    /// Delete objects this app applied earlier that its render no longer contains (Argo CD's
-    /// `prune`). Only after a fully successful apply, and only objects still marked as ours.
-    #[serde(default)]
-    pub(crate) prune: bool,
-    /// Let a render with no objects prune everything (Argo CD's `allowEmpty`).
-    #[serde(default)]
-    pub(crate) allow_empty: bool,
-    /// Run only on nodes whose labels match, e.g. `site in (plant-7,plant-8),!decommissioned`.
-    pub(crate) node_selector: Option<String>,
-    /// The Argo CD AppProject whose rules apply; `default` (or none) allows everything.
-    #[serde(default)]
-    pub(crate) project: Option<String>,
-    /// Substitute `${VAR}` in the rendered objects (Flux's `postBuild.substitute`): `off`,
-    /// `on` (unset variables become empty) or `strict` (unset variables are errors).
-    #[serde(default)]
-    pub(crate) substitute: Substitute,
-    /// Variables for this app, over the top-level `[variables]` and the node's own.
-    #[serde(default)]
-    pub(crate) variables: BTreeMap<String, String>,
-    /// A command that builds a kustomization the native engine does not support (helmCharts,
-    /// KRM functions, remote resources), e.g. `kubectl kustomize` or `kustomize build`.
-    #[serde(default)]
-    pub(crate) kustomize_fallback: Option<String>,
-    /// Helm options for an app whose path holds a chart (Argo CD's `source.helm`).
-    #[serde(default)]
-    pub(crate) helm: Option<options::HelmOptions>,
-    /// Sync each new revision by itself (`true`, the default). `false`: only a manual
-    /// `edgesync sync APP` applies it, and the app shows OutOfSync until then, as an Argo CD
-    /// Application without `syncPolicy.automated`.
-    #[serde(default = "default_true")]
-    pub(crate) automated: bool,
-    /// Re-apply at once when a managed object drifts or is deleted (Argo CD's `selfHeal`);
-    /// otherwise drift is reported as OutOfSync.
-    #[serde(default)]
-    pub(crate) self_heal: bool,
-    /// Argo CD's sync options: `CreateNamespace=true`, `PruneLast=true`,
-    /// `PrunePropagationPolicy=foreground|background|orphan`, `ApplyOutOfSyncOnly=true`.
-    #[serde(default)]
-    pub(crate) sync_options: Vec<String>,
-    /// Retry of failed syncs (Argo CD's `syncPolicy.retry`).
-    #[serde(default)]
-    pub(crate) retry: sync_policy::Retry,
-    /// Fields left alone (Argo CD's `ignoreDifferences`).
-    #[serde(default)]
-    pub(crate) ignore_differences: Vec<sync_policy::IgnoreDifference>,
-    /// When syncs may run (Argo CD's sync windows).
-    #[serde(default)]
-    pub(crate) sync_windows: Vec<sync_policy::SyncWindow>,
-    /// How long an app may stay Progressing after a sync before it counts as Degraded.
-    #[serde(default, with = "sync_policy::human::option")]
-    pub(crate) health_timeout: Option<Duration>,
-    /// `auto`: an app that goes Degraded after a new revision goes back to its last Healthy one.
-    #[serde(default)]
-    pub(crate) rollback: sync_policy::Rollback,
-    /// Changes to the app's kustomization before it is built (Argo CD's `source.kustomize`).
-    #[serde(default)]
-    pub(crate) kustomize: options::Overrides,
-    /// How a plain directory is read (Argo CD's `source.directory`): `recurse` (default
-    /// `true`), `include` and `exclude` globs.
-    #[serde(default)]
-    pub(crate) directory: options::DirectoryOptions,
-    /// Delete the app's objects when the app leaves this node (removed from the config or the
-    /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
-    #[serde(default)]
-    pub(crate) delete_on_removal: bool,
-}
-
-impl AppConfig {
-    /// The value of one of the app's sync options.
-    pub(crate) fn sync_option(&self, name: &str) -> Option<&str> {
-        sync_policy::sync_option(&self.sync_options, name)
-    }
-
-    /// `create_namespace`, or the sync option `CreateNamespace=true`.
-    pub(crate) fn creates_namespace(&self) -> bool {
-        self.create_namespace || self.sync_option("CreateNamespace") == Some("true")
-    }
-}
-
 /// `[signatures]`: the keys this node trusts to sign Git revisions. AppProjects with
 /// `signatureKeys` pick among them; with `fleet`, the fleet repository must be signed too.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -438,39 +333,6 @@ pub(crate) struct SignaturesConfig {
 pub(crate) struct HelmConfig {
     /// The pinned helm binary; `helm` on PATH when unset.
     pub(crate) binary: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Substitute {
-    #[default]
-    Off,
-    On,
-    Strict,
-}
-
-/// Splits apps into those whose selector matches the node's labels and those skipped.
-fn for_this_node(
-    apps: Vec<AppConfig>,
-    labels: &BTreeMap<String, String>,
-) -> (Vec<AppConfig>, Vec<SkippedApp>) {
-    let mut run = Vec::new();
-    let mut skipped = Vec::new();
-    for app in apps {
-        // Validation has already parsed every selector.
-        match app
-            .node_selector
-            .as_deref()
-            .map(crate::model::selector::Selector::parse)
-        {
-            Some(Ok(selector)) if !selector.matches(labels) => skipped.push(SkippedApp {
-                reason: format!("node_selector \"{selector}\" does not match this node's labels"),
-                app: app.name,
-            }),
-            _ => run.push(app),
-        }
-    }
-    (run, skipped)
 }
 
 fn default_poll_interval() -> Duration {
@@ -514,32 +376,6 @@ mod humantime_serde_compat {
     }
 }
 
-/// The file as written, with spans kept where semantic checks need to point at a line.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    state_dir: Option<PathBuf>,
-    max_concurrent_syncs: Option<Spanned<usize>>,
-    #[serde(default)]
-    node: NodeConfig,
-    kubernetes: Option<Spanned<KubernetesConfig>>,
-    mqtt: Option<Spanned<MqttConfig>>,
-    webhook: Option<Spanned<WebhookConfig>>,
-    #[serde(default)]
-    http: HttpConfig,
-    #[serde(default)]
-    log: LogConfig,
-    fleet: Option<Spanned<FleetConfig>>,
-    signatures: Option<Spanned<SignaturesConfig>>,
-    variables: Option<Spanned<BTreeMap<String, String>>>,
-    #[serde(default)]
-    helm: HelmConfig,
-    #[serde(default)]
-    repositories: Vec<Spanned<RepositoryConfig>>,
-    #[serde(default)]
-    apps: Vec<Spanned<AppConfig>>,
-}
-
 /// How log lines are written (`[log] format`, `--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -548,52 +384,6 @@ pub(crate) enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
-}
-
-/// The variable systemd sets for a unit with `LoadCredential=`.
-pub(crate) const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
-
-/// The credential ID the packaged unit loads `/etc/edgesync/credentials` under
-/// (`LoadCredential=edgesync:/etc/edgesync/credentials`). systemd names each file of a
-/// directory credential `<ID>_<file>`, so `kubeconfig` there is `edgesync_kubeconfig` in
-/// `$CREDENTIALS_DIRECTORY`.
-pub(crate) const CREDENTIAL_ID: &str = "edgesync";
-
-/// Resolves a file path from the config: relative paths are relative to the config file's
-/// directory, and a leading `${CREDENTIALS_DIRECTORY}` is the directory where systemd put the
-/// unit's credentials (`LoadCredential=`), so secrets can stay readable by root only.
-/// `${CREDENTIALS_DIRECTORY}/NAME` is the credential `NAME` when there is one, and else the
-/// file `NAME` of the packaged unit's directory credential ([`CREDENTIAL_ID`]`_NAME`), so one
-/// config works under the unit and by hand with `CREDENTIALS_DIRECTORY=/etc/edgesync/credentials`.
-pub(crate) fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, String> {
-    resolve_file_in(base, path, std::env::var_os(CREDENTIALS_VAR))
-}
-
-fn resolve_file_in(
-    base: &Path,
-    path: &Path,
-    credentials: Option<std::ffi::OsString>,
-) -> Result<PathBuf, String> {
-    let text = path.to_string_lossy();
-    for prefix in ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"] {
-        if let Some(rest) = text.strip_prefix(prefix) {
-            let dir = credentials.ok_or_else(|| {
-                format!(
-                    "{text} names a systemd credential, but ${CREDENTIALS_VAR} is not set \
-                     (systemd sets it for a unit with LoadCredential=)"
-                )
-            })?;
-            let dir = PathBuf::from(dir);
-            let name = rest.trim_start_matches('/');
-            let plain = dir.join(name);
-            let loaded = dir.join(format!("{CREDENTIAL_ID}_{}", name.replace('/', "_")));
-            if !plain.exists() && loaded.exists() {
-                return Ok(loaded);
-            }
-            return Ok(plain);
-        }
-    }
-    Ok(base.join(path))
 }
 
 impl Config {
@@ -608,155 +398,6 @@ impl Config {
 }
 
 impl Config {
-    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(path, &text)
-    }
-
-    pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let problems = validate::validate(&raw, text, base);
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
-            });
-        }
-        let mut node = raw.node;
-        if node.name.is_empty() {
-            node.name = hostname::get()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "edgesync".to_string());
-        }
-        node.labels = crate::model::node::node_labels(&node.name, &node.labels);
-        // Validation has checked every file path, so `resolve_file` cannot fail here.
-        let resolve = |p: &PathBuf| resolve_file(base, p).unwrap_or_else(|_| base.join(p));
-        let repositories = raw
-            .repositories
-            .into_iter()
-            .map(|r| {
-                let mut r = r.into_inner();
-                r.token_file = r.token_file.as_ref().map(resolve);
-                r.password_file = r.password_file.as_ref().map(resolve);
-                r.ssh_key_file = r.ssh_key_file.as_ref().map(resolve);
-                r.known_hosts_file = r.known_hosts_file.as_ref().map(resolve);
-                r
-            })
-            .collect();
-        let mqtt = raw.mqtt.map(|m| {
-            let mut m = m.into_inner();
-            m.password_file = m.password_file.as_ref().map(resolve);
-            m.ca_file = m.ca_file.as_ref().map(resolve);
-            m.cert_file = m.cert_file.as_ref().map(resolve);
-            m.key_file = m.key_file.as_ref().map(resolve);
-            m.client_id = m.client_id.replace("{node}", &node.name);
-            m
-        });
-        let webhook = raw.webhook.map(|w| {
-            let mut w = w.into_inner();
-            for file in [
-                &mut w.github_secret_file,
-                &mut w.gitlab_token_file,
-                &mut w.gitea_secret_file,
-                &mut w.bitbucket_secret_file,
-                &mut w.generic_secret_file,
-            ] {
-                *file = file.as_ref().map(resolve);
-            }
-            w
-        });
-        let signatures_line = raw
-            .signatures
-            .as_ref()
-            .map_or(0, |s| validate::line_at(text, s.span().start));
-        let signatures = raw.signatures.map(Spanned::into_inner).unwrap_or_default();
-        let files = |list: &[PathBuf]| list.iter().map(resolve).collect::<Vec<_>>();
-        let signatures = SignaturesConfig {
-            gpg_keys: files(&signatures.gpg_keys),
-            ssh_keys: files(&signatures.ssh_keys),
-            fleet: signatures.fleet,
-        };
-        let (apps, skipped) = for_this_node(
-            raw.apps.into_iter().map(Spanned::into_inner).collect(),
-            &node.labels,
-        );
-        Ok(Config {
-            path: path.to_path_buf(),
-            state_dir: raw
-                .state_dir
-                .map(|p| base.join(p))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            max_concurrent_syncs: raw
-                .max_concurrent_syncs
-                .map(Spanned::into_inner)
-                .unwrap_or(DEFAULT_MAX_CONCURRENT_SYNCS),
-            node,
-            kubernetes: KubernetesConfig {
-                kubeconfig: raw
-                    .kubernetes
-                    .as_ref()
-                    .and_then(|k| k.get_ref().kubeconfig.as_ref())
-                    .map(resolve),
-            },
-            mqtt,
-            webhook,
-            http: raw.http,
-            log: raw.log,
-            repositories,
-            variables: raw.variables.map(Spanned::into_inner).unwrap_or_default(),
-            helm: HelmConfig {
-                // A bare name (`helm`) is looked up on PATH; a path is relative to the config.
-                binary: raw.helm.binary.as_ref().map(|b| {
-                    if b.components().count() > 1 {
-                        resolve(b)
-                    } else {
-                        b.clone()
-                    }
-                }),
-            },
-            fleet: raw.fleet.map(Spanned::into_inner),
-            signatures,
-            signatures_line,
-            apps,
-            skipped,
-        })
-    }
-
-    /// Adds apps read from the fleet repository, checked as `[[apps]]` entries are and
-    /// targeted by their node selector. An app whose name the config already uses, or that
-    /// fails a check, is left out; the returned problems say why.
-    pub(crate) fn add_fleet_apps(&mut self, apps: Vec<AppConfig>) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut accepted = Vec::new();
-        for app in apps {
-            let taken = self
-                .apps
-                .iter()
-                .chain(&accepted)
-                .any(|a: &AppConfig| a.name == app.name)
-                || self.skipped.iter().any(|s| s.app == app.name);
-            let check = validate::check_app(&app).err().or_else(|| {
-                taken.then(|| format!("the name {:?} is already used by another app", app.name))
-            });
-            match check {
-                Some(why) => problems.push(format!("fleet app {}: {why}; left out", app.name)),
-                None => accepted.push(app),
-            }
-        }
-        let (run, skipped) = for_this_node(accepted, &self.node.labels);
-        self.apps.extend(run);
-        self.skipped.extend(skipped);
-        problems
-    }
-
     /// The repository settings for `url`, or anonymous defaults when it has no entry.
     pub(crate) fn repository(&self, url: &str) -> RepositoryConfig {
         self.repositories
@@ -789,7 +430,9 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::load::resolve_file_in;
     use super::*;
+    use std::path::Path;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/tmp/edgesync-test/config.toml"), text)

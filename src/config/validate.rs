@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
-use super::{AppConfig, MqttConfig, Problem, RawConfig, RepositoryConfig, WebhookConfig};
+use super::load::RawConfig;
+use super::{AppConfig, MqttConfig, Problem, RepositoryConfig, WebhookConfig};
 
 pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem> {
     let mut c = Checker {
