@@ -430,7 +430,7 @@ impl Drift {
             .map(|(k, _, why)| format!("{} {}: {why}", k.kind, display(k)))
             .collect();
         // A window that cannot be read holds self-heal as it holds syncs.
-        let held = match super::sync::windows_of(&self.ctx.projects, &config) {
+        let held = match super::checks::windows_of(&self.ctx.projects, &config) {
             Ok(windows) => match window::verdict(&windows, jiff::Timestamp::now(), false) {
                 Verdict::Allowed => None,
                 Verdict::Blocked { reason, .. } => Some(reason),

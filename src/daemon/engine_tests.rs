@@ -464,11 +464,11 @@ fn a_crd_in_the_plan_gives_its_kinds_their_scope() {
         out_of_sync_only: false,
     };
     assert_eq!(
-        super::sync::plan_scope(&plan, "example.com", "Gadget"),
+        super::checks::plan_scope(&plan, "example.com", "Gadget"),
         Some(false)
     );
     assert_eq!(
-        super::sync::plan_scope(&plan, "example.com", "Widget"),
+        super::checks::plan_scope(&plan, "example.com", "Widget"),
         None
     );
 }

@@ -56,7 +56,7 @@ pub(crate) async fn load(node: &Node, fleet: &FleetConfig) -> (FleetApps, Vec<St
         };
         let seen = |e: &dyn std::fmt::Display| (e.to_string(), Some(target.sha.clone()));
         if config_for_children.signatures.fleet {
-            let (object, signer) = super::sync::verify_revision(
+            let (object, signer) = super::checks::verify_revision(
                 &source,
                 &keyring,
                 &repo,
@@ -249,7 +249,7 @@ impl Expander<'_> {
                 sha: sha.clone(),
                 tag: refs.annotated_tag(&app.revision),
             };
-            super::sync::verify_revision(
+            super::checks::verify_revision(
                 self.source,
                 self.keyring,
                 &repo,

@@ -2,6 +2,7 @@
 //! Each repository has a worker fed by the poll timer and the triggers; a failing app or
 //! repository never stops the others.
 
+mod checks;
 mod control;
 mod dispatch;
 mod drift;
@@ -14,6 +15,7 @@ mod prune;
 mod removal;
 mod retry;
 mod sync;
+mod target;
 
 use std::sync::Arc;
 use std::time::Duration;

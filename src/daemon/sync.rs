@@ -5,17 +5,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::checks::{windows_of, ClaimKey};
 use super::node::Node;
 use super::retry;
-use crate::apply::{self, ApplyError, Cluster, KubeApplier, ObjectRef};
-use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
+pub(crate) use super::target::Target;
+use crate::apply::{self, ApplyError, Cluster, KubeApplier};
+use crate::config::{AppConfig, Config};
 use crate::metrics::Metrics;
-use crate::model::window::{self, Verdict, Window};
-use crate::policy::{Denied, WindowSpecError};
-use crate::render::{self, RenderError};
+use crate::model::window::{self, Verdict};
+use crate::policy::Denied;
+use crate::render::RenderError;
 use crate::report::publisher::StatusPublisher;
 use crate::report::status::StatusBoard;
-use crate::source::{ChartIndex, ChartSource, GitSource, RemoteRefs, SourceError, TagRef};
+use crate::source::{ChartSource, GitSource, SourceError};
 use crate::state::{unix_now, AppState, RenderKind, RenderRecord, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,38 +82,12 @@ impl SyncError {
     }
 }
 
-type ClaimKey = (String, String, Option<String>, String);
-
-fn claim_key(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> ClaimKey {
-    (
-        group.to_string(),
-        kind.to_string(),
-        namespace.map(str::to_string),
-        name.to_string(),
-    )
-}
-
 /// How long a wave may take to become healthy when the app sets no `health_timeout`.
 const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How long each sync wave may take to become healthy.
 fn wave_timeout(app: &AppConfig) -> std::time::Duration {
     app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT)
-}
-
-/// What an app syncs to: a commit SHA (for a chart, `<version>@sha256:<hex>`), and the
-/// annotated tag the revision named, whose signature vouches for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Target {
-    pub(crate) sha: String,
-    pub(crate) tag: Option<TagRef>,
-}
-
-/// What a repository offers, read once per round.
-pub(crate) enum Revisions {
-    Git(RemoteRefs),
-    /// A chart repository, with its index when it is an HTTP(S) one.
-    Charts(Option<Arc<ChartIndex>>),
 }
 
 /// How often a held app looks at its sync windows again, at most.
@@ -148,7 +124,7 @@ pub(crate) struct SyncContext {
     /// Wakes the health monitor: after every apply, and when a watch sees an app's object
     /// change (the apps in `health_dirty`).
     pub(crate) health_wake: tokio::sync::Notify,
-    health_dirty: std::sync::Mutex<HashSet<String>>,
+    pub(super) health_dirty: std::sync::Mutex<HashSet<String>>,
     pub(crate) source: GitSource,
     pub(crate) charts: ChartSource,
     /// What the engine reads, applies and deletes through.
@@ -161,68 +137,9 @@ pub(crate) struct SyncContext {
     pub(crate) synced: tokio::sync::watch::Sender<u64>,
     /// One writer per app: sync, rollback, self-heal and removal each hold the app's lock
     /// while they change its objects or its state, so none undoes what another just did.
-    writers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) writers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Which app manages each object on this node (read from the states on first use).
-    claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
-}
-
-/// A sync window that covers an app but cannot be read: it holds the app's syncs.
-#[derive(Debug, thiserror::Error)]
-#[error("sync window {index} cannot be read ({source})")]
-pub(crate) struct UnreadableWindow {
-    index: usize,
-    source: WindowSpecError,
-}
-
-/// The sync windows that cover `app`, or why one of them cannot be read.
-pub(crate) fn windows_of(
-    projects: &BTreeMap<String, crate::policy::Project>,
-    app: &AppConfig,
-) -> Result<Vec<Window>, UnreadableWindow> {
-    super::node::sync_windows(projects, app)
-        .into_iter()
-        .enumerate()
-        .map(|(index, w)| {
-            w.and_then(|w| Ok(Window::new(&w)?))
-                .map_err(|source| UnreadableWindow { index, source })
-        })
-        .collect()
-}
-
-/// The scope a CustomResourceDefinition in `plan` gives `group`/`kind`: `Some(true)` for
-/// namespaced, `None` when no CRD of the plan defines the kind.
-pub(super) fn plan_scope(plan: &apply::Plan, group: &str, kind: &str) -> Option<bool> {
-    let text = |spec: &serde_json::Value, pointer: &str| {
-        spec.pointer(pointer)
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_string)
-    };
-    plan.rendered_objects()
-        .filter(|o| o.group() == "apiextensions.k8s.io" && o.kind() == "CustomResourceDefinition")
-        .filter_map(|crd| crd.value.get("spec"))
-        .find(|spec| {
-            text(spec, "/group").as_deref() == Some(group)
-                && text(spec, "/names/kind").as_deref() == Some(kind)
-        })
-        .and_then(|spec| text(spec, "/scope"))
-        .map(|scope| scope != "Cluster")
-}
-
-/// Checks that `target` (reached from `revision` of `repo`) is signed by a key of `keyring`
-/// that `allowed` names; `required_by` says who asks, for messages. Returns the signed
-/// object's name and the signer. Blocking (Git I/O).
-pub(crate) fn verify_revision(
-    source: &GitSource,
-    keyring: &crate::signature::Keyring,
-    repo: &RepositoryConfig,
-    revision: &str,
-    target: &Target,
-    required_by: &str,
-    allowed: &[String],
-) -> Result<(String, crate::signature::Signer), SyncError> {
-    let signed = source.signed(repo, revision, &target.sha, target.tag.as_ref())?;
-    let signer = keyring.verify(&signed, required_by, allowed)?;
-    Ok((signed.object, signer))
+    pub(super) claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
 }
 
 /// The app's state; a damaged file (set aside by the store) is reported, counted, and the app
@@ -239,7 +156,7 @@ fn load_or_blank(store: &StateStore, metrics: &Metrics, app: &str) -> Result<App
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SyncError> + Send + 'static,
 ) -> Result<T, SyncError> {
     tokio::task::spawn_blocking(f)
@@ -306,67 +223,6 @@ impl SyncContext {
             keyring,
             projects,
         })
-    }
-
-    /// Reads what `repo` offers once, for resolving all its apps' revisions: a Git
-    /// repository's refs, or a Helm repository's index.
-    pub(crate) async fn remote_refs(
-        &self,
-        repo: &RepositoryConfig,
-    ) -> Result<Revisions, SyncError> {
-        let started = Instant::now();
-        let repo = repo.clone();
-        let revisions = if self.config.is_chart_repository(&repo.url) {
-            if crate::model::url::is_oci(&repo.url) {
-                return Ok(Revisions::Charts(None));
-            }
-            let charts = self.charts.clone();
-            blocking(move || Ok(Revisions::Charts(Some(Arc::new(charts.index(&repo)?))))).await
-        } else {
-            let source = self.source.clone();
-            blocking(move || Ok(Revisions::Git(source.remote_refs(&repo)?))).await
-        };
-        self.metrics.git_fetch(started.elapsed());
-        revisions
-    }
-
-    /// The revision `app` should be at: a commit SHA, or for a chart `<version>@sha256:<hex>`
-    /// (the chart is then in the cache).
-    pub(crate) async fn resolve(
-        &self,
-        repo: &RepositoryConfig,
-        revisions: &Revisions,
-        app: &AppConfig,
-    ) -> Result<Target, SyncError> {
-        match (revisions, &app.chart) {
-            (Revisions::Git(refs), None) => Ok(Target {
-                sha: refs.resolve(&app.revision)?,
-                tag: refs.annotated_tag(&app.revision),
-            }),
-            (Revisions::Charts(index), Some(chart)) => {
-                let (charts, repo, index, chart) =
-                    (self.charts.clone(), repo.clone(), index.clone(), chart.clone());
-                // Argo CD's default targetRevision, HEAD, means the latest chart release.
-                let constraint = match app.revision.as_str() {
-                    "HEAD" => String::new(),
-                    other => other.to_string(),
-                };
-                let sha = blocking(move || {
-                    Ok(charts.pull(&repo, index.as_deref(), &chart, &constraint)?)
-                })
-                .await?;
-                Ok(Target { sha, tag: None })
-            }
-            (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
-                Err(SyncError::Source(SourceError::Chart {
-                    url: crate::model::url::redact(&repo.url),
-                    source: crate::source::ChartError::Unusable(format!(
-                        "apps {} use this repository both as a Git repository and as a chart repository; an app on a chart repository needs `chart`, and other apps cannot use it",
-                        self.config.apps.iter().filter(|a| a.repo == repo.url).map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
-                    )),
-                }))
-            }
-        }
     }
 
     /// Loads the app's state. An unreadable file has been moved aside by the store; the app
@@ -590,101 +446,6 @@ impl SyncContext {
         })
     }
 
-    /// Refuses a plan with an object another app of this node manages or is about to: two
-    /// apps applying one object would overwrite each other on every sync. The app that has it
-    /// keeps it; nothing of this app is applied until one of them lets go. Claims are taken
-    /// under one lock, so two apps syncing at once cannot both pass.
-    fn check_conflicts(&self, app: &AppConfig, plan: &apply::Plan) -> Result<(), SyncError> {
-        let mut guard = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let claims = guard.get_or_insert_with(|| {
-            let mut claims = HashMap::new();
-            for other in &self.config.apps {
-                if let Ok(state) = self.store.load(&other.name) {
-                    for o in &state.objects {
-                        claims.insert(
-                            claim_key(&o.group, &o.kind, o.namespace.as_deref(), &o.name),
-                            other.name.clone(),
-                        );
-                    }
-                }
-            }
-            claims
-        });
-        let mut mine = Vec::new();
-        for object in plan.rendered_objects() {
-            let ns = object.namespace().or(plan.default_namespace.as_deref());
-            let key = claim_key(object.group(), object.kind(), ns, object.name());
-            // Cluster-scoped objects are recorded without a namespace.
-            let bare = claim_key(object.group(), object.kind(), None, object.name());
-            let owner = [&key, &bare]
-                .into_iter()
-                .find_map(|k| claims.get(k).filter(|o| **o != app.name));
-            if let Some(owner) = owner {
-                return Err(SyncError::Conflict(format!(
-                    "{} ({}) is already managed by app {owner}; two apps must not manage one object",
-                    object.display_name(),
-                    object.origin
-                )));
-            }
-            mine.push(key);
-        }
-        claims.retain(|_, owner| *owner != app.name);
-        for key in mine {
-            claims.insert(key, app.name.clone());
-        }
-        Ok(())
-    }
-
-    /// The app's AppProject rules, for the whole plan, before anything is applied.
-    async fn check_policy(&self, app: &AppConfig, plan: &apply::Plan) -> Result<(), SyncError> {
-        let Some(name) = app.project.as_deref() else {
-            return Ok(());
-        };
-        let project = match self.projects.get(name) {
-            Some(project) => project,
-            // Argo CD's `default` project allows everything unless the fleet defines it.
-            None if name == "default" => return Ok(()),
-            None => return Err(SyncError::Policy(Denied::Undefined(name.to_string()))),
-        };
-        project.check_source(&app.repo)?;
-        if let Some(ns) = &app.namespace {
-            project.check_destination(ns)?;
-        }
-        for object in plan.rendered_objects() {
-            let refused = |unknown_scope: bool| {
-                move |e: Denied| {
-                    SyncError::Policy(Denied::Object {
-                        object: object.display_name(),
-                        origin: object.origin.clone(),
-                        unknown_scope,
-                        source: Box::new(e),
-                    })
-                }
-            };
-            // The scope from discovery, or from a CRD in this very plan; a kind whose scope
-            // is not known (discovery failed, or nothing defines it) must pass the rules of
-            // both scopes: policy fails closed.
-            let scope = match self.cluster.is_namespaced(object).await {
-                Some(namespaced) => Some(namespaced),
-                None => plan_scope(plan, object.group(), object.kind()),
-            };
-            let scopes: &[bool] = match scope {
-                Some(true) => &[true],
-                Some(false) => &[false],
-                None => &[true, false],
-            };
-            for &namespaced in scopes {
-                project
-                    .check_kind(object.group(), object.kind(), namespaced)
-                    .map_err(refused(scope.is_none()))?;
-            }
-            if let (false, Some(ns)) = (scope == Some(false), object.namespace()) {
-                project.check_destination(ns).map_err(refused(false))?;
-            }
-        }
-        Ok(())
-    }
-
     /// `rollback = "auto"`: the app went Degraded (`reason`) at a revision that was never
     /// Healthy. Re-applies the last Healthy render, prunes what only the bad revision had
     /// (with `prune`), and marks the bad revision so it is not synced again until a newer one
@@ -814,67 +575,6 @@ impl SyncContext {
         }
     }
 
-    /// AppProject `orphanedResources.warn`: objects of the kinds the app applies, in its
-    /// namespace, that no app manages and nothing owns, are reported (log and status), as Argo
-    /// CD warns about them. Objects every namespace has (`kube-root-ca.crt`, the `default`
-    /// ServiceAccount) and the project's `ignore` entries are left out.
-    async fn warn_orphans(&self, app: &AppConfig, state: &AppState) {
-        let Some(ignore) = app
-            .project
-            .as_deref()
-            .and_then(|p| self.projects.get(p))
-            .and_then(|p| p.orphans_warn.as_ref())
-        else {
-            return;
-        };
-        let Some(ns) = app.namespace.as_deref() else {
-            return;
-        };
-        let mut kinds: Vec<&ObjectRef> = Vec::new();
-        for o in state
-            .objects
-            .iter()
-            .filter(|o| o.namespace.as_deref() == Some(ns))
-        {
-            if !kinds.iter().any(|k| k.group == o.group && k.kind == o.kind) {
-                kinds.push(o);
-            }
-        }
-        let mut orphans = Vec::new();
-        for kind in kinds {
-            let Ok(listed) = self.cluster.list_meta(kind, ns).await else {
-                continue;
-            };
-            for (name, managed, owned) in listed {
-                let system = matches!(
-                    (kind.kind.as_str(), name.as_str()),
-                    ("ConfigMap", "kube-root-ca.crt") | ("ServiceAccount", "default")
-                );
-                if managed
-                    || owned
-                    || system
-                    || ignore
-                        .iter()
-                        .any(|i| i.matches(&kind.group, &kind.kind, &name))
-                {
-                    continue;
-                }
-                orphans.push(format!("{} {ns}/{name}", kind.kind));
-            }
-        }
-        let warnings = if orphans.is_empty() {
-            Vec::new()
-        } else {
-            tracing::warn!(app = %app.name, count = orphans.len(), "orphaned resources: {}", orphans.join(", "));
-            vec![format!(
-                "{} orphaned resources: {}",
-                orphans.len(),
-                orphans.join(", ")
-            )]
-        };
-        self.board.warnings(&app.name, warnings);
-    }
-
     /// Mirrors the app's inventory into the cluster, so a node whose state directory was lost
     /// still knows what the app owns. A failure is logged and counted; the local copy rules.
     async fn save_inventory(&self, app: &AppConfig, state: &AppState) {
@@ -953,143 +653,6 @@ impl SyncContext {
             Ok(())
         } else {
             Err(ApplyError::Prune { failures })
-        }
-    }
-
-    /// The app's current target revision, rendered and planned (for `edgesync diff`).
-    pub(crate) async fn target_plan(
-        &self,
-        app: &AppConfig,
-    ) -> Result<(String, apply::Plan), SyncError> {
-        let repo = self.config.repository(&app.repo);
-        let revisions = self.remote_refs(&repo).await?;
-        let target = self.resolve(&repo, &revisions, app).await?;
-        let plan = self.render_and_plan(app, &target).await?;
-        Ok((target.sha, plan))
-    }
-
-    /// Who requires the app's revision to be signed, and by which keys: its project, when
-    /// that lists signatureKeys.
-    fn required_signers(&self, app: &AppConfig) -> Option<(String, Vec<String>)> {
-        let name = app.project.as_deref()?;
-        self.projects.get(name)?.required_signers()
-    }
-
-    async fn render_and_plan(
-        &self,
-        app: &AppConfig,
-        target: &Target,
-    ) -> Result<apply::Plan, SyncError> {
-        let source = self.source.clone();
-        let repo = self.config.repository(&app.repo);
-        let app = app.clone();
-        let target = target.clone();
-        let sha = target.sha.clone();
-        let signers = self.required_signers(&app);
-        let keyring = self.keyring.clone();
-        let metrics = self.metrics.clone();
-        let vars =
-            (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
-        let helm = render::helm::HelmRequest {
-            app: app.name.clone(),
-            namespace: app.namespace.clone(),
-            options: app.helm.clone().unwrap_or_default(),
-            binary: self
-                .config
-                .helm
-                .binary
-                .clone()
-                .unwrap_or_else(|| "helm".into()),
-        };
-        let charts = self.charts.clone();
-        let remote_policy = app
-            .project
-            .as_deref()
-            .and_then(|p| self.projects.get(p))
-            .cloned()
-            .map(|project| {
-                render::RemotePolicy(Arc::new(move |repo: &str| Ok(project.check_source(repo)?)))
-            });
-        blocking(move || {
-            if let Some((required_by, keys)) = &signers {
-                if let Some(chart) = &app.chart {
-                    return Err(crate::signature::VerifyError::NotGit {
-                        object: format!("chart {chart} {sha}"),
-                        required_by: required_by.clone(),
-                    }
-                    .into());
-                }
-                // Before the commit is checked out, let alone rendered.
-                let (object, signer) = verify_revision(
-                    &source,
-                    &keyring,
-                    &repo,
-                    &app.revision,
-                    &target,
-                    required_by,
-                    keys,
-                )?;
-                tracing::info!(app = %app.name, %object, signer = %signer.0, "signature verified");
-            }
-            let (root, path) = if app.chart.is_some() {
-                charts.unpacked(&repo.url, &sha)?
-            } else {
-                let started = Instant::now();
-                let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
-                if snapshot.fetched {
-                    metrics.git_fetch(started.elapsed());
-                }
-                (snapshot.root, app.path.clone().into())
-            };
-            let options = render::RenderOptions {
-                kustomize_fallback: app.kustomize_fallback.as_deref(),
-                helm: Some(helm),
-                directory: app.directory.clone(),
-                kustomize: app.kustomize.clone(),
-                remote_policy,
-            };
-            let mut manifests = render::render_with(&root, &path, &options)?;
-            if let Some(vars) = vars {
-                let mode = match app.substitute {
-                    Substitute::Strict => render::substitute::Mode::Strict,
-                    _ => render::substitute::Mode::Lenient,
-                };
-                render::substitute::substitute(&mut manifests.objects, &vars, mode)?;
-            }
-            let mut plan = apply::plan(
-                &app.name,
-                app.namespace.as_deref(),
-                app.creates_namespace(),
-                manifests,
-            )?;
-            plan.ignore_differences = app.ignore_differences.clone();
-            plan.out_of_sync_only = app.sync_option("ApplyOutOfSyncOnly") == Some("true");
-            Ok(plan)
-        })
-        .await
-    }
-
-    /// Removes snapshots of `repo` that no app needs any more. Charts are kept per digest,
-    /// whichever repository they came from, so all chart apps count for them.
-    pub(crate) fn retain_snapshots(&self, repo: &str, in_use: impl IntoIterator<Item = String>) {
-        let charts = self.config.is_chart_repository(repo);
-        let mut keep: HashSet<String> = in_use.into_iter().collect();
-        let apps = self.config.apps.iter().filter(|a| {
-            if charts {
-                a.chart.is_some()
-            } else {
-                a.repo == repo
-            }
-        });
-        for app in apps {
-            if let Ok(state) = self.store.load(&app.name) {
-                keep.extend(state.last_applied_revision);
-            }
-        }
-        if charts {
-            self.charts.retain(&keep);
-        } else {
-            self.source.retain(repo, &keep);
         }
     }
 }

@@ -1,0 +1,222 @@
+//! What an app syncs to: the revision a repository offers for it (Git refs or a chart
+//! repository's index), resolved to a commit or a digest-pinned chart, then rendered and
+//! planned.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::checks::verify_revision;
+use super::sync::{blocking, SyncContext, SyncError};
+use crate::apply;
+use crate::config::{AppConfig, RepositoryConfig, Substitute};
+use crate::render;
+use crate::source::{ChartIndex, RemoteRefs, SourceError, TagRef};
+
+/// What an app syncs to: a commit SHA (for a chart, `<version>@sha256:<hex>`), and the
+/// annotated tag the revision named, whose signature vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) sha: String,
+    pub(crate) tag: Option<TagRef>,
+}
+
+/// What a repository offers, read once per round.
+pub(crate) enum Revisions {
+    Git(RemoteRefs),
+    /// A chart repository, with its index when it is an HTTP(S) one.
+    Charts(Option<Arc<ChartIndex>>),
+}
+
+impl SyncContext {
+    /// Reads what `repo` offers once, for resolving all its apps' revisions: a Git
+    /// repository's refs, or a Helm repository's index.
+    pub(crate) async fn remote_refs(
+        &self,
+        repo: &RepositoryConfig,
+    ) -> Result<Revisions, SyncError> {
+        let started = Instant::now();
+        let repo = repo.clone();
+        let revisions = if self.config.is_chart_repository(&repo.url) {
+            if crate::model::url::is_oci(&repo.url) {
+                return Ok(Revisions::Charts(None));
+            }
+            let charts = self.charts.clone();
+            blocking(move || Ok(Revisions::Charts(Some(Arc::new(charts.index(&repo)?))))).await
+        } else {
+            let source = self.source.clone();
+            blocking(move || Ok(Revisions::Git(source.remote_refs(&repo)?))).await
+        };
+        self.metrics.git_fetch(started.elapsed());
+        revisions
+    }
+
+    /// The revision `app` should be at: a commit SHA, or for a chart `<version>@sha256:<hex>`
+    /// (the chart is then in the cache).
+    pub(crate) async fn resolve(
+        &self,
+        repo: &RepositoryConfig,
+        revisions: &Revisions,
+        app: &AppConfig,
+    ) -> Result<Target, SyncError> {
+        match (revisions, &app.chart) {
+            (Revisions::Git(refs), None) => Ok(Target {
+                sha: refs.resolve(&app.revision)?,
+                tag: refs.annotated_tag(&app.revision),
+            }),
+            (Revisions::Charts(index), Some(chart)) => {
+                let (charts, repo, index, chart) =
+                    (self.charts.clone(), repo.clone(), index.clone(), chart.clone());
+                // Argo CD's default targetRevision, HEAD, means the latest chart release.
+                let constraint = match app.revision.as_str() {
+                    "HEAD" => String::new(),
+                    other => other.to_string(),
+                };
+                let sha = blocking(move || {
+                    Ok(charts.pull(&repo, index.as_deref(), &chart, &constraint)?)
+                })
+                .await?;
+                Ok(Target { sha, tag: None })
+            }
+            (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
+                Err(SyncError::Source(SourceError::Chart {
+                    url: crate::model::url::redact(&repo.url),
+                    source: crate::source::ChartError::Unusable(format!(
+                        "apps {} use this repository both as a Git repository and as a chart repository; an app on a chart repository needs `chart`, and other apps cannot use it",
+                        self.config.apps.iter().filter(|a| a.repo == repo.url).map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                    )),
+                }))
+            }
+        }
+    }
+
+    /// The app's current target revision, rendered and planned (for `edgesync diff`).
+    pub(crate) async fn target_plan(
+        &self,
+        app: &AppConfig,
+    ) -> Result<(String, apply::Plan), SyncError> {
+        let repo = self.config.repository(&app.repo);
+        let revisions = self.remote_refs(&repo).await?;
+        let target = self.resolve(&repo, &revisions, app).await?;
+        let plan = self.render_and_plan(app, &target).await?;
+        Ok((target.sha, plan))
+    }
+
+    pub(super) async fn render_and_plan(
+        &self,
+        app: &AppConfig,
+        target: &Target,
+    ) -> Result<apply::Plan, SyncError> {
+        let source = self.source.clone();
+        let repo = self.config.repository(&app.repo);
+        let app = app.clone();
+        let target = target.clone();
+        let sha = target.sha.clone();
+        let signers = self.required_signers(&app);
+        let keyring = self.keyring.clone();
+        let metrics = self.metrics.clone();
+        let vars =
+            (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
+        let helm = render::helm::HelmRequest {
+            app: app.name.clone(),
+            namespace: app.namespace.clone(),
+            options: app.helm.clone().unwrap_or_default(),
+            binary: self
+                .config
+                .helm
+                .binary
+                .clone()
+                .unwrap_or_else(|| "helm".into()),
+        };
+        let charts = self.charts.clone();
+        let remote_policy = app
+            .project
+            .as_deref()
+            .and_then(|p| self.projects.get(p))
+            .cloned()
+            .map(|project| {
+                render::RemotePolicy(Arc::new(move |repo: &str| Ok(project.check_source(repo)?)))
+            });
+        blocking(move || {
+            if let Some((required_by, keys)) = &signers {
+                if let Some(chart) = &app.chart {
+                    return Err(crate::signature::VerifyError::NotGit {
+                        object: format!("chart {chart} {sha}"),
+                        required_by: required_by.clone(),
+                    }
+                    .into());
+                }
+                // Before the commit is checked out, let alone rendered.
+                let (object, signer) = verify_revision(
+                    &source,
+                    &keyring,
+                    &repo,
+                    &app.revision,
+                    &target,
+                    required_by,
+                    keys,
+                )?;
+                tracing::info!(app = %app.name, %object, signer = %signer.0, "signature verified");
+            }
+            let (root, path) = if app.chart.is_some() {
+                charts.unpacked(&repo.url, &sha)?
+            } else {
+                let started = Instant::now();
+                let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
+                if snapshot.fetched {
+                    metrics.git_fetch(started.elapsed());
+                }
+                (snapshot.root, app.path.clone().into())
+            };
+            let options = render::RenderOptions {
+                kustomize_fallback: app.kustomize_fallback.as_deref(),
+                helm: Some(helm),
+                directory: app.directory.clone(),
+                kustomize: app.kustomize.clone(),
+                remote_policy,
+            };
+            let mut manifests = render::render_with(&root, &path, &options)?;
+            if let Some(vars) = vars {
+                let mode = match app.substitute {
+                    Substitute::Strict => render::substitute::Mode::Strict,
+                    _ => render::substitute::Mode::Lenient,
+                };
+                render::substitute::substitute(&mut manifests.objects, &vars, mode)?;
+            }
+            let mut plan = apply::plan(
+                &app.name,
+                app.namespace.as_deref(),
+                app.creates_namespace(),
+                manifests,
+            )?;
+            plan.ignore_differences = app.ignore_differences.clone();
+            plan.out_of_sync_only = app.sync_option("ApplyOutOfSyncOnly") == Some("true");
+            Ok(plan)
+        })
+        .await
+    }
+
+    /// Removes snapshots of `repo` that no app needs any more. Charts are kept per digest,
+    /// whichever repository they came from, so all chart apps count for them.
+    pub(crate) fn retain_snapshots(&self, repo: &str, in_use: impl IntoIterator<Item = String>) {
+        let charts = self.config.is_chart_repository(repo);
+        let mut keep: HashSet<String> = in_use.into_iter().collect();
+        let apps = self.config.apps.iter().filter(|a| {
+            if charts {
+                a.chart.is_some()
+            } else {
+                a.repo == repo
+            }
+        });
+        for app in apps {
+            if let Ok(state) = self.store.load(&app.name) {
+                keep.extend(state.last_applied_revision);
+            }
+        }
+        if charts {
+            self.charts.retain(&keep);
+        } else {
+            self.source.retain(repo, &keep);
+        }
+    }
+}
