@@ -94,7 +94,19 @@ fn generate(
         .clone()
         .filter(|n| !n.is_empty())
         .ok_or_else(|| GenError::Message("name is required".into()))?;
-    let mut pairs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut pairs = env_pairs(ctx, args)?;
+    pairs.extend(literal_pairs(args)?);
+    pairs.extend(file_pairs(ctx, args)?);
+    check_keys(kind, &pairs)?;
+    let (data, binary) = encode(kind, pairs);
+    generated(ctx, kind, name, args, global, data, binary)
+}
+
+type Pairs = Vec<(String, Vec<u8>)>;
+
+/// The `KEY=VALUE` lines of the `env`/`envs` files.
+fn env_pairs(ctx: &Ctx, args: &GeneratorArgs) -> Result<Pairs, GenError> {
+    let mut pairs: Pairs = Vec::new();
     let env_files = args.env.iter().chain(&args.envs);
     for file in env_files {
         let (path, text) = ctx.read_file("envs", file)?;
@@ -115,6 +127,12 @@ fn generate(
             pairs.push((key.to_string(), value.as_bytes().to_vec()));
         }
     }
+    Ok(pairs)
+}
+
+/// The `literals`, `KEY=VALUE` each.
+fn literal_pairs(args: &GeneratorArgs) -> Result<Pairs, GenError> {
+    let mut pairs: Pairs = Vec::new();
     for (n, literal) in args.literals.iter().enumerate() {
         // Not quoted: a literal without '=' may well be the value itself.
         let (key, value) = literal
@@ -122,6 +140,12 @@ fn generate(
             .ok_or_else(|| GenError::Message(format!("literals[{n}] is not KEY=VALUE")))?;
         pairs.push((key.to_string(), unquote(value).as_bytes().to_vec()));
     }
+    Ok(pairs)
+}
+
+/// The `files`, each under its file name or the `KEY=` it is given.
+fn file_pairs(ctx: &Ctx, args: &GeneratorArgs) -> Result<Pairs, GenError> {
+    let mut pairs: Pairs = Vec::new();
     for file in &args.files {
         let (key, source) = match file.split_once('=') {
             Some((k, p)) => (k.to_string(), p),
@@ -145,8 +169,13 @@ fn generate(
         })?;
         pairs.push((key, bytes));
     }
+    Ok(pairs)
+}
+
+/// Every key valid for `kind`, and each once.
+fn check_keys(kind: &str, pairs: &Pairs) -> Result<(), GenError> {
     let mut seen = std::collections::HashSet::new();
-    for (key, _) in &pairs {
+    for (key, _) in pairs {
         if !valid_key(key) {
             return Err(GenError::Message(format!(
                 "{key:?} is not a valid key name for a {kind}"
@@ -159,6 +188,12 @@ fn generate(
         }
     }
 
+    Ok(())
+}
+
+/// `data` and `binaryData`: a Secret's values base64-encoded; a ConfigMap's as text, or in
+/// `binaryData` when they are not UTF-8.
+fn encode(kind: &str, pairs: Pairs) -> (Map<String, Value>, Map<String, Value>) {
     let mut data = Map::new();
     let mut binary = Map::new();
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -177,6 +212,19 @@ fn generate(
         }
     }
 
+    (data, binary)
+}
+
+/// The generated object, with the generator options (its own over the kustomization's).
+fn generated(
+    ctx: &Ctx,
+    kind: &str,
+    name: String,
+    args: &GeneratorArgs,
+    global: &GeneratorOptions,
+    data: Map<String, Value>,
+    binary: Map<String, Value>,
+) -> Result<Res, GenError> {
     let local = args.options.clone().unwrap_or_default();
     let mut labels = global.labels.clone();
     labels.extend(local.labels);
