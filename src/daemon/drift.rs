@@ -368,45 +368,11 @@ impl Drift {
         if state.last_applied_revision.as_deref() != Some(desired.revision.as_str()) {
             return;
         }
-        let mut drifted: Vec<(Key, Object, String)> = Vec::new();
-        let mut clean = Vec::new();
-        let mut retry = HashSet::new();
-        for key in keys {
-            let Some((_, index)) = desired.objects.get(&key) else {
-                continue;
-            };
-            let object = &desired.plan.objects[*index];
-            match self.ctx.cluster.dry_run(object, &desired.plan).await {
-                Ok((oref, wanted, live)) => {
-                    let why = match live {
-                        None => Some("deleted".to_string()),
-                        Some(live) => {
-                            let ignored = diff::ignored_pointers(
-                                &desired.plan.ignore_differences,
-                                object,
-                                oref.namespace.as_deref(),
-                                Some(&live),
-                            );
-                            diff::first_difference(
-                                &diff::normalize(&wanted, &ignored),
-                                &diff::normalize(&live, &ignored),
-                            )
-                            .map(|path| format!("changed at {path}"))
-                        }
-                    };
-                    match why {
-                        Some(why) => drifted.push((key, object.clone(), why)),
-                        None => clean.push(key),
-                    }
-                }
-                Err(failure) if failure.transient => {
-                    retry.insert(key);
-                }
-                Err(failure) => {
-                    tracing::warn!(%app, object = %failure.object, "drift check failed: {}", failure.message);
-                }
-            }
-        }
+        let Comparison {
+            drifted,
+            clean,
+            retry,
+        } = compare(&self.ctx, app, desired, keys).await;
         if !retry.is_empty() {
             let entry = self
                 .pending
@@ -429,14 +395,7 @@ impl Drift {
             .iter()
             .map(|(k, _, why)| format!("{} {}: {why}", k.kind, display(k)))
             .collect();
-        // A window that cannot be read holds self-heal as it holds syncs.
-        let held = match super::checks::windows_of(&self.ctx.projects, &config) {
-            Ok(windows) => match window::verdict(&windows, jiff::Timestamp::now(), false) {
-                Verdict::Allowed => None,
-                Verdict::Blocked { reason, .. } => Some(reason),
-            },
-            Err(e) => Some(e.to_string()),
-        };
+        let held = self_heal_held(&self.ctx, &config);
         if config.self_heal && held.is_none() {
             tracing::info!(%app, "self-heal: {}", described.join("; "));
             let plan = Plan {
@@ -461,20 +420,102 @@ impl Drift {
         for (key, _, why) in drifted {
             known.insert(key, why);
         }
-        let mut message = format!(
-            "{} objects differ from Git: {}",
-            known.len(),
-            known
-                .iter()
-                .map(|(k, why)| format!("{} {}: {why}", k.kind, display(k)))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        if let Some(reason) = held {
-            message.push_str(&format!(" (self-heal held: {reason})"));
-        }
-        self.ctx.board.out_of_sync(app, &message);
+        self.ctx
+            .board
+            .out_of_sync(app, &drift_message(known, held.as_deref()));
     }
+}
+
+/// What one look at an app's objects found.
+struct Comparison {
+    /// Objects that differ from the render, and how.
+    drifted: Vec<(Key, Object, String)>,
+    /// Objects as the render has them.
+    clean: Vec<Key>,
+    /// Objects to look at again: the API server was away.
+    retry: HashSet<Key>,
+}
+
+/// Compares the live objects `keys` of `app` with the render, by server-side dry run.
+async fn compare(
+    ctx: &SyncContext,
+    app: &str,
+    desired: &Desired,
+    keys: HashSet<Key>,
+) -> Comparison {
+    let mut drifted: Vec<(Key, Object, String)> = Vec::new();
+    let mut clean = Vec::new();
+    let mut retry = HashSet::new();
+    for key in keys {
+        let Some((_, index)) = desired.objects.get(&key) else {
+            continue;
+        };
+        let object = &desired.plan.objects[*index];
+        match ctx.cluster.dry_run(object, &desired.plan).await {
+            Ok((oref, wanted, live)) => {
+                let why = match live {
+                    None => Some("deleted".to_string()),
+                    Some(live) => {
+                        let ignored = diff::ignored_pointers(
+                            &desired.plan.ignore_differences,
+                            object,
+                            oref.namespace.as_deref(),
+                            Some(&live),
+                        );
+                        diff::first_difference(
+                            &diff::normalize(&wanted, &ignored),
+                            &diff::normalize(&live, &ignored),
+                        )
+                        .map(|path| format!("changed at {path}"))
+                    }
+                };
+                match why {
+                    Some(why) => drifted.push((key, object.clone(), why)),
+                    None => clean.push(key),
+                }
+            }
+            Err(failure) if failure.transient => {
+                retry.insert(key);
+            }
+            Err(failure) => {
+                tracing::warn!(%app, object = %failure.object, "drift check failed: {}", failure.message);
+            }
+        }
+    }
+    Comparison {
+        drifted,
+        clean,
+        retry,
+    }
+}
+
+/// Why self-heal must wait for `app`, if it must: a sync window holds it, or one that cannot
+/// be read (which holds self-heal as it holds syncs).
+fn self_heal_held(ctx: &SyncContext, app: &crate::config::AppConfig) -> Option<String> {
+    match super::checks::windows_of(&ctx.projects, app) {
+        Ok(windows) => match window::verdict(&windows, jiff::Timestamp::now(), false) {
+            Verdict::Allowed => None,
+            Verdict::Blocked { reason, .. } => Some(reason),
+        },
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// The app's status message for the objects that differ from Git (`known`).
+fn drift_message(known: &BTreeMap<Key, String>, held: Option<&str>) -> String {
+    let mut message = format!(
+        "{} objects differ from Git: {}",
+        known.len(),
+        known
+            .iter()
+            .map(|(k, why)| format!("{} {}: {why}", k.kind, display(k)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if let Some(reason) = held {
+        message.push_str(&format!(" (self-heal held: {reason})"));
+    }
+    message
 }
 
 /// What changes when anyone but the status writers changes the object: its generation, labels
