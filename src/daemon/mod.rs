@@ -245,17 +245,9 @@ impl Agent {
         config_changed: mpsc::Sender<()>,
     ) -> anyhow::Result<Agent> {
         let fleet_load = with_fleet(&mut node, &metrics).await;
-        let config = &node.config;
         // Bind listeners first: a port in use is a startup error, not a silent degradation.
-        let http_listener = match config.http.enabled {
-            true => Some(bind(config.http.listen, "http").await?),
-            false => None,
-        };
-        let webhook_listener = match &config.webhook {
-            Some(w) => Some(bind(w.listen, "webhook").await?),
-            None => None,
-        };
-        let webhook = config.webhook.clone();
+        let listeners = Listeners::bind(&node.config).await?;
+        let config = &node.config;
         let publisher = match &config.mqtt {
             Some(mqtt) => Some(StatusPublisher::open(
                 &config.state_dir,
@@ -275,34 +267,14 @@ impl Agent {
         let sink: Arc<dyn EventSink> = dispatcher.clone();
         let mut tasks = JoinSet::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
-        tasks.spawn(health::monitor(ctx.clone(), shutdown_rx.clone()));
-        tasks.spawn(drift::run(ctx.clone(), shutdown_rx.clone()));
-        if fleet_load.certain {
-            tasks.spawn(removal::remove_departed(ctx.clone()));
-        }
-        if let (Some(fleet), Some(revision)) = (ctx.config.fleet.clone(), fleet_load.revision) {
-            tasks.spawn(fleet::watch_fleet(
-                ctx.config.clone(),
-                fleet,
-                revision,
-                config_changed.clone(),
-                shutdown_rx.clone(),
-            ));
-        }
-        let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
-        tasks.spawn(control::serve(
-            ctx.clone(),
-            permits.clone(),
-            shutdown_rx.clone(),
-        ));
-        for worker in dispatcher.workers() {
-            tasks.spawn(work_repository(
-                ctx.clone(),
-                worker.clone(),
-                permits.clone(),
-                shutdown_rx.clone(),
-            ));
-        }
+        spawn_engine(
+            &mut tasks,
+            &ctx,
+            &dispatcher,
+            fleet_load,
+            &config_changed,
+            &shutdown_rx,
+        );
         if let Some(mqtt) = ctx.config.mqtt.clone() {
             let outbound = publisher.map(|p| p as Arc<dyn crate::trigger::mqtt::Outbound>);
             tasks.spawn(crate::trigger::mqtt::run(
@@ -314,37 +286,23 @@ impl Agent {
                 shutdown_rx.clone(),
             ));
         }
-        if let (Some(listener), Some(webhook)) = (webhook_listener, webhook) {
+        if let (Some(listener), Some(webhook)) = (listeners.webhook, ctx.config.webhook.clone()) {
             let server =
                 crate::trigger::webhook::Server::new(webhook, sink.clone(), metrics.clone())?;
             tasks.spawn(server.serve(listener, shutdown_rx.clone()));
         }
-        if let Some(listener) = http_listener {
+        if let Some(listener) = listeners.http {
             tasks.spawn(crate::report::serve_http(
                 listener,
                 crate::report::Http {
                     metrics: metrics.clone(),
                     board: ctx.board.clone(),
-                    client: kube_client.clone(),
+                    client: kube_client,
                 },
                 shutdown_rx.clone(),
             ));
         }
-        let local_repos = dispatcher
-            .workers()
-            .filter_map(|w| {
-                crate::trigger::watch::local_repo_dir(&w.repo.url).map(|d| (w.repo.url.clone(), d))
-            })
-            .collect();
-        let watches =
-            match crate::trigger::watch::watch(&ctx.config.path, local_repos, sink, config_changed)
-            {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::warn!("cannot watch files ({e}); reload with SIGHUP");
-                    None
-                }
-            };
+        let watches = watch_files(&ctx, &dispatcher, sink, config_changed);
         tracing::info!(
             node = %ctx.config.node.name,
             apps = ctx.config.apps.len(),
@@ -372,6 +330,89 @@ impl Agent {
         if drained.is_err() {
             tracing::warn!("syncs still running after {SHUTDOWN_GRACE:?}; stopping anyway");
             self.tasks.abort_all();
+        }
+    }
+}
+
+/// The agent's listeners, bound before anything starts.
+struct Listeners {
+    http: Option<tokio::net::TcpListener>,
+    webhook: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let http = match config.http.enabled {
+            true => Some(bind(config.http.listen, "http").await?),
+            false => None,
+        };
+        let webhook = match &config.webhook {
+            Some(w) => Some(bind(w.listen, "webhook").await?),
+            None => None,
+        };
+        Ok(Listeners { http, webhook })
+    }
+}
+
+/// The engine's tasks: health, drift, removal of departed apps (only when the fleet was read
+/// with certainty), the fleet watcher, the control socket and one worker per repository.
+fn spawn_engine(
+    tasks: &mut JoinSet<()>,
+    ctx: &Arc<SyncContext>,
+    dispatcher: &Dispatcher,
+    fleet_load: FleetLoad,
+    config_changed: &mpsc::Sender<()>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    tasks.spawn(health::monitor(ctx.clone(), shutdown.clone()));
+    tasks.spawn(drift::run(ctx.clone(), shutdown.clone()));
+    if fleet_load.certain {
+        tasks.spawn(removal::remove_departed(ctx.clone()));
+    }
+    if let (Some(fleet), Some(revision)) = (ctx.config.fleet.clone(), fleet_load.revision) {
+        tasks.spawn(fleet::watch_fleet(
+            ctx.config.clone(),
+            fleet,
+            revision,
+            config_changed.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_syncs));
+    tasks.spawn(control::serve(
+        ctx.clone(),
+        permits.clone(),
+        shutdown.clone(),
+    ));
+    for worker in dispatcher.workers() {
+        tasks.spawn(work_repository(
+            ctx.clone(),
+            worker.clone(),
+            permits.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Watches the config file and the local (`file://`) repositories; without inotify, SIGHUP
+/// and polling still work.
+fn watch_files(
+    ctx: &SyncContext,
+    dispatcher: &Dispatcher,
+    sink: Arc<dyn EventSink>,
+    config_changed: mpsc::Sender<()>,
+) -> Option<crate::trigger::watch::Watches> {
+    let local_repos = dispatcher
+        .workers()
+        .filter_map(|w| {
+            crate::trigger::watch::local_repo_dir(&w.repo.url).map(|d| (w.repo.url.clone(), d))
+        })
+        .collect();
+    match crate::trigger::watch::watch(&ctx.config.path, local_repos, sink, config_changed) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("cannot watch files ({e}); reload with SIGHUP");
+            None
         }
     }
 }
