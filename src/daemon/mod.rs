@@ -77,34 +77,16 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
             },
             _ = changed_rx.recv() => "config file changed",
             _ = ticker.tick() => {
-                let summary = agent.board.summary();
-                let mut states = vec![sd_notify::NotifyState::Status(&summary)];
-                if watchdog.is_some() {
-                    states.push(sd_notify::NotifyState::Watchdog);
-                }
-                if let Err(e) = sd_notify::notify(&states) {
-                    tracing::debug!("sd_notify: {e}");
-                }
+                tell_systemd(&agent.board, watchdog.is_some());
                 continue;
             }
         };
         // Editors write in several steps; let them finish.
         tokio::time::sleep(Duration::from_millis(300)).await;
         while changed_rx.try_recv().is_ok() {}
-        let new = match Node::load(&current.config.path) {
-            Ok(new) => new,
-            Err(e) => {
-                metrics.error(e.metric_label());
-                tracing::error!("{why}: new config rejected, keeping the running one: {e}");
-                continue;
-            }
-        };
-        if let Err(why) = confirm_removals(&current.config, &new.config).await {
-            metrics.error(crate::metrics::ErrorKind::ConfigUnsettled);
-            tracing::warn!("{why}");
+        let Some(new) = reload(&current, why, &metrics).await else {
             continue;
-        }
-        tracing::info!("{why}: reloading config");
+        };
         notify_systemd(sd_notify::NotifyState::Reloading);
         agent.stop().await;
         let started = fed(
@@ -142,6 +124,38 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
     notify_systemd(sd_notify::NotifyState::Stopping);
     agent.stop().await;
     Ok(())
+}
+
+/// The status line for systemd, and the watchdog's keep-alive when it watches.
+fn tell_systemd(board: &crate::report::status::StatusBoard, watchdog: bool) {
+    let summary = board.summary();
+    let mut states = vec![sd_notify::NotifyState::Status(&summary)];
+    if watchdog {
+        states.push(sd_notify::NotifyState::Watchdog);
+    }
+    if let Err(e) = sd_notify::notify(&states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// The config file read again (`why` says what asked), when it can replace `current`: it
+/// validates, and if it removes apps, it reads the same twice. `None` keeps the running one.
+async fn reload(current: &Node, why: &str, metrics: &Metrics) -> Option<Node> {
+    let new = match Node::load(&current.config.path) {
+        Ok(new) => new,
+        Err(e) => {
+            metrics.error(e.metric_label());
+            tracing::error!("{why}: new config rejected, keeping the running one: {e}");
+            return None;
+        }
+    };
+    if let Err(unsettled) = confirm_removals(&current.config, &new.config).await {
+        metrics.error(crate::metrics::ErrorKind::ConfigUnsettled);
+        tracing::warn!("{unsettled}");
+        return None;
+    }
+    tracing::info!("{why}: reloading config");
+    Some(new)
 }
 
 /// How long a config that deletes apps' objects must stay the same before it is acted on.
