@@ -103,50 +103,20 @@ impl Config {
                 problems,
             });
         }
-        let mut node = raw.node;
-        if node.name.is_empty() {
-            node.name = hostname::get()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "edgesync".to_string());
-        }
-        node.labels = crate::model::node::node_labels(&node.name, &node.labels);
+        let node = this_node(raw.node);
         // Validation has checked every file path, so `resolve_file` cannot fail here.
         let resolve = |p: &PathBuf| resolve_file(base, p).unwrap_or_else(|_| base.join(p));
         let repositories = raw
             .repositories
             .into_iter()
-            .map(|r| {
-                let mut r = r.into_inner();
-                r.token_file = r.token_file.as_ref().map(resolve);
-                r.password_file = r.password_file.as_ref().map(resolve);
-                r.ssh_key_file = r.ssh_key_file.as_ref().map(resolve);
-                r.known_hosts_file = r.known_hosts_file.as_ref().map(resolve);
-                r
-            })
+            .map(|r| resolve_repository(r.into_inner(), &resolve))
             .collect();
-        let mqtt = raw.mqtt.map(|m| {
-            let mut m = m.into_inner();
-            m.password_file = m.password_file.as_ref().map(resolve);
-            m.ca_file = m.ca_file.as_ref().map(resolve);
-            m.cert_file = m.cert_file.as_ref().map(resolve);
-            m.key_file = m.key_file.as_ref().map(resolve);
-            m.client_id = m.client_id.replace("{node}", &node.name);
-            m
-        });
-        let webhook = raw.webhook.map(|w| {
-            let mut w = w.into_inner();
-            for file in [
-                &mut w.github_secret_file,
-                &mut w.gitlab_token_file,
-                &mut w.gitea_secret_file,
-                &mut w.bitbucket_secret_file,
-                &mut w.generic_secret_file,
-            ] {
-                *file = file.as_ref().map(resolve);
-            }
-            w
-        });
+        let mqtt = raw
+            .mqtt
+            .map(|m| resolve_mqtt(m.into_inner(), &node.name, &resolve));
+        let webhook = raw
+            .webhook
+            .map(|w| resolve_webhook(w.into_inner(), &resolve));
         let signatures_line = raw
             .signatures
             .as_ref()
@@ -203,4 +173,49 @@ impl Config {
             skipped,
         })
     }
+}
+
+/// The node: its name (the host name when unset) and its labels with the node's facts.
+fn this_node(mut node: NodeConfig) -> NodeConfig {
+    if node.name.is_empty() {
+        node.name = hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "edgesync".to_string());
+    }
+    node.labels = crate::model::node::node_labels(&node.name, &node.labels);
+    node
+}
+
+type Resolve<'a> = dyn Fn(&PathBuf) -> PathBuf + 'a;
+
+fn resolve_repository(mut r: RepositoryConfig, resolve: &Resolve) -> RepositoryConfig {
+    r.token_file = r.token_file.as_ref().map(resolve);
+    r.password_file = r.password_file.as_ref().map(resolve);
+    r.ssh_key_file = r.ssh_key_file.as_ref().map(resolve);
+    r.known_hosts_file = r.known_hosts_file.as_ref().map(resolve);
+    r
+}
+
+/// The `[mqtt]` files resolved, and `{node}` in the client ID replaced.
+fn resolve_mqtt(mut m: MqttConfig, node: &str, resolve: &Resolve) -> MqttConfig {
+    m.password_file = m.password_file.as_ref().map(resolve);
+    m.ca_file = m.ca_file.as_ref().map(resolve);
+    m.cert_file = m.cert_file.as_ref().map(resolve);
+    m.key_file = m.key_file.as_ref().map(resolve);
+    m.client_id = m.client_id.replace("{node}", node);
+    m
+}
+
+fn resolve_webhook(mut w: WebhookConfig, resolve: &Resolve) -> WebhookConfig {
+    for file in [
+        &mut w.github_secret_file,
+        &mut w.gitlab_token_file,
+        &mut w.gitea_secret_file,
+        &mut w.bitbucket_secret_file,
+        &mut w.generic_secret_file,
+    ] {
+        *file = file.as_ref().map(resolve);
+    }
+    w
 }
