@@ -220,31 +220,7 @@ pub(crate) fn parse(object: &Object) -> Result<Option<Parsed>, ArgoError> {
 fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Application, String> {
     let spec = v.get("spec").and_then(Value::as_object);
     unknown(spec, &APPLICATION_SPEC, "spec", warnings);
-    if v.pointer("/spec/sources").is_some() {
-        return Err("spec.sources (multiple sources) is not supported yet; use spec.source".into());
-    }
-    let source = v
-        .pointer("/spec/source")
-        .ok_or_else(|| "spec.source is missing".to_string())?;
-    unknown(source.as_object(), &SOURCE, "spec.source", warnings);
-    let repo_url = string(source, "/repoURL").ok_or("spec.source.repoURL is missing")?;
-    let revision = string(source, "/targetRevision").unwrap_or_else(|| "HEAD".into());
-    let source = match string(source, "/chart") {
-        Some(chart) => Source::Chart {
-            repo_url,
-            chart,
-            version: revision,
-            helm: helm_options(source.get("helm"))?,
-        },
-        None => Source::Git {
-            repo_url,
-            revision,
-            path: string(source, "/path").unwrap_or_else(|| ".".into()),
-            helm: helm_options(source.get("helm"))?,
-            kustomize: kustomize_options(source.get("kustomize"), warnings)?,
-            directory: directory_options(source.get("directory"), warnings),
-        },
-    };
+    let source = source_of(v, warnings)?;
     let destination = v.pointer("/spec/destination");
     unknown(
         destination.and_then(Value::as_object),
@@ -252,21 +228,7 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
         "spec.destination",
         warnings,
     );
-    if let Some(server) = destination.and_then(|d| string(d, "/server")) {
-        if !IN_CLUSTER.contains(&server.as_str()) {
-            return Err(format!(
-                "spec.destination.server {server:?} is not supported on a node agent: edgesync applies to the cluster it runs on (https://kubernetes.default.svc)"
-            ));
-        }
-    }
-    if let Some(other) = destination
-        .and_then(|d| string(d, "/name"))
-        .filter(|n| n != "in-cluster")
-    {
-        return Err(format!(
-            "spec.destination.name {other:?} is not supported on a node agent: only in-cluster"
-        ));
-    }
+    check_in_cluster(destination)?;
     let policy = v.pointer("/spec/syncPolicy");
     unknown(
         policy.and_then(Value::as_object),
@@ -274,31 +236,6 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
         "spec.syncPolicy",
         warnings,
     );
-    let automated = policy.and_then(|p| p.get("automated")).map(|a| {
-        unknown(
-            a.as_object(),
-            &AUTOMATED,
-            "spec.syncPolicy.automated",
-            warnings,
-        );
-        Automated {
-            prune: flag(a, "/prune"),
-            self_heal: flag(a, "/selfHeal"),
-            allow_empty: flag(a, "/allowEmpty"),
-        }
-    });
-    let sync_options: Vec<String> = policy
-        .and_then(|p| p.get("syncOptions"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|o| o.as_str().map(str::to_string))
-        .collect();
-    for option in &sync_options {
-        if let Err(why) = sync_policy::check_sync_option(option) {
-            warnings.push(format!("spec.syncPolicy.syncOptions: {why}; ignored"));
-        }
-    }
     let finalizers: BTreeSet<&str> = v
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -311,8 +248,8 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
         project: string(v, "/spec/project").unwrap_or_else(|| "default".into()),
         source,
         namespace: destination.and_then(|d| string(d, "/namespace")),
-        automated,
-        sync_options,
+        automated: automated_of(policy, warnings),
+        sync_options: sync_options_of(policy, warnings),
         retry: policy.and_then(|p| p.get("retry")).cloned(),
         ignore_differences: v
             .pointer("/spec/ignoreDifferences")
@@ -328,6 +265,90 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
             ),
         ),
     })
+}
+
+/// `spec.source`: a Git path (plain, Kustomize or a chart in Git) or a chart of a Helm
+/// repository.
+fn source_of(v: &Value, warnings: &mut Vec<String>) -> Result<Source, String> {
+    if v.pointer("/spec/sources").is_some() {
+        return Err("spec.sources (multiple sources) is not supported yet; use spec.source".into());
+    }
+    let source = v
+        .pointer("/spec/source")
+        .ok_or_else(|| "spec.source is missing".to_string())?;
+    unknown(source.as_object(), &SOURCE, "spec.source", warnings);
+    let repo_url = string(source, "/repoURL").ok_or("spec.source.repoURL is missing")?;
+    let revision = string(source, "/targetRevision").unwrap_or_else(|| "HEAD".into());
+    Ok(match string(source, "/chart") {
+        Some(chart) => Source::Chart {
+            repo_url,
+            chart,
+            version: revision,
+            helm: helm_options(source.get("helm"))?,
+        },
+        None => Source::Git {
+            repo_url,
+            revision,
+            path: string(source, "/path").unwrap_or_else(|| ".".into()),
+            helm: helm_options(source.get("helm"))?,
+            kustomize: kustomize_options(source.get("kustomize"), warnings)?,
+            directory: directory_options(source.get("directory"), warnings),
+        },
+    })
+}
+
+/// A node agent applies to the cluster it runs on: `spec.destination` may only name it.
+fn check_in_cluster(destination: Option<&Value>) -> Result<(), String> {
+    if let Some(server) = destination.and_then(|d| string(d, "/server")) {
+        if !IN_CLUSTER.contains(&server.as_str()) {
+            return Err(format!(
+                "spec.destination.server {server:?} is not supported on a node agent: edgesync applies to the cluster it runs on (https://kubernetes.default.svc)"
+            ));
+        }
+    }
+    if let Some(other) = destination
+        .and_then(|d| string(d, "/name"))
+        .filter(|n| n != "in-cluster")
+    {
+        return Err(format!(
+            "spec.destination.name {other:?} is not supported on a node agent: only in-cluster"
+        ));
+    }
+    Ok(())
+}
+
+/// `spec.syncPolicy.automated`, when the Application syncs automatically.
+fn automated_of(policy: Option<&Value>, warnings: &mut Vec<String>) -> Option<Automated> {
+    policy.and_then(|p| p.get("automated")).map(|a| {
+        unknown(
+            a.as_object(),
+            &AUTOMATED,
+            "spec.syncPolicy.automated",
+            warnings,
+        );
+        Automated {
+            prune: flag(a, "/prune"),
+            self_heal: flag(a, "/selfHeal"),
+            allow_empty: flag(a, "/allowEmpty"),
+        }
+    })
+}
+
+/// `spec.syncPolicy.syncOptions`; one edgesync does not know is reported and ignored.
+fn sync_options_of(policy: Option<&Value>, warnings: &mut Vec<String>) -> Vec<String> {
+    let sync_options: Vec<String> = policy
+        .and_then(|p| p.get("syncOptions"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_str().map(str::to_string))
+        .collect();
+    for option in &sync_options {
+        if let Err(why) = sync_policy::check_sync_option(option) {
+            warnings.push(format!("spec.syncPolicy.syncOptions: {why}; ignored"));
+        }
+    }
+    sync_options
 }
 
 impl Application {
