@@ -282,6 +282,34 @@ impl KubeApplier {
 
     /// Server-side applies `object` (or dry-runs it), with the plan's ignored fields set to
     /// their live values. Returns the object as the API server answered.
+    /// The API for `resource` in the object's scope; `oref` and `body` get the namespace
+    /// the scope asks for (none for a cluster-scoped object). `None`: a namespaced object
+    /// without a namespace.
+    fn scoped_api(
+        &self,
+        resource: &ApiResource,
+        scope: Scope,
+        oref: &mut ObjectRef,
+        body: &mut serde_json::Map<String, Value>,
+    ) -> Option<Api<DynamicObject>> {
+        Some(match scope {
+            Scope::Cluster => {
+                oref.namespace = None;
+                if let Some(Value::Object(meta)) = body.get_mut("metadata") {
+                    meta.remove("namespace");
+                }
+                Api::all_with(self.client.clone(), resource)
+            }
+            Scope::Namespaced => {
+                let ns = oref.namespace.clone()?;
+                if let Some(Value::Object(meta)) = body.get_mut("metadata") {
+                    meta.insert("namespace".into(), Value::String(ns.clone()));
+                }
+                Api::namespaced_with(self.client.clone(), &ns, resource)
+            }
+        })
+    }
+
     async fn patch(
         &self,
         object: &Object,
@@ -313,54 +341,20 @@ impl KubeApplier {
             }
         };
         let mut body = object.value.clone();
-        let api: Api<DynamicObject> = match scope {
-            Scope::Cluster => {
-                oref.namespace = None;
-                if let Some(Value::Object(meta)) = body.get_mut("metadata") {
-                    meta.remove("namespace");
-                }
-                Api::all_with(self.client.clone(), &resource)
-            }
-            Scope::Namespaced => {
-                let Some(ns) = oref.namespace.clone() else {
-                    return Err(ObjectFailure {
-                        object: oref,
-                        message: "namespaced object has no metadata.namespace and the app sets no namespace".into(),
-                        transient: false,
-                    });
-                };
-                if let Some(Value::Object(meta)) = body.get_mut("metadata") {
-                    meta.insert("namespace".into(), Value::String(ns.clone()));
-                }
-                Api::namespaced_with(self.client.clone(), &ns, &resource)
-            }
+        let Some(api) = self.scoped_api(&resource, scope, &mut oref, &mut body) else {
+            return Err(ObjectFailure {
+                object: oref,
+                message:
+                    "namespaced object has no metadata.namespace and the app sets no namespace"
+                        .into(),
+                transient: false,
+            });
         };
         // Git is the source of truth: take ownership of fields other managers hold.
         let mut params = PatchParams::apply(FIELD_MANAGER).force();
         params.dry_run = dry_run;
         let mut body = Value::Object(body);
-        if plan.ignore_differences.iter().any(|r| {
-            r.matches(
-                object.group(),
-                object.kind(),
-                oref.namespace.as_deref(),
-                object.name(),
-            )
-        }) {
-            let live = api.get_opt(&oref.name).await.map_err(|e| ObjectFailure {
-                object: oref.clone(),
-                message: api_message(&e),
-                transient: is_transient(&e),
-            })?;
-            let live = live.and_then(|l| serde_json::to_value(l).ok());
-            let ignored = super::diff::ignored_pointers(
-                &plan.ignore_differences,
-                object,
-                oref.namespace.as_deref(),
-                live.as_ref(),
-            );
-            super::diff::respect_ignored(&mut body, live.as_ref(), &ignored);
-        }
+        keep_ignored(&api, object, plan, &oref, &mut body).await?;
         let result = (|| async {
             let result = api.patch(&oref.name, &params, &Patch::Apply(&body)).await;
             self.count("patch", &result);
@@ -843,6 +837,42 @@ fn object_ref(object: &Object, default_ns: Option<&str>) -> ObjectRef {
         namespace: object.namespace().or(default_ns).map(str::to_string),
         name: object.name().to_string(),
     }
+}
+
+/// Fields the app's `ignoreDifferences` covers take their live values in `body`, so the apply
+/// leaves them as they are.
+async fn keep_ignored(
+    api: &Api<DynamicObject>,
+    object: &Object,
+    plan: &Plan,
+    oref: &ObjectRef,
+    body: &mut Value,
+) -> Result<(), ObjectFailure> {
+    let covered = plan.ignore_differences.iter().any(|r| {
+        r.matches(
+            object.group(),
+            object.kind(),
+            oref.namespace.as_deref(),
+            object.name(),
+        )
+    });
+    if !covered {
+        return Ok(());
+    }
+    let live = api.get_opt(&oref.name).await.map_err(|e| ObjectFailure {
+        object: oref.clone(),
+        message: api_message(&e),
+        transient: is_transient(&e),
+    })?;
+    let live = live.and_then(|l| serde_json::to_value(l).ok());
+    let ignored = super::diff::ignored_pointers(
+        &plan.ignore_differences,
+        object,
+        oref.namespace.as_deref(),
+        live.as_ref(),
+    );
+    super::diff::respect_ignored(body, live.as_ref(), &ignored);
+    Ok(())
 }
 
 /// A CustomResourceDefinition that did not become Established in time; `source` is why it
