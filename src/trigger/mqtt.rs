@@ -188,6 +188,60 @@ fn reconnect_delays() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// One connection's parts, for what its events do.
+struct Session<'a> {
+    broker: &'a str,
+    client: &'a AsyncClient,
+    subs: &'a [Subscription],
+    outbound: Option<&'a dyn Outbound>,
+    sink: &'a dyn EventSink,
+    metrics: &'a Metrics,
+}
+
+impl Session<'_> {
+    /// What an event of the connection does: subscribe on connect, track publishes and
+    /// their acknowledgements, hand change messages to the sink.
+    fn on_event(&self, event: rumqttc::Event, upstream: &mut Upstream) {
+        match event {
+            rumqttc::Event::Incoming(Packet::ConnAck(ack)) => {
+                tracing::info!(broker = %self.broker, session_present = ack.session_present, "MQTT connected");
+                for sub in self.subs {
+                    if let Err(e) = self.client.try_subscribe(&sub.filter, QoS::AtLeastOnce) {
+                        tracing::warn!(topic = %sub.filter, "MQTT subscribe: {e}");
+                    }
+                }
+                upstream.connected(self.client, self.outbound);
+            }
+            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => upstream.sent(pkid),
+            rumqttc::Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(out) = self.outbound {
+                    upstream.acknowledged(ack.pkid, out);
+                }
+            }
+            rumqttc::Event::Incoming(Packet::SubAck(ack)) => {
+                // Connected counts from the first subscription: before it, publishes
+                // would not reach us.
+                self.metrics.set_mqtt_connected(true);
+                tracing::info!(pkid = ack.pkid, codes = ?ack.return_codes, "MQTT subscribed");
+            }
+            rumqttc::Event::Incoming(Packet::Publish(publish)) => {
+                let directed = self
+                    .subs
+                    .iter()
+                    .any(|s| s.directed && rumqttc::matches(&publish.topic, &s.filter));
+                handle(
+                    &publish.topic,
+                    &publish.payload,
+                    directed,
+                    self.sink,
+                    self.metrics,
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Runs the subscriber until shutdown. Never returns early: configuration problems are
 /// retried like connection failures, so fixing a credential file is enough to recover.
 pub(crate) async fn run(
@@ -230,35 +284,20 @@ pub(crate) async fn run(
                 }
             };
             match polled {
-                Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
-                    delays = reconnect_delays();
-                    tracing::info!(broker = %cfg.url, session_present = ack.session_present, "MQTT connected");
-                    for sub in &subs {
-                        if let Err(e) = client.try_subscribe(&sub.filter, QoS::AtLeastOnce) {
-                            tracing::warn!(topic = %sub.filter, "MQTT subscribe: {e}");
-                        }
+                Ok(event) => {
+                    if matches!(event, rumqttc::Event::Incoming(Packet::ConnAck(_))) {
+                        delays = reconnect_delays();
                     }
-                    upstream.connected(&client, outbound.as_deref());
+                    let session = Session {
+                        broker: &cfg.url,
+                        client: &client,
+                        subs: &subs,
+                        outbound: outbound.as_deref(),
+                        sink: &*sink,
+                        metrics: &metrics,
+                    };
+                    session.on_event(event, &mut upstream);
                 }
-                Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => upstream.sent(pkid),
-                Ok(rumqttc::Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(out) = outbound.as_deref() {
-                        upstream.acknowledged(ack.pkid, out);
-                    }
-                }
-                Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
-                    // Connected counts from the first subscription: before it, publishes
-                    // would not reach us.
-                    metrics.set_mqtt_connected(true);
-                    tracing::info!(pkid = ack.pkid, codes = ?ack.return_codes, "MQTT subscribed");
-                }
-                Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
-                    let directed = subs
-                        .iter()
-                        .any(|s| s.directed && rumqttc::matches(&publish.topic, &s.filter));
-                    handle(&publish.topic, &publish.payload, directed, &*sink, &metrics);
-                }
-                Ok(_) => {}
                 Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
                     rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
                 ))) => {
