@@ -698,19 +698,18 @@ pub(crate) struct DiffReport {
 /// `edgesync diff APP`: the app's current revision (or, without Git, its last applied render)
 /// against the cluster, object by object, from server-side dry runs.
 pub(crate) async fn diff(mut node: Node, name: &str) -> anyhow::Result<DiffReport> {
-    use crate::apply::diff as d;
     with_fleet(&mut node, &Metrics::default()).await;
     let app = node.config.app(name).cloned().ok_or_else(|| {
         anyhow::anyhow!("no app named {name:?} in {}", node.config.path.display())
     })?;
     let ctx = SyncContext::connect(node, Arc::new(Metrics::default()), None).await?;
-    let mut text = String::new();
+    let mut report = DiffReport {
+        text: String::new(),
+        differs: false,
+    };
     let plan = match ctx.target_plan(&app).await {
         Ok((revision, plan)) => {
-            text.push_str(&format!(
-                "# {name} at {revision}
-"
-            ));
+            report.text.push_str(&format!("# {name} at {revision}\n"));
             plan
         }
         Err(e) => {
@@ -720,76 +719,95 @@ pub(crate) async fn diff(mut node: Node, name: &str) -> anyhow::Result<DiffRepor
                 .ok_or_else(|| {
                     anyhow::anyhow!("{e}; and {name} has no applied render to compare")
                 })?;
-            text.push_str(&format!(
-                "# {name}: {e}
-# comparing the last applied render, {}
-",
+            report.text.push_str(&format!(
+                "# {name}: {e}\n# comparing the last applied render, {}\n",
                 record.revision
             ));
             record.plan
         }
     };
-    let mut differs = false;
-    let mut wanted_refs = std::collections::HashSet::new();
-    for object in &plan.objects {
-        let label = format!(
-            "{}/{}/{}",
-            object.api_version(),
-            object.kind(),
-            match object.namespace().or(plan.default_namespace.as_deref()) {
-                Some(ns) => format!("{ns}/{}", object.name()),
-                None => object.name().to_string(),
-            }
-        );
-        match ctx.cluster.dry_run(object, &plan).await {
-            Ok((oref, wanted, live)) => {
-                let ignored = d::ignored_pointers(
-                    &plan.ignore_differences,
-                    object,
-                    oref.namespace.as_deref(),
-                    live.as_ref(),
-                );
-                let live = live.map(|l| d::normalize(&l, &ignored));
-                let wanted = d::normalize(&wanted, &ignored);
-                if let Some(diff) = d::unified_yaml_diff(&label, live.as_ref(), Some(&wanted)) {
-                    differs = true;
-                    text.push_str(&diff);
+    let wanted = report.objects(&ctx, &plan).await;
+    report.departed(&ctx, &app, &wanted).await;
+    Ok(report)
+}
+
+impl DiffReport {
+    /// Each object of `plan` against the cluster, by dry run; returns the objects' refs.
+    async fn objects(
+        &mut self,
+        ctx: &SyncContext,
+        plan: &crate::apply::Plan,
+    ) -> std::collections::HashSet<crate::apply::ObjectRef> {
+        use crate::apply::diff as d;
+        let mut wanted_refs = std::collections::HashSet::new();
+        for object in &plan.objects {
+            let label = format!(
+                "{}/{}/{}",
+                object.api_version(),
+                object.kind(),
+                match object.namespace().or(plan.default_namespace.as_deref()) {
+                    Some(ns) => format!("{ns}/{}", object.name()),
+                    None => object.name().to_string(),
                 }
-                wanted_refs.insert(oref);
-            }
-            Err(failure) => {
-                differs = true;
-                text.push_str(&format!(
-                    "# {label} ({}): {}
-",
-                    object.origin, failure.message
-                ));
+            );
+            match ctx.cluster.dry_run(object, plan).await {
+                Ok((oref, wanted, live)) => {
+                    let ignored = d::ignored_pointers(
+                        &plan.ignore_differences,
+                        object,
+                        oref.namespace.as_deref(),
+                        live.as_ref(),
+                    );
+                    let live = live.map(|l| d::normalize(&l, &ignored));
+                    let wanted = d::normalize(&wanted, &ignored);
+                    if let Some(diff) = d::unified_yaml_diff(&label, live.as_ref(), Some(&wanted)) {
+                        self.differs = true;
+                        self.text.push_str(&diff);
+                    }
+                    wanted_refs.insert(oref);
+                }
+                Err(failure) => {
+                    self.differs = true;
+                    self.text.push_str(&format!(
+                        "# {label} ({}): {}\n",
+                        object.origin, failure.message
+                    ));
+                }
             }
         }
+        wanted_refs
     }
-    let state = ctx.store.load(name).unwrap_or_default();
-    for gone in state.objects.iter().filter(|o| !wanted_refs.contains(*o)) {
-        if let Ok(Some(live)) = ctx.cluster.get(gone).await {
-            if crate::apply::keep_reason(&live, name).is_some() {
+
+    /// Objects the app applied that are no longer wanted: pruned (shown as removed) or kept.
+    async fn departed(
+        &mut self,
+        ctx: &SyncContext,
+        app: &AppConfig,
+        wanted: &std::collections::HashSet<crate::apply::ObjectRef>,
+    ) {
+        use crate::apply::diff as d;
+        let state = ctx.store.load(&app.name).unwrap_or_default();
+        for gone in state.objects.iter().filter(|o| !wanted.contains(*o)) {
+            let Ok(Some(live)) = ctx.cluster.get(gone).await else {
+                continue;
+            };
+            if crate::apply::keep_reason(&live, &app.name).is_some() {
                 continue;
             }
-            differs = true;
+            self.differs = true;
             if app.prune {
                 let label = format!("{}/{}", gone.version, gone);
                 if let Some(diff) =
                     d::unified_yaml_diff(&label, Some(&d::normalize(&live, &[])), None)
                 {
-                    text.push_str(&diff);
+                    self.text.push_str(&diff);
                 }
             } else {
-                text.push_str(&format!(
-                    "# {gone}: no longer in Git; kept, prune is off
-"
-                ));
+                self.text
+                    .push_str(&format!("# {gone}: no longer in Git; kept, prune is off\n"));
             }
         }
     }
-    Ok(DiffReport { text, differs })
 }
 
 /// `edgesync sync [APP]`: applies the current revision of one app, or of all apps, once.
