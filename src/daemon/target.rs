@@ -102,6 +102,33 @@ impl SyncContext {
         Ok((target.sha, plan))
     }
 
+    /// How `app` renders a chart: its values, with the pinned helm binary.
+    fn helm_request(&self, app: &AppConfig) -> render::helm::HelmRequest {
+        render::helm::HelmRequest {
+            app: app.name.clone(),
+            namespace: app.namespace.clone(),
+            options: app.helm.clone().unwrap_or_default(),
+            binary: self
+                .config
+                .helm
+                .binary
+                .clone()
+                .unwrap_or_else(|| "helm".into()),
+        }
+    }
+
+    /// What a kustomize fallback may fetch for `app`: what its project's `sourceRepos` allow.
+    fn remote_policy(&self, app: &AppConfig) -> Option<render::RemotePolicy> {
+        let project = app
+            .project
+            .as_deref()
+            .and_then(|p| self.projects.get(p))?
+            .clone();
+        Some(render::RemotePolicy(Arc::new(move |repo: &str| {
+            Ok(project.check_source(repo)?)
+        })))
+    }
+
     pub(super) async fn render_and_plan(
         &self,
         app: &AppConfig,
@@ -117,26 +144,9 @@ impl SyncContext {
         let metrics = self.metrics.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
-        let helm = render::helm::HelmRequest {
-            app: app.name.clone(),
-            namespace: app.namespace.clone(),
-            options: app.helm.clone().unwrap_or_default(),
-            binary: self
-                .config
-                .helm
-                .binary
-                .clone()
-                .unwrap_or_else(|| "helm".into()),
-        };
+        let helm = self.helm_request(&app);
         let charts = self.charts.clone();
-        let remote_policy = app
-            .project
-            .as_deref()
-            .and_then(|p| self.projects.get(p))
-            .cloned()
-            .map(|project| {
-                render::RemotePolicy(Arc::new(move |repo: &str| Ok(project.check_source(repo)?)))
-            });
+        let remote_policy = self.remote_policy(&app);
         blocking(move || {
             if let Some((required_by, keys)) = &signers {
                 if let Some(chart) = &app.chart {
