@@ -46,64 +46,8 @@ pub(crate) async fn load(node: &Node, fleet: &FleetConfig) -> (FleetApps, Vec<St
     let fleet = fleet.clone();
     let config_for_children = config.clone();
     let keyring = node.keyring.clone();
-    type Failure = (String, Option<String>);
-    let read = tokio::task::spawn_blocking(move || -> Result<(FleetApps, Vec<String>), Failure> {
-        let unseen = |e: crate::source::SourceError| (e.to_string(), None);
-        let refs = source.remote_refs(&repo).map_err(unseen)?;
-        let target = super::sync::Target {
-            sha: refs.resolve(&fleet.revision).map_err(unseen)?,
-            tag: refs.annotated_tag(&fleet.revision),
-        };
-        let seen = |e: &dyn std::fmt::Display| (e.to_string(), Some(target.sha.clone()));
-        if config_for_children.signatures.fleet {
-            let (object, signer) = super::checks::verify_revision(
-                &source,
-                &keyring,
-                &repo,
-                &fleet.revision,
-                &target,
-                "[signatures] fleet",
-                &keyring.key_ids(),
-            )
-            .map_err(|e| seen(&e))?;
-            tracing::info!(%object, signer = %signer.0, "fleet signature verified");
-        }
-        let snapshot = source
-            .snapshot(&repo, &fleet.revision, &target.sha)
-            .map_err(|e| seen(&e))?;
-        let manifests =
-            render::render(&snapshot.root, Path::new(&fleet.path)).map_err(|e| seen(&e))?;
-        let mut expander = Expander {
-            config: &config_for_children,
-            keyring: &keyring,
-            source: &source,
-            apps: Vec::new(),
-            projects: Vec::new(),
-            problems: Vec::new(),
-            uncertain: false,
-        };
-        let root = format!(
-            "{}@{}:{}",
-            crate::trigger::repo_key(&fleet.repo),
-            fleet.revision,
-            fleet.path.trim_matches('/')
-        );
-        expander.objects(&manifests.objects, &[root]);
-        if expander.uncertain {
-            expander.problems.push(
-                "not every Application of the fleet could be read and accepted (see the other problems), so which apps left this node is unknown; nothing is removed this time".into(),
-            );
-        }
-        Ok((
-            FleetApps {
-                revision: target.sha.clone(),
-                apps: expander.apps,
-                projects: expander.projects,
-                fresh: !expander.uncertain,
-                seen: Some(target.sha),
-            },
-            expander.problems,
-        ))
+    let read = tokio::task::spawn_blocking(move || {
+        read_fleet(&source, &repo, &fleet, &config_for_children, &keyring)
     })
     .await
     .map_err(|e| (e.to_string(), None))
@@ -129,6 +73,75 @@ pub(crate) async fn load(node: &Node, fleet: &FleetConfig) -> (FleetApps, Vec<St
             (last, vec![problem])
         }
     }
+}
+
+/// Why the fleet could not be read, and the commit it was reading when it got that far.
+type Failure = (String, Option<String>);
+
+/// Reads the fleet's Applications at the current commit of its branch (blocking: Git I/O),
+/// verifying the commit's signature first when `[signatures] fleet` asks for it.
+fn read_fleet(
+    source: &GitSource,
+    repo: &crate::config::RepositoryConfig,
+    fleet: &FleetConfig,
+    config: &Config,
+    keyring: &crate::signature::Keyring,
+) -> Result<(FleetApps, Vec<String>), Failure> {
+    let unseen = |e: crate::source::SourceError| (e.to_string(), None);
+    let refs = source.remote_refs(repo).map_err(unseen)?;
+    let target = super::sync::Target {
+        sha: refs.resolve(&fleet.revision).map_err(unseen)?,
+        tag: refs.annotated_tag(&fleet.revision),
+    };
+    let seen = |e: &dyn std::fmt::Display| (e.to_string(), Some(target.sha.clone()));
+    if config.signatures.fleet {
+        let (object, signer) = super::checks::verify_revision(
+            source,
+            keyring,
+            repo,
+            &fleet.revision,
+            &target,
+            "[signatures] fleet",
+            &keyring.key_ids(),
+        )
+        .map_err(|e| seen(&e))?;
+        tracing::info!(%object, signer = %signer.0, "fleet signature verified");
+    }
+    let snapshot = source
+        .snapshot(repo, &fleet.revision, &target.sha)
+        .map_err(|e| seen(&e))?;
+    let manifests = render::render(&snapshot.root, Path::new(&fleet.path)).map_err(|e| seen(&e))?;
+    let mut expander = Expander {
+        config,
+        keyring,
+        source,
+        apps: Vec::new(),
+        projects: Vec::new(),
+        problems: Vec::new(),
+        uncertain: false,
+    };
+    let root = format!(
+        "{}@{}:{}",
+        crate::trigger::repo_key(&fleet.repo),
+        fleet.revision,
+        fleet.path.trim_matches('/')
+    );
+    expander.objects(&manifests.objects, &[root]);
+    if expander.uncertain {
+        expander.problems.push(
+            "not every Application of the fleet could be read and accepted (see the other problems), so which apps left this node is unknown; nothing is removed this time".into(),
+        );
+    }
+    Ok((
+        FleetApps {
+            revision: target.sha.clone(),
+            apps: expander.apps,
+            projects: expander.projects,
+            fresh: !expander.uncertain,
+            seen: Some(target.sha),
+        },
+        expander.problems,
+    ))
 }
 
 /// Turns rendered Argo CD objects into apps. An Application whose own path renders more
