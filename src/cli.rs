@@ -87,7 +87,8 @@ pub fn main() -> ExitCode {
     match execute(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let error: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("error: {}", crate::model::error::chain(error));
             ExitCode::FAILURE
         }
     }

@@ -105,7 +105,11 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
             }
             Err(e) => {
                 metrics.error(crate::metrics::ErrorKind::ConfigStart);
-                tracing::error!("cannot start with the new config, keeping the running one: {e:#}");
+                let error: &(dyn std::error::Error + 'static) = e.as_ref();
+                tracing::error!(
+                    "cannot start with the new config, keeping the running one: {}",
+                    crate::model::error::chain(error)
+                );
                 let again = fed(
                     watchdog,
                     &mut signals,

@@ -2,6 +2,7 @@
 //! redaction, bounded durations, sync windows. A leaf: it imports nothing of the crate, so any stage may use it without an
 //! edge back (docs/ARCHITECTURE.md).
 
+pub(crate) mod error;
 pub(crate) mod glob;
 pub(crate) mod human;
 pub(crate) mod node;
