@@ -53,7 +53,7 @@ pub(crate) enum ApplyError {
         failures: Vec<ObjectFailure>,
         total: usize,
     },
-    #[error("the render has no objects; refusing to prune the whole app (set allow_empty = true if that is intended)")]
+    #[error("the render has no objects: nothing is applied or pruned (set allow_empty = true, Argo CD's syncPolicy.automated.allowEmpty, if an empty app is intended)")]
     EmptyRender,
     #[error("prune failed for {} objects: {}", .failures.len(), .failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Prune { failures: Vec<ObjectFailure> },

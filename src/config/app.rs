@@ -96,6 +96,10 @@ pub(crate) struct AppConfig {
     /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
     #[serde(default)]
     pub(crate) delete_on_removal: bool,
+    /// The config management plugin an Application names (`spec.source.plugin`); edgesync
+    /// cannot run plugins yet, so such an app fails saying so. Not a config file key.
+    #[serde(skip)]
+    pub(crate) plugin: Option<String>,
 }
 
 impl AppConfig {

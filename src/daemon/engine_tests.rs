@@ -541,3 +541,79 @@ async fn drift_is_reported_without_self_heal_and_healed_with_it() {
         }
     }
 }
+
+/// The app's status as the board shows it: sync state and message.
+fn shown(e: &Engine, app: &str) -> (String, String) {
+    let doc = e.ctx.board.document();
+    let status = doc.apps.iter().find(|a| a.app == app).unwrap();
+    (status.sync.as_str().to_string(), status.message.clone())
+}
+
+#[tokio::test]
+async fn a_first_render_with_no_objects_fails_instead_of_showing_synced() {
+    let plain = "name = \"web\"\nrepo = \"{repo}\"\npath = \"app\"\nnamespace = \"team\"";
+    let e = Engine::new(&[plain]);
+    e.write("app/README.md", "the manifests are elsewhere\n");
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(err.to_string().contains("no objects"), "{err}");
+    assert_eq!(e.cluster.count("apply"), 0);
+    let (sync, message) = shown(&e, "web");
+    assert_eq!(sync, "Failed");
+    assert!(message.contains("no objects"), "{message}");
+
+    // Intended: allow_empty says so, and the sync succeeds with nothing to apply.
+    let e = Engine::new(&[&format!("{plain}\nallow_empty = true")]);
+    e.write("app/README.md", "nothing yet\n");
+    e.sync("web", &e.commit()).await.unwrap();
+}
+
+#[tokio::test]
+async fn sources_edgesync_cannot_render_fail_and_apply_nothing() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write(
+        "app/main.jsonnet",
+        "{ apiVersion: 'v1', kind: 'ConfigMap' }\n",
+    );
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("Jsonnet") && err.to_string().contains("main.jsonnet"),
+        "{err}"
+    );
+    assert!(!e.exists("ConfigMap", "a"), "part of the app was applied");
+    assert_eq!(shown(&e, "web").0, "Failed");
+    // Excluded on purpose, the rest renders.
+    let e = Engine::new(&[&format!(
+        "{PRUNING}\ndirectory = {{ exclude = \"*.jsonnet\" }}"
+    )]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write("app/main.jsonnet", "{}\n");
+    e.sync("web", &e.commit()).await.unwrap();
+    assert!(e.exists("ConfigMap", "a"));
+
+    // An Application naming a config management plugin.
+    let e = Engine::build(&[PRUNING], Arc::new(FakeCluster::default()), |node| {
+        node.config.apps[0].plugin = Some("argocd-vault-plugin".into());
+    });
+    e.write("app/a.yaml", &cm("a", "1"));
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(err.to_string().contains("argocd-vault-plugin"), "{err}");
+    assert!(!e.exists("ConfigMap", "a"));
+}
+
+#[tokio::test]
+async fn a_failing_app_waiting_to_retry_still_shows_its_error() {
+    let app = format!("{PRUNING}\nretry = {{ limit = 3, backoff = {{ duration = \"1h\" }} }}");
+    let e = Engine::new(&[&app]);
+    e.write("app/a.yaml", "kind: [broken\n");
+    let target = e.commit();
+    let app = e.ctx.config.app("web").unwrap().clone();
+    e.ctx.sync_app(&app, &target, false).await.unwrap_err();
+    let held = e.ctx.sync_app(&app, &target, false).await.unwrap();
+    assert!(matches!(held, SyncResult::Waiting { .. }), "{held:?}");
+    let (_, message) = shown(&e, "web");
+    assert!(
+        message.contains("invalid YAML") && message.contains("retry"),
+        "{message}"
+    );
+}

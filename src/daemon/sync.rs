@@ -412,9 +412,10 @@ impl SyncContext {
             Ok(plan) => plan,
             Err(e) => return self.failed(app, &mut state, e).await,
         };
-        // An empty render with prune on would delete the whole app: a broken generator or an
-        // emptied directory, far more often than intent (Argo CD's allowEmpty).
-        if app.prune && !app.allow_empty && plan.rendered() == 0 && !state.objects.is_empty() {
+        // A render with no objects is a broken generator, an emptied directory or a source
+        // edgesync cannot render, far more often than intent (Argo CD's allowEmpty): it would
+        // report Synced with nothing applied, and with prune on delete the whole app.
+        if !app.allow_empty && plan.rendered() == 0 {
             return self
                 .failed(app, &mut state, ApplyError::EmptyRender.into())
                 .await;

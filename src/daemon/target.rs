@@ -148,6 +148,13 @@ impl SyncContext {
         let charts = self.charts.clone();
         let remote_policy = self.remote_policy(&app);
         blocking(move || {
+            if let Some(plugin) = &app.plugin {
+                return Err(render::RenderError::Unsupported {
+                    path: app.path.clone().into(),
+                    what: format!("the config management plugin {plugin}"),
+                }
+                .into());
+            }
             if let Some((required_by, keys)) = &signers {
                 if let Some(chart) = &app.chart {
                     return Err(crate::signature::VerifyError::NotGit {

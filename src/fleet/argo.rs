@@ -44,6 +44,8 @@ pub(crate) enum Source {
         kustomize: crate::render::kustomize::Overrides,
         /// `source.directory`; Argo CD does not recurse unless told to.
         directory: crate::render::DirectoryOptions,
+        /// `source.plugin`: the config management plugin named (or left to discovery).
+        plugin: Option<String>,
     },
     /// A chart from a Helm repository or OCI registry.
     Chart {
@@ -106,7 +108,8 @@ const APPLICATION_SPEC: [&str; 6] = [
     "ignoreDifferences",
     "info",
 ];
-const SOURCE: [&str; 8] = [
+const SOURCE: [&str; 9] = [
+    "plugin",
     "repoURL",
     "path",
     "targetRevision",
@@ -293,6 +296,9 @@ fn source_of(v: &Value, warnings: &mut Vec<String>) -> Result<Source, String> {
             helm: helm_options(source.get("helm"))?,
             kustomize: kustomize_options(source.get("kustomize"), warnings)?,
             directory: directory_options(source.get("directory"), warnings),
+            plugin: source
+                .get("plugin")
+                .map(|p| string(p, "/name").unwrap_or_else(|| "(found by discovery)".into())),
         },
     })
 }
@@ -428,6 +434,10 @@ impl Application {
             directory: match &self.source {
                 Source::Git { directory, .. } => directory.clone(),
                 Source::Chart { .. } => Default::default(),
+            },
+            plugin: match &self.source {
+                Source::Git { plugin, .. } => plugin.clone(),
+                Source::Chart { .. } => None,
             },
         })
     }
@@ -775,11 +785,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             parsed.warnings,
-            [
-                "spec.revisionHistoryLimit is not supported and is ignored",
-                "spec.source.plugin is not supported and is ignored",
-            ]
+            ["spec.revisionHistoryLimit is not supported and is ignored"]
         );
+        // A plugin is not ignored: the app carries it, and fails at render saying so.
+        let config = app(&parsed).to_app_config().unwrap();
+        assert_eq!(config.plugin.as_deref(), Some("(found by discovery)"));
         assert_eq!(app(&parsed).node_selector.as_deref(), Some("site=plant-7"));
         let err = parse(&application_object(serde_json::json!({
             "source": {"repoURL": "https://g/r.git"},

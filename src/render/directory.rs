@@ -159,6 +159,16 @@ impl Walk<'_> {
                 if self.options.recurse {
                     self.dir(&target)?;
                 }
+            } else if meta.is_file()
+                && has_extension(&path, "jsonnet")
+                && self.options.wants(&below)
+            {
+                // Argo CD evaluates the Jsonnet files of a directory app; leaving them out
+                // would apply part of the app and call it Synced.
+                return Err(RenderError::Unsupported {
+                    path: self.rel(&path).to_path_buf(),
+                    what: "Jsonnet (Argo CD evaluates the .jsonnet files of a directory app; exclude it with directory.exclude if it is not meant to be)".into(),
+                });
             } else if meta.is_file() && is_manifest_file(&path) && self.options.wants(&below) {
                 if meta.len() > MAX_FILE_BYTES {
                     return Err(RenderError::TooLarge {

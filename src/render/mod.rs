@@ -52,6 +52,10 @@ pub enum RenderError {
     },
     #[error("{path}: {message}")]
     Kustomize { path: PathBuf, message: String },
+    /// A source edgesync cannot render (Jsonnet, a config management plugin): the app fails
+    /// rather than rendering what it can and showing Synced.
+    #[error("{path}: {what} cannot be rendered by edgesync; the app is not synced")]
+    Unsupported { path: PathBuf, what: String },
     /// The kustomize fallback would fetch what the app's project does not allow.
     #[error("{path}: the kustomize fallback would fetch {entry}: {source}")]
     RemoteRefused {
@@ -97,7 +101,9 @@ impl RenderError {
             RenderError::Kustomize { .. }
             | RenderError::KustomizeFallback { .. }
             | RenderError::RemoteRefused { .. } => ErrorKind::RenderKustomize,
-            RenderError::KustomizeUnsupported { .. } => ErrorKind::RenderUnsupported,
+            RenderError::KustomizeUnsupported { .. } | RenderError::Unsupported { .. } => {
+                ErrorKind::RenderUnsupported
+            }
             RenderError::Helm { .. } => ErrorKind::RenderHelm,
             RenderError::Substitution { .. } => ErrorKind::RenderSubstitution,
         }

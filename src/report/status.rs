@@ -305,7 +305,11 @@ impl StatusBoard {
                 s.sync = SyncState::Waiting;
             }
             s.target_revision = Some(target.to_string());
-            s.message = first_line(reason);
+            // A failing app waiting to retry still says why it fails.
+            s.message = match &s.last_error {
+                Some(error) => format!("{} ({})", first_line(error), first_line(reason)),
+                None => first_line(reason),
+            };
         });
     }
 
