@@ -32,6 +32,8 @@ pub(crate) struct ArgoError {
 
 /// Where an Application's manifests come from.
 #[derive(Debug, Clone, PartialEq)]
+// One per Application, read once per fleet commit: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Source {
     /// A path in a Git repository (plain YAML, Kustomize, or a chart in the repository).
     Git {
