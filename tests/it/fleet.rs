@@ -482,3 +482,74 @@ async fn a_project_with_orphaned_resources_warn_reports_unmanaged_objects() {
     assert!(agent.log().contains("orphaned resources"));
     let _ = namespaces.delete(&target, &Default::default()).await;
 }
+
+/// Sources edgesync cannot render fail loudly: a directory of Jsonnet, a config management
+/// plugin, a path with no manifests. None shows Synced, nothing of them is applied, and
+/// `edgesync status` says why.
+#[tokio::test]
+async fn sources_edgesync_cannot_render_fail_and_say_why() {
+    let ns = TestNamespace::reserve("nosilent").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "jsonnet/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: beside-jsonnet\n",
+    );
+    repo.write(
+        "jsonnet/main.jsonnet",
+        "{ apiVersion: 'v1', kind: 'ConfigMap', metadata: { name: 'from-jsonnet' } }\n",
+    );
+    repo.write(
+        "plugin/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: beside-plugin\n",
+    );
+    repo.write("docs/README.md", "the manifests moved\n");
+    repo.write(
+        "fleet/jsonnet.yaml",
+        &application_at("jsonnet", &url, "jsonnet", &ns.name, None),
+    );
+    repo.write(
+        "fleet/plugin.yaml",
+        &application_at("plugin", &url, "plugin", &ns.name, None).replace(
+            "    path: plugin\n",
+            "    path: plugin\n    plugin:\n      name: argocd-vault-plugin\n",
+        ),
+    );
+    repo.write(
+        "fleet/empty.yaml",
+        &application_at("empty", &url, "docs", &ns.name, None),
+    );
+    repo.commit("three apps edgesync cannot render");
+    let config = fleet_config(&url, "1s");
+    let agent = Agent::start(&config);
+    for (app, says) in [
+        ("jsonnet", "Jsonnet"),
+        ("plugin", "argocd-vault-plugin"),
+        ("empty", "no objects"),
+    ] {
+        let error = failed(&config, app).await;
+        assert!(error.contains(says), "{app}: {error}");
+        assert!(
+            config.state(app)["last_applied_revision"].is_null(),
+            "{app}"
+        );
+    }
+    let doc = config.status().await;
+    for app in doc["apps"].as_array().unwrap() {
+        assert_ne!(app["sync"], "Synced", "{app}");
+    }
+    let status = config.command(&["status"]).await;
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        table.contains("Jsonnet") && table.contains("argocd-vault-plugin"),
+        "{table}"
+    );
+    for (app, name) in [("jsonnet", "beside-jsonnet"), ("plugin", "beside-plugin")] {
+        let namespace = format!("{}-{app}", ns.name);
+        assert!(
+            !crate::safety::cm_exists(&namespace, name).await,
+            "{name} was applied"
+        );
+    }
+    assert!(agent.stop().await.success());
+}

@@ -39,7 +39,7 @@ async fn sync(config: &AgentConfig) -> (bool, String) {
 }
 
 /// Present and not being deleted.
-async fn cm_exists(ns: &str, name: &str) -> bool {
+pub(crate) async fn cm_exists(ns: &str, name: &str) -> bool {
     let api = kube::Api::<ConfigMap>::namespaced(cluster().client().await, ns);
     let live = api.get_opt(name).await.unwrap();
     live.is_some_and(|o| o.metadata.deletion_timestamp.is_none())
