@@ -186,6 +186,7 @@ impl SyncContext {
                 (snapshot.root, app.path.clone().into())
             };
             let options = render::RenderOptions {
+                explicit_helm: app.helm.is_some(),
                 kustomize_fallback: app.kustomize_fallback.as_deref(),
                 helm: Some(helm),
                 directory: app.directory.clone(),

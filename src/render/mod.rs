@@ -191,6 +191,10 @@ pub(crate) struct RenderOptions<'a> {
     /// The app's Helm release, for a directory holding a chart; without it, the release is
     /// named after the directory and `helm` is looked up on PATH.
     pub(crate) helm: Option<helm::HelmRequest>,
+    /// The app asks for Helm explicitly (Argo CD's `source.helm`): a directory holding both a
+    /// chart and a kustomization is rendered as the chart. Otherwise the kustomization wins,
+    /// as in Argo CD's source-type detection.
+    pub(crate) explicit_helm: bool,
     /// How a plain directory is read.
     pub(crate) directory: directory::DirectoryOptions,
     /// Changes to the app's kustomization (Argo CD's `source.kustomize`).
@@ -225,7 +229,8 @@ pub(crate) fn render_with(
         path: root.to_path_buf(),
         source,
     })?;
-    if helm::is_chart(&dir) {
+    let kustomization = kustomize::kustomization_file(&dir).is_some();
+    if helm::is_chart(&dir) && (options.explicit_helm || !kustomization) {
         let request = options.helm.clone().unwrap_or_else(|| helm::HelmRequest {
             app: dir
                 .file_name()
@@ -239,7 +244,7 @@ pub(crate) fn render_with(
     }
     let overridden = !options.kustomize.is_empty();
     let rel = || dir.strip_prefix(root).unwrap_or(&dir).to_path_buf();
-    if kustomize::kustomization_file(&dir).is_none() {
+    if !kustomization {
         if overridden {
             return Err(RenderError::Kustomize {
                 path: rel(),
@@ -373,6 +378,42 @@ fn kind_of(v: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    /// Argo CD's source-type detection: a kustomization beside a Chart.yaml wins, unless the
+    /// Application asks for Helm (`source.helm`).
+    #[test]
+    fn a_kustomization_beside_a_chart_is_built_unless_helm_is_asked_for() {
+        use super::*;
+        let tmp = tempfile::tempdir().unwrap();
+        let app = tmp.path().join("app");
+        std::fs::create_dir_all(app.join("templates")).unwrap();
+        std::fs::write(
+            app.join("Chart.yaml"),
+            "apiVersion: v2\nname: web\nversion: 0.1.0\n",
+        )
+        .unwrap();
+        std::fs::write(app.join("kustomization.yaml"), "resources:\n  - cm.yaml\n").unwrap();
+        std::fs::write(
+            app.join("cm.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-kustomize\n",
+        )
+        .unwrap();
+        let built = render_with(tmp.path(), Path::new("app"), &RenderOptions::default()).unwrap();
+        assert_eq!(built.objects.len(), 1);
+        assert_eq!(built.objects[0].name(), "from-kustomize");
+        let helm = RenderOptions {
+            explicit_helm: true,
+            helm: Some(helm::HelmRequest {
+                app: "web".into(),
+                namespace: None,
+                options: Default::default(),
+                binary: "/nonexistent/helm".into(),
+            }),
+            ..Default::default()
+        };
+        let err = render_with(tmp.path(), Path::new("app"), &helm).unwrap_err();
+        assert!(matches!(err, RenderError::Helm { .. }), "{err}");
+    }
 
     #[test]
     fn the_kustomize_fallback_fetches_only_what_the_project_allows() {
