@@ -427,6 +427,38 @@ pub(crate) fn keep_reason(live: &Value, app: &str) -> Option<String> {
     None
 }
 
+impl Plan {
+    /// Gives the namespace `create_namespace` added these labels and annotations (Argo CD's
+    /// `managedNamespaceMetadata`); nothing when the app defines its namespace itself.
+    pub(crate) fn label_created_namespace(
+        &mut self,
+        metadata: &crate::config::options::NamespaceMetadata,
+    ) {
+        let Some(created) = self
+            .objects
+            .iter_mut()
+            .find(|o| o.origin == CREATED_NAMESPACE)
+        else {
+            return;
+        };
+        let Some(Value::Object(meta)) = created.value.get_mut("metadata") else {
+            return;
+        };
+        for (key, map) in [
+            ("labels", &metadata.labels),
+            ("annotations", &metadata.annotations),
+        ] {
+            if !map.is_empty() {
+                let values = map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
+                meta.insert(key.into(), Value::Object(values));
+            }
+        }
+    }
+}
+
 /// Orders `manifests` for application and refuses duplicates. When `create_namespace` is set
 /// and the app does not define its namespace itself, a Namespace object is added first.
 pub(crate) fn plan(

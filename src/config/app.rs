@@ -100,6 +100,10 @@ pub(crate) struct AppConfig {
     /// cannot run plugins yet, so such an app fails saying so. Not a config file key.
     #[serde(skip)]
     pub(crate) plugin: Option<String>,
+    /// Labels and annotations for the namespace `create_namespace` adds (Argo CD's
+    /// `syncPolicy.managedNamespaceMetadata`).
+    #[serde(default)]
+    pub(crate) namespace_metadata: Option<options::NamespaceMetadata>,
 }
 
 impl AppConfig {

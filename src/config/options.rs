@@ -21,6 +21,17 @@ pub(crate) struct HelmOptions {
     pub(crate) parameters: BTreeMap<String, String>,
 }
 
+/// Labels and annotations of the namespace `create_namespace` adds (Argo CD's
+/// `syncPolicy.managedNamespaceMetadata`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NamespaceMetadata {
+    #[serde(default)]
+    pub(crate) labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) annotations: BTreeMap<String, String>,
+}
+
 /// Argo CD's `source.kustomize`: changes made to the app's own kustomization before it is
 /// built, as Argo CD makes them with `kustomize edit` (prefix, suffix and namespace replace;
 /// labels and annotations are added over the file's; images replace entries of the same name).

@@ -189,17 +189,17 @@ impl SyncContext {
     /// namespace, that no app manages and nothing owns, are reported (log and status), as Argo
     /// CD warns about them. Objects every namespace has (`kube-root-ca.crt`, the `default`
     /// ServiceAccount) and the project's `ignore` entries are left out.
-    pub(super) async fn warn_orphans(&self, app: &AppConfig, state: &AppState) {
+    pub(super) async fn orphan_warnings(&self, app: &AppConfig, state: &AppState) -> Vec<String> {
         let Some(ignore) = app
             .project
             .as_deref()
             .and_then(|p| self.projects.get(p))
             .and_then(|p| p.orphans_warn.as_ref())
         else {
-            return;
+            return Vec::new();
         };
         let Some(ns) = app.namespace.as_deref() else {
-            return;
+            return Vec::new();
         };
         let mut kinds: Vec<&ObjectRef> = Vec::new();
         for o in state
@@ -233,7 +233,7 @@ impl SyncContext {
                 orphans.push(format!("{} {ns}/{name}", kind.kind));
             }
         }
-        let warnings = if orphans.is_empty() {
+        if orphans.is_empty() {
             Vec::new()
         } else {
             tracing::warn!(app = %app.name, count = orphans.len(), "orphaned resources: {}", orphans.join(", "));
@@ -242,8 +242,7 @@ impl SyncContext {
                 orphans.len(),
                 orphans.join(", ")
             )]
-        };
-        self.board.warnings(&app.name, warnings);
+        }
     }
 
     /// Who requires the app's revision to be signed, and by which keys: its project, when
@@ -252,4 +251,33 @@ impl SyncContext {
         let name = app.project.as_deref()?;
         self.projects.get(name)?.required_signers()
     }
+}
+
+/// Objects of the render that Argo CD would run as resource hooks (`argocd.argoproj.io/hook`,
+/// or Helm's `helm.sh/hook` as Argo CD maps it): edgesync does not run hooks yet and applies
+/// them as ordinary objects, which the app's status says rather than hiding it.
+pub(super) fn hook_warnings(plan: &apply::Plan) -> Vec<String> {
+    let hooks: Vec<String> = plan
+        .rendered_objects()
+        .filter(|o| {
+            let annotations = o.value.get("metadata").and_then(|m| m.get("annotations"));
+            ["argocd.argoproj.io/hook", "helm.sh/hook"]
+                .iter()
+                .any(|key| annotations.and_then(|a| a.get(*key)).is_some())
+        })
+        .map(|o| o.display_name())
+        .collect();
+    if hooks.is_empty() {
+        return Vec::new();
+    }
+    tracing::warn!(
+        count = hooks.len(),
+        "resource hooks applied as ordinary objects: {}",
+        hooks.join(", ")
+    );
+    vec![format!(
+        "{} resource hooks are applied as ordinary objects, not run as hooks (edgesync does not run hooks yet): {}",
+        hooks.len(),
+        hooks.join(", ")
+    )]
 }

@@ -617,3 +617,43 @@ async fn a_failing_app_waiting_to_retry_still_shows_its_error() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn the_created_namespace_carries_the_managed_namespace_metadata() {
+    let app = format!(
+        "{PRUNING}\nnamespace_metadata = {{ labels = {{ team = \"edge\" }}, annotations = {{ owner = \"ops\" }} }}"
+    );
+    let e = Engine::new(&[&app]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    let namespace = ObjectRef {
+        group: String::new(),
+        version: "v1".into(),
+        kind: "Namespace".into(),
+        namespace: None,
+        name: "team".into(),
+    };
+    let live = e.cluster.live(&namespace).unwrap();
+    assert_eq!(live["metadata"]["labels"]["team"], "edge", "{live}");
+    assert_eq!(live["metadata"]["annotations"]["owner"], "ops", "{live}");
+}
+
+#[tokio::test]
+async fn resource_hooks_applied_as_ordinary_objects_are_said_so() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write(
+        "app/migrate.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: migrate\n  annotations:\n    argocd.argoproj.io/hook: PreSync\n",
+    );
+    e.sync("web", &e.commit()).await.unwrap();
+    let doc = e.ctx.board.document();
+    let web = doc.apps.iter().find(|a| a.app == "web").unwrap();
+    assert!(
+        web.warnings
+            .iter()
+            .any(|w| w.contains("hooks") && w.contains("migrate")),
+        "{:?}",
+        web.warnings
+    );
+}

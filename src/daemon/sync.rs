@@ -426,6 +426,7 @@ impl SyncContext {
         if let Err(e) = self.check_conflicts(app, &plan) {
             return self.failed(app, &mut state, e).await;
         }
+        let mut warnings = super::checks::hook_warnings(&plan);
         let record = RenderRecord {
             revision: sha.to_string(),
             saved_at: unix_now(),
@@ -440,7 +441,8 @@ impl SyncContext {
         self.board.synced(&app.name, &state, None);
         self.save_inventory(app, &state).await;
         self.save_state(&app.name, &state).await?;
-        self.warn_orphans(app, &state).await;
+        warnings.extend(self.orphan_warnings(app, &state).await);
+        self.board.warnings(&app.name, warnings);
         Ok(SyncResult::Applied {
             revision: sha.to_string(),
             objects: total,

@@ -207,6 +207,9 @@ impl SyncContext {
                 app.creates_namespace(),
                 manifests,
             )?;
+            if let Some(metadata) = &app.namespace_metadata {
+                plan.label_created_namespace(metadata);
+            }
             plan.ignore_differences = app.ignore_differences.clone();
             plan.out_of_sync_only = app.sync_option("ApplyOutOfSyncOnly") == Some("true");
             Ok(plan)

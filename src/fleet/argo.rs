@@ -5,7 +5,7 @@
 //! dropped silently. A destination other than the cluster the node runs is an error: a node
 //! agent only ever applies to its own cluster.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
@@ -80,6 +80,8 @@ pub(crate) struct Application {
     /// applied.
     pub(crate) delete_resources_on_removal: bool,
     pub(crate) node_selector: Option<String>,
+    /// `syncPolicy.managedNamespaceMetadata`.
+    pub(crate) namespace_metadata: Option<crate::config::options::NamespaceMetadata>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -254,6 +256,9 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
         source,
         namespace: destination.and_then(|d| string(d, "/namespace")),
         automated: automated_of(policy, warnings),
+        namespace_metadata: policy
+            .and_then(|p| p.get("managedNamespaceMetadata"))
+            .map(|m| namespace_metadata(m, warnings)),
         sync_options: sync_options_of(policy, warnings),
         retry: policy.and_then(|p| p.get("retry")).cloned(),
         ignore_differences: v
@@ -289,13 +294,13 @@ fn source_of(v: &Value, warnings: &mut Vec<String>) -> Result<Source, String> {
             repo_url,
             chart,
             version: revision,
-            helm: helm_options(source.get("helm"))?,
+            helm: helm_options(source.get("helm"), warnings)?,
         },
         None => Source::Git {
             repo_url,
             revision,
             path: string(source, "/path").unwrap_or_else(|| ".".into()),
-            helm: helm_options(source.get("helm"))?,
+            helm: helm_options(source.get("helm"), warnings)?,
             kustomize: kustomize_options(source.get("kustomize"), warnings)?,
             directory: directory_options(source.get("directory"), warnings),
             plugin: source
@@ -323,6 +328,38 @@ fn check_in_cluster(destination: Option<&Value>) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `spec.syncPolicy.managedNamespaceMetadata`: labels and annotations for the namespace
+/// `CreateNamespace=true` creates. A value that is not a string is reported and left out.
+fn namespace_metadata(
+    v: &Value,
+    warnings: &mut Vec<String>,
+) -> crate::config::options::NamespaceMetadata {
+    unknown(
+        v.as_object(),
+        &["labels", "annotations"],
+        "spec.syncPolicy.managedNamespaceMetadata",
+        warnings,
+    );
+    let mut strings = |key: &str| -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (k, value) in v.get(key).and_then(Value::as_object).into_iter().flatten() {
+            match value.as_str() {
+                Some(text) => {
+                    out.insert(k.clone(), text.to_string());
+                }
+                None => warnings.push(format!(
+                    "spec.syncPolicy.managedNamespaceMetadata.{key}.{k} is not a string and is ignored"
+                )),
+            }
+        }
+        out
+    };
+    crate::config::options::NamespaceMetadata {
+        labels: strings("labels"),
+        annotations: strings("annotations"),
+    }
 }
 
 /// `spec.syncPolicy.automated`, when the Application syncs automatically.
@@ -437,6 +474,7 @@ impl Application {
                 Source::Git { directory, .. } => directory.clone(),
                 Source::Chart { .. } => Default::default(),
             },
+            namespace_metadata: self.namespace_metadata.clone(),
             plugin: match &self.source {
                 Source::Git { plugin, .. } => plugin.clone(),
                 Source::Chart { .. } => None,
@@ -454,6 +492,13 @@ const KUSTOMIZE: [&str; 6] = [
     "images",
 ];
 const DIRECTORY: [&str; 3] = ["recurse", "include", "exclude"];
+const HELM: [&str; 5] = [
+    "releaseName",
+    "values",
+    "valuesObject",
+    "valueFiles",
+    "parameters",
+];
 
 /// `spec.source.kustomize`: the options Argo CD applies with `kustomize edit`.
 fn kustomize_options(
@@ -588,10 +633,14 @@ fn ignore_difference(v: &Value) -> Result<sync_policy::IgnoreDifference, String>
 
 /// Argo CD's `source.helm`: `releaseName`, `values` (text) or `valuesObject`, `valueFiles` and
 /// `parameters` (`forceString` included; helm's `--set` reads the value as given).
-fn helm_options(helm: Option<&Value>) -> Result<Option<crate::render::helm::HelmOptions>, String> {
+fn helm_options(
+    helm: Option<&Value>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<crate::render::helm::HelmOptions>, String> {
     let Some(helm) = helm.filter(|h| !h.is_null()) else {
         return Ok(None);
     };
+    unknown(helm.as_object(), &HELM, "spec.source.helm", warnings);
     let mut options = crate::render::helm::HelmOptions {
         release_name: string(helm, "/releaseName"),
         values: string(helm, "/values"),
@@ -774,6 +823,32 @@ mod tests {
             value: value.as_object().unwrap().clone(),
             origin: "t.yaml#0".into(),
         }
+    }
+
+    #[test]
+    fn managed_namespace_metadata_reaches_the_app() {
+        let parsed = parse(&application_object(serde_json::json!({
+            "source": {"repoURL": "https://g/r.git", "path": "p"},
+            "destination": {"server": "https://kubernetes.default.svc", "namespace": "web"},
+            "syncPolicy": {
+                "syncOptions": ["CreateNamespace=true"],
+                "managedNamespaceMetadata": {
+                    "labels": {"team": "edge", "count": 3},
+                    "annotations": {"owner": "ops"}
+                }
+            }
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            parsed.warnings,
+            ["spec.syncPolicy.managedNamespaceMetadata.labels.count is not a string and is ignored"]
+        );
+        let config = app(&parsed).to_app_config().unwrap();
+        assert!(config.creates_namespace());
+        let metadata = config.namespace_metadata.unwrap();
+        assert_eq!(metadata.labels["team"], "edge");
+        assert_eq!(metadata.annotations["owner"], "ops");
     }
 
     #[test]
