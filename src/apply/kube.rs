@@ -106,6 +106,27 @@ impl KubeApplier {
         &self.client
     }
 
+    /// What the cluster offers, as `helm template` needs it for `.Capabilities` (Argo CD
+    /// passes the same): the server's version, and every `group/version` and
+    /// `group/version/Kind` it serves.
+    pub(crate) async fn capabilities(&self) -> Result<Capabilities, kube::Error> {
+        let version = self.client.apiserver_version().await?;
+        let discovery = kube::Discovery::new(self.client.clone()).run().await?;
+        let mut api_versions = std::collections::BTreeSet::new();
+        for group in discovery.groups() {
+            for version in group.versions() {
+                for (resource, _) in group.versioned_resources(version) {
+                    api_versions.insert(resource.api_version.clone());
+                    api_versions.insert(format!("{}/{}", resource.api_version, resource.kind));
+                }
+            }
+        }
+        Ok(Capabilities {
+            kube_version: release_version(&version),
+            api_versions: api_versions.into_iter().collect(),
+        })
+    }
+
     /// Applies `plan` wave by wave. Within a wave, namespaces and CRDs go first, one by one
     /// (CRDs waited on until Established), then the other objects concurrently, a few at a
     /// time; a failed object does not stop the others of its wave. Before a later wave starts,
@@ -875,6 +896,29 @@ async fn keep_ignored(
     Ok(())
 }
 
+/// The cluster as Helm's `.Capabilities` describe it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// `v1.31.2`, as the server says; `None` for a server that is not a release build
+    /// (`v0.0.0-master`, no major version), whose version would fail every constraint.
+    pub(crate) kube_version: Option<String>,
+    /// `apps/v1`, `apps/v1/Deployment`, `v1`, `v1/ConfigMap`, ...
+    pub(crate) api_versions: Vec<String>,
+}
+
+/// The server's version when it is a release (`v1.31.2`, `v1.31.2+k3s1`), or one made of its
+/// major and minor versions; `None` when neither says a real version.
+fn release_version(info: &k8s_openapi::apimachinery::pkg::version::Info) -> Option<String> {
+    let numbers = info.git_version.trim_start_matches('v');
+    let major = numbers.split('.').next()?.parse::<u32>().ok();
+    if major.is_some_and(|m| m > 0) {
+        return Some(info.git_version.clone());
+    }
+    let major: u32 = info.major.trim_end_matches('+').parse().ok()?;
+    let minor: u32 = info.minor.trim_end_matches('+').parse().ok()?;
+    (major > 0).then(|| format!("v{major}.{minor}.0"))
+}
+
 /// A CustomResourceDefinition that did not become Established in time; `source` is why it
 /// could not be read, when that was the last word.
 #[derive(Debug, thiserror::Error)]
@@ -929,6 +973,22 @@ fn is_missing_resource(e: &kube::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helm_gets_a_release_version_or_none() {
+        use k8s_openapi::apimachinery::pkg::version::Info;
+        let info = |git: &str, major: &str, minor: &str| Info {
+            git_version: git.into(),
+            major: major.into(),
+            minor: minor.into(),
+            ..Default::default()
+        };
+        let k3s = info("v1.31.2+k3s1", "1", "31");
+        assert_eq!(release_version(&k3s).as_deref(), Some("v1.31.2+k3s1"));
+        let unstamped = info("v0.0.0-master+$Format:%H$", "1", "36+");
+        assert_eq!(release_version(&unstamped).as_deref(), Some("v1.36.0"));
+        assert_eq!(release_version(&info("v0.0.0-master", "", "")), None);
+    }
 
     fn valid(name: &str) -> bool {
         name.len() <= 253

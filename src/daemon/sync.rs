@@ -138,6 +138,8 @@ pub(crate) struct SyncContext {
     /// One writer per app: sync, rollback, self-heal and removal each hold the app's lock
     /// while they change its objects or its state, so none undoes what another just did.
     pub(super) writers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The cluster's version and APIs for Helm, and when they were read.
+    pub(super) capabilities: tokio::sync::Mutex<Option<(Instant, Arc<apply::kube::Capabilities>)>>,
     /// Which app manages each object on this node (read from the states on first use).
     pub(super) claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
 }
@@ -218,6 +220,7 @@ impl SyncContext {
             synced: tokio::sync::watch::Sender::new(0),
             writers: Default::default(),
             claims: Default::default(),
+            capabilities: Default::default(),
             metrics,
             config,
             keyring,

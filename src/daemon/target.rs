@@ -3,6 +3,7 @@
 //! planned.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +28,10 @@ pub(crate) enum Revisions {
     /// A chart repository, with its index when it is an HTTP(S) one.
     Charts(Option<Arc<ChartIndex>>),
 }
+
+/// How long the cluster's capabilities are used before discovery is read again (a CRD an app
+/// installs shows up to charts after this long at most).
+const CAPABILITIES_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl SyncContext {
     /// Reads what `repo` offers once, for resolving all its apps' revisions: a Git
@@ -114,6 +119,8 @@ impl SyncContext {
                 .binary
                 .clone()
                 .unwrap_or_else(|| "helm".into()),
+            kube_version: None,
+            api_versions: Vec::new(),
         }
     }
 
@@ -134,57 +141,19 @@ impl SyncContext {
         app: &AppConfig,
         target: &Target,
     ) -> Result<apply::Plan, SyncError> {
-        let source = self.source.clone();
-        let repo = self.config.repository(&app.repo);
+        let (root, path) = self.checkout(app, target).await?;
+        let mut helm = self.helm_request(app);
+        if render::helm::is_chart(&root.join(&path)) {
+            if let Some(capabilities) = self.capabilities().await {
+                helm.kube_version = capabilities.kube_version.clone();
+                helm.api_versions = capabilities.api_versions.clone();
+            }
+        }
         let app = app.clone();
-        let target = target.clone();
-        let sha = target.sha.clone();
-        let signers = self.required_signers(&app);
-        let keyring = self.keyring.clone();
-        let metrics = self.metrics.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
-        let helm = self.helm_request(&app);
-        let charts = self.charts.clone();
         let remote_policy = self.remote_policy(&app);
         blocking(move || {
-            if let Some(plugin) = &app.plugin {
-                return Err(render::RenderError::Unsupported {
-                    path: app.path.clone().into(),
-                    what: format!("the config management plugin {plugin}"),
-                }
-                .into());
-            }
-            if let Some((required_by, keys)) = &signers {
-                if let Some(chart) = &app.chart {
-                    return Err(crate::signature::VerifyError::NotGit {
-                        object: format!("chart {chart} {sha}"),
-                        required_by: required_by.clone(),
-                    }
-                    .into());
-                }
-                // Before the commit is checked out, let alone rendered.
-                let (object, signer) = verify_revision(
-                    &source,
-                    &keyring,
-                    &repo,
-                    &app.revision,
-                    &target,
-                    required_by,
-                    keys,
-                )?;
-                tracing::info!(app = %app.name, %object, signer = %signer.0, "signature verified");
-            }
-            let (root, path) = if app.chart.is_some() {
-                charts.unpacked(&repo.url, &sha)?
-            } else {
-                let started = Instant::now();
-                let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
-                if snapshot.fetched {
-                    metrics.git_fetch(started.elapsed());
-                }
-                (snapshot.root, app.path.clone().into())
-            };
             let options = render::RenderOptions {
                 explicit_helm: app.helm.is_some(),
                 kustomize_fallback: app.kustomize_fallback.as_deref(),
@@ -215,6 +184,87 @@ impl SyncContext {
             Ok(plan)
         })
         .await
+    }
+
+    /// The app's source at `target`, checked out (or its chart unpacked): the root and the
+    /// app's path inside it. A revision that must be signed is verified before anything is
+    /// checked out.
+    async fn checkout(
+        &self,
+        app: &AppConfig,
+        target: &Target,
+    ) -> Result<(PathBuf, PathBuf), SyncError> {
+        let source = self.source.clone();
+        let repo = self.config.repository(&app.repo);
+        let app = app.clone();
+        let target = target.clone();
+        let sha = target.sha.clone();
+        let signers = self.required_signers(&app);
+        let keyring = self.keyring.clone();
+        let metrics = self.metrics.clone();
+        let charts = self.charts.clone();
+        blocking(move || {
+            if let Some(plugin) = &app.plugin {
+                return Err(render::RenderError::Unsupported {
+                    path: app.path.clone().into(),
+                    what: format!("the config management plugin {plugin}"),
+                }
+                .into());
+            }
+            if let Some((required_by, keys)) = &signers {
+                if let Some(chart) = &app.chart {
+                    return Err(crate::signature::VerifyError::NotGit {
+                        object: format!("chart {chart} {sha}"),
+                        required_by: required_by.clone(),
+                    }
+                    .into());
+                }
+                let (object, signer) = verify_revision(
+                    &source,
+                    &keyring,
+                    &repo,
+                    &app.revision,
+                    &target,
+                    required_by,
+                    keys,
+                )?;
+                tracing::info!(app = %app.name, %object, signer = %signer.0, "signature verified");
+            }
+            if app.chart.is_some() {
+                return Ok(charts.unpacked(&repo.url, &sha)?);
+            }
+            let started = Instant::now();
+            let snapshot = source.snapshot(&repo, &app.revision, &sha)?;
+            if snapshot.fetched {
+                metrics.git_fetch(started.elapsed());
+            }
+            Ok((snapshot.root, app.path.clone().into()))
+        })
+        .await
+    }
+
+    /// The cluster's `.Capabilities` for Helm, read from discovery at most every
+    /// [`CAPABILITIES_FOR`]; without an API server (engine tests), or when discovery fails and
+    /// nothing was read before, helm's defaults.
+    async fn capabilities(&self) -> Option<Arc<apply::kube::Capabilities>> {
+        let kube = self.kube.as_ref()?;
+        let mut cached = self.capabilities.lock().await;
+        if let Some((at, capabilities)) = cached.as_ref() {
+            if at.elapsed() < CAPABILITIES_FOR {
+                return Some(capabilities.clone());
+            }
+        }
+        match kube.capabilities().await {
+            Ok(capabilities) => {
+                let capabilities = Arc::new(capabilities);
+                *cached = Some((Instant::now(), capabilities.clone()));
+                Some(capabilities)
+            }
+            Err(e) => {
+                tracing::warn!("cannot read the cluster's version and APIs for helm: {e}");
+                cached.as_ref().map(|(_, c)| c.clone())
+            }
+        }
     }
 
     /// Removes snapshots of `repo` that no app needs any more. Charts are kept per digest,

@@ -22,6 +22,10 @@ pub(crate) struct HelmRequest {
     pub(crate) options: HelmOptions,
     /// The helm binary: a path, or a name looked up on PATH.
     pub(crate) binary: PathBuf,
+    /// The cluster's version (`--kube-version`) and the APIs it serves (`--api-versions`),
+    /// for `.Capabilities`; helm's built-in defaults when unknown.
+    pub(crate) kube_version: Option<String>,
+    pub(crate) api_versions: Vec<String>,
 }
 
 pub(crate) fn is_chart(dir: &Path) -> bool {
@@ -68,6 +72,12 @@ pub(crate) fn template(
     // value from Git is ever read as a flag of its own.
     if let Some(ns) = &req.namespace {
         cmd.arg(format!("--namespace={ns}"));
+    }
+    if let Some(version) = &req.kube_version {
+        cmd.arg(format!("--kube-version={version}"));
+    }
+    for api in &req.api_versions {
+        cmd.arg(format!("--api-versions={api}"));
     }
     for file in &req.options.value_files {
         let chart_rel = rel.join(file);
@@ -236,6 +246,8 @@ mod tests {
                 ..Default::default()
             },
             binary: PathBuf::from("helm"),
+            kube_version: None,
+            api_versions: Vec::new(),
         };
         let values = given_values(&root, &root.join("chart"), &req);
         use base64::Engine;
@@ -301,6 +313,8 @@ mod tests {
                 ..Default::default()
             },
             binary: PathBuf::from("/nonexistent/helm"),
+            kube_version: None,
+            api_versions: Vec::new(),
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()
@@ -323,6 +337,8 @@ mod tests {
             namespace: None,
             options: HelmOptions::default(),
             binary: PathBuf::from("/nonexistent/helm"),
+            kube_version: None,
+            api_versions: Vec::new(),
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()

@@ -239,6 +239,8 @@ pub(crate) fn render_with(
             namespace: None,
             options: Default::default(),
             binary: "helm".into(),
+            kube_version: None,
+            api_versions: Vec::new(),
         });
         return helm::template(root, &dir, &request);
     }
@@ -408,6 +410,8 @@ mod tests {
                 namespace: None,
                 options: Default::default(),
                 binary: "/nonexistent/helm".into(),
+                kube_version: None,
+                api_versions: Vec::new(),
             }),
             ..Default::default()
         };

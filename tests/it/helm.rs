@@ -273,3 +273,42 @@ async fn charts_from_an_oci_registry_apply_by_exact_version_and_by_constraint() 
         "oci-second"
     );
 }
+
+/// A chart that requires a recent Kubernetes and asks `.Capabilities` what the cluster serves
+/// renders against the live cluster, as Argo CD renders it, not against helm's defaults.
+#[tokio::test]
+async fn charts_see_the_live_clusters_version_and_apis() {
+    let ns = TestNamespace::reserve("helmcaps").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "charts/caps/Chart.yaml",
+        "apiVersion: v2\nname: caps\nversion: 0.1.0\nkubeVersion: \">=1.25.0-0\"\n",
+    );
+    repo.write(
+        "charts/caps/templates/configmap.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: caps\ndata:\n  version: {{ .Capabilities.KubeVersion.Version | quote }}\n  deployments: {{ .Capabilities.APIVersions.Has \"apps/v1/Deployment\" | quote }}\n  leases: {{ .Capabilities.APIVersions.Has \"coordination.k8s.io/v1\" | quote }}\n  imaginary: {{ .Capabilities.APIVersions.Has \"example.com/v9\" | quote }}\n",
+    );
+    let sha = repo.commit("a chart that asks the cluster");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .section("helm", &format!("binary = \"{}\"", helm().display()))
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"caps\"\nrepo = \"{url}\"\npath = \"charts/caps\"\nnamespace = \"{}\"\ncreate_namespace = true",
+            ns.name
+        ));
+    let agent = Agent::start(&config);
+    config.wait_applied("caps", &sha).await;
+    let data = config_data(&ns, "caps").await;
+    let server = crate::harness::cluster::cluster()
+        .client()
+        .await
+        .apiserver_version()
+        .await
+        .unwrap();
+    assert_eq!(data["version"], server.git_version, "{data:?}");
+    assert_eq!(data["deployments"], "true");
+    assert_eq!(data["leases"], "true");
+    assert_eq!(data["imaginary"], "false");
+    assert!(agent.stop().await.success());
+}
