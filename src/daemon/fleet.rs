@@ -274,7 +274,11 @@ impl Expander<'_> {
             .ok()?;
         }
         let snapshot = self.source.snapshot(&repo, &app.revision, &sha).ok()?;
-        render::render(&snapshot.root, Path::new(&app.path))
+        // With the parent's own options: an app-of-apps that is a chart gets its release name,
+        // values and parameters, and the node's helm.
+        let helm = super::target::helm_request(self.config, app);
+        let options = super::target::render_options(app, helm);
+        render::render_with(&snapshot.root, Path::new(&app.path), &options)
             .ok()
             .map(|m| m.objects)
     }

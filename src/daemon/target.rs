@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::checks::verify_revision;
 use super::sync::{blocking, SyncContext, SyncError};
 use crate::apply;
-use crate::config::{AppConfig, RepositoryConfig, Substitute};
+use crate::config::{AppConfig, Config, RepositoryConfig, Substitute};
 use crate::render;
 use crate::source::{ChartIndex, RemoteRefs, SourceError, TagRef};
 
@@ -27,6 +27,34 @@ pub(crate) enum Revisions {
     Git(RemoteRefs),
     /// A chart repository, with its index when it is an HTTP(S) one.
     Charts(Option<Arc<ChartIndex>>),
+}
+
+/// How `app` renders a chart: its values, with the node's pinned helm binary.
+pub(super) fn helm_request(config: &Config, app: &AppConfig) -> render::helm::HelmRequest {
+    render::helm::HelmRequest {
+        app: app.name.clone(),
+        namespace: app.namespace.clone(),
+        options: app.helm.clone().unwrap_or_default(),
+        binary: config.helm.binary.clone().unwrap_or_else(|| "helm".into()),
+        kube_version: None,
+        api_versions: Vec::new(),
+    }
+}
+
+/// How `app`'s path is rendered: its Helm, Kustomize and directory options, as its sync
+/// renders it (an app-of-apps' children are read the same way).
+pub(super) fn render_options(
+    app: &AppConfig,
+    helm: render::helm::HelmRequest,
+) -> render::RenderOptions<'_> {
+    render::RenderOptions {
+        explicit_helm: app.helm.is_some(),
+        kustomize_fallback: app.kustomize_fallback.as_deref(),
+        helm: Some(helm),
+        directory: app.directory.clone(),
+        kustomize: app.kustomize.clone(),
+        remote_policy: None,
+    }
 }
 
 /// How long the cluster's capabilities are used before discovery is read again (a CRD an app
@@ -107,23 +135,6 @@ impl SyncContext {
         Ok((target.sha, plan))
     }
 
-    /// How `app` renders a chart: its values, with the pinned helm binary.
-    fn helm_request(&self, app: &AppConfig) -> render::helm::HelmRequest {
-        render::helm::HelmRequest {
-            app: app.name.clone(),
-            namespace: app.namespace.clone(),
-            options: app.helm.clone().unwrap_or_default(),
-            binary: self
-                .config
-                .helm
-                .binary
-                .clone()
-                .unwrap_or_else(|| "helm".into()),
-            kube_version: None,
-            api_versions: Vec::new(),
-        }
-    }
-
     /// What a kustomize fallback may fetch for `app`: what its project's `sourceRepos` allow.
     fn remote_policy(&self, app: &AppConfig) -> Option<render::RemotePolicy> {
         let project = app
@@ -142,7 +153,7 @@ impl SyncContext {
         target: &Target,
     ) -> Result<apply::Plan, SyncError> {
         let (root, path) = self.checkout(app, target).await?;
-        let mut helm = self.helm_request(app);
+        let mut helm = helm_request(&self.config, app);
         if render::helm::is_chart(&root.join(&path)) {
             if let Some(capabilities) = self.capabilities().await {
                 helm.kube_version = capabilities.kube_version.clone();
@@ -155,12 +166,8 @@ impl SyncContext {
         let remote_policy = self.remote_policy(&app);
         blocking(move || {
             let options = render::RenderOptions {
-                explicit_helm: app.helm.is_some(),
-                kustomize_fallback: app.kustomize_fallback.as_deref(),
-                helm: Some(helm),
-                directory: app.directory.clone(),
-                kustomize: app.kustomize.clone(),
                 remote_policy,
+                ..render_options(&app, helm)
             };
             let mut manifests = render::render_with(&root, &path, &options)?;
             if let Some(vars) = vars {

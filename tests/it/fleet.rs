@@ -553,3 +553,61 @@ async fn sources_edgesync_cannot_render_fail_and_say_why() {
     }
     assert!(agent.stop().await.success());
 }
+
+/// An app-of-apps that is itself a Helm chart (the pattern Argo CD's docs teach) is read with
+/// its own Helm options and the node's helm: its values name the children.
+#[tokio::test]
+async fn an_app_of_apps_helm_chart_is_read_with_its_own_values() {
+    let ns = TestNamespace::reserve("aoa-helm").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "apps/Chart.yaml",
+        "apiVersion: v2\nname: apps\nversion: 0.1.0\n",
+    );
+    // No defaults: without the parent's values the chart renders no child at all.
+    repo.write("apps/values.yaml", "children: []\n");
+    repo.write(
+        "apps/templates/children.yaml",
+        &format!(
+            r#"{{{{- range .Values.children }}}}
+---
+apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: {{{{ $.Release.Name }}}}-{{{{ . }}}}
+spec:
+  project: default
+  source:
+    repoURL: {url}
+    targetRevision: main
+    path: app
+  destination:
+    server: {{{{ $.Values.server }}}}
+    namespace: {}-{{{{ . }}}}
+  syncPolicy:
+    automated: {{}}
+    syncOptions: [CreateNamespace=true]
+{{{{- end }}}}
+"#,
+            ns.name
+        ),
+    );
+    let parent = application_at("root", &url, "apps", &ns.name, None).replace(
+        "    path: apps\n",
+        "    path: apps\n    helm:\n      releaseName: edge\n      valuesObject:\n        children: [web]\n      parameters:\n        - name: server\n          value: https://kubernetes.default.svc\n",
+    );
+    repo.write("fleet/root.yaml", &parent);
+    let sha = greeting_app(&repo, "hello");
+    let config = fleet_config(&url, "1h").section(
+        "helm",
+        &format!("binary = \"{}\"", crate::helm::helm().display()),
+    );
+    let agent = Agent::start(&config);
+    config.wait_applied("edge-web", &sha).await;
+    assert!(
+        config.state("root").is_null(),
+        "the parent is not run itself"
+    );
+    assert!(agent.stop().await.success());
+}
