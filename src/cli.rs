@@ -372,5 +372,8 @@ fn status_table(doc: &StatusDocument, now: u64) -> String {
     for s in &doc.node.skipped {
         out.push_str(&format!("skipped on this node: {}: {}\n", s.app, s.reason));
     }
+    for problem in &doc.node.fleet_problems {
+        out.push_str(&format!("fleet: {problem}\n"));
+    }
     out
 }

@@ -509,6 +509,7 @@ async fn with_fleet(node: &mut Node, metrics: &Metrics) -> FleetLoad {
         metrics.error(crate::metrics::ErrorKind::Fleet);
         tracing::warn!("fleet: {problem}");
     }
+    node.fleet_problems = problems;
     tracing::info!(revision = %apps.revision, apps = node.config.apps.len(), "fleet loaded");
     FleetLoad {
         revision: Some(apps.seen.unwrap_or(apps.revision)),

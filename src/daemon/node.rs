@@ -19,6 +19,9 @@ pub(crate) struct Node {
     pub(crate) keyring: Arc<Keyring>,
     /// AppProjects from the fleet repository, by name (empty until the fleet is read).
     pub(crate) projects: BTreeMap<String, Project>,
+    /// What was wrong when the fleet was read: Applications left out and why, an unreachable
+    /// repository. The status shows them.
+    pub(crate) fleet_problems: Vec<String>,
 }
 
 impl Node {
@@ -44,6 +47,7 @@ impl Node {
             config,
             keyring: Arc::new(keyring),
             projects: BTreeMap::new(),
+            fleet_problems: Vec::new(),
         })
     }
 }

@@ -197,12 +197,14 @@ impl SyncContext {
             config,
             keyring,
             projects,
+            fleet_problems,
         } = node;
         let store = StateStore::new(&config.state_dir);
         // The first read of each state: a damaged file is reported here, once, as it is
         // set aside.
         let board = Arc::new(StatusBoard::new(
             &config,
+            &fleet_problems,
             metrics.clone(),
             publisher.map(crate::report::publisher::forward),
             |app| load_or_blank(&store, &metrics, app).unwrap_or_default(),

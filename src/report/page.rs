@@ -90,8 +90,16 @@ pub(crate) fn render(doc: &StatusDocument, now: u64) -> String {
             message = escape(&a.message),
         );
     }
+    html.push_str("</tbody></table>");
+    if !node.fleet_problems.is_empty() {
+        html.push_str("<h2>Fleet problems</h2><ul>");
+        for problem in &node.fleet_problems {
+            let _ = write!(html, "<li class=\"msg\">{}</li>", escape(problem));
+        }
+        html.push_str("</ul>");
+    }
     html.push_str(
-        "</tbody></table><h2>Recent events</h2><table><thead><tr><th>When</th>\
+        "<h2>Recent events</h2><table><thead><tr><th>When</th>\
                    <th>App</th><th>Event</th><th>Revision</th><th>Message</th></tr></thead><tbody>",
     );
     if doc.events.is_empty() {
@@ -131,6 +139,7 @@ mod tests {
                 timestamp: 0,
                 apps: vec![],
                 skipped: vec![],
+                fleet_problems: vec![],
             },
             apps: vec![AppStatus {
                 app: "web".into(),

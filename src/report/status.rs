@@ -87,6 +87,10 @@ pub(crate) struct NodeStatus {
     /// Configured apps this node does not run, and why.
     #[serde(default)]
     pub(crate) skipped: Vec<SkippedApp>,
+    /// What is wrong with the fleet: Applications left out (and why), an unreachable fleet
+    /// repository. Empty without a fleet, or when all is well.
+    #[serde(default)]
+    pub(crate) fleet_problems: Vec<String>,
 }
 
 /// One recent event, as the status page and API show it.
@@ -134,6 +138,7 @@ pub(crate) struct StatusBoard {
     node: String,
     labels: BTreeMap<String, String>,
     skipped: Vec<SkippedApp>,
+    fleet_problems: Vec<String>,
     started: Instant,
     apps: Mutex<BTreeMap<String, AppStatus>>,
     metrics: Arc<Metrics>,
@@ -148,6 +153,7 @@ impl StatusBoard {
     /// last known state at once. `states` yields each app's persisted state.
     pub(crate) fn new(
         config: &Config,
+        fleet_problems: &[String],
         metrics: Arc<Metrics>,
         publisher: Option<UpstreamSender>,
         mut states: impl FnMut(&str) -> AppState,
@@ -181,6 +187,10 @@ impl StatusBoard {
             node: config.node.name.clone(),
             labels: config.node.labels.clone(),
             skipped: config.skipped.clone(),
+            fleet_problems: fleet_problems
+                .iter()
+                .map(|p| crate::model::url::redact_text(p))
+                .collect(),
             started: Instant::now(),
             apps: Mutex::new(apps),
             metrics,
@@ -456,6 +466,7 @@ impl StatusBoard {
                     })
                     .collect(),
                 skipped: self.skipped.clone(),
+                fleet_problems: self.fleet_problems.clone(),
             },
             apps,
             events: self
@@ -552,7 +563,7 @@ mod tests {
             "[node]\nname = \"edge-1\"\n[[apps]]\nname = \"web\"\nrepo = \"https://bot:tok@git/x.git\"\n[[apps]]\nname = \"api\"\nrepo = \"https://git/x.git\"\n",
         )
         .unwrap();
-        StatusBoard::new(&config, Arc::new(Metrics::default()), None, |_| {
+        StatusBoard::new(&config, &[], Arc::new(Metrics::default()), None, |_| {
             AppState::default()
         })
     }

@@ -519,7 +519,13 @@ async fn sources_edgesync_cannot_render_fail_and_say_why() {
         "fleet/empty.yaml",
         &application_at("empty", &url, "docs", &ns.name, None),
     );
-    repo.commit("three apps edgesync cannot render");
+    // Refused when read (several sources): not an app, so the node's fleet problems say it.
+    repo.write(
+        "fleet/multi.yaml",
+        &application_at("multi", &url, "plugin", &ns.name, None)
+            .replace("  source:\n    repoURL:", "  sources:\n  - repoURL:"),
+    );
+    repo.commit("four apps edgesync cannot render");
     let config = fleet_config(&url, "1s");
     let agent = Agent::start(&config);
     for (app, says) in [
@@ -544,6 +550,12 @@ async fn sources_edgesync_cannot_render_fail_and_say_why() {
         table.contains("Jsonnet") && table.contains("argocd-vault-plugin"),
         "{table}"
     );
+    assert!(
+        table.contains("fleet: ") && table.contains("multi") && table.contains("spec.sources"),
+        "{table}"
+    );
+    let problems = doc["node"]["fleet_problems"].to_string();
+    assert!(problems.contains("multi"), "{problems}");
     for (app, name) in [("jsonnet", "beside-jsonnet"), ("plugin", "beside-plugin")] {
         let namespace = format!("{}-{app}", ns.name);
         assert!(
