@@ -386,6 +386,8 @@ mod tests {
                 waves: vec![0],
                 ignore_differences: Vec::new(),
                 out_of_sync_only: false,
+            hooks: Vec::new(),
+            skipped: Vec::new(),
             },
         }
     }

@@ -30,6 +30,12 @@ pub(crate) trait Cluster: Send + Sync {
         plan: &'a Plan,
     ) -> BoxFuture<'a, Result<DryRun, ObjectFailure>>;
     fn get<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, Result<Option<Value>, CallError>>;
+    /// Creates a resource hook (see [`KubeApplier::create`]).
+    fn create<'a>(
+        &'a self,
+        object: &'a Object,
+        plan: &'a Plan,
+    ) -> BoxFuture<'a, Result<ObjectRef, ObjectFailure>>;
     /// Deletes `object` if it is still `live` (uid and resourceVersion); `Ok(false)` if not.
     fn delete_unchanged<'a>(
         &'a self,
@@ -82,6 +88,14 @@ impl Cluster for KubeApplier {
 
     fn get<'a>(&'a self, object: &'a ObjectRef) -> BoxFuture<'a, Result<Option<Value>, CallError>> {
         Box::pin(KubeApplier::get(self, object))
+    }
+
+    fn create<'a>(
+        &'a self,
+        object: &'a Object,
+        plan: &'a Plan,
+    ) -> BoxFuture<'a, Result<ObjectRef, ObjectFailure>> {
+        Box::pin(KubeApplier::create(self, object, plan))
     }
 
     fn delete_unchanged<'a>(

@@ -163,6 +163,68 @@ impl Cluster for FakeCluster {
         Box::pin(async move { Ok(live) })
     }
 
+    /// A hook: applied as `apply` applies; a `generateName` gets a counter for a name. A Job
+    /// or Pod is finished at once (its status says so), as the test cluster's fake nodes do.
+    fn create<'a>(
+        &'a self,
+        object: &'a Object,
+        plan: &'a Plan,
+    ) -> BoxFuture<'a, Result<ObjectRef, ObjectFailure>> {
+        self.call("create");
+        let mut object = object.clone();
+        if object.name().is_empty() {
+            let prefix = object.value["metadata"]["generateName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let n = lock(&self.world).next_uid + 1;
+            object.value["metadata"]["name"] = json!(format!("{prefix}{n}"));
+        }
+        let failed = lock(&self.refuse).contains(object.name());
+        match object.kind() {
+            "Job" if failed => {
+                object.value.insert("status".into(), json!({"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}], "failed": 1}));
+            }
+            "Job" => {
+                object.value.insert(
+                    "status".into(),
+                    json!({"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}),
+                );
+            }
+            "Pod" => {
+                let phase = if failed { "Failed" } else { "Succeeded" };
+                object
+                    .value
+                    .insert("status".into(), json!({"phase": phase}));
+            }
+            _ => {}
+        }
+        let mut outcome = Outcome::default();
+        // A refused Job is created, and fails; anything else refused is not created.
+        if failed && !matches!(object.kind(), "Job" | "Pod") {
+            let oref = Self::reference(&object, plan.default_namespace.as_deref());
+            return Box::pin(async move {
+                Err(ObjectFailure {
+                    object: oref,
+                    message: "refused by the fake API server".into(),
+                    transient: false,
+                })
+            });
+        }
+        lock(&self.refuse).remove(object.name());
+        self.upsert(&object, plan, &mut outcome);
+        lock(&self.refuse).extend(failed.then(|| object.name().to_string()));
+        let oref = Self::reference(&object, plan.default_namespace.as_deref());
+        let created = outcome.applied.pop();
+        Box::pin(async move {
+            created.ok_or(ObjectFailure {
+                object: oref,
+                message: "not created".into(),
+                transient: false,
+            })
+        })
+    }
+
     fn delete_unchanged<'a>(
         &'a self,
         object: &'a ObjectRef,

@@ -337,40 +337,7 @@ impl KubeApplier {
         plan: &Plan,
         dry_run: bool,
     ) -> Result<(ObjectRef, Value), ObjectFailure> {
-        let default_ns = plan.default_namespace.as_deref();
-        let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());
-        let mut oref = ObjectRef {
-            group: gvk.group.clone(),
-            version: gvk.version.clone(),
-            kind: gvk.kind.clone(),
-            namespace: object.namespace().or(default_ns).map(str::to_string),
-            name: object.name().to_string(),
-        };
-        let (resource, scope) = match self.resource(&gvk).await {
-            Ok(found) => found,
-            Err(e) => {
-                return Err(ObjectFailure {
-                    object: oref,
-                    message: format!(
-                        "the API server has no resource for {} in {}: {}",
-                        gvk.kind,
-                        object.api_version(),
-                        api_message(&e)
-                    ),
-                    transient: is_transient(&e),
-                })
-            }
-        };
-        let mut body = object.value.clone();
-        let Some(api) = self.scoped_api(&resource, scope, &mut oref, &mut body) else {
-            return Err(ObjectFailure {
-                object: oref,
-                message:
-                    "namespaced object has no metadata.namespace and the app sets no namespace"
-                        .into(),
-                transient: false,
-            });
-        };
+        let (oref, gvk, api, body) = self.addressed(object, plan).await?;
         // Git is the source of truth: take ownership of fields other managers hold.
         let mut params = PatchParams::apply(FIELD_MANAGER).force();
         params.dry_run = dry_run;
@@ -406,6 +373,91 @@ impl KubeApplier {
                 })
             }
         }
+    }
+
+    /// Creates a resource hook: applied by name, or, with only `generateName`, created under
+    /// a name the server makes up. Returns what was created.
+    pub(crate) async fn create(
+        &self,
+        object: &Object,
+        plan: &Plan,
+    ) -> Result<ObjectRef, ObjectFailure> {
+        if !object.name().is_empty() {
+            return self.patch(object, plan, false).await.map(|(oref, _)| oref);
+        }
+        let (mut oref, _, api, body) = self.addressed(object, plan).await?;
+        let failed = |oref: &ObjectRef, e: &kube::Error| ObjectFailure {
+            object: oref.clone(),
+            message: api_message(e),
+            transient: is_transient(e),
+        };
+        let dynamic: DynamicObject =
+            serde_json::from_value(Value::Object(body)).map_err(|e| ObjectFailure {
+                object: oref.clone(),
+                message: format!("not an object the API takes: {e}"),
+                transient: false,
+            })?;
+        let params = kube::api::PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let result = api.create(&params, &dynamic).await;
+        self.count("create", &result);
+        let created = result.map_err(|e| failed(&oref, &e))?;
+        oref.name = created.metadata.name.unwrap_or_default();
+        Ok(oref)
+    }
+
+    /// Where `object` goes: its reference, kind, the API for it in its scope, and its body
+    /// with the namespace that scope asks for.
+    async fn addressed(
+        &self,
+        object: &Object,
+        plan: &Plan,
+    ) -> Result<
+        (
+            ObjectRef,
+            GroupVersionKind,
+            Api<DynamicObject>,
+            serde_json::Map<String, Value>,
+        ),
+        ObjectFailure,
+    > {
+        let default_ns = plan.default_namespace.as_deref();
+        let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());
+        let mut oref = ObjectRef {
+            group: gvk.group.clone(),
+            version: gvk.version.clone(),
+            kind: gvk.kind.clone(),
+            namespace: object.namespace().or(default_ns).map(str::to_string),
+            name: object.name().to_string(),
+        };
+        let (resource, scope) = match self.resource(&gvk).await {
+            Ok(found) => found,
+            Err(e) => {
+                return Err(ObjectFailure {
+                    object: oref,
+                    message: format!(
+                        "the API server has no resource for {} in {}: {}",
+                        gvk.kind,
+                        object.api_version(),
+                        api_message(&e)
+                    ),
+                    transient: is_transient(&e),
+                })
+            }
+        };
+        let mut body = object.value.clone();
+        let Some(api) = self.scoped_api(&resource, scope, &mut oref, &mut body) else {
+            return Err(ObjectFailure {
+                object: oref,
+                message:
+                    "namespaced object has no metadata.namespace and the app sets no namespace"
+                        .into(),
+                transient: false,
+            });
+        };
+        Ok((oref, gvk, api, body))
     }
 
     /// The API for `object`'s kind, in its namespace when the kind is namespaced. The version

@@ -8,6 +8,7 @@ pub(crate) mod cluster;
 pub(crate) mod diff;
 #[cfg(test)]
 pub(crate) mod fake;
+pub(crate) mod hooks;
 pub(crate) mod kube;
 
 use std::collections::BTreeSet;
@@ -291,9 +292,30 @@ pub(crate) struct Plan {
     /// Argo CD's `ApplyOutOfSyncOnly=true`: objects a dry run finds unchanged are not sent.
     #[serde(default)]
     pub(crate) out_of_sync_only: bool,
+    /// Resource hooks, in wave order: run in their phases, never part of `objects`.
+    #[serde(default)]
+    pub(crate) hooks: Vec<hooks::Hook>,
+    /// Objects of the render that are not applied at all, and why (`Skip`, Helm tests).
+    #[serde(default)]
+    pub(crate) skipped: Vec<String>,
 }
 
 impl Plan {
+    /// Where a namespaced `object` of this plan lives, by name: in its namespace or the
+    /// app's (hooks are Jobs and Pods).
+    pub(crate) fn reference(&self, object: &Object) -> ObjectRef {
+        ObjectRef {
+            group: object.group().to_string(),
+            version: object.version().to_string(),
+            kind: object.kind().to_string(),
+            namespace: object
+                .namespace()
+                .or(self.default_namespace.as_deref())
+                .map(str::to_string),
+            name: object.name().to_string(),
+        }
+    }
+
     /// The objects grouped by wave, lowest first: `(wave, objects)`.
     pub(crate) fn by_wave(&self) -> Vec<(i64, &[Object])> {
         let mut out: Vec<(i64, &[Object])> = Vec::new();
@@ -361,6 +383,22 @@ impl Plan {
             }
         }
         keep
+    }
+
+    /// A plan of only the namespace `create_namespace` adds, which exists before any hook
+    /// runs (as Argo CD creates it first); `None` without one.
+    pub(crate) fn namespace_first(&self) -> Option<Plan> {
+        let namespace = self
+            .objects
+            .iter()
+            .find(|o| o.origin == CREATED_NAMESPACE)?;
+        Some(Plan {
+            objects: vec![namespace.clone()],
+            waves: vec![0],
+            hooks: Vec::new(),
+            skipped: Vec::new(),
+            ..self.clone()
+        })
     }
 
     /// The namespace `create_namespace` added, if any: applied, but not owned by the app.
@@ -459,6 +497,22 @@ impl Plan {
     }
 }
 
+/// Marks `object` as the app's ([`APP_ANNOTATION`]).
+fn annotate(object: &mut Object, app: &str) {
+    let Some(meta) = object.metadata_mut() else {
+        return;
+    };
+    let annotations = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !annotations.is_object() {
+        *annotations = Value::Object(Default::default());
+    }
+    if let Value::Object(a) = annotations {
+        a.insert(APP_ANNOTATION.into(), Value::String(app.into()));
+    }
+}
+
 /// Orders `manifests` for application and refuses duplicates. When `create_namespace` is set
 /// and the app does not define its namespace itself, a Namespace object is added first.
 pub(crate) fn plan(
@@ -467,7 +521,16 @@ pub(crate) fn plan(
     create_namespace: bool,
     manifests: Manifests,
 ) -> Result<Plan, ApplyError> {
-    let mut objects = manifests.objects;
+    let mut objects = Vec::new();
+    let mut hooks = Vec::new();
+    let mut skipped = Vec::new();
+    for object in manifests.objects {
+        match hooks::role(&object, sync_wave(&object)?)? {
+            hooks::Role::Resource => objects.push(object),
+            hooks::Role::Hook(hook) => hooks.push(hook),
+            hooks::Role::Skipped(why) => skipped.push(format!("{}: {why}", object.display_name())),
+        }
+    }
     check_duplicates(&objects, default_namespace)?;
     if let (true, Some(ns)) = (create_namespace, default_namespace) {
         let defined = objects
@@ -517,24 +580,25 @@ pub(crate) fn plan(
     });
     let (waves, mut objects): (Vec<i64>, Vec<Object>) = order.into_iter().unzip();
     for object in &mut objects {
-        let Some(meta) = object.metadata_mut() else {
-            continue;
-        };
-        let annotations = meta
-            .entry("annotations")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if !annotations.is_object() {
-            *annotations = Value::Object(Default::default());
-        }
-        if let Value::Object(a) = annotations {
-            a.insert(APP_ANNOTATION.into(), Value::String(app.into()));
-        }
+        annotate(object, app);
     }
+    for hook in &mut hooks {
+        annotate(&mut hook.object, app);
+    }
+    hooks.sort_by(|a, b| {
+        (a.wave, kind_rank(a.object.kind()), a.object.name()).cmp(&(
+            b.wave,
+            kind_rank(b.object.kind()),
+            b.object.name(),
+        ))
+    });
     Ok(Plan {
         app: app.to_string(),
         default_namespace: default_namespace.map(str::to_string),
         objects,
         waves,
+        hooks,
+        skipped,
         ignore_differences: Vec::new(),
         out_of_sync_only: false,
     })

@@ -150,7 +150,8 @@ impl SyncContext {
         if let Some(ns) = &app.namespace {
             project.check_destination(ns)?;
         }
-        for object in plan.rendered_objects() {
+        let hooks = plan.hooks.iter().map(|h| &h.object);
+        for object in plan.rendered_objects().chain(hooks) {
             let refused = |unknown_scope: bool| {
                 move |e: Denied| {
                     SyncError::Policy(Denied::Object {
@@ -253,31 +254,23 @@ impl SyncContext {
     }
 }
 
-/// Objects of the render that Argo CD would run as resource hooks (`argocd.argoproj.io/hook`,
-/// or Helm's `helm.sh/hook` as Argo CD maps it): edgesync does not run hooks yet and applies
-/// them as ordinary objects, which the app's status says rather than hiding it.
+/// What of the render's hooks edgesync does not run: `PostDelete` hooks (run when an app is
+/// deleted, which edgesync does not do yet) are named in the app's warnings, never dropped
+/// silently.
 pub(super) fn hook_warnings(plan: &apply::Plan) -> Vec<String> {
-    let hooks: Vec<String> = plan
-        .rendered_objects()
-        .filter(|o| {
-            let annotations = o.value.get("metadata").and_then(|m| m.get("annotations"));
-            ["argocd.argoproj.io/hook", "helm.sh/hook"]
-                .iter()
-                .any(|key| annotations.and_then(|a| a.get(*key)).is_some())
-        })
-        .map(|o| o.display_name())
+    let unrun: Vec<String> = plan
+        .hooks
+        .iter()
+        .filter(|h| h.phases == [crate::apply::hooks::HookPhase::PostDelete])
+        .map(|h| h.object.display_name())
         .collect();
-    if hooks.is_empty() {
+    if unrun.is_empty() {
         return Vec::new();
     }
-    tracing::warn!(
-        count = hooks.len(),
-        "resource hooks applied as ordinary objects: {}",
-        hooks.join(", ")
-    );
+    tracing::warn!(hooks = %unrun.join(", "), "PostDelete hooks are not run");
     vec![format!(
-        "{} resource hooks are applied as ordinary objects, not run as hooks (edgesync does not run hooks yet): {}",
-        hooks.len(),
-        hooks.join(", ")
+        "{} PostDelete hooks are not run (edgesync does not run hooks when an app is deleted yet): {}",
+        unrun.len(),
+        unrun.join(", ")
     )]
 }

@@ -462,6 +462,8 @@ fn a_crd_in_the_plan_gives_its_kinds_their_scope() {
         default_namespace: None,
         ignore_differences: Vec::new(),
         out_of_sync_only: false,
+    hooks: Vec::new(),
+    skipped: Vec::new(),
     };
     assert_eq!(
         super::checks::plan_scope(&plan, "example.com", "Gadget"),
@@ -638,22 +640,78 @@ async fn the_created_namespace_carries_the_managed_namespace_metadata() {
     assert_eq!(live["metadata"]["annotations"]["owner"], "ops", "{live}");
 }
 
+fn job(name: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  {name}\n  annotations:\n{annotations}spec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{{name: m, image: busybox}}]\n"
+    )
+}
+
 #[tokio::test]
-async fn resource_hooks_applied_as_ordinary_objects_are_said_so() {
+async fn hooks_run_in_their_phase_and_are_not_the_apps_objects() {
     let e = Engine::new(&[PRUNING]);
     e.write("app/a.yaml", &cm("a", "1"));
     e.write(
         "app/migrate.yaml",
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: migrate\n  annotations:\n    argocd.argoproj.io/hook: PreSync\n",
+        &job("name: migrate", "    argocd.argoproj.io/hook: PreSync\n"),
+    );
+    e.write(
+        "app/notify.yaml",
+        &job(
+            "generateName: notify-",
+            "    argocd.argoproj.io/hook: PostSync\n    argocd.argoproj.io/hook-delete-policy: HookSucceeded\n",
+        ),
+    );
+    e.write(
+        "app/cleanup.yaml",
+        &job("name: cleanup", "    argocd.argoproj.io/hook: SyncFail\n"),
     );
     e.sync("web", &e.commit()).await.unwrap();
-    let doc = e.ctx.board.document();
-    let web = doc.apps.iter().find(|a| a.app == "web").unwrap();
+    assert!(e.exists("ConfigMap", "a"));
+    assert!(e.exists("Job", "migrate"), "the PreSync hook ran");
     assert!(
-        web.warnings
-            .iter()
-            .any(|w| w.contains("hooks") && w.contains("migrate")),
-        "{:?}",
-        web.warnings
+        !e.exists("Job", "cleanup"),
+        "no SyncFail hook without a failure"
     );
+    // The PostSync hook got a generated name, and went once it succeeded.
+    assert_eq!(e.cluster.count("create"), 2);
+    assert!(!e
+        .cluster
+        .names("Job")
+        .iter()
+        .any(|n| n.starts_with("notify-")));
+    let state = e.ctx.store.load("web").unwrap();
+    let owned: Vec<&str> = state.objects.iter().map(|o| o.kind.as_str()).collect();
+    assert!(
+        !owned.contains(&"Job"),
+        "hooks are not the app's objects: {owned:?}"
+    );
+
+    // A failing PreSync hook stops the sync before anything is applied, and runs SyncFail.
+    e.write("app/a.yaml", &cm("a", "2"));
+    e.cluster.refuse.lock().unwrap().insert("migrate".into());
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(err.to_string().contains("PreSync hook"), "{err}");
+    assert!(e.exists("Job", "cleanup"), "the SyncFail hook ran");
+    let live = e.cluster.live(&cm_ref("team", "a")).unwrap();
+    assert_eq!(
+        live["data"]["v"], "1",
+        "nothing applied after a failed PreSync hook"
+    );
+}
+
+#[tokio::test]
+async fn helm_test_hooks_and_skipped_objects_are_not_applied() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write(
+        "app/test.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: test\n  annotations:\n    helm.sh/hook: test\n",
+    );
+    e.write(
+        "app/skip.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: skip\n  annotations:\n    argocd.argoproj.io/hook: Skip\n",
+    );
+    e.sync("web", &e.commit()).await.unwrap();
+    assert!(e.exists("ConfigMap", "a"));
+    assert!(!e.exists("ConfigMap", "test") && !e.exists("ConfigMap", "skip"));
 }

@@ -10,6 +10,7 @@ mod drift;
 mod engine_tests;
 mod fleet;
 mod health;
+mod hooks;
 pub(crate) mod node;
 mod prune;
 mod removal;

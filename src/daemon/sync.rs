@@ -9,6 +9,7 @@ use super::checks::{windows_of, ClaimKey};
 use super::node::Node;
 use super::retry;
 pub(crate) use super::target::Target;
+use crate::apply::hooks::HookPhase;
 use crate::apply::{self, ApplyError, Cluster, KubeApplier};
 use crate::config::{AppConfig, Config};
 use crate::metrics::Metrics;
@@ -36,6 +37,8 @@ pub(crate) enum SyncError {
     Signature(#[from] crate::signature::VerifyError),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error(transparent)]
+    Hook(#[from] super::hooks::HookFailed),
     #[error("the app has no local state and its inventory in the cluster cannot be read, so nothing is applied until it can: {0}")]
     Inventory(apply::kube::CallError),
     #[error("internal error: {0}")]
@@ -76,6 +79,7 @@ impl SyncError {
             SyncError::Policy(_) => ErrorKind::Policy,
             SyncError::Signature(_) => ErrorKind::Signature,
             SyncError::Conflict(_) => ErrorKind::Conflict,
+            SyncError::Hook(_) => ErrorKind::Hook,
             SyncError::Inventory(_) => ErrorKind::Inventory,
             SyncError::Internal(_) => ErrorKind::Internal,
         }
@@ -89,6 +93,9 @@ const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 fn wave_timeout(app: &AppConfig) -> std::time::Duration {
     app.health_timeout.unwrap_or(DEFAULT_WAVE_TIMEOUT)
 }
+
+/// How long the namespace hooks run in may take to be created.
+const NAMESPACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often a held app looks at its sync windows again, at most.
 const WINDOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
@@ -420,7 +427,7 @@ impl SyncContext {
         // A render with no objects is a broken generator, an emptied directory or a source
         // edgesync cannot render, far more often than intent (Argo CD's allowEmpty): it would
         // report Synced with nothing applied, and with prune on delete the whole app.
-        if !app.allow_empty && plan.rendered() == 0 {
+        if !app.allow_empty && plan.rendered() == 0 && plan.hooks.is_empty() {
             return self
                 .failed(app, &mut state, ApplyError::EmptyRender.into())
                 .await;
@@ -432,6 +439,16 @@ impl SyncContext {
             return self.failed(app, &mut state, e).await;
         }
         let mut warnings = super::checks::hook_warnings(&plan);
+        if let Err(e) = self.before_hooks(&plan).await {
+            return self.failed(app, &mut state, e.into()).await;
+        }
+        if let Err(e) = self
+            .run_hooks(&plan, HookPhase::PreSync, wave_timeout(app))
+            .await
+        {
+            self.sync_failed_hooks(app, &plan).await;
+            return self.failed(app, &mut state, e.into()).await;
+        }
         let record = RenderRecord {
             revision: sha.to_string(),
             saved_at: unix_now(),
@@ -441,8 +458,18 @@ impl SyncContext {
         self.metrics.sync_duration(&app.name, started.elapsed());
         let total = match applied {
             Ok(total) => total,
-            Err(e) => return self.failed(app, &mut state, e.into()).await,
+            Err(e) => {
+                self.sync_failed_hooks(app, &record.plan).await;
+                return self.failed(app, &mut state, e.into()).await;
+            }
         };
+        for phase in [HookPhase::Sync, HookPhase::PostSync] {
+            if let Err(e) = self.run_hooks(&record.plan, phase, wave_timeout(app)).await {
+                // The objects are applied and recorded; the sync still failed, as in Argo CD.
+                self.sync_failed_hooks(app, &record.plan).await;
+                return self.failed(app, &mut state, e.into()).await;
+            }
+        }
         self.board.synced(&app.name, &state, None);
         self.save_inventory(app, &state).await;
         self.save_state(&app.name, &state).await?;
@@ -452,6 +479,29 @@ impl SyncContext {
             revision: sha.to_string(),
             objects: total,
         })
+    }
+
+    /// What hooks need in place before they run: the namespace `create_namespace` adds.
+    async fn before_hooks(&self, plan: &apply::Plan) -> Result<(), ApplyError> {
+        if plan.hooks.is_empty() {
+            return Ok(());
+        }
+        let Some(namespace) = plan.namespace_first() else {
+            return Ok(());
+        };
+        let outcome = self.cluster.apply(&namespace, NAMESPACE_TIMEOUT).await;
+        outcome.into_result().map(|_| ()).map_err(|(_, e)| e)
+    }
+
+    /// A sync failed: its `SyncFail` hooks run; their own failure is only logged.
+    async fn sync_failed_hooks(&self, app: &AppConfig, plan: &apply::Plan) {
+        if let Err(e) = self
+            .run_hooks(plan, HookPhase::SyncFail, wave_timeout(app))
+            .await
+        {
+            self.metrics.error(crate::metrics::ErrorKind::Hook);
+            tracing::warn!(app = %app.name, "{e}");
+        }
     }
 
     /// `rollback = "auto"`: the app went Degraded (`reason`) at a revision that was never

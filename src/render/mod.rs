@@ -350,9 +350,22 @@ fn into_objects(
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if name.is_empty() {
+    let meta = map.get("metadata");
+    let generated = meta
+        .and_then(|m| m.get("generateName"))
+        .and_then(Value::as_str)
+        .is_some_and(|g| !g.is_empty());
+    let hook = meta
+        .and_then(|m| m.get("annotations"))
+        .and_then(Value::as_object)
+        .is_some_and(|a| {
+            a.contains_key("argocd.argoproj.io/hook") || a.contains_key("helm.sh/hook")
+        });
+    // A resource hook may be created under a generated name, as in Argo CD; anything else is
+    // applied by name (server-side apply needs one).
+    if name.is_empty() && !(generated && hook) {
         return Err(invalid(format!(
-            "{kind} has no metadata.name (generateName is not supported with server-side apply)"
+            "{kind} has no metadata.name (generateName works only for resource hooks, which are created rather than applied)"
         )));
     }
     out.push(Object {

@@ -11,6 +11,7 @@ mod git_http;
 mod git_revisions;
 mod git_ssh;
 mod helm;
+mod hooks;
 mod hostile;
 mod install;
 mod kustomize;
