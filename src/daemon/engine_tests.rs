@@ -715,3 +715,19 @@ async fn helm_test_hooks_and_skipped_objects_are_not_applied() {
     assert!(e.exists("ConfigMap", "a"));
     assert!(!e.exists("ConfigMap", "test") && !e.exists("ConfigMap", "skip"));
 }
+
+#[tokio::test]
+async fn a_render_emptied_down_to_its_hooks_prunes_nothing() {
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.remove("app/a.yaml");
+    e.write(
+        "app/migrate.yaml",
+        &job("name: migrate", "    argocd.argoproj.io/hook: PreSync\n"),
+    );
+    let err = e.sync("web", &e.commit()).await.unwrap_err();
+    assert!(err.to_string().contains("no objects"), "{err}");
+    assert!(e.exists("ConfigMap", "a"));
+    assert_eq!(e.cluster.count("create"), 0, "no hook ran");
+}

@@ -427,7 +427,10 @@ impl SyncContext {
         // A render with no objects is a broken generator, an emptied directory or a source
         // edgesync cannot render, far more often than intent (Argo CD's allowEmpty): it would
         // report Synced with nothing applied, and with prune on delete the whole app.
-        if !app.allow_empty && plan.rendered() == 0 && plan.hooks.is_empty() {
+        // A render of hooks only is an app of hooks, unless the app had objects: then it is
+        // an emptied render, and pruning would delete them all.
+        let only_hooks = !plan.hooks.is_empty() && state.objects.is_empty();
+        if !app.allow_empty && plan.rendered() == 0 && !only_hooks {
             return self
                 .failed(app, &mut state, ApplyError::EmptyRender.into())
                 .await;
