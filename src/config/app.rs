@@ -180,6 +180,13 @@ impl Config {
                 None => accepted.push(app),
             }
         }
+        let fallback = self
+            .fleet
+            .as_ref()
+            .and_then(|f| f.kustomize_fallback.clone());
+        for app in &mut accepted {
+            app.kustomize_fallback = fallback.clone();
+        }
         let (run, skipped) = for_this_node(accepted, &self.node.labels);
         self.apps.extend(run);
         self.skipped.extend(skipped);

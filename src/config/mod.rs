@@ -108,6 +108,11 @@ pub(crate) struct FleetConfig {
     pub(crate) revision: String,
     #[serde(default = "default_path")]
     pub(crate) path: String,
+    /// The `kustomize_fallback` of every fleet app (an Application cannot name a command the
+    /// node runs): builds kustomizations the native engine refuses, within what each app's
+    /// AppProject allows it to fetch.
+    #[serde(default)]
+    pub(crate) kustomize_fallback: Option<String>,
 }
 
 /// Logging defaults; `--log-level`, `--log-format` and `RUST_LOG` override them.
@@ -451,6 +456,39 @@ mod tests {
         }
         // Host names with '_' are fine: the inventory ConfigMap name is sanitized.
         parse("[node]\nname = \"edge_box-7\"\n").unwrap();
+    }
+
+    #[test]
+    fn fleet_apps_are_checked_targeted_and_get_the_fleets_fallback() {
+        let mut cfg = parse(
+            "[node]\nname = \"edge\"\nlabels = { site = \"plant-7\" }\n\n[fleet]\nrepo = \"https://git.example.com/fleet.git\"\nkustomize_fallback = \"kubectl kustomize\"\n\n[[apps]]\nname = \"local\"\nrepo = \"https://git.example.com/a.git\"\n",
+        )
+        .unwrap();
+        let app = |name: &str, selector: Option<&str>| {
+            let mut a = cfg.apps[0].clone();
+            a.name = name.into();
+            a.node_selector = selector.map(str::to_string);
+            a
+        };
+        let (web, elsewhere, clash) = (
+            app("web", None),
+            app("far", Some("site=plant-9")),
+            app("local", None),
+        );
+        let problems = cfg.add_fleet_apps(vec![web, elsewhere, clash]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("local"), "{problems:?}");
+        let web = cfg.app("web").unwrap();
+        assert_eq!(web.kustomize_fallback.as_deref(), Some("kubectl kustomize"));
+        assert!(cfg.app("local").unwrap().kustomize_fallback.is_none());
+        assert_eq!(cfg.skipped[0].app, "far");
+        let empty = parse(
+            "[fleet]\nrepo = \"https://git.example.com/fleet.git\"\nkustomize_fallback = \" \"\n",
+        );
+        assert!(empty
+            .unwrap_err()
+            .to_string()
+            .contains("fleet.kustomize_fallback"));
     }
 
     #[test]

@@ -272,6 +272,12 @@ impl Checker<'_> {
         if let Err(msg) = check_relative_path(&f.path) {
             self.push(&span, "fleet.path", msg);
         }
+        if f.kustomize_fallback
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            self.push(&span, "fleet.kustomize_fallback", "must name a command");
+        }
     }
 
     fn app(&mut self, i: usize, app: &Spanned<AppConfig>, names: &mut HashSet<String>) {
