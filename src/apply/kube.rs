@@ -359,7 +359,12 @@ impl KubeApplier {
         .await;
         match result {
             Ok(answer) => {
-                let answer = serde_json::to_value(answer).unwrap_or(Value::Null);
+                let mut answer = serde_json::to_value(answer).unwrap_or(Value::Null);
+                if !dry_run {
+                    if let Some(adopted) = self.adopt(&api, &oref, &params, &body, &answer).await {
+                        answer = adopted;
+                    }
+                }
                 Ok((oref, answer))
             }
             Err(e) => {
@@ -373,6 +378,40 @@ impl KubeApplier {
                 })
             }
         }
+    }
+
+    /// Takes over an object that Argo CD (or `kubectl apply`) applied client-side, as
+    /// `kubectl apply --server-side` migrates it: the fields those managers hold become
+    /// edgesync's, so the next apply removes what Git no longer has instead of leaving it
+    /// owned by a tool that is gone. Then applies again. Returns the new answer; `None` when
+    /// there was nothing to take over, or the takeover failed (logged; the apply stands).
+    async fn adopt(
+        &self,
+        api: &Api<DynamicObject>,
+        oref: &ObjectRef,
+        params: &PatchParams,
+        body: &Value,
+        answer: &Value,
+    ) -> Option<Value> {
+        let fields = answer.pointer("/metadata/managedFields")?.as_array()?;
+        let migrated = super::adopt::migrate_managed_fields(fields, FIELD_MANAGER)?;
+        let resource_version = answer.pointer("/metadata/resourceVersion")?.clone();
+        // The resourceVersion makes it conditional: a change in between fails it.
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": resource_version,
+            "managedFields": migrated,
+        }});
+        let plain = PatchParams::default();
+        let migrated = api.patch(&oref.name, &plain, &Patch::Merge(&patch)).await;
+        self.count("patch", &migrated);
+        if let Err(e) = migrated {
+            tracing::warn!(object = %oref, "cannot take over the fields Argo CD or kubectl applied: {}", api_message(&e));
+            return None;
+        }
+        tracing::info!(object = %oref, "took over the fields Argo CD or kubectl applied client-side");
+        let again = api.patch(&oref.name, params, &Patch::Apply(body)).await;
+        self.count("patch", &again);
+        again.ok().and_then(|a| serde_json::to_value(a).ok())
     }
 
     /// Creates a resource hook: applied by name, or, with only `generateName`, created under

@@ -4,6 +4,7 @@
 //! Ordering and inventory bookkeeping are pure and live here; talking to the API server is
 //! confined to [`kube`](self::kube).
 
+pub(crate) mod adopt;
 pub(crate) mod cluster;
 pub(crate) mod diff;
 #[cfg(test)]

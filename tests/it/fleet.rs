@@ -623,3 +623,66 @@ spec:
     );
     assert!(agent.stop().await.success());
 }
+
+/// Taking over from Argo CD: an object its controller applied client-side is adopted in place
+/// (same uid), and a field Git no longer has is removed rather than left owned by Argo CD.
+#[tokio::test]
+async fn objects_argo_cd_applied_are_taken_over_in_place() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let ns = TestNamespace::reserve("takeover").await;
+    let client = crate::harness::cluster::cluster().client().await;
+    let target = format!("{}-web", ns.name);
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let by_argo = kube::api::PostParams {
+        field_manager: Some("argocd-controller".into()),
+        ..Default::default()
+    };
+    let namespace: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": target}})).unwrap();
+    namespaces.create(&by_argo, &namespace).await.unwrap();
+    let configmaps: kube::Api<ConfigMap> = kube::Api::namespaced(client, &target);
+    let applied_by_argo: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "settings", "labels": {"app.kubernetes.io/instance": "web"}},
+        "data": {"kept": "1", "dropped": "old"}
+    }))
+    .unwrap();
+    let before = configmaps.create(&by_argo, &applied_by_argo).await.unwrap();
+
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write(
+        "app/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  kept: \"1\"\n",
+    );
+    repo.write(
+        "fleet/web.yaml",
+        &application_at("web", &url, "app", &ns.name, None),
+    );
+    let sha = repo.commit("the app Argo CD ran");
+    let config = fleet_config(&url, "1s");
+    let agent = Agent::start(&config);
+    config.wait_applied("web", &sha).await;
+    let after = configmaps.get("settings").await.unwrap();
+    assert_eq!(
+        after.metadata.uid, before.metadata.uid,
+        "adopted, not recreated"
+    );
+    let data = after.data.unwrap_or_default();
+    assert_eq!(data.get("kept").map(String::as_str), Some("1"));
+    assert!(
+        !data.contains_key("dropped"),
+        "a field Git dropped stayed: {data:?}"
+    );
+    let managers: Vec<String> = after
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        !managers.iter().any(|m| m == "argocd-controller"),
+        "{managers:?}"
+    );
+    assert!(agent.stop().await.success());
+}
