@@ -38,6 +38,7 @@ pub(super) fn helm_request(config: &Config, app: &AppConfig) -> render::helm::He
         binary: config.helm.binary.clone().unwrap_or_else(|| "helm".into()),
         kube_version: None,
         api_versions: Vec::new(),
+        dependency_cache: Some(config.state_dir.join("chart-dependencies")),
     }
 }
 

@@ -26,6 +26,8 @@ pub(crate) struct HelmRequest {
     /// for `.Capabilities`; helm's built-in defaults when unknown.
     pub(crate) kube_version: Option<String>,
     pub(crate) api_versions: Vec<String>,
+    /// Where built chart dependencies are kept (`None`: built every time, kept nowhere).
+    pub(crate) dependency_cache: Option<PathBuf>,
 }
 
 pub(crate) fn is_chart(dir: &Path) -> bool {
@@ -61,13 +63,30 @@ pub(crate) fn template(
         )));
     }
     let scratch = tempfile::tempdir().map_err(|e| fail(format!("no temporary directory: {e}")))?;
+    let env = [
+        ("HELM_CONFIG_HOME", scratch.path().join("config")),
+        ("HELM_CACHE_HOME", scratch.path().join("cache")),
+        ("HELM_DATA_HOME", scratch.path().join("data")),
+    ];
+    let missing = super::helm_deps::missing(dir).map_err(&fail)?;
+    let chart = if missing.is_empty() {
+        dir.to_path_buf()
+    } else {
+        super::helm_deps::build(
+            dir,
+            scratch.path(),
+            &req.binary,
+            &env,
+            &missing,
+            req.dependency_cache.as_deref(),
+        )
+        .map_err(&fail)?
+    };
     let mut cmd = Command::new(&req.binary);
-    cmd.arg("template")
-        .arg("--skip-tests")
-        .current_dir(dir)
-        .env("HELM_CONFIG_HOME", scratch.path().join("config"))
-        .env("HELM_CACHE_HOME", scratch.path().join("cache"))
-        .env("HELM_DATA_HOME", scratch.path().join("data"));
+    cmd.arg("template").arg("--skip-tests").current_dir(&chart);
+    for (key, value) in &env {
+        cmd.env(key, value);
+    }
     // Every value joined to its flag (`--flag=value`), and `--` before the positionals, so no
     // value from Git is ever read as a flag of its own.
     if let Some(ns) = &req.namespace {
@@ -96,7 +115,7 @@ pub(crate) fn template(
     for (name, value) in &req.options.parameters {
         cmd.arg(format!("--set={name}={value}"));
     }
-    cmd.arg("--").arg(release).arg(dir);
+    cmd.arg("--").arg(release).arg(&chart);
     let output = super::process::run(cmd, super::process::TIMEOUT, super::process::MAX_OUTPUT)
         .map_err(|e| match e {
             super::process::RunError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -248,6 +267,7 @@ mod tests {
             binary: PathBuf::from("helm"),
             kube_version: None,
             api_versions: Vec::new(),
+            dependency_cache: None,
         };
         let values = given_values(&root, &root.join("chart"), &req);
         use base64::Engine;
@@ -315,6 +335,7 @@ mod tests {
             binary: PathBuf::from("/nonexistent/helm"),
             kube_version: None,
             api_versions: Vec::new(),
+            dependency_cache: None,
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()
@@ -339,6 +360,7 @@ mod tests {
             binary: PathBuf::from("/nonexistent/helm"),
             kube_version: None,
             api_versions: Vec::new(),
+            dependency_cache: None,
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()

@@ -6,6 +6,7 @@
 
 mod directory;
 pub(crate) mod helm;
+mod helm_deps;
 pub(crate) mod kustomize;
 pub(crate) mod process;
 pub(crate) mod substitute;
@@ -241,6 +242,7 @@ pub(crate) fn render_with(
             binary: "helm".into(),
             kube_version: None,
             api_versions: Vec::new(),
+            dependency_cache: None,
         });
         return helm::template(root, &dir, &request);
     }
@@ -425,6 +427,7 @@ mod tests {
                 binary: "/nonexistent/helm".into(),
                 kube_version: None,
                 api_versions: Vec::new(),
+                dependency_cache: None,
             }),
             ..Default::default()
         };

@@ -312,3 +312,57 @@ async fn charts_see_the_live_clusters_version_and_apis() {
     assert_eq!(data["imaginary"], "false");
     assert!(agent.stop().await.success());
 }
+
+/// An umbrella chart in Git whose dependency lives in a Helm repository (not vendored): built
+/// as Argo CD builds it, applied, and rendered again from the kept dependencies when the
+/// repository is gone.
+#[tokio::test]
+async fn chart_dependencies_are_built_from_their_repository_and_kept() {
+    let ns = TestNamespace::reserve("helmdeps").await;
+    let site = tempfile::tempdir().unwrap();
+    let charts = site.path().join("stable");
+    package_chart(&charts, "0.1.0", "from-dependency");
+    run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    let server = ChartServer::start(site.path(), None).await;
+    let repo = GitRepo::new();
+    repo.write(
+        "umbrella/Chart.yaml",
+        &format!(
+            "apiVersion: v2\nname: umbrella\nversion: 1.0.0\ndependencies:\n  - name: web\n    version: 0.1.x\n    repository: {}\n",
+            server.url("stable")
+        ),
+    );
+    repo.write("umbrella/values.yaml", "web:\n  replicas: 1\n");
+    let sha = repo.commit("umbrella chart");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .section("helm", &format!("binary = \"{}\"", helm().display()))
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"umbrella\"\nrepo = \"{url}\"\npath = \"umbrella\"\nnamespace = \"{}\"\ncreate_namespace = true\nhelm = {{ release_name = \"edge\" }}",
+            ns.name
+        ));
+    let agent = Agent::start(&config);
+    config.wait_applied("umbrella", &sha).await;
+    let data = config_data(&ns, "edge-config").await;
+    assert_eq!(data["greeting"], "from-chart", "the dependency's own values");
+    assert_eq!(data["version"], "0.1.0");
+    assert!(agent.stop().await.success());
+    // The checkout is as Git has it: nothing was built into it.
+    assert!(!repo.path.join("umbrella/charts").exists());
+
+    // A new commit renders with the kept dependency: nothing is downloaded again, so a node
+    // whose chart repository is away renders too.
+    let downloads = server.downloads();
+    assert!(downloads >= 1);
+    repo.write(
+        "umbrella/values.yaml",
+        "web:\n  replicas: 1\n  greeting: offline\n",
+    );
+    let offline = repo.commit("new values while the chart repository is away");
+    let agent = Agent::start(&config);
+    config.wait_applied("umbrella", &offline).await;
+    assert_eq!(config_data(&ns, "edge-config").await["greeting"], "offline");
+    assert_eq!(server.downloads(), downloads, "the dependency was fetched again");
+    assert!(agent.stop().await.success());
+}

@@ -1,0 +1,185 @@
+//! Chart dependencies, as Argo CD builds them: a chart whose `Chart.yaml` lists dependencies
+//! that `charts/` does not hold gets them from `helm dependency build` (each HTTP(S)
+//! repository added first, as Argo CD adds them), in a copy of the chart: the checkout stays
+//! as Git has it. The built archives are kept by the digest of `Chart.yaml` and `Chart.lock`,
+//! so a node offline renders again from what it built before.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The dependencies `chart` lists but does not vendor in `charts/` (by name, or an archive
+/// `<name>-<version>.tgz`); empty when there is nothing to build.
+pub(crate) fn missing(chart: &Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(chart.join("Chart.yaml"))
+        .map_err(|e| format!("cannot read Chart.yaml: {e}"))?;
+    let meta: Value = super::yaml::parse_documents(&text, Path::new("Chart.yaml"))
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .unwrap_or(Value::Null);
+    let mut missing = Vec::new();
+    for dep in meta
+        .get("dependencies")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let text = |key: &str| dep.get(key).and_then(Value::as_str).unwrap_or_default();
+        let (name, repository) = (text("name"), text("repository"));
+        if name.is_empty() {
+            return Err("Chart.yaml: a dependency has no name".into());
+        }
+        let vendored = chart.join("charts").join(name).is_dir()
+            || std::fs::read_dir(chart.join("charts"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    let file = e.file_name().to_string_lossy().to_string();
+                    file.starts_with(&format!("{name}-")) && file.ends_with(".tgz")
+                });
+        if !vendored {
+            missing.push((name.to_string(), repository.to_string()));
+        }
+    }
+    Ok(missing)
+}
+
+/// A copy of `chart` in `work` with its dependencies in `charts/`: from `cache` when built
+/// before, else from `helm dependency build` (kept in `cache` afterwards).
+pub(crate) fn build(
+    chart: &Path,
+    work: &Path,
+    helm: &Path,
+    env: &[(&str, PathBuf)],
+    repositories: &[(String, String)],
+    cache: Option<&Path>,
+) -> Result<PathBuf, String> {
+    let copy = work.join("chart");
+    copy_tree(chart, &copy).map_err(|e| format!("cannot copy the chart to build it: {e}"))?;
+    let key = digest(chart);
+    let cached = cache.map(|c| c.join(&key));
+    if let Some(cached) = cached.as_ref().filter(|c| c.is_dir()) {
+        copy_tree(cached, &copy.join("charts"))
+            .map_err(|e| format!("cannot use the built dependencies: {e}"))?;
+        return Ok(copy);
+    }
+    let run = |args: &[&str]| -> Result<(), String> {
+        let mut cmd = Command::new(helm);
+        cmd.args(args);
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let out = super::process::run(cmd, super::process::TIMEOUT, super::process::MAX_OUTPUT)
+            .map_err(|e| format!("helm {}: {e}", args.first().copied().unwrap_or_default()))?;
+        if out.success {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "helm {} failed: {}",
+            args.join(" "),
+            stderr.trim().chars().take(2000).collect::<String>()
+        ))
+    };
+    // Argo CD adds each HTTP(S) repository the dependencies name; OCI and file:// ones need
+    // no entry.
+    let mut added = Vec::new();
+    for (i, (_, repository)) in repositories.iter().enumerate() {
+        if (repository.starts_with("https://") || repository.starts_with("http://"))
+            && !added.contains(repository)
+        {
+            run(&["repo", "add", "--", &format!("dependency-{i}"), repository])?;
+            added.push(repository.clone());
+        }
+    }
+    let target = copy.to_string_lossy().to_string();
+    run(&["dependency", "build", "--", &target])?;
+    if let Some(cached) = cached {
+        if let Err(e) = keep(&copy.join("charts"), &cached) {
+            tracing::warn!(cache = %cached.display(), "cannot keep the built chart dependencies: {e}");
+        }
+    }
+    Ok(copy)
+}
+
+/// The archives `helm dependency build` wrote, kept under `cached` (written aside, then
+/// renamed into place).
+fn keep(charts: &Path, cached: &Path) -> std::io::Result<()> {
+    let parent = cached.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".deps-")
+        .tempdir_in(parent)?;
+    for entry in std::fs::read_dir(charts)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".tgz") && entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), tmp.path().join(name))?;
+        }
+    }
+    match std::fs::rename(tmp.keep(), cached) {
+        Ok(()) => Ok(()),
+        // Another render kept the same dependencies first.
+        Err(_) if cached.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The digest of what decides the dependencies: `Chart.yaml` and `Chart.lock`.
+fn digest(chart: &Path) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for file in ["Chart.yaml", "Chart.lock"] {
+        hash.update(file.as_bytes());
+        hash.update(std::fs::read(chart.join(file)).unwrap_or_default());
+    }
+    hex::encode(hash.finalize())
+}
+
+/// Copies regular files and directories (the chart holds no symlink leading out of it; one
+/// inside it is copied as what it points to).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let meta = std::fs::metadata(&source)?;
+        if meta.is_dir() {
+            copy_tree(&source, &target)?;
+        } else if meta.is_file() {
+            std::fs::copy(&source, &target)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendored_dependencies_need_no_build() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chart = tmp.path();
+        std::fs::write(
+            chart.join("Chart.yaml"),
+            "apiVersion: v2\nname: app\nversion: 0.1.0\ndependencies:\n  - name: web\n    version: 0.1.0\n    repository: https://charts.example.com\n  - name: db\n    version: 1.0.0\n    repository: oci://registry.example.com/charts\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(chart.join("charts/web")).unwrap();
+        let missing = missing(chart).unwrap();
+        assert_eq!(
+            missing,
+            [(
+                "db".to_string(),
+                "oci://registry.example.com/charts".to_string()
+            )]
+        );
+        std::fs::write(chart.join("charts/db-1.0.0.tgz"), b"x").unwrap();
+        assert!(super::missing(chart).unwrap().is_empty());
+    }
+}
