@@ -345,7 +345,10 @@ async fn chart_dependencies_are_built_from_their_repository_and_kept() {
     let agent = Agent::start(&config);
     config.wait_applied("umbrella", &sha).await;
     let data = config_data(&ns, "edge-config").await;
-    assert_eq!(data["greeting"], "from-chart", "the dependency's own values");
+    assert_eq!(
+        data["greeting"], "from-chart",
+        "the dependency's own values"
+    );
     assert_eq!(data["version"], "0.1.0");
     assert!(agent.stop().await.success());
     // The checkout is as Git has it: nothing was built into it.
@@ -363,6 +366,10 @@ async fn chart_dependencies_are_built_from_their_repository_and_kept() {
     let agent = Agent::start(&config);
     config.wait_applied("umbrella", &offline).await;
     assert_eq!(config_data(&ns, "edge-config").await["greeting"], "offline");
-    assert_eq!(server.downloads(), downloads, "the dependency was fetched again");
+    assert_eq!(
+        server.downloads(),
+        downloads,
+        "the dependency was fetched again"
+    );
     assert!(agent.stop().await.success());
 }
