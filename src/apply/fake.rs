@@ -113,10 +113,16 @@ impl FakeCluster {
             });
             return;
         }
+        self.store(&oref, object);
+        outcome.applied.push(oref);
+    }
+
+    /// Writes `object` at `oref`, keeping its uid if it exists, with a new resourceVersion.
+    fn store(&self, oref: &ObjectRef, object: &Object) {
         let mut world = lock(&self.world);
         world.next_version += 1;
         let version = world.next_version;
-        let uid = match world.objects.get(&oref) {
+        let uid = match world.objects.get(oref) {
             Some(live) => live["metadata"]["uid"].clone(),
             None => {
                 world.next_uid += 1;
@@ -126,9 +132,8 @@ impl FakeCluster {
         let mut value = Value::Object(object.value.clone());
         value["metadata"]["uid"] = uid;
         value["metadata"]["resourceVersion"] = json!(version.to_string());
-        world.objects.remove(&oref);
+        world.objects.remove(oref);
         world.objects.insert(oref.clone(), value);
-        outcome.applied.push(oref);
     }
 }
 
@@ -199,30 +204,19 @@ impl Cluster for FakeCluster {
             }
             _ => {}
         }
-        let mut outcome = Outcome::default();
-        // A refused Job is created, and fails; anything else refused is not created.
-        if failed && !matches!(object.kind(), "Job" | "Pod") {
-            let oref = Self::reference(&object, plan.default_namespace.as_deref());
-            return Box::pin(async move {
-                Err(ObjectFailure {
-                    object: oref,
-                    message: "refused by the fake API server".into(),
-                    transient: false,
-                })
-            });
-        }
-        lock(&self.refuse).remove(object.name());
-        self.upsert(&object, plan, &mut outcome);
-        lock(&self.refuse).extend(failed.then(|| object.name().to_string()));
         let oref = Self::reference(&object, plan.default_namespace.as_deref());
-        let created = outcome.applied.pop();
-        Box::pin(async move {
-            created.ok_or(ObjectFailure {
+        // A refused Job or Pod is created, and fails; anything else refused is not created.
+        let result = if failed && !matches!(object.kind(), "Job" | "Pod") {
+            Err(ObjectFailure {
                 object: oref,
-                message: "not created".into(),
+                message: "refused by the fake API server".into(),
                 transient: false,
             })
-        })
+        } else {
+            self.store(&oref, &object);
+            Ok(oref)
+        };
+        Box::pin(async move { result })
     }
 
     fn delete_unchanged<'a>(

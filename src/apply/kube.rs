@@ -462,15 +462,8 @@ impl KubeApplier {
         ),
         ObjectFailure,
     > {
-        let default_ns = plan.default_namespace.as_deref();
         let gvk = GroupVersionKind::gvk(object.group(), object.version(), object.kind());
-        let mut oref = ObjectRef {
-            group: gvk.group.clone(),
-            version: gvk.version.clone(),
-            kind: gvk.kind.clone(),
-            namespace: object.namespace().or(default_ns).map(str::to_string),
-            name: object.name().to_string(),
-        };
+        let mut oref = plan.reference(object);
         let (resource, scope) = match self.resource(&gvk).await {
             Ok(found) => found,
             Err(e) => {

@@ -302,8 +302,8 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Where a namespaced `object` of this plan lives, by name: in its namespace or the
-    /// app's (hooks are Jobs and Pods).
+    /// Where `object` of this plan lives, by name, before its scope is known: in its
+    /// namespace or the app's (a cluster-scoped kind loses it once discovery says so).
     pub(crate) fn reference(&self, object: &Object) -> ObjectRef {
         ObjectRef {
             group: object.group().to_string(),

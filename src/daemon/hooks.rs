@@ -31,8 +31,7 @@ impl SyncContext {
         plan: &Plan,
         phase: HookPhase,
         timeout: Duration,
-    ) -> Result<usize, HookFailed> {
-        let mut ran = 0;
+    ) -> Result<(), HookFailed> {
         for hook in plan.hooks.iter().filter(|h| h.phases.contains(&phase)) {
             let name = hook.object.display_name();
             tracing::info!(hook = %name, ?phase, "running hook");
@@ -41,7 +40,6 @@ impl SyncContext {
                     if hook.deleted(DeletePolicy::HookSucceeded) {
                         self.delete_hook(&created, timeout).await;
                     }
-                    ran += 1;
                 }
                 Err((created, message)) => {
                     if let (Some(created), true) = (created, hook.deleted(DeletePolicy::HookFailed))
@@ -56,7 +54,7 @@ impl SyncContext {
                 }
             }
         }
-        Ok(ran)
+        Ok(())
     }
 
     /// Creates `hook` and, for a Job or Pod, waits until it finishes. `Err` carries what was
