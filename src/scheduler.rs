@@ -138,7 +138,14 @@ pub(crate) fn route(
     let mut targets: BTreeMap<String, AppSet> = BTreeMap::new();
     let mut repo_known = false;
     for app in &config.apps {
-        if !wanted.is_empty() && !wanted.contains(&repo_key(&app.repo)) {
+        // An app reads its own repository and those of its other sources: a push to any of
+        // them is for the app (its worker is its own repository's).
+        let read: Vec<&str> = app
+            .repositories()
+            .filter(|(url, _)| wanted.is_empty() || wanted.contains(&repo_key(url)))
+            .map(|(_, revision)| revision)
+            .collect();
+        if read.is_empty() {
             continue;
         }
         repo_known = true;
@@ -146,10 +153,12 @@ pub(crate) fn route(
             continue;
         }
         // HEAD and pinned SHAs/tags may be affected by any push: include them.
-        let follows = match (branch, tracked_branch(&app.revision)) {
-            (Some(pushed), Some(tracked)) => pushed == tracked,
-            _ => true,
-        };
+        let follows = read
+            .iter()
+            .any(|revision| match (branch, tracked_branch(revision)) {
+                (Some(pushed), Some(tracked)) => pushed == tracked,
+                _ => true,
+            });
         if follows {
             let apps = targets
                 .entry(app.repo.clone())
@@ -310,6 +319,47 @@ revision = "main"
             t["https://git.example.com/fleet.git"],
             AppSet::only(["pinned", "web"])
         );
+    }
+
+    #[test]
+    fn a_push_to_another_source_of_an_app_syncs_it_through_its_own_repository() {
+        let c = Config::parse(
+            Path::new("/tmp/x/config.toml"),
+            r#"
+[[apps]]
+name = "web"
+repo = "https://charts.example.com/stable"
+chart = "web"
+[[apps.sources]]
+repo = "https://git.example.com/values.git"
+revision = "prod"
+ref = "values"
+"#,
+        )
+        .unwrap();
+        let t = route(
+            &event(
+                Some("https://git.example.com/values.git"),
+                Some("refs/heads/prod"),
+                &[],
+            ),
+            &c,
+        )
+        .unwrap();
+        assert_eq!(
+            t["https://charts.example.com/stable"],
+            AppSet::only(["web"])
+        );
+        assert!(route(
+            &event(
+                Some("https://git.example.com/values.git"),
+                Some("refs/heads/dev"),
+                &[]
+            ),
+            &c
+        )
+        .is_err());
+        assert!(c.is_chart_repository("https://charts.example.com/stable"));
     }
 
     #[test]

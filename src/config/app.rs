@@ -104,12 +104,75 @@ pub(crate) struct AppConfig {
     /// `syncPolicy.managedNamespaceMetadata`).
     #[serde(default)]
     pub(crate) namespace_metadata: Option<options::NamespaceMetadata>,
+    /// More sources of the app (an Argo CD Application's `spec.sources` after the first one
+    /// that renders): each is rendered as the app's own source is, and the objects of all are
+    /// applied as one app; a source with `ref` and no path gives files to `$ref/...` value files.
+    #[serde(default)]
+    pub(crate) sources: Vec<AppSource>,
+}
+
+/// One more source of an app (`[[apps.sources]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AppSource {
+    pub(crate) repo: String,
+    #[serde(default = "super::default_revision")]
+    pub(crate) revision: String,
+    #[serde(default)]
+    pub(crate) chart: Option<String>,
+    /// The directory rendered; none for a source that only gives files to the others (`ref`).
+    #[serde(default)]
+    pub(crate) path: Option<String>,
+    /// The name `$name/...` value files use for this source's checkout.
+    #[serde(default, rename = "ref")]
+    pub(crate) ref_name: Option<String>,
+    #[serde(default)]
+    pub(crate) helm: Option<options::HelmOptions>,
+    #[serde(default)]
+    pub(crate) kustomize: options::Overrides,
+    #[serde(default)]
+    pub(crate) directory: options::DirectoryOptions,
+}
+
+impl AppSource {
+    /// Whether the source is rendered: it has a path or a chart (a `ref` source without them
+    /// only gives files).
+    pub(crate) fn renders(&self) -> bool {
+        self.chart.is_some() || self.path.is_some() || self.ref_name.is_none()
+    }
 }
 
 impl AppConfig {
     /// The value of one of the app's sync options.
     pub(crate) fn sync_option(&self, name: &str) -> Option<&str> {
         sync_policy::sync_option(&self.sync_options, name)
+    }
+
+    /// The app as it renders source `index` of [`AppConfig::sources`]: that source's repository,
+    /// revision, path and renderer options, with the app's name, namespace and policies.
+    pub(crate) fn with_source(&self, index: usize) -> Option<AppConfig> {
+        let source = self.sources.get(index)?;
+        Some(AppConfig {
+            repo: source.repo.clone(),
+            revision: source.revision.clone(),
+            chart: source.chart.clone(),
+            path: source.path.clone().unwrap_or_else(super::default_path),
+            helm: source.helm.clone(),
+            kustomize: source.kustomize.clone(),
+            directory: source.directory.clone(),
+            plugin: None,
+            sources: Vec::new(),
+            ..self.clone()
+        })
+    }
+
+    /// Every repository the app reads: its own and those of its other sources.
+    pub(crate) fn repositories(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::iter::once((self.repo.as_str(), self.revision.as_str())).chain(
+            self.sources
+                .iter()
+                .map(|s| (s.repo.as_str(), s.revision.as_str())),
+        )
     }
 
     /// `create_namespace`, or the sync option `CreateNamespace=true`.
@@ -172,9 +235,9 @@ impl Config {
                 .chain(&accepted)
                 .any(|a: &AppConfig| a.name == app.name)
                 || self.skipped.iter().any(|s| s.app == app.name);
-            let check = validate::check_app(&app).err().or_else(|| {
-                taken.then(|| format!("the name {:?} is already used by another app", app.name))
-            });
+            let check = validate::check_app(&app)
+                .err()
+                .or_else(|| taken.then(|| validate::Invalid::NameTaken(app.name.clone())));
             match check {
                 Some(why) => problems.push(format!("fleet app {}: {why}; left out", app.name)),
                 None => accepted.push(app),

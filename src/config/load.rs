@@ -50,7 +50,7 @@ pub(crate) const CREDENTIAL_ID: &str = "edgesync";
 /// `${CREDENTIALS_DIRECTORY}/NAME` is the credential `NAME` when there is one, and else the
 /// file `NAME` of the packaged unit's directory credential ([`CREDENTIAL_ID`]`_NAME`), so one
 /// config works under the unit and by hand with `CREDENTIALS_DIRECTORY=/etc/edgesync/credentials`.
-pub(crate) fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, String> {
+pub(crate) fn resolve_file(base: &Path, path: &Path) -> Result<PathBuf, Invalid> {
     resolve_file_in(base, path, std::env::var_os(CREDENTIALS_VAR))
 }
 
@@ -58,16 +58,12 @@ pub(super) fn resolve_file_in(
     base: &Path,
     path: &Path,
     credentials: Option<std::ffi::OsString>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, Invalid> {
     let text = path.to_string_lossy();
     for prefix in ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"] {
         if let Some(rest) = text.strip_prefix(prefix) {
-            let dir = credentials.ok_or_else(|| {
-                format!(
-                    "{text} names a systemd credential, but ${CREDENTIALS_VAR} is not set \
-                     (systemd sets it for a unit with LoadCredential=)"
-                )
-            })?;
+            let dir =
+                credentials.ok_or_else(|| Invalid::NoCredentialsDirectory(text.to_string()))?;
             let dir = PathBuf::from(dir);
             let name = rest.trim_start_matches('/');
             let plain = dir.join(name);

@@ -15,11 +15,11 @@ mod load;
 pub(crate) mod options;
 pub(crate) mod sync_policy;
 mod validate;
-pub(crate) use app::{AppConfig, SkippedApp, Substitute};
+pub(crate) use app::{AppConfig, AppSource, SkippedApp, Substitute};
 pub(crate) use load::resolve_file;
 #[cfg(test)]
 use validate::check_repo_url;
-pub(crate) use validate::is_scp_like;
+pub(crate) use validate::{check_dns_label, is_scp_like, Invalid};
 
 pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/config.toml";
 pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
@@ -425,7 +425,10 @@ impl Config {
     /// Whether `url` is a Helm chart repository (or OCI registry) rather than a Git one.
     pub(crate) fn is_chart_repository(&self, url: &str) -> bool {
         crate::model::url::is_oci(url)
-            || self.apps.iter().any(|a| a.repo == url && a.chart.is_some())
+            || self.apps.iter().any(|a| {
+                (a.repo == url && a.chart.is_some())
+                    || a.sources.iter().any(|s| s.repo == url && s.chart.is_some())
+            })
     }
 
     pub(crate) fn app(&self, name: &str) -> Option<&AppConfig> {
@@ -604,7 +607,7 @@ repo = "https://a/b.git"
             Ok(PathBuf::from("/etc/edgesync/token"))
         );
         let err = resolve_file_in(base, Path::new("${CREDENTIALS_DIRECTORY}/x"), None).unwrap_err();
-        assert!(err.contains("LoadCredential="), "{err}");
+        assert!(err.to_string().contains("LoadCredential="), "{err}");
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub(crate) struct HelmOptions {
     /// `--set name=value`, applied last.
     #[serde(default)]
     pub(crate) parameters: BTreeMap<String, String>,
+    /// Leave out value files that do not exist instead of failing (Argo CD's
+    /// `ignoreMissingValueFiles`).
+    #[serde(default)]
+    pub(crate) ignore_missing_value_files: bool,
 }
 
 /// Labels and annotations of the namespace `create_namespace` adds (Argo CD's

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::validate::Invalid;
 use serde::{Deserialize, Serialize};
 
 /// Sync options edgesync understands (Argo CD's `syncPolicy.syncOptions`). Others are refused
@@ -149,16 +150,15 @@ pub(crate) enum Rollback {
 }
 
 /// Checks one `sync_options` entry: `Name=value` with a known name and value.
-pub(crate) fn check_sync_option(option: &str) -> Result<(), String> {
+pub(crate) fn check_sync_option(option: &str) -> Result<(), Invalid> {
     let Some((name, value)) = option.split_once('=') else {
-        return Err(format!("{option:?} is not Name=value"));
+        return Err(Invalid::SyncOptionSyntax(option.to_string()));
     };
     let (name, value) = (name.trim(), value.trim());
     if !KNOWN_SYNC_OPTIONS.contains(&name) {
-        return Err(format!(
-            "unknown sync option {name:?} (known: {})",
-            KNOWN_SYNC_OPTIONS.join(", ")
-        ));
+        return Err(Invalid::UnknownSyncOption {
+            name: name.to_string(),
+        });
     }
     let ok = match name {
         "PrunePropagationPolicy" => ["foreground", "background", "orphan"].contains(&value),
@@ -167,7 +167,10 @@ pub(crate) fn check_sync_option(option: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{option:?}: unsupported value {value:?}"))
+        Err(Invalid::SyncOptionValue {
+            option: option.to_string(),
+            value: value.to_string(),
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 //! all problems are reported at once.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -96,12 +97,12 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn push(&mut self, span: &Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+    fn push(&mut self, span: &Range<usize>, key: impl Into<String>, message: impl fmt::Display) {
         let line = line_at(self.text, span.start);
         self.problems.push(Problem {
             line,
             key: key.into(),
-            message: message.into(),
+            message: message.to_string(),
         });
     }
 
@@ -331,32 +332,123 @@ impl Checker<'_> {
         if let Err((field, msg)) = check_sync_policy(a) {
             self.push(&span, key(field), msg);
         }
+        if let Err((field, msg)) = check_sources(a) {
+            self.push(&span, key(&field), msg);
+        }
     }
+}
+
+/// The app's other sources (`sources`): `(field, problem)` for the first problem.
+fn check_sources(a: &AppConfig) -> Result<(), (String, Invalid)> {
+    let mut refs = HashSet::new();
+    for (i, s) in a.sources.iter().enumerate() {
+        let field = |name: &str| format!("sources[{i}].{name}");
+        let chart_repo = ["https://", "http://", "oci://"]
+            .iter()
+            .any(|p| s.repo.starts_with(p));
+        match &s.chart {
+            Some(chart) if !is_chart_name(chart) => {
+                return Err((field("chart"), Invalid::ChartName(chart.clone())));
+            }
+            Some(_) if !chart_repo => {
+                return Err((field("repo"), Invalid::ChartRepository(s.repo.clone())));
+            }
+            Some(_) => {}
+            None => check_repo_url(&s.repo).map_err(|e| (field("repo"), e))?,
+        }
+        if let Some(path) = &s.path {
+            check_relative_path(path).map_err(|e| (field("path"), e))?;
+        }
+        if let Some(name) = &s.ref_name {
+            check_dns_label(name).map_err(|e| (field("ref"), e))?;
+            if !refs.insert(name) {
+                return Err((field("ref"), Invalid::DuplicateRef(name.clone())));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_chart_name(chart: &str) -> bool {
+    !(chart.is_empty() || chart.contains(['/', '\\', ' ', ':', '@']) || chart.starts_with('.'))
 }
 
 /// The checks of an `[[apps]]` entry, for apps that come from elsewhere (the fleet repo):
 /// the first problem found.
-pub(super) fn check_app(a: &AppConfig) -> Result<(), String> {
+pub(super) fn check_app(a: &AppConfig) -> Result<(), Invalid> {
     check_dns_name(&a.name)?;
-    check_source(a).map_err(|(_, msg)| msg)?;
+    check_source(a).map_err(|(field, message)| Invalid::Field { field, message })?;
     check_relative_path(&a.path)?;
     if let Some(ns) = &a.namespace {
         check_dns_label(ns)?;
     }
     if let Some(selector) = &a.node_selector {
-        crate::model::selector::Selector::parse(selector).map_err(|e| e.to_string())?;
+        crate::model::selector::Selector::parse(selector)?;
     }
     if a.creates_namespace() && a.namespace.is_none() {
-        return Err("CreateNamespace=true needs a destination namespace".into());
+        return Err(Invalid::NamespaceToCreate);
     }
-    check_sync_policy(a).map_err(|(field, msg)| format!("{field}: {msg}"))?;
+    check_sync_policy(a).map_err(|(field, message)| Invalid::Field { field, message })?;
+    check_sources(a).map_err(|(field, source)| Invalid::Source {
+        field,
+        source: Box::new(source),
+    })?;
     Ok(())
+}
+
+/// What is wrong with one value: of the config file, or of an app from the fleet repository.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Invalid {
+    #[error(
+        "{0:?} must be lowercase letters, digits, '-' or '.', start and end alphanumeric, at most 253 characters"
+    )]
+    DnsName(String),
+    #[error("{0:?} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")]
+    DnsLabel(String),
+    #[error(
+        "{0:?} is not a Git URL (https://, http://, ssh://, git://, file:// or user@host:path)"
+    )]
+    GitUrl(String),
+    #[error("{0:?} must be relative to the repository root")]
+    AbsolutePath(String),
+    #[error("{0:?} must not contain '..'")]
+    ParentDir(String),
+    #[error("{0:?} is not Name=value")]
+    SyncOptionSyntax(String),
+    #[error("unknown sync option {name:?} (known: {})", super::sync_policy::KNOWN_SYNC_OPTIONS.join(", "))]
+    UnknownSyncOption { name: String },
+    #[error("{option:?}: unsupported value {value:?}")]
+    SyncOptionValue { option: String, value: String },
+    #[error(
+        "{0} names a systemd credential, but $CREDENTIALS_DIRECTORY is not set (systemd sets it for a unit with LoadCredential=)"
+    )]
+    NoCredentialsDirectory(String),
+    #[error(transparent)]
+    Selector(#[from] crate::model::selector::SelectorError),
+    #[error("{0:?} is not a chart name")]
+    ChartName(String),
+    #[error("{0:?} is not a chart repository (https:// or http:// with an index.yaml, or oci://)")]
+    ChartRepository(String),
+    #[error("another source already has ref {0:?}")]
+    DuplicateRef(String),
+    #[error("{field}: {source}")]
+    Source { field: String, source: Box<Invalid> },
+    #[error("the name {0:?} is already used by another app")]
+    NameTaken(String),
+    #[error("CreateNamespace=true needs a destination namespace")]
+    NamespaceToCreate,
+    #[error("{field}: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// Sync options, retry, windows and timeouts: `(field, problem)` for the first problem.
 fn check_sync_policy(a: &AppConfig) -> Result<(), (&'static str, String)> {
     for option in &a.sync_options {
-        super::sync_policy::check_sync_option(option).map_err(|m| ("sync_options", m))?;
+        super::sync_policy::check_sync_option(option)
+            .map_err(|e| ("sync_options", e.to_string()))?;
     }
     if a.retry.backoff.factor == 0 {
         return Err(("retry", "backoff.factor must be at least 1".into()));
@@ -386,27 +478,21 @@ fn check_sync_policy(a: &AppConfig) -> Result<(), (&'static str, String)> {
 /// An app's source: a Git URL, or a chart in a Helm repository or OCI registry.
 fn check_source(a: &AppConfig) -> Result<(), (&'static str, String)> {
     let Some(chart) = &a.chart else {
-        return check_repo_url(&a.repo).map_err(|msg| ("repo", msg));
+        return check_repo_url(&a.repo).map_err(|e| ("repo", e.to_string()));
     };
-    if chart.is_empty() || chart.contains(['/', '\\', ' ', ':', '@']) || chart.starts_with('.') {
-        return Err(("chart", format!("{chart:?} is not a chart name")));
+    if !is_chart_name(chart) {
+        return Err(("chart", Invalid::ChartName(chart.clone()).to_string()));
     }
     if !["https://", "http://", "oci://"]
         .iter()
         .any(|p| a.repo.starts_with(p))
     {
-        return Err((
-            "repo",
-            format!(
-                "{:?} is not a chart repository (https:// or http:// with an index.yaml, or oci://)",
-                a.repo
-            ),
-        ));
+        return Err(("repo", Invalid::ChartRepository(a.repo.clone()).to_string()));
     }
     Ok(())
 }
 
-pub(super) fn check_repo_url(url: &str) -> Result<(), String> {
+pub(super) fn check_repo_url(url: &str) -> Result<(), Invalid> {
     let ok = ["https://", "http://", "ssh://", "file://", "git://"]
         .iter()
         .any(|p| url.starts_with(p))
@@ -414,9 +500,7 @@ pub(super) fn check_repo_url(url: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{url:?} is not a Git URL (https://, http://, ssh://, git://, file:// or user@host:path)"
-        ))
+        Err(Invalid::GitUrl(url.to_string()))
     }
 }
 
@@ -430,7 +514,7 @@ pub(crate) fn is_scp_like(url: &str) -> bool {
 
 /// App names become file names and Kubernetes annotation values, so they follow the
 /// DNS subdomain rules Kubernetes uses for object names.
-pub(crate) fn check_dns_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_dns_name(name: &str) -> Result<(), Invalid> {
     let valid = !name.is_empty()
         && name.len() <= 253
         && name
@@ -441,31 +525,27 @@ pub(crate) fn check_dns_name(name: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} must be lowercase letters, digits, '-' or '.', start and end alphanumeric, at most 253 characters"
-        ))
+        Err(Invalid::DnsName(name.to_string()))
     }
 }
 
-pub(crate) fn check_dns_label(name: &str) -> Result<(), String> {
+pub(crate) fn check_dns_label(name: &str) -> Result<(), Invalid> {
     if name.len() <= 63 && !name.contains('.') && check_dns_name(name).is_ok() {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
-        ))
+        Err(Invalid::DnsLabel(name.to_string()))
     }
 }
 
-fn check_relative_path(path: &str) -> Result<(), String> {
+fn check_relative_path(path: &str) -> Result<(), Invalid> {
     let p = Path::new(path);
     if p.is_absolute() {
-        return Err(format!("{path:?} must be relative to the repository root"));
+        return Err(Invalid::AbsolutePath(path.to_string()));
     }
     if p.components()
         .any(|c| matches!(c, std::path::Component::ParentDir))
     {
-        return Err(format!("{path:?} must not contain '..'"));
+        return Err(Invalid::ParentDir(path.to_string()));
     }
     Ok(())
 }

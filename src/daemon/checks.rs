@@ -146,7 +146,9 @@ impl SyncContext {
             None if name == "default" => return Ok(()),
             None => return Err(SyncError::Policy(Denied::Undefined(name.to_string()))),
         };
-        project.check_source(&app.repo)?;
+        for (repo, _) in app.repositories() {
+            project.check_source(repo)?;
+        }
         if let Some(ns) = &app.namespace {
             project.check_destination(ns)?;
         }

@@ -102,14 +102,18 @@ async fn answer(
 }
 
 /// `sync` (every app) or `sync APP`.
-fn parse(line: &str) -> Result<Option<&str>, String> {
+fn parse(line: &str) -> Result<Option<&str>, UnknownRequest> {
     let mut words = line.split_whitespace();
     match (words.next(), words.next(), words.next()) {
         (Some("sync"), None, None) => Ok(None),
         (Some("sync"), Some(app), None) => Ok(Some(app)),
-        _ => Err("unknown request (expected `sync [APP]`)".to_string()),
+        _ => Err(UnknownRequest),
     }
 }
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown request (expected `sync [APP]`)")]
+struct UnknownRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ControlError {

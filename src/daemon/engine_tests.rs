@@ -96,6 +96,7 @@ impl Engine {
         Target {
             sha: oid.to_string(),
             tag: None,
+            sources: Vec::new(),
         }
     }
 

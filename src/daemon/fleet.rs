@@ -92,6 +92,7 @@ fn read_fleet(
     let target = super::sync::Target {
         sha: refs.resolve(&fleet.revision).map_err(unseen)?,
         tag: refs.annotated_tag(&fleet.revision),
+        sources: Vec::new(),
     };
     let seen = |e: &dyn std::fmt::Display| (e.to_string(), Some(target.sha.clone()));
     if config.signatures.fleet {
@@ -261,6 +262,7 @@ impl Expander<'_> {
             let target = super::sync::Target {
                 sha: sha.clone(),
                 tag: refs.annotated_tag(&app.revision),
+                sources: Vec::new(),
             };
             super::checks::verify_revision(
                 self.source,

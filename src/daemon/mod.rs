@@ -616,7 +616,11 @@ pub(crate) async fn sync_repository(
         if *shutdown.borrow() {
             break;
         }
-        let target = match ctx.resolve(repo, &refs, app).await {
+        let resolved = match ctx.resolve(repo, &refs, app).await {
+            Ok(target) => ctx.resolve_sources(app, target).await,
+            Err(e) => Err(e),
+        };
+        let target = match resolved {
             Ok(target) => target,
             Err(e) => {
                 failed += 1;
@@ -625,7 +629,7 @@ pub(crate) async fn sync_repository(
                 continue;
             }
         };
-        in_use.push(target.sha.clone());
+        in_use.extend(target.revision().split('+').map(str::to_string));
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };

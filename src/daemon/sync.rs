@@ -247,14 +247,15 @@ impl SyncContext {
     /// commit is a no-op and a failed one waits for its retry. Sync windows hold both kinds,
     /// except for windows that allow manual syncs. A failure is recorded in the app's state;
     /// the last applied revision and the inventory are never lost.
-    #[tracing::instrument(name = "sync", skip_all, fields(app = %app.name, revision = %crate::report::status::short_revision(Some(&target.sha))))]
+    #[tracing::instrument(name = "sync", skip_all, fields(app = %app.name, revision = %crate::report::status::short_revision(Some(&target.revision()))))]
     pub(crate) async fn sync_app(
         &self,
         app: &AppConfig,
         target: &Target,
         force: bool,
     ) -> Result<SyncResult, SyncError> {
-        let sha = target.sha.as_str();
+        let revision = target.revision();
+        let sha = revision.as_str();
         let _writer = self.writer(&app.name).await;
         let state = self.load_state(&app.name)?;
         if !force && state.last_applied_revision.as_deref() == Some(sha) {
@@ -388,7 +389,8 @@ impl SyncContext {
         target: &Target,
         mut state: AppState,
     ) -> Result<SyncResult, SyncError> {
-        let sha = target.sha.as_str();
+        let revision = target.revision();
+        let sha = revision.as_str();
         if state == AppState::default() {
             // No local state (a new state directory, or a damaged file set aside): what the
             // app owns may still be known to the cluster. Until it has been read, nothing is

@@ -15,11 +15,25 @@ use crate::render;
 use crate::source::{ChartIndex, RemoteRefs, SourceError, TagRef};
 
 /// What an app syncs to: a commit SHA (for a chart, `<version>@sha256:<hex>`), and the
-/// annotated tag the revision named, whose signature vouches for it.
+/// annotated tag the revision named, whose signature vouches for it; for an app with more
+/// sources, theirs too, in the order of [`AppConfig::sources`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
     pub(crate) sha: String,
     pub(crate) tag: Option<TagRef>,
+    pub(crate) sources: Vec<Target>,
+}
+
+impl Target {
+    /// The revision the app's state records: the commit of its own source, followed by those
+    /// of its other sources (`<sha>+<sha>...`), so a new commit of any source is a new
+    /// revision.
+    pub(crate) fn revision(&self) -> String {
+        std::iter::once(self.sha.as_str())
+            .chain(self.sources.iter().map(|s| s.sha.as_str()))
+            .collect::<Vec<_>>()
+            .join("+")
+    }
 }
 
 /// What a repository offers, read once per round.
@@ -39,6 +53,7 @@ pub(super) fn helm_request(config: &Config, app: &AppConfig) -> render::helm::He
         kube_version: None,
         api_versions: Vec::new(),
         dependency_cache: Some(config.state_dir.join("chart-dependencies")),
+        refs: Default::default(),
     }
 }
 
@@ -55,6 +70,26 @@ pub(super) fn render_options(
         directory: app.directory.clone(),
         kustomize: app.kustomize.clone(),
         remote_policy: None,
+    }
+}
+
+/// Adds the objects of one more source of `app`: an object an earlier source produced too is
+/// replaced, as in Argo CD (the last source wins), and the replacement is logged.
+fn combine(app: &str, manifests: &mut render::Manifests, more: render::Manifests) {
+    for object in more.objects {
+        let same = |o: &render::Object| {
+            o.group() == object.group()
+                && o.kind() == object.kind()
+                && o.namespace() == object.namespace()
+                && o.name() == object.name()
+        };
+        if let Some(earlier) = manifests.objects.iter_mut().find(|o| same(o)) {
+            tracing::warn!(app, object = %object.display_name(), first = %earlier.origin,
+                last = %object.origin, "two sources produce the same object; the last one is applied");
+            *earlier = object;
+        } else {
+            manifests.objects.push(object);
+        }
     }
 }
 
@@ -97,6 +132,7 @@ impl SyncContext {
             (Revisions::Git(refs), None) => Ok(Target {
                 sha: refs.resolve(&app.revision)?,
                 tag: refs.annotated_tag(&app.revision),
+                sources: Vec::new(),
             }),
             (Revisions::Charts(index), Some(chart)) => {
                 let (charts, repo, index, chart) =
@@ -110,7 +146,11 @@ impl SyncContext {
                     Ok(charts.pull(&repo, index.as_deref(), &chart, &constraint)?)
                 })
                 .await?;
-                Ok(Target { sha, tag: None })
+                Ok(Target {
+                    sha,
+                    tag: None,
+                    sources: Vec::new(),
+                })
             }
             (Revisions::Git(_), Some(_)) | (Revisions::Charts(_), None) => {
                 Err(SyncError::Source(SourceError::Chart {
@@ -124,6 +164,26 @@ impl SyncContext {
         }
     }
 
+    /// The revisions of the app's other sources (`sources`), each read from its repository,
+    /// added to `target`.
+    pub(crate) async fn resolve_sources(
+        &self,
+        app: &AppConfig,
+        mut target: Target,
+    ) -> Result<Target, SyncError> {
+        for index in 0..app.sources.len() {
+            let Some(source) = app.with_source(index) else {
+                continue;
+            };
+            let repo = self.config.repository(&source.repo);
+            let revisions = self.remote_refs(&repo).await?;
+            target
+                .sources
+                .push(self.resolve(&repo, &revisions, &source).await?);
+        }
+        Ok(target)
+    }
+
     /// The app's current target revision, rendered and planned (for `edgesync diff`).
     pub(crate) async fn target_plan(
         &self,
@@ -132,8 +192,9 @@ impl SyncContext {
         let repo = self.config.repository(&app.repo);
         let revisions = self.remote_refs(&repo).await?;
         let target = self.resolve(&repo, &revisions, app).await?;
+        let target = self.resolve_sources(app, target).await?;
         let plan = self.render_and_plan(app, &target).await?;
-        Ok((target.sha, plan))
+        Ok((target.revision(), plan))
     }
 
     /// What a kustomize fallback may fetch for `app`: what its project's `sourceRepos` allow.
@@ -148,29 +209,60 @@ impl SyncContext {
         })))
     }
 
+    /// Renders every source of `app` at `target` (its own, then its other sources in order;
+    /// `ref` sources without a path only give files) and plans the objects as one app.
     pub(super) async fn render_and_plan(
         &self,
         app: &AppConfig,
         target: &Target,
     ) -> Result<apply::Plan, SyncError> {
-        let (root, path) = self.checkout(app, target).await?;
-        let mut helm = helm_request(&self.config, app);
-        if render::helm::is_chart(&root.join(&path)) {
-            if let Some(capabilities) = self.capabilities().await {
+        let mut sources = vec![(app.clone(), self.checkout(app, target).await?)];
+        let mut refs = std::collections::BTreeMap::new();
+        for (index, source_target) in target.sources.iter().enumerate() {
+            let (Some(spec), Some(source)) = (app.sources.get(index), app.with_source(index))
+            else {
+                continue;
+            };
+            let (root, path) = self.checkout(&source, source_target).await?;
+            if let Some(name) = &spec.ref_name {
+                refs.insert(name.clone(), root.clone());
+            }
+            if spec.renders() {
+                sources.push((source, (root, path)));
+            }
+        }
+        let capabilities = if sources
+            .iter()
+            .any(|(_, (root, path))| render::helm::is_chart(&root.join(path)))
+        {
+            self.capabilities().await
+        } else {
+            None
+        };
+        let mut renders = Vec::new();
+        for (source, checkout) in sources {
+            let mut helm = helm_request(&self.config, &source);
+            if let Some(capabilities) = &capabilities {
                 helm.kube_version = capabilities.kube_version.clone();
                 helm.api_versions = capabilities.api_versions.clone();
             }
+            helm.refs = refs.clone();
+            let remote_policy = self.remote_policy(&source);
+            renders.push((source, checkout, helm, remote_policy));
         }
         let app = app.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
-        let remote_policy = self.remote_policy(&app);
         blocking(move || {
-            let options = render::RenderOptions {
-                remote_policy,
-                ..render_options(&app, helm)
-            };
-            let mut manifests = render::render_with(&root, &path, &options)?;
+            let mut manifests = render::Manifests::default();
+            for (source, (root, path), helm, remote_policy) in renders {
+                let options = render::RenderOptions {
+                    remote_policy,
+                    ..render_options(&source, helm)
+                };
+                let rendered = render::render_with(&root, &path, &options)?;
+                combine(&app.name, &mut manifests, rendered);
+            }
             if let Some(vars) = vars {
                 let mode = match app.substitute {
                     Substitute::Strict => render::substitute::Mode::Strict,
@@ -282,14 +374,17 @@ impl SyncContext {
         let mut keep: HashSet<String> = in_use.into_iter().collect();
         let apps = self.config.apps.iter().filter(|a| {
             if charts {
-                a.chart.is_some()
+                a.chart.is_some() || a.sources.iter().any(|s| s.chart.is_some())
             } else {
-                a.repo == repo
+                a.repositories().any(|(url, _)| url == repo)
             }
         });
         for app in apps {
             if let Ok(state) = self.store.load(&app.name) {
-                keep.extend(state.last_applied_revision);
+                // An app with several sources records `<sha>+<sha>...`.
+                if let Some(revision) = state.last_applied_revision {
+                    keep.extend(revision.split('+').map(str::to_string));
+                }
             }
         }
         if charts {

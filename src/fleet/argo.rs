@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
-use crate::config::{sync_policy, AppConfig};
+use crate::config::{sync_policy, AppConfig, AppSource};
 use crate::render::Object;
 
 pub(crate) const GROUP: &str = "argoproj.io";
@@ -21,41 +21,63 @@ const IN_CLUSTER: [&str; 2] = [
 ];
 const DELETE_FINALIZER: &str = "resources-finalizer.argocd.argoproj.io";
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}: {kind} {name}: {message}")]
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {kind} {name}: {source}")]
 pub(crate) struct ArgoError {
     pub(crate) origin: String,
     pub(crate) kind: String,
     pub(crate) name: String,
-    pub(crate) message: String,
+    pub(crate) source: Box<SpecError>,
 }
 
-/// Where an Application's manifests come from.
+/// What makes an Argo CD object unusable, by the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SpecError {
+    #[error("{0} is not an Argo CD kind edgesync reads")]
+    Kind(String),
+    #[error("{0} is missing")]
+    Missing(String),
+    #[error("{field} must be {expected}")]
+    Type {
+        field: String,
+        expected: &'static str,
+    },
+    #[error("{field}: {source}")]
+    Duration {
+        field: String,
+        source: crate::model::human::DurationError,
+    },
+    #[error("{field}: {source}")]
+    Values {
+        field: String,
+        source: Box<serde_saphyr::SerializeError>,
+    },
+    #[error("{field} is not supported; {instead}")]
+    Unsupported {
+        field: String,
+        instead: &'static str,
+    },
+    #[error(
+        "spec.destination.{field} {value:?} is not supported on a node agent: edgesync applies to the cluster it runs on ({})",
+        IN_CLUSTER[0]
+    )]
+    Destination { field: &'static str, value: String },
+    #[error("spec.sources: no source renders anything (each is a `ref` without a path or chart)")]
+    NothingToRender,
+    #[error("{field}: {source}")]
+    Invalid {
+        field: String,
+        source: crate::config::Invalid,
+    },
+}
+
+/// One of an Application's sources (`spec.source`, or an entry of `spec.sources`), as an
+/// app source of the config, and the config management plugin it names (or leaves to
+/// discovery), which edgesync cannot run.
 #[derive(Debug, Clone, PartialEq)]
-// One per Application, read once per fleet commit: the size of a variant does not matter.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Source {
-    /// A path in a Git repository (plain YAML, Kustomize, or a chart in the repository).
-    Git {
-        repo_url: String,
-        revision: String,
-        path: String,
-        /// `source.helm`, for a chart in the repository.
-        helm: Option<crate::render::helm::HelmOptions>,
-        /// `source.kustomize`.
-        kustomize: crate::render::kustomize::Overrides,
-        /// `source.directory`; Argo CD does not recurse unless told to.
-        directory: crate::render::DirectoryOptions,
-        /// `source.plugin`: the config management plugin named (or left to discovery).
-        plugin: Option<String>,
-    },
-    /// A chart from a Helm repository or OCI registry.
-    Chart {
-        repo_url: String,
-        chart: String,
-        version: String,
-        helm: Option<crate::render::helm::HelmOptions>,
-    },
+pub(crate) struct Source {
+    pub(crate) spec: AppSource,
+    pub(crate) plugin: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -69,7 +91,8 @@ pub(crate) struct Automated {
 pub(crate) struct Application {
     pub(crate) name: String,
     pub(crate) project: String,
-    pub(crate) source: Source,
+    /// `spec.sources`, or `spec.source` alone.
+    pub(crate) sources: Vec<Source>,
     pub(crate) namespace: Option<String>,
     /// `syncPolicy.automated`; `None` means manual sync only.
     pub(crate) automated: Option<Automated>,
@@ -104,9 +127,10 @@ pub(crate) struct Parsed {
 }
 
 /// Fields edgesync reads, or knowingly accepts, at each level.
-const APPLICATION_SPEC: [&str; 6] = [
+const APPLICATION_SPEC: [&str; 7] = [
     "project",
     "source",
+    "sources",
     "destination",
     "syncPolicy",
     "ignoreDifferences",
@@ -186,11 +210,11 @@ pub(crate) fn parse(object: &Object) -> Result<Option<Parsed>, ArgoError> {
         return Ok(None);
     }
     let v = Value::Object(object.value.clone());
-    let err = |message: String| ArgoError {
+    let err = |source: SpecError| ArgoError {
         origin: object.origin.clone(),
         kind: object.kind().to_string(),
         name: object.name().to_string(),
-        message,
+        source: Box::new(source),
     };
     let mut warnings = Vec::new();
     unknown(
@@ -218,16 +242,18 @@ pub(crate) fn parse(object: &Object) -> Result<Option<Parsed>, ArgoError> {
                 warnings,
             }))
         }
-        other => Err(err(format!(
-            "{other} is not an Argo CD kind edgesync reads"
-        ))),
+        other => Err(err(SpecError::Kind(other.to_string()))),
     }
 }
 
-fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Application, String> {
+fn application(
+    v: &Value,
+    name: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Application, SpecError> {
     let spec = v.get("spec").and_then(Value::as_object);
     unknown(spec, &APPLICATION_SPEC, "spec", warnings);
-    let source = source_of(v, warnings)?;
+    let sources = sources_of(v, warnings)?;
     let destination = v.pointer("/spec/destination");
     unknown(
         destination.and_then(Value::as_object),
@@ -253,7 +279,7 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
     Ok(Application {
         name: name.to_string(),
         project: string(v, "/spec/project").unwrap_or_else(|| "default".into()),
-        source,
+        sources,
         namespace: destination.and_then(|d| string(d, "/namespace")),
         automated: automated_of(policy, warnings),
         namespace_metadata: policy
@@ -277,55 +303,105 @@ fn application(v: &Value, name: &str, warnings: &mut Vec<String>) -> Result<Appl
     })
 }
 
-/// `spec.source`: a Git path (plain, Kustomize or a chart in Git) or a chart of a Helm
-/// repository.
-fn source_of(v: &Value, warnings: &mut Vec<String>) -> Result<Source, String> {
-    if v.pointer("/spec/sources").is_some() {
-        return Err("spec.sources (multiple sources) is not supported yet; use spec.source".into());
+/// `spec.sources` (Argo CD then ignores `spec.source`), or `spec.source`.
+fn sources_of(v: &Value, warnings: &mut Vec<String>) -> Result<Vec<Source>, SpecError> {
+    let Some(list) = v.pointer("/spec/sources").filter(|s| !s.is_null()) else {
+        let source = v
+            .pointer("/spec/source")
+            .ok_or_else(|| SpecError::Missing("spec.source".into()))?;
+        return Ok(vec![source_of(source, "spec.source", warnings)?]);
+    };
+    let list = list.as_array().ok_or_else(|| SpecError::Type {
+        field: "spec.sources".into(),
+        expected: "a list",
+    })?;
+    if v.pointer("/spec/source").is_some_and(|s| !s.is_null()) {
+        warnings.push("spec.source is ignored: spec.sources is set".into());
     }
-    let source = v
-        .pointer("/spec/source")
-        .ok_or_else(|| "spec.source is missing".to_string())?;
-    unknown(source.as_object(), &SOURCE, "spec.source", warnings);
-    let repo_url = string(source, "/repoURL").ok_or("spec.source.repoURL is missing")?;
-    let revision = string(source, "/targetRevision").unwrap_or_else(|| "HEAD".into());
-    Ok(match string(source, "/chart") {
-        Some(chart) => Source::Chart {
-            repo_url,
-            chart,
-            version: revision,
-            helm: helm_options(source.get("helm"), warnings)?,
+    let mut sources = Vec::new();
+    let mut refs = BTreeSet::new();
+    for (i, source) in list.iter().enumerate() {
+        let field = format!("spec.sources[{i}]");
+        let source = source_of(source, &field, warnings)?;
+        if let Some(name) = &source.spec.ref_name {
+            if !refs.insert(name.clone()) {
+                return Err(SpecError::Unsupported {
+                    field: format!("{field}.ref {name:?}"),
+                    instead: "another source has the same ref",
+                });
+            }
+        }
+        sources.push(source);
+    }
+    if !sources.iter().any(|s| s.spec.renders()) {
+        return Err(SpecError::NothingToRender);
+    }
+    Ok(sources)
+}
+
+/// One source at `field`: a Git path (plain, Kustomize or a chart in Git), a chart of a Helm
+/// repository, or (with `ref` and no path) files for the others' `$ref/...` value files.
+fn source_of(source: &Value, field: &str, warnings: &mut Vec<String>) -> Result<Source, SpecError> {
+    unknown(source.as_object(), &SOURCE, field, warnings);
+    let repo_url =
+        string(source, "/repoURL").ok_or_else(|| SpecError::Missing(format!("{field}.repoURL")))?;
+    let chart = string(source, "/chart");
+    let ref_name = string(source, "/ref");
+    if let Some(name) = &ref_name {
+        crate::config::check_dns_label(name).map_err(|source| SpecError::Invalid {
+            field: format!("{field}.ref"),
+            source,
+        })?;
+    }
+    // Argo CD writes OCI registries without a scheme (`registry.example.com/charts`).
+    let repo = if chart.is_some() && !repo_url.contains("://") {
+        format!("oci://{repo_url}")
+    } else {
+        repo_url
+    };
+    let path = string(source, "/path");
+    let spec = AppSource {
+        repo,
+        revision: string(source, "/targetRevision").unwrap_or_else(|| "HEAD".into()),
+        path: match (&chart, path, &ref_name) {
+            (Some(_), _, _) => None,
+            (None, Some(path), _) => Some(path),
+            // A single source without a path is the repository's root.
+            (None, None, None) => Some(".".into()),
+            (None, None, Some(_)) => None,
         },
-        None => Source::Git {
-            repo_url,
-            revision,
-            path: string(source, "/path").unwrap_or_else(|| ".".into()),
-            helm: helm_options(source.get("helm"), warnings)?,
-            kustomize: kustomize_options(source.get("kustomize"), warnings)?,
-            directory: directory_options(source.get("directory"), warnings),
-            plugin: source
-                .get("plugin")
-                .map(|p| string(p, "/name").unwrap_or_else(|| "(found by discovery)".into())),
-        },
+        chart,
+        ref_name,
+        helm: helm_options(source.get("helm"), field, warnings)?,
+        kustomize: kustomize_options(source.get("kustomize"), field, warnings)?,
+        directory: directory_options(source.get("directory"), field, warnings),
+    };
+    Ok(Source {
+        spec,
+        plugin: source
+            .get("plugin")
+            .map(|p| string(p, "/name").unwrap_or_else(|| "(found by discovery)".into())),
     })
 }
 
 /// A node agent applies to the cluster it runs on: `spec.destination` may only name it.
-fn check_in_cluster(destination: Option<&Value>) -> Result<(), String> {
+fn check_in_cluster(destination: Option<&Value>) -> Result<(), SpecError> {
     if let Some(server) = destination.and_then(|d| string(d, "/server")) {
         if !IN_CLUSTER.contains(&server.as_str()) {
-            return Err(format!(
-                "spec.destination.server {server:?} is not supported on a node agent: edgesync applies to the cluster it runs on (https://kubernetes.default.svc)"
-            ));
+            return Err(SpecError::Destination {
+                field: "server",
+                value: server,
+            });
         }
     }
     if let Some(other) = destination
         .and_then(|d| string(d, "/name"))
         .filter(|n| n != "in-cluster")
     {
-        return Err(format!(
-            "spec.destination.name {other:?} is not supported on a node agent: only in-cluster"
-        ));
+        return Err(SpecError::Destination {
+            field: "name",
+            value: other,
+        });
     }
     Ok(())
 }
@@ -403,38 +479,29 @@ impl Application {
             .any(|o| o.trim().eq_ignore_ascii_case(option))
     }
 
-    /// The app as edgesync runs it today, or why it cannot run yet.
-    pub(crate) fn to_app_config(&self) -> Result<AppConfig, String> {
-        let (repo, revision, path, chart, helm) = match &self.source {
-            Source::Git {
-                repo_url,
-                revision,
-                path,
-                helm,
-                ..
-            } => (repo_url.clone(), revision, path.clone(), None, helm),
-            Source::Chart {
-                repo_url,
-                chart,
-                version,
-                helm,
-            } => {
-                // Argo CD writes OCI registries without a scheme (`registry.example.com/charts`).
-                let repo = if repo_url.contains("://") {
-                    repo_url.clone()
-                } else {
-                    format!("oci://{repo_url}")
-                };
-                (repo, version, ".".to_string(), Some(chart.clone()), helm)
-            }
-        };
+    /// The app as edgesync runs it, or why it cannot run. The first source that renders is the
+    /// app's own; the others follow it in `sources`, in the Application's order.
+    pub(crate) fn to_app_config(&self) -> Result<AppConfig, SpecError> {
+        let main = self
+            .sources
+            .iter()
+            .position(|s| s.spec.renders())
+            .ok_or(SpecError::NothingToRender)?;
+        let own = &self.sources[main].spec;
+        let sources = self
+            .sources
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != main)
+            .map(|(_, s)| s.spec.clone())
+            .collect();
         let automated = self.automated.clone().unwrap_or_default();
         Ok(AppConfig {
             name: self.name.clone(),
-            repo,
-            revision: revision.clone(),
-            chart,
-            path,
+            repo: own.repo.clone(),
+            revision: own.revision.clone(),
+            chart: own.chart.clone(),
+            path: own.path.clone().unwrap_or_else(|| ".".into()),
             namespace: self.namespace.clone(),
             create_namespace: self.has_option("CreateNamespace=true"),
             prune: automated.prune,
@@ -444,7 +511,7 @@ impl Application {
             substitute: Default::default(),
             variables: Default::default(),
             kustomize_fallback: None,
-            helm: helm.clone(),
+            helm: own.helm.clone(),
             automated: self.automated.is_some(),
             self_heal: automated.self_heal,
             sync_options: self
@@ -466,19 +533,11 @@ impl Application {
             health_timeout: None,
             rollback: Default::default(),
             delete_on_removal: self.delete_resources_on_removal,
-            kustomize: match &self.source {
-                Source::Git { kustomize, .. } => kustomize.clone(),
-                Source::Chart { .. } => Default::default(),
-            },
-            directory: match &self.source {
-                Source::Git { directory, .. } => directory.clone(),
-                Source::Chart { .. } => Default::default(),
-            },
+            kustomize: own.kustomize.clone(),
+            directory: own.directory.clone(),
             namespace_metadata: self.namespace_metadata.clone(),
-            plugin: match &self.source {
-                Source::Git { plugin, .. } => plugin.clone(),
-                Source::Chart { .. } => None,
-            },
+            plugin: self.sources.iter().find_map(|s| s.plugin.clone()),
+            sources,
         })
     }
 }
@@ -492,23 +551,26 @@ const KUSTOMIZE: [&str; 6] = [
     "images",
 ];
 const DIRECTORY: [&str; 3] = ["recurse", "include", "exclude"];
-const HELM: [&str; 5] = [
+const HELM: [&str; 6] = [
     "releaseName",
     "values",
     "valuesObject",
     "valueFiles",
     "parameters",
+    "ignoreMissingValueFiles",
 ];
 
 /// `spec.source.kustomize`: the options Argo CD applies with `kustomize edit`.
 fn kustomize_options(
     v: Option<&Value>,
+    field: &str,
     warnings: &mut Vec<String>,
-) -> Result<crate::render::kustomize::Overrides, String> {
+) -> Result<crate::render::kustomize::Overrides, SpecError> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(Default::default());
     };
-    unknown(v.as_object(), &KUSTOMIZE, "spec.source.kustomize", warnings);
+    let field = format!("{field}.kustomize");
+    unknown(v.as_object(), &KUSTOMIZE, &field, warnings);
     let map = |key: &str| -> std::collections::BTreeMap<String, String> {
         v.get(key)
             .and_then(Value::as_object)
@@ -532,7 +594,10 @@ fn kustomize_options(
         .collect();
     for image in &images {
         if image.is_empty() {
-            return Err("spec.source.kustomize.images has an empty entry".into());
+            return Err(SpecError::Type {
+                field: format!("{field}.images[]"),
+                expected: "an image, not empty",
+            });
         }
     }
     Ok(crate::render::kustomize::Overrides {
@@ -548,11 +613,17 @@ fn kustomize_options(
 /// `spec.source.directory`: `recurse` (false unless set, as in Argo CD), `include`, `exclude`.
 fn directory_options(
     v: Option<&Value>,
+    field: &str,
     warnings: &mut Vec<String>,
 ) -> crate::render::DirectoryOptions {
     let v = v.filter(|v| !v.is_null());
     if let Some(v) = v {
-        unknown(v.as_object(), &DIRECTORY, "spec.source.directory", warnings);
+        unknown(
+            v.as_object(),
+            &DIRECTORY,
+            &format!("{field}.directory"),
+            warnings,
+        );
     }
     crate::render::DirectoryOptions {
         recurse: v.is_some_and(|v| flag(v, "/recurse")),
@@ -562,15 +633,16 @@ fn directory_options(
 }
 
 /// `spec.syncPolicy.retry`: `limit` and `backoff` (`duration`, `factor`, `maxDuration`).
-fn retry_policy(retry: &Value) -> Result<sync_policy::Retry, String> {
+fn retry_policy(retry: &Value) -> Result<sync_policy::Retry, SpecError> {
     let mut out = sync_policy::Retry::default();
     if let Some(limit) = retry.get("limit") {
-        out.limit = limit
-            .as_i64()
-            .ok_or("spec.syncPolicy.retry.limit must be an integer")?;
+        out.limit = limit.as_i64().ok_or_else(|| SpecError::Type {
+            field: "spec.syncPolicy.retry.limit".into(),
+            expected: "an integer",
+        })?;
     }
     let backoff = retry.get("backoff");
-    let duration = |key: &str| -> Result<Option<std::time::Duration>, String> {
+    let duration = |key: &str| -> Result<Option<std::time::Duration>, SpecError> {
         match backoff.and_then(|b| b.get(key)) {
             None => Ok(None),
             Some(v) => {
@@ -586,7 +658,10 @@ fn retry_policy(retry: &Value) -> Result<sync_policy::Retry, String> {
                 };
                 crate::config::sync_policy::human::parse(&text)
                     .map(Some)
-                    .map_err(|e| format!("spec.syncPolicy.retry.backoff.{key}: {e}"))
+                    .map_err(|source| SpecError::Duration {
+                        field: format!("spec.syncPolicy.retry.backoff.{key}"),
+                        source,
+                    })
             }
         }
     };
@@ -601,17 +676,21 @@ fn retry_policy(retry: &Value) -> Result<sync_policy::Retry, String> {
             .as_u64()
             .and_then(|f| u32::try_from(f).ok())
             .filter(|f| *f >= 1)
-            .ok_or("spec.syncPolicy.retry.backoff.factor must be a positive integer")?;
+            .ok_or_else(|| SpecError::Type {
+                field: "spec.syncPolicy.retry.backoff.factor".into(),
+                expected: "a positive integer",
+            })?;
     }
     Ok(out)
 }
 
 /// One `spec.ignoreDifferences` entry.
-fn ignore_difference(v: &Value) -> Result<sync_policy::IgnoreDifference, String> {
+fn ignore_difference(v: &Value) -> Result<sync_policy::IgnoreDifference, SpecError> {
     if v.get("jqPathExpressions").is_some() {
-        return Err(
-            "spec.ignoreDifferences[].jqPathExpressions is not supported; use jsonPointers".into(),
-        );
+        return Err(SpecError::Unsupported {
+            field: "spec.ignoreDifferences[].jqPathExpressions".into(),
+            instead: "use jsonPointers",
+        });
     }
     let strings = |key: &str| -> Vec<String> {
         v.get(key)
@@ -623,7 +702,8 @@ fn ignore_difference(v: &Value) -> Result<sync_policy::IgnoreDifference, String>
     };
     Ok(sync_policy::IgnoreDifference {
         group: string(v, "/group").unwrap_or_default(),
-        kind: string(v, "/kind").ok_or("spec.ignoreDifferences[].kind is missing")?,
+        kind: string(v, "/kind")
+            .ok_or_else(|| SpecError::Missing("spec.ignoreDifferences[].kind".into()))?,
         name: string(v, "/name"),
         namespace: string(v, "/namespace"),
         json_pointers: strings("jsonPointers"),
@@ -635,35 +715,46 @@ fn ignore_difference(v: &Value) -> Result<sync_policy::IgnoreDifference, String>
 /// `parameters` (`forceString` included; helm's `--set` reads the value as given).
 fn helm_options(
     helm: Option<&Value>,
+    field: &str,
     warnings: &mut Vec<String>,
-) -> Result<Option<crate::render::helm::HelmOptions>, String> {
+) -> Result<Option<crate::render::helm::HelmOptions>, SpecError> {
     let Some(helm) = helm.filter(|h| !h.is_null()) else {
         return Ok(None);
     };
-    unknown(helm.as_object(), &HELM, "spec.source.helm", warnings);
+    let field = format!("{field}.helm");
+    unknown(helm.as_object(), &HELM, &field, warnings);
     let mut options = crate::render::helm::HelmOptions {
         release_name: string(helm, "/releaseName"),
         values: string(helm, "/values"),
+        ignore_missing_value_files: flag(helm, "/ignoreMissingValueFiles"),
         ..Default::default()
     };
     if let Some(object) = helm.get("valuesObject").filter(|v| !v.is_null()) {
-        let text = crate::render::to_yaml_stream([object
-            .as_object()
-            .ok_or("spec.source.helm.valuesObject must be a mapping")?])
-        .map_err(|e| format!("spec.source.helm.valuesObject: {e}"))?;
+        let field = format!("{field}.valuesObject");
+        let mapping = object.as_object().ok_or_else(|| SpecError::Type {
+            field: field.clone(),
+            expected: "a mapping",
+        })?;
+        let text =
+            crate::render::to_yaml_stream([mapping]).map_err(|source| SpecError::Values {
+                field,
+                source: Box::new(source),
+            })?;
         options.values = Some(text);
     }
     if let Some(files) = helm.get("valueFiles").and_then(Value::as_array) {
         for f in files {
-            let f = f
-                .as_str()
-                .ok_or("spec.source.helm.valueFiles must be strings")?;
+            let f = f.as_str().ok_or_else(|| SpecError::Type {
+                field: format!("{field}.valueFiles[]"),
+                expected: "a string",
+            })?;
             options.value_files.push(f.to_string());
         }
     }
     if let Some(params) = helm.get("parameters").and_then(Value::as_array) {
         for p in params {
-            let name = string(p, "/name").ok_or("spec.source.helm.parameters[].name is missing")?;
+            let name = string(p, "/name")
+                .ok_or_else(|| SpecError::Missing(format!("{field}.parameters[].name")))?;
             let value = match p.get("value") {
                 Some(Value::String(s)) => s.clone(),
                 Some(other) if !other.is_null() => other.to_string(),
@@ -773,20 +864,15 @@ mod tests {
     fn seed_kafka_is_a_helm_chart_app() {
         let parsed = load("kafka.yaml").unwrap();
         assert_eq!(parsed[0].warnings, Vec::<String>::new());
-        match &app(&parsed[0]).source {
-            Source::Chart {
-                chart,
-                version,
-                helm,
-                ..
-            } => {
-                assert_eq!((chart.as_str(), version.as_str()), ("kafka", "26.4.3"));
-                let helm = helm.as_ref().unwrap();
-                assert_eq!(helm.release_name.as_deref(), Some("kafka"));
-                assert!(helm.values.as_deref().unwrap().contains("replicaCount: 1"));
-            }
-            other => panic!("{other:?}"),
-        }
+        let [source] = app(&parsed[0]).sources.as_slice() else {
+            panic!("one source");
+        };
+        let source = &source.spec;
+        assert_eq!(source.chart.as_deref(), Some("kafka"));
+        assert_eq!(source.revision, "26.4.3");
+        let helm = source.helm.as_ref().unwrap();
+        assert_eq!(helm.release_name.as_deref(), Some("kafka"));
+        assert!(helm.values.as_deref().unwrap().contains("replicaCount: 1"));
         let config = app(&parsed[0]).to_app_config().unwrap();
         assert_eq!(config.repo, "https://charts.bitnami.com/bitnami");
         assert_eq!(config.chart.as_deref(), Some("kafka"));
@@ -893,12 +979,84 @@ mod tests {
             })))
             .unwrap()
             .unwrap();
-            let err = app(&parsed).to_app_config().unwrap_err();
+            let err = app(&parsed).to_app_config().unwrap_err().to_string();
             assert!(
                 err.contains(&format!("spec.syncPolicy.retry.backoff.{key}"))
                     && err.contains("longer"),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn sources_become_the_apps_own_source_and_its_other_sources() {
+        let parsed = parse(&application_object(serde_json::json!({
+            "sources": [
+                {"repoURL": "https://g/values.git", "targetRevision": "main", "ref": "values"},
+                {"repoURL": "registry.local/charts", "chart": "web", "targetRevision": "1.2.3",
+                 "helm": {"valueFiles": ["$values/prod.yaml"], "ignoreMissingValueFiles": true}},
+                {"repoURL": "https://g/extra.git", "path": "extra"}
+            ],
+            "source": {"repoURL": "https://g/ignored.git"},
+            "destination": {"server": "https://kubernetes.default.svc", "namespace": "web"}
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            parsed.warnings,
+            ["spec.source is ignored: spec.sources is set"]
+        );
+        let cfg = app(&parsed).to_app_config().unwrap();
+        // The first source that renders is the app's own: the chart.
+        assert_eq!(cfg.repo, "oci://registry.local/charts");
+        assert_eq!(cfg.chart.as_deref(), Some("web"));
+        let helm = cfg.helm.as_ref().unwrap();
+        assert_eq!(helm.value_files, ["$values/prod.yaml"]);
+        assert!(helm.ignore_missing_value_files);
+        // The others keep their order: the ref source (no path: not rendered), then extra.
+        assert_eq!(cfg.sources.len(), 2);
+        assert_eq!(cfg.sources[0].ref_name.as_deref(), Some("values"));
+        assert!(!cfg.sources[0].renders());
+        assert_eq!(cfg.sources[1].path.as_deref(), Some("extra"));
+        assert_eq!(cfg.sources[1].revision, "HEAD");
+        assert!(cfg.sources[1].renders());
+        let repos: Vec<&str> = cfg.repositories().map(|(url, _)| url).collect();
+        assert_eq!(
+            repos,
+            [
+                "oci://registry.local/charts",
+                "https://g/values.git",
+                "https://g/extra.git"
+            ]
+        );
+    }
+
+    #[test]
+    fn sources_that_only_give_files_or_share_a_ref_are_refused() {
+        for (sources, expected) in [
+            (
+                serde_json::json!([{"repoURL": "https://g/v.git", "ref": "values"}]),
+                "no source renders",
+            ),
+            (
+                serde_json::json!([
+                    {"repoURL": "https://g/v.git", "ref": "values"},
+                    {"repoURL": "https://g/w.git", "ref": "values", "path": "p"}
+                ]),
+                "same ref",
+            ),
+            (
+                serde_json::json!([{"repoURL": "https://g/v.git", "ref": "Not A Label", "path": "p"}]),
+                "spec.sources[0].ref",
+            ),
+        ] {
+            let err = parse(&application_object(serde_json::json!({
+                "sources": sources,
+                "destination": {"server": "https://kubernetes.default.svc", "namespace": "web"}
+            })))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(expected), "{err}");
         }
     }
 }

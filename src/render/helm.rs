@@ -12,6 +12,7 @@ use std::process::Command;
 pub(crate) use crate::config::options::HelmOptions;
 
 use super::directory::contained_path;
+use super::helm_deps::PrepareError;
 use super::{parse_objects, Manifests, RenderError};
 
 /// What one render needs from the app and the config.
@@ -28,6 +29,39 @@ pub(crate) struct HelmRequest {
     pub(crate) api_versions: Vec<String>,
     /// Where built chart dependencies are kept (`None`: built every time, kept nowhere).
     pub(crate) dependency_cache: Option<PathBuf>,
+    /// The checkouts of the app's other sources by their `ref`, for `$ref/path` value files.
+    pub(crate) refs: std::collections::BTreeMap<String, PathBuf>,
+}
+
+/// Where value file `file` of the chart at `rel` (in the checkout at `root`) is: relative to
+/// the chart, or `$ref/path` in the checkout of the source named `ref`; never outside its
+/// checkout. `None`: it does not exist, and the app ignores missing value files.
+fn value_file(
+    root: &Path,
+    rel: &Path,
+    file: &str,
+    req: &HelmRequest,
+) -> Result<Option<PathBuf>, RenderError> {
+    let found = match file.strip_prefix('$') {
+        Some(reference) => {
+            let (name, path) = reference.split_once('/').unwrap_or((reference, ""));
+            let Some(ref_root) = req.refs.get(name) else {
+                return Err(RenderError::Helm {
+                    app: req.app.clone(),
+                    path: rel.to_path_buf(),
+                    message: format!(
+                        "value file {file:?} names ${name}, but no source of the app has `ref: {name}`"
+                    ),
+                });
+            };
+            contained_path(ref_root, Path::new(path))
+        }
+        None => contained_path(root, &rel.join(file)),
+    };
+    match found {
+        Err(RenderError::PathNotFound { .. }) if req.options.ignore_missing_value_files => Ok(None),
+        other => other.map(Some),
+    }
 }
 
 pub(crate) fn is_chart(dir: &Path) -> bool {
@@ -56,7 +90,12 @@ pub(crate) fn template(
     }
     // helm follows symlinks: one leaving the chart (`templates/x -> /etc/...`) would put a
     // host file into the render, or into an error.
-    if let Some(link) = symlink_leaving(dir).map_err(&fail)? {
+    let prepare = |source: PrepareError| RenderError::HelmPrepare {
+        app: req.app.clone(),
+        path: rel.clone(),
+        source,
+    };
+    if let Some(link) = symlink_leaving(dir).map_err(prepare)? {
         return Err(fail(format!(
             "{} is a symlink that leads out of the chart; charts must be self-contained",
             link.strip_prefix(root).unwrap_or(&link).display()
@@ -68,7 +107,7 @@ pub(crate) fn template(
         ("HELM_CACHE_HOME", scratch.path().join("cache")),
         ("HELM_DATA_HOME", scratch.path().join("data")),
     ];
-    let missing = super::helm_deps::missing(dir).map_err(&fail)?;
+    let missing = super::helm_deps::missing(dir).map_err(prepare)?;
     let chart = if missing.is_empty() {
         dir.to_path_buf()
     } else {
@@ -80,7 +119,7 @@ pub(crate) fn template(
             &missing,
             req.dependency_cache.as_deref(),
         )
-        .map_err(&fail)?
+        .map_err(prepare)?
     };
     let mut cmd = Command::new(&req.binary);
     cmd.arg("template").arg("--skip-tests").current_dir(&chart);
@@ -99,8 +138,9 @@ pub(crate) fn template(
         cmd.arg(format!("--api-versions={api}"));
     }
     for file in &req.options.value_files {
-        let chart_rel = rel.join(file);
-        let path = contained_path(root, &chart_rel)?;
+        let Some(path) = value_file(root, &rel, file, req)? else {
+            continue;
+        };
         let mut arg = std::ffi::OsString::from("--values=");
         arg.push(path);
         cmd.arg(arg);
@@ -145,25 +185,26 @@ pub(crate) fn template(
 const MAX_CHART_ENTRIES: usize = 20_000;
 
 /// The first symlink under `chart` whose target is outside `chart` (or does not resolve).
-fn symlink_leaving(chart: &Path) -> Result<Option<PathBuf>, String> {
-    let top = chart
-        .canonicalize()
-        .map_err(|e| format!("cannot read the chart: {e}"))?;
+fn symlink_leaving(chart: &Path) -> Result<Option<PathBuf>, PrepareError> {
+    let read = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PrepareError::Read { path, source }
+    };
+    let top = chart.canonicalize().map_err(read(Path::new(".")))?;
     let mut pending = vec![chart.to_path_buf()];
     let mut seen = 0usize;
     while let Some(dir) = pending.pop() {
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let rel = dir.strip_prefix(chart).unwrap_or(&dir);
+        for entry in std::fs::read_dir(&dir).map_err(read(rel))? {
+            let entry = entry.map_err(read(rel))?;
             seen += 1;
             if seen > MAX_CHART_ENTRIES {
-                return Err(format!("the chart has more than {MAX_CHART_ENTRIES} files"));
+                return Err(PrepareError::TooManyFiles(MAX_CHART_ENTRIES));
             }
             let path = entry.path();
             let kind = entry
                 .file_type()
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                .map_err(read(path.strip_prefix(chart).unwrap_or(&path)))?;
             if kind.is_symlink() {
                 match path.canonicalize() {
                     Ok(target) if target.starts_with(&top) => {}
@@ -188,7 +229,7 @@ fn given_values(root: &Path, dir: &Path, req: &HelmRequest) -> Vec<String> {
     }
     let rel = dir.strip_prefix(root).unwrap_or(dir);
     for file in &req.options.value_files {
-        if let Ok(path) = contained_path(root, &rel.join(file)) {
+        if let Ok(Some(path)) = value_file(root, rel, file, req) {
             texts.extend(std::fs::read_to_string(path));
         }
     }
@@ -268,6 +309,7 @@ mod tests {
             kube_version: None,
             api_versions: Vec::new(),
             dependency_cache: None,
+            refs: Default::default(),
         };
         let values = given_values(&root, &root.join("chart"), &req);
         use base64::Engine;
@@ -296,12 +338,12 @@ mod tests {
         // Inside the chart: fine.
         std::os::unix::fs::symlink(chart.join("values.yaml"), chart.join("templates/v.yaml"))
             .unwrap();
-        assert_eq!(symlink_leaving(&chart), Ok(None));
+        assert_eq!(symlink_leaving(&chart).unwrap(), None);
         std::os::unix::fs::symlink(dir.path().join("secret"), chart.join("templates/s.yaml"))
             .unwrap();
         assert_eq!(
-            symlink_leaving(&chart),
-            Ok(Some(chart.join("templates/s.yaml")))
+            symlink_leaving(&chart).unwrap(),
+            Some(chart.join("templates/s.yaml"))
         );
     }
 
@@ -336,6 +378,7 @@ mod tests {
             kube_version: None,
             api_versions: Vec::new(),
             dependency_cache: None,
+            refs: Default::default(),
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()
@@ -361,6 +404,7 @@ mod tests {
             kube_version: None,
             api_versions: Vec::new(),
             dependency_cache: None,
+            refs: Default::default(),
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()

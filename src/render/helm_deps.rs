@@ -9,13 +9,43 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use super::process::RunError;
+
+/// What stops a chart from being prepared for `helm template`: reading it, or building its
+/// dependencies.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the chart has more than {0} files")]
+    TooManyFiles(usize),
+    #[error("Chart.yaml: {0}")]
+    ChartYaml(#[source] Box<super::RenderError>),
+    #[error("Chart.yaml: a dependency has no name")]
+    UnnamedDependency,
+    #[error("cannot copy the chart to build it: {0}")]
+    Copy(#[source] std::io::Error),
+    #[error("cannot use the built dependencies: {0}")]
+    Cached(#[source] std::io::Error),
+    #[error("helm {command}: {source}")]
+    Run { command: String, source: RunError },
+    #[error("helm {command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
 /// The dependencies `chart` lists but does not vendor in `charts/` (by name, or an archive
 /// `<name>-<version>.tgz`); empty when there is nothing to build.
-pub(crate) fn missing(chart: &Path) -> Result<Vec<(String, String)>, String> {
-    let text = std::fs::read_to_string(chart.join("Chart.yaml"))
-        .map_err(|e| format!("cannot read Chart.yaml: {e}"))?;
+pub(crate) fn missing(chart: &Path) -> Result<Vec<(String, String)>, PrepareError> {
+    let file = chart.join("Chart.yaml");
+    let text = std::fs::read_to_string(&file).map_err(|source| PrepareError::Read {
+        path: PathBuf::from("Chart.yaml"),
+        source,
+    })?;
     let meta: Value = super::yaml::parse_documents(&text, Path::new("Chart.yaml"))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| PrepareError::ChartYaml(Box::new(e)))?
         .into_iter()
         .next()
         .unwrap_or(Value::Null);
@@ -29,7 +59,7 @@ pub(crate) fn missing(chart: &Path) -> Result<Vec<(String, String)>, String> {
         let text = |key: &str| dep.get(key).and_then(Value::as_str).unwrap_or_default();
         let (name, repository) = (text("name"), text("repository"));
         if name.is_empty() {
-            return Err("Chart.yaml: a dependency has no name".into());
+            return Err(PrepareError::UnnamedDependency);
         }
         let vendored = chart.join("charts").join(name).is_dir()
             || std::fs::read_dir(chart.join("charts"))
@@ -56,33 +86,34 @@ pub(crate) fn build(
     env: &[(&str, PathBuf)],
     repositories: &[(String, String)],
     cache: Option<&Path>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, PrepareError> {
     let copy = work.join("chart");
-    copy_tree(chart, &copy).map_err(|e| format!("cannot copy the chart to build it: {e}"))?;
+    copy_tree(chart, &copy).map_err(PrepareError::Copy)?;
     let key = digest(chart);
     let cached = cache.map(|c| c.join(&key));
     if let Some(cached) = cached.as_ref().filter(|c| c.is_dir()) {
-        copy_tree(cached, &copy.join("charts"))
-            .map_err(|e| format!("cannot use the built dependencies: {e}"))?;
+        copy_tree(cached, &copy.join("charts")).map_err(PrepareError::Cached)?;
         return Ok(copy);
     }
-    let run = |args: &[&str]| -> Result<(), String> {
+    let run = |args: &[&str]| -> Result<(), PrepareError> {
         let mut cmd = Command::new(helm);
         cmd.args(args);
         for (key, value) in env {
             cmd.env(key, value);
         }
         let out = super::process::run(cmd, super::process::TIMEOUT, super::process::MAX_OUTPUT)
-            .map_err(|e| format!("helm {}: {e}", args.first().copied().unwrap_or_default()))?;
+            .map_err(|source| PrepareError::Run {
+                command: args.first().copied().unwrap_or_default().to_string(),
+                source,
+            })?;
         if out.success {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(format!(
-            "helm {} failed: {}",
-            args.join(" "),
-            stderr.trim().chars().take(2000).collect::<String>()
-        ))
+        Err(PrepareError::Failed {
+            command: args.join(" "),
+            stderr: stderr.trim().chars().take(2000).collect(),
+        })
     };
     // Argo CD adds each HTTP(S) repository the dependencies name; OCI and file:// ones need
     // no entry.

@@ -81,11 +81,17 @@ pub enum RenderError {
         command: String,
         message: String,
     },
-    #[error("substitution in {object} ({origin}): {message}")]
+    #[error("app {app}: chart {path}: {source}")]
+    HelmPrepare {
+        app: String,
+        path: PathBuf,
+        source: helm_deps::PrepareError,
+    },
+    #[error("substitution in {object} ({origin}): {source}")]
     Substitution {
         object: String,
         origin: String,
-        message: String,
+        source: substitute::UnsetVariable,
     },
 }
 
@@ -105,7 +111,7 @@ impl RenderError {
             RenderError::KustomizeUnsupported { .. } | RenderError::Unsupported { .. } => {
                 ErrorKind::RenderUnsupported
             }
-            RenderError::Helm { .. } => ErrorKind::RenderHelm,
+            RenderError::Helm { .. } | RenderError::HelmPrepare { .. } => ErrorKind::RenderHelm,
             RenderError::Substitution { .. } => ErrorKind::RenderSubstitution,
         }
     }
@@ -243,6 +249,7 @@ pub(crate) fn render_with(
             kube_version: None,
             api_versions: Vec::new(),
             dependency_cache: None,
+            refs: Default::default(),
         });
         return helm::template(root, &dir, &request);
     }
@@ -428,6 +435,7 @@ mod tests {
                 kube_version: None,
                 api_versions: Vec::new(),
                 dependency_cache: None,
+                refs: Default::default(),
             }),
             ..Default::default()
         };

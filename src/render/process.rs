@@ -21,7 +21,7 @@ pub(crate) struct Output {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum RunError {
+pub enum RunError {
     #[error("{0}")]
     Spawn(#[source] std::io::Error),
     #[error("stopped after {}: it did not finish in time", humantime::format_duration(*.0))]

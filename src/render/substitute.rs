@@ -44,10 +44,10 @@ pub(crate) fn substitute(
             }
             walk(value, vars, mode, &mut result);
         }
-        result.map_err(|message| RenderError::Substitution {
+        result.map_err(|source| RenderError::Substitution {
             object: object.display_name(),
             origin: object.origin.clone(),
-            message,
+            source,
         })?;
     }
     Ok(())
@@ -69,7 +69,7 @@ fn walk(
     value: &mut Value,
     vars: &BTreeMap<String, String>,
     mode: Mode,
-    result: &mut Result<(), String>,
+    result: &mut Result<(), UnsetVariable>,
 ) {
     match value {
         Value::String(s) if s.contains('$') => match expand(s, vars, mode) {
@@ -112,7 +112,16 @@ fn typed(text: String) -> Value {
 }
 
 /// Expands the references in `s`; `None` when there were none.
-fn expand(s: &str, vars: &BTreeMap<String, String>, mode: Mode) -> Result<Option<String>, String> {
+/// A `${VAR}` in strict mode with no value and no default.
+#[derive(Debug, thiserror::Error)]
+#[error("variable {0} is not set and has no default")]
+pub struct UnsetVariable(String);
+
+fn expand(
+    s: &str,
+    vars: &BTreeMap<String, String>,
+    mode: Mode,
+) -> Result<Option<String>, UnsetVariable> {
     let mut out = String::with_capacity(s.len());
     let mut changed = false;
     let mut rest = s;
@@ -153,9 +162,7 @@ fn expand(s: &str, vars: &BTreeMap<String, String>, mode: Mode) -> Result<Option
         match (vars.get(name), default) {
             (Some(v), _) => out.push_str(v),
             (None, Some(d)) => out.push_str(d),
-            (None, None) if mode == Mode::Strict => {
-                return Err(format!("variable {name} is not set and has no default"))
-            }
+            (None, None) if mode == Mode::Strict => return Err(UnsetVariable(name.to_string())),
             (None, None) => {}
         }
     }

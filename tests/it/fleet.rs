@@ -4,7 +4,7 @@ use crate::git_revisions::greeting_app;
 use crate::harness::{Agent, AgentConfig, GitRepo, TestNamespace};
 
 /// An agent whose apps come from `fleet/` in the repository at `url`.
-fn fleet_config(url: &str, poll_interval: &str) -> AgentConfig {
+pub fn fleet_config(url: &str, poll_interval: &str) -> AgentConfig {
     AgentConfig::new()
         .section(
             "fleet",

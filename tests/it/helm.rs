@@ -78,7 +78,7 @@ pub fn write_chart(repo: &GitRepo) {
 }
 
 /// Runs the pinned helm with throwaway config, cache and data directories.
-fn run_helm(args: &[&str]) {
+pub fn run_helm(args: &[&str]) {
     let home = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(helm())
         .args(args)
@@ -95,7 +95,7 @@ fn run_helm(args: &[&str]) {
 }
 
 /// Packages the test chart at `version` into `dest` and returns the archive's path.
-fn package_chart(dest: &Path, version: &str, greeting: &str) -> PathBuf {
+pub fn package_chart(dest: &Path, version: &str, greeting: &str) -> PathBuf {
     let src = tempfile::tempdir().unwrap();
     for (path, content) in chart_files(version, greeting) {
         let file = src.path().join("web").join(path);
@@ -371,5 +371,164 @@ async fn chart_dependencies_are_built_from_their_repository_and_kept() {
         downloads,
         "the dependency was fetched again"
     );
+    assert!(agent.stop().await.success());
+}
+
+/// An Application with `spec.sources`, as users write one to keep a public chart's values in
+/// their own Git repository: the chart from a Helm repository, its value files from a `ref`
+/// source (`$values/...`), and plain manifests from a third source, applied as one app; a
+/// commit to the values repository alone is a new revision of the app.
+#[tokio::test]
+async fn multi_source_application_renders_a_chart_with_values_from_git_and_more_manifests() {
+    let ns = TestNamespace::reserve("multisrc").await;
+    let site = tempfile::tempdir().unwrap();
+    let charts = site.path().join("stable");
+    package_chart(&charts, "0.1.0", "from-the-chart");
+    run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    let server = ChartServer::start(site.path(), None).await;
+    let chart_url = server.url("stable");
+
+    let values = GitRepo::new();
+    values.write("env/prod.yaml", "greeting: from-git\ncolor: teal\n");
+    values.write(
+        "extra/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  level: one\n",
+    );
+    values.commit("values and extra manifests");
+    let values_url = values.url();
+
+    let fleet = GitRepo::new();
+    let fleet_url = fleet.url();
+    fleet.write(
+        "fleet/web.yaml",
+        &format!(
+            r#"apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: web
+  namespace: argocd
+spec:
+  project: default
+  sources:
+    - repoURL: {chart_url}
+      chart: web
+      targetRevision: 0.1.0
+      helm:
+        releaseName: edge
+        ignoreMissingValueFiles: true
+        valueFiles:
+          - $values/env/prod.yaml
+          - $values/env/not-there.yaml
+    - repoURL: {values_url}
+      targetRevision: main
+      ref: values
+    - repoURL: {values_url}
+      targetRevision: main
+      path: extra
+  destination:
+    server: https://kubernetes.default.svc
+    namespace: {ns}
+  syncPolicy:
+    automated:
+      prune: true
+    syncOptions:
+      - CreateNamespace=true
+"#,
+            ns = ns.name
+        ),
+    );
+    fleet.commit("a multi-source app");
+    let config = crate::fleet::fleet_config(&fleet_url, "1s")
+        .section("helm", &format!("binary = \"{}\"", helm().display()))
+        .repository(&format!("url = \"{chart_url}\"\npoll_interval = \"1s\""));
+    let agent = Agent::start(&config);
+
+    let data = eventually("the chart with values from Git", WAIT, || async {
+        let data = ns.api::<ConfigMap>().get("edge-config").await.ok()?.data?;
+        (data["greeting"] == "from-git").then_some(data)
+    })
+    .await;
+    assert_eq!(data["color"], "teal");
+    assert_eq!(data["version"], "0.1.0");
+    assert_eq!(config_data(&ns, "settings").await["level"], "one");
+    let revision = eventually("the app's state saved", WAIT, || async {
+        config.state("web")["last_applied_revision"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .await;
+    assert_eq!(
+        revision.split('+').count(),
+        3,
+        "the chart's and both Git sources' revisions: {revision}"
+    );
+
+    // The chart did not change: a commit to the values repository is picked up by itself.
+    values.write("env/prod.yaml", "greeting: changed-in-git\ncolor: teal\n");
+    values.write(
+        "extra/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  level: two\n",
+    );
+    values.commit("new values");
+    eventually("the new values applied", WAIT, || async {
+        let data = ns.api::<ConfigMap>().get("edge-config").await.ok()?.data?;
+        (data["greeting"] == "changed-in-git").then_some(())
+    })
+    .await;
+    assert_eq!(config_data(&ns, "settings").await["level"], "two");
+    assert!(agent.stop().await.success());
+}
+
+/// A `$ref` value file that names no source fails the app with a message saying so: it is
+/// not left out silently, and nothing shows Synced.
+#[tokio::test]
+async fn a_value_file_naming_an_unknown_ref_fails_the_app() {
+    let ns = TestNamespace::reserve("multisrc-bad").await;
+    let repo = GitRepo::new();
+    write_chart(&repo);
+    let url = repo.url();
+    repo.write(
+        "fleet/web.yaml",
+        &format!(
+            r#"apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: web
+spec:
+  sources:
+    - repoURL: {url}
+      targetRevision: main
+      path: charts/web
+      helm:
+        valueFiles: [$config/prod.yaml]
+    - repoURL: {url}
+      targetRevision: main
+      ref: values
+  destination:
+    server: https://kubernetes.default.svc
+    namespace: {ns}
+  syncPolicy:
+    automated: {{}}
+    syncOptions: [CreateNamespace=true]
+"#,
+            ns = ns.name
+        ),
+    );
+    repo.commit("a value file from no source");
+    let config = crate::fleet::fleet_config(&url, "1s")
+        .section("helm", &format!("binary = \"{}\"", helm().display()));
+    let agent = Agent::start(&config);
+    let error = eventually("the app failed", WAIT, || async {
+        let doc = config.status().await;
+        let app = doc["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["app"] == "web")?
+            .clone();
+        app["last_error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(error.contains("$config"), "{error}");
+    assert!(config.state("web")["last_applied_revision"].is_null());
     assert!(agent.stop().await.success());
 }

@@ -1,6 +1,7 @@
 //! `configMapGenerator` and `secretGenerator`, and the name hash suffix kustomize gives generated
 //! objects, computed the same way so that the names match `kustomize build` exactly.
 
+use super::error::KustomizeError;
 use std::collections::BTreeMap;
 
 use base64::Engine;
@@ -66,7 +67,7 @@ pub(super) fn run(ctx: &Ctx, k: &Kustomization, resmap: &mut ResMap) -> Result<(
                     )))
                 }
             };
-            add(resmap, res, behavior).map_err(at)?;
+            add(resmap, res, behavior).map_err(|e| at(e.to_string()))?;
         }
     }
     Ok(())
@@ -296,7 +297,7 @@ fn valid_key(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), String> {
+fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), KustomizeError> {
     let kind = res.kind().to_string();
     let name = res.name().to_string();
     let ns = res.namespace().to_string();
@@ -310,17 +311,16 @@ fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), Stri
             res.behavior = Some(Behavior::Create);
             resmap.append(res)
         }
-        (Behavior::Create, Some(_)) => Err(format!(
-            "{kind} {name} already exists; use behavior merge or replace"
-        )),
-        (_, None) => Err(format!(
-            "behavior {} needs an existing {kind} named {name} from the resources, found none",
-            if behavior == Behavior::Merge {
+        (Behavior::Create, Some(_)) => Err(KustomizeError::GeneratedExists { kind, name }),
+        (_, None) => Err(KustomizeError::NothingToMerge {
+            behavior: if behavior == Behavior::Merge {
                 "merge"
             } else {
                 "replace"
-            }
-        )),
+            },
+            kind,
+            name,
+        }),
         (_, Some(i)) => {
             let Some(base) = resmap.get_mut(i) else {
                 return Ok(());
@@ -364,7 +364,7 @@ fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), Stri
 }
 
 /// Gives every generated object that still needs one its `-<hash>` name suffix.
-pub(crate) fn add_hash_suffixes(resmap: &mut ResMap) -> Result<(), String> {
+pub(crate) fn add_hash_suffixes(resmap: &mut ResMap) -> Result<(), KustomizeError> {
     for r in resmap.iter_mut() {
         if !r.needs_hash {
             continue;
@@ -380,7 +380,7 @@ pub(crate) fn add_hash_suffixes(resmap: &mut ResMap) -> Result<(), String> {
 /// kustomize's hash: SHA-256 over Go's JSON encoding of kind, data (and binaryData, or type and
 /// stringData for Secrets) with an empty name, as kustomize computes it; the first 10 hex
 /// digits, with 0, 1, 3, a and e swapped for letters so no word is spelled.
-fn content_hash(obj: &Map<String, Value>) -> Result<String, String> {
+fn content_hash(obj: &Map<String, Value>) -> Result<String, KustomizeError> {
     let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
     let field = |k: &str| match obj.get(k) {
         Some(v @ Value::Object(_)) => v.clone(),
@@ -403,7 +403,11 @@ fn content_hash(obj: &Map<String, Value>) -> Result<String, String> {
                 m.insert("stringData", v.clone());
             }
         }
-        other => return Err(format!("cannot compute a name hash for kind {other}")),
+        other => {
+            return Err(KustomizeError::Unhashable {
+                kind: other.to_string(),
+            })
+        }
     }
     let mut encoded = String::new();
     go_json(

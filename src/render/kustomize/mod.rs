@@ -8,6 +8,7 @@
 //! kustomize's fixed order. Only at the top, generated names get their hash suffix and name
 //! references (ConfigMap refs in pods, ServiceAccount subjects, ...) follow renamed objects.
 
+mod error;
 mod fieldspec;
 mod generator;
 mod nameref;
@@ -25,6 +26,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{parse_objects, Manifests, Object, RenderError, MAX_FILE_BYTES};
+use error::KustomizeError;
 use resource::{Res, ResMap};
 
 /// File names kustomize looks for, in its order.
@@ -61,7 +63,7 @@ impl Overrides {
         *self == Overrides::default()
     }
 
-    fn apply(&self, k: &mut Kustomization) -> Result<(), String> {
+    fn apply(&self, k: &mut Kustomization) -> Result<(), KustomizeError> {
         if self.name_prefix.is_some() {
             k.name_prefix = self.name_prefix.clone();
         }
@@ -101,7 +103,7 @@ pub(crate) fn build_with(
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
-    nameref::fix(&mut resmap).map_err(|m| builder.error(dir, m))?;
+    nameref::fix(&mut resmap);
     vars::resolve(&mut resmap, &builder.vars).map_err(|m| builder.error(dir, m))?;
     resmap.sort_legacy();
     Ok(Manifests {
@@ -258,10 +260,10 @@ impl Builder<'_> {
         path.strip_prefix(self.root).unwrap_or(path)
     }
 
-    fn error(&self, path: &Path, message: impl Into<String>) -> RenderError {
+    fn error(&self, path: &Path, message: impl std::fmt::Display) -> RenderError {
         RenderError::Kustomize {
             path: self.rel(path).to_path_buf(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 
@@ -502,7 +504,7 @@ pub(super) struct Ctx<'a, 'b> {
 }
 
 impl Ctx<'_, '_> {
-    fn error(&self, message: impl Into<String>) -> RenderError {
+    fn error(&self, message: impl std::fmt::Display) -> RenderError {
         self.builder.error(self.file, message)
     }
 

@@ -114,7 +114,7 @@ struct Target {
 }
 
 /// Points every reference at the current name of the object it named.
-pub(crate) fn fix(resmap: &mut ResMap) -> Result<(), String> {
+pub(crate) fn fix(resmap: &mut ResMap) {
     let targets: Vec<Target> = resmap
         .iter()
         .filter(|r| !r.history.is_empty())
@@ -130,12 +130,11 @@ pub(crate) fn fix(resmap: &mut ResMap) -> Result<(), String> {
         })
         .collect();
     if targets.is_empty() {
-        return Ok(());
+        return;
     }
     for r in resmap.iter_mut() {
         fix_referrer(r, &targets);
     }
-    Ok(())
 }
 
 /// The new name for a reference to `kind` named `name` from namespace `ns`, if it was renamed.

@@ -2,6 +2,7 @@
 //! kustomize's field paths (`spec.template.spec.containers.[name=web].image`, `*` for every
 //! element, `[a.b/c]` for keys with dots) and its delimiter, index and create options.
 
+use super::error::KustomizeError;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -274,7 +275,7 @@ fn lookup<'a>(v: &'a Value, path: &[Step], out: &mut Vec<&'a Value>) {
 }
 
 /// Sets the fields at `path`; returns how many were set.
-fn set(v: &mut Value, path: &[Step], value: &Value, o: &Options) -> Result<usize, String> {
+fn set(v: &mut Value, path: &[Step], value: &Value, o: &Options) -> Result<usize, KustomizeError> {
     let Some((step, rest)) = path.split_first() else {
         *v = merge_delimited(v, value, o)?;
         return Ok(1);
@@ -334,7 +335,7 @@ fn set(v: &mut Value, path: &[Step], value: &Value, o: &Options) -> Result<usize
 }
 
 /// With a delimiter, only the `index`-th part of the target's text is replaced.
-fn merge_delimited(current: &Value, value: &Value, o: &Options) -> Result<Value, String> {
+fn merge_delimited(current: &Value, value: &Value, o: &Options) -> Result<Value, KustomizeError> {
     let Some(d) = &o.delimiter else {
         // A scalar lands with the target's type: a port copied into an args string stays text.
         return Ok(match (current, value) {
@@ -345,7 +346,7 @@ fn merge_delimited(current: &Value, value: &Value, o: &Options) -> Result<Value,
         });
     };
     let Value::String(text) = current else {
-        return Err("a delimiter needs a text field".into());
+        return Err(KustomizeError::DelimiterNeedsText);
     };
     let new = match value {
         Value::String(s) => s.clone(),

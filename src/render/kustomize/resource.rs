@@ -1,6 +1,7 @@
 //! Resources as kustomize tracks them: the object, where it came from, the names it had before
 //! (so references can follow a rename), and how a generator made it.
 
+use super::error::KustomizeError;
 use serde_json::{Map, Value};
 
 /// How a generated ConfigMap or Secret meets one of the same name from a base.
@@ -148,20 +149,19 @@ impl ResMap {
 
     /// Adds a resource; the same group, kind, namespace and name twice is an error, as in
     /// kustomize ("may not add resource with an already registered id").
-    pub(crate) fn append(&mut self, res: Res) -> Result<(), String> {
+    pub(crate) fn append(&mut self, res: Res) -> Result<(), KustomizeError> {
         if let Some(existing) = self.items.iter().find(|r| r.same_id(&res)) {
-            return Err(format!(
-                "may not add resource with an already registered id: {} (from {} and {})",
-                res.id(),
-                existing.origin,
-                res.origin
-            ));
+            return Err(KustomizeError::DuplicateId {
+                id: res.id(),
+                first: existing.origin.clone(),
+                second: res.origin.clone(),
+            });
         }
         self.items.push(res);
         Ok(())
     }
 
-    pub(crate) fn append_all(&mut self, other: ResMap) -> Result<(), String> {
+    pub(crate) fn append_all(&mut self, other: ResMap) -> Result<(), KustomizeError> {
         for r in other.items {
             self.append(r)?;
         }

@@ -1,6 +1,7 @@
 //! kustomize's built-in transformers that need no files: namespace, name prefix and suffix,
 //! labels, annotations, replicas and images.
 
+use super::error::KustomizeError;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -181,7 +182,7 @@ pub(crate) fn labels(
     resmap: &mut ResMap,
     common: &BTreeMap<String, String>,
     sets: &[LabelSet],
-) -> Result<(), String> {
+) -> Result<(), KustomizeError> {
     if !common.is_empty() {
         let specs: Vec<FieldSpec> = std::iter::once(fs("", "metadata/labels", true))
             .chain(TEMPLATE_LABELS)
@@ -199,7 +200,9 @@ pub(crate) fn labels(
         }
         for f in &set.fields {
             if f.version.is_some() && f.kind.is_none() {
-                return Err(format!("fields: {} names a version without a kind", f.path));
+                return Err(KustomizeError::VersionWithoutKind {
+                    path: f.path.clone(),
+                });
             }
         }
         add_pairs(resmap, &set.pairs, &specs, &set.fields);
@@ -326,14 +329,16 @@ pub(crate) struct Image {
 impl Image {
     /// `kustomize edit set image` syntax, as Argo CD's `source.kustomize.images` writes it:
     /// `[name=]newName[:tag][@digest]`; without `name=`, the image keeps its name.
-    pub(crate) fn from_edit_syntax(spec: &str) -> Result<Image, String> {
+    pub(crate) fn from_edit_syntax(spec: &str) -> Result<Image, KustomizeError> {
         let (name, image) = match spec.split_once('=') {
             Some((name, image)) => (Some(name), image),
             None => (None, spec),
         };
         let (new_name, tag, digest) = split_image(image);
         if new_name.is_empty() {
-            return Err(format!("image {spec:?} names no image"));
+            return Err(KustomizeError::NoImage {
+                spec: spec.to_string(),
+            });
         }
         let name = name.unwrap_or(new_name).to_string();
         Ok(Image {

@@ -2,6 +2,7 @@
 //! Ingress hosts becomes a field of another object (by default its final name). Resolved once,
 //! at the top, after names are final; an undefined `$(NAME)` stays as written, as in kustomize.
 
+use super::error::KustomizeError;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -71,11 +72,15 @@ fn reference_paths(kind: &str) -> Vec<String> {
 }
 
 /// Adds the vars of one kustomization; a name defined twice differently is an error.
-pub(crate) fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), String> {
+pub(crate) fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), KustomizeError> {
     for v in new {
         match all.iter().find(|a| a.name == v.name) {
             Some(existing) if existing == v => {}
-            Some(_) => return Err(format!("var {} is defined twice", v.name)),
+            Some(_) => {
+                return Err(KustomizeError::VarDefinedTwice {
+                    name: v.name.clone(),
+                })
+            }
             None => all.push(v.clone()),
         }
     }
@@ -83,7 +88,7 @@ pub(crate) fn collect(all: &mut Vec<Var>, new: &[Var]) -> Result<(), String> {
 }
 
 /// Expands the vars everywhere kustomize does.
-pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), String> {
+pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), KustomizeError> {
     if vars.is_empty() {
         return Ok(());
     }
@@ -107,19 +112,29 @@ pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), String> {
         let r = match found.as_slice() {
             [one] => *one,
             [] => {
-                return Err(format!(
-                    "var {}: no {} named {} among the resources",
-                    v.name, v.objref.kind, v.objref.name
-                ))
+                return Err(KustomizeError::VarUnmatched {
+                    name: v.name.clone(),
+                    kind: v.objref.kind.clone(),
+                    target: v.objref.name.clone(),
+                })
             }
-            _ => return Err(format!("var {}: several objects match its objref", v.name)),
+            _ => {
+                return Err(KustomizeError::VarAmbiguous {
+                    name: v.name.clone(),
+                })
+            }
         };
         let path = v
             .fieldref
             .as_ref()
             .map_or("metadata.name", |f| f.fieldpath.as_str());
-        let value = field(&Value::Object(r.obj.clone()), path)
-            .ok_or_else(|| format!("var {}: field {path} not found in {}", v.name, r.id()))?;
+        let value = field(&Value::Object(r.obj.clone()), path).ok_or_else(|| {
+            KustomizeError::VarFieldMissing {
+                name: v.name.clone(),
+                path: path.to_string(),
+                id: r.id(),
+            }
+        })?;
         values.push((format!("$({})", v.name), value));
     }
     for r in resmap.iter_mut() {
