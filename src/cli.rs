@@ -213,6 +213,14 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     let manifests = render_path(path, None, None)?;
     let mut ok = true;
     for object in &manifests.objects {
+        if object.group() == argo::GROUP && object.kind() == "ApplicationSet" {
+            println!(
+                "{}: ApplicationSet {}: expanded by each node (its generators read the node's name and labels, and Git)",
+                object.origin,
+                object.name()
+            );
+            continue;
+        }
         match argo::parse(object) {
             Ok(None) => println!(
                 "{}: {} is not an Argo CD object; ignored",

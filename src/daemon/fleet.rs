@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{AppConfig, Config, FleetConfig};
+use crate::fleet::appset;
 use crate::fleet::argo::{self, FleetObject};
 use crate::render;
 use crate::source::GitSource;
@@ -165,6 +166,10 @@ impl Expander<'_> {
         let (projects, others): (Vec<_>, Vec<_>) =
             objects.iter().partition(|o| o.kind() == "AppProject");
         for object in projects.into_iter().chain(others) {
+            if object.group() == argo::GROUP && object.kind() == "ApplicationSet" {
+                self.application_set(object, chain);
+                continue;
+            }
             match argo::parse(object) {
                 Ok(Some(parsed)) => {
                     for w in &parsed.warnings {
@@ -197,6 +202,37 @@ impl Expander<'_> {
                     self.uncertain = true;
                     self.problems.push(e.to_string())
                 }
+            }
+        }
+    }
+
+    /// The Applications an ApplicationSet generates for this node, read as if they were in the
+    /// fleet. One that cannot be expanded is a problem, and the set of apps is then uncertain
+    /// (nothing is removed for it).
+    fn application_set(&mut self, object: &crate::render::Object, chain: &[String]) {
+        let node = appset::Node {
+            name: &self.config.node.name,
+            labels: &self.config.node.labels,
+        };
+        match appset::expand(object, &*self, &node) {
+            Ok((apps, warnings)) => {
+                for w in warnings {
+                    self.problems.push(format!("{}: {w}", object.origin));
+                }
+                tracing::debug!(
+                    set = object.name(),
+                    apps = apps.len(),
+                    "ApplicationSet expanded"
+                );
+                self.objects(&apps, chain);
+            }
+            Err(e) => {
+                self.uncertain = true;
+                self.problems.push(format!(
+                    "{}: ApplicationSet {} generates nothing: {e}",
+                    object.origin,
+                    object.name()
+                ));
             }
         }
     }
@@ -283,6 +319,37 @@ impl Expander<'_> {
         render::render_with(&snapshot.root, Path::new(&app.path), &options)
             .ok()
             .map(|m| m.objects)
+    }
+}
+
+/// A git generator's checkout: the repository at the revision, verified as the fleet is
+/// when `[signatures] fleet` asks for it.
+impl appset::Checkouts for Expander<'_> {
+    fn checkout(
+        &self,
+        url: &str,
+        revision: &str,
+    ) -> Result<std::path::PathBuf, appset::CheckoutError> {
+        let repo = self.config.repository(url);
+        let refs = self.source.remote_refs(&repo)?;
+        let target = super::sync::Target {
+            sha: refs.resolve(revision)?,
+            tag: refs.annotated_tag(revision),
+            sources: Vec::new(),
+        };
+        if self.config.signatures.fleet {
+            super::checks::verify_revision(
+                self.source,
+                self.keyring,
+                &repo,
+                revision,
+                &target,
+                "[signatures] fleet",
+                &self.keyring.key_ids(),
+            )?;
+        }
+        let snapshot = self.source.snapshot(&repo, revision, &target.sha)?;
+        Ok(snapshot.root)
     }
 }
 

@@ -2,4 +2,5 @@
 //! ([`argo`]), read into apps and projects. Which apps this node runs is decided by their
 //! node selectors (`model::selector`) against the node's labels (`model::node`).
 
+pub(crate) mod appset;
 pub(crate) mod argo;

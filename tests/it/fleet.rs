@@ -686,3 +686,115 @@ async fn objects_argo_cd_applied_are_taken_over_in_place() {
     );
     assert!(agent.stop().await.success());
 }
+
+/// A matrix ApplicationSet, as fleets publish them: this node (the `clusters` generator,
+/// selected by its labels) times the directories under `apps/`, with Go templates. Each
+/// directory becomes an app on the real control plane; a new directory becomes a new app; a
+/// set whose selector does not match this node generates nothing.
+#[tokio::test]
+async fn matrix_application_set_over_directories_and_node_labels() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let ns = TestNamespace::reserve("appset").await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    let settings = |name: &str, site: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}-settings\ndata:\n  site: \"{site}\"\n")
+    };
+    repo.write("apps/web/settings.yaml", &settings("web", "${SITE}"));
+    repo.write("apps/api/settings.yaml", &settings("api", "any"));
+    repo.write("apps/skip/settings.yaml", &settings("skip", "any"));
+    let set = |name: &str, selector: &str| {
+        format!(
+            r#"apiVersion: argoproj.io/v1alpha1
+kind: ApplicationSet
+metadata:
+  name: {name}
+  namespace: argocd
+spec:
+  goTemplate: true
+  goTemplateOptions: ["missingkey=error"]
+  generators:
+    - matrix:
+        generators:
+          - clusters:
+              selector:
+                matchLabels: {{site: {selector}}}
+          - git:
+              repoURL: {url}
+              revision: main
+              directories:
+                - path: apps/*
+                - path: apps/skip
+                  exclude: true
+  syncPolicy:
+    preserveResourcesOnDeletion: true
+  template:
+    metadata:
+      name: '{{{{.path.basename}}}}-{{{{index .metadata.labels "site"}}}}'
+      finalizers: [resources-finalizer.argocd.argoproj.io]
+    spec:
+      project: default
+      source:
+        repoURL: {url}
+        targetRevision: main
+        path: '{{{{.path.path}}}}'
+      destination:
+        server: '{{{{.server}}}}'
+        namespace: {ns}
+      syncPolicy:
+        automated: {{prune: true}}
+        syncOptions: [CreateNamespace=true]
+"#,
+            ns = ns.name
+        )
+    };
+    repo.write("fleet/here.yaml", &set("here", "plant-7"));
+    repo.write("fleet/elsewhere.yaml", &set("elsewhere", "plant-9"));
+    let sha = repo.commit("an ApplicationSet");
+    let config = fleet_config(&url, "1s").node("labels = { site = \"plant-7\" }");
+    let agent = Agent::start(&config);
+    config.wait_applied("web-plant-7", &sha).await;
+    config.wait_applied("api-plant-7", &sha).await;
+    let api = ns.api::<ConfigMap>();
+    assert!(api.get("web-settings").await.is_ok());
+    assert!(api.get("api-settings").await.is_ok());
+    assert!(
+        api.get("skip-settings").await.is_err(),
+        "excluded directory"
+    );
+    let doc = config.status().await;
+    let mut apps: Vec<String> = doc["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["app"].as_str().map(str::to_string))
+        .collect();
+    apps.sort();
+    assert_eq!(apps, ["api-plant-7", "web-plant-7"], "{doc}");
+
+    // A new directory is a new app on the next fleet commit.
+    repo.write("apps/cache/settings.yaml", &settings("cache", "any"));
+    let sha = repo.commit("a new directory");
+    config.wait_applied("cache-plant-7", &sha).await;
+    assert!(api.get("cache-settings").await.is_ok());
+
+    // The set does not delete an app's objects when it stops generating it
+    // (preserveResourcesOnDeletion), even though the template asks for Argo CD's finalizer.
+    repo.remove("apps/cache/settings.yaml");
+    repo.commit("the cache directory is gone");
+    crate::harness::eventually(
+        "cache-plant-7 gone from this node",
+        crate::harness::WAIT,
+        || async {
+            let doc = config.status().await;
+            (!doc["apps"]
+                .as_array()?
+                .iter()
+                .any(|a| a["app"] == "cache-plant-7"))
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(api.get("cache-settings").await.is_ok(), "objects preserved");
+    assert!(agent.stop().await.success());
+}
