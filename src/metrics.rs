@@ -120,6 +120,7 @@ error_kinds! {
     RenderKustomize = "render_kustomize": "a kustomization cannot be built (natively, or by the configured fallback)",
     RenderUnsupported = "render_unsupported": "a source edgesync cannot render: a kustomization feature it does not build (and no fallback is configured), Jsonnet, or a config management plugin",
     RenderHelm = "render_helm": "`helm template` failed",
+    RenderPlugin = "render_plugin": "a config management plugin failed, timed out, or could not be kept off the network",
     RenderSubstitution = "render_substitution": "`${VAR}` substitution failed (an unset variable with `substitute = \"strict\"`)",
     Policy = "policy": "the AppProject refuses the app's source, destination or an object's kind, or the project is not defined",
     SyncWindow = "sync_window": "a sync window cannot be read; the app is held until it is fixed",

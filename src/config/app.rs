@@ -96,10 +96,14 @@ pub(crate) struct AppConfig {
     /// fleet, or targeted elsewhere): Argo CD's `resources-finalizer.argocd.argoproj.io`.
     #[serde(default)]
     pub(crate) delete_on_removal: bool,
-    /// The config management plugin an Application names (`spec.source.plugin`); edgesync
-    /// cannot run plugins yet, so such an app fails saying so. Not a config file key.
-    #[serde(skip)]
+    /// The config management plugin (`[[plugins]]`) that renders the app's path (an
+    /// Application's `spec.source.plugin.name`).
+    #[serde(default)]
     pub(crate) plugin: Option<String>,
+    /// Environment of the plugin's commands, each as `ARGOCD_ENV_<name>` (an Application's
+    /// `spec.source.plugin.env`).
+    #[serde(default)]
+    pub(crate) plugin_env: BTreeMap<String, String>,
     /// Labels and annotations for the namespace `create_namespace` adds (Argo CD's
     /// `syncPolicy.managedNamespaceMetadata`).
     #[serde(default)]
@@ -161,6 +165,7 @@ impl AppConfig {
             kustomize: source.kustomize.clone(),
             directory: source.directory.clone(),
             plugin: None,
+            plugin_env: BTreeMap::new(),
             sources: Vec::new(),
             ..self.clone()
         })

@@ -33,6 +33,8 @@ pub(super) struct RawConfig {
     pub(super) repositories: Vec<Spanned<RepositoryConfig>>,
     #[serde(default)]
     pub(super) apps: Vec<Spanned<AppConfig>>,
+    #[serde(default)]
+    pub(super) plugins: Vec<Spanned<options::PluginConfig>>,
 }
 
 /// The variable systemd sets for a unit with `LoadCredential=`.
@@ -163,6 +165,7 @@ impl Config {
                 }),
             },
             fleet: raw.fleet.map(Spanned::into_inner),
+            plugins: raw.plugins.into_iter().map(Spanned::into_inner).collect(),
             signatures,
             signatures_line,
             apps,

@@ -88,6 +88,8 @@ pub(crate) struct Config {
     pub(crate) helm: HelmConfig,
     /// Where Argo CD Applications for this node come from, if anywhere.
     pub(crate) fleet: Option<FleetConfig>,
+    /// `[[plugins]]`: the config management plugins apps may name.
+    pub(crate) plugins: Vec<options::PluginConfig>,
     /// `[signatures]`, its key files resolved against the config's directory; the daemon
     /// loads the keys.
     pub(crate) signatures: SignaturesConfig,

@@ -117,3 +117,36 @@ pub(crate) fn valid_name(name: &str) -> bool {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
+
+/// A config management plugin (`[[plugins]]`), as Argo CD's `plugin.yaml` describes one: the
+/// commands that prepare (`init`) and print (`generate`) an app's manifests, run in a copy of
+/// the app's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PluginConfig {
+    /// The name Applications use (`spec.source.plugin.name`, or the app's `plugin`).
+    pub(crate) name: String,
+    /// Run first, its output discarded (e.g. `["helm", "dependency", "build"]`).
+    #[serde(default)]
+    pub(crate) init: Vec<String>,
+    /// Prints the manifests (YAML or JSON) on its standard output.
+    pub(crate) generate: Vec<String>,
+    /// How long each command may run.
+    #[serde(default = "default_plugin_timeout", with = "super::sync_policy::human")]
+    pub(crate) timeout: std::time::Duration,
+    /// How much the generate command may print, in bytes.
+    #[serde(default = "default_plugin_output")]
+    pub(crate) max_output: usize,
+    /// Let the commands reach the network. Without it they run in a network namespace of
+    /// their own (no interface but a down loopback).
+    #[serde(default)]
+    pub(crate) network: bool,
+}
+
+fn default_plugin_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(90)
+}
+
+fn default_plugin_output() -> usize {
+    16 * 1024 * 1024
+}

@@ -81,6 +81,38 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
     for (i, app) in raw.apps.iter().enumerate() {
         c.app(i, app, &mut names);
     }
+    let mut plugins = HashSet::new();
+    for (i, plugin) in raw.plugins.iter().enumerate() {
+        let (span, p) = (plugin.span(), plugin.get_ref());
+        let key = |field: &str| format!("plugins[{i}].{field}");
+        if let Err(e) = check_dns_name(&p.name) {
+            c.push(&span, key("name"), e);
+        }
+        if !plugins.insert(p.name.clone()) {
+            c.push(
+                &span,
+                key("name"),
+                format!("duplicate plugin name {:?}", p.name),
+            );
+        }
+        if p.generate.first().is_none_or(|c| c.trim().is_empty()) {
+            c.push(&span, key("generate"), "must name a command");
+        }
+        if p.timeout.is_zero() {
+            c.push(&span, key("timeout"), "must be greater than zero");
+        }
+    }
+    for (i, app) in raw.apps.iter().enumerate() {
+        if let Some(name) = &app.get_ref().plugin {
+            if !plugins.contains(name) {
+                c.push(
+                    &app.span(),
+                    format!("apps[{i}].plugin"),
+                    format!("no [[plugins]] entry is named {name:?}"),
+                );
+            }
+        }
+    }
     c.problems.sort_by_key(|p| p.line);
     c.problems
 }

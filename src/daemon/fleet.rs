@@ -315,7 +315,10 @@ impl Expander<'_> {
         // With the parent's own options: an app-of-apps that is a chart gets its release name,
         // values and parameters, and the node's helm.
         let helm = super::target::helm_request(self.config, app);
-        let options = super::target::render_options(app, helm);
+        let options = render::RenderOptions {
+            plugin: super::target::plugin_request(self.config, app, &sha).ok()?,
+            ..super::target::render_options(app, helm)
+        };
         render::render_with(&snapshot.root, Path::new(&app.path), &options)
             .ok()
             .map(|m| m.objects)

@@ -70,7 +70,58 @@ pub(super) fn render_options(
         directory: app.directory.clone(),
         kustomize: app.kustomize.clone(),
         remote_policy: None,
+        plugin: None,
     }
+}
+
+/// The plugin run of an app that names a config management plugin: the node's
+/// `[[plugins]]` entry of that name, with the app's variables as Argo CD sets them. An app
+/// naming a plugin this node does not have fails saying so.
+pub(super) fn plugin_request(
+    config: &Config,
+    app: &AppConfig,
+    revision: &str,
+) -> Result<Option<render::plugin::PluginRequest>, render::RenderError> {
+    let Some(name) = &app.plugin else {
+        return Ok(None);
+    };
+    let Some(plugin) = config.plugins.iter().find(|p| &p.name == name) else {
+        return Err(render::RenderError::Unsupported {
+            path: app.path.clone().into(),
+            what: format!(
+                "the config management plugin {name} (no [[plugins]] entry of that name on this node)"
+            ),
+        });
+    };
+    let mut env = vec![
+        ("ARGOCD_APP_NAME".to_string(), app.name.clone()),
+        (
+            "ARGOCD_APP_NAMESPACE".to_string(),
+            app.namespace.clone().unwrap_or_default(),
+        ),
+        ("ARGOCD_APP_REVISION".to_string(), revision.to_string()),
+        (
+            "ARGOCD_APP_REVISION_SHORT".to_string(),
+            revision.chars().take(7).collect(),
+        ),
+        (
+            "ARGOCD_APP_SOURCE_REPO_URL".to_string(),
+            crate::model::url::redact(&app.repo),
+        ),
+        (
+            "ARGOCD_APP_SOURCE_TARGET_REVISION".to_string(),
+            app.revision.clone(),
+        ),
+    ];
+    env.extend(
+        app.plugin_env
+            .iter()
+            .map(|(k, v)| (format!("ARGOCD_ENV_{k}"), v.clone())),
+    );
+    Ok(Some(render::plugin::PluginRequest {
+        plugin: plugin.clone(),
+        env,
+    }))
 }
 
 /// Adds the objects of one more source of `app`: an object an earlier source produced too is
@@ -240,6 +291,7 @@ impl SyncContext {
             None
         };
         let mut renders = Vec::new();
+        let plugin = plugin_request(&self.config, app, &target.sha)?;
         for (source, checkout) in sources {
             let mut helm = helm_request(&self.config, &source);
             if let Some(capabilities) = &capabilities {
@@ -248,16 +300,23 @@ impl SyncContext {
             }
             helm.refs = refs.clone();
             let remote_policy = self.remote_policy(&source);
-            renders.push((source, checkout, helm, remote_policy));
+            // Only the app's own source (the first) may name a plugin.
+            let plugin = if renders.is_empty() {
+                plugin.clone()
+            } else {
+                None
+            };
+            renders.push((source, checkout, helm, remote_policy, plugin));
         }
         let app = app.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
         blocking(move || {
             let mut manifests = render::Manifests::default();
-            for (source, (root, path), helm, remote_policy) in renders {
+            for (source, (root, path), helm, remote_policy, plugin) in renders {
                 let options = render::RenderOptions {
                     remote_policy,
+                    plugin,
                     ..render_options(&source, helm)
                 };
                 let rendered = render::render_with(&root, &path, &options)?;
@@ -304,13 +363,6 @@ impl SyncContext {
         let metrics = self.metrics.clone();
         let charts = self.charts.clone();
         blocking(move || {
-            if let Some(plugin) = &app.plugin {
-                return Err(render::RenderError::Unsupported {
-                    path: app.path.clone().into(),
-                    what: format!("the config management plugin {plugin}"),
-                }
-                .into());
-            }
             if let Some((required_by, keys)) = &signers {
                 if let Some(chart) = &app.chart {
                     return Err(crate::signature::VerifyError::NotGit {

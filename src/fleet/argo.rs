@@ -78,6 +78,8 @@ pub(crate) enum SpecError {
 pub(crate) struct Source {
     pub(crate) spec: AppSource,
     pub(crate) plugin: Option<String>,
+    /// `plugin.env`: name and value.
+    pub(crate) plugin_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -376,11 +378,30 @@ fn source_of(source: &Value, field: &str, warnings: &mut Vec<String>) -> Result<
         kustomize: kustomize_options(source.get("kustomize"), field, warnings)?,
         directory: directory_options(source.get("directory"), field, warnings),
     };
+    let plugin = source.get("plugin").filter(|p| !p.is_null());
+    if let Some(p) = plugin {
+        unknown(
+            p.as_object(),
+            &["name", "env"],
+            &format!("{field}.plugin"),
+            warnings,
+        );
+    }
+    let mut plugin_env = BTreeMap::new();
+    for entry in plugin
+        .and_then(|p| p.get("env"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = string(entry, "/name")
+            .ok_or_else(|| SpecError::Missing(format!("{field}.plugin.env[].name")))?;
+        plugin_env.insert(name, string(entry, "/value").unwrap_or_default());
+    }
     Ok(Source {
         spec,
-        plugin: source
-            .get("plugin")
-            .map(|p| string(p, "/name").unwrap_or_else(|| "(found by discovery)".into())),
+        plugin: plugin.map(|p| string(p, "/name").unwrap_or_else(|| "(found by discovery)".into())),
+        plugin_env,
     })
 }
 
@@ -488,6 +509,17 @@ impl Application {
             .position(|s| s.spec.renders())
             .ok_or(SpecError::NothingToRender)?;
         let own = &self.sources[main].spec;
+        if let Some((i, _)) = self
+            .sources
+            .iter()
+            .enumerate()
+            .find(|(i, s)| *i != main && s.plugin.is_some())
+        {
+            return Err(SpecError::Unsupported {
+                field: format!("spec.sources[{i}].plugin"),
+                instead: "only the first source that renders may name a plugin",
+            });
+        }
         let sources = self
             .sources
             .iter()
@@ -536,7 +568,8 @@ impl Application {
             kustomize: own.kustomize.clone(),
             directory: own.directory.clone(),
             namespace_metadata: self.namespace_metadata.clone(),
-            plugin: self.sources.iter().find_map(|s| s.plugin.clone()),
+            plugin: self.sources[main].plugin.clone(),
+            plugin_env: self.sources[main].plugin_env.clone(),
             sources,
         })
     }

@@ -8,6 +8,7 @@ mod directory;
 pub(crate) mod helm;
 mod helm_deps;
 pub(crate) mod kustomize;
+pub(crate) mod plugin;
 pub(crate) mod process;
 pub(crate) mod substitute;
 mod yaml;
@@ -87,6 +88,12 @@ pub enum RenderError {
         path: PathBuf,
         source: helm_deps::PrepareError,
     },
+    #[error("{path}: the config management plugin {plugin}: {message}")]
+    Plugin {
+        plugin: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("substitution in {object} ({origin}): {source}")]
     Substitution {
         object: String,
@@ -113,6 +120,7 @@ impl RenderError {
             }
             RenderError::Helm { .. } | RenderError::HelmPrepare { .. } => ErrorKind::RenderHelm,
             RenderError::Substitution { .. } => ErrorKind::RenderSubstitution,
+            RenderError::Plugin { .. } => ErrorKind::RenderPlugin,
         }
     }
 }
@@ -209,6 +217,8 @@ pub(crate) struct RenderOptions<'a> {
     /// Which remote sources the kustomize fallback may fetch (the AppProject's
     /// `sourceRepos`); `None`: any.
     pub(crate) remote_policy: Option<RemotePolicy>,
+    /// The config management plugin that renders the path instead (`[[plugins]]`).
+    pub(crate) plugin: Option<plugin::PluginRequest>,
 }
 
 /// Whether a repository URL may be fetched (`Err` says why not).
@@ -236,6 +246,9 @@ pub(crate) fn render_with(
         path: root.to_path_buf(),
         source,
     })?;
+    if let Some(request) = &options.plugin {
+        return plugin::generate(root, &dir, request);
+    }
     let kustomization = kustomize::kustomization_file(&dir).is_some();
     if helm::is_chart(&dir) && (options.explicit_helm || !kustomization) {
         let request = options.helm.clone().unwrap_or_else(|| helm::HelmRequest {

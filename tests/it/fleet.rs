@@ -519,11 +519,11 @@ async fn sources_edgesync_cannot_render_fail_and_say_why() {
         "fleet/empty.yaml",
         &application_at("empty", &url, "docs", &ns.name, None),
     );
-    // Refused when read (several sources): not an app, so the node's fleet problems say it.
+    // Refused when read (a generator edgesync does not have): no app, so the node's fleet
+    // problems say it.
     repo.write(
-        "fleet/multi.yaml",
-        &application_at("multi", &url, "plugin", &ns.name, None)
-            .replace("  source:\n    repoURL:", "  sources:\n  - repoURL:"),
+        "fleet/set.yaml",
+        "apiVersion: argoproj.io/v1alpha1\nkind: ApplicationSet\nmetadata:\n  name: from-github\nspec:\n  generators:\n    - scmProvider: {github: {organization: x}}\n  template: {metadata: {name: '{{repository}}'}, spec: {}}\n",
     );
     repo.commit("four apps edgesync cannot render");
     let config = fleet_config(&url, "1s");
@@ -551,11 +551,11 @@ async fn sources_edgesync_cannot_render_fail_and_say_why() {
         "{table}"
     );
     assert!(
-        table.contains("fleet: ") && table.contains("multi") && table.contains("spec.sources"),
+        table.contains("fleet: ") && table.contains("from-github") && table.contains("scmProvider"),
         "{table}"
     );
     let problems = doc["node"]["fleet_problems"].to_string();
-    assert!(problems.contains("multi"), "{problems}");
+    assert!(problems.contains("from-github"), "{problems}");
     for (app, name) in [("jsonnet", "beside-jsonnet"), ("plugin", "beside-plugin")] {
         let namespace = format!("{}-{app}", ns.name);
         assert!(
@@ -796,5 +796,57 @@ spec:
     )
     .await;
     assert!(api.get("cache-settings").await.is_ok(), "objects preserved");
+    assert!(agent.stop().await.success());
+}
+
+/// A config management plugin configured on the node renders an Application that names it,
+/// with the Application's `plugin.env`; its commands have no network unless the plugin
+/// allows it.
+#[tokio::test]
+async fn a_configured_plugin_renders_the_app_without_network_unless_allowed() {
+    let ns = TestNamespace::reserve("plugin").await;
+    let site = tempfile::tempdir().unwrap();
+    let server = crate::harness::charts::ChartServer::start(site.path(), None).await;
+    let repo = GitRepo::new();
+    let url = repo.url();
+    repo.write("app/values.env", "GREETING=hello\n");
+    let plugin_app = |name: &str, plugin: &str| {
+        application_at(name, &url, "app", &ns.name, None).replace(
+            "    path: app\n",
+            &format!("    path: app\n    plugin:\n      name: {plugin}\n      env:\n        - {{name: COLOR, value: teal}}\n"),
+        )
+    };
+    repo.write("fleet/sealed.yaml", &plugin_app("sealed", "envgen"));
+    repo.write("fleet/online.yaml", &plugin_app("online", "envgen-online"));
+    let sha = repo.commit("two plugin apps");
+    let script = format!(
+        r#"set -e; . ./values.env; if bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null; then net=open; else net=blocked; fi; printf 'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: %s-generated\ndata:\n  greeting: %s\n  color: %s\n  net: %s\n' "$ARGOCD_APP_NAME" "$GREETING" "$ARGOCD_ENV_COLOR" "$net""#,
+        port = server.port
+    );
+    let plugin = |name: &str, network: bool| {
+        format!(
+            "name = \"{name}\"\ninit = [\"sh\", \"-c\", \"test -f values.env\"]\ngenerate = [\"sh\", \"-c\", {script:?}]\ntimeout = \"20s\"\nnetwork = {network}"
+        )
+    };
+    let config = fleet_config(&url, "1s")
+        .section("[plugins]", &plugin("envgen", false))
+        .section("[plugins]", &plugin("envgen-online", true));
+    let agent = Agent::start(&config);
+    config.wait_applied("sealed", &sha).await;
+    config.wait_applied("online", &sha).await;
+    let api = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+        ns.client.clone(),
+        &format!("{}-sealed", ns.name),
+    );
+    let data = api.get("sealed-generated").await.unwrap().data.unwrap();
+    assert_eq!(data["greeting"], "hello");
+    assert_eq!(data["color"], "teal");
+    assert_eq!(data["net"], "blocked", "no network without network = true");
+    let api = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+        ns.client.clone(),
+        &format!("{}-online", ns.name),
+    );
+    let data = api.get("online-generated").await.unwrap().data.unwrap();
+    assert_eq!(data["net"], "open");
     assert!(agent.stop().await.success());
 }
