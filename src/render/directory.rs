@@ -167,7 +167,7 @@ impl Walk<'_> {
                 // would apply part of the app and call it Synced.
                 return Err(RenderError::Unsupported {
                     path: self.rel(&path).to_path_buf(),
-                    what: "Jsonnet (Argo CD evaluates the .jsonnet files of a directory app; exclude it with directory.exclude if it is not meant to be)".into(),
+                    what: "Jsonnet (Argo CD evaluates the .jsonnet files of a directory app; exclude them with directory.exclude, or render them with a [[plugins]] entry running jsonnet)".into(),
                 });
             } else if meta.is_file() && is_manifest_file(&path) && self.options.wants(&below) {
                 if meta.len() > MAX_FILE_BYTES {
