@@ -314,7 +314,8 @@ impl Expander<'_> {
         let snapshot = self.source.snapshot(&repo, &app.revision, &sha).ok()?;
         // With the parent's own options: an app-of-apps that is a chart gets its release name,
         // values and parameters, and the node's helm.
-        let helm = super::target::helm_request(self.config, app);
+        let mut helm = super::target::helm_request(self.config, app);
+        helm.credentials = super::target::chart_logins(self.config);
         let options = render::RenderOptions {
             plugin: super::target::plugin_request(self.config, app, &sha).ok()?,
             ..super::target::render_options(app, helm)

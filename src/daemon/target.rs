@@ -54,7 +54,33 @@ pub(super) fn helm_request(config: &Config, app: &AppConfig) -> render::helm::He
         api_versions: Vec::new(),
         dependency_cache: Some(config.state_dir.join("chart-dependencies")),
         refs: Default::default(),
+        credentials: Vec::new(),
     }
+}
+
+/// The logins of the node's chart repositories (HTTP(S) and OCI ones with credentials), for
+/// the dependencies charts name. Reads the secret files (blocking). One that cannot be read is
+/// left out, with a warning: the dependency build then fails on that repository, saying so.
+pub(super) fn chart_logins(config: &Config) -> Vec<render::helm::RepositoryLogin> {
+    let mut logins = Vec::new();
+    for repo in &config.repositories {
+        if !["https://", "http://", "oci://"]
+            .iter()
+            .any(|p| repo.url.starts_with(p))
+        {
+            continue;
+        }
+        match crate::source::credentials(repo) {
+            Ok(Some((username, password))) => logins.push(render::helm::RepositoryLogin {
+                url: repo.url.clone(),
+                username,
+                password,
+            }),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("chart dependencies: {e}"),
+        }
+    }
+    logins
 }
 
 /// How `app`'s path is rendered: its Helm, Kustomize and directory options, as its sync
@@ -311,9 +337,12 @@ impl SyncContext {
         let app = app.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
+        let config = self.config.clone();
         blocking(move || {
+            let logins = chart_logins(&config);
             let mut manifests = render::Manifests::default();
-            for (source, (root, path), helm, remote_policy, plugin) in renders {
+            for (source, (root, path), mut helm, remote_policy, plugin) in renders {
+                helm.credentials = logins.clone();
                 let options = render::RenderOptions {
                     remote_policy,
                     plugin,

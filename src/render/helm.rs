@@ -31,6 +31,26 @@ pub(crate) struct HelmRequest {
     pub(crate) dependency_cache: Option<PathBuf>,
     /// The checkouts of the app's other sources by their `ref`, for `$ref/path` value files.
     pub(crate) refs: std::collections::BTreeMap<String, PathBuf>,
+    /// Credentials of the node's chart repositories, for the dependencies a chart names.
+    pub(crate) credentials: Vec<RepositoryLogin>,
+}
+
+/// A chart repository (HTTP(S) or `oci://`) and its username and password; the password is
+/// never printed.
+#[derive(Clone)]
+pub(crate) struct RepositoryLogin {
+    pub(crate) url: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
+}
+
+impl std::fmt::Debug for RepositoryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepositoryLogin")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where value file `file` of the chart at `rel` (in the checkout at `root`) is: relative to
@@ -117,6 +137,7 @@ pub(crate) fn template(
             &req.binary,
             &env,
             &missing,
+            &req.credentials,
             req.dependency_cache.as_deref(),
         )
         .map_err(prepare)?
@@ -310,6 +331,7 @@ mod tests {
             api_versions: Vec::new(),
             dependency_cache: None,
             refs: Default::default(),
+            credentials: Vec::new(),
         };
         let values = given_values(&root, &root.join("chart"), &req);
         use base64::Engine;
@@ -379,6 +401,7 @@ mod tests {
             api_versions: Vec::new(),
             dependency_cache: None,
             refs: Default::default(),
+            credentials: Vec::new(),
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()
@@ -405,6 +428,7 @@ mod tests {
             api_versions: Vec::new(),
             dependency_cache: None,
             refs: Default::default(),
+            credentials: Vec::new(),
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()

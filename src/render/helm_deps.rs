@@ -30,6 +30,8 @@ pub enum PrepareError {
     Copy(#[source] std::io::Error),
     #[error("cannot use the built dependencies: {0}")]
     Cached(#[source] std::io::Error),
+    #[error("cannot write the dependency repositories for helm: {0}")]
+    Logins(#[source] std::io::Error),
     #[error("helm {command}: {source}")]
     Run { command: String, source: RunError },
     #[error("helm {command} failed: {stderr}")]
@@ -85,6 +87,7 @@ pub(crate) fn build(
     helm: &Path,
     env: &[(&str, PathBuf)],
     repositories: &[(String, String)],
+    logins: &[super::helm::RepositoryLogin],
     cache: Option<&Path>,
 ) -> Result<PathBuf, PrepareError> {
     let copy = work.join("chart");
@@ -115,17 +118,9 @@ pub(crate) fn build(
             stderr: stderr.trim().chars().take(2000).collect(),
         })
     };
-    // Argo CD adds each HTTP(S) repository the dependencies name; OCI and file:// ones need
-    // no entry.
-    let mut added = Vec::new();
-    for (i, (_, repository)) in repositories.iter().enumerate() {
-        if (repository.starts_with("https://") || repository.starts_with("http://"))
-            && !added.contains(repository)
-        {
-            run(&["repo", "add", "--", &format!("dependency-{i}"), repository])?;
-            added.push(repository.clone());
-        }
-    }
+    // Argo CD adds each HTTP(S) repository the dependencies name, with the credentials of
+    // the repository configured for it; OCI registries get a login, file:// nothing.
+    write_logins(env, repositories, logins).map_err(PrepareError::Logins)?;
     let target = copy.to_string_lossy().to_string();
     run(&["dependency", "build", "--", &target])?;
     if let Some(cached) = cached {
@@ -134,6 +129,89 @@ pub(crate) fn build(
         }
     }
     Ok(copy)
+}
+
+/// Where helm reads its configuration: the scratch `HELM_CONFIG_HOME` of `env`.
+fn config_home<'a>(env: &'a [(&str, PathBuf)]) -> Option<&'a Path> {
+    env.iter()
+        .find(|(k, _)| *k == "HELM_CONFIG_HOME")
+        .map(|(_, v)| v.as_path())
+}
+
+/// The login configured for `repository`: the node's repository of that URL (a trailing
+/// slash aside), or, for OCI, of the same registry host and a path that contains it.
+fn login_for<'a>(
+    repository: &str,
+    logins: &'a [super::helm::RepositoryLogin],
+) -> Option<&'a super::helm::RepositoryLogin> {
+    let bare = |u: &str| u.trim_end_matches('/').to_string();
+    logins.iter().find(|l| {
+        bare(&l.url) == bare(repository)
+            || (repository.starts_with("oci://")
+                && bare(repository).starts_with(&format!("{}/", bare(&l.url))))
+    })
+}
+
+/// helm's `repositories.yaml` (each HTTP(S) repository, with its credentials) and registry
+/// `config.json` (OCI logins) in its scratch config home, private to this render; helm then
+/// fetches the indexes itself (`dependency build` refreshes them).
+fn write_logins(
+    env: &[(&str, PathBuf)],
+    repositories: &[(String, String)],
+    logins: &[super::helm::RepositoryLogin],
+) -> std::io::Result<()> {
+    use base64::Engine;
+    let Some(home) = config_home(env) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(home)?;
+    let mut entries = Vec::new();
+    let mut auths = serde_json::Map::new();
+    for (i, (_, repository)) in repositories.iter().enumerate() {
+        let login = login_for(repository, logins);
+        if repository.starts_with("https://") || repository.starts_with("http://") {
+            if entries
+                .iter()
+                .any(|e: &Value| e["url"] == Value::String(repository.clone()))
+            {
+                continue;
+            }
+            let mut entry =
+                serde_json::json!({"name": format!("dependency-{i}"), "url": repository});
+            if let Some(login) = login {
+                entry["username"] = login.username.clone().into();
+                entry["password"] = login.password.clone().into();
+            }
+            entries.push(entry);
+        } else if let (Some(rest), Some(login)) = (repository.strip_prefix("oci://"), login) {
+            let host = rest.split('/').next().unwrap_or(rest);
+            let auth = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", login.username, login.password));
+            auths.insert(host.to_string(), serde_json::json!({ "auth": auth }));
+        }
+    }
+    let private = |path: &Path, text: String| -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(text.as_bytes())
+    };
+    // JSON is YAML: helm reads it as its repositories file.
+    let file = serde_json::json!({"apiVersion": "", "generated": "0001-01-01T00:00:00Z", "repositories": entries});
+    private(&home.join("repositories.yaml"), file.to_string())?;
+    if !auths.is_empty() {
+        let config = serde_json::json!({ "auths": auths });
+        private(&home.join("registry/config.json"), config.to_string())?;
+    }
+    Ok(())
 }
 
 /// The archives `helm dependency build` wrote, kept under `cached` (written aside, then

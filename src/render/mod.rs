@@ -263,6 +263,7 @@ pub(crate) fn render_with(
             api_versions: Vec::new(),
             dependency_cache: None,
             refs: Default::default(),
+            credentials: Vec::new(),
         });
         return helm::template(root, &dir, &request);
     }
@@ -449,6 +450,7 @@ mod tests {
                 api_versions: Vec::new(),
                 dependency_cache: None,
                 refs: Default::default(),
+                credentials: Vec::new(),
             }),
             ..Default::default()
         };

@@ -28,7 +28,7 @@ fn read_secret(url: &str, path: &Path) -> Result<String, SourceError> {
 }
 
 /// The username and password (or token) configured for `repo`, read from their files now.
-pub(super) fn userpass(repo: &RepositoryConfig) -> Result<Option<(String, String)>, SourceError> {
+pub(crate) fn userpass(repo: &RepositoryConfig) -> Result<Option<(String, String)>, SourceError> {
     let url = &repo.url;
     Ok(match (&repo.token_file, &repo.password_file) {
         (Some(token), _) => Some((

@@ -11,6 +11,7 @@ mod sealed;
 
 use std::path::PathBuf;
 
+pub(crate) use auth::userpass as credentials;
 pub(crate) use chart::{ChartError, ChartIndex, ChartSource};
 pub(crate) use git::{GitSource, RemoteRefs, TagRef};
 

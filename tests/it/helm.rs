@@ -532,3 +532,48 @@ spec:
     assert!(config.state("web")["last_applied_revision"].is_null());
     assert!(agent.stop().await.success());
 }
+
+/// A chart whose dependency lives in a chart repository that needs credentials: the node's
+/// `[[repositories]]` entry of that URL gives them to helm, and they never reach the log.
+#[tokio::test]
+async fn chart_dependencies_use_the_nodes_repository_credentials() {
+    let ns = TestNamespace::reserve("helmdeps-auth").await;
+    let site = tempfile::tempdir().unwrap();
+    let charts = site.path().join("private");
+    package_chart(&charts, "0.1.0", "from-a-private-repository");
+    run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    let server = ChartServer::start(site.path(), Some("fleet:dep-s3cret-9")).await;
+    let charts_url = server.url("private");
+    let repo = GitRepo::new();
+    repo.write(
+        "umbrella/Chart.yaml",
+        &format!(
+            "apiVersion: v2\nname: umbrella\nversion: 1.0.0\ndependencies:\n  - name: web\n    version: 0.1.0\n    repository: {charts_url}\n"
+        ),
+    );
+    repo.write(
+        "umbrella/values.yaml",
+        "web:\n  replicas: 1\n  greeting: private\n",
+    );
+    let sha = repo.commit("umbrella chart with a private dependency");
+    let url = repo.url();
+    let config = AgentConfig::new().section("helm", &format!("binary = \"{}\"", helm().display()));
+    let password = config.file("dependency-password", "dep-s3cret-9\n");
+    let config = config
+        .repository(&format!(
+            "url = \"{charts_url}\"\nusername = \"fleet\"\npassword_file = \"{}\"",
+            password.display()
+        ))
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"umbrella\"\nrepo = \"{url}\"\npath = \"umbrella\"\nnamespace = \"{}\"\ncreate_namespace = true\nhelm = {{ release_name = \"edge\" }}",
+            ns.name
+        ));
+    let agent = Agent::start(&config);
+    config.wait_applied("umbrella", &sha).await;
+    assert_eq!(config_data(&ns, "edge-config").await["greeting"], "private");
+    assert!(server.downloads() >= 1);
+    let log = agent.log();
+    assert!(!log.contains("dep-s3cret-9"), "{log}");
+    assert!(agent.stop().await.success());
+}
