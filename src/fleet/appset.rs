@@ -388,26 +388,37 @@ fn clusters(ctx: &Ctx<'_>, body: &Value, field: &str) -> Result<Vec<Params>, App
     metadata.insert("annotations".into(), Value::Object(Map::new()));
     value.insert("metadata".into(), Value::Object(metadata));
     let mut params = from_value(&value);
-    if let Some(values) = body.get("values").and_then(Value::as_object) {
-        // The values are templated with the cluster's own parameters, as in Argo CD.
-        let mut rendered = Map::new();
-        for (k, v) in values {
-            let text = v
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string());
-            let text =
-                render_text(ctx, &text, &params).map_err(|source| AppSetError::Template {
-                    field: format!("{field}.values.{k}"),
-                    source,
-                })?;
-            rendered.insert(k.clone(), Value::String(text));
-        }
-        let mut wrapper = Map::new();
-        wrapper.insert("values".into(), Value::Object(rendered));
-        params.merge(&from_value(&wrapper));
-    }
+    add_values(ctx, body, field, &mut params)?;
     Ok(vec![params])
+}
+
+/// A generator's `values`, templated with the parameters it yields (as in Argo CD), added to
+/// them as `values.<key>`.
+fn add_values(
+    ctx: &Ctx<'_>,
+    body: &Value,
+    field: &str,
+    params: &mut Params,
+) -> Result<(), AppSetError> {
+    let Some(values) = body.get("values").and_then(Value::as_object) else {
+        return Ok(());
+    };
+    let mut rendered = Map::new();
+    for (k, v) in values {
+        let text = v
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string());
+        let text = render_text(ctx, &text, params).map_err(|source| AppSetError::Template {
+            field: format!("{field}.values.{k}"),
+            source,
+        })?;
+        rendered.insert(k.clone(), Value::String(text));
+    }
+    let mut wrapper = Map::new();
+    wrapper.insert("values".into(), Value::Object(rendered));
+    params.merge(&from_value(&wrapper));
+    Ok(())
 }
 
 /// A Kubernetes `LabelSelector` (`matchLabels`, `matchExpressions`) as selector text.
@@ -513,7 +524,7 @@ fn git(ctx: &Ctx<'_>, body: &Value, field: &str) -> Result<Vec<Params>, AppSetEr
             if include.iter().any(|p| path_match(p, &dir))
                 && !exclude.iter().any(|p| path_match(p, &dir))
             {
-                out.push(path_params(ctx, &dir, None, prefix.as_deref()));
+                out.push(path_params(&dir, None, prefix.as_deref()));
             }
         }
     }
@@ -527,30 +538,13 @@ fn git(ctx: &Ctx<'_>, body: &Value, field: &str) -> Result<Vec<Params>, AppSetEr
             }
             for content in file_params(&root, &file, field)? {
                 let mut params = from_value(&content);
-                params.merge(&path_params(ctx, &file, Some(&file), prefix.as_deref()));
+                params.merge(&path_params(&file, Some(&file), prefix.as_deref()));
                 out.push(params);
             }
         }
     }
-    if let Some(values) = body.get("values").and_then(Value::as_object) {
-        for params in &mut out {
-            let mut rendered = Map::new();
-            for (k, v) in values {
-                let text = v
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string());
-                let text =
-                    render_text(ctx, &text, params).map_err(|source| AppSetError::Template {
-                        field: format!("{field}.values.{k}"),
-                        source,
-                    })?;
-                rendered.insert(k.clone(), Value::String(text));
-            }
-            let mut wrapper = Map::new();
-            wrapper.insert("values".into(), Value::Object(rendered));
-            params.merge(&from_value(&wrapper));
-        }
+    for params in &mut out {
+        add_values(ctx, body, field, params)?;
     }
     Ok(out)
 }
@@ -633,7 +627,7 @@ fn path_match(pattern: &str, path: &str) -> bool {
 }
 
 /// The path parameters of a directory (or of a file, whose `path` is its directory).
-fn path_params(ctx: &Ctx<'_>, path: &str, file: Option<&str>, prefix: Option<&str>) -> Params {
+fn path_params(path: &str, file: Option<&str>, prefix: Option<&str>) -> Params {
     let dir = match file {
         Some(f) => Path::new(f)
             .parent()
@@ -690,7 +684,6 @@ fn path_params(ctx: &Ctx<'_>, path: &str, file: Option<&str>, prefix: Option<&st
             params.nested.insert("path".into(), Value::Object(nested));
         }
     }
-    let _ = ctx;
     params
 }
 
