@@ -438,4 +438,48 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn ref_value_files_stay_in_their_sources_checkout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        let (app, values) = (base.join("app"), base.join("values"));
+        std::fs::create_dir_all(app.join("chart")).unwrap();
+        std::fs::create_dir_all(values.join("env")).unwrap();
+        std::fs::write(values.join("env/prod.yaml"), "a: 1\n").unwrap();
+        std::fs::write(base.join("outside.yaml"), "secret: x\n").unwrap();
+        let req = HelmRequest {
+            app: "web".into(),
+            namespace: None,
+            options: HelmOptions {
+                ignore_missing_value_files: true,
+                ..Default::default()
+            },
+            binary: PathBuf::from("helm"),
+            kube_version: None,
+            api_versions: Vec::new(),
+            dependency_cache: None,
+            refs: [("values".to_string(), values.clone())].into(),
+            credentials: Vec::new(),
+        };
+        let file = |f: &str| value_file(&app, Path::new("chart"), f, &req);
+        assert_eq!(
+            file("$values/env/prod.yaml").unwrap(),
+            Some(values.join("env/prod.yaml"))
+        );
+        assert!(matches!(
+            file("$values/../outside.yaml"),
+            Err(RenderError::OutsideCheckout { .. })
+        ));
+        assert!(matches!(
+            file("../../outside.yaml"),
+            Err(RenderError::OutsideCheckout { .. })
+        ));
+        assert!(file("$other/x.yaml")
+            .unwrap_err()
+            .to_string()
+            .contains("$other"));
+        // Missing files are left out when the app says so.
+        assert_eq!(file("$values/env/none.yaml").unwrap(), None);
+    }
 }
