@@ -17,9 +17,13 @@ pub(crate) fn redact_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(sep) = rest.find("://") {
+        // After the last character that cannot be part of a scheme (which may be several
+        // bytes long: the scheme starts after all of it).
         let scheme_start = rest[..sep]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+            .map_or(0, |(i, c)| i + c.len_utf8());
         let scheme = &rest[scheme_start..sep];
         let after = &rest[sep + 3..];
         let authority_end = after
@@ -108,6 +112,14 @@ pub(crate) fn parse_broker_url(url: &str) -> Result<(String, u16, bool), BrokerU
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multibyte_character_before_the_scheme_separator_is_kept_whole() {
+        // Found by the config fuzzer: a byte-order mark inside `mqtts://`.
+        assert_eq!(redact("mqtts\u{feff}://:28:6"), "mqtts\u{feff}://:28:6");
+        assert_eq!(redact("é://u:p@h"), "é://u:***@h");
+        assert!(parse_broker_url("mqtts\u{feff}://:28:6").is_err());
+    }
 
     #[test]
     fn credentials_in_text_are_redacted() {
