@@ -315,7 +315,9 @@ impl Expander<'_> {
         // With the parent's own options: an app-of-apps that is a chart gets its release name,
         // values and parameters, and the node's helm.
         let mut helm = super::target::helm_request(self.config, app);
-        helm.credentials = super::target::chart_logins(self.config);
+        if render::helm::is_chart(&snapshot.root.join(&app.path)) {
+            helm.credentials = super::target::chart_logins(&self.config.repositories);
+        }
         let options = render::RenderOptions {
             plugin: super::target::plugin_request(self.config, app, &sha).ok()?,
             ..super::target::render_options(app, helm)

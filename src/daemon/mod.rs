@@ -617,7 +617,7 @@ pub(crate) async fn sync_repository(
             break;
         }
         let resolved = match ctx.resolve(repo, &refs, app).await {
-            Ok(target) => ctx.resolve_sources(app, target).await,
+            Ok(target) => ctx.resolve_sources(app, &refs, target).await,
             Err(e) => Err(e),
         };
         let target = match resolved {

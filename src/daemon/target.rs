@@ -61,9 +61,11 @@ pub(super) fn helm_request(config: &Config, app: &AppConfig) -> render::helm::He
 /// The logins of the node's chart repositories (HTTP(S) and OCI ones with credentials), for
 /// the dependencies charts name. Reads the secret files (blocking). One that cannot be read is
 /// left out, with a warning: the dependency build then fails on that repository, saying so.
-pub(super) fn chart_logins(config: &Config) -> Vec<render::helm::RepositoryLogin> {
+pub(super) fn chart_logins(
+    repositories: &[RepositoryConfig],
+) -> Vec<render::helm::RepositoryLogin> {
     let mut logins = Vec::new();
-    for repo in &config.repositories {
+    for repo in repositories {
         if !["https://", "http://", "oci://"]
             .iter()
             .any(|p| repo.url.starts_with(p))
@@ -241,22 +243,30 @@ impl SyncContext {
         }
     }
 
-    /// The revisions of the app's other sources (`sources`), each read from its repository,
-    /// added to `target`.
+    /// The revisions of the app's other sources (`sources`) added to `target`: each
+    /// repository read once (`own`, what the app's own repository offers, is not read again).
     pub(crate) async fn resolve_sources(
         &self,
         app: &AppConfig,
+        own: &Revisions,
         mut target: Target,
     ) -> Result<Target, SyncError> {
+        let mut read: Vec<(String, Revisions)> = Vec::new();
         for index in 0..app.sources.len() {
             let Some(source) = app.with_source(index) else {
                 continue;
             };
             let repo = self.config.repository(&source.repo);
-            let revisions = self.remote_refs(&repo).await?;
+            if source.repo != app.repo && !read.iter().any(|(url, _)| *url == source.repo) {
+                read.push((source.repo.clone(), self.remote_refs(&repo).await?));
+            }
+            let revisions = read
+                .iter()
+                .find(|(url, _)| *url == source.repo)
+                .map_or(own, |(_, revisions)| revisions);
             target
                 .sources
-                .push(self.resolve(&repo, &revisions, &source).await?);
+                .push(self.resolve(&repo, revisions, &source).await?);
         }
         Ok(target)
     }
@@ -269,7 +279,7 @@ impl SyncContext {
         let repo = self.config.repository(&app.repo);
         let revisions = self.remote_refs(&repo).await?;
         let target = self.resolve(&repo, &revisions, app).await?;
-        let target = self.resolve_sources(app, target).await?;
+        let target = self.resolve_sources(app, &revisions, target).await?;
         let plan = self.render_and_plan(app, &target).await?;
         Ok((target.revision(), plan))
     }
@@ -308,10 +318,10 @@ impl SyncContext {
                 sources.push((source, (root, path)));
             }
         }
-        let capabilities = if sources
+        let charts = sources
             .iter()
-            .any(|(_, (root, path))| render::helm::is_chart(&root.join(path)))
-        {
+            .any(|(_, (root, path))| render::helm::is_chart(&root.join(path)));
+        let capabilities = if charts {
             self.capabilities().await
         } else {
             None
@@ -337,9 +347,13 @@ impl SyncContext {
         let app = app.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
-        let config = self.config.clone();
+        // Only a chart can name dependencies that need the repositories' credentials.
+        let repositories = charts.then(|| self.config.repositories.clone());
         blocking(move || {
-            let logins = chart_logins(&config);
+            let logins = repositories
+                .as_deref()
+                .map(chart_logins)
+                .unwrap_or_default();
             let mut manifests = render::Manifests::default();
             for (source, (root, path), mut helm, remote_policy, plugin) in renders {
                 helm.credentials = logins.clone();

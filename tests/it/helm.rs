@@ -112,6 +112,36 @@ pub fn package_chart(dest: &Path, version: &str, greeting: &str) -> PathBuf {
     dest.join(format!("web-{version}.tgz"))
 }
 
+/// A chart repository served over HTTP (with basic auth when `credentials` is given) holding
+/// the test chart at 0.1.0 under `dir`; the repository's URL.
+async fn serve_chart(
+    site: &Path,
+    dir: &str,
+    greeting: &str,
+    credentials: Option<&str>,
+) -> (ChartServer, String) {
+    let charts = site.join(dir);
+    package_chart(&charts, "0.1.0", greeting);
+    run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    let server = ChartServer::start(site, credentials).await;
+    let url = server.url(dir);
+    (server, url)
+}
+
+/// A Git repository with the chart `umbrella`, which depends on `web` at `version` from the
+/// chart repository at `dependency`, with `values`.
+fn umbrella_repo(dependency: &str, version: &str, values: &str) -> GitRepo {
+    let repo = GitRepo::new();
+    repo.write(
+        "umbrella/Chart.yaml",
+        &format!(
+            "apiVersion: v2\nname: umbrella\nversion: 1.0.0\ndependencies:\n  - name: web\n    version: {version}\n    repository: {dependency}\n"
+        ),
+    );
+    repo.write("umbrella/values.yaml", values);
+    repo
+}
+
 fn sha256_hex(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
@@ -320,19 +350,8 @@ async fn charts_see_the_live_clusters_version_and_apis() {
 async fn chart_dependencies_are_built_from_their_repository_and_kept() {
     let ns = TestNamespace::reserve("helmdeps").await;
     let site = tempfile::tempdir().unwrap();
-    let charts = site.path().join("stable");
-    package_chart(&charts, "0.1.0", "from-dependency");
-    run_helm(&["repo", "index", charts.to_str().unwrap()]);
-    let server = ChartServer::start(site.path(), None).await;
-    let repo = GitRepo::new();
-    repo.write(
-        "umbrella/Chart.yaml",
-        &format!(
-            "apiVersion: v2\nname: umbrella\nversion: 1.0.0\ndependencies:\n  - name: web\n    version: 0.1.x\n    repository: {}\n",
-            server.url("stable")
-        ),
-    );
-    repo.write("umbrella/values.yaml", "web:\n  replicas: 1\n");
+    let (server, charts_url) = serve_chart(site.path(), "stable", "from-dependency", None).await;
+    let repo = umbrella_repo(&charts_url, "0.1.x", "web:\n  replicas: 1\n");
     let sha = repo.commit("umbrella chart");
     let url = repo.url();
     let config = AgentConfig::new()
@@ -382,11 +401,7 @@ async fn chart_dependencies_are_built_from_their_repository_and_kept() {
 async fn multi_source_application_renders_a_chart_with_values_from_git_and_more_manifests() {
     let ns = TestNamespace::reserve("multisrc").await;
     let site = tempfile::tempdir().unwrap();
-    let charts = site.path().join("stable");
-    package_chart(&charts, "0.1.0", "from-the-chart");
-    run_helm(&["repo", "index", charts.to_str().unwrap()]);
-    let server = ChartServer::start(site.path(), None).await;
-    let chart_url = server.url("stable");
+    let (_server, chart_url) = serve_chart(site.path(), "stable", "from-the-chart", None).await;
 
     let values = GitRepo::new();
     values.write("env/prod.yaml", "greeting: from-git\ncolor: teal\n");
@@ -539,20 +554,16 @@ spec:
 async fn chart_dependencies_use_the_nodes_repository_credentials() {
     let ns = TestNamespace::reserve("helmdeps-auth").await;
     let site = tempfile::tempdir().unwrap();
-    let charts = site.path().join("private");
-    package_chart(&charts, "0.1.0", "from-a-private-repository");
-    run_helm(&["repo", "index", charts.to_str().unwrap()]);
-    let server = ChartServer::start(site.path(), Some("fleet:dep-s3cret-9")).await;
-    let charts_url = server.url("private");
-    let repo = GitRepo::new();
-    repo.write(
-        "umbrella/Chart.yaml",
-        &format!(
-            "apiVersion: v2\nname: umbrella\nversion: 1.0.0\ndependencies:\n  - name: web\n    version: 0.1.0\n    repository: {charts_url}\n"
-        ),
-    );
-    repo.write(
-        "umbrella/values.yaml",
+    let (server, charts_url) = serve_chart(
+        site.path(),
+        "private",
+        "from-a-private-repository",
+        Some("fleet:dep-s3cret-9"),
+    )
+    .await;
+    let repo = umbrella_repo(
+        &charts_url,
+        "0.1.0",
         "web:\n  replicas: 1\n  greeting: private\n",
     );
     let sha = repo.commit("umbrella chart with a private dependency");

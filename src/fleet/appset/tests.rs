@@ -46,6 +46,13 @@ fn names(apps: &[Object]) -> Vec<String> {
     apps.iter().map(|a| a.name().to_string()).collect()
 }
 
+fn node_1(labels: &BTreeMap<String, String>) -> Node<'_> {
+    Node {
+        name: "node-1",
+        labels,
+    }
+}
+
 fn labels() -> BTreeMap<String, String> {
     [("site".to_string(), "plant-7".to_string())].into()
 }
@@ -54,10 +61,7 @@ fn labels() -> BTreeMap<String, String> {
 fn git_directories_with_exclusions_and_fasttemplate() {
     let (_dir, checkouts) = repo();
     let labels = labels();
-    let node = Node {
-        name: "node-1",
-        labels: &labels,
-    };
+    let node = node_1(&labels);
     let set = appset(json!({
         "generators": [{"git": {"repoURL": "https://g/r.git", "revision": "main",
             "directories": [{"path": "apps/*"}, {"path": "apps/skip", "exclude": true}]}}],
@@ -82,10 +86,7 @@ fn git_directories_with_exclusions_and_fasttemplate() {
 fn matrix_of_this_node_and_git_files_with_go_templates() {
     let (_dir, checkouts) = repo();
     let labels = labels();
-    let node = Node {
-        name: "node-1",
-        labels: &labels,
-    };
+    let node = node_1(&labels);
     let set = appset(json!({
         "goTemplate": true,
         "goTemplateOptions": ["missingkey=error"],
@@ -121,10 +122,7 @@ fn matrix_of_this_node_and_git_files_with_go_templates() {
 fn list_and_merge_generators() {
     let (_dir, checkouts) = repo();
     let labels = labels();
-    let node = Node {
-        name: "node-1",
-        labels: &labels,
-    };
+    let node = node_1(&labels);
     let set = appset(json!({
         "generators": [{"merge": {"mergeKeys": ["app"], "generators": [
             {"list": {"elements": [{"app": "web", "tier": "front"}, {"app": "api", "tier": "back"}]}},
@@ -140,10 +138,7 @@ fn list_and_merge_generators() {
 fn what_cannot_be_expanded_is_refused_by_name() {
     let (_dir, checkouts) = repo();
     let labels = labels();
-    let node = Node {
-        name: "node-1",
-        labels: &labels,
-    };
+    let node = node_1(&labels);
     for (spec, expected) in [
         (
             json!({"generators": [{"scmProvider": {}}], "template": {}}),
