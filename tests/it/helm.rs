@@ -465,7 +465,18 @@ spec:
     .await;
     assert_eq!(data["color"], "teal");
     assert_eq!(data["version"], "0.1.0");
-    assert_eq!(config_data(&ns, "settings").await["level"], "one");
+    // The third source's objects are applied in the same sync, maybe a moment later.
+    let settings_level = |level: &'static str| {
+        let ns = &ns;
+        async move {
+            eventually(&format!("settings at level {level}"), WAIT, || async {
+                let data = ns.api::<ConfigMap>().get("settings").await.ok()?.data?;
+                (data["level"] == level).then_some(())
+            })
+            .await
+        }
+    };
+    settings_level("one").await;
     let revision = eventually("the app's state saved", WAIT, || async {
         config.state("web")["last_applied_revision"]
             .as_str()
@@ -490,7 +501,7 @@ spec:
         (data["greeting"] == "changed-in-git").then_some(())
     })
     .await;
-    assert_eq!(config_data(&ns, "settings").await["level"], "two");
+    settings_level("two").await;
     assert!(agent.stop().await.success());
 }
 
