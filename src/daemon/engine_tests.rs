@@ -364,6 +364,8 @@ async fn a_rollout_past_its_health_timeout_is_rolled_back_by_the_health_monitor(
     e.write("app/deploy.yaml", DEPLOYMENT);
     let bad = e.commit();
     e.sync("web", &bad).await.unwrap();
+    // Measured after the sync: slow machines (qemu) may take seconds between the two syncs.
+    let now = crate::state::unix_now();
     let changing = monitor.round(&e.ctx, None, now).await;
     assert!(changing, "a rollout on its way is polled quickly");
     assert!(
