@@ -125,7 +125,7 @@ error_kinds! {
     Policy = "policy": "the AppProject refuses the app's source, destination or an object's kind, or the project is not defined",
     SyncWindow = "sync_window": "a sync window cannot be read; the app is held until it is fixed",
     Conflict = "conflict": "an object of the render is managed by another app of this node",
-    Hook = "hook": "a resource hook (PreSync, Sync, PostSync, SyncFail) failed or did not finish in time",
+    Hook = "hook": "a resource hook (PreSync, Sync, PostSync, SyncFail, PostDelete) failed or did not finish in time",
     KubeConfig = "kube_config": "no usable kubeconfig or in-cluster credentials",
     KubeClient = "kube_client": "the Kubernetes client cannot be built or reach the API server",
     ApplyDuplicate = "apply_duplicate": "a render holds the same object twice",

@@ -2,7 +2,8 @@
 //! `PostSync`, `SyncFail`, `PostDelete`, `Skip`) with `argocd.argoproj.io/hook-delete-policy`
 //! (`HookSucceeded`, `HookFailed`, `BeforeHookCreation`, the default), and Helm's hooks as Argo
 //! CD maps them (`pre-install`/`pre-upgrade` → PreSync, `post-install`/`post-upgrade` →
-//! PostSync, `helm.sh/hook-weight` → wave, `helm.sh/hook-delete-policy`, tests skipped).
+//! PostSync, `post-delete` → PostDelete, `helm.sh/hook-weight` → wave,
+//! `helm.sh/hook-delete-policy`, tests skipped).
 //!
 //! Hooks are taken out of a plan's objects: they are run in their phase (the daemon does it),
 //! never part of the app's inventory, never pruned, never self-healed.
@@ -132,6 +133,7 @@ pub(crate) fn role(object: &Object, wave: i64) -> Result<Role, ApplyError> {
         match name {
             "pre-install" | "pre-upgrade" => phases.push(HookPhase::PreSync),
             "post-install" | "post-upgrade" => phases.push(HookPhase::PostSync),
+            "post-delete" => phases.push(HookPhase::PostDelete),
             // Helm 2's CRD hook: an ordinary resource for Argo CD.
             "crd-install" => return Ok(Role::Resource),
             "test" | "test-success" | "test-failure" => {
@@ -221,6 +223,8 @@ mod tests {
         assert_eq!(h.delete, [DeletePolicy::HookSucceeded]);
         let h = hook(serde_json::json!({HELM_HOOK: "post-upgrade"}));
         assert_eq!(h.phases, [HookPhase::PostSync]);
+        let h = hook(serde_json::json!({HELM_HOOK: "post-delete"}));
+        assert_eq!(h.phases, [HookPhase::PostDelete]);
         for skipped in ["test", "pre-delete", "pre-rollback"] {
             assert!(
                 matches!(

@@ -256,22 +256,28 @@ impl SyncContext {
     }
 }
 
-/// What of the render's hooks edgesync does not run: `PostDelete` hooks (run when an app is
-/// deleted, which edgesync does not do yet) are named in the app's warnings, never dropped
-/// silently.
-pub(super) fn hook_warnings(plan: &apply::Plan) -> Vec<String> {
+/// What of the render's hooks will not run: `PostDelete` hooks run when the app leaves the
+/// node with its objects (`delete_on_removal`, the resources finalizer); without it they are
+/// named in the app's warnings, never dropped silently.
+pub(super) fn hook_warnings(app: &AppConfig, plan: &apply::Plan) -> Vec<String> {
+    if app.delete_on_removal {
+        return Vec::new();
+    }
     let unrun: Vec<String> = plan
         .hooks
         .iter()
-        .filter(|h| h.phases == [crate::apply::hooks::HookPhase::PostDelete])
+        .filter(|h| {
+            h.phases
+                .contains(&crate::apply::hooks::HookPhase::PostDelete)
+        })
         .map(|h| h.object.display_name())
         .collect();
     if unrun.is_empty() {
         return Vec::new();
     }
-    tracing::warn!(hooks = %unrun.join(", "), "PostDelete hooks are not run");
+    tracing::warn!(app = %app.name, hooks = %unrun.join(", "), "PostDelete hooks will not run");
     vec![format!(
-        "{} PostDelete hooks are not run (edgesync does not run hooks when an app is deleted yet): {}",
+        "{} PostDelete hooks will not run: they run when the app is removed with its objects (resources finalizer, delete_on_removal), which this app is not: {}",
         unrun.len(),
         unrun.join(", ")
     )]

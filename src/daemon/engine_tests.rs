@@ -315,7 +315,15 @@ async fn a_departed_app_with_delete_on_removal_takes_only_its_own_objects() {
     let mut b = cluster.live(&cm_ref("team", "b")).unwrap();
     b["metadata"]["annotations"]["edgesync.io/app"] = json!("other");
     cluster.put(cm_ref("team", "b"), b);
-    // The same state directory, the app gone from the config.
+    let ctx = departed(&e, cluster);
+    super::removal::remove_departed(ctx.clone()).await;
+    assert!(!e.exists("ConfigMap", "a"));
+    assert!(e.exists("ConfigMap", "b"), "someone else's now");
+    assert!(ctx.store.apps().is_empty(), "state archived");
+}
+
+/// The engine's state directory and cluster, with every app gone from the config.
+fn departed(e: &Engine, cluster: Arc<FakeCluster>) -> Arc<SyncContext> {
     let state_dir = e.ctx.config.state_dir.clone();
     let config = Config::parse(
         Path::new("config.toml"),
@@ -325,17 +333,82 @@ async fn a_departed_app_with_delete_on_removal_takes_only_its_own_objects() {
         ),
     )
     .unwrap();
-    let ctx = SyncContext::with_cluster(
+    SyncContext::with_cluster(
         Node::assemble(config).unwrap(),
         Arc::new(Metrics::default()),
         None,
-        cluster.clone(),
+        cluster,
         None,
+    )
+}
+
+#[tokio::test]
+async fn post_delete_hooks_run_after_a_cascading_removal_only() {
+    let hook = || job("name: cleanup", "    helm.sh/hook: post-delete\n");
+    // Without delete_on_removal the objects stay, and so does the cleanup: it is not run,
+    // and the app's warnings said so at its sync.
+    let cluster = Arc::new(FakeCluster::default());
+    let e = Engine::with_cluster(&[PRUNING], cluster.clone());
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write("app/cleanup.yaml", &hook());
+    e.sync("web", &e.commit()).await.unwrap();
+    assert!(!e.exists("Job", "cleanup"), "not run at a sync");
+    let doc = e.ctx.board.document();
+    let warnings = doc
+        .apps
+        .iter()
+        .find(|a| a.app == "web")
+        .unwrap()
+        .warnings
+        .join("\n");
+    assert!(
+        warnings.contains("PostDelete hooks will not run"),
+        "{warnings}"
     );
+    let ctx = departed(&e, cluster);
+    super::removal::remove_departed(ctx.clone()).await;
+    assert!(e.exists("ConfigMap", "a"));
+    assert!(!e.exists("Job", "cleanup"));
+    assert!(ctx.store.apps().is_empty());
+
+    // With it, the hook runs once the objects are gone; one that ran and failed is done.
+    for refused in [false, true] {
+        let cluster = Arc::new(FakeCluster::default());
+        let app = format!("{PRUNING}\ndelete_on_removal = true");
+        let e = Engine::with_cluster(&[&app], cluster.clone());
+        e.write("app/a.yaml", &cm("a", "1"));
+        e.write("app/cleanup.yaml", &hook());
+        e.sync("web", &e.commit()).await.unwrap();
+        assert!(!e.exists("Job", "cleanup"));
+        if refused {
+            cluster.refuse.lock().unwrap().insert("cleanup".into());
+        }
+        let ctx = departed(&e, cluster.clone());
+        super::removal::remove_departed(ctx.clone()).await;
+        assert!(!e.exists("ConfigMap", "a"));
+        assert!(e.exists("Job", "cleanup"), "the hook ran");
+        assert!(ctx.store.apps().is_empty(), "state archived");
+    }
+
+    // A hook that cannot be created keeps the app's state for the next try.
+    let cluster = Arc::new(FakeCluster::default());
+    let app = format!("{PRUNING}\ndelete_on_removal = true");
+    let e = Engine::with_cluster(&[&app], cluster.clone());
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write(
+        "app/note.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: note\n  annotations:\n    argocd.argoproj.io/hook: PostDelete\n",
+    );
+    e.sync("web", &e.commit()).await.unwrap();
+    cluster.refuse.lock().unwrap().insert("note".into());
+    let ctx = departed(&e, cluster.clone());
     super::removal::remove_departed(ctx.clone()).await;
     assert!(!e.exists("ConfigMap", "a"));
-    assert!(e.exists("ConfigMap", "b"), "someone else's now");
-    assert!(ctx.store.apps().is_empty(), "state archived");
+    assert_eq!(ctx.store.apps(), ["web"], "kept for the next try");
+    cluster.refuse.lock().unwrap().clear();
+    super::removal::remove_departed(ctx.clone()).await;
+    assert!(e.exists("ConfigMap", "note"));
+    assert!(ctx.store.apps().is_empty());
 }
 
 const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers: [{name: web, image: web:2}]\n";

@@ -21,6 +21,8 @@ pub(crate) struct HookFailed {
     pub(crate) phase: HookPhase,
     pub(crate) hook: String,
     pub(crate) message: String,
+    /// Whether the hook was created (it ran, or still runs); `false` when creating it failed.
+    pub(crate) ran: bool,
 }
 
 impl SyncContext {
@@ -42,6 +44,7 @@ impl SyncContext {
                     }
                 }
                 Err((created, message)) => {
+                    let ran = created.is_some();
                     if let (Some(created), true) = (created, hook.deleted(DeletePolicy::HookFailed))
                     {
                         self.delete_hook(&created, timeout).await;
@@ -50,6 +53,7 @@ impl SyncContext {
                         phase,
                         hook: name,
                         message,
+                        ran,
                     });
                 }
             }

@@ -87,7 +87,7 @@ impl SyncError {
 }
 
 /// How long a wave may take to become healthy when the app sets no `health_timeout`.
-const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub(super) const DEFAULT_WAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How long each sync wave may take to become healthy.
 fn wave_timeout(app: &AppConfig) -> std::time::Duration {
@@ -443,7 +443,7 @@ impl SyncContext {
         if let Err(e) = self.check_conflicts(app, &plan) {
             return self.failed(app, &mut state, e).await;
         }
-        let mut warnings = super::checks::hook_warnings(&plan);
+        let mut warnings = super::checks::hook_warnings(app, &plan);
         if let Err(e) = self.before_hooks(&plan).await {
             return self.failed(app, &mut state, e.into()).await;
         }

@@ -104,3 +104,76 @@ async fn hooks_run_in_their_phases_and_stay_out_of_the_inventory() {
     assert!(complete(&migrate));
     assert!(agent.stop().await.success());
 }
+
+/// Argo CD's PostDelete hooks (and Helm's `post-delete`): not run at a sync, run once the app
+/// left the node and its objects are gone (the app had the resources finalizer).
+#[tokio::test]
+async fn post_delete_hooks_run_once_a_removed_apps_objects_are_gone() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let ns = TestNamespace::reserve("postdelete").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "app/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  v: \"1\"\n",
+    );
+    repo.write(
+        "app/cleanup.yaml",
+        &job(
+            "name: cleanup",
+            "    argocd.argoproj.io/hook: PostDelete\n",
+            "busybox:1.36",
+        ),
+    );
+    repo.write(
+        "app/farewell.yaml",
+        &job(
+            "name: farewell",
+            "    helm.sh/hook: post-delete\n",
+            "busybox:1.36",
+        ),
+    );
+    let sha = repo.commit("app with cleanup hooks");
+    let url = repo.url();
+    let body = format!(
+        "name = \"leaving\"\nrepo = \"{url}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\ndelete_on_removal = true",
+        ns.name
+    );
+    let mut config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&body);
+    let agent = Agent::start(&config);
+    config.wait_applied("leaving", &sha).await;
+    let jobs = ns.api::<Job>();
+    assert!(
+        jobs.get_opt("cleanup").await.unwrap().is_none(),
+        "PostDelete hooks do not run at a sync"
+    );
+
+    // The app leaves the config (another takes its place).
+    config.edit(
+        &body,
+        &format!("name = \"other\"\nrepo = \"{url}\"\npath = \"none\"\nallow_empty = true"),
+    );
+    config.write();
+    let settings = ns.api::<ConfigMap>();
+    for hook in ["cleanup", "farewell"] {
+        eventually("the PostDelete hook ran", WAIT, || async {
+            jobs.get_opt(hook).await.ok()?.filter(complete).map(|_| ())
+        })
+        .await;
+    }
+    assert!(
+        settings.get_opt("settings").await.unwrap().is_none(),
+        "the objects went first"
+    );
+    eventually("the app forgotten", WAIT, || async {
+        config.state("leaving").is_null().then_some(())
+    })
+    .await;
+    assert!(
+        agent.log().contains("PostDelete hooks done"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.stop().await.success());
+}
