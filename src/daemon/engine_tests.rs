@@ -807,3 +807,31 @@ async fn a_render_emptied_down_to_its_hooks_prunes_nothing() {
     assert!(e.exists("ConfigMap", "a"));
     assert_eq!(e.cluster.count("create"), 0, "no hook ran");
 }
+
+#[tokio::test]
+async fn a_failed_post_sync_hook_fails_the_sync_and_is_retried() {
+    let e = Engine::new(&[PRUNING]);
+    let app = e.ctx.config.app("web").unwrap().clone();
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.write(
+        "app/smoke.yaml",
+        &job("name: smoke", "    argocd.argoproj.io/hook: PostSync\n"),
+    );
+    let target = e.commit();
+    e.cluster.refuse.lock().unwrap().insert("smoke".into());
+    let err = e.ctx.sync_app(&app, &target, false).await.unwrap_err();
+    assert!(err.to_string().contains("PostSync hook"), "{err}");
+    assert!(e.exists("ConfigMap", "a"), "applied before the hook ran");
+    let doc = e.ctx.board.document();
+    let status = doc.apps.iter().find(|a| a.app == "web").unwrap();
+    assert!(status.last_error.is_some(), "{status:?}");
+    // The same revision is not taken as done: it waits for its retry, then syncs again.
+    let again = e.ctx.sync_app(&app, &target, false).await.unwrap();
+    assert!(matches!(again, SyncResult::Waiting { .. }), "{again:?}");
+    e.cluster.refuse.lock().unwrap().clear();
+    e.ctx.retries.succeeded("web");
+    let again = e.ctx.sync_app(&app, &target, false).await.unwrap();
+    assert!(matches!(again, SyncResult::Applied { .. }), "{again:?}");
+    let again = e.ctx.sync_app(&app, &target, false).await.unwrap();
+    assert!(matches!(again, SyncResult::Unchanged { .. }), "{again:?}");
+}

@@ -258,7 +258,12 @@ impl SyncContext {
         let sha = revision.as_str();
         let _writer = self.writer(&app.name).await;
         let state = self.load_state(&app.name)?;
-        if !force && state.last_applied_revision.as_deref() == Some(sha) {
+        // Applied, and nothing failed since: a PostSync hook that failed after the apply
+        // leaves the revision applied and the sync failed, to be retried as Argo CD does.
+        if !force
+            && state.last_applied_revision.as_deref() == Some(sha)
+            && state.last_error.is_none()
+        {
             self.board.up_to_date(&app.name, sha);
             return Ok(SyncResult::Unchanged {
                 revision: sha.to_string(),
