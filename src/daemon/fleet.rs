@@ -280,16 +280,59 @@ impl Expander<'_> {
         }
     }
 
+    /// What the app renders, every source of it (as its sync renders them, `$ref` value files
+    /// included), or `None` if that cannot be read now. Sources from chart repositories are
+    /// never apps of apps and are left out.
     fn render(&self, app: &AppConfig) -> Option<Vec<crate::render::Object>> {
-        // A chart from a chart repository is never an app of apps.
-        if app.chart.is_some() {
-            return Some(Vec::new());
+        let mut sources = Vec::new();
+        let mut refs = std::collections::BTreeMap::new();
+        if app.chart.is_none() {
+            sources.push((app.clone(), self.checkout_source(app)?));
         }
+        for (index, spec) in app.sources.iter().enumerate() {
+            let Some(source) = app.with_source(index).filter(|s| s.chart.is_none()) else {
+                continue;
+            };
+            let checkout = self.checkout_source(&source)?;
+            if let Some(name) = &spec.ref_name {
+                refs.insert(name.clone(), checkout.0.clone());
+            }
+            if spec.renders() {
+                sources.push((source, checkout));
+            }
+        }
+        let mut manifests = render::Manifests::default();
+        for (position, (source, (root, sha))) in sources.into_iter().enumerate() {
+            // With the parent's own options: an app-of-apps that is a chart gets its release
+            // name, values and parameters, and the node's helm.
+            let mut helm = super::target::helm_request(self.config, &source);
+            if render::helm::is_chart(&root.join(&source.path)) {
+                helm.credentials = super::target::chart_logins(&self.config.repositories);
+            }
+            helm.refs = refs.clone();
+            // Only the app's own source may name a plugin.
+            let plugin = if position == 0 && app.chart.is_none() {
+                super::target::plugin_request(self.config, app, &sha).ok()?
+            } else {
+                None
+            };
+            let options = render::RenderOptions {
+                plugin,
+                ..super::target::render_options(&source, helm)
+            };
+            let rendered = render::render_with(&root, Path::new(&source.path), &options).ok()?;
+            super::target::combine(&app.name, &mut manifests, rendered);
+        }
+        Some(manifests.objects)
+    }
+
+    /// One Git source of an app checked out at its revision: the root and the commit.
+    /// Children of an app whose project requires signatures are read only from signed
+    /// revisions; otherwise the app stays an ordinary app, and its sync reports the refusal.
+    fn checkout_source(&self, app: &AppConfig) -> Option<(std::path::PathBuf, String)> {
         let repo = self.config.repository(&app.repo);
         let refs = self.source.remote_refs(&repo).ok()?;
         let sha = refs.resolve(&app.revision).ok()?;
-        // Children of an app whose project requires signatures are read only from a signed
-        // revision; otherwise the app stays an ordinary app, and its sync reports the refusal.
         let project = app.project.as_deref().and_then(|name| {
             let (_, spec) = self.projects.iter().rev().find(|(n, _)| n == name)?;
             Some(crate::policy::Project::from_spec(name, spec))
@@ -312,19 +355,7 @@ impl Expander<'_> {
             .ok()?;
         }
         let snapshot = self.source.snapshot(&repo, &app.revision, &sha).ok()?;
-        // With the parent's own options: an app-of-apps that is a chart gets its release name,
-        // values and parameters, and the node's helm.
-        let mut helm = super::target::helm_request(self.config, app);
-        if render::helm::is_chart(&snapshot.root.join(&app.path)) {
-            helm.credentials = super::target::chart_logins(&self.config.repositories);
-        }
-        let options = render::RenderOptions {
-            plugin: super::target::plugin_request(self.config, app, &sha).ok()?,
-            ..super::target::render_options(app, helm)
-        };
-        render::render_with(&snapshot.root, Path::new(&app.path), &options)
-            .ok()
-            .map(|m| m.objects)
+        Some((snapshot.root, sha))
     }
 }
 

@@ -154,7 +154,7 @@ pub(super) fn plugin_request(
 
 /// Adds the objects of one more source of `app`: an object an earlier source produced too is
 /// replaced, as in Argo CD (the last source wins), and the replacement is logged.
-fn combine(app: &str, manifests: &mut render::Manifests, more: render::Manifests) {
+pub(super) fn combine(app: &str, manifests: &mut render::Manifests, more: render::Manifests) {
     for object in more.objects {
         let same = |o: &render::Object| {
             o.group() == object.group()

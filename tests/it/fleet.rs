@@ -168,6 +168,34 @@ async fn app_of_apps_yields_its_children_and_a_cycle_is_refused() {
     assert!(agent.stop().await.success());
 }
 
+/// An app-of-apps with several sources: its children come from every source, as Argo CD
+/// renders them, not from the first one only.
+#[tokio::test]
+async fn a_multi_source_app_of_apps_reads_children_from_every_source() {
+    let ns = TestNamespace::reserve("multi-parent").await;
+    let (repo, more) = (GitRepo::new(), GitRepo::new());
+    let (url, more_url) = (repo.url(), more.url());
+    let parent = application_at("root", &url, "children", &ns.name, None).replace(
+        &format!("  source:\n    repoURL: {url}\n    targetRevision: main\n    path: children\n"),
+        &format!("  sources:\n    - repoURL: {url}\n      targetRevision: main\n      path: children\n    - repoURL: {more_url}\n      targetRevision: main\n      path: more\n"),
+    );
+    assert!(parent.contains("sources:"), "{parent}");
+    repo.write("fleet/root.yaml", &parent);
+    repo.write(
+        "children/a.yaml",
+        &application("child-a", &url, &ns.name, None),
+    );
+    more.write("more/d.yaml", &application("child-d", &url, &ns.name, None));
+    more.commit("more children");
+    let sha = greeting_app(&repo, "hello");
+    let config = fleet_config(&url, "1h").repository(&format!("url = \"{more_url}\""));
+    let agent = Agent::start(&config);
+    config.wait_applied("child-a", &sha).await;
+    config.wait_applied("child-d", &sha).await;
+    assert!(config.state("root").is_null(), "the parent is not run");
+    assert!(agent.stop().await.success());
+}
+
 async fn failed(config: &AgentConfig, app: &str) -> String {
     crate::harness::eventually(&format!("{app} refused"), crate::harness::WAIT, || async {
         config.state(app)["last_error"].as_str().map(str::to_string)
