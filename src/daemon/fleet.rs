@@ -31,6 +31,18 @@ pub(crate) struct FleetApps {
     /// be read or was refused: the fleet is looked at again once it moves on from there.
     #[serde(skip)]
     pub(crate) seen: Option<String>,
+    /// The other repositories the Applications were read from (app-of-apps sources, git
+    /// generators), at the commits read: the fleet is read again once one of them moves.
+    #[serde(skip)]
+    pub(crate) read: Vec<Watched>,
+}
+
+/// A repository at a branch or tag, and the commit it was at when read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Watched {
+    pub(crate) repo: String,
+    pub(crate) revision: String,
+    pub(crate) sha: String,
 }
 
 fn saved_path(state_dir: &Path) -> std::path::PathBuf {
@@ -121,6 +133,7 @@ fn read_fleet(
         projects: Vec::new(),
         problems: Vec::new(),
         uncertain: false,
+        read: std::cell::RefCell::new(Vec::new()),
     };
     let root = format!(
         "{}@{}:{}",
@@ -140,6 +153,15 @@ fn read_fleet(
             apps: expander.apps,
             projects: expander.projects,
             fresh: !expander.uncertain,
+            read: expander
+                .read
+                .into_inner()
+                .into_iter()
+                .filter(|w| {
+                    crate::trigger::repo_key(&w.repo) != crate::trigger::repo_key(&fleet.repo)
+                        || w.revision != fleet.revision
+                })
+                .collect(),
             seen: Some(target.sha),
         },
         expander.problems,
@@ -157,6 +179,9 @@ struct Expander<'a> {
     projects: Vec<(String, serde_json::Value)>,
     problems: Vec<String>,
     uncertain: bool,
+    /// Every repository read beyond the fleet's own commit (behind `&self` for the
+    /// generators' checkouts).
+    read: std::cell::RefCell<Vec<Watched>>,
 }
 
 impl Expander<'_> {
@@ -258,13 +283,17 @@ impl Expander<'_> {
         // An app that could not be read might be an app-of-apps whose children are then
         // unknown: the set is not certain enough to remove anything for.
         self.uncertain |= rendered.is_none();
-        let children = rendered.filter(|objects| {
+        let children = rendered.filter(|(objects, _)| {
             objects
                 .iter()
                 .any(|o| o.group() == argo::GROUP && o.kind() == "Application")
         });
         match children {
-            Some(objects) => {
+            Some((objects, read)) => {
+                // Its children change with these repositories: they are watched.
+                for w in read {
+                    self.note_read(w);
+                }
                 let others = objects.iter().filter(|o| o.group() != argo::GROUP).count();
                 if others > 0 {
                     self.problems.push(format!(
@@ -283,8 +312,9 @@ impl Expander<'_> {
     /// What the app renders, every source of it (as its sync renders them, `$ref` value files
     /// included), or `None` if that cannot be read now. Sources from chart repositories are
     /// never apps of apps and are left out.
-    fn render(&self, app: &AppConfig) -> Option<Vec<crate::render::Object>> {
-        let mut sources = Vec::new();
+    /// Also returns the repositories read, at their commits.
+    fn render(&self, app: &AppConfig) -> Option<(Vec<crate::render::Object>, Vec<Watched>)> {
+        let mut sources: Vec<(AppConfig, (std::path::PathBuf, String))> = Vec::new();
         let mut refs = std::collections::BTreeMap::new();
         if app.chart.is_none() {
             sources.push((app.clone(), self.checkout_source(app)?));
@@ -301,6 +331,14 @@ impl Expander<'_> {
                 sources.push((source, checkout));
             }
         }
+        let read: Vec<Watched> = sources
+            .iter()
+            .map(|(source, (_, sha))| Watched {
+                repo: source.repo.clone(),
+                revision: source.revision.clone(),
+                sha: sha.clone(),
+            })
+            .collect();
         let mut manifests = render::Manifests::default();
         for (position, (source, (root, sha))) in sources.into_iter().enumerate() {
             // With the parent's own options: an app-of-apps that is a chart gets its release
@@ -323,7 +361,7 @@ impl Expander<'_> {
             let rendered = render::render_with(&root, Path::new(&source.path), &options).ok()?;
             super::target::combine(&app.name, &mut manifests, rendered);
         }
-        Some(manifests.objects)
+        Some((manifests.objects, read))
     }
 
     /// One Git source of an app checked out at its revision: the root and the commit.
@@ -357,6 +395,13 @@ impl Expander<'_> {
         let snapshot = self.source.snapshot(&repo, &app.revision, &sha).ok()?;
         Some((snapshot.root, sha))
     }
+
+    fn note_read(&self, watched: Watched) {
+        let mut read = self.read.borrow_mut();
+        if !read.contains(&watched) {
+            read.push(watched);
+        }
+    }
 }
 
 /// A git generator's checkout: the repository at the revision, verified as the fleet is
@@ -385,6 +430,11 @@ impl appset::Checkouts for Expander<'_> {
                 &self.keyring.key_ids(),
             )?;
         }
+        self.note_read(Watched {
+            repo: url.to_string(),
+            revision: revision.to_string(),
+            sha: target.sha.clone(),
+        });
         let snapshot = self.source.snapshot(&repo, revision, &target.sha)?;
         Ok(snapshot.root)
     }
@@ -397,34 +447,56 @@ fn save(path: &Path, apps: &FleetApps) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// Asks for a reload (through `changed`) once the fleet's commit is no longer `revision`.
+/// Asks for a reload (through `changed`) once the fleet's commit is no longer `revision`, or
+/// a repository the Applications were read from (`read`) moved, at the fleet repository's
+/// poll interval.
 pub(crate) async fn watch_fleet(
     config: Config,
     fleet: FleetConfig,
     revision: String,
+    read: Vec<Watched>,
     changed: mpsc::Sender<()>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let repo = config.repository(&fleet.repo);
-    let every = repo.poll_interval.max(Duration::from_secs(1));
+    let every = config
+        .repository(&fleet.repo)
+        .poll_interval
+        .max(Duration::from_secs(1));
+    let mut watched = vec![Watched {
+        repo: fleet.repo.clone(),
+        revision: fleet.revision.clone(),
+        sha: revision,
+    }];
+    watched.extend(read);
     let source = GitSource::new(&config.state_dir);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        let (source, repo, wanted) = (source.clone(), repo.clone(), fleet.revision.clone());
-        let now = tokio::task::spawn_blocking(move || {
-            source
-                .remote_refs(&repo)
-                .and_then(|refs| refs.resolve(&wanted))
-        })
-        .await;
-        if let Ok(Ok(sha)) = now {
-            if sha != revision {
-                tracing::info!(from = %revision, to = %sha, "fleet revision moved; reloading");
-                let _ = changed.try_send(());
-                return;
+        for w in &watched {
+            let (source, repo, wanted) = (
+                source.clone(),
+                config.repository(&w.repo),
+                w.revision.clone(),
+            );
+            let now = tokio::task::spawn_blocking(move || {
+                source
+                    .remote_refs(&repo)
+                    .and_then(|refs| refs.resolve(&wanted))
+            })
+            .await;
+            if let Ok(Ok(sha)) = now {
+                if sha != w.sha {
+                    if w.repo == fleet.repo && w.revision == fleet.revision {
+                        tracing::info!(from = %w.sha, to = %sha, "fleet revision moved; reloading");
+                    } else {
+                        tracing::info!(repo = %crate::model::url::redact(&w.repo), from = %w.sha,
+                            to = %sha, "a repository the fleet's Applications were read from moved; reloading");
+                    }
+                    let _ = changed.try_send(());
+                    return;
+                }
             }
         }
     }

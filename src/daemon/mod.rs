@@ -393,6 +393,7 @@ fn spawn_engine(
             ctx.config.clone(),
             fleet,
             revision,
+            fleet_load.read,
             config_changed.clone(),
             shutdown.clone(),
         ));
@@ -478,6 +479,8 @@ enum Signal {
 struct FleetLoad {
     /// The fleet commit last looked at, when there is a fleet.
     revision: Option<String>,
+    /// The other repositories the fleet's Applications were read from.
+    read: Vec<fleet::Watched>,
     certain: bool,
 }
 
@@ -487,6 +490,7 @@ async fn with_fleet(node: &mut Node, metrics: &Metrics) -> FleetLoad {
     let Some(fleet) = node.config.fleet.clone() else {
         return FleetLoad {
             revision: None,
+            read: Vec::new(),
             certain: true,
         };
     };
@@ -514,6 +518,7 @@ async fn with_fleet(node: &mut Node, metrics: &Metrics) -> FleetLoad {
     tracing::info!(revision = %apps.revision, apps = node.config.apps.len(), "fleet loaded");
     FleetLoad {
         revision: Some(apps.seen.unwrap_or(apps.revision)),
+        read: apps.read,
         certain,
     }
 }

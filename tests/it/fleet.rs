@@ -169,7 +169,7 @@ async fn app_of_apps_yields_its_children_and_a_cycle_is_refused() {
 }
 
 /// An app-of-apps with several sources: its children come from every source, as Argo CD
-/// renders them, not from the first one only.
+/// renders them, not from the first one only, and a commit to any of them is read.
 #[tokio::test]
 async fn a_multi_source_app_of_apps_reads_children_from_every_source() {
     let ns = TestNamespace::reserve("multi-parent").await;
@@ -188,11 +188,21 @@ async fn a_multi_source_app_of_apps_reads_children_from_every_source() {
     more.write("more/d.yaml", &application("child-d", &url, &ns.name, None));
     more.commit("more children");
     let sha = greeting_app(&repo, "hello");
-    let config = fleet_config(&url, "1h").repository(&format!("url = \"{more_url}\""));
+    let config = fleet_config(&url, "1s").repository(&format!("url = \"{more_url}\""));
     let agent = Agent::start(&config);
     config.wait_applied("child-a", &sha).await;
     config.wait_applied("child-d", &sha).await;
     assert!(config.state("root").is_null(), "the parent is not run");
+
+    // A new child in the other source's repository: no fleet commit, still read.
+    more.write("more/e.yaml", &application("child-e", &url, &ns.name, None));
+    more.commit("one more child");
+    config.wait_applied("child-e", &sha).await;
+    let log = agent.log();
+    assert!(
+        log.contains("a repository the fleet's Applications were read from moved"),
+        "{log}"
+    );
     assert!(agent.stop().await.success());
 }
 
