@@ -24,7 +24,26 @@ fn options() -> serde_saphyr::Options {
 
 /// Parses every document of a YAML stream; empty documents come back as `Value::Null`.
 pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Value>, RenderError> {
-    serde_saphyr::from_multiple_with_options::<Value>(text, options()).map_err(|e| {
+    parse_with(text, path, options())
+}
+
+/// Like [`parse_documents`], but a key given twice in a mapping keeps its last value instead of
+/// failing: how kustomize reads a kustomization file.
+pub(crate) fn parse_documents_last_key_wins(
+    text: &str,
+    path: &Path,
+) -> Result<Vec<Value>, RenderError> {
+    let mut options = options();
+    options.duplicate_keys = serde_saphyr::options::DuplicateKeyPolicy::LastWins;
+    parse_with(text, path, options)
+}
+
+fn parse_with(
+    text: &str,
+    path: &Path,
+    options: serde_saphyr::Options,
+) -> Result<Vec<Value>, RenderError> {
+    serde_saphyr::from_multiple_with_options::<Value>(text, options).map_err(|e| {
         // The parser's message is followed by a snippet of the lines around the error: a
         // broken Secret would put its values into the status, MQTT and the logs. The first
         // line names the line, the column and what is wrong, and that is all that is kept.

@@ -213,6 +213,157 @@ struct Kustomization {
     images_from: Option<Value>,
 }
 
+/// The field names of a kustomization and of the entries of its lists, as written in
+/// kustomize's types (Go's JSON decoder matches them whatever their case: `nameprefix` is
+/// `namePrefix`).
+const KUSTOMIZATION_FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata",
+    "resources",
+    "bases",
+    "components",
+    "namespace",
+    "namePrefix",
+    "nameSuffix",
+    "commonLabels",
+    "labels",
+    "commonAnnotations",
+    "images",
+    "replicas",
+    "patches",
+    "patchesStrategicMerge",
+    "patchesJson6902",
+    "configMapGenerator",
+    "secretGenerator",
+    "generatorOptions",
+    "buildMetadata",
+    "sortOptions",
+    "replacements",
+    "vars",
+    "crds",
+    "configurations",
+    "generators",
+    "transformers",
+    "validators",
+    "helmCharts",
+    "helmGlobals",
+    "helmChartInflationGenerator",
+    "openapi",
+    "imagesFrom",
+];
+
+/// Field names of the entries of a kustomization's lists (and of `generatorOptions`).
+const ENTRY_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "configMapGenerator",
+        &[
+            "name",
+            "namespace",
+            "behavior",
+            "literals",
+            "files",
+            "envs",
+            "env",
+            "options",
+        ],
+    ),
+    (
+        "secretGenerator",
+        &[
+            "name",
+            "namespace",
+            "behavior",
+            "literals",
+            "files",
+            "envs",
+            "env",
+            "options",
+            "type",
+        ],
+    ),
+    ("patches", &["path", "patch", "target", "options"]),
+    ("patchesJson6902", &["path", "patch", "target", "options"]),
+    ("images", &["name", "newName", "newTag", "digest"]),
+    ("replicas", &["name", "count"]),
+    (
+        "labels",
+        &["pairs", "includeSelectors", "includeTemplates", "fields"],
+    ),
+];
+
+const GENERATOR_OPTIONS_FIELDS: &[&str] = &[
+    "labels",
+    "annotations",
+    "disableNameSuffixHash",
+    "immutable",
+];
+
+const SELECTOR_FIELDS: &[&str] = &[
+    "group",
+    "version",
+    "kind",
+    "name",
+    "namespace",
+    "labelSelector",
+    "annotationSelector",
+];
+
+/// Renames the keys of `map` that match one of `fields` but for their case. Of several
+/// spellings of one field, the one that sorts last wins: kustomize's YAML-to-JSON step sorts
+/// the keys, and Go's decoder keeps the last value it meets.
+fn canonical_keys(map: &mut serde_json::Map<String, Value>, fields: &[&str]) {
+    for field in fields {
+        let mut spellings: Vec<String> = map
+            .keys()
+            .filter(|k| k.eq_ignore_ascii_case(field))
+            .cloned()
+            .collect();
+        if spellings.len() == 1 && spellings[0] == *field {
+            continue;
+        }
+        spellings.sort();
+        let Some(winner) = spellings.pop() else {
+            continue;
+        };
+        for other in spellings {
+            map.remove(&other);
+        }
+        if let Some(value) = map.remove(&winner) {
+            map.insert(field.to_string(), value);
+        }
+    }
+}
+
+/// Field names as kustomize's decoder matches them, at the kustomization's top level and in
+/// the entries of its lists (never in free-form maps such as `commonLabels`).
+fn canonical_field_names(doc: &mut Value) {
+    let Some(top) = doc.as_object_mut() else {
+        return;
+    };
+    canonical_keys(top, KUSTOMIZATION_FIELDS);
+    if let Some(options) = top
+        .get_mut("generatorOptions")
+        .and_then(Value::as_object_mut)
+    {
+        canonical_keys(options, GENERATOR_OPTIONS_FIELDS);
+    }
+    for (list, fields) in ENTRY_FIELDS {
+        let Some(entries) = top.get_mut(*list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
+            canonical_keys(entry, fields);
+            if let Some(target) = entry.get_mut("target").and_then(Value::as_object_mut) {
+                canonical_keys(target, SELECTOR_FIELDS);
+            }
+            if let Some(options) = entry.get_mut("options").and_then(Value::as_object_mut) {
+                canonical_keys(options, GENERATOR_OPTIONS_FIELDS);
+            }
+        }
+    }
+}
+
 impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
@@ -315,7 +466,9 @@ impl Builder<'_> {
 
     fn read_kustomization(&self, file: &Path, kind: Kind) -> Result<Kustomization, RenderError> {
         let text = self.read(file)?;
-        let docs = super::parse_documents(&text, self.rel(file))?;
+        // kustomize reads the file with Go's YAML and JSON decoders: a key given twice keeps
+        // its last value, and field names match whatever their case.
+        let docs = super::yaml::parse_documents_last_key_wins(&text, self.rel(file))?;
         let doc = match docs
             .into_iter()
             .filter(|d| !d.is_null())
@@ -325,6 +478,8 @@ impl Builder<'_> {
             mut docs if docs.len() == 1 => docs.remove(0),
             _ => return Err(self.error(file, "holds more than one YAML document")),
         };
+        let mut doc = doc;
+        canonical_field_names(&mut doc);
         let k: Kustomization = serde_json::from_value(doc)
             .map_err(|e| self.error(file, format!("invalid kustomization: {e}")))?;
         if let Some(field) = k.unsupported() {

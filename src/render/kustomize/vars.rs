@@ -17,13 +17,32 @@ pub(crate) struct Var {
     fieldref: Option<FieldRef>,
 }
 
+/// kustomize's `Target`: `apiVersion`, or `group` and `version`, then kind and name.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ObjRef {
     kind: String,
     name: String,
     api_version: Option<String>,
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    version: String,
     namespace: Option<String>,
+}
+
+impl ObjRef {
+    /// The group and version the object must have, exactly (kustomize compares ids with
+    /// their group and version: a var without them only matches objects without them).
+    fn group_version(&self) -> (&str, &str) {
+        match self.api_version.as_deref() {
+            Some(av) => match av.split_once('/') {
+                Some((group, version)) => (group, version),
+                None => ("", av),
+            },
+            None => (self.group.as_str(), self.version.as_str()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -32,18 +51,23 @@ struct FieldRef {
     fieldpath: String,
 }
 
-const CONTAINER_FIELDS: [&str; 6] = [
-    "containers/command",
+const CONTAINER_FIELDS: [&str; 8] = [
     "containers/args",
+    "containers/command",
     "containers/env/value",
-    "initContainers/command",
+    "containers/volumeMounts/mountPath",
     "initContainers/args",
+    "initContainers/command",
     "initContainers/env/value",
+    "initContainers/volumeMounts/mountPath",
 ];
 
-/// Where `$(NAME)` is expanded, by kind (empty: any kind).
+/// Where `$(NAME)` is expanded, by kind: kustomize's `varReference` field specs.
 fn reference_paths(kind: &str) -> Vec<String> {
-    let mut paths = vec!["metadata/annotations".to_string()];
+    let mut paths = vec![
+        "metadata/labels".to_string(),
+        "metadata/annotations".to_string(),
+    ];
     let pod_spec = match kind {
         "Pod" => Some("spec"),
         "Deployment"
@@ -59,14 +83,27 @@ fn reference_paths(kind: &str) -> Vec<String> {
         for f in CONTAINER_FIELDS {
             paths.push(format!("{spec}/{f}"));
         }
+        if kind == "StatefulSet" {
+            paths.push("spec/volumeClaimTemplates/spec/nfs/server".into());
+        } else {
+            paths.push(format!("{spec}/volumes/nfs/server"));
+        }
         if let Some(template) = spec.strip_suffix("/spec") {
             paths.push(format!("{template}/metadata/annotations"));
         }
     }
-    if kind == "Ingress" {
-        paths.push("spec/rules/host".into());
-        paths.push("spec/tls/hosts".into());
-        paths.push("spec/tls/secretName".into());
+    match kind {
+        "Ingress" => {
+            paths.push("spec/rules/host".into());
+            paths.push("spec/tls/hosts".into());
+            paths.push("spec/tls/secretName".into());
+        }
+        "Service" => {
+            paths.push("spec/ports/port".into());
+            paths.push("spec/ports/targetPort".into());
+        }
+        "PersistentVolume" => paths.push("spec/nfs/server".into()),
+        _ => {}
     }
     paths
 }
@@ -98,11 +135,8 @@ pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), Kustomize
             .iter()
             .filter(|r| {
                 r.kind() == v.objref.kind
+                    && (r.group(), r.version()) == v.objref.group_version()
                     && r.all_names().any(|(_, n)| n == v.objref.name)
-                    && v.objref
-                        .api_version
-                        .as_deref()
-                        .is_none_or(|a| a == r.api_version())
                     && v.objref
                         .namespace
                         .as_deref()
@@ -139,37 +173,53 @@ pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), Kustomize
     }
     for r in resmap.iter_mut() {
         for path in reference_paths(r.kind()) {
-            visit(&mut r.obj, &path, false, &mut |v| expand(v, &values));
+            // Annotations are strings; elsewhere a field that is only `$(NAME)` takes the
+            // value as it is (a number stays a number), as kustomize does.
+            let typed = !path.ends_with("annotations");
+            visit(&mut r.obj, &path, false, &mut |v| expand(v, &values, typed));
         }
     }
     Ok(())
 }
 
-fn expand(v: &mut Value, values: &[(String, String)]) {
+fn expand(v: &mut Value, values: &[(String, Value)], typed: bool) {
     match v {
         Value::String(s) => {
+            if typed {
+                if let Some((_, value)) = values.iter().find(|(p, _)| p == s) {
+                    *v = value.clone();
+                    return;
+                }
+            }
             for (pattern, value) in values {
                 if s.contains(pattern.as_str()) {
-                    *s = s.replace(pattern.as_str(), value);
+                    *s = s.replace(pattern.as_str(), &text(value));
                 }
             }
         }
         Value::Object(m) => {
             for child in m.values_mut() {
-                expand(child, values);
+                expand(child, values, typed);
             }
         }
         Value::Array(items) => {
             for child in items {
-                expand(child, values);
+                expand(child, values, typed);
             }
         }
         _ => {}
     }
 }
 
-/// Reads `a.b[0].c` as text.
-fn field(v: &Value, path: &str) -> Option<String> {
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Reads `a.b[0].c`: a string, number or boolean.
+fn field(v: &Value, path: &str) -> Option<Value> {
     let mut cur = v;
     for part in path.split('.') {
         let (key, indexes) = match part.find('[') {
@@ -184,8 +234,7 @@ fn field(v: &Value, path: &str) -> Option<String> {
         }
     }
     match cur {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(_) | Value::Bool(_) => Some(cur.to_string()),
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Some(cur.clone()),
         _ => None,
     }
 }
