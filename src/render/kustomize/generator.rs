@@ -271,6 +271,11 @@ fn generated(
     }
     let mut res = Res::new(obj, ctx.builder.rel(ctx.file).display().to_string());
     res.needs_hash = !disable_hash;
+    res.generator = Some(if kind == "Secret" {
+        "SecretGenerator"
+    } else {
+        "ConfigMapGenerator"
+    });
     Ok(res)
 }
 

@@ -8,6 +8,7 @@
 //! kustomize's fixed order. Only at the top, generated names get their hash suffix and name
 //! references (ConfigMap refs in pods, ServiceAccount subjects, ...) follow renamed objects.
 
+mod build_metadata;
 mod error;
 mod fieldspec;
 mod generator;
@@ -100,11 +101,14 @@ pub(crate) fn build_with(
         vars: Vec::new(),
         overrides,
         expansions: 0,
+        build_metadata: Vec::new(),
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
     nameref::fix(&mut resmap);
     vars::resolve(&mut resmap, &builder.vars).map_err(|m| builder.error(dir, m))?;
+    let top = builder.rel(dir).to_path_buf();
+    build_metadata::annotate(&mut resmap, &builder.build_metadata, &top);
     resmap.sort_legacy();
     Ok(Manifests {
         objects: resmap
@@ -191,9 +195,8 @@ struct Kustomization {
     #[serde(default)]
     secret_generator: Vec<generator::GeneratorArgs>,
     generator_options: Option<generator::GeneratorOptions>,
-    /// Only adds origin annotations, which edgesync does not write.
+    /// Read from the top kustomization only, as kustomize does.
     #[serde(default)]
-    #[allow(dead_code)]
     build_metadata: Vec<String>,
     sort_options: Option<Value>,
     #[serde(default)]
@@ -404,6 +407,8 @@ struct Builder<'a> {
     overrides: &'a Overrides,
     /// Kustomizations and components expanded so far.
     expansions: usize,
+    /// The top kustomization's `buildMetadata`.
+    build_metadata: Vec<String>,
 }
 
 impl Builder<'_> {
@@ -457,6 +462,7 @@ impl Builder<'_> {
             self.overrides
                 .apply(&mut k)
                 .map_err(|m| self.error(&file, format!("source.kustomize: {m}")))?;
+            self.build_metadata = k.build_metadata.clone();
         }
         self.stack.push(dir.to_path_buf());
         let result = self.accumulate(dir, &file, &k, input);
@@ -535,23 +541,72 @@ impl Builder<'_> {
             file,
         };
         generator::run(&ctx, k, &mut resmap)?;
+        // Each built-in transformer kustomize configures from this kustomization, in its
+        // order, recorded on every object it ran over (`transformerAnnotations`).
+        let configured = self.rel(file).display().to_string();
+        let ran = |resmap: &mut ResMap, kind: &'static str, times: usize| {
+            for r in resmap.iter_mut() {
+                for _ in 0..times {
+                    r.transformations.push((configured.clone(), kind));
+                }
+            }
+        };
         patch::strategic_merge_files(&ctx, &k.patches_strategic_merge, &mut resmap)?;
+        ran(
+            &mut resmap,
+            "PatchStrategicMergeTransformer",
+            usize::from(!k.patches_strategic_merge.is_empty()),
+        );
         patch::patches(&ctx, &k.patches, &mut resmap)?;
+        ran(&mut resmap, "PatchTransformer", k.patches.len());
         if let Some(ns) = k.namespace.as_deref().filter(|ns| !ns.is_empty()) {
             transform::namespace(&mut resmap, ns);
+            ran(&mut resmap, "NamespaceTransformer", 1);
         }
-        transform::prefix_suffix(
-            &mut resmap,
+        let (prefix, suffix) = (
             k.name_prefix.as_deref().unwrap_or(""),
             k.name_suffix.as_deref().unwrap_or(""),
         );
+        transform::prefix_suffix(&mut resmap, prefix, suffix);
+        ran(
+            &mut resmap,
+            "PrefixTransformer",
+            usize::from(!prefix.is_empty()),
+        );
+        ran(
+            &mut resmap,
+            "SuffixTransformer",
+            usize::from(!suffix.is_empty()),
+        );
         transform::labels(&mut resmap, &k.common_labels, &k.labels)
             .map_err(|m| ctx.error(format!("labels: {m}")))?;
+        ran(
+            &mut resmap,
+            "LabelTransformer",
+            usize::from(!k.common_labels.is_empty()) + k.labels.len(),
+        );
         transform::annotations(&mut resmap, &k.common_annotations);
+        ran(
+            &mut resmap,
+            "AnnotationsTransformer",
+            usize::from(!k.common_annotations.is_empty()),
+        );
         patch::json6902_entries(&ctx, &k.patches_json6902, &mut resmap)?;
+        ran(
+            &mut resmap,
+            "PatchJson6902Transformer",
+            k.patches_json6902.len(),
+        );
         transform::replicas(&mut resmap, &k.replicas);
+        ran(&mut resmap, "ReplicaCountTransformer", k.replicas.len());
         transform::images(&mut resmap, &k.images);
+        ran(&mut resmap, "ImageTagTransformer", k.images.len());
         replacement::run(&ctx, &k.replacements, &mut resmap)?;
+        ran(
+            &mut resmap,
+            "ReplacementTransformer",
+            usize::from(!k.replacements.is_empty()),
+        );
         if resmap.len() > MAX_OBJECTS {
             return Err(self.error(file, format!("more than {MAX_OBJECTS} objects")));
         }
@@ -694,6 +749,7 @@ pub(crate) fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, 
         vars: Vec::new(),
         overrides: &Overrides::default(),
         expansions: 0,
+        build_metadata: Vec::new(),
     };
     let mut remote = Vec::new();
     let mut seen = std::collections::HashSet::new();

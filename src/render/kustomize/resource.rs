@@ -24,6 +24,11 @@ pub(crate) struct Res {
     /// Prefixes and suffixes applied so far, innermost first.
     pub(crate) prefixes: Vec<String>,
     pub(crate) suffixes: Vec<String>,
+    /// The built-in generator that made it (`ConfigMapGenerator`, ...), for its origin.
+    pub(crate) generator: Option<&'static str>,
+    /// The transformers that ran over it: the kustomization file (relative to the checkout)
+    /// and the built-in transformer's kind, in order (`buildMetadata: [transformerAnnotations]`).
+    pub(crate) transformations: Vec<(String, &'static str)>,
 }
 
 impl Res {
@@ -36,6 +41,8 @@ impl Res {
             behavior: None,
             prefixes: Vec::new(),
             suffixes: Vec::new(),
+            generator: None,
+            transformations: Vec::new(),
         }
     }
 
