@@ -11,7 +11,7 @@ pub(crate) mod kustomize;
 pub(crate) mod plugin;
 pub(crate) mod process;
 pub(crate) mod substitute;
-mod yaml;
+pub(crate) mod yaml;
 
 use std::path::{Path, PathBuf};
 
@@ -321,8 +321,13 @@ pub(crate) fn metadata_of(object: &mut Map<String, Value>) -> Option<&mut Map<St
 /// Parses a YAML stream (a manifest file, or a tool's output) into checked objects, `List`
 /// kinds expanded; `path` names it in errors and origins.
 fn parse_objects(text: &str, path: &Path) -> Result<Vec<Object>, RenderError> {
+    objects_of(parse_documents(text, path)?, path)
+}
+
+/// Checked objects of parsed documents, `List` kinds expanded.
+fn objects_of(docs: Vec<Value>, path: &Path) -> Result<Vec<Object>, RenderError> {
     let mut objects = Vec::new();
-    for (index, doc) in parse_documents(text, path)?.into_iter().enumerate() {
+    for (index, doc) in docs.into_iter().enumerate() {
         into_objects(doc, path, index, &mut objects)?;
     }
     Ok(objects)

@@ -38,6 +38,14 @@ pub(crate) fn parse_documents_last_key_wins(
     parse_with(text, path, options)
 }
 
+/// Like [`parse_documents`], with YAML 1.2's booleans only (`true`, `false`): `yes`, `no`, `on`,
+/// `off`, `y` and `n` stay strings, as kustomize (Go's yaml.v3) reads resources.
+pub(crate) fn parse_documents_yaml12(text: &str, path: &Path) -> Result<Vec<Value>, RenderError> {
+    let mut options = options();
+    options.strict_booleans = true;
+    parse_with(text, path, options)
+}
+
 fn parse_with(
     text: &str,
     path: &Path,

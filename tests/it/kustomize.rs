@@ -302,12 +302,18 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cms.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: z}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: z}\nspec: {}\n",
+    )
+    .unwrap();
+    // Custom field specs (`configurations`): the native engine refuses them.
+    std::fs::write(
+        dir.path().join("fields.yaml"),
+        "commonLabels:\n- path: spec/selector\n  kind: Widget\n  create: true\n",
     )
     .unwrap();
     std::fs::write(
         dir.path().join("kustomization.yaml"),
-        "resources: [cms.yaml]\nsortOptions:\n  order: fifo\n",
+        "resources: [cms.yaml]\nconfigurations: [fields.yaml]\ncommonLabels: {app: w}\n",
     )
     .unwrap();
     let render = |fallback: Option<&str>| {
@@ -325,7 +331,7 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
-        stderr.contains("sortOptions") && stderr.contains("kustomize_fallback"),
+        stderr.contains("configurations") && stderr.contains("kustomize_fallback"),
         "{stderr}"
     );
     let built = render(Some("kubectl kustomize"));
@@ -334,11 +340,7 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let names: Vec<String> = documents(&String::from_utf8_lossy(&built.stdout), "edgesync")
-        .unwrap()
-        .iter()
-        .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
-        .collect();
-    // fifo keeps the file's order, which only the external build honours.
-    assert_eq!(names, ["z", "a"]);
+    let docs = documents(&String::from_utf8_lossy(&built.stdout), "edgesync").unwrap();
+    // The custom field spec, which only the external build honours.
+    assert_eq!(docs[0]["spec"]["selector"]["app"], "w", "{docs:?}");
 }

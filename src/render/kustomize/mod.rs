@@ -102,6 +102,7 @@ pub(crate) fn build_with(
         overrides,
         expansions: 0,
         build_metadata: Vec::new(),
+        sort_options: None,
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
@@ -109,7 +110,12 @@ pub(crate) fn build_with(
     vars::resolve(&mut resmap, &builder.vars).map_err(|m| builder.error(dir, m))?;
     let top = builder.rel(dir).to_path_buf();
     build_metadata::annotate(&mut resmap, &builder.build_metadata, &top);
-    resmap.sort_legacy();
+    match &builder.sort_options {
+        Some(options) => options
+            .sort(&mut resmap)
+            .map_err(|m| builder.error(dir, m))?,
+        None => resmap.sort_legacy(),
+    }
     Ok(Manifests {
         objects: resmap
             .into_iter()
@@ -198,7 +204,7 @@ struct Kustomization {
     /// Read from the top kustomization only, as kustomize does.
     #[serde(default)]
     build_metadata: Vec<String>,
-    sort_options: Option<Value>,
+    sort_options: Option<SortOptions>,
     #[serde(default)]
     replacements: Vec<replacement::ReplacementEntry>,
     // Fields kustomize has and this engine refuses by name.
@@ -367,6 +373,42 @@ fn canonical_field_names(doc: &mut Value) {
     }
 }
 
+/// `sortOptions`: kustomize's output order, read from the top kustomization only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SortOptions {
+    order: Option<String>,
+    legacy_sort_options: Option<LegacySortOptions>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LegacySortOptions {
+    #[serde(default)]
+    order_first: Vec<String>,
+    #[serde(default)]
+    order_last: Vec<String>,
+}
+
+impl SortOptions {
+    /// Puts `resmap` in the order asked for, with kustomize's refusals.
+    fn sort(&self, resmap: &mut ResMap) -> Result<(), String> {
+        match (self.order.as_deref(), &self.legacy_sort_options) {
+            (Some("fifo"), None) => Ok(()),
+            (Some("fifo"), Some(_)) => Err("the field 'sortOptions.legacySortOptions' is set but the selected sort order is 'fifo', not 'legacy'".into()),
+            (Some("legacy"), None) => {
+                resmap.sort_legacy();
+                Ok(())
+            }
+            (Some("legacy"), Some(lists)) => {
+                resmap.sort_legacy_with(&lists.order_first, &lists.order_last);
+                Ok(())
+            }
+            _ => Err("the field 'sortOptions.order' must be one of [fifo, legacy]".into()),
+        }
+    }
+}
+
 impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
@@ -389,7 +431,6 @@ impl Kustomization {
             ),
             (self.openapi.is_some(), "openapi"),
             (self.images_from.is_some(), "imagesFrom"),
-            (self.sort_options.is_some(), "sortOptions"),
         ]
         .into_iter()
         .find(|(set, _)| *set)
@@ -409,6 +450,8 @@ struct Builder<'a> {
     expansions: usize,
     /// The top kustomization's `buildMetadata`.
     build_metadata: Vec<String>,
+    /// The top kustomization's `sortOptions`.
+    sort_options: Option<SortOptions>,
 }
 
 impl Builder<'_> {
@@ -463,6 +506,7 @@ impl Builder<'_> {
                 .apply(&mut k)
                 .map_err(|m| self.error(&file, format!("source.kustomize: {m}")))?;
             self.build_metadata = k.build_metadata.clone();
+            self.sort_options = k.sort_options.clone();
         }
         self.stack.push(dir.to_path_buf());
         let result = self.accumulate(dir, &file, &k, input);
@@ -528,6 +572,16 @@ impl Builder<'_> {
                 .map_err(|m| self.error(file, format!("resources: {m}")))?;
         }
         vars::collect(&mut self.vars, &k.vars).map_err(|m| self.error(file, m))?;
+        // Generators, then components, then transformers, as kustomize runs them.
+        generator::run(
+            &Ctx {
+                builder: self,
+                dir,
+                file,
+            },
+            k,
+            &mut resmap,
+        )?;
         for entry in &k.components {
             let path = self.local_path(dir, file, "components", entry)?;
             if !path.is_dir() {
@@ -540,7 +594,6 @@ impl Builder<'_> {
             dir,
             file,
         };
-        generator::run(&ctx, k, &mut resmap)?;
         // Each built-in transformer kustomize configures from this kustomization, in its
         // order, recorded on every object it ran over (`transformerAnnotations`).
         let configured = self.rel(file).display().to_string();
@@ -627,11 +680,12 @@ impl Builder<'_> {
             return self.kustomization(&path, Kind::Kustomization, ResMap::default());
         }
         let text = self.read(&path)?;
+        let rel = self.rel(&path);
         let mut resmap = ResMap::default();
-        for o in parse_objects(&text, self.rel(&path))? {
-            resmap
-                .append(Res::new(o.value, o.origin))
-                .map_err(|m| self.error(&path, m))?;
+        for o in super::objects_of(super::yaml::parse_documents_yaml12(&text, rel)?, rel)? {
+            let mut res = Res::new(o.value, o.origin);
+            res.normalize_as_kustomize();
+            resmap.append(res).map_err(|m| self.error(&path, m))?;
         }
         Ok(resmap)
     }
@@ -676,6 +730,21 @@ impl Builder<'_> {
         })?;
         if !resolved.starts_with(self.root) {
             return Err(outside());
+        }
+        // kustomize's load restrictor: a file (not a directory of another kustomization) must
+        // be in or below the directory of the kustomization naming it, symlinks resolved.
+        if !resolved.is_dir() {
+            let home = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            if !resolved.starts_with(&home) {
+                return Err(self.error(
+                    file,
+                    format!(
+                        "{field}: security; file {} is not in or below {} (kustomize's load restrictor)",
+                        self.rel(&resolved).display(),
+                        self.rel(&home).display()
+                    ),
+                ));
+            }
         }
         Ok(resolved)
     }
@@ -750,6 +819,7 @@ pub(crate) fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, 
         overrides: &Overrides::default(),
         expansions: 0,
         build_metadata: Vec::new(),
+        sort_options: None,
     };
     let mut remote = Vec::new();
     let mut seen = std::collections::HashSet::new();

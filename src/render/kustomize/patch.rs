@@ -146,7 +146,7 @@ fn load(ctx: &Ctx, field: &str, entry: &PatchEntry) -> Result<(String, Content),
 }
 
 fn parse(ctx: &Ctx, field: &str, source: &str, text: &str) -> Result<Content, RenderError> {
-    let docs = crate::render::parse_documents(text, std::path::Path::new(source))?;
+    let docs = crate::render::yaml::parse_documents_yaml12(text, std::path::Path::new(source))?;
     let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
     if let [Value::Array(_)] = docs.as_slice() {
         let patch: json_patch::Patch = serde_json::from_value(docs[0].clone())

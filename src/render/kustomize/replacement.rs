@@ -71,7 +71,7 @@ pub(super) fn run(
             ReplacementEntry::Inline(r) => replace(ctx, &field, r, resmap)?,
             ReplacementEntry::File { path } => {
                 let (source, text) = ctx.read_file(&field, path)?;
-                let docs = crate::render::parse_documents(&text, &source)?;
+                let docs = crate::render::yaml::parse_documents_yaml12(&text, &source)?;
                 for doc in docs.into_iter().filter(|d| !d.is_null()) {
                     let list: Vec<Replacement> = match doc {
                         Value::Array(_) => serde_json::from_value(doc),

@@ -46,6 +46,28 @@ impl Res {
         }
     }
 
+    /// Reads the object as kustomize's JSON round trip leaves it: whole floats are integers
+    /// (`1.0` is `1`), and annotation values are strings (`true` is `"true"`).
+    pub(crate) fn normalize_as_kustomize(&mut self) {
+        for value in self.obj.values_mut() {
+            whole_floats_as_integers(value);
+        }
+        let Some(annotations) = self
+            .metadata_mut()
+            .and_then(|m| m.get_mut("annotations"))
+            .and_then(Value::as_object_mut)
+        else {
+            return;
+        };
+        for value in annotations.values_mut() {
+            match value {
+                Value::Bool(b) => *value = Value::String(b.to_string()),
+                Value::Number(n) => *value = Value::String(n.to_string()),
+                _ => {}
+            }
+        }
+    }
+
     pub(crate) fn str(&self, key: &str) -> &str {
         self.obj.get(key).and_then(Value::as_str).unwrap_or("")
     }
@@ -203,9 +225,14 @@ impl ResMap {
     /// CRDs, RBAC, ConfigMaps, Services, workloads, ...), webhook configurations last, all
     /// other kinds in between; ties by group, version and kind, then namespace and name.
     pub(crate) fn sort_legacy(&mut self) {
+        self.sort_legacy_with(&ORDER_FIRST, &ORDER_LAST);
+    }
+
+    /// The legacy order with other lists of kinds first and last (`sortOptions`).
+    pub(crate) fn sort_legacy_with<S: AsRef<str>>(&mut self, first: &[S], last: &[S]) {
         self.items.sort_by_cached_key(|r| {
             (
-                kind_rank(r.kind()),
+                kind_rank(r.kind(), first, last),
                 gvk_string(r),
                 ns_for_sort(r.namespace()),
                 r.name().to_string(),
@@ -243,12 +270,14 @@ const ORDER_LAST: [&str; 2] = [
     "ValidatingWebhookConfiguration",
 ];
 
-fn kind_rank(kind: &str) -> i64 {
-    if let Some(i) = ORDER_FIRST.iter().position(|k| *k == kind) {
-        return i as i64 - ORDER_FIRST.len() as i64;
+fn kind_rank<S: AsRef<str>>(kind: &str, first: &[S], last: &[S]) -> i64 {
+    // The lists come from a kustomization: their lengths fit an i64 long before memory ends.
+    let rank = |i: usize| i64::try_from(i).unwrap_or(i64::MAX);
+    if let Some(i) = first.iter().position(|k| k.as_ref() == kind) {
+        return rank(i).saturating_sub(rank(first.len()));
     }
-    if let Some(i) = ORDER_LAST.iter().position(|k| *k == kind) {
-        return 1 + i as i64;
+    if let Some(i) = last.iter().position(|k| k.as_ref() == kind) {
+        return rank(i).saturating_add(1);
     }
     0
 }
@@ -321,4 +350,21 @@ pub(crate) fn is_cluster_scoped(kind: &str) -> bool {
             | "ServiceCIDR"
             | "VolumeAttributesClass"
     )
+}
+
+/// Go prints a float64 without a fraction as an integer: `1.0` comes out of kustomize as `1`.
+fn whole_floats_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                // Within ±2^53 every whole float is exactly an i64.
+                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                    *value = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(whole_floats_as_integers),
+        _ => {}
+    }
 }
