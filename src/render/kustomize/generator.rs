@@ -112,7 +112,14 @@ fn env_pairs(ctx: &Ctx, args: &GeneratorArgs) -> Result<Pairs, GenError> {
     for file in env_files {
         let (path, text) = ctx.read_file("envs", file)?;
         for (n, line) in text.lines().enumerate() {
-            let line = line.trim_start_matches('\u{feff}').trim();
+            // As kustomize reads env files: a byte-order mark only on the first line, leading
+            // whitespace dropped, everything after the first `=` kept as it is.
+            let line = if n == 0 {
+                line.trim_start_matches('\u{feff}')
+            } else {
+                line
+            };
+            let line = line.trim_start();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
