@@ -17,15 +17,14 @@ pub(crate) struct PatchEntry {
     path: Option<String>,
     patch: Option<String>,
     target: Option<Selector>,
-    /// kustomize needs these to let a patch rename an object; edgesync always lets it, and
-    /// references follow the new name.
-    #[allow(dead_code)]
-    options: Option<PatchOptions>,
+    /// Whether a strategic merge patch may change the name or kind of its targets (a JSON
+    /// patch always may); references follow the new name.
+    #[serde(default)]
+    options: PatchOptions,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
 struct PatchOptions {
     #[serde(default)]
     allow_name_change: bool,
@@ -62,7 +61,15 @@ pub(super) fn patches(
         match (&entry.target, content) {
             (Some(sel), content) => {
                 let targets = select(ctx, &field, sel, resmap)?;
-                apply_to(ctx, &field, &source, &content, &targets, resmap)?;
+                apply_to(
+                    ctx,
+                    &field,
+                    &source,
+                    &content,
+                    &targets,
+                    entry.options,
+                    resmap,
+                )?;
             }
             (None, Content::Strategic(docs)) => {
                 for doc in docs {
@@ -124,7 +131,15 @@ pub(super) fn json6902_entries(
             .ok_or_else(|| ctx.error(format!("{field}: target is required")))?;
         let (source, content) = load(ctx, &field, entry)?;
         let targets = select(ctx, &field, sel, resmap)?;
-        apply_to(ctx, &field, &source, &content, &targets, resmap)?;
+        apply_to(
+            ctx,
+            &field,
+            &source,
+            &content,
+            &targets,
+            entry.options,
+            resmap,
+        )?;
     }
     Ok(())
 }
@@ -218,6 +233,7 @@ fn strategic_by_name(
         source,
         &Content::Strategic(vec![doc]),
         &matches,
+        PatchOptions::default(),
         resmap,
     )
 }
@@ -228,6 +244,7 @@ fn apply_to(
     source: &str,
     content: &Content,
     targets: &[usize],
+    options: PatchOptions,
     resmap: &mut ResMap,
 ) -> Result<(), RenderError> {
     let mut deleted = Vec::new();
@@ -238,12 +255,16 @@ fn apply_to(
             Content::Strategic(docs) => {
                 for doc in docs {
                     let mut doc = doc.clone();
-                    // The patch's own kind and name only select the target; they do not
-                    // change it.
-                    doc.remove("apiVersion");
-                    doc.remove("kind");
+                    // The patch's own kind and name only select the target; they change it
+                    // only when the options allow it.
+                    if !options.allow_kind_change {
+                        doc.remove("apiVersion");
+                        doc.remove("kind");
+                    }
                     if let Some(Value::Object(meta)) = doc.get_mut("metadata") {
-                        meta.remove("name");
+                        if !options.allow_name_change {
+                            meta.remove("name");
+                        }
                         meta.remove("namespace");
                     }
                     if smp::apply(&mut r.obj, &doc) == Outcome::Delete {
