@@ -3,7 +3,7 @@
 //! ConfigMap and Secret refs in pod specs, ServiceAccounts in pods and RoleBinding subjects,
 //! roleRefs, HPA scale targets, Services in Ingresses, PVCs, PriorityClasses, and so on.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::fieldspec::visit;
 use super::resource::{is_cluster_scoped, Res, ResMap};
@@ -67,15 +67,6 @@ fn other_fields(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("Ingress", "spec/rules/http/paths/backend/serviceName"),
             ("Ingress", "spec/backend/serviceName"),
             ("StatefulSet", "spec/serviceName"),
-            ("APIService", "spec/service/name"),
-            (
-                "ValidatingWebhookConfiguration",
-                "webhooks/clientConfig/service/name",
-            ),
-            (
-                "MutatingWebhookConfiguration",
-                "webhooks/clientConfig/service/name",
-            ),
         ],
         "StorageClass" => &[
             ("PersistentVolumeClaim", "spec/storageClassName"),
@@ -232,20 +223,31 @@ fn fix_referrer(r: &mut Res, targets: &[Target]) {
                     let Some(name) = s.get("name").and_then(Value::as_str) else {
                         continue;
                     };
-                    let found = targets.iter().find(|t| {
-                        t.kind == "ServiceAccount"
-                            && t.names.iter().any(|(n_ns, n)| {
-                                n == name && (n_ns == &subject_ns || n_ns.is_empty())
-                            })
-                    });
-                    if let Some(t) = found {
-                        s.insert("name".into(), Value::String(t.name.clone()));
-                        if s.contains_key("namespace") || !t.namespace.is_empty() {
-                            s.insert("namespace".into(), Value::String(t.namespace.clone()));
-                        }
-                    }
+                    let name = name.to_string();
+                    follow(s, targets, "ServiceAccount", &name, Some(&subject_ns));
                 }
             }
+        }
+        // Service references that carry their namespace: both follow the Service.
+        "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" | "APIService" => {
+            let path = if kind == "APIService" {
+                "spec/service"
+            } else {
+                "webhooks/clientConfig/service"
+            };
+            visit(&mut r.obj, path, false, &mut |service| {
+                let Some(s) = service.as_object_mut() else {
+                    return;
+                };
+                let Some(name) = s.get("name").and_then(Value::as_str).map(str::to_string) else {
+                    return;
+                };
+                let ns = s
+                    .get("namespace")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                follow(s, targets, "Service", &name, ns.as_deref());
+            });
         }
         "HorizontalPodAutoscaler" => {
             if let Some(Value::Object(target)) = r
@@ -266,5 +268,33 @@ fn fix_referrer(r: &mut Res, targets: &[Target]) {
             }
         }
         _ => {}
+    }
+}
+
+/// Points a `{name, namespace}` reference to a `kind` object at its current name and
+/// namespace, if the build renamed or moved the object it names. Without a namespace the
+/// reference matches any; `default` and no namespace are one.
+fn follow(
+    reference: &mut Map<String, Value>,
+    targets: &[Target],
+    kind: &str,
+    name: &str,
+    ns: Option<&str>,
+) {
+    let same_ns = |a: &str, b: &str| {
+        let norm = |n: &str| if n == "default" { "" } else { n }.to_string();
+        norm(a) == norm(b)
+    };
+    let found = targets.iter().find(|t| {
+        t.kind == kind
+            && t.names
+                .iter()
+                .any(|(n_ns, n)| n == name && ns.is_none_or(|ns| same_ns(n_ns, ns)))
+    });
+    if let Some(t) = found {
+        reference.insert("name".into(), Value::String(t.name.clone()));
+        if reference.contains_key("namespace") || !t.namespace.is_empty() {
+            reference.insert("namespace".into(), Value::String(t.namespace.clone()));
+        }
     }
 }

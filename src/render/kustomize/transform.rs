@@ -11,7 +11,9 @@ use super::fieldspec::{fs, fsg, visit, FieldSpec};
 use super::resource::{is_cluster_scoped, ResMap};
 
 /// Sets the namespace of every namespaced object, renames Namespace objects to it, and moves
-/// the service references of APIServices and webhook configurations along.
+/// the service references of APIServices (created when missing, as kustomize's field spec says)
+/// and CRD conversion webhooks (when set) along. Webhook configurations' services and binding
+/// subjects follow only the objects of the build they name (name references).
 pub(crate) fn namespace(resmap: &mut ResMap, ns: &str) {
     for r in resmap.iter_mut() {
         let kind = r.kind().to_string();
@@ -24,19 +26,16 @@ pub(crate) fn namespace(resmap: &mut ResMap, ns: &str) {
         if !is_cluster_scoped(&kind) {
             r.set_namespace(ns);
         }
-        let path = match kind.as_str() {
-            "APIService" => "spec/service",
-            "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" => {
-                "webhooks/clientConfig/service"
-            }
+        let (path, create) = match (r.group(), kind.as_str()) {
+            ("apiregistration.k8s.io", "APIService") => ("spec/service/namespace", true),
+            ("apiextensions.k8s.io", "CustomResourceDefinition") => (
+                "spec/conversion/webhook/clientConfig/service/namespace",
+                false,
+            ),
             _ => continue,
         };
-        visit(&mut r.obj, path, false, &mut |service| {
-            if let Some(m) = service.as_object_mut() {
-                if m.contains_key("namespace") {
-                    m.insert("namespace".into(), Value::String(ns.to_string()));
-                }
-            }
+        visit(&mut r.obj, path, create, &mut |field| {
+            *field = Value::String(ns.to_string());
         });
     }
 }
