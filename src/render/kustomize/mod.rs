@@ -166,7 +166,6 @@ enum Kind {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Kustomization {
-    #[allow(dead_code)]
     api_version: Option<String>,
     kind: Option<String>,
     #[allow(dead_code)]
@@ -530,8 +529,39 @@ impl Builder<'_> {
         };
         let mut doc = doc;
         canonical_field_names(&mut doc);
+        // kustomize refuses a kustomization with nothing but its apiVersion and kind (fields
+        // that are null or "" are unset for Go); Argo CD's overrides may fill the top one.
+        let empty = doc.as_object().is_none_or(|m| {
+            m.iter().all(|(key, value)| {
+                key == "apiVersion" || key == "kind" || value.is_null() || value == ""
+            })
+        });
+        if empty && !(self.stack.is_empty() && !self.overrides.is_empty()) {
+            return Err(self.error(file, "kustomization.yaml is empty"));
+        }
         let k: Kustomization = serde_json::from_value(doc)
             .map_err(|e| self.error(file, format!("invalid kustomization: {e}")))?;
+        let api_version = k.api_version.as_deref().unwrap_or("");
+        match k.kind.as_deref().unwrap_or("") {
+            "" | "Kustomization"
+                if !api_version.is_empty() && api_version != "kustomize.config.k8s.io/v1beta1" =>
+            {
+                return Err(self.error(
+                    file,
+                    "apiVersion for Kustomization should be kustomize.config.k8s.io/v1beta1",
+                ))
+            }
+            "Component"
+                if !api_version.is_empty() && api_version != "kustomize.config.k8s.io/v1alpha1" =>
+            {
+                return Err(self.error(
+                    file,
+                    "apiVersion for Component should be kustomize.config.k8s.io/v1alpha1",
+                ))
+            }
+            "" | "Kustomization" | "Component" => {}
+            _ => return Err(self.error(file, "kind should be Kustomization or Component")),
+        }
         if let Some(field) = k.unsupported() {
             return Err(RenderError::KustomizeUnsupported {
                 path: self.rel(file).to_path_buf(),
@@ -545,6 +575,8 @@ impl Builder<'_> {
         match k.kind.as_deref() {
             None | Some("") if kind == Kind::Kustomization => {}
             Some(found) if found == expected => {}
+            // A component can be built by itself, as a kustomization of its own.
+            Some("Component") if self.stack.is_empty() => {}
             found => {
                 return Err(self.error(
                     file,
