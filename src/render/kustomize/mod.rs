@@ -536,7 +536,8 @@ impl Builder<'_> {
                 key == "apiVersion" || key == "kind" || value.is_null() || value == ""
             })
         });
-        if empty && !(self.stack.is_empty() && !self.overrides.is_empty()) {
+        let overridden = self.stack.is_empty() && !self.overrides.is_empty();
+        if empty && !overridden {
             return Err(self.error(file, "kustomization.yaml is empty"));
         }
         let k: Kustomization = serde_json::from_value(doc)
