@@ -215,6 +215,11 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
     let composite = is_composite(keys, target.iter().chain(patch));
     let keys = if composite { keys } else { &keys[..1] };
     dedupe(target, keys, composite);
+    let original: Vec<Value> = if composite {
+        target.clone()
+    } else {
+        Vec::new()
+    };
     let mut slots: Vec<Option<Value>> = std::mem::take(target).into_iter().map(Some).collect();
     // Patch elements, merged with their counterparts; `Some(i)` when the target had one at i.
     let mut from_patch: Vec<(Value, Option<usize>)> = Vec::new();
@@ -230,6 +235,11 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
         let pos = slots
             .iter()
             .position(|slot| slot.as_ref().and_then(|t| identity(t, keys)).as_ref() == Some(&id));
+        // kustomize drops a patch element that has no counterpart but shares its first key
+        // with a target element where one of the two names a protocol and the other does not.
+        if pos.is_none() && composite && half_protocol_twin(&original, p, keys) {
+            continue;
+        }
         let found = pos.and_then(|i| slots[i].take());
         match (found, directive(p)) {
             (_, Some("delete")) => {}
@@ -264,6 +274,21 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
         out.extend(slots.into_iter().flatten());
     }
     *target = out;
+}
+
+/// Whether some element of `target` has the first key of `patch` and differs from it only in
+/// having, or lacking, a key `patch` lacks, or has.
+fn half_protocol_twin(target: &[Value], patch: &Map<String, Value>, keys: &[&str]) -> bool {
+    let Some((first, rest)) = keys.split_first() else {
+        return false;
+    };
+    target.iter().filter_map(Value::as_object).any(|t| {
+        t.get(*first).is_some()
+            && t.get(*first) == patch.get(*first)
+            && rest
+                .iter()
+                .any(|k| t.get(*k).is_some() != patch.get(*k).is_some())
+    })
 }
 
 /// Whether elements are keyed by all of `keys` (some element carries a key beyond the first).
