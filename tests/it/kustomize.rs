@@ -305,15 +305,15 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
         "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: z}\nspec: {}\n",
     )
     .unwrap();
-    // Custom field specs (`configurations`): the native engine refuses them.
+    // A `crds` schema (name references into custom resources): the native engine refuses it.
     std::fs::write(
-        dir.path().join("fields.yaml"),
-        "commonLabels:\n- path: spec/selector\n  kind: Widget\n  create: true\n",
+        dir.path().join("schema.json"),
+        r#"{"github.com/example/v1.Widget": {"properties": {"spec": {"properties": {"selector": {"type": "object"}}}}}}"#,
     )
     .unwrap();
     std::fs::write(
         dir.path().join("kustomization.yaml"),
-        "resources: [cms.yaml]\nconfigurations: [fields.yaml]\ncommonLabels: {app: w}\n",
+        "resources: [cms.yaml]\ncrds: [schema.json]\nnamePrefix: p-\n",
     )
     .unwrap();
     let render = |fallback: Option<&str>| {
@@ -331,7 +331,7 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
-        stderr.contains("configurations") && stderr.contains("kustomize_fallback"),
+        stderr.contains("crds") && stderr.contains("kustomize_fallback"),
         "{stderr}"
     );
     let built = render(Some("kubectl kustomize"));
@@ -341,6 +341,5 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
         String::from_utf8_lossy(&built.stderr)
     );
     let docs = documents(&String::from_utf8_lossy(&built.stdout), "edgesync").unwrap();
-    // The custom field spec, which only the external build honours.
-    assert_eq!(docs[0]["spec"]["selector"]["app"], "w", "{docs:?}");
+    assert_eq!(docs[0]["metadata"]["name"], "p-z", "{docs:?}");
 }

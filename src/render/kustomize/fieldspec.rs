@@ -90,3 +90,106 @@ fn visit_value(value: &mut Value, segments: &[&str], create: bool, f: &mut dyn F
         _ => {}
     }
 }
+
+/// A field spec from a kustomization's `configurations` (or a `labels` entry's `fields`):
+/// a path, in objects of a kind (any when unset), group and version, created when missing
+/// with `create`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CustomSpec {
+    pub(crate) group: Option<String>,
+    pub(crate) version: Option<String>,
+    pub(crate) kind: Option<String>,
+    pub(crate) path: String,
+    #[serde(default)]
+    pub(crate) create: bool,
+}
+
+impl CustomSpec {
+    pub(crate) fn applies(&self, group: &str, version: &str, kind: &str) -> bool {
+        self.kind.as_deref().is_none_or(|k| k == kind)
+            && self.group.as_deref().is_none_or(|g| g == group)
+            && self.version.as_deref().is_none_or(|v| v == version)
+    }
+
+    /// The path as [`visit`] reads it: kustomize writes list steps as `containers[]`.
+    pub(crate) fn path(&self) -> String {
+        self.path.replace("[]", "")
+    }
+}
+
+/// One `nameReference` entry: fields of other objects that name an object of this kind.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct NameReference {
+    pub(crate) kind: String,
+    pub(crate) group: Option<String>,
+    pub(crate) version: Option<String>,
+    #[serde(default)]
+    pub(crate) field_specs: Vec<CustomSpec>,
+}
+
+/// A kustomization's `configurations` files: field specs added to kustomize's built-in ones.
+/// They reach the kustomization's own transformers and every kustomization that includes it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct TransformerConfig {
+    #[serde(default)]
+    pub(crate) common_labels: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) common_annotations: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) images: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) var_reference: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) name_reference: Vec<NameReference>,
+    // Field specs kustomize has and this engine refuses by name.
+    #[serde(default)]
+    pub(crate) name_prefix: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) name_suffix: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) namespace: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) template_labels: Vec<CustomSpec>,
+    #[serde(default)]
+    pub(crate) replicas: Vec<CustomSpec>,
+}
+
+impl TransformerConfig {
+    /// Adds `other`'s field specs to these (each once).
+    pub(crate) fn merge(&mut self, other: &TransformerConfig) {
+        fn add<T: Clone + PartialEq>(to: &mut Vec<T>, from: &[T]) {
+            for item in from {
+                if !to.contains(item) {
+                    to.push(item.clone());
+                }
+            }
+        }
+        add(&mut self.common_labels, &other.common_labels);
+        add(&mut self.common_annotations, &other.common_annotations);
+        add(&mut self.images, &other.images);
+        add(&mut self.var_reference, &other.var_reference);
+        add(&mut self.name_reference, &other.name_reference);
+        add(&mut self.name_prefix, &other.name_prefix);
+        add(&mut self.name_suffix, &other.name_suffix);
+        add(&mut self.namespace, &other.namespace);
+        add(&mut self.template_labels, &other.template_labels);
+        add(&mut self.replicas, &other.replicas);
+    }
+
+    /// The first kind of field spec this engine does not apply, if any is set.
+    pub(crate) fn unsupported(&self) -> Option<&'static str> {
+        [
+            (!self.name_prefix.is_empty(), "namePrefix"),
+            (!self.name_suffix.is_empty(), "nameSuffix"),
+            (!self.namespace.is_empty(), "namespace"),
+            (!self.template_labels.is_empty(), "templateLabels"),
+            (!self.replicas.is_empty(), "replicas"),
+        ]
+        .into_iter()
+        .find(|(set, _)| *set)
+        .map(|(_, name)| name)
+    }
+}

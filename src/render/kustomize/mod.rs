@@ -210,7 +210,8 @@ struct Kustomization {
     #[serde(default)]
     vars: Vec<vars::Var>,
     crds: Option<Value>,
-    configurations: Option<Value>,
+    #[serde(default)]
+    configurations: Vec<String>,
     generators: Option<Value>,
     transformers: Option<Value>,
     validators: Option<Value>,
@@ -412,7 +413,6 @@ impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
             (self.crds.is_some(), "crds"),
-            (self.configurations.is_some(), "configurations"),
             (
                 self.generators.is_some(),
                 "generators (KRM functions and plugins)",
@@ -605,6 +605,15 @@ impl Builder<'_> {
                 .map_err(|m| self.error(file, format!("resources: {m}")))?;
         }
         vars::collect(&mut self.vars, &k.vars).map_err(|m| self.error(file, m))?;
+        for (i, entry) in k.configurations.iter().enumerate() {
+            let ctx = Ctx {
+                builder: self,
+                dir,
+                file,
+            };
+            let config = configuration(&ctx, &format!("configurations[{i}]"), entry)?;
+            resmap.config.merge(&config);
+        }
         // Generators, then components, then transformers, as kustomize runs them.
         generator::run(
             &Ctx {
@@ -806,6 +815,29 @@ impl Builder<'_> {
         }
         std::fs::read_to_string(path).map_err(io)
     }
+}
+
+/// One `configurations` file: field specs added to kustomize's built-in ones.
+fn configuration(
+    ctx: &Ctx,
+    field: &str,
+    entry: &str,
+) -> Result<fieldspec::TransformerConfig, RenderError> {
+    let (path, text) = ctx.read_file(field, entry)?;
+    let docs = super::yaml::parse_documents_last_key_wins(&text, &path)?;
+    let mut config = fieldspec::TransformerConfig::default();
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let one: fieldspec::TransformerConfig = serde_json::from_value(doc)
+            .map_err(|e| ctx.error(format!("{field}: {}: {e}", path.display())))?;
+        config.merge(&one);
+    }
+    if let Some(what) = config.unsupported() {
+        return Err(RenderError::KustomizeUnsupported {
+            path: path.clone(),
+            what: format!("`{what}` field specs in configurations"),
+        });
+    }
+    Ok(config)
 }
 
 /// What generators and patches need from the kustomization being built.

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::fieldspec::visit;
+use super::fieldspec::{visit, NameReference};
 use super::resource::{is_cluster_scoped, Res, ResMap};
 
 /// Where pod specs live, by kind.
@@ -123,8 +123,41 @@ pub(crate) fn fix(resmap: &mut ResMap) {
     if targets.is_empty() {
         return;
     }
+    let configured = resmap.config.name_reference.clone();
     for r in resmap.iter_mut() {
         fix_referrer(r, &targets);
+        fix_configured(r, &targets, &configured);
+    }
+}
+
+/// The name references `configurations` adds: a field of the referrer that holds the name of
+/// an object of the reference's kind (or a mapping with that name under `name`).
+fn fix_configured(r: &mut Res, targets: &[Target], configured: &[NameReference]) {
+    let (group, version, kind) = (
+        r.group().to_string(),
+        r.version().to_string(),
+        r.kind().to_string(),
+    );
+    let ns = r.namespace().to_string();
+    let affixes = (r.prefixes.clone(), r.suffixes.clone());
+    for reference in configured {
+        for f in reference
+            .field_specs
+            .iter()
+            .filter(|f| f.applies(&group, &version, &kind))
+        {
+            visit(&mut r.obj, &f.path(), false, &mut |value| {
+                let name = match value {
+                    Value::Object(map) => map.get_mut("name"),
+                    other => Some(other),
+                };
+                if let Some(Value::String(name)) = name {
+                    if let Some(t) = resolve(targets, &reference.kind, &ns, name, &affixes) {
+                        *name = t.name.clone();
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -165,10 +165,12 @@ impl Res {
     }
 }
 
-/// Resources in the order kustomize accumulated them.
+/// Resources in the order kustomize accumulated them, with the field specs of the
+/// `configurations` of every kustomization they came through.
 #[derive(Debug, Default)]
 pub(crate) struct ResMap {
     items: Vec<Res>,
+    pub(crate) config: super::fieldspec::TransformerConfig,
 }
 
 impl ResMap {
@@ -191,6 +193,7 @@ impl ResMap {
     }
 
     pub(crate) fn append_all(&mut self, other: ResMap) -> Result<(), KustomizeError> {
+        self.config.merge(&other.config);
         for r in other.items {
             self.append(r)?;
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::fieldspec::{fs, fsg, visit, FieldSpec};
+use super::fieldspec::{fs, fsg, visit, CustomSpec, FieldSpec};
 use super::resource::{is_cluster_scoped, ResMap};
 
 /// Sets the namespace of every namespaced object, renames Namespace objects to it, and moves
@@ -74,18 +74,7 @@ pub(crate) struct LabelSet {
     #[serde(default)]
     include_templates: bool,
     #[serde(default)]
-    fields: Vec<CustomField>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct CustomField {
-    path: String,
-    #[serde(default)]
-    create: bool,
-    group: Option<String>,
-    version: Option<String>,
-    kind: Option<String>,
+    fields: Vec<CustomSpec>,
 }
 
 const WORKLOADS: [&str; 6] = [
@@ -182,12 +171,15 @@ pub(crate) fn labels(
     common: &BTreeMap<String, String>,
     sets: &[LabelSet],
 ) -> Result<(), KustomizeError> {
+    // `configurations` field specs for commonLabels: with commonLabels, and with the
+    // `labels` that reach selectors.
+    let configured = resmap.config.common_labels.clone();
     if !common.is_empty() {
         let specs: Vec<FieldSpec> = std::iter::once(fs("", "metadata/labels", true))
             .chain(TEMPLATE_LABELS)
             .chain(SELECTOR_LABELS)
             .collect();
-        add_pairs(resmap, common, &specs, &[]);
+        add_pairs(resmap, common, &specs, &configured);
     }
     for set in sets {
         let mut specs = vec![fs("", "metadata/labels", true)];
@@ -204,7 +196,11 @@ pub(crate) fn labels(
                 });
             }
         }
-        add_pairs(resmap, &set.pairs, &specs, &set.fields);
+        let mut custom = set.fields.clone();
+        if set.include_selectors {
+            custom.extend(configured.iter().cloned());
+        }
+        add_pairs(resmap, &set.pairs, &specs, &custom);
     }
     Ok(())
 }
@@ -213,26 +209,24 @@ fn add_pairs(
     resmap: &mut ResMap,
     pairs: &BTreeMap<String, String>,
     specs: &[FieldSpec],
-    custom: &[CustomField],
+    custom: &[CustomSpec],
 ) {
     for r in resmap.iter_mut() {
         let (group, kind) = (r.group().to_string(), r.kind().to_string());
         let version = r.version().to_string();
-        let mut paths: Vec<(&str, bool)> = specs
+        let mut paths: Vec<(String, bool)> = specs
             .iter()
             .filter(|s| s.applies(&group, &kind))
-            .map(|s| (s.path, s.create))
+            .map(|s| (s.path.to_string(), s.create))
             .collect();
-        for f in custom {
-            let matches = f.kind.as_deref().is_none_or(|k| k == kind)
-                && f.group.as_deref().is_none_or(|g| g == group)
-                && f.version.as_deref().is_none_or(|v| v == version);
-            if matches {
-                paths.push((f.path.as_str(), f.create));
+        for f in custom.iter().filter(|f| f.applies(&group, &version, &kind)) {
+            let path = f.path();
+            if !paths.iter().any(|(p, _)| *p == path) {
+                paths.push((path, f.create));
             }
         }
         for (path, create) in paths {
-            visit(&mut r.obj, path, create, &mut |v| merge_strings(v, pairs));
+            visit(&mut r.obj, &path, create, &mut |v| merge_strings(v, pairs));
         }
     }
 }
@@ -258,8 +252,18 @@ pub(crate) fn annotations(resmap: &mut ResMap, common: &BTreeMap<String, String>
     if common.is_empty() {
         return;
     }
+    let configured = resmap.config.common_annotations.clone();
     for r in resmap.iter_mut() {
         let kind = r.kind().to_string();
+        let (group, version) = (r.group().to_string(), r.version().to_string());
+        for f in configured
+            .iter()
+            .filter(|f| f.applies(&group, &version, &kind))
+        {
+            visit(&mut r.obj, &f.path(), f.create, &mut |v| {
+                merge_strings(v, common)
+            });
+        }
         visit(&mut r.obj, "metadata/annotations", true, &mut |v| {
             merge_strings(v, common)
         });
@@ -359,9 +363,25 @@ pub(crate) fn images(resmap: &mut ResMap, images: &[Image]) {
     if images.is_empty() {
         return;
     }
+    let configured = resmap.config.images.clone();
     for r in resmap.iter_mut() {
         for value in r.obj.values_mut() {
             walk_containers(value, images);
+        }
+        // Image fields `configurations` names (custom resources).
+        let kind = r.kind().to_string();
+        let (group, version) = (r.group().to_string(), r.version().to_string());
+        for f in configured
+            .iter()
+            .filter(|f| f.applies(&group, &version, &kind))
+        {
+            visit(&mut r.obj, &f.path(), false, &mut |v| {
+                if let Value::String(image) = v {
+                    if let Some(new) = rewrite_image(image, images) {
+                        *image = new;
+                    }
+                }
+            });
         }
     }
 }

@@ -171,8 +171,24 @@ pub(crate) fn resolve(resmap: &mut ResMap, vars: &[Var]) -> Result<(), Kustomize
         })?;
         values.push((format!("$({})", v.name), value));
     }
+    let configured = resmap.config.var_reference.clone();
     for r in resmap.iter_mut() {
-        for path in reference_paths(r.kind()) {
+        let (group, version, kind) = (
+            r.group().to_string(),
+            r.version().to_string(),
+            r.kind().to_string(),
+        );
+        let mut paths = reference_paths(&kind);
+        for f in configured
+            .iter()
+            .filter(|f| f.applies(&group, &version, &kind))
+        {
+            let path = f.path();
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+        for path in paths {
             // Annotations are strings; elsewhere a field that is only `$(NAME)` takes the
             // value as it is (a number stays a number), as kustomize does.
             let typed = !path.ends_with("annotations");
