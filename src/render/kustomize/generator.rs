@@ -16,8 +16,8 @@ use crate::render::RenderError;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct GeneratorArgs {
-    name: Option<String>,
-    namespace: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) namespace: Option<String>,
     behavior: Option<String>,
     #[serde(default)]
     literals: Vec<String>,
@@ -52,25 +52,37 @@ pub(super) fn run(ctx: &Ctx, k: &Kustomization, resmap: &mut ResMap) -> Result<(
         ("secretGenerator", "Secret", &k.secret_generator),
     ] {
         for (i, args) in list.iter().enumerate() {
-            let at = |m: String| ctx.error(format!("{field}[{i}]: {m}"));
-            let res = generate(ctx, kind, args, &global).map_err(|e| match e {
-                GenError::Render(e) => e,
-                GenError::Message(m) => at(m),
-            })?;
-            let behavior = match args.behavior.as_deref() {
-                None | Some("") | Some("create") => Behavior::Create,
-                Some("merge") => Behavior::Merge,
-                Some("replace") => Behavior::Replace,
-                Some(other) => {
-                    return Err(at(format!(
-                        "behavior {other:?} is not one of create, merge, replace"
-                    )))
-                }
-            };
-            add(resmap, res, behavior).map_err(|e| at(e.to_string()))?;
+            run_one(ctx, &format!("{field}[{i}]"), kind, args, &global, resmap)?;
         }
     }
     Ok(())
+}
+
+/// Runs one generator of `kind` (ConfigMap or Secret); `field` names it in errors.
+pub(super) fn run_one(
+    ctx: &Ctx,
+    field: &str,
+    kind: &str,
+    args: &GeneratorArgs,
+    global: &GeneratorOptions,
+    resmap: &mut ResMap,
+) -> Result<(), RenderError> {
+    let at = |m: String| ctx.error(format!("{field}: {m}"));
+    let res = generate(ctx, kind, args, global).map_err(|e| match e {
+        GenError::Render(e) => e,
+        GenError::Message(m) => at(m),
+    })?;
+    let behavior = match args.behavior.as_deref() {
+        None | Some("") | Some("create") => Behavior::Create,
+        Some("merge") => Behavior::Merge,
+        Some("replace") => Behavior::Replace,
+        Some(other) => {
+            return Err(at(format!(
+                "behavior {other:?} is not one of create, merge, replace"
+            )))
+        }
+    };
+    add(resmap, res, behavior).map_err(|e| at(e.to_string()))
 }
 
 enum GenError {

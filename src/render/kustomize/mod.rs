@@ -9,6 +9,7 @@
 //! references (ConfigMap refs in pods, ServiceAccount subjects, ...) follow renamed objects.
 
 mod build_metadata;
+mod builtin;
 mod error;
 mod fieldspec;
 mod generator;
@@ -212,8 +213,10 @@ struct Kustomization {
     crds: Option<Value>,
     #[serde(default)]
     configurations: Vec<String>,
-    generators: Option<Value>,
-    transformers: Option<Value>,
+    #[serde(default)]
+    generators: Vec<String>,
+    #[serde(default)]
+    transformers: Vec<String>,
     validators: Option<Value>,
     helm_charts: Option<Value>,
     helm_globals: Option<Value>,
@@ -413,14 +416,6 @@ impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
             (self.crds.is_some(), "crds"),
-            (
-                self.generators.is_some(),
-                "generators (KRM functions and plugins)",
-            ),
-            (
-                self.transformers.is_some(),
-                "transformers (KRM functions and plugins)",
-            ),
             (self.validators.is_some(), "validators"),
             (self.helm_charts.is_some(), "helmCharts"),
             (self.helm_globals.is_some(), "helmGlobals"),
@@ -614,16 +609,18 @@ impl Builder<'_> {
             let config = configuration(&ctx, &format!("configurations[{i}]"), entry)?;
             resmap.config.merge(&config);
         }
+        let generators = self.plugin_configs(dir, file, "generators", &k.generators)?;
+        let transformers = self.plugin_configs(dir, file, "transformers", &k.transformers)?;
         // Generators, then components, then transformers, as kustomize runs them.
-        generator::run(
-            &Ctx {
+        {
+            let ctx = Ctx {
                 builder: self,
                 dir,
                 file,
-            },
-            k,
-            &mut resmap,
-        )?;
+            };
+            generator::run(&ctx, k, &mut resmap)?;
+            builtin::generate(&ctx, &generators, &mut resmap)?;
+        }
         for entry in &k.components {
             let path = self.local_path(dir, file, "components", entry)?;
             if !path.is_dir() {
@@ -702,10 +699,48 @@ impl Builder<'_> {
             "ReplacementTransformer",
             usize::from(!k.replacements.is_empty()),
         );
+        builtin::transform(&ctx, &transformers, &mut resmap)?;
         if resmap.len() > MAX_OBJECTS {
             return Err(self.error(file, format!("more than {MAX_OBJECTS} objects")));
         }
         Ok(resmap)
+    }
+
+    /// The plugin configurations a `generators` or `transformers` list names: inline YAML,
+    /// files, or directories whose kustomization builds them.
+    fn plugin_configs(
+        &mut self,
+        dir: &Path,
+        file: &Path,
+        field: &str,
+        entries: &[String],
+    ) -> Result<Vec<builtin::PluginConfig>, RenderError> {
+        let mut configs = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let resmap = if entry.contains('\n') {
+                let source = format!("{}: {field}[{i}] (inline)", self.rel(file).display());
+                let docs = super::yaml::parse_documents_yaml12(entry, Path::new(&source))?;
+                let mut resmap = ResMap::default();
+                for o in super::objects_of(docs, Path::new(&source))? {
+                    resmap
+                        .append(Res::new(o.value, o.origin))
+                        .map_err(|m| self.error(file, format!("{field}: {m}")))?;
+                }
+                resmap
+            } else if is_remote(entry) {
+                return Err(RenderError::KustomizeUnsupported {
+                    path: self.rel(file).to_path_buf(),
+                    what: format!("the remote {field} entry {entry}"),
+                });
+            } else {
+                self.resource(dir, file, entry)?
+            };
+            configs.extend(resmap.into_iter().map(|r| builtin::PluginConfig {
+                origin: r.origin,
+                config: r.obj,
+            }));
+        }
+        Ok(configs)
     }
 
     /// One `resources` (or `bases`) entry: a file of objects or a directory with a

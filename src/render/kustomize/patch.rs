@@ -23,6 +23,18 @@ pub(crate) struct PatchEntry {
     options: PatchOptions,
 }
 
+impl PatchEntry {
+    /// A JSON patch for `target`, from a file or inline.
+    pub(super) fn json6902(target: Selector, path: Option<String>, patch: Option<String>) -> Self {
+        PatchEntry {
+            path,
+            patch,
+            target: Some(target),
+            options: PatchOptions::default(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PatchOptions {

@@ -319,6 +319,67 @@ pub(crate) fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
     }
 }
 
+/// A `ReplicaCountTransformer` configured with its own field specs: the count at each path
+/// of the objects named (by any name they have had).
+pub(crate) fn replicas_at(resmap: &mut ResMap, replica: &Replica, specs: &[CustomSpec]) {
+    for r in resmap.iter_mut() {
+        if !r.all_names().any(|(_, n)| n == replica.name) {
+            continue;
+        }
+        let (group, version, kind) = (
+            r.group().to_string(),
+            r.version().to_string(),
+            r.kind().to_string(),
+        );
+        for f in specs.iter().filter(|f| f.applies(&group, &version, &kind)) {
+            visit(&mut r.obj, &f.path(), f.create, &mut |v| {
+                *v = Value::from(replica.count)
+            });
+        }
+    }
+}
+
+/// Labels or annotations at the given field specs only (a `LabelTransformer`'s or an
+/// `AnnotationsTransformer`'s).
+pub(crate) fn pairs_at(
+    resmap: &mut ResMap,
+    pairs: &BTreeMap<String, String>,
+    specs: &[CustomSpec],
+) {
+    add_pairs(resmap, pairs, &[], specs);
+}
+
+/// A `NamespaceTransformer` configured with its own field specs: `metadata/namespace` of
+/// namespaced objects (only where unset with `unset_only`), the name of Namespace objects, and
+/// any other path set to the namespace.
+pub(crate) fn namespace_at(resmap: &mut ResMap, ns: &str, specs: &[CustomSpec], unset_only: bool) {
+    for r in resmap.iter_mut() {
+        let (group, version, kind) = (
+            r.group().to_string(),
+            r.version().to_string(),
+            r.kind().to_string(),
+        );
+        for f in specs.iter().filter(|f| f.applies(&group, &version, &kind)) {
+            match (f.path().as_str(), kind.as_str()) {
+                ("metadata/namespace", _) => {
+                    if !is_cluster_scoped(&kind) && (!unset_only || r.namespace().is_empty()) {
+                        r.set_namespace(ns);
+                    }
+                }
+                ("metadata/name", "Namespace") => {
+                    if r.name() != ns {
+                        r.set_name(ns.to_string());
+                    }
+                }
+                ("metadata/name", _) => {}
+                (path, _) => visit(&mut r.obj, path, f.create, &mut |v| {
+                    *v = Value::String(ns.to_string())
+                }),
+            }
+        }
+    }
+}
+
 /// One entry of `images`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -364,6 +425,11 @@ pub(crate) fn images(resmap: &mut ResMap, images: &[Image]) {
         return;
     }
     let configured = resmap.config.images.clone();
+    images_with(resmap, images, &configured);
+}
+
+/// Rewrites container images, and the image fields `specs` name.
+pub(crate) fn images_with(resmap: &mut ResMap, images: &[Image], configured: &[CustomSpec]) {
     for r in resmap.iter_mut() {
         for value in r.obj.values_mut() {
             walk_containers(value, images);
