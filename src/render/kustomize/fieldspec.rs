@@ -50,8 +50,33 @@ pub(crate) fn visit(
     create: bool,
     f: &mut dyn FnMut(&mut Value),
 ) {
-    let segments: Vec<&str> = path.split('/').collect();
+    let segments = split_path(path);
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     visit_map(obj, &segments, create, f);
+}
+
+/// A field spec path's steps: split at `/`, where `\/` is a slash inside a key (annotation
+/// names such as `nginx.ingress.kubernetes.io\/auth-secret`).
+fn split_path(path: &str) -> Vec<String> {
+    let mut steps = vec![String::new()];
+    let mut chars = path.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'/') => {
+                chars.next();
+                if let Some(s) = steps.last_mut() {
+                    s.push('/');
+                }
+            }
+            '/' => steps.push(String::new()),
+            other => {
+                if let Some(s) = steps.last_mut() {
+                    s.push(other);
+                }
+            }
+        }
+    }
+    steps
 }
 
 fn visit_map(

@@ -9,8 +9,9 @@ use super::fieldspec::{visit, NameReference};
 use super::resource::{is_cluster_scoped, Res, ResMap};
 
 /// Where pod specs live, by kind.
-const POD_SPECS: [(&str, &str); 8] = [
+const POD_SPECS: [(&str, &str); 9] = [
     ("Pod", "spec"),
+    ("PodTemplate", "template/spec"),
     ("Deployment", "spec/template/spec"),
     ("ReplicaSet", "spec/template/spec"),
     ("DaemonSet", "spec/template/spec"),
@@ -20,7 +21,18 @@ const POD_SPECS: [(&str, &str); 8] = [
     ("CronJob", "spec/jobTemplate/spec/template/spec"),
 ];
 
-const CONTAINER_LISTS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
+/// Whether kustomize's table follows references to `target` in the pod spec of `referrer`:
+/// ConfigMaps and Secrets not from ReplicationControllers, the others not from ReplicaSets or
+/// PodTemplates.
+fn follows_pod_spec(target: &str, referrer: &str) -> bool {
+    match target {
+        "ConfigMap" | "Secret" => referrer != "ReplicationController",
+        _ => !matches!(referrer, "ReplicaSet" | "PodTemplate"),
+    }
+}
+
+/// Ephemeral containers are not in kustomize's table.
+const CONTAINER_LISTS: [&str; 2] = ["containers", "initContainers"];
 
 /// Name fields inside a pod spec, by the kind they name.
 fn pod_spec_fields(kind: &str) -> Vec<String> {
@@ -130,8 +142,60 @@ pub(crate) fn fix(resmap: &mut ResMap) {
     }
 }
 
-/// The name references `configurations` adds: a field of the referrer that holds the name of
-/// an object of the reference's kind (or a mapping with that name under `name`).
+/// More of kustomize's name-reference table: (kind named, referrer group (empty: any),
+/// referrer kind, path).
+const MORE_REFERENCES: &[(&str, &str, &str, &str)] = &[
+    ("ConfigMap", "", "Node", "spec/configSource/configMap"),
+    ("ConfigMap", "", "Role", "rules/resourceNames"),
+    ("ConfigMap", "", "ClusterRole", "rules/resourceNames"),
+    (
+        "ConfigMap",
+        "",
+        "Ingress",
+        "metadata/annotations/nginx.ingress.kubernetes.io\\/fastcgi-params-configmap",
+    ),
+    ("Secret", "", "Role", "rules/resourceNames"),
+    ("Secret", "", "ClusterRole", "rules/resourceNames"),
+    (
+        "Secret",
+        "",
+        "Ingress",
+        "metadata/annotations/ingress.kubernetes.io\\/auth-secret",
+    ),
+    (
+        "Secret",
+        "",
+        "Ingress",
+        "metadata/annotations/nginx.ingress.kubernetes.io\\/auth-secret",
+    ),
+    (
+        "Secret",
+        "",
+        "Ingress",
+        "metadata/annotations/nginx.ingress.kubernetes.io\\/auth-tls-secret",
+    ),
+    ("Secret", "", "StorageClass", "parameters/secretName"),
+    ("Secret", "", "StorageClass", "parameters/adminSecretName"),
+    ("Secret", "", "StorageClass", "parameters/userSecretName"),
+    ("Secret", "", "StorageClass", "parameters/secretRef"),
+    (
+        "Secret",
+        "serving.knative.dev",
+        "Service",
+        "spec/template/spec/containers/env/valueFrom/secretKeyRef/name",
+    ),
+    ("PersistentVolume", "", "ClusterRole", "rules/resourceNames"),
+    (
+        "ValidatingAdmissionPolicy",
+        "admissionregistration.k8s.io",
+        "ValidatingAdmissionPolicyBinding",
+        "spec/policyName",
+    ),
+];
+
+/// The name references `configurations` adds, and the rest of kustomize's table: a field of
+/// the referrer that holds the name of an object of the reference's kind (or a mapping with
+/// that name under `name`).
 fn fix_configured(r: &mut Res, targets: &[Target], configured: &[NameReference]) {
     let (group, version, kind) = (
         r.group().to_string(),
@@ -140,23 +204,31 @@ fn fix_configured(r: &mut Res, targets: &[Target], configured: &[NameReference])
     );
     let ns = r.namespace().to_string();
     let affixes = (r.prefixes.clone(), r.suffixes.clone());
+    let follow_at = |obj: &mut Map<String, Value>, target_kind: &str, path: &str| {
+        visit(obj, path, false, &mut |value| {
+            let name = match value {
+                Value::Object(map) => map.get_mut("name"),
+                other => Some(other),
+            };
+            if let Some(Value::String(name)) = name {
+                if let Some(t) = resolve(targets, target_kind, &ns, name, &affixes) {
+                    *name = t.name.clone();
+                }
+            }
+        });
+    };
+    for (target_kind, referrer_group, referrer_kind, path) in MORE_REFERENCES {
+        if *referrer_kind == kind && (referrer_group.is_empty() || *referrer_group == group) {
+            follow_at(&mut r.obj, target_kind, path);
+        }
+    }
     for reference in configured {
         for f in reference
             .field_specs
             .iter()
             .filter(|f| f.applies(&group, &version, &kind))
         {
-            visit(&mut r.obj, &f.path(), false, &mut |value| {
-                let name = match value {
-                    Value::Object(map) => map.get_mut("name"),
-                    other => Some(other),
-                };
-                if let Some(Value::String(name)) = name {
-                    if let Some(t) = resolve(targets, &reference.kind, &ns, name, &affixes) {
-                        *name = t.name.clone();
-                    }
-                }
-            });
+            follow_at(&mut r.obj, &reference.kind, &f.path());
         }
     }
 }
@@ -215,7 +287,10 @@ fn fix_referrer(r: &mut Res, targets: &[Target]) {
         }
     };
     for target_kind in REFERENCED {
-        if let Some((_, prefix)) = POD_SPECS.iter().find(|(k, _)| *k == kind) {
+        if let Some((_, prefix)) = POD_SPECS
+            .iter()
+            .find(|(k, _)| *k == kind && follows_pod_spec(target_kind, k))
+        {
             for field in pod_spec_fields(target_kind) {
                 let path = format!("{prefix}/{field}");
                 visit(&mut r.obj, &path, false, &mut |v| rename(v, target_kind));
