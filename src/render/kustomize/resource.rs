@@ -157,11 +157,18 @@ impl Res {
         )
     }
 
+    /// kustomize's id equality: group, version, kind, name, and namespace with `default` and
+    /// no namespace alike.
     fn same_id(&self, other: &Res) -> bool {
+        let ns = |r: &Res| match r.namespace() {
+            "default" => String::new(),
+            other => other.to_string(),
+        };
         self.group() == other.group()
+            && self.version() == other.version()
             && self.kind() == other.kind()
             && self.name() == other.name()
-            && self.namespace() == other.namespace()
+            && ns(self) == ns(other)
     }
 }
 
