@@ -380,8 +380,12 @@ fn add(resmap: &mut ResMap, mut res: Res, behavior: Behavior) -> Result<(), Kust
             if let Some(v) = res.obj.get("immutable") {
                 base.obj.insert("immutable".into(), v.clone());
             }
-            // Merging into an object from the resources keeps its hash policy: a plain
-            // ConfigMap stays unhashed, a generated one is hashed.
+            // Merging into an object from the resources keeps its hash policy (a plain
+            // ConfigMap stays unhashed, a generated one is hashed), unless the merging
+            // generator turns the hash off.
+            if !res.needs_hash {
+                base.needs_hash = false;
+            }
             Ok(())
         }
     }
