@@ -653,6 +653,11 @@ impl Builder<'_> {
         ran(&mut resmap, "PatchTransformer", k.patches.len());
         if let Some(ns) = k.namespace.as_deref().filter(|ns| !ns.is_empty()) {
             transform::namespace(&mut resmap, ns);
+            if let Some(id) = resmap.duplicate_id() {
+                return Err(ctx.error(format!(
+                    "namespace transformation produces ID conflict: {id} is there twice"
+                )));
+            }
             ran(&mut resmap, "NamespaceTransformer", 1);
         }
         let (prefix, suffix) = (

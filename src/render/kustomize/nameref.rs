@@ -260,18 +260,13 @@ fn resolve<'a>(
     // A reference that already names an object by its current name stays.
     if candidates
         .iter()
-        .any(|t| t.name == name && t.namespace == ns)
+        .any(|t| t.name == name && same_ns(&t.namespace, ns))
     {
         return None;
     }
     candidates
         .iter()
-        .find(|t| is_cluster_scoped(kind) || t.namespace == ns)
-        .or_else(|| {
-            candidates
-                .iter()
-                .find(|t| t.names.iter().any(|(n_ns, n)| n == name && n_ns == ns))
-        })
+        .find(|t| is_cluster_scoped(kind) || same_ns(&t.namespace, ns))
         .copied()
 }
 
@@ -389,10 +384,6 @@ fn follow(
     name: &str,
     ns: Option<&str>,
 ) {
-    let same_ns = |a: &str, b: &str| {
-        let norm = |n: &str| if n == "default" { "" } else { n }.to_string();
-        norm(a) == norm(b)
-    };
     let found = targets.iter().find(|t| {
         t.kind == kind
             && t.names
@@ -405,4 +396,10 @@ fn follow(
             reference.insert("namespace".into(), Value::String(t.namespace.clone()));
         }
     }
+}
+
+/// Namespaces as kustomize compares them: `default` and no namespace are one.
+fn same_ns(a: &str, b: &str) -> bool {
+    let norm = |n: &str| if n == "default" { "" } else { n }.to_string();
+    norm(a) == norm(b)
 }

@@ -160,15 +160,15 @@ impl Res {
     /// kustomize's id equality: group, version, kind, name, and namespace with `default` and
     /// no namespace alike.
     fn same_id(&self, other: &Res) -> bool {
-        let ns = |r: &Res| match r.namespace() {
-            "default" => String::new(),
-            other => other.to_string(),
+        self.id_key() == other.id_key()
+    }
+
+    fn id_key(&self) -> (&str, &str, &str, &str, &str) {
+        let ns = match self.namespace() {
+            "default" => "",
+            other => other,
         };
-        self.group() == other.group()
-            && self.version() == other.version()
-            && self.kind() == other.kind()
-            && self.name() == other.name()
-            && ns(self) == ns(other)
+        (self.group(), self.version(), self.kind(), self.name(), ns)
     }
 }
 
@@ -197,6 +197,15 @@ impl ResMap {
         }
         self.items.push(res);
         Ok(())
+    }
+
+    /// The id of an object that is in the map twice (after a transformer moved it), if any.
+    pub(crate) fn duplicate_id(&self) -> Option<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.items
+            .iter()
+            .find(|r| !seen.insert(r.id_key()))
+            .map(Res::id)
     }
 
     pub(crate) fn append_all(&mut self, other: ResMap) -> Result<(), KustomizeError> {
