@@ -160,7 +160,8 @@ impl Res {
     /// kustomize's id equality: group, version, kind, name, and namespace with `default` and
     /// no namespace alike.
     fn same_id(&self, other: &Res) -> bool {
-        self.id_key() == other.id_key()
+        // The name first: it tells most objects apart, and this runs for every pair.
+        self.name() == other.name() && self.id_key() == other.id_key()
     }
 
     fn id_key(&self) -> (&str, &str, &str, &str, &str) {
