@@ -13,7 +13,36 @@ pub(crate) enum Outcome {
     Delete,
 }
 
-/// Applies `patch` to `target`.
+/// API groups of kustomize's built-in schema (Kubernetes' own types).
+const BUILTIN_GROUPS: [&str; 24] = [
+    "",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "apiregistration.k8s.io",
+    "apps",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "autoscaling",
+    "batch",
+    "certificates.k8s.io",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "events.k8s.io",
+    "extensions",
+    "flowcontrol.apiserver.k8s.io",
+    "internal.apiserver.k8s.io",
+    "networking.k8s.io",
+    "node.k8s.io",
+    "policy",
+    "rbac.authorization.k8s.io",
+    "resource.k8s.io",
+    "scheduling.k8s.io",
+    "storage.k8s.io",
+    "storagemigration.k8s.io",
+];
+
+/// Applies `patch` to `target`. Lists merge by key only in Kubernetes' own types: without a
+/// schema (custom resources), kustomize replaces every list.
 pub(crate) fn apply(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> Outcome {
     match directive(patch) {
         Some("delete") => return Outcome::Delete,
@@ -23,9 +52,17 @@ pub(crate) fn apply(target: &mut Map<String, Value>, patch: &Map<String, Value>)
         }
         _ => {}
     }
-    merge_map(target, patch, "");
-    for (k, v) in target.iter_mut() {
-        normalize(v, k, "");
+    let group = target
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .and_then(|av| av.rsplit_once('/'))
+        .map_or("", |(group, _)| group);
+    let keyed = BUILTIN_GROUPS.contains(&group);
+    merge_map(target, patch, "", keyed);
+    if keyed {
+        for (k, v) in target.iter_mut() {
+            normalize(v, k, "");
+        }
     }
     Outcome::Patched
 }
@@ -60,7 +97,12 @@ fn strip_value(v: &Value) -> Value {
     }
 }
 
-fn merge_map(target: &mut Map<String, Value>, patch: &Map<String, Value>, parent: &str) {
+fn merge_map(
+    target: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+    parent: &str,
+    keyed: bool,
+) {
     for (key, pv) in patch {
         if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
             if let (Some(Value::Array(list)), Value::Array(remove)) = (target.get_mut(field), pv) {
@@ -83,9 +125,9 @@ fn merge_map(target: &mut Map<String, Value>, patch: &Map<String, Value>, parent
                 Some("delete") => {
                     target.remove(key);
                 }
-                _ => merge_map(t, p, key),
+                _ => merge_map(t, p, key, keyed),
             },
-            (Some(Value::Array(t)), Value::Array(p)) => merge_list(t, p, key, parent),
+            (Some(Value::Array(t)), Value::Array(p)) => merge_list(t, p, key, parent, keyed),
             _ => {
                 if let Value::Object(p) = pv {
                     if directive(p) == Some("delete") {
@@ -187,7 +229,7 @@ fn dedupe(items: &mut Vec<Value>, keys: &[&str], at_last: bool) {
     *items = out;
 }
 
-fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &str) {
+fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &str, keyed: bool) {
     // `- $patch: replace` in the patch list: the list becomes the patch's other elements.
     if patch
         .iter()
@@ -207,7 +249,7 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
         }
         return;
     }
-    let Some(keys) = merge_key(field, parent) else {
+    let Some(keys) = merge_key(field, parent).filter(|_| keyed) else {
         *target = patch.iter().map(strip_value).collect();
         return;
     };
@@ -248,7 +290,7 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
             }
             (Some(mut t), _) => {
                 if let Value::Object(m) = &mut t {
-                    merge_map(m, p, field);
+                    merge_map(m, p, field, keyed);
                 }
                 from_patch.push((t, pos));
             }
