@@ -104,6 +104,7 @@ pub(crate) fn build_with(
         expansions: 0,
         build_metadata: Vec::new(),
         sort_options: None,
+        schema: None,
     };
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
@@ -221,7 +222,7 @@ struct Kustomization {
     helm_charts: Option<Value>,
     helm_globals: Option<Value>,
     helm_chart_inflation_generator: Option<Value>,
-    openapi: Option<Value>,
+    openapi: Option<OpenApi>,
     images_from: Option<Value>,
 }
 
@@ -376,6 +377,15 @@ fn canonical_field_names(doc: &mut Value) {
     }
 }
 
+/// `openapi`: a schema file for strategic merge patches (`path`); a built-in schema
+/// `version` is refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenApi {
+    path: Option<String>,
+    version: Option<String>,
+}
+
 /// `sortOptions`: kustomize's output order, read from the top kustomization only.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -423,7 +433,12 @@ impl Kustomization {
                 self.helm_chart_inflation_generator.is_some(),
                 "helmChartInflationGenerator",
             ),
-            (self.openapi.is_some(), "openapi"),
+            (
+                self.openapi
+                    .as_ref()
+                    .is_some_and(|o| o.version.is_some() || o.path.is_none()),
+                "openapi (a built-in schema version)",
+            ),
             (self.images_from.is_some(), "imagesFrom"),
         ]
         .into_iter()
@@ -446,6 +461,9 @@ struct Builder<'a> {
     build_metadata: Vec<String>,
     /// The top kustomization's `sortOptions`.
     sort_options: Option<SortOptions>,
+    /// The schema of the last `openapi` read, which replaces the built-in one for the rest of
+    /// the build (kustomize's is global too).
+    schema: Option<std::sync::Arc<smp::Schema>>,
 }
 
 impl Builder<'_> {
@@ -501,6 +519,9 @@ impl Builder<'_> {
                 .map_err(|m| self.error(&file, format!("source.kustomize: {m}")))?;
             self.build_metadata = k.build_metadata.clone();
             self.sort_options = k.sort_options.clone();
+        }
+        if let Some(path) = k.openapi.as_ref().and_then(|o| o.path.as_deref()) {
+            self.schema = Some(std::sync::Arc::new(self.openapi_schema(dir, &file, path)?));
         }
         self.stack.push(dir.to_path_buf());
         let result = self.accumulate(dir, &file, &k, input);
@@ -709,6 +730,23 @@ impl Builder<'_> {
             return Err(self.error(file, format!("more than {MAX_OBJECTS} objects")));
         }
         Ok(resmap)
+    }
+
+    /// Reads an `openapi` schema file (JSON or YAML).
+    fn openapi_schema(
+        &self,
+        dir: &Path,
+        file: &Path,
+        entry: &str,
+    ) -> Result<smp::Schema, RenderError> {
+        let path = self.local_path(dir, file, "openapi.path", entry)?;
+        let text = self.read(&path)?;
+        let rel = self.rel(&path).to_path_buf();
+        let doc = super::yaml::parse_documents(&text, &rel)?
+            .into_iter()
+            .find(|d| !d.is_null())
+            .unwrap_or(Value::Null);
+        smp::Schema::new(doc).map_err(|m| self.error(&path, format!("openapi: {m}")))
     }
 
     /// The plugin configurations a `generators` or `transformers` list names: inline YAML,
@@ -925,6 +963,7 @@ pub(crate) fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, 
         expansions: 0,
         build_metadata: Vec::new(),
         sort_options: None,
+        schema: None,
     };
     let mut remote = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -1177,11 +1216,12 @@ mod tests {
         write(
             tmp.path(),
             "k/kustomization.yaml",
-            "openapi: {path: schema.json}\n",
+            "openapi: {version: v1.20.4}\n",
         );
         let err = build_err(tmp.path(), "k");
         assert!(
-            err.contains("`openapi`") && err.contains("k/kustomization.yaml"),
+            err.contains("`openapi (a built-in schema version)`")
+                && err.contains("k/kustomization.yaml"),
             "{err}"
         );
     }

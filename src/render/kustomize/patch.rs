@@ -279,7 +279,9 @@ fn apply_to(
                         }
                         meta.remove("namespace");
                     }
-                    if smp::apply(&mut r.obj, &doc) == Outcome::Delete {
+                    if smp::apply(&mut r.obj, &doc, ctx.builder.schema.as_deref())
+                        == Outcome::Delete
+                    {
                         deleted.push(i);
                     }
                 }

@@ -41,9 +41,120 @@ const BUILTIN_GROUPS: [&str; 24] = [
     "storagemigration.k8s.io",
 ];
 
+/// An OpenAPI (v2) schema from a kustomization's `openapi: {path: ...}`. As in kustomize, it
+/// replaces the built-in one: its definitions say which lists merge, by which key
+/// (`x-kubernetes-patch-strategy: merge`, `x-kubernetes-patch-merge-key`); the lists of types
+/// it does not define are replaced.
+#[derive(Debug)]
+pub(crate) struct Schema {
+    definitions: Map<String, Value>,
+}
+
+impl Schema {
+    pub(crate) fn new(doc: Value) -> Result<Schema, String> {
+        match doc {
+            Value::Object(mut m) => match m.remove("definitions") {
+                Some(Value::Object(definitions)) => Ok(Schema { definitions }),
+                _ => Err("the schema has no `definitions` mapping".into()),
+            },
+            _ => Err("the schema is not a mapping".into()),
+        }
+    }
+
+    /// The definition of the objects of this group, version and kind.
+    fn root(&self, group: &str, version: &str, kind: &str) -> Option<&Value> {
+        self.definitions.values().find(|d| {
+            d.get("x-kubernetes-group-version-kind")
+                .and_then(Value::as_array)
+                .is_some_and(|gvks| {
+                    gvks.iter().any(|g| {
+                        let field = |k: &str| g.get(k).and_then(Value::as_str).unwrap_or("");
+                        field("group") == group
+                            && field("version") == version
+                            && field("kind") == kind
+                    })
+                })
+        })
+    }
+
+    /// `node` with its `$ref`s followed (a bounded number of times: a schema may loop).
+    fn resolve<'a>(&'a self, mut node: &'a Value) -> &'a Value {
+        for _ in 0..32 {
+            let Some(name) = node
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix("#/definitions/"))
+            else {
+                break;
+            };
+            match self.definitions.get(name) {
+                Some(next) => node = next,
+                None => break,
+            }
+        }
+        node
+    }
+}
+
+/// How the lists under a value merge.
+#[derive(Clone, Copy)]
+enum Lists<'a> {
+    /// Kubernetes' own types: the built-in merge keys.
+    Builtin,
+    /// No schema (custom resources): every list is replaced.
+    Replace,
+    /// A schema from `openapi`, at the node of the current value (`None`: not described).
+    Schema(&'a Schema, Option<&'a Value>),
+}
+
+impl<'a> Lists<'a> {
+    fn field(self, key: &str) -> Lists<'a> {
+        match self {
+            Lists::Schema(schema, node) => Lists::Schema(
+                schema,
+                node.and_then(|n| schema.resolve(n).get("properties")?.get(key))
+                    .map(|n| schema.resolve(n)),
+            ),
+            other => other,
+        }
+    }
+
+    fn items(self) -> Lists<'a> {
+        match self {
+            Lists::Schema(schema, node) => Lists::Schema(
+                schema,
+                node.and_then(|n| schema.resolve(n).get("items"))
+                    .map(|n| schema.resolve(n)),
+            ),
+            other => other,
+        }
+    }
+
+    /// The merge keys of the list at this node, `None` when it is replaced.
+    fn keys(self, field: &str, parent: &str) -> Option<Vec<&'a str>> {
+        match self {
+            Lists::Builtin => merge_key(field, parent).map(<[&str]>::to_vec),
+            Lists::Replace => None,
+            Lists::Schema(schema, node) => {
+                let node = schema.resolve(node?);
+                let strategy = node.get("x-kubernetes-patch-strategy")?.as_str()?;
+                if !strategy.split(',').any(|s| s.trim() == "merge") {
+                    return None;
+                }
+                Some(vec![node.get("x-kubernetes-patch-merge-key")?.as_str()?])
+            }
+        }
+    }
+}
+
 /// Applies `patch` to `target`. Lists merge by key only in Kubernetes' own types: without a
-/// schema (custom resources), kustomize replaces every list.
-pub(crate) fn apply(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> Outcome {
+/// schema (custom resources), kustomize replaces every list. With `schema` (from `openapi`),
+/// only what it describes merges.
+pub(crate) fn apply(
+    target: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+    schema: Option<&Schema>,
+) -> Outcome {
     match directive(patch) {
         Some("delete") => return Outcome::Delete,
         Some("replace") => {
@@ -52,14 +163,24 @@ pub(crate) fn apply(target: &mut Map<String, Value>, patch: &Map<String, Value>)
         }
         _ => {}
     }
-    let group = target
+    let api_version = target
         .get("apiVersion")
         .and_then(Value::as_str)
-        .and_then(|av| av.rsplit_once('/'))
-        .map_or("", |(group, _)| group);
-    let keyed = BUILTIN_GROUPS.contains(&group);
-    merge_map(target, patch, "", keyed);
-    if keyed {
+        .unwrap_or("")
+        .to_string();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+    let kind = target
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let lists = match schema {
+        Some(schema) => Lists::Schema(schema, schema.root(group, version, &kind)),
+        None if BUILTIN_GROUPS.contains(&group) => Lists::Builtin,
+        None => Lists::Replace,
+    };
+    merge_map(target, patch, "", lists);
+    if matches!(lists, Lists::Builtin) {
         for (k, v) in target.iter_mut() {
             normalize(v, k, "");
         }
@@ -101,7 +222,7 @@ fn merge_map(
     target: &mut Map<String, Value>,
     patch: &Map<String, Value>,
     parent: &str,
-    keyed: bool,
+    lists: Lists,
 ) {
     for (key, pv) in patch {
         if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
@@ -125,9 +246,11 @@ fn merge_map(
                 Some("delete") => {
                     target.remove(key);
                 }
-                _ => merge_map(t, p, key, keyed),
+                _ => merge_map(t, p, key, lists.field(key)),
             },
-            (Some(Value::Array(t)), Value::Array(p)) => merge_list(t, p, key, parent, keyed),
+            (Some(Value::Array(t)), Value::Array(p)) => {
+                merge_list(t, p, key, parent, lists.field(key))
+            }
             _ => {
                 if let Value::Object(p) = pv {
                     if directive(p) == Some("delete") {
@@ -229,7 +352,7 @@ fn dedupe(items: &mut Vec<Value>, keys: &[&str], at_last: bool) {
     *items = out;
 }
 
-fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &str, keyed: bool) {
+fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &str, lists: Lists) {
     // `- $patch: replace` in the patch list: the list becomes the patch's other elements.
     if patch
         .iter()
@@ -249,10 +372,11 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
         }
         return;
     }
-    let Some(keys) = merge_key(field, parent).filter(|_| keyed) else {
+    let Some(keys) = lists.keys(field, parent) else {
         *target = patch.iter().map(strip_value).collect();
         return;
     };
+    let keys: &[&str] = &keys;
     // kustomize keys ports by their protocol too, but only where some element names one.
     let composite = is_composite(keys, target.iter().chain(patch));
     let keys = if composite { keys } else { &keys[..1] };
@@ -290,7 +414,7 @@ fn merge_list(target: &mut Vec<Value>, patch: &[Value], field: &str, parent: &st
             }
             (Some(mut t), _) => {
                 if let Value::Object(m) = &mut t {
-                    merge_map(m, p, field, keyed);
+                    merge_map(m, p, field, lists.items());
                 }
                 from_patch.push((t, pos));
             }
@@ -345,7 +469,7 @@ mod tests {
 
     fn patched(target: Value, patch: Value) -> Value {
         let mut t = target.as_object().cloned().unwrap();
-        apply(&mut t, patch.as_object().unwrap());
+        apply(&mut t, patch.as_object().unwrap(), None);
         Value::Object(t)
     }
 
