@@ -302,13 +302,15 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cms.yaml"),
-        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: z}\nspec: {}\n",
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: z}\nspec: {alias: z}\n",
     )
     .unwrap();
-    // A `crds` schema (name references into custom resources): the native engine refuses it.
+    // A `crds` schema naming a field that takes the name prefix (`x-kubernetes-identity`):
+    // the native engine refuses it.
     std::fs::write(
         dir.path().join("schema.json"),
-        r#"{"github.com/example/v1.Widget": {"properties": {"spec": {"properties": {"selector": {"type": "object"}}}}}}"#,
+        r#"{"example.com/v1.Widget": {"Schema": {"properties": {"apiVersion": {}, "kind": {}, "metadata": {}, "spec": {"$ref": "example.com/v1.WidgetSpec"}}}},
+ "example.com/v1.WidgetSpec": {"Schema": {"properties": {"alias": {"x-kubernetes-identity": ""}}}}}"#,
     )
     .unwrap();
     std::fs::write(
@@ -331,7 +333,7 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
-        stderr.contains("crds") && stderr.contains("kustomize_fallback"),
+        stderr.contains("x-kubernetes-identity") && stderr.contains("kustomize_fallback"),
         "{stderr}"
     );
     let built = render(Some("kubectl kustomize"));
@@ -342,4 +344,5 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     );
     let docs = documents(&String::from_utf8_lossy(&built.stdout), "edgesync").unwrap();
     assert_eq!(docs[0]["metadata"]["name"], "p-z", "{docs:?}");
+    assert_eq!(docs[0]["spec"]["alias"], "p-z", "{docs:?}");
 }

@@ -218,3 +218,97 @@ impl TransformerConfig {
         .map(|(_, name)| name)
     }
 }
+
+/// The field specs a kustomization's `crds` file implies, as kustomize reads it: a map of Go
+/// type names to OpenAPI definitions (`{"Schema": {...}}`). Each definition that looks like a
+/// Kubernetes type (it has `kind`, `apiVersion` and `metadata`) is a kind (the type name's last
+/// dotted part); its properties, followed through `$ref`s, may carry
+/// `x-kubernetes-annotation` (annotations go there), `x-kubernetes-label-selector` (labels go
+/// there), `x-kubernetes-identity` (a prefix goes there) and
+/// `x-kubernetes-object-ref-api-version`/`-kind`/`-name-key` (a name reference).
+pub(crate) fn from_crd_schema(doc: &Value) -> Result<TransformerConfig, String> {
+    let types = doc
+        .as_object()
+        .ok_or("the file is not a mapping of type names to definitions")?;
+    let mut config = TransformerConfig::default();
+    for (name, definition) in types {
+        let properties = definition
+            .get("Schema")
+            .and_then(|s| s.get("properties"))
+            .and_then(Value::as_object);
+        let Some(properties) = properties else {
+            continue;
+        };
+        if !["kind", "apiVersion", "metadata"]
+            .iter()
+            .all(|p| properties.contains_key(*p))
+        {
+            continue;
+        }
+        let kind = name.rsplit('.').next().unwrap_or(name).to_string();
+        crd_properties(types, &kind, name, &mut Vec::new(), &mut config);
+    }
+    Ok(config)
+}
+
+/// Adds the field specs of `type_name`'s properties, at `path` below an object of `kind`.
+fn crd_properties(
+    types: &Map<String, Value>,
+    kind: &str,
+    type_name: &str,
+    path: &mut Vec<String>,
+    config: &mut TransformerConfig,
+) {
+    // A type that refers to itself would recurse for ever.
+    if path.len() > 32 {
+        return;
+    }
+    let Some(properties) = types
+        .get(type_name)
+        .and_then(|t| t.get("Schema"))
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+    else {
+        return;
+    };
+    for (name, property) in properties {
+        let at = |extra: Option<&str>| {
+            let mut steps = path.clone();
+            steps.push(name.clone());
+            steps.extend(extra.map(str::to_string));
+            CustomSpec {
+                kind: Some(kind.to_string()),
+                path: steps.join("/"),
+                ..CustomSpec::default()
+            }
+        };
+        let has = |key: &str| property.get(key).is_some();
+        if has("x-kubernetes-annotation") {
+            config.common_annotations.push(at(None));
+        }
+        if has("x-kubernetes-label-selector") {
+            config.common_labels.push(at(None));
+        }
+        if has("x-kubernetes-identity") {
+            config.name_prefix.push(at(None));
+        }
+        let text = |key: &str| property.get(key).and_then(Value::as_str);
+        if let (Some(version), Some(target)) = (
+            text("x-kubernetes-object-ref-api-version"),
+            text("x-kubernetes-object-ref-kind"),
+        ) {
+            let key = text("x-kubernetes-object-ref-name-key").unwrap_or("name");
+            config.name_reference.push(NameReference {
+                kind: target.to_string(),
+                group: None,
+                version: Some(version.to_string()),
+                field_specs: vec![at(Some(key))],
+            });
+        }
+        if let Some(reference) = text("$ref") {
+            path.push(name.clone());
+            crd_properties(types, kind, reference, path, config);
+            path.pop();
+        }
+    }
+}

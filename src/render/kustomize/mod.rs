@@ -211,7 +211,8 @@ struct Kustomization {
     // Fields kustomize has and this engine refuses by name.
     #[serde(default)]
     vars: Vec<vars::Var>,
-    crds: Option<Value>,
+    #[serde(default)]
+    crds: Vec<String>,
     #[serde(default)]
     configurations: Vec<String>,
     #[serde(default)]
@@ -425,7 +426,6 @@ impl SortOptions {
 impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
-            (self.crds.is_some(), "crds"),
             (self.validators.is_some(), "validators"),
             (self.helm_charts.is_some(), "helmCharts"),
             (self.helm_globals.is_some(), "helmGlobals"),
@@ -628,6 +628,15 @@ impl Builder<'_> {
                 file,
             };
             let config = configuration(&ctx, &format!("configurations[{i}]"), entry)?;
+            resmap.config.merge(&config);
+        }
+        for (i, entry) in k.crds.iter().enumerate() {
+            let ctx = Ctx {
+                builder: self,
+                dir,
+                file,
+            };
+            let config = crd_configuration(&ctx, &format!("crds[{i}]"), entry)?;
             resmap.config.merge(&config);
         }
         let generators = self.plugin_configs(dir, file, "generators", &k.generators)?;
@@ -913,6 +922,28 @@ fn configuration(
         return Err(RenderError::KustomizeUnsupported {
             path: path.clone(),
             what: format!("`{what}` field specs in configurations"),
+        });
+    }
+    Ok(config)
+}
+
+/// One `crds` file: the field specs its type definitions imply.
+fn crd_configuration(
+    ctx: &Ctx,
+    field: &str,
+    entry: &str,
+) -> Result<fieldspec::TransformerConfig, RenderError> {
+    let (path, text) = ctx.read_file(field, entry)?;
+    let doc = super::yaml::parse_documents(&text, &path)?
+        .into_iter()
+        .find(|d| !d.is_null())
+        .unwrap_or(Value::Null);
+    let config = fieldspec::from_crd_schema(&doc)
+        .map_err(|m| ctx.error(format!("{field}: {}: {m}", path.display())))?;
+    if config.unsupported().is_some() {
+        return Err(RenderError::KustomizeUnsupported {
+            path: path.clone(),
+            what: "`x-kubernetes-identity` (a name prefix field) in crds".into(),
         });
     }
     Ok(config)
