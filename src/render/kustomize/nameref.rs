@@ -264,10 +264,15 @@ fn resolve<'a>(
     {
         return None;
     }
-    candidates
-        .iter()
-        .find(|t| is_cluster_scoped(kind) || same_ns(&t.namespace, ns))
-        .copied()
+    // More than one left (two bases with the same name, neither under the referrer's own
+    // prefixes): kustomize cannot tell which, and leaves the reference as it is.
+    let mut here = candidates
+        .into_iter()
+        .filter(|t| is_cluster_scoped(kind) || same_ns(&t.namespace, ns));
+    match (here.next(), here.next()) {
+        (Some(one), None) => Some(one),
+        _ => None,
+    }
 }
 
 fn fix_referrer(r: &mut Res, targets: &[Target]) {
