@@ -235,7 +235,8 @@ pub(super) fn transform(
             }
             "ReplicaCountTransformer" => {
                 let c: ReplicaCount = config.fields(ctx, &field)?;
-                transform::replicas_at(resmap, &c.replica, &c.field_specs);
+                transform::replicas_at(resmap, &c.replica, &c.field_specs)
+                    .map_err(|m| ctx.error(format!("{field}: ReplicaCountTransformer: {m}")))?;
             }
             "PatchTransformer" => {
                 let entry: PatchEntry = config.fields(ctx, &field)?;

@@ -724,7 +724,8 @@ impl Builder<'_> {
             "PatchJson6902Transformer",
             k.patches_json6902.len(),
         );
-        transform::replicas(&mut resmap, &k.replicas);
+        transform::replicas(&mut resmap, &k.replicas)
+            .map_err(|m| ctx.error(format!("replicas: {m}")))?;
         ran(&mut resmap, "ReplicaCountTransformer", k.replicas.len());
         transform::images(&mut resmap, &k.images);
         ran(&mut resmap, "ImageTagTransformer", k.images.len());

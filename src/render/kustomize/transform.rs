@@ -300,9 +300,11 @@ const REPLICA_KINDS: [&str; 4] = [
     "StatefulSet",
 ];
 
-/// Sets `spec.replicas` of the workloads named (by any name they have had).
-pub(crate) fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
+/// Sets `spec.replicas` of the workloads named (by any name they have had). A name that is no
+/// workload's is an error, as in kustomize: the count would silently go nowhere.
+pub(crate) fn replicas(resmap: &mut ResMap, replicas: &[Replica]) -> Result<(), String> {
     for rep in replicas {
+        let mut found = false;
         for r in resmap.iter_mut() {
             if !REPLICA_KINDS.contains(&r.kind()) {
                 continue;
@@ -310,18 +312,32 @@ pub(crate) fn replicas(resmap: &mut ResMap, replicas: &[Replica]) {
             if !r.all_names().any(|(_, n)| n == rep.name) {
                 continue;
             }
+            found = true;
             visit(&mut r.obj, "spec", true, &mut |spec| {
                 if let Some(m) = spec.as_object_mut() {
                     m.insert("replicas".into(), Value::from(rep.count));
                 }
             });
         }
+        if !found {
+            return Err(format!(
+                "no {} named {} among the resources",
+                REPLICA_KINDS.join(", "),
+                rep.name
+            ));
+        }
     }
+    Ok(())
 }
 
 /// A `ReplicaCountTransformer` configured with its own field specs: the count at each path
 /// of the objects named (by any name they have had).
-pub(crate) fn replicas_at(resmap: &mut ResMap, replica: &Replica, specs: &[CustomSpec]) {
+pub(crate) fn replicas_at(
+    resmap: &mut ResMap,
+    replica: &Replica,
+    specs: &[CustomSpec],
+) -> Result<(), String> {
+    let mut found = false;
     for r in resmap.iter_mut() {
         if !r.all_names().any(|(_, n)| n == replica.name) {
             continue;
@@ -332,10 +348,19 @@ pub(crate) fn replicas_at(resmap: &mut ResMap, replica: &Replica, specs: &[Custo
             r.kind().to_string(),
         );
         for f in specs.iter().filter(|f| f.applies(&group, &version, &kind)) {
+            found = true;
             visit(&mut r.obj, &f.path(), f.create, &mut |v| {
                 *v = Value::from(replica.count)
             });
         }
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "no object named {} matches the field specs",
+            replica.name
+        ))
     }
 }
 
