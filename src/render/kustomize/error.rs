@@ -45,4 +45,7 @@ pub(crate) enum KustomizeError {
     NoImage { spec: String },
     #[error("a delimiter needs a text field")]
     DelimiterNeedsText,
+    /// The value is not quoted: it may come from a Secret.
+    #[error("the replacement's text does not decode as {want}, the type of the field it replaces")]
+    ReplacementType { want: &'static str },
 }

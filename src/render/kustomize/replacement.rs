@@ -342,6 +342,23 @@ fn merge_delimited(current: &Value, value: &Value, o: &Options) -> Result<Value,
             (Value::String(_), Value::Number(_) | Value::Bool(_)) => {
                 Value::String(value.to_string())
             }
+            // And text copied into a number or a boolean must read as one (kustomize keeps
+            // the target's type, and fails when the text does not decode as it).
+            (Value::Number(n), Value::String(text)) if n.is_f64() => text
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map(Value::Number)
+                .ok_or(KustomizeError::ReplacementType { want: "a float" })?,
+            (Value::Number(_), Value::String(text)) => text
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|_| KustomizeError::ReplacementType { want: "an integer" })?,
+            (Value::Bool(_), Value::String(text)) => match text.as_str() {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                _ => return Err(KustomizeError::ReplacementType { want: "a boolean" }),
+            },
             _ => value.clone(),
         });
     };
