@@ -231,6 +231,7 @@ pub(crate) fn from_crd_schema(doc: &Value) -> Result<TransformerConfig, String> 
         .as_object()
         .ok_or("the file is not a mapping of type names to definitions")?;
     let mut config = TransformerConfig::default();
+    let mut budget = MAX_CRD_FIELDS;
     for (name, definition) in types {
         let properties = definition
             .get("Schema")
@@ -246,10 +247,26 @@ pub(crate) fn from_crd_schema(doc: &Value) -> Result<TransformerConfig, String> 
             continue;
         }
         let kind = name.rsplit('.').next().unwrap_or(name).to_string();
-        crd_properties(types, &kind, name, &mut Vec::new(), &mut config);
+        crd_properties(
+            types,
+            &kind,
+            name,
+            &mut Vec::new(),
+            &mut config,
+            &mut budget,
+        );
+        if budget == 0 {
+            return Err(format!(
+                "the definitions expand to more than {MAX_CRD_FIELDS} fields (types that refer to each other over and over)"
+            ));
+        }
     }
     Ok(config)
 }
+
+/// Fields a `crds` file may expand to: types that refer to each other can describe
+/// exponentially many paths.
+const MAX_CRD_FIELDS: usize = 100_000;
 
 /// Adds the field specs of `type_name`'s properties, at `path` below an object of `kind`.
 fn crd_properties(
@@ -258,9 +275,10 @@ fn crd_properties(
     type_name: &str,
     path: &mut Vec<String>,
     config: &mut TransformerConfig,
+    budget: &mut usize,
 ) {
     // A type that refers to itself would recurse for ever.
-    if path.len() > 32 {
+    if path.len() > 32 || *budget == 0 {
         return;
     }
     let Some(properties) = types
@@ -272,6 +290,10 @@ fn crd_properties(
         return;
     };
     for (name, property) in properties {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
         let at = |extra: Option<&str>| {
             let mut steps = path.clone();
             steps.push(name.clone());
@@ -307,8 +329,48 @@ fn crd_properties(
         }
         if let Some(reference) = text("$ref") {
             path.push(name.clone());
-            crd_properties(types, kind, reference, path, config);
+            crd_properties(types, kind, reference, path, config, budget);
             path.pop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_schemas_that_refer_to_themselves_are_bounded() {
+        // Ten properties, each the type itself: 10^32 paths if nothing stopped it.
+        let props: Map<String, Value> = (0..10)
+            .map(|i| (format!("p{i}"), serde_json::json!({"$ref": "x.v1.Loop"})))
+            .chain(
+                ["kind", "apiVersion", "metadata"].map(|k| (k.to_string(), serde_json::json!({}))),
+            )
+            .collect();
+        let doc = serde_json::json!({"x.v1.Loop": {"Schema": {"properties": props}}});
+        let err = from_crd_schema(&doc).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn crd_schema_fields_become_field_specs() {
+        let doc = serde_json::json!({
+            "x.v1.Widget": {"Schema": {"properties": {
+                "kind": {}, "apiVersion": {}, "metadata": {},
+                "spec": {"$ref": "x.v1.Spec"}}}},
+            "x.v1.Spec": {"Schema": {"properties": {
+                "secretRef": {"x-kubernetes-object-ref-api-version": "v1",
+                              "x-kubernetes-object-ref-kind": "Secret"},
+                "selector": {"x-kubernetes-label-selector": ""}}}}
+        });
+        let config = from_crd_schema(&doc).unwrap();
+        assert_eq!(config.name_reference[0].kind, "Secret");
+        assert_eq!(
+            config.name_reference[0].field_specs[0].path,
+            "spec/secretRef/name"
+        );
+        assert_eq!(config.common_labels[0].path, "spec/selector");
+        assert_eq!(config.common_labels[0].kind.as_deref(), Some("Widget"));
     }
 }
