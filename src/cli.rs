@@ -56,6 +56,10 @@ pub(crate) enum Command {
         /// app's `kustomize_fallback` does (e.g. "kubectl kustomize").
         #[arg(long)]
         kustomize_fallback: Option<String>,
+        /// The helm binary for charts and a kustomization's `helmCharts` (default: `helm` on
+        /// PATH).
+        #[arg(long)]
+        helm: Option<PathBuf>,
     },
     /// Show what syncing an app would change, as a unified diff of YAML between the live
     /// objects and the API server's answer to a server-side dry-run apply of the app's
@@ -131,8 +135,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             root,
             kustomize_fallback,
+            helm,
         } => {
-            render_to_stdout(path, root.as_deref(), kustomize_fallback.as_deref())?;
+            let options = RenderFlags {
+                fallback: kustomize_fallback.as_deref(),
+                helm: helm.as_deref(),
+            };
+            render_to_stdout(path, root.as_deref(), &options)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
@@ -210,7 +219,7 @@ fn render_root(path: &Path) -> PathBuf {
 /// Prints what each Argo CD manifest under `path` becomes; false if any could not be read.
 fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     use crate::fleet::argo::{self, FleetObject};
-    let manifests = render_path(path, None, None)?;
+    let manifests = render_path(path, None, &RenderFlags::default())?;
     let mut ok = true;
     for object in &manifests.objects {
         if object.group() == argo::GROUP && object.kind() == "ApplicationSet" {
@@ -262,11 +271,19 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// Renders a directory given on the command line, inside its Git work tree.
+/// How `edgesync render` renders, from its flags.
+#[derive(Default)]
+struct RenderFlags<'a> {
+    fallback: Option<&'a str>,
+    helm: Option<&'a Path>,
+}
+
+/// Renders a directory given on the command line, inside its Git work tree. Remote bases,
+/// files and charts its kustomization names are fetched into a temporary cache first.
 fn render_path(
     path: &Path,
     root: Option<&Path>,
-    fallback: Option<&str>,
+    flags: &RenderFlags,
 ) -> anyhow::Result<render::Manifests> {
     let path = path
         .canonicalize()
@@ -284,19 +301,30 @@ fn render_path(
         root.display()
     );
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
+    let cache = tempfile::tempdir().context("no temporary directory for remote bases")?;
+    let (fetched, warnings) = daemon::fetch_remote_inputs(cache.path(), &root, rel)?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    let helm = flags.helm.map(|binary| render::helm::HelmRequest {
+        app: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "release".into()),
+        binary: binary.to_path_buf(),
+        ..Default::default()
+    });
     let options = render::RenderOptions {
-        kustomize_fallback: fallback,
+        kustomize_fallback: flags.fallback,
+        helm,
+        fetched,
         ..Default::default()
     };
     Ok(render::render_with(&root, rel, &options)?)
 }
 
-fn render_to_stdout(
-    path: &Path,
-    root: Option<&Path>,
-    fallback: Option<&str>,
-) -> anyhow::Result<()> {
-    let manifests = render_path(path, root, fallback)?;
+fn render_to_stdout(path: &Path, root: Option<&Path>, flags: &RenderFlags) -> anyhow::Result<()> {
+    let manifests = render_path(path, root, flags)?;
     let yaml = render::to_yaml_stream(manifests.objects.iter().map(|o| &o.value))
         .context("cannot write YAML")?;
     print!("{yaml}");

@@ -388,6 +388,7 @@ mod tests {
                 out_of_sync_only: false,
             hooks: Vec::new(),
             skipped: Vec::new(),
+            warnings: Vec::new(),
             },
         }
     }

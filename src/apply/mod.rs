@@ -299,6 +299,9 @@ pub(crate) struct Plan {
     /// Objects of the render that are not applied at all, and why (`Skip`, Helm tests).
     #[serde(default)]
     pub(crate) skipped: Vec<String>,
+    /// What the render wants the operator to know (a remote base built from its pin).
+    #[serde(default)]
+    pub(crate) warnings: Vec<String>,
 }
 
 impl Plan {
@@ -602,6 +605,7 @@ pub(crate) fn plan(
         skipped,
         ignore_differences: Vec::new(),
         out_of_sync_only: false,
+        warnings: Vec::new(),
     })
 }
 

@@ -23,6 +23,10 @@ pub(crate) struct HelmOptions {
     /// `ignoreMissingValueFiles`).
     #[serde(default)]
     pub(crate) ignore_missing_value_files: bool,
+    /// Leave the chart's `crds/` out (Argo CD's `skipCrds`); rendered by default, as Argo CD
+    /// renders them.
+    #[serde(default)]
+    pub(crate) skip_crds: bool,
 }
 
 /// Labels and annotations of the namespace `create_namespace` adds (Argo CD's

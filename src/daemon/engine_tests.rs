@@ -540,6 +540,7 @@ fn a_crd_in_the_plan_gives_its_kinds_their_scope() {
         out_of_sync_only: false,
     hooks: Vec::new(),
     skipped: Vec::new(),
+    warnings: Vec::new(),
     };
     assert_eq!(
         super::checks::plan_scope(&plan, "example.com", "Gadget"),

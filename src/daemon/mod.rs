@@ -13,6 +13,8 @@ mod health;
 mod hooks;
 pub(crate) mod node;
 mod prune;
+mod remote;
+pub(crate) use remote::fetch_remote_inputs;
 mod removal;
 mod retry;
 mod sync;

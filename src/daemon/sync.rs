@@ -449,6 +449,7 @@ impl SyncContext {
             return self.failed(app, &mut state, e).await;
         }
         let mut warnings = super::checks::hook_warnings(app, &plan);
+        warnings.extend(plan.warnings.iter().cloned());
         if let Err(e) = self.before_hooks(&plan).await {
             return self.failed(app, &mut state, e.into()).await;
         }

@@ -55,6 +55,7 @@ pub(super) fn helm_request(config: &Config, app: &AppConfig) -> render::helm::He
         dependency_cache: Some(config.state_dir.join("chart-dependencies")),
         refs: Default::default(),
         credentials: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -99,6 +100,7 @@ pub(super) fn render_options(
         kustomize: app.kustomize.clone(),
         remote_policy: None,
         plugin: None,
+        fetched: Default::default(),
     }
 }
 
@@ -321,7 +323,14 @@ impl SyncContext {
         let charts = sources
             .iter()
             .any(|(_, (root, path))| render::helm::is_chart(&root.join(path)));
-        let capabilities = if charts {
+        let mut inflates = false;
+        for (_, (root, path)) in &sources {
+            if let Some(file) = render::kustomize::kustomization_file(&root.join(path)) {
+                let text = tokio::fs::read_to_string(&file).await.unwrap_or_default();
+                inflates |= text.to_ascii_lowercase().contains("helmcharts");
+            }
+        }
+        let capabilities = if charts || inflates {
             self.capabilities().await
         } else {
             None
@@ -348,18 +357,41 @@ impl SyncContext {
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
         // Only a chart can name dependencies that need the repositories' credentials.
-        let repositories = charts.then(|| self.config.repositories.clone());
+        let logins = (charts || inflates).then(|| self.config.repositories.clone());
+        let repositories = self.config.repositories.clone();
+        let app_repos: HashSet<String> = self
+            .config
+            .apps
+            .iter()
+            .flat_map(|a| a.repositories().map(|(url, _)| url.to_string()))
+            .collect();
+        let (git, chart_cache) = (self.source.clone(), self.charts.clone());
+        let state_dir = self.config.state_dir.clone();
         blocking(move || {
-            let logins = repositories
-                .as_deref()
-                .map(chart_logins)
-                .unwrap_or_default();
+            let logins = logins.as_deref().map(chart_logins).unwrap_or_default();
             let mut manifests = render::Manifests::default();
+            let mut warnings = Vec::new();
             for (source, (root, path), mut helm, remote_policy, plugin) in renders {
                 helm.credentials = logins.clone();
+                let fetched = if plugin.is_none() {
+                    let fetcher = super::remote::Fetcher {
+                        git: &git,
+                        charts: &chart_cache,
+                        repositories: &repositories,
+                        app_repos: &app_repos,
+                        state_dir: &state_dir,
+                        policy: remote_policy.as_ref(),
+                    };
+                    let (fetched, more) = fetcher.fetch(&root, &path)?;
+                    warnings.extend(more);
+                    fetched
+                } else {
+                    Default::default()
+                };
                 let options = render::RenderOptions {
                     remote_policy,
                     plugin,
+                    fetched,
                     ..render_options(&source, helm)
                 };
                 let rendered = render::render_with(&root, &path, &options)?;
@@ -383,6 +415,7 @@ impl SyncContext {
             }
             plan.ignore_differences = app.ignore_differences.clone();
             plan.out_of_sync_only = app.sync_option("ApplyOutOfSyncOnly") == Some("true");
+            plan.warnings = warnings;
             Ok(plan)
         })
         .await
@@ -482,6 +515,8 @@ impl SyncContext {
                 }
             }
         }
+        // Remote bases and charts of kustomizations, pinned for offline renders.
+        keep.extend(super::remote::pinned(&self.config.state_dir));
         if charts {
             self.charts.retain(&keep);
         } else {

@@ -584,8 +584,9 @@ const KUSTOMIZE: [&str; 6] = [
     "images",
 ];
 const DIRECTORY: [&str; 3] = ["recurse", "include", "exclude"];
-const HELM: [&str; 6] = [
+const HELM: [&str; 7] = [
     "releaseName",
+    "skipCrds",
     "values",
     "valuesObject",
     "valueFiles",
@@ -760,6 +761,7 @@ fn helm_options(
         release_name: string(helm, "/releaseName"),
         values: string(helm, "/values"),
         ignore_missing_value_files: flag(helm, "/ignoreMissingValueFiles"),
+        skip_crds: flag(helm, "/skipCrds"),
         ..Default::default()
     };
     if let Some(object) = helm.get("valuesObject").filter(|v| !v.is_null()) {

@@ -11,7 +11,7 @@ use super::{into_objects, parse_objects, Manifests, RenderError, MAX_FILE_BYTES}
 use crate::model::glob::glob;
 
 /// Resolves `rel` below `root`, refusing anything (`..`, symlinks) that leaves the checkout.
-pub(super) fn contained_path(root: &Path, rel: &Path) -> Result<PathBuf, RenderError> {
+pub(crate) fn contained_path(root: &Path, rel: &Path) -> Result<PathBuf, RenderError> {
     let root = canonical(root, root)?;
     let joined = root.join(rel);
     if !joined.exists() && joined.symlink_metadata().is_err() {

@@ -16,7 +16,7 @@ use super::helm_deps::PrepareError;
 use super::{parse_objects, Manifests, RenderError};
 
 /// What one render needs from the app and the config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct HelmRequest {
     pub(crate) app: String,
     pub(crate) namespace: Option<String>,
@@ -33,6 +33,13 @@ pub(crate) struct HelmRequest {
     pub(crate) refs: std::collections::BTreeMap<String, PathBuf>,
     /// Credentials of the node's chart repositories, for the dependencies a chart names.
     pub(crate) credentials: Vec<RepositoryLogin>,
+    /// Values (YAML or JSON text) given before the value files, in order: a kustomization's
+    /// `helmCharts` values, already merged and read from inside the checkout.
+    pub(crate) values_texts: Vec<String>,
+    /// Render the chart's test hooks too (kustomize does unless `skipTests`; Argo CD never).
+    pub(crate) include_tests: bool,
+    /// More `--flag=value` arguments, each joined to its value (`--no-hooks`, `--name-template`).
+    pub(crate) flags: Vec<String>,
 }
 
 /// A chart repository (HTTP(S) or `oci://`) and its username and password; the password is
@@ -143,7 +150,15 @@ pub(crate) fn template(
         .map_err(prepare)?
     };
     let mut cmd = Command::new(&req.binary);
-    cmd.arg("template").arg("--skip-tests").current_dir(&chart);
+    cmd.arg("template").current_dir(&chart);
+    if !req.include_tests {
+        cmd.arg("--skip-tests");
+    }
+    // Argo CD renders a chart's `crds/` unless `skipCrds`.
+    if !req.options.skip_crds {
+        cmd.arg("--include-crds");
+    }
+    cmd.args(&req.flags);
     for (key, value) in &env {
         cmd.env(key, value);
     }
@@ -157,6 +172,13 @@ pub(crate) fn template(
     }
     for api in &req.api_versions {
         cmd.arg(format!("--api-versions={api}"));
+    }
+    for (i, text) in req.values_texts.iter().enumerate() {
+        let path = scratch.path().join(format!("values-{i}.yaml"));
+        std::fs::write(&path, text).map_err(|e| fail(format!("cannot write values: {e}")))?;
+        let mut arg = std::ffi::OsString::from("--values=");
+        arg.push(path);
+        cmd.arg(arg);
     }
     for file in &req.options.value_files {
         let Some(path) = value_file(root, &rel, file, req)? else {
@@ -255,6 +277,7 @@ fn given_values(root: &Path, dir: &Path, req: &HelmRequest) -> Vec<String> {
         }
     }
     texts.extend(req.options.values.clone());
+    texts.extend(req.values_texts.iter().cloned());
     let mut values: Vec<String> = req.options.parameters.values().cloned().collect();
     for text in &texts {
         if let Ok(docs) = super::yaml::parse_documents(text, Path::new("values")) {
@@ -332,6 +355,7 @@ mod tests {
             dependency_cache: None,
             refs: Default::default(),
             credentials: Vec::new(),
+            ..Default::default()
         };
         let values = given_values(&root, &root.join("chart"), &req);
         use base64::Engine;
@@ -402,6 +426,7 @@ mod tests {
             dependency_cache: None,
             refs: Default::default(),
             credentials: Vec::new(),
+            ..Default::default()
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()
@@ -429,6 +454,7 @@ mod tests {
             dependency_cache: None,
             refs: Default::default(),
             credentials: Vec::new(),
+            ..Default::default()
         };
         let err = template(&root, &root.join("chart"), &req)
             .unwrap_err()
@@ -461,6 +487,7 @@ mod tests {
             dependency_cache: None,
             refs: [("values".to_string(), values.clone())].into(),
             credentials: Vec::new(),
+            ..Default::default()
         };
         let file = |f: &str| value_file(&app, Path::new("chart"), f, &req);
         assert_eq!(

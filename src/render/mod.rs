@@ -4,7 +4,7 @@
 //! A directory with a `kustomization.yaml` is built by the native Kustomize engine
 //! ([`kustomize`]); any other directory is read as plain manifests.
 
-mod directory;
+pub(crate) mod directory;
 pub(crate) mod helm;
 mod helm_deps;
 pub(crate) mod kustomize;
@@ -219,6 +219,8 @@ pub(crate) struct RenderOptions<'a> {
     pub(crate) remote_policy: Option<RemotePolicy>,
     /// The config management plugin that renders the path instead (`[[plugins]]`).
     pub(crate) plugin: Option<plugin::PluginRequest>,
+    /// Local copies of the kustomization's remote bases and charts, fetched before the render.
+    pub(crate) fetched: kustomize::remote::Fetched,
 }
 
 /// Whether a repository URL may be fetched (`Err` says why not).
@@ -264,6 +266,7 @@ pub(crate) fn render_with(
             dependency_cache: None,
             refs: Default::default(),
             credentials: Vec::new(),
+            ..Default::default()
         });
         return helm::template(root, &dir, &request);
     }
@@ -279,7 +282,13 @@ pub(crate) fn render_with(
         return render_directory(root, &dir, &options.directory);
     }
     match (
-        kustomize::build_with(root, &dir, &options.kustomize),
+        kustomize::build_with(
+            root,
+            &dir,
+            &options.kustomize,
+            &options.fetched,
+            options.helm.as_ref(),
+        ),
         options.kustomize_fallback,
     ) {
         (Err(RenderError::KustomizeUnsupported { .. }), Some(_)) if overridden => {
@@ -292,12 +301,13 @@ pub(crate) fn render_with(
             // The fallback fetches what the kustomization names: only what the app's project
             // allows, checked before it runs.
             if let Some(policy) = &options.remote_policy {
-                for entry in kustomize::remote_references(root, &dir)? {
-                    let repo = kustomize::remote_repository(&entry);
-                    (policy.0)(&repo).map_err(|source| RenderError::RemoteRefused {
-                        path: rel(),
-                        entry: entry.clone(),
-                        source,
+                for input in kustomize::remote::inputs(root, &dir)? {
+                    (policy.0)(input.repository()).map_err(|source| {
+                        RenderError::RemoteRefused {
+                            path: rel(),
+                            entry: input.entry(),
+                            source,
+                        }
                     })?;
                 }
             }
@@ -456,6 +466,7 @@ mod tests {
                 dependency_cache: None,
                 refs: Default::default(),
                 credentials: Vec::new(),
+                ..Default::default()
             }),
             ..Default::default()
         };

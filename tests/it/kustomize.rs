@@ -57,17 +57,26 @@ fn documents(yaml: &str, who: &str) -> Result<Vec<Value>, String> {
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
-/// Compares one case; `Err` describes the difference.
+/// Compares one case; `Err` describes the difference. A fixture holding a file `enable-helm`
+/// is built with the test helm on both sides (`kubectl kustomize --enable-helm`).
 fn check(case: &Case) -> Result<(), String> {
-    let reference = Command::new("kubectl")
-        .arg("kustomize")
+    let mut reference = Command::new("kubectl");
+    reference.arg("kustomize");
+    let mut ours = Command::new(BIN);
+    ours.arg("render").arg("--root").arg(&case.fixture);
+    if case.fixture.join("enable-helm").exists() {
+        let helm = crate::helm::helm();
+        reference
+            .arg("--enable-helm")
+            .arg("--helm-command")
+            .arg(helm);
+        ours.arg("--helm").arg(helm);
+    }
+    let reference = reference
         .arg(&case.target)
         .output()
         .map_err(|e| format!("cannot run kubectl kustomize: {e}"))?;
-    let ours = Command::new(BIN)
-        .arg("render")
-        .arg("--root")
-        .arg(&case.fixture)
+    let ours = ours
         .arg(&case.target)
         .output()
         .map_err(|e| format!("cannot run edgesync render: {e}"))?;

@@ -13,8 +13,10 @@ mod builtin;
 mod error;
 mod fieldspec;
 mod generator;
+mod helm_charts;
 mod nameref;
 mod patch;
+pub(crate) mod remote;
 mod replacement;
 mod resource;
 mod smp;
@@ -55,7 +57,7 @@ pub(crate) fn kustomization_file(dir: &Path) -> Option<PathBuf> {
 /// Builds the kustomization in `dir` (inside the checkout at `root`).
 #[cfg(test)]
 pub(crate) fn build(root: &Path, dir: &Path) -> Result<Manifests, RenderError> {
-    build_with(root, dir, &Overrides::default())
+    build_with(root, dir, &Overrides::default(), &Default::default(), None)
 }
 
 pub(crate) use crate::config::options::Overrides;
@@ -86,26 +88,21 @@ impl Overrides {
     }
 }
 
-/// Builds the kustomization in `dir` with `overrides` applied to it (not to its bases).
+/// Builds the kustomization in `dir` with `overrides` applied to it (not to its bases);
+/// remote bases and charts come from `fetched`, charts render with `helm`'s binary and
+/// cluster capabilities.
 pub(crate) fn build_with(
     root: &Path,
     dir: &Path,
     overrides: &Overrides,
+    fetched: &remote::Fetched,
+    helm: Option<&crate::render::helm::HelmRequest>,
 ) -> Result<Manifests, RenderError> {
     let root = root.canonicalize().map_err(|source| RenderError::Io {
         path: root.to_path_buf(),
         source,
     })?;
-    let mut builder = Builder {
-        root: &root,
-        stack: Vec::new(),
-        vars: Vec::new(),
-        overrides,
-        expansions: 0,
-        build_metadata: Vec::new(),
-        sort_options: None,
-        schema: None,
-    };
+    let mut builder = Builder::new(&root, overrides, fetched, helm);
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
     generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
     nameref::fix(&mut resmap);
@@ -220,8 +217,9 @@ struct Kustomization {
     #[serde(default)]
     transformers: Vec<String>,
     validators: Option<Value>,
-    helm_charts: Option<Value>,
-    helm_globals: Option<Value>,
+    #[serde(default)]
+    helm_charts: Vec<helm_charts::HelmChart>,
+    helm_globals: Option<helm_charts::HelmGlobals>,
     helm_chart_inflation_generator: Option<Value>,
     openapi: Option<OpenApi>,
     images_from: Option<Value>,
@@ -299,6 +297,7 @@ const ENTRY_FIELDS: &[(&str, &[&str])] = &[
     ("patches", &["path", "patch", "target", "options"]),
     ("patchesJson6902", &["path", "patch", "target", "options"]),
     ("images", &["name", "newName", "newTag", "digest"]),
+    ("helmCharts", helm_charts::FIELDS),
     ("replicas", &["name", "count"]),
     (
         "labels",
@@ -427,8 +426,6 @@ impl Kustomization {
     fn unsupported(&self) -> Option<&'static str> {
         [
             (self.validators.is_some(), "validators"),
-            (self.helm_charts.is_some(), "helmCharts"),
-            (self.helm_globals.is_some(), "helmGlobals"),
             (
                 self.helm_chart_inflation_generator.is_some(),
                 "helmChartInflationGenerator",
@@ -448,7 +445,12 @@ impl Kustomization {
 }
 
 struct Builder<'a> {
-    root: &'a Path,
+    /// The checkout files may not leave: the app's, or a remote base's while it is built.
+    root: PathBuf,
+    /// Local copies of remote bases and charts.
+    fetched: &'a remote::Fetched,
+    /// The helm binary and cluster capabilities for `helmCharts`.
+    helm: Option<&'a crate::render::helm::HelmRequest>,
     /// Kustomization directories being built, to refuse cycles.
     stack: Vec<PathBuf>,
     /// `vars` of every kustomization built, resolved at the end.
@@ -466,9 +468,29 @@ struct Builder<'a> {
     schema: Option<std::sync::Arc<smp::Schema>>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    fn new(
+        root: &Path,
+        overrides: &'a Overrides,
+        fetched: &'a remote::Fetched,
+        helm: Option<&'a crate::render::helm::HelmRequest>,
+    ) -> Self {
+        Builder {
+            root: root.to_path_buf(),
+            fetched,
+            helm,
+            stack: Vec::new(),
+            vars: Vec::new(),
+            overrides,
+            expansions: 0,
+            build_metadata: Vec::new(),
+            sort_options: None,
+            schema: None,
+        }
+    }
+
     fn rel<'p>(&self, path: &'p Path) -> &'p Path {
-        path.strip_prefix(self.root).unwrap_or(path)
+        path.strip_prefix(&self.root).unwrap_or(path)
     }
 
     fn error(&self, path: &Path, message: impl std::fmt::Display) -> RenderError {
@@ -649,9 +671,14 @@ impl Builder<'_> {
                 file,
             };
             generator::run(&ctx, k, &mut resmap)?;
+            helm_charts::inflate(&ctx, &k.helm_charts, k.helm_globals.as_ref(), &mut resmap)?;
             builtin::generate(&ctx, &generators, &mut resmap)?;
         }
         for entry in &k.components {
+            if remote::is_remote(entry) {
+                resmap = self.remote(file, entry, Kind::Component, resmap)?;
+                continue;
+            }
             let path = self.local_path(dir, file, "components", entry)?;
             if !path.is_dir() {
                 return Err(self.error(file, format!("components: {entry} is not a directory")));
@@ -780,7 +807,7 @@ impl Builder<'_> {
                         .map_err(|m| self.error(file, format!("{field}: {m}")))?;
                 }
                 resmap
-            } else if is_remote(entry) {
+            } else if remote::is_remote(entry) {
                 return Err(RenderError::KustomizeUnsupported {
                     path: self.rel(file).to_path_buf(),
                     what: format!("the remote {field} entry {entry}"),
@@ -799,11 +826,8 @@ impl Builder<'_> {
     /// One `resources` (or `bases`) entry: a file of objects or a directory with a
     /// kustomization of its own.
     fn resource(&mut self, dir: &Path, file: &Path, entry: &str) -> Result<ResMap, RenderError> {
-        if is_remote(entry) {
-            return Err(RenderError::KustomizeUnsupported {
-                path: self.rel(file).to_path_buf(),
-                what: format!("the remote resource {entry}"),
-            });
+        if remote::is_remote(entry) {
+            return self.remote(file, entry, Kind::Kustomization, ResMap::default());
         }
         let path = self.local_path(dir, file, "resources", entry)?;
         if path.is_dir() {
@@ -818,6 +842,48 @@ impl Builder<'_> {
             resmap.append(res).map_err(|m| self.error(&path, m))?;
         }
         Ok(resmap)
+    }
+
+    /// A remote `resources` or `components` entry, from its fetched copy: a Git base is built
+    /// with its own checkout as the root its files may not leave.
+    fn remote(
+        &mut self,
+        file: &Path,
+        entry: &str,
+        kind: Kind,
+        input: ResMap,
+    ) -> Result<ResMap, RenderError> {
+        if let Some((root, dir)) = self.fetched.git.get(entry) {
+            if !dir.is_dir() {
+                return Err(self.error(
+                    file,
+                    format!("{entry}: the path is not a directory of its repository"),
+                ));
+            }
+            let outer = std::mem::replace(&mut self.root, root.clone());
+            let built = self.kustomization(dir, kind, input);
+            self.root = outer;
+            return built;
+        }
+        if let (Some(path), Kind::Kustomization) = (self.fetched.files.get(entry), kind) {
+            let text = read_bounded(path).map_err(|source| RenderError::Io {
+                path: PathBuf::from(entry),
+                source,
+            })?;
+            let origin = Path::new(entry);
+            let mut resmap = ResMap::default();
+            let docs = super::yaml::parse_documents_yaml12(&text, origin)?;
+            for o in super::objects_of(docs, origin)? {
+                let mut res = Res::new(o.value, o.origin);
+                res.normalize_as_kustomize();
+                resmap.append(res).map_err(|m| self.error(file, m))?;
+            }
+            return Ok(resmap);
+        }
+        Err(RenderError::KustomizeUnsupported {
+            path: self.rel(file).to_path_buf(),
+            what: format!("the remote resource {entry} (not fetched: `edgesync render` builds only what is in the checkout)"),
+        })
     }
 
     /// Resolves `entry` relative to `dir`, refusing anything that leaves the checkout.
@@ -846,7 +912,7 @@ impl Builder<'_> {
                 format!("{field}: {entry} is outside the repository checkout"),
             )
         };
-        if !normal.starts_with(self.root) {
+        if !normal.starts_with(&self.root) {
             return Err(outside());
         }
         let resolved = joined.canonicalize().map_err(|_| {
@@ -858,7 +924,7 @@ impl Builder<'_> {
                 ),
             )
         })?;
-        if !resolved.starts_with(self.root) {
+        if !resolved.starts_with(&self.root) {
             return Err(outside());
         }
         // kustomize's load restrictor: a file (not a directory of another kustomization) must
@@ -888,7 +954,7 @@ impl Builder<'_> {
             source,
         };
         let path = &path.canonicalize().map_err(io)?;
-        if !path.starts_with(self.root) {
+        if !path.starts_with(&self.root) {
             return Err(RenderError::OutsideCheckout {
                 path: self.rel(path).to_path_buf(),
             });
@@ -973,108 +1039,15 @@ impl Ctx<'_, '_> {
     }
 }
 
-/// Kustomization directories [`remote_references`] reads at most.
-const MAX_REMOTE_SCAN: usize = 2000;
-
-/// Every remote source the kustomization in `dir` reaches, as written: remote `resources`,
-/// `components` and `bases`, and `helmCharts[].repo`, in it and in every local directory it
-/// refers to. What the kustomize fallback would fetch, for the AppProject's `sourceRepos`
-/// check. Files stay inside the checkout at `root`; what cannot be read is an error (a
-/// reference nobody could check must not be fetched).
-pub(crate) fn remote_references(root: &Path, dir: &Path) -> Result<Vec<String>, RenderError> {
-    let root = root.canonicalize().map_err(|source| RenderError::Io {
-        path: root.to_path_buf(),
-        source,
-    })?;
-    // The engine's reader: inside the checkout, and at most MAX_FILE_BYTES.
-    let reader = Builder {
-        root: &root,
-        stack: Vec::new(),
-        vars: Vec::new(),
-        overrides: &Overrides::default(),
-        expansions: 0,
-        build_metadata: Vec::new(),
-        sort_options: None,
-        schema: None,
-    };
-    let mut remote = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let rel = dir.strip_prefix(&root).unwrap_or(&dir).to_path_buf();
-        let dir = super::directory::contained_path(&root, &rel)?;
-        if !seen.insert(dir.clone()) {
-            continue;
-        }
-        if seen.len() > MAX_REMOTE_SCAN {
-            return Err(RenderError::Kustomize {
-                path: rel,
-                message: format!("more than {MAX_REMOTE_SCAN} kustomizations to check"),
-            });
-        }
-        let Some(file) = kustomization_file(&dir) else {
-            continue;
-        };
-        let file_rel = reader.rel(&file).to_path_buf();
-        let text = reader.read(&file)?;
-        let docs = super::yaml::parse_documents(&text, &file_rel)?;
-        let Some(k) = docs.first() else { continue };
-        for field in ["resources", "components", "bases"] {
-            let entries = k.get(field).and_then(Value::as_array);
-            for entry in entries.into_iter().flatten().filter_map(Value::as_str) {
-                if is_remote(entry) {
-                    remote.push(entry.to_string());
-                } else {
-                    let local = dir.join(entry);
-                    if local.is_dir() {
-                        pending.push(local);
-                    }
-                }
-            }
-        }
-        let charts = k.get("helmCharts").and_then(Value::as_array);
-        for chart in charts.into_iter().flatten() {
-            if let Some(repo) = chart.get("repo").and_then(Value::as_str) {
-                remote.push(repo.to_string());
-            }
-        }
+/// Reads a fetched file (from the cache, outside any checkout), at most [`MAX_FILE_BYTES`].
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    let size = std::fs::metadata(path)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{size} bytes, more than the {MAX_FILE_BYTES} a file may have"
+        )));
     }
-    Ok(remote)
-}
-
-/// The repository a remote kustomize reference names, as an Argo CD `sourceRepos` entry
-/// would: `github.com/org/repo//path?ref=v1` is `https://github.com/org/repo`,
-/// `git@host:org/repo.git//path` stays an scp-like URL without its path and query.
-pub(crate) fn remote_repository(entry: &str) -> String {
-    let entry = entry.split(['?', '#']).next().unwrap_or(entry);
-    let (scheme, rest) = match entry.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None if entry.starts_with("git@") => (String::new(), entry),
-        None => ("https://".to_string(), entry),
-    };
-    // `//` separates the repository from a path inside it.
-    let rest = rest.split("//").next().unwrap_or(rest);
-    let rest = match rest.find(".git/") {
-        Some(i) => &rest[..i + 4],
-        None => rest,
-    };
-    // On the big hosts a repository is `org/repo`: what follows is a path inside it.
-    let mut parts = rest.split('/');
-    if let Some(host) = parts.next() {
-        if ["github.com", "gitlab.com", "bitbucket.org"].contains(&host) {
-            let repo: Vec<&str> = std::iter::once(host).chain(parts.take(2)).collect();
-            return format!("{scheme}{}", repo.join("/"));
-        }
-    }
-    format!("{scheme}{rest}")
-}
-
-fn is_remote(entry: &str) -> bool {
-    entry.contains("://")
-        || entry.starts_with("git@")
-        || entry.starts_with("github.com/")
-        || entry.starts_with("gitlab.com/")
-        || entry.starts_with("bitbucket.org/")
+    std::fs::read_to_string(path)
 }
 
 #[cfg(test)]
@@ -1193,31 +1166,26 @@ mod tests {
             "base/cm.yaml",
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
         );
-        let mut found = remote_references(root, &root.join("app")).unwrap();
+        let mut found: Vec<(String, String)> = remote::inputs(root, &root.join("app"))
+            .unwrap()
+            .iter()
+            .map(|i| (i.entry(), i.repository().to_string()))
+            .collect();
         found.sort();
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
         assert_eq!(
             found,
             [
-                "github.com/other/repo/manifests?ref=main",
-                "https://charts.example.com",
-                "https://github.com/org/extra//deploy?ref=v1",
+                pair(
+                    "github.com/other/repo/manifests?ref=main",
+                    "https://github.com/other/repo"
+                ),
+                pair("https://charts.example.com", "https://charts.example.com"),
+                pair(
+                    "https://github.com/org/extra//deploy?ref=v1",
+                    "https://github.com/org/extra"
+                ),
             ]
-        );
-        assert_eq!(
-            remote_repository("https://github.com/org/extra//deploy?ref=v1"),
-            "https://github.com/org/extra"
-        );
-        assert_eq!(
-            remote_repository("github.com/other/repo/manifests?ref=main"),
-            "https://github.com/other/repo"
-        );
-        assert_eq!(
-            remote_repository("git@github.com:org/r.git//x?ref=1"),
-            "git@github.com:org/r.git"
-        );
-        assert_eq!(
-            remote_repository("https://example.com/r.git/sub/dir"),
-            "https://example.com/r.git"
         );
     }
 

@@ -261,6 +261,36 @@ impl ChartSource {
         Ok((root, dir))
     }
 
+    /// GETs a manifest file (a kustomization's remote resource) and keeps it under
+    /// `state_dir/charts/files/<sha256>`; returns that digest.
+    pub(crate) fn fetch_file(&self, repo: &RepositoryConfig) -> Result<String, SourceError> {
+        let mut http = Http::new(repo)?;
+        let body = http.get(&repo.url, None, MAX_SMALL_BYTES)?.body;
+        let hex = hex::encode(Sha256::digest(&body));
+        let dir = self.dir.join("files");
+        let cache = |source| SourceError::Cache {
+            url: redact(&repo.url),
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(cache)?;
+        let target = dir.join(&hex);
+        if !target.is_file() {
+            let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(cache)?;
+            std::fs::write(tmp.path(), &body).map_err(cache)?;
+            tmp.as_file().sync_all().map_err(cache)?;
+            tmp.persist(&target).map_err(|e| cache(e.error))?;
+        }
+        Ok(hex)
+    }
+
+    /// The copy [`ChartSource::fetch_file`] kept of the file with digest `hex`, if it still has it.
+    pub(crate) fn fetched_file(&self, hex: &str) -> Option<PathBuf> {
+        let path = self.dir.join("files").join(hex);
+        let valid = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        (valid && path.is_file()).then_some(path)
+    }
+
     /// Removes unpacked charts whose revision is not in `keep`, except very recent ones, which
     /// a sync may be about to render.
     pub(crate) fn retain(&self, keep: &HashSet<String>) {
@@ -276,7 +306,8 @@ impl ChartSource {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age < Duration::from_secs(600));
-            if keep.contains(name.as_str()) || recent {
+            // `files/` holds the remote files of kustomizations, kept by their pins.
+            if keep.contains(name.as_str()) || recent || name == "files" {
                 continue;
             }
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {
