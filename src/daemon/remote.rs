@@ -213,9 +213,11 @@ impl Fetcher<'_> {
                 revision
             }
         };
-        let unpacked = self.charts.unpacked(&repo.url, &revision)?;
+        // The cache entry and the chart's directory relative to it.
+        let (root, chart_dir) = self.charts.unpacked(&repo.url, &revision)?;
         pins.insert(key, revision);
-        Ok(unpacked)
+        let dir = root.join(chart_dir);
+        Ok((root, dir))
     }
 
     fn load_pins(&self) -> Pins {
@@ -301,4 +303,44 @@ fn gone(url: &str) -> SyncError {
         source: std::io::Error::other("the fetched file vanished from the cache"),
     }
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_the_project_does_not_allow_is_refused_before_anything_is_fetched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("checkout");
+        std::fs::create_dir_all(root.join("app")).unwrap();
+        std::fs::write(
+            root.join("app/kustomization.yaml"),
+            "resources:\n  - https://github.com/other/repo//deploy?ref=v1\n",
+        )
+        .unwrap();
+        let policy = RemotePolicy(std::sync::Arc::new(|repo: &str| {
+            if repo.starts_with("https://github.com/org/") {
+                Ok(())
+            } else {
+                Err(format!("{repo} is not in sourceRepos").into())
+            }
+        }));
+        let state = tmp.path().join("state");
+        let fetcher = Fetcher {
+            git: &GitSource::new(&state),
+            charts: &ChartSource::new(&state),
+            repositories: &[],
+            app_repos: &HashSet::new(),
+            state_dir: &state,
+            policy: Some(&policy),
+        };
+        let err = fetcher
+            .fetch(&root, Path::new("app"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://github.com/other/repo"), "{err}");
+        assert!(err.contains("sourceRepos"), "{err}");
+        assert!(!state.join("git").exists(), "nothing was fetched");
+    }
 }

@@ -355,3 +355,73 @@ fn unsupported_kustomizations_fall_back_to_an_external_binary_when_asked() {
     assert_eq!(docs[0]["metadata"]["name"], "p-z", "{docs:?}");
     assert_eq!(docs[0]["spec"]["alias"], "p-z", "{docs:?}");
 }
+
+/// A kustomization naming a remote Git base (served over smart HTTP) and a chart from a chart
+/// repository (`helmCharts`) applies; once both servers are gone, a new commit of the app
+/// still renders from the pinned base and the cached chart, and the app says so.
+#[tokio::test]
+async fn remote_bases_and_helm_charts_apply_and_render_offline_after_their_first_fetch() {
+    let ns = TestNamespace::reserve("kremote").await;
+    let base = GitRepo::new();
+    base.write(
+        "deploy/base/kustomization.yaml",
+        "resources: [cm.yaml]\ncommonLabels: {from: base}\n",
+    );
+    base.write(
+        "deploy/base/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared}\ndata: {origin: remote-base}\n",
+    );
+    base.commit("base");
+    let base = crate::harness::Remote::serve(base).await;
+    let site = tempfile::tempdir().unwrap();
+    let charts = site.path().join("stable");
+    crate::helm::package_chart(&charts, "0.1.0", "from-repo");
+    crate::helm::run_helm(&["repo", "index", charts.to_str().unwrap()]);
+    let chart_server = crate::harness::charts::ChartServer::start(site.path(), None).await;
+
+    let app = GitRepo::new();
+    let (base_url, charts_url) = (base.url(), chart_server.url("stable"));
+    let kustomization = |label: &str| {
+        format!(
+            "namespace: {ns}\ncommonAnnotations: {{rev: {label}}}\nresources:\n  - {base_url}//deploy/base?ref=main\nhelmCharts:\n  - name: web\n    repo: {charts_url}\n    version: 0.1.x\n    releaseName: edge\n    skipTests: true\n    valuesInline: {{greeting: inline}}\n",
+            ns = ns.name,
+        )
+    };
+    app.write("app/kustomization.yaml", &kustomization("one"));
+    let first = app.commit("first");
+    let url = app.url();
+    let config = AgentConfig::new()
+        .section("helm", &format!("binary = \"{}\"", crate::helm::helm().display()))
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"remote\"\nrepo = \"{url}\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true",
+            ns.name
+        ));
+    let _agent = Agent::start(&config);
+    config.wait_applied("remote", &first).await;
+    let shared = ns.api::<ConfigMap>().get("shared").await.unwrap();
+    assert_eq!(shared.data.unwrap()["origin"], "remote-base");
+    assert_eq!(shared.metadata.labels.unwrap()["from"], "base");
+    let chart = ns.api::<ConfigMap>().get("edge-config").await.unwrap();
+    assert_eq!(chart.data.unwrap()["greeting"], "inline");
+    assert_eq!(chart.metadata.annotations.unwrap()["rev"], "one");
+
+    // Both remotes go away; the app's own repository moves on.
+    drop(chart_server);
+    drop(base);
+    app.write("app/kustomization.yaml", &kustomization("two"));
+    let second = app.commit("second");
+    config.wait_applied("remote", &second).await;
+    let chart = ns.api::<ConfigMap>().get("edge-config").await.unwrap();
+    assert_eq!(chart.metadata.annotations.unwrap()["rev"], "two");
+    let shared = ns.api::<ConfigMap>().get("shared").await.unwrap();
+    assert_eq!(shared.metadata.annotations.unwrap()["rev"], "two");
+    let warnings =
+        crate::harness::eventually("the pins reported", crate::harness::WAIT, || async {
+            let status = config.status().await;
+            let warnings = status["apps"][0]["warnings"].to_string();
+            (warnings.contains("pinned commit") && warnings.contains("cached")).then_some(warnings)
+        })
+        .await;
+    assert!(warnings.contains("web"), "{warnings}");
+}
