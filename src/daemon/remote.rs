@@ -62,8 +62,10 @@ impl Fetcher<'_> {
             return Ok((fetched, warnings));
         }
         let mut pending = remote::inputs(root, &root.join(dir))?;
+        if pending.is_empty() {
+            return Ok((fetched, warnings));
+        }
         let mut done = 0usize;
-        let _guard = PINS.lock().unwrap_or_else(|e| e.into_inner());
         let mut pins = self.load_pins();
         let before = pins.clone();
         while let Some(input) = pending.pop() {
@@ -102,9 +104,12 @@ impl Fetcher<'_> {
                 }
             }
         }
-        if pins != before {
-            self.save_pins(&pins);
-            self.retain_remote_snapshots(&pins);
+        let changed: Pins = pins
+            .into_iter()
+            .filter(|(key, value)| before.get(key) != Some(value))
+            .collect();
+        if !changed.is_empty() {
+            self.save_pins(changed);
         }
         Ok((fetched, warnings))
     }
@@ -221,6 +226,11 @@ impl Fetcher<'_> {
     }
 
     fn load_pins(&self) -> Pins {
+        let _guard = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        self.read_pins()
+    }
+
+    fn read_pins(&self) -> Pins {
         let path = self.state_dir.join(PINS_FILE);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -231,11 +241,16 @@ impl Fetcher<'_> {
         }
     }
 
-    fn save_pins(&self, pins: &Pins) {
+    /// Adds `changed` to the pins on disk (other renders may have pinned other inputs since
+    /// they were read), then drops snapshots no pin names.
+    fn save_pins(&self, changed: Pins) {
+        let _guard = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pins = self.read_pins();
+        pins.extend(changed);
         let path = self.state_dir.join(PINS_FILE);
         let write = || -> std::io::Result<()> {
             let tmp = tempfile::NamedTempFile::new_in(self.state_dir)?;
-            serde_json::to_writer_pretty(tmp.as_file(), pins)?;
+            serde_json::to_writer_pretty(tmp.as_file(), &pins)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&path).map_err(|e| e.error)?;
             Ok(())
@@ -243,6 +258,7 @@ impl Fetcher<'_> {
         if let Err(e) = write() {
             tracing::warn!(path = %path.display(), "cannot save remote pins: {e}");
         }
+        self.retain_remote_snapshots(&pins);
     }
 
     /// Removes snapshots of remote base repositories that no pin names. A repository that
@@ -257,7 +273,9 @@ impl Fetcher<'_> {
         }
         for (repo, keep) in by_repo {
             if !self.app_repos.contains(repo) {
-                self.git.retain(repo, &keep);
+                // Another app's render may be reading a snapshot just replaced by a newer pin.
+                self.git
+                    .retain_older(repo, &keep, std::time::Duration::from_secs(3600));
             }
         }
     }

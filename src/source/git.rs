@@ -330,6 +330,17 @@ impl GitSource {
     /// Deletes `url`'s snapshot directories whose commit is not in `keep`. Snapshots of
     /// other repositories are left alone: their syncs may be rendering them right now.
     pub(crate) fn retain(&self, url: &str, keep: &HashSet<String>) {
+        self.retain_older(url, keep, std::time::Duration::ZERO);
+    }
+
+    /// [`GitSource::retain`], sparing snapshots made less than `min_age` ago (a render that
+    /// is not serialised with this call may be reading them).
+    pub(crate) fn retain_older(
+        &self,
+        url: &str,
+        keep: &HashSet<String>,
+        min_age: std::time::Duration,
+    ) {
         let Ok(entries) = std::fs::read_dir(&self.snapshots) else {
             return;
         };
@@ -339,7 +350,14 @@ impl GitSource {
             let Some(sha) = name.strip_prefix(&prefix) else {
                 continue;
             };
-            if !keep.contains(sha) {
+            let young = !min_age.is_zero()
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age < min_age);
+            if !keep.contains(sha) && !young {
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                     tracing::warn!(path = %entry.path().display(), "cannot remove old snapshot: {e}");
                 }
