@@ -104,15 +104,18 @@ pub(crate) fn build_with(
     })?;
     let mut builder = Builder::new(&root, overrides, fetched, helm);
     let mut resmap = builder.kustomization(dir, Kind::Kustomization, ResMap::default())?;
-    generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(dir, m))?;
+    // Errors of the whole build name the top kustomization file.
+    let file = kustomization_file(dir).unwrap_or_else(|| dir.to_path_buf());
+    generator::add_hash_suffixes(&mut resmap).map_err(|m| builder.error(&file, m))?;
+    nameref::check_subject_namespaces(&resmap).map_err(|m| builder.error(&file, m))?;
     nameref::fix(&mut resmap);
-    vars::resolve(&mut resmap, &builder.vars).map_err(|m| builder.error(dir, m))?;
+    vars::resolve(&mut resmap, &builder.vars).map_err(|m| builder.error(&file, m))?;
     let top = builder.rel(dir).to_path_buf();
     build_metadata::annotate(&mut resmap, &builder.build_metadata, &top);
     match &builder.sort_options {
         Some(options) => options
             .sort(&mut resmap)
-            .map_err(|m| builder.error(dir, m))?,
+            .map_err(|m| builder.error(&file, m))?,
         None => resmap.sort_legacy(),
     }
     Ok(Manifests {

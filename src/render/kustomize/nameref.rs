@@ -116,6 +116,29 @@ struct Target {
     affixes: (Vec<String>, Vec<String>),
 }
 
+/// kustomize refuses a RoleBinding whose ServiceAccount subject names its namespace with
+/// something that is not a string (`namespace:` left blank): it cannot tell which namespace
+/// the references it follows live in.
+pub(super) fn check_subject_namespaces(resmap: &ResMap) -> Result<(), String> {
+    for r in resmap.iter() {
+        if r.kind() != "RoleBinding" {
+            continue;
+        }
+        let subjects = r.obj.get("subjects").and_then(Value::as_array);
+        for s in subjects.into_iter().flatten() {
+            let blank = s.get("kind").and_then(Value::as_str) == Some("ServiceAccount")
+                && s.get("namespace").is_some_and(|ns| !ns.is_string());
+            if blank {
+                return Err(format!(
+                    "Invalid Input: namespace is blank for resource RoleBinding {} (a ServiceAccount subject's namespace)",
+                    r.name()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Points every reference at the current name of the object it named.
 pub(crate) fn fix(resmap: &mut ResMap) {
     let targets: Vec<Target> = resmap
