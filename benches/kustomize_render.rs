@@ -155,7 +155,8 @@ configMapGenerator:
     overlay
 }
 
-/// The conformance fixtures both sides build successfully.
+/// The conformance fixtures both sides build successfully, except those inflating charts
+/// (their time is helm's, the same on both sides).
 fn fixtures() -> Vec<(PathBuf, PathBuf)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kustomize");
     let mut out = Vec::new();
@@ -165,6 +166,9 @@ fn fixtures() -> Vec<(PathBuf, PathBuf)> {
         .collect();
     entries.sort();
     for fixture in entries {
+        if fixture.join("enable-helm").exists() {
+            continue;
+        }
         let targets = std::fs::read_to_string(fixture.join("targets")).unwrap_or(".".into());
         for line in targets.lines().filter(|l| !l.contains(" error: ")) {
             out.push((fixture.clone(), fixture.join(line.trim())));

@@ -301,11 +301,21 @@ fn render_path(
         root.display()
     );
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
-    let cache = tempfile::tempdir().context("no temporary directory for remote bases")?;
-    let (fetched, warnings) = daemon::fetch_remote_inputs(cache.path(), &root, rel)?;
-    for warning in warnings {
-        eprintln!("warning: {warning}");
-    }
+    // Most builds name nothing remote: no cache, no Git or HTTP client for them.
+    let remote = render::kustomize::kustomization_file(&path).is_some()
+        && !render::kustomize::remote::inputs(&root, &path)?.is_empty();
+    let mut fetched = Default::default();
+    let _cache = if remote {
+        let cache = tempfile::tempdir().context("no temporary directory for remote bases")?;
+        let (found, warnings) = daemon::fetch_remote_inputs(cache.path(), &root, rel)?;
+        for warning in warnings {
+            eprintln!("warning: {warning}");
+        }
+        fetched = found;
+        Some(cache)
+    } else {
+        None
+    };
     let helm = flags.helm.map(|binary| render::helm::HelmRequest {
         app: path
             .file_name()
