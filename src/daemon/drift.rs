@@ -70,6 +70,8 @@ pub(super) enum Seen {
     Deleted(GroupVersionKind, Value),
     /// A watch (re)listed its kind: these objects with our annotation exist.
     Listed(Scope, HashSet<Key>),
+    /// A watch failed; it lists again once it is back.
+    Lost(Scope),
 }
 
 /// One app's desired state: its last-known-good plan and which plan object each applied
@@ -174,8 +176,11 @@ pub(crate) async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<boo
             _ = wait_due => drift.check_due().await,
         }
     }
-    for (_, task) in drift.watches.drain() {
+    for ((gvk, ns), task) in drift.watches.drain() {
         task.abort();
+        drift
+            .ctx
+            .set_watched(&gvk.group, &gvk.kind, ns.as_deref(), false);
     }
 }
 
@@ -238,10 +243,13 @@ impl Drift {
                 )
             })
             .collect();
+        let ctx = self.ctx.clone();
         self.watches.retain(|scope, task| {
             let keep = scopes.contains(scope);
             if !keep {
                 task.abort();
+                let (gvk, ns) = scope;
+                ctx.set_watched(&gvk.group, &gvk.kind, ns.as_deref(), false);
             }
             keep
         });
@@ -313,7 +321,13 @@ impl Drift {
                     self.queue(app, key);
                 }
             }
+            Seen::Lost((gvk, namespace)) => {
+                self.ctx
+                    .set_watched(&gvk.group, &gvk.kind, namespace.as_deref(), false);
+            }
             Seen::Listed((gvk, namespace), present) => {
+                self.ctx
+                    .set_watched(&gvk.group, &gvk.kind, namespace.as_deref(), true);
                 let missing: Vec<(String, Key)> = self
                     .owners
                     .iter()
@@ -614,7 +628,7 @@ async fn watch_kind(api: Api<Meta>, scope: Scope, tx: mpsc::Sender<Seen>) {
             Ok(_) => continue,
             Err(e) => {
                 tracing::debug!(kind = %gvk.kind, "watch: {e}");
-                continue;
+                Seen::Lost(scope.clone())
             }
         };
         if tx.send(seen).await.is_err() {

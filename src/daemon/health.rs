@@ -2,9 +2,12 @@
 //! rates them with [`crate::health`]. An app is rated again as soon as the drift watches
 //! (metadata-only, one per kind and namespace) see one of its objects change, status
 //! included, and right after every apply; besides, every app is rated every 2 s while
-//! anything is on its way (Progressing, Missing, Unknown) and every 15 s when all is settled,
-//! which also covers clusters where a kind cannot be watched. Full-object watches would save
-//! the GETs but keep every watched object in memory, which the RSS budget does not allow. An app Progressing for longer than its
+//! anything is on its way (Progressing, Missing, Unknown). A settled app whose every object
+//! is under a running watch is not read again until a watch sees a change (once an hour at
+//! most, as a safety net): a cluster at rest costs watch renewals, not GETs. A settled app
+//! with an object no watch covers (a kind that cannot be watched, a watch down) is read every
+//! 15 s. Full-object watches would save the GETs that follow a change but keep every watched
+//! object in memory, which the RSS budget does not allow. An app Progressing for longer than its
 //! `health_timeout` counts as Degraded. A revision seen Healthy has its render kept as the
 //! app's last Healthy one; with `rollback = "auto"`, a revision that goes Degraded before it
 //! was ever Healthy is rolled back to that render.
@@ -22,6 +25,8 @@ use crate::health::{self, Health, HealthStatus};
 use crate::state::{unix_now, RenderKind};
 
 const SETTLED_EVERY: Duration = Duration::from_secs(15);
+/// A settled app whose objects are all watched is read at least this often anyway.
+const WATCHED_EVERY: Duration = Duration::from_secs(3600);
 const CHANGING_EVERY: Duration = Duration::from_secs(2);
 
 /// At least this long between two rounds woken by watch events, so a rollout's stream of
@@ -54,6 +59,8 @@ pub(crate) async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver
 pub(super) struct Monitor {
     /// The revision each app was last seen Healthy at (its Healthy render is kept).
     healthy: HashMap<String, String>,
+    /// When each app was last rated settled (neither Progressing, Missing nor Unknown).
+    settled: HashMap<String, tokio::time::Instant>,
 }
 
 impl Monitor {
@@ -64,7 +71,10 @@ impl Monitor {
                 healthy.insert(app.name.clone(), record.revision);
             }
         }
-        Monitor { healthy }
+        Monitor {
+            healthy,
+            settled: HashMap::new(),
+        }
     }
 
     /// Rates every app (or those in `only`, the ones the drift watches saw change) at `now`
@@ -80,16 +90,30 @@ impl Monitor {
             if only.is_some_and(|only| !only.contains(&app.name)) {
                 continue;
             }
-            changing |= self.rate_app(ctx, app, now).await;
+            changing |= self.rate_app(ctx, app, now, only.is_none()).await;
         }
         changing
     }
 
-    async fn rate_app(&mut self, ctx: &SyncContext, app: &AppConfig, now: u64) -> bool {
+    async fn rate_app(
+        &mut self,
+        ctx: &SyncContext,
+        app: &AppConfig,
+        now: u64,
+        timer: bool,
+    ) -> bool {
         let Ok(state) = ctx.store.load(&app.name) else {
             return false;
         };
         if state.objects.is_empty() {
+            return false;
+        }
+        // A timer round leaves a settled app alone while the watches would have told.
+        let recently_settled = self
+            .settled
+            .get(&app.name)
+            .is_some_and(|at| at.elapsed() < WATCHED_EVERY);
+        if timer && recently_settled && ctx.all_watched(&state.objects) {
             return false;
         }
         let mut healths = Vec::new();
@@ -128,6 +152,12 @@ impl Monitor {
             HealthStatus::Progressing | HealthStatus::Missing | HealthStatus::Unknown
         );
         ctx.board.health(&app.name, &app_health, counts);
+        if changing {
+            self.settled.remove(&app.name);
+        } else if !recently_settled || !timer {
+            self.settled
+                .insert(app.name.clone(), tokio::time::Instant::now());
+        }
         if ctx.is_syncing(&app.name) || state.last_error.is_some() {
             return changing;
         }

@@ -132,6 +132,9 @@ pub(crate) struct SyncContext {
     /// change (the apps in `health_dirty`).
     pub(crate) health_wake: tokio::sync::Notify,
     pub(super) health_dirty: std::sync::Mutex<HashSet<String>>,
+    /// The kinds (group, kind, namespace) whose drift watch is listed and running: the health
+    /// monitor needs no GETs for objects in them while nothing changes.
+    pub(super) watched: std::sync::Mutex<HashSet<(String, String, Option<String>)>>,
     pub(crate) source: GitSource,
     pub(crate) charts: ChartSource,
     /// What the engine reads, applies and deletes through.
@@ -223,6 +226,7 @@ impl SyncContext {
             board,
             health_wake: tokio::sync::Notify::new(),
             health_dirty: Default::default(),
+            watched: Default::default(),
             cluster,
             kube,
             retries: Default::default(),
@@ -310,6 +314,30 @@ impl SyncContext {
         let mut dirty = self.health_dirty.lock().unwrap_or_else(|e| e.into_inner());
         dirty.insert(app.to_string());
         self.health_wake.notify_one();
+    }
+
+    /// Records whether the drift watch of a kind in a namespace (`None`: cluster-wide) is
+    /// listed and running.
+    pub(super) fn set_watched(&self, group: &str, kind: &str, ns: Option<&str>, up: bool) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let scope = (group.to_string(), kind.to_string(), ns.map(str::to_string));
+        if up {
+            watched.insert(scope);
+        } else {
+            watched.remove(&scope);
+        }
+    }
+
+    /// Whether a running watch sees every change to each of `objects`.
+    pub(super) fn all_watched<'a>(
+        &self,
+        objects: impl IntoIterator<Item = &'a apply::ObjectRef>,
+    ) -> bool {
+        let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        objects.into_iter().all(|o| {
+            let scope = (o.group.clone(), o.kind.clone(), o.namespace.clone());
+            watched.contains(&scope)
+        })
     }
 
     /// The apps whose objects changed since the last call.

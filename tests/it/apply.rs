@@ -640,3 +640,66 @@ async fn a_revision_whose_pods_cannot_be_scheduled_is_rolled_back() {
     let web = ns.api::<Deployment>().get("web").await.unwrap();
     assert_eq!(image_of(&web), "nginx:1.27");
 }
+
+/// GET and LIST requests edgesync made for objects in `namespace`, from the test API server's
+/// audit log (`tests/cluster/up` audits reads).
+fn reads_in(namespace: &str) -> usize {
+    let log = cluster()
+        .kubeconfig
+        .parent()
+        .expect("the control plane's directory")
+        .join("logs/audit.log");
+    let text = std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("{}: {e} (the test API server audits reads)", log.display()));
+    let path = format!("/namespaces/{namespace}/");
+    text.lines()
+        .filter(|l| l.contains("\"userAgent\":\"edgesync/") && l.contains(&path))
+        .filter(|l| l.contains("\"verb\":\"get\"") || l.contains("\"verb\":\"list\""))
+        .count()
+}
+
+/// At rest, health comes from the watches: a settled app's objects are not read again (the
+/// API server's audit log counts edgesync's reads), and a change to one of them is still rated
+/// at once.
+#[tokio::test]
+async fn a_settled_app_is_not_polled_and_a_change_is_still_rated() {
+    let ns = TestNamespace::reserve("idle").await;
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.27", 0));
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "good"));
+    let sha = repo.commit("good");
+    let config = app_config(&repo, &ns, "");
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    eventually("the app Healthy", WAIT, || async {
+        let status = config.status().await;
+        (status["apps"][0]["health"] == "Healthy").then_some(())
+    })
+    .await;
+    // Once settled, a timer round (every 15 s for an app a watch does not cover) finds nothing
+    // to read.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = reads_in(&ns.name);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let idle = reads_in(&ns.name) - before;
+    assert_eq!(idle, 0, "{idle} reads of a settled app's objects in 20 s");
+
+    // Someone breaks the Deployment: the watch sees it and the app is rated again.
+    let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "main", "image": "example/crashloop:1"}
+    ]}}}});
+    ns.api::<Deployment>()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(&patch),
+        )
+        .await
+        .unwrap();
+    eventually("the change rated", WAIT, || async {
+        let status = config.status().await;
+        (status["apps"][0]["health"] != "Healthy").then_some(())
+    })
+    .await;
+    assert!(reads_in(&ns.name) > before, "the change was read");
+}
