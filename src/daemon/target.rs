@@ -356,7 +356,8 @@ impl SyncContext {
         let app = app.clone();
         let vars =
             (app.substitute != Substitute::Off).then(|| self.config.substitution_variables(&app));
-        // Only a chart can name dependencies that need the repositories' credentials.
+        // Only charts (an app's, or a kustomization's helmCharts) name dependencies that need
+        // the repositories' credentials.
         let logins = (charts || inflates).then(|| self.config.repositories.clone());
         let repositories = self.config.repositories.clone();
         let app_repos: HashSet<String> = self
