@@ -58,8 +58,9 @@ pub enum RenderError {
     /// rather than rendering what it can and showing Synced.
     #[error("{path}: {what} cannot be rendered by edgesync; the app is not synced")]
     Unsupported { path: PathBuf, what: String },
-    /// The kustomize fallback would fetch what the app's project does not allow.
-    #[error("{path}: the kustomize fallback would fetch {entry}: {source}")]
+    /// The kustomization (built natively or by the fallback) would fetch what the app's project
+    /// does not allow.
+    #[error("{path}: the kustomization would fetch {entry}: {source}")]
     RemoteRefused {
         path: PathBuf,
         entry: String,
