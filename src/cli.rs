@@ -301,21 +301,12 @@ fn render_path(
         root.display()
     );
     let rel = path.strip_prefix(&root).unwrap_or(Path::new("."));
-    // Most builds name nothing remote: no cache, no Git or HTTP client for them.
-    let remote = render::kustomize::kustomization_file(&path).is_some()
-        && !render::kustomize::remote::inputs(&root, &path)?.is_empty();
-    let mut fetched = Default::default();
-    let _cache = if remote {
-        let cache = tempfile::tempdir().context("no temporary directory for remote bases")?;
-        let (found, warnings) = daemon::fetch_remote_inputs(cache.path(), &root, rel)?;
-        for warning in warnings {
-            eprintln!("warning: {warning}");
-        }
-        fetched = found;
-        Some(cache)
-    } else {
-        None
-    };
+    // The remote bases and charts the kustomization names, in a temporary cache kept until
+    // the render is done.
+    let (fetched, warnings, _cache) = daemon::fetch_remote_inputs(&root, rel)?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
     let helm = flags.helm.map(|binary| render::helm::HelmRequest {
         app: path
             .file_name()

@@ -302,6 +302,15 @@ pub(crate) struct RepositoryConfig {
 }
 
 impl RepositoryConfig {
+    /// The entry of `repositories` for `url`, or anonymous defaults when it has none.
+    pub(crate) fn of(repositories: &[RepositoryConfig], url: &str) -> Self {
+        repositories
+            .iter()
+            .find(|r| r.url == url)
+            .cloned()
+            .unwrap_or_else(|| RepositoryConfig::anonymous(url))
+    }
+
     /// A repository an app names without a `[[repositories]]` entry: public, default polling.
     pub(crate) fn anonymous(url: &str) -> Self {
         RepositoryConfig {
@@ -407,11 +416,7 @@ impl Config {
 impl Config {
     /// The repository settings for `url`, or anonymous defaults when it has no entry.
     pub(crate) fn repository(&self, url: &str) -> RepositoryConfig {
-        self.repositories
-            .iter()
-            .find(|r| r.url == url)
-            .cloned()
-            .unwrap_or_else(|| RepositoryConfig::anonymous(url))
+        RepositoryConfig::of(&self.repositories, url)
     }
 
     /// Every repository the apps this node runs use, each once, configured or anonymous.

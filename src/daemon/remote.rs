@@ -41,11 +41,7 @@ type Pins = BTreeMap<String, String>;
 
 impl Fetcher<'_> {
     fn repository(&self, url: &str) -> RepositoryConfig {
-        self.repositories
-            .iter()
-            .find(|r| r.url == url)
-            .cloned()
-            .unwrap_or_else(|| RepositoryConfig::anonymous(url))
+        RepositoryConfig::of(self.repositories, url)
     }
 
     /// Fetches every remote input the kustomization at `dir` (in the checkout at `root`)
@@ -56,12 +52,19 @@ impl Fetcher<'_> {
         root: &Path,
         dir: &Path,
     ) -> Result<(Fetched, Vec<String>), SyncError> {
+        let pending = needed(root, dir)?;
+        self.fetch_inputs(dir, pending)
+    }
+
+    /// Fetches `pending` (what [`needed`] listed for the kustomization at `dir`) and what
+    /// their remote bases need in turn.
+    fn fetch_inputs(
+        &self,
+        dir: &Path,
+        mut pending: Vec<Input>,
+    ) -> Result<(Fetched, Vec<String>), SyncError> {
         let mut fetched = Fetched::default();
         let mut warnings = Vec::new();
-        if crate::render::kustomize::kustomization_file(&root.join(dir)).is_none() {
-            return Ok((fetched, warnings));
-        }
-        let mut pending = remote::inputs(root, &root.join(dir))?;
         if pending.is_empty() {
             return Ok((fetched, warnings));
         }
@@ -281,13 +284,27 @@ impl Fetcher<'_> {
     }
 }
 
-/// Fetches the remote inputs of the kustomization at `dir` in `root` with anonymous access
-/// into the caches under `state_dir` (for `edgesync render`).
+/// The remote inputs of the kustomization at `dir` in `root` (none for another directory).
+fn needed(root: &Path, dir: &Path) -> Result<Vec<Input>, SyncError> {
+    if crate::render::kustomize::kustomization_file(&root.join(dir)).is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(remote::inputs(root, &root.join(dir))?)
+}
+
+/// For `edgesync render`: fetches the remote inputs of the kustomization at `dir` in `root`
+/// with anonymous access into a temporary cache, made only when there is something to fetch
+/// (returned with the copies, which live in it).
 pub(crate) fn fetch_remote_inputs(
-    state_dir: &Path,
     root: &Path,
     dir: &Path,
-) -> Result<(Fetched, Vec<String>), SyncError> {
+) -> anyhow::Result<(Fetched, Vec<String>, Option<tempfile::TempDir>)> {
+    let pending = needed(root, dir)?;
+    if pending.is_empty() {
+        return Ok((Fetched::default(), Vec::new(), None));
+    }
+    let cache = tempfile::tempdir()?;
+    let state_dir = cache.path();
     let fetcher = Fetcher {
         git: &GitSource::new(state_dir),
         charts: &ChartSource::new(state_dir),
@@ -296,7 +313,8 @@ pub(crate) fn fetch_remote_inputs(
         state_dir,
         policy: None,
     };
-    fetcher.fetch(root, dir)
+    let (fetched, warnings) = fetcher.fetch_inputs(dir, pending)?;
+    Ok((fetched, warnings, Some(cache)))
 }
 
 /// Commits and chart revisions pinned for remote inputs, which retention must keep.

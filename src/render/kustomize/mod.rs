@@ -646,23 +646,22 @@ impl<'a> Builder<'a> {
                 .map_err(|m| self.error(file, format!("resources: {m}")))?;
         }
         vars::collect(&mut self.vars, &k.vars).map_err(|m| self.error(file, m))?;
-        for (i, entry) in k.configurations.iter().enumerate() {
+        type Read = fn(&Ctx, &str, &str) -> Result<fieldspec::TransformerConfig, RenderError>;
+        let field_specs: [(&str, &[String], Read); 2] = [
+            ("configurations", &k.configurations, configuration),
+            ("crds", &k.crds, crd_configuration),
+        ];
+        for (field, entries, read) in field_specs {
             let ctx = Ctx {
                 builder: self,
                 dir,
                 file,
             };
-            let config = configuration(&ctx, &format!("configurations[{i}]"), entry)?;
-            resmap.config.merge(&config);
-        }
-        for (i, entry) in k.crds.iter().enumerate() {
-            let ctx = Ctx {
-                builder: self,
-                dir,
-                file,
-            };
-            let config = crd_configuration(&ctx, &format!("crds[{i}]"), entry)?;
-            resmap.config.merge(&config);
+            for (i, entry) in entries.iter().enumerate() {
+                resmap
+                    .config
+                    .merge(&read(&ctx, &format!("{field}[{i}]"), entry)?);
+            }
         }
         let generators = self.plugin_configs(dir, file, "generators", &k.generators)?;
         let transformers = self.plugin_configs(dir, file, "transformers", &k.transformers)?;
