@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use git2::build::CheckoutBuilder;
-use git2::{Direction, FetchOptions, Oid, Repository};
+use git2::{Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
 use sha2::{Digest, Sha256};
 
-use super::auth::{callbacks, Refusal};
+use super::transport;
 use super::{is_commit_sha, redact, Snapshot, SourceError};
 use crate::config::RepositoryConfig;
 use crate::signature::Signed;
@@ -84,14 +84,13 @@ impl GitSource {
         let url = &repo.url;
         let cache = self.open(url)?;
         let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
-        let refusal = Refusal::default();
-        let cb = callbacks(repo, &refusal, |_| true)?;
+        let _credentials = transport::scope(repo)?;
         let refused = |e: git2::Error| {
-            let message = refusal.message(&e);
+            let message = e.message().to_string();
             classify(url, e, message)
         };
         let connection = remote
-            .connect_auth(Direction::Fetch, Some(cb), None)
+            .connect_auth(Direction::Fetch, None, None)
             .map_err(refused)?;
         let heads = connection
             .list()
@@ -174,15 +173,15 @@ impl GitSource {
             false,
         ));
         let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
+        let _credentials = transport::scope(repo)?;
         let mut last_error = None;
         for (refspecs, shallow) in attempts {
             let shallow = shallow && can_be_shallow(url);
             let mut too_large = false;
-            let refusal = Refusal::default();
-            let cb = callbacks(repo, &refusal, |p| {
+            let cb = progress(|p| {
                 too_large = p.received_bytes() > MAX_FETCH_BYTES;
                 !too_large
-            })?;
+            });
             let mut options = FetchOptions::new();
             options.remote_callbacks(cb);
             if shallow {
@@ -205,7 +204,7 @@ impl GitSource {
                     })
                 }
                 Err(e) => {
-                    let message = refusal.message(&e);
+                    let message = e.message().to_string();
                     if is_final(&e, &message) {
                         return Err(classify(url, e, message));
                     }
@@ -290,8 +289,8 @@ impl GitSource {
             let local = format!("refs/edgesync/{}", tag.name.trim_start_matches("refs/"));
             let refspec = format!("+{}:{local}", tag.name);
             let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
-            let refusal = Refusal::default();
-            let cb = callbacks(repo, &refusal, |p| p.received_bytes() <= MAX_FETCH_BYTES)?;
+            let _credentials = transport::scope(repo)?;
+            let cb = progress(|p| p.received_bytes() <= MAX_FETCH_BYTES);
             let mut options = FetchOptions::new();
             options.remote_callbacks(cb);
             if can_be_shallow(url) {
@@ -301,7 +300,7 @@ impl GitSource {
                 .fetch(&[refspec], Some(&mut options), None)
                 .map_err(|e| SourceError::Git {
                     url: redact(url),
-                    message: refusal.message(&e),
+                    message: e.message().to_string(),
                     source: Some(e),
                 })?;
         }
@@ -410,6 +409,14 @@ impl RemoteRefs {
 pub(crate) struct TagRef {
     pub(crate) name: String,
     pub(crate) oid: String,
+}
+
+/// Callbacks that only watch a transfer: `f` sees every update and cancels it by returning
+/// false. (Credentials and host keys are the transports' business: [`transport`].)
+fn progress<'a>(mut f: impl FnMut(&git2::Progress<'_>) -> bool + 'a) -> RemoteCallbacks<'a> {
+    let mut callbacks = RemoteCallbacks::new();
+    callbacks.transfer_progress(move |p| f(&p));
+    callbacks
 }
 
 /// libgit2's local transport cannot do shallow fetches.

@@ -8,6 +8,7 @@ mod auth;
 pub(crate) mod chart;
 mod git;
 mod sealed;
+pub(crate) mod transport;
 
 use std::path::PathBuf;
 

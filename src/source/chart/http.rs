@@ -3,7 +3,6 @@
 //! Bearer`) for OCI, bounded bodies, the system's CA certificates.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -64,26 +63,6 @@ pub(super) struct Http {
     bearer: Option<String>,
 }
 
-/// The system's CA certificates (the `ca-certificates` package), as for MQTT; no bundled
-/// roots, which would cost a quarter of a MiB of binary.
-fn tls() -> ureq::tls::TlsConfig {
-    static ROOTS: OnceLock<ureq::tls::RootCerts> = OnceLock::new();
-    let roots = ROOTS
-        .get_or_init(|| {
-            let certs = rustls_native_certs::load_native_certs()
-                .certs
-                .iter()
-                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
-                .collect();
-            ureq::tls::RootCerts::Specific(Arc::new(certs))
-        })
-        .clone();
-    ureq::tls::TlsConfig::builder()
-        .root_certs(roots)
-        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .build()
-}
-
 impl Http {
     pub(crate) fn new(repo: &RepositoryConfig) -> Result<Http, SourceError> {
         let agent = ureq::Agent::config_builder()
@@ -92,7 +71,7 @@ impl Http {
             .timeout_per_read(Some(Duration::from_secs(60)))
             .timeout_global(Some(Duration::from_secs(600)))
             .user_agent(concat!("edgesync/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls())
+            .tls_config(crate::source::transport::tls())
             .build()
             .new_agent();
         let origin = if is_oci(&repo.url) {
