@@ -395,6 +395,11 @@ impl Running {
             }
         }
         if let Some(agent) = self.agent.take() {
+            // PEERS_LOGS=DIR keeps the agent's debug log for a look at where time goes.
+            if let Some(dir) = std::env::var_os("PEERS_LOGS") {
+                let name = format!("edgesync-{}.log", self.phase);
+                let _ = std::fs::write(Path::new(&dir).join(name), agent.log());
+            }
             let _ = agent.stop().await;
         }
         for child in &mut self.children {
@@ -683,6 +688,14 @@ async fn idle(peer: &Running, secs: u64, tick: f64) -> BTreeMap<&'static str, St
     let hours = t0.elapsed().as_secs_f64() / 3600.0;
     let cpu = peer.cpu_ticks().saturating_sub(cpu0) as f64 / tick;
     let requests = audit_since(audit, peer.kind.agents());
+    if let Some(dir) = std::env::var_os("PEERS_LOGS") {
+        // The idle window's slice of the audit log, to see what each request was.
+        if let Ok(text) = std::fs::read(audit_log()) {
+            let name = format!("audit-{}-{}.log", peer.kind.name(), peer.phase);
+            let slice = text.get(audit as usize..).unwrap_or_default();
+            let _ = std::fs::write(Path::new(&dir).join(name), slice);
+        }
+    }
     let total: usize = requests.values().sum();
     out.insert("idle RSS", summary(&mut rss, "MiB"));
     out.insert(
@@ -854,13 +867,13 @@ async fn main() {
     let repo = GitRepo::new();
     write_fleet(&repo, 10, SMALL_OBJECTS, 0);
     repo.commit("fleet of 10");
-    let bare = repo.bare_clone_into(served.path(), "fleet10");
+    let bare = repo.bare_clone_into(served.path(), "small");
     let mut rev = 0;
     for &kind in &kinds {
         let fleet = Fleet {
             phase: "10".into(),
             apps: 10,
-            url: git.url("fleet10"),
+            url: git.url("small"),
             work: work.path(),
         };
         create_namespaces(&fleet, kind).await;
@@ -885,8 +898,8 @@ async fn main() {
         eprintln!("{}: 10 apps applied in {:?}", kind.name(), t0.elapsed());
         let row = figures.rows.entry((10, kind.name())).or_default();
         row.insert("first sync", ms(t0.elapsed().as_secs_f64()));
-        // Settle (first reconciles, caches), then idle.
-        tokio::time::sleep(Duration::from_secs(20)).await;
+        // Settle (first reconciles, health rated, watches up), then idle.
+        tokio::time::sleep(Duration::from_secs(45)).await;
         let idle_figures = idle(&peer, idle_secs, tick).await;
         eprintln!("{}: idle {:?}", kind.name(), idle_figures);
         row.extend(idle_figures);
@@ -930,7 +943,7 @@ async fn main() {
     let repo = GitRepo::new();
     write_fleet(&repo, large, LARGE_OBJECTS, 0);
     repo.commit("large fleet");
-    let name = format!("fleet{large}");
+    let name = "large".to_string();
     let bare = repo.bare_clone_into(served.path(), &name);
     let mut rev = 0;
     for &kind in &kinds {

@@ -30,18 +30,35 @@ pub(crate) const INVENTORY_NAMESPACE: &str = "edgesync-system";
 /// Objects of one wave applied at the same time.
 const WAVE_CONCURRENCY: usize = 4;
 
-/// Builds a client. Order: the configured kubeconfig, `$KUBECONFIG`, in-cluster service
-/// account, then the k3s kubeconfig, then `~/.kube/config`.
-pub(crate) async fn connect(kubeconfig: Option<&Path>) -> Result<Client, ApplyError> {
+/// How long a watch runs before the API server ends it and it is renewed (kube's default).
+const WATCH_SECONDS: u32 = 290;
+
+/// Builds two clients: one for calls, which gives up on a server silent for a minute, and
+/// one for watches, which are silent while nothing changes and must outlive
+/// [`WATCH_SECONDS`] (a shorter read timeout broke every quiet watch each minute, and the
+/// apps it covered fell back to being read every 15 s). Order: the configured kubeconfig,
+/// `$KUBECONFIG`, in-cluster service account, then the k3s kubeconfig, then
+/// `~/.kube/config`.
+pub(crate) async fn connect(kubeconfig: Option<&Path>) -> Result<(Client, Client), ApplyError> {
     let mut config = load_config(kubeconfig).await?;
     config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(60));
     // The API server's audit log and metrics tell edgesync's requests apart by this.
     config.headers.push((
         axum::http::header::USER_AGENT,
         axum::http::HeaderValue::from_static(concat!("edgesync/", env!("CARGO_PKG_VERSION"))),
     ));
-    Client::try_from(config).map_err(ApplyError::Client)
+    let mut watches = config.clone();
+    watches.read_timeout = Some(Duration::from_secs(u64::from(WATCH_SECONDS) + 15));
+    config.read_timeout = Some(Duration::from_secs(60));
+    let calls = Client::try_from(config).map_err(ApplyError::Client)?;
+    let watches = Client::try_from(watches).map_err(ApplyError::Client)?;
+    Ok((calls, watches))
+}
+
+/// Watch parameters for a client from [`connect`]: ended by the server before the watch
+/// client's read timeout.
+pub(crate) fn watch_config() -> kube::runtime::watcher::Config {
+    kube::runtime::watcher::Config::default().timeout(WATCH_SECONDS)
 }
 
 async fn load_config(kubeconfig: Option<&Path>) -> Result<Config, ApplyError> {
@@ -82,6 +99,8 @@ async fn from_file(path: &Path) -> Result<Config, ApplyError> {
 /// Server-side applies plans. Discovery results are cached per kind.
 pub(crate) struct KubeApplier {
     client: Client,
+    /// For watches: a longer read timeout ([`connect`]).
+    watch_client: Client,
     resources: Mutex<HashMap<GroupVersionKind, (ApiResource, Scope)>>,
     metrics: Arc<Metrics>,
     /// Set once [`INVENTORY_NAMESPACE`] has been applied.
@@ -91,6 +110,7 @@ pub(crate) struct KubeApplier {
 impl KubeApplier {
     pub(crate) fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         KubeApplier {
+            watch_client: client.clone(),
             client,
             resources: Mutex::new(HashMap::new()),
             metrics,
@@ -109,6 +129,16 @@ impl KubeApplier {
 
     pub(crate) fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Watches go through this client: see [`connect`].
+    pub(crate) fn with_watch_client(mut self, client: Client) -> Self {
+        self.watch_client = client;
+        self
+    }
+
+    pub(crate) fn watch_client(&self) -> &Client {
+        &self.watch_client
     }
 
     /// What the cluster offers, as `helm template` needs it for `.Capabilities` (Argo CD

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::render::{Manifests, Object};
 
 pub(crate) use self::cluster::Cluster;
-pub(crate) use self::kube::{connect, KubeApplier};
+pub(crate) use self::kube::{connect, watch_config, KubeApplier};
 
 /// Field manager for server-side apply, and the key of edgesync's tracking annotation.
 pub(crate) const FIELD_MANAGER: &str = "edgesync";

@@ -263,7 +263,7 @@ impl Drift {
             };
             match kube.api_resource(gvk).await {
                 Ok(resource) => {
-                    let client = kube.client().clone();
+                    let client = kube.watch_client().clone();
                     let api: Api<Meta> = match namespace {
                         Some(ns) => Api::namespaced_with(client, ns, &resource),
                         None => Api::all_with(client, &resource),
@@ -606,7 +606,7 @@ async fn watch_kind(api: Api<Meta>, scope: Scope, tx: mpsc::Sender<Seen>) {
     };
     let value = |o: Meta| serde_json::json!({"metadata": o.metadata});
     let mut listed: HashSet<Key> = HashSet::new();
-    let mut events = watcher::watcher(api, watcher::Config::default())
+    let mut events = watcher::watcher(api, apply::watch_config())
         .default_backoff()
         .boxed();
     while let Some(event) = events.next().await {

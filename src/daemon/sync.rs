@@ -183,8 +183,9 @@ impl SyncContext {
         metrics: Arc<Metrics>,
         publisher: Option<Arc<StatusPublisher>>,
     ) -> Result<Arc<SyncContext>, ApplyError> {
-        let client = apply::connect(node.config.kubernetes.kubeconfig.as_deref()).await?;
-        let kube = Arc::new(KubeApplier::new(client, metrics.clone()));
+        let (client, watches) =
+            apply::connect(node.config.kubernetes.kubeconfig.as_deref()).await?;
+        let kube = Arc::new(KubeApplier::new(client, metrics.clone()).with_watch_client(watches));
         Ok(Self::with_cluster(
             node,
             metrics,

@@ -1,9 +1,9 @@
 //! The Git cache: one bare repository per URL under `state_dir/git/repos`, and one checked-out
 //! directory per commit under `state_dir/git/snapshots`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 
 use git2::build::CheckoutBuilder;
 use git2::{Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
@@ -38,6 +38,9 @@ fn set_timeouts() {
 pub(crate) struct GitSource {
     repos: PathBuf,
     snapshots: PathBuf,
+    /// One lock per URL: the apps of one repository ask for the same commit at once, and
+    /// one fetch and checkout serves them all.
+    busy: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
 }
 
 impl GitSource {
@@ -47,6 +50,7 @@ impl GitSource {
         GitSource {
             repos: dir.join("repos"),
             snapshots: dir.join("snapshots"),
+            busy: Arc::default(),
         }
     }
 
@@ -123,6 +127,19 @@ impl GitSource {
                 fetched: false,
             });
         }
+        let lock = {
+            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            busy.entry(url.clone()).or_default().clone()
+        };
+        let _busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if super::sealed::usable_or_removed(&dir) {
+            return Ok(Snapshot {
+                repo: url.clone(),
+                revision: sha.to_string(),
+                root: dir,
+                fetched: false,
+            });
+        }
         let cache = self.open(url)?;
         let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
         let fetched = cache.find_commit(oid).is_err();
@@ -152,9 +169,10 @@ impl GitSource {
         sha: &str,
     ) -> Result<(), SourceError> {
         let url = &repo.url;
-        // The SHA itself first (servers that allow it send one commit), then the named ref
-        // shallowly, then everything as a last resort for servers that refuse both.
-        let mut attempts: Vec<(Vec<String>, bool)> = vec![(vec![sha.to_string()], true)];
+        // The named ref shallowly first (`sha` was its tip a moment ago), then the SHA itself
+        // (servers that allow it send one commit), then everything as a last resort for
+        // servers that refuse both.
+        let mut attempts: Vec<(Vec<String>, bool)> = Vec::new();
         if !is_commit_sha(revision) {
             let refname = full_refname(revision);
             attempts.push((
@@ -165,6 +183,7 @@ impl GitSource {
                 true,
             ));
         }
+        attempts.push((vec![sha.to_string()], true));
         attempts.push((
             vec![
                 "+refs/heads/*:refs/edgesync/heads/*".to_string(),
