@@ -7,7 +7,8 @@
 //! `cargo test` it does nothing. Knobs (environment): `PEERS_DIR` (from `bench/peers/build`,
 //! required), `PEERS_IDLE_SECS` (idle window per peer, default 300), `PEERS_EVENTS` (pushes
 //! per peer, default 100; the kubectl loop gets a fifth), `PEERS_APPS` (the large fleet,
-//! default 500 apps of 20 objects), `PEERS_ONLY` (comma list of `edgesync,flux,kubectl`).
+//! default 500 apps of 20 objects), `PEERS_ONLY` (comma list of `edgesync,flux,kubectl`),
+//! `PEERS_LOGS` (a directory: edgesync's debug log and each idle window's audit log go there).
 //!
 //! Every peer runs alone while it is measured; the others are stopped. The clock for a push
 //! starts at the webhook POST (edgesync's generic hook, Flux's `Receiver`; the kubectl loop has
@@ -372,6 +373,43 @@ impl Running {
             }
             Kind::Kubectl => {}
         }
+    }
+
+    /// edgesync only: stops the agent and starts it again on its state, `times` times; the
+    /// time from start to `READY=1`, and the patches (applies) it sent within 5 s of it.
+    async fn restarts(&mut self, times: usize) -> (String, usize) {
+        let mut ready = Vec::new();
+        let mut patches = 0;
+        for i in 0..times {
+            let (Some(agent), Some(config)) = (self.agent.take(), self._config.as_ref()) else {
+                break;
+            };
+            let _ = agent.stop().await;
+            let socket_path = config.dir().join(format!("notify-{i}.sock"));
+            let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+            let audit = audit_offset();
+            let t0 = Instant::now();
+            let agent =
+                Agent::start_with_env(config, &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(60), socket.recv(&mut buf))
+                    .await
+                    .expect("READY=1 within a minute")
+                    .expect("notify socket");
+                if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                    break;
+                }
+            }
+            ready.push(t0.elapsed().as_secs_f64());
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            patches += audit_since(audit, Kind::Edgesync.agents())
+                .get("patch")
+                .copied()
+                .unwrap_or(0);
+            self.agent = Some(agent);
+        }
+        (latencies(&mut ready), patches)
     }
 
     async fn stop(mut self) {
@@ -936,7 +974,16 @@ async fn main() {
         eprintln!("{}: self-heal edit {edit}, delete {delete}", kind.name());
         row.insert("self-heal edit", edit);
         row.insert("self-heal delete", delete);
-        peer.stop().await;
+        if kind == Kind::Edgesync {
+            let mut peer = peer;
+            let (ready, patches) = peer.restarts(5).await;
+            eprintln!("edgesync: restart to READY=1 {ready}; patches after restarts: {patches}");
+            row.insert("restart to READY=1", ready);
+            row.insert("patches sent by 5 restarts", patches.to_string());
+            peer.stop().await;
+        } else {
+            peer.stop().await;
+        }
     }
 
     // --- 500 apps of 20 objects: first sync, idle memory, a commit touching all ---------
