@@ -415,21 +415,23 @@ impl Running {
     async fn stop(mut self) {
         if self.kind == Kind::Flux {
             // The controllers remove their finalizers; they must still run for the deletes.
+            // Best effort: the next phase's objects have other names, so leftovers only
+            // cost the next controllers a little work.
             for what in ["kustomizations", "gitrepositories", "receivers"] {
-                kubectl(
-                    &self.kubeconfig,
-                    &[
-                        "delete",
-                        what,
-                        "-n",
-                        "flux-system",
-                        "-l",
-                        &format!("bench-phase={}", self.phase),
-                        "--wait=true",
-                        "--timeout=300s",
-                    ],
-                    None,
-                );
+                let done = Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&self.kubeconfig)
+                    .args(["delete", what, "-n", "flux-system", "-l"])
+                    .arg(format!("bench-phase={}", self.phase))
+                    .args(["--wait=true", "--timeout=180s"])
+                    .stdout(Stdio::null())
+                    .status();
+                if !done.is_ok_and(|s| s.success()) {
+                    eprintln!(
+                        "flux: could not delete every {what} of phase {}",
+                        self.phase
+                    );
+                }
             }
         }
         if let Some(agent) = self.agent.take() {
@@ -759,6 +761,28 @@ async fn idle(peer: &Running, secs: u64, tick: f64) -> BTreeMap<&'static str, St
     out
 }
 
+/// Commits what the caller wrote, pushes it to the served repository, tells the peer, and
+/// returns the seconds until `applied` is done.
+async fn push<F, Fut>(
+    peer: &Running,
+    fleet: &Fleet<'_>,
+    repo: &GitRepo,
+    bare: &Path,
+    message: &str,
+    applied: F,
+) -> f64
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    repo.commit(message);
+    repo.push_to(bare);
+    let t0 = Instant::now();
+    peer.announce(&fleet.url).await;
+    applied().await;
+    t0.elapsed().as_secs_f64()
+}
+
 async fn push_events(
     peer: &Running,
     fleet: &Fleet<'_>,
@@ -773,17 +797,16 @@ async fn push_events(
     for _ in 0..events {
         *rev += 1;
         write_app(repo, 0, SMALL_OBJECTS, *rev);
-        repo.commit(&format!("push {rev}"));
-        repo.push_to(bare);
         let want = format!("v{rev}");
-        let t0 = Instant::now();
-        peer.announce(&fleet.url).await;
-        tracker
-            .until("a push applied", Duration::from_secs(180), |t| {
-                t.count(&ns, &want) == SMALL_OBJECTS
-            })
-            .await;
-        times.push(t0.elapsed().as_secs_f64());
+        let took = push(peer, fleet, repo, bare, &format!("push {rev}"), || async {
+            tracker
+                .until("a push applied", Duration::from_secs(180), |t| {
+                    t.count(&ns, &want) == SMALL_OBJECTS
+                })
+                .await
+        })
+        .await;
+        times.push(took);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     latencies(&mut times)
@@ -1025,35 +1048,30 @@ async fn main() {
         row.extend(idle_figures);
         rev += 1;
         write_fleet(&repo, large, LARGE_OBJECTS, rev);
-        repo.commit(&format!("touch all {rev}"));
-        repo.push_to(&bare);
         let want = format!("v{rev}");
-        let t0 = Instant::now();
-        peer.announce(&fleet.url).await;
-        tracker
-            .until("a commit to all applied", Duration::from_secs(3600), |t| {
-                t.count(&prefix, &want) == total
-            })
-            .await;
-        let all = t0.elapsed().as_secs_f64();
+        let all = push(
+            &peer,
+            &fleet,
+            &repo,
+            &bare,
+            &format!("touch all {rev}"),
+            || async {
+                tracker
+                    .until("a commit to all applied", Duration::from_secs(3600), |t| {
+                        t.count(&prefix, &want) == total
+                    })
+                    .await
+            },
+        )
+        .await;
         eprintln!("{}: commit to all applied in {all:.1} s", kind.name());
         row.insert("commit to all applied", ms(all));
         peer.stop().await;
     }
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
     println!(
-        "machine: {cpu}, {} cores; idle window {idle_secs} s (large fleet: half); kubectl loop every {KUBECTL_INTERVAL_SECS} s",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        "machine: {}; idle window {idle_secs} s (large fleet: half); kubectl loop every {KUBECTL_INTERVAL_SECS} s",
+        harness::machine()
     );
     for ((apps, peer), row) in &figures.rows {
         println!("\n### {peer}, {apps} apps");

@@ -293,20 +293,7 @@ async fn main() {
     let rss_after = vm(&agent, "VmRSS:");
     let _ = agent.stop().await;
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    println!(
-        "machine: {cpu}, {} cores",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
+    println!("machine: {}", harness::machine());
     println!("| what | events | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
     for (source, mut times) in results {

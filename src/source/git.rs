@@ -119,26 +119,25 @@ impl GitSource {
         let url = &repo.url;
         let dir = self.snapshots.join(format!("{}-{sha}", Self::key(url)));
         // Only a checkout whose files are all as they were written is used.
-        if super::sealed::usable_or_removed(&dir) {
-            return Ok(Snapshot {
+        let existing = || {
+            super::sealed::usable_or_removed(&dir).then(|| Snapshot {
                 repo: url.clone(),
                 revision: sha.to_string(),
-                root: dir,
+                root: dir.clone(),
                 fetched: false,
-            });
+            })
+        };
+        if let Some(snapshot) = existing() {
+            return Ok(snapshot);
         }
         let lock = {
             let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
             busy.entry(url.clone()).or_default().clone()
         };
         let _busy = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if super::sealed::usable_or_removed(&dir) {
-            return Ok(Snapshot {
-                repo: url.clone(),
-                revision: sha.to_string(),
-                root: dir,
-                fetched: false,
-            });
+        // Another app of this repository may have made it meanwhile.
+        if let Some(snapshot) = existing() {
+            return Ok(snapshot);
         }
         let cache = self.open(url)?;
         let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;

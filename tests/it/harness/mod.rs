@@ -41,3 +41,18 @@ where
 }
 
 pub const WAIT: Duration = Duration::from_secs(90);
+
+/// "CPU model, N cores", for the first line of a benchmark's figures (benches only).
+#[allow(dead_code)]
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
