@@ -570,9 +570,38 @@ async fn work_repository(
                     for (app, delay) in done.follow_ups {
                         worker.request(AppSet::only([app]), delay);
                     }
+                    release_freed_memory();
                 }
             }
         }
+    }
+}
+
+/// Gives memory a round freed back to the system, at most every 30 s. glibc keeps what each
+/// thread freed in that thread's arena, so after a large round (hundreds of apps rendered and
+/// applied at once) the agent stayed at its peak for good; `malloc_trim` releases the free
+/// pages of every arena. musl's allocator returns memory by itself.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(30)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        drop(last);
+        // It walks every arena under its lock: not on the async workers.
+        tokio::task::spawn_blocking(|| {
+            extern "C" {
+                fn malloc_trim(pad: usize) -> std::ffi::c_int;
+            }
+            // SAFETY: glibc's malloc_trim takes each arena's lock and only hands free pages
+            // back to the kernel; it is safe to call from any thread at any time.
+            unsafe {
+                malloc_trim(0);
+            }
+        });
     }
 }
 
