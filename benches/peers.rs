@@ -669,17 +669,22 @@ struct Figures {
     rows: BTreeMap<(usize, &'static str), BTreeMap<&'static str, String>>,
 }
 
+/// `values` sorted, and a picker of the value at a fraction of the way through them.
+fn sorted(values: &mut [f64]) -> impl Fn(f64) -> f64 + '_ {
+    values.sort_by(f64::total_cmp);
+    |p: f64| values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
 fn summary(values: &mut [f64], unit: &str) -> String {
     if values.is_empty() {
         return "–".into();
     }
-    values.sort_by(f64::total_cmp);
-    let pick = |p: f64| values[((values.len() - 1) as f64 * p).round() as usize];
+    let pick = sorted(values);
     format!(
         "{:.1} {unit} ({:.1}–{:.1})",
         pick(0.5),
-        values[0],
-        values[values.len() - 1]
+        pick(0.0),
+        pick(1.0)
     )
 }
 
@@ -687,15 +692,14 @@ fn latencies(values: &mut [f64]) -> String {
     if values.is_empty() {
         return "–".into();
     }
-    values.sort_by(f64::total_cmp);
-    let pick = |p: f64| values[((values.len() - 1) as f64 * p).round() as usize];
+    let n = values.len();
+    let pick = sorted(values);
     format!(
-        "p50 {} · p99 {} · min {} · max {} (n={})",
+        "p50 {} · p99 {} · min {} · max {} (n={n})",
         ms(pick(0.5)),
         ms(pick(0.99)),
-        ms(values[0]),
-        ms(values[values.len() - 1]),
-        values.len()
+        ms(pick(0.0)),
+        ms(pick(1.0)),
     )
 }
 
