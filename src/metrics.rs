@@ -173,6 +173,7 @@ pub(crate) struct Metrics {
     mqtt_connected: Gauge,
     status_queue_depth: Gauge,
     status_dropped: Counter,
+    drift_watches: Gauge,
 }
 
 impl Default for Metrics {
@@ -199,6 +200,12 @@ impl Default for Metrics {
         let mqtt_connected = Gauge::default();
         let status_queue_depth = Gauge::default();
         let status_dropped = Counter::default();
+        let drift_watches = Gauge::default();
+        registry.register(
+            "drift_watches",
+            "Drift watches listed and running (one per kind and namespace, or per kind cluster-wide)",
+            drift_watches.clone(),
+        );
         registry.register(
             "status_dropped",
             "Status events dropped because the store-and-forward queue was full",
@@ -276,6 +283,7 @@ impl Default for Metrics {
             mqtt_connected,
             status_queue_depth,
             status_dropped,
+            drift_watches,
         }
     }
 }
@@ -360,6 +368,10 @@ impl Metrics {
     pub(crate) fn set_status_queue_depth(&self, depth: usize) {
         self.status_queue_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn set_drift_watches(&self, n: usize) {
+        self.drift_watches.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn status_dropped(&self, n: usize) {

@@ -22,6 +22,8 @@ const SOCKET: &str = "control.sock";
 const MAX_REQUEST: u64 = 512;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the CLI keeps trying a socket that is not listening (the agent is reloading).
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
 /// How long the CLI waits for the agent's syncs.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -130,14 +132,35 @@ pub(crate) enum ControlError {
 
 /// Asks the agent holding `state_dir` to sync `only` (or every app); returns how many apps
 /// failed or were held.
+/// Connects to the agent's socket. The agent holds the state directory, so a socket that is
+/// missing or not listening belongs to an agent reloading its configuration (it closes the
+/// socket and binds it again): that is tried again for a few seconds.
+async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(source) => {
+                return Err(ControlError::Connect {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 pub(crate) async fn ask_agent(state_dir: &Path, only: Option<&str>) -> Result<usize, ControlError> {
     let path = socket_path(state_dir);
-    let mut stream = UnixStream::connect(&path)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: path.clone(),
-            source,
-        })?;
+    let mut stream = connect(&path).await?;
     let request = match only {
         Some(app) => format!("sync {app}\n"),
         None => "sync\n".to_string(),
@@ -178,5 +201,22 @@ mod tests {
         assert!(parse("sync a b\n").is_err());
         assert!(parse("delete web\n").is_err());
         assert!(parse("").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_socket_bound_again_during_a_reload_is_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        // A socket file nobody listens on, as an agent leaves it while it reloads.
+        drop(UnixListener::bind(&path).unwrap());
+        let rebound = path.clone();
+        let agent = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = std::fs::remove_file(&rebound);
+            let listener = UnixListener::bind(&rebound).unwrap();
+            listener.accept().await.map(|_| ())
+        });
+        assert!(connect(&path).await.is_ok());
+        assert!(agent.await.unwrap().is_ok());
     }
 }

@@ -34,9 +34,17 @@ use crate::state::RenderKind;
 /// Objects as the watches see them: metadata only.
 type Meta = kube::core::PartialObjectMeta<DynamicObject>;
 
-/// What one watch covers: a kind in one namespace, or cluster-wide for cluster-scoped objects.
-/// Watching only the apps' own namespaces keeps the initial lists, and so memory, small.
+/// What one watch covers: a kind in one namespace, or cluster-wide (`None`): for cluster-scoped
+/// kinds, and for a namespaced kind the apps use in [`WIDE_AT`] namespaces or more.
 type Scope = (GroupVersionKind, Option<String>);
+
+/// From this many namespaces on, a namespaced kind gets one cluster-wide watch instead of one
+/// per namespace. Per namespace, the initial lists stay as small as the apps (a cluster-wide
+/// list of a kind the cluster holds many of costs more memory than a few extra watches); but
+/// each watch is a connection of its own with its buffers, which adds up with hundreds of
+/// namespaces. Where the agent may not list a kind cluster-wide, it keeps one watch per
+/// namespace.
+const WIDE_AT: usize = 16;
 
 /// Changes closer together than this are checked once.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -72,14 +80,16 @@ pub(super) enum Seen {
     Listed(Scope, HashSet<Key>),
     /// A watch failed; it lists again once it is back.
     Lost(Scope),
+    /// A cluster-wide watch of a namespaced kind was forbidden: watch it per namespace.
+    Refused(Scope),
 }
 
-/// One app's desired state: its last-known-good plan and which plan object each applied
-/// object is.
+/// One app's desired state: the revision of its last-known-good render and which object of
+/// that render each applied object is. The render itself stays on disk until a check needs it:
+/// holding every app's plan would keep every rendered object in memory.
 struct Desired {
     /// The revision the render is of.
     revision: String,
-    plan: Plan,
     objects: HashMap<Key, (ObjectRef, usize)>,
 }
 
@@ -129,11 +139,21 @@ impl Desired {
                 Some((Key::of(r), (r.clone(), i)))
             })
             .collect();
-        Some(Desired {
-            revision,
-            plan,
-            objects,
-        })
+        Some(Desired { revision, objects })
+    }
+
+    /// The render this desired state was read from, if it is still the app's last-known-good
+    /// one (a sync may have replaced it since; the refresh that follows reloads).
+    fn plan(&self, ctx: &SyncContext, app: &str) -> Option<Plan> {
+        match ctx.store.load_render(app, RenderKind::Applied) {
+            Ok(Some(record)) if record.revision == self.revision => Some(record.plan),
+            Ok(_) => None,
+            Err(e) => {
+                ctx.metrics.error(e.metric_label());
+                tracing::error!(%app, error = %e, kind = e.metric_label().label(), "last-known-good render set aside");
+                None
+            }
+        }
     }
 }
 
@@ -144,6 +164,8 @@ pub(super) struct Drift {
     /// The app each watched object belongs to.
     owners: HashMap<Key, String>,
     watches: HashMap<Scope, JoinHandle<()>>,
+    /// Namespaced kinds (group, kind) the agent may not watch cluster-wide.
+    narrow: HashSet<(String, String)>,
     /// Hash of each object's last seen content without status.
     fingerprints: HashMap<Key, u64>,
     pending: HashMap<String, (HashSet<Key>, Instant)>,
@@ -172,7 +194,11 @@ pub(crate) async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<boo
                 }
                 drift.refresh().await;
             }
-            Some(seen) = rx.recv() => drift.seen(seen),
+            Some(seen) = rx.recv() => {
+                if drift.seen(seen) {
+                    drift.watch_scopes().await;
+                }
+            }
             _ = wait_due => drift.check_due().await,
         }
     }
@@ -192,6 +218,7 @@ impl Drift {
             desired: HashMap::new(),
             owners: HashMap::new(),
             watches: HashMap::new(),
+            narrow: HashSet::new(),
             fingerprints: HashMap::new(),
             pending: HashMap::new(),
             drifted: HashMap::new(),
@@ -232,20 +259,37 @@ impl Drift {
                 tracing::debug!(%app, "drift cleared by a sync");
             }
         }
-        let scopes: HashSet<Scope> = self
-            .desired
-            .values()
-            .flat_map(|d| d.objects.values())
-            .map(|(r, _)| {
-                (
-                    GroupVersionKind::gvk(&r.group, &r.version, &r.kind),
-                    r.namespace.clone(),
-                )
-            })
-            .collect();
+        self.watch_scopes().await;
+    }
+
+    /// The watches the apps' objects need: per kind, one per namespace, or one cluster-wide;
+    /// true for a cluster-wide watch of a namespaced kind.
+    fn scopes(&self) -> HashMap<Scope, bool> {
+        let mut namespaces: HashMap<GroupVersionKind, HashSet<Option<String>>> = HashMap::new();
+        for (r, _) in self.desired.values().flat_map(|d| d.objects.values()) {
+            namespaces
+                .entry(GroupVersionKind::gvk(&r.group, &r.version, &r.kind))
+                .or_default()
+                .insert(r.namespace.clone());
+        }
+        let mut scopes = HashMap::new();
+        for (gvk, namespaces) in namespaces {
+            let narrow = self.narrow.contains(&(gvk.group.clone(), gvk.kind.clone()));
+            if namespaces.len() >= WIDE_AT && !narrow {
+                scopes.insert((gvk, None), true);
+            } else {
+                scopes.extend(namespaces.into_iter().map(|ns| ((gvk.clone(), ns), false)));
+            }
+        }
+        scopes
+    }
+
+    /// Starts the watches [`Self::scopes`] asks for and stops those no longer needed.
+    pub(super) async fn watch_scopes(&mut self) {
+        let scopes = self.scopes();
         let ctx = self.ctx.clone();
         self.watches.retain(|scope, task| {
-            let keep = scopes.contains(scope);
+            let keep = scopes.contains_key(scope);
             if !keep {
                 task.abort();
                 let (gvk, ns) = scope;
@@ -253,7 +297,7 @@ impl Drift {
             }
             keep
         });
-        for scope in scopes {
+        for (scope, wide) in scopes {
             if self.watches.contains_key(&scope) {
                 continue;
             }
@@ -268,7 +312,7 @@ impl Drift {
                         Some(ns) => Api::namespaced_with(client, ns, &resource),
                         None => Api::all_with(client, &resource),
                     };
-                    let task = tokio::spawn(watch_kind(api, scope.clone(), self.tx.clone()));
+                    let task = tokio::spawn(watch_kind(api, scope.clone(), wide, self.tx.clone()));
                     self.watches.insert(scope, task);
                 }
                 Err(e) => tracing::debug!(kind = %gvk.kind, "cannot watch yet: {e}"),
@@ -299,12 +343,13 @@ impl Drift {
         entry.0.insert(key);
     }
 
-    fn seen(&mut self, seen: Seen) {
+    /// Takes in what a watch saw; true when the set of watches must change.
+    fn seen(&mut self, seen: Seen) -> bool {
         match seen {
             Seen::Changed(gvk, object) => {
                 let key = Self::key_of(&gvk, &object);
                 let Some(app) = self.owners.get(&key).cloned() else {
-                    return;
+                    return false;
                 };
                 self.ctx.object_changed(&app);
                 let print = fingerprint(&object);
@@ -325,6 +370,17 @@ impl Drift {
                 self.ctx
                     .set_watched(&gvk.group, &gvk.kind, namespace.as_deref(), false);
             }
+            Seen::Refused(scope) => {
+                let (gvk, namespace) = &scope;
+                tracing::warn!(kind = %gvk.kind, group = %gvk.group, "may not watch this kind cluster-wide: watching it per namespace");
+                self.ctx
+                    .set_watched(&gvk.group, &gvk.kind, namespace.as_deref(), false);
+                if let Some(task) = self.watches.remove(&scope) {
+                    task.abort();
+                }
+                self.narrow.insert((gvk.group.clone(), gvk.kind.clone()));
+                return true;
+            }
             Seen::Listed((gvk, namespace), present) => {
                 self.ctx
                     .set_watched(&gvk.group, &gvk.kind, namespace.as_deref(), true);
@@ -341,6 +397,7 @@ impl Drift {
                 }
             }
         }
+        false
     }
 
     async fn check_due(&mut self) {
@@ -382,11 +439,14 @@ impl Drift {
         if state.last_applied_revision.as_deref() != Some(desired.revision.as_str()) {
             return;
         }
+        let Some(plan) = desired.plan(&self.ctx, app) else {
+            return;
+        };
         let Comparison {
             drifted,
             clean,
             retry,
-        } = compare(&self.ctx, app, desired, keys).await;
+        } = compare(&self.ctx, app, &plan, &desired.objects, keys).await;
         if !retry.is_empty() {
             let entry = self
                 .pending
@@ -415,7 +475,7 @@ impl Drift {
             let plan = Plan {
                 objects: drifted.iter().map(|(_, o, _)| o.clone()).collect(),
                 waves: vec![0; drifted.len()],
-                ..desired.plan.clone()
+                ..plan
             };
             let outcome = self.ctx.cluster.apply(&plan, RECHECK).await;
             self.ctx.metrics.self_heal(app, outcome.failures.is_empty());
@@ -454,24 +514,24 @@ struct Comparison {
 async fn compare(
     ctx: &SyncContext,
     app: &str,
-    desired: &Desired,
+    plan: &Plan,
+    objects: &HashMap<Key, (ObjectRef, usize)>,
     keys: HashSet<Key>,
 ) -> Comparison {
     let mut drifted: Vec<(Key, Object, String)> = Vec::new();
     let mut clean = Vec::new();
     let mut retry = HashSet::new();
     for key in keys {
-        let Some((_, index)) = desired.objects.get(&key) else {
+        let Some(object) = objects.get(&key).and_then(|(_, i)| plan.objects.get(*i)) else {
             continue;
         };
-        let object = &desired.plan.objects[*index];
-        match ctx.cluster.dry_run(object, &desired.plan).await {
+        match ctx.cluster.dry_run(object, plan).await {
             Ok((oref, wanted, live)) => {
                 let why = match live {
                     None => Some("deleted".to_string()),
                     Some(live) => {
                         let ignored = diff::ignored_pointers(
-                            &desired.plan.ignore_differences,
+                            &plan.ignore_differences,
                             object,
                             oref.namespace.as_deref(),
                             Some(&live),
@@ -594,9 +654,10 @@ fn display(k: &Key) -> String {
     }
 }
 
-/// Watches one kind cluster-wide, metadata only, and forwards changes to objects edgesync
-/// applied.
-async fn watch_kind(api: Api<Meta>, scope: Scope, tx: mpsc::Sender<Seen>) {
+/// Watches one kind in one namespace or cluster-wide, metadata only, and forwards changes to
+/// objects edgesync applied. A `wide` watch (a namespaced kind, cluster-wide) that the API
+/// server forbids says so and ends.
+async fn watch_kind(api: Api<Meta>, scope: Scope, wide: bool, tx: mpsc::Sender<Seen>) {
     let gvk = scope.0.clone();
     let ours = |o: &Meta| {
         o.metadata
@@ -626,6 +687,10 @@ async fn watch_kind(api: Api<Meta>, scope: Scope, tx: mpsc::Sender<Seen>) {
                 Seen::Listed(scope.clone(), std::mem::take(&mut listed))
             }
             Ok(_) => continue,
+            Err(e) if wide && forbidden(&e) => {
+                let _ = tx.send(Seen::Refused(scope)).await;
+                return;
+            }
             Err(e) => {
                 tracing::debug!(kind = %gvk.kind, "watch: {e}");
                 Seen::Lost(scope.clone())
@@ -634,5 +699,16 @@ async fn watch_kind(api: Api<Meta>, scope: Scope, tx: mpsc::Sender<Seen>) {
         if tx.send(seen).await.is_err() {
             return;
         }
+    }
+}
+
+/// Whether the API server refused a watch for want of permission.
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
+        watcher::Error::WatchError(status) => status.is_forbidden(),
+        _ => false,
     }
 }

@@ -327,6 +327,7 @@ impl SyncContext {
         } else {
             watched.remove(&scope);
         }
+        self.metrics.set_drift_watches(watched.len());
     }
 
     /// Whether a running watch sees every change to each of `objects`.
@@ -336,8 +337,9 @@ impl SyncContext {
     ) -> bool {
         let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         objects.into_iter().all(|o| {
+            // One watch per namespace, or one for the kind cluster-wide.
             let scope = (o.group.clone(), o.kind.clone(), o.namespace.clone());
-            watched.contains(&scope)
+            watched.contains(&scope) || watched.contains(&(scope.0, scope.1, None))
         })
     }
 

@@ -131,7 +131,10 @@ impl AgentConfig {
             self.http_port,
             self.sections.join("\n")
         );
-        std::fs::write(&path, text).unwrap();
+        // Rewriting the same text would still make a running agent reload.
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&path, text).unwrap();
+        }
         path
     }
 
