@@ -703,3 +703,118 @@ async fn a_settled_app_is_not_polled_and_a_change_is_still_rated() {
     .await;
     assert!(reads_in(&ns.name) > before, "the change was read");
 }
+
+/// A kubeconfig for the test control plane that acts as `user` (impersonated by the admin),
+/// with only the rights RBAC gives that user.
+fn kubeconfig_as(config: &AgentConfig, user: &str) -> std::path::PathBuf {
+    let mut kc = kube::config::Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    for named in &mut kc.auth_infos {
+        if let Some(auth) = named.auth_info.as_mut() {
+            auth.impersonate = Some(user.to_string());
+        }
+    }
+    // JSON is YAML: the agent reads it as any kubeconfig.
+    config.file("limited.kubeconfig", &serde_json::to_string(&kc).unwrap())
+}
+
+/// Apps in 16 namespaces or more share one cluster-wide watch per kind (one connection instead
+/// of one per namespace); an agent that may not list the kind cluster-wide watches it per
+/// namespace instead. Either way, an edit by hand is healed.
+#[tokio::test]
+async fn many_namespaces_share_one_watch_and_a_forbidden_one_falls_back_per_namespace() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    const APPS: usize = 16;
+    for limited in [false, true] {
+        let label = if limited { "narrow" } else { "wide" };
+        let mut namespaces = Vec::new();
+        for _ in 0..APPS {
+            namespaces.push(TestNamespace::reserve(label).await);
+        }
+        let repo = GitRepo::new();
+        repo.write(
+            "deploy/settings.yaml",
+            &configmap("settings", 0, "from-git"),
+        );
+        let sha = repo.commit("one ConfigMap");
+        let url = repo.url();
+        let mut config =
+            AgentConfig::new().repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""));
+        if limited {
+            // Rights in the apps' namespaces only (which exist beforehand), and in the one
+            // that holds the agent's inventories.
+            let user = format!("edgesync-limited-{}", namespaces[0].name);
+            let admin = cluster().client().await;
+            let names = namespaces
+                .iter()
+                .map(|ns| ns.name.clone())
+                .chain(["edgesync-system".to_string()]);
+            for name in names {
+                let namespace: Namespace = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name}
+                }))
+                .unwrap();
+                match kube::Api::<Namespace>::all(admin.clone())
+                    .create(&Default::default(), &namespace)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                    Err(e) => panic!("namespace {name}: {e}"),
+                }
+                let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": user},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+                    "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+                }))
+                .unwrap();
+                kube::Api::<RoleBinding>::namespaced(admin.clone(), &name)
+                    .create(&Default::default(), &binding)
+                    .await
+                    .unwrap();
+            }
+            let path = kubeconfig_as(&config, &user);
+            config = config.kubeconfig(&path.display().to_string());
+        }
+        let create = if limited {
+            ""
+        } else {
+            "\ncreate_namespace = true"
+        };
+        for (i, ns) in namespaces.iter().enumerate() {
+            config = config.app(&format!(
+                "name = \"app{i}\"\nrepo = \"{url}\"\npath = \"deploy\"\nnamespace = \"{}\"\nself_heal = true{create}",
+                ns.name
+            ));
+        }
+        let agent = Agent::start(&config);
+        for i in 0..APPS {
+            config.wait_applied(&format!("app{i}"), &sha).await;
+        }
+        let watches = if limited { APPS } else { 1 };
+        eventually(
+            &format!("{watches} drift watches ({label})"),
+            WAIT,
+            || async {
+                let n =
+                    crate::harness::http::metric(config.http_port, "edgesync_drift_watches").await;
+                (n == watches as f64).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            agent.log().contains("may not watch this kind cluster-wide"),
+            limited,
+            "{}",
+            agent.log()
+        );
+
+        let ns = &namespaces[APPS / 2];
+        edit_configmap(ns, "settings", "edited").await;
+        eventually(&format!("the edit reverted ({label})"), WAIT, || async {
+            (configmap_value(ns, "settings").await.as_deref() == Some("from-git")).then_some(())
+        })
+        .await;
+        assert!(agent.stop().await.success());
+    }
+}
