@@ -5,7 +5,7 @@
 //!
 //! Run with `bench/peers/run` (builds the peers, then `cargo bench --bench peers`). Under
 //! `cargo test` it does nothing. Knobs (environment): `PEERS_DIR` (from `bench/peers/build`,
-//! required), `PEERS_IDLE_SECS` (idle window per peer, default 300), `PEERS_EVENTS` (pushes
+//! required when Flux runs), `PEERS_IDLE_SECS` (idle window per peer, default 300), `PEERS_EVENTS` (pushes
 //! per peer, default 100; the kubectl loop gets a fifth), `PEERS_APPS` (the large fleet,
 //! default 500 apps of 20 objects), `PEERS_ONLY` (comma list of `edgesync,flux,kubectl`),
 //! `PEERS_LOGS` (a directory: edgesync's debug log and each idle window's audit log go there).
@@ -889,9 +889,8 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let peers = PathBuf::from(
-        std::env::var("PEERS_DIR").expect("PEERS_DIR (run bench/peers/run, or bench/peers/build)"),
-    );
+    // Only Flux needs the peers' builds; edgesync and the kubectl loop run without them.
+    let peers = PathBuf::from(std::env::var("PEERS_DIR").unwrap_or_default());
     let idle_secs = env_num("PEERS_IDLE_SECS", 300) as u64;
     let events = env_num("PEERS_EVENTS", 100);
     let large = env_num("PEERS_APPS", 500);
@@ -906,23 +905,29 @@ async fn main() {
     let tick = ticks_per_second();
     let client = cluster().client().await;
     let tracker = Tracker::start(client).await;
-    kubectl(
-        &admin,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            &peers.join("crds").display().to_string(),
-        ],
-        None,
-    );
-    kubectl(
-        &admin,
-        &["apply", "--server-side", "-f", "-"],
-        Some("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: flux-system\n"),
-    );
-
-    eprintln!("peers: CRDs applied");
+    // Flux's CRDs and namespace, only when Flux runs (PEERS_DIR may be unset otherwise).
+    if kinds.contains(&Kind::Flux) {
+        assert!(
+            peers.join("crds").exists(),
+            "PEERS_DIR (run bench/peers/run, or bench/peers/build) is needed to run Flux"
+        );
+        kubectl(
+            &admin,
+            &[
+                "apply",
+                "--server-side",
+                "-f",
+                &peers.join("crds").display().to_string(),
+            ],
+            None,
+        );
+        kubectl(
+            &admin,
+            &["apply", "--server-side", "-f", "-"],
+            Some("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: flux-system\n"),
+        );
+        eprintln!("peers: CRDs applied");
+    }
     let work = tempfile::tempdir().unwrap();
     let served = tempfile::tempdir().unwrap();
     let git = GitHttpServer::start(served.path(), None).await;
