@@ -130,8 +130,6 @@ pub(crate) enum ControlError {
     Refused(String),
 }
 
-/// Asks the agent holding `state_dir` to sync `only` (or every app); returns how many apps
-/// failed or were held.
 /// Connects to the agent's socket. The agent holds the state directory, so a socket that is
 /// missing or not listening belongs to an agent reloading its configuration (it closes the
 /// socket and binds it again): that is tried again for a few seconds.
@@ -158,6 +156,8 @@ async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
     }
 }
 
+/// Asks the agent holding `state_dir` to sync `only` (or every app); returns how many apps
+/// failed or were held.
 pub(crate) async fn ask_agent(state_dir: &Path, only: Option<&str>) -> Result<usize, ControlError> {
     let path = socket_path(state_dir);
     let mut stream = connect(&path).await?;
