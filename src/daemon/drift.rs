@@ -99,8 +99,7 @@ impl Desired {
         let record = match ctx.store.load_render(app, RenderKind::Applied) {
             Ok(record) => record?,
             Err(e) => {
-                ctx.metrics.error(e.metric_label());
-                tracing::error!(%app, error = %e, kind = e.metric_label().label(), "last-known-good render set aside");
+                set_aside(ctx, app, &e);
                 ctx.board
                     .note(app, &format!("last-known-good render unusable: {e}"));
                 return None;
@@ -149,12 +148,17 @@ impl Desired {
             Ok(Some(record)) if record.revision == self.revision => Some(record.plan),
             Ok(_) => None,
             Err(e) => {
-                ctx.metrics.error(e.metric_label());
-                tracing::error!(%app, error = %e, kind = e.metric_label().label(), "last-known-good render set aside");
+                set_aside(ctx, app, &e);
                 None
             }
         }
     }
+}
+
+/// Counts and logs a last-known-good render that cannot be read.
+fn set_aside(ctx: &SyncContext, app: &str, e: &crate::state::StateError) {
+    ctx.metrics.error(e.metric_label());
+    tracing::error!(%app, error = %e, kind = e.metric_label().label(), "last-known-good render set aside");
 }
 
 pub(super) struct Drift {
@@ -345,6 +349,13 @@ impl Drift {
 
     /// Takes in what a watch saw; true when the set of watches must change.
     fn seen(&mut self, seen: Seen) -> bool {
+        // A watch stopped since (its scope changed) may have left news in the channel: what
+        // it listed or lost says nothing of the watches running now.
+        if let Seen::Listed(scope, _) | Seen::Lost(scope) | Seen::Refused(scope) = &seen {
+            if !self.watches.contains_key(scope) {
+                return false;
+            }
+        }
         match seen {
             Seen::Changed(gvk, object) => {
                 let key = Self::key_of(&gvk, &object);
