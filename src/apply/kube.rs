@@ -650,6 +650,8 @@ impl KubeApplier {
                 "labels": {"app.kubernetes.io/managed-by": "edgesync"},
                 "annotations": {super::APP_ANNOTATION: app, "edgesync.io/node": node},
             },
+            // The revision whose sync wrote this inventory last (a revision that leaves the
+            // render alone does not write it again).
             "data": {
                 "revision": record.revision.unwrap_or_default(),
             },

@@ -261,6 +261,9 @@ impl Drift {
             // A sync replaced whatever drift was known.
             if self.drifted.remove(&app).is_some() {
                 tracing::debug!(%app, "drift cleared by a sync");
+                if !self.pending.contains_key(&app) {
+                    self.ctx.set_drift_open(&app, false);
+                }
             }
         }
         self.watch_scopes().await;
@@ -340,11 +343,22 @@ impl Drift {
     }
 
     fn queue(&mut self, app: String, key: Key) {
+        self.ctx.set_drift_open(&app, true);
         let entry = self
             .pending
             .entry(app)
             .or_insert_with(|| (HashSet::new(), Instant::now() + DEBOUNCE));
         entry.0.insert(key);
+    }
+
+    /// Has `keys` of `app` checked again in `after` (or sooner, if a check is due sooner).
+    fn recheck(&mut self, app: &str, keys: HashSet<Key>, after: Duration) {
+        self.ctx.set_drift_open(app, true);
+        let entry = self
+            .pending
+            .entry(app.to_string())
+            .or_insert_with(|| (HashSet::new(), Instant::now() + after));
+        entry.0.extend(keys);
     }
 
     /// Takes in what a watch saw; true when the set of watches must change.
@@ -423,6 +437,9 @@ impl Drift {
             if let Some((keys, _)) = self.pending.remove(&app) {
                 self.check(&app, keys).await;
             }
+            let open = self.pending.contains_key(&app)
+                || self.drifted.get(&app).is_some_and(|d| !d.is_empty());
+            self.ctx.set_drift_open(&app, open);
         }
     }
 
@@ -432,8 +449,10 @@ impl Drift {
             return;
         };
         // Held until the heal is done: a sync or rollback waits, and one in flight makes
-        // this check wait for the next change (it reloads the desired state first).
+        // this check wait until it is done (and the desired state is reloaded): a sync that
+        // finds its render unchanged applies nothing, so what changed must still be looked at.
         let Some(_writer) = self.ctx.try_writer(app) else {
+            self.recheck(app, keys, DEBOUNCE);
             return;
         };
         let Ok(state) = self.ctx.store.load(app) else {
@@ -448,6 +467,7 @@ impl Drift {
         // A sync or rollback finished since the render was loaded: healing back to the old
         // render would bring back what it just pruned.
         if state.last_applied_revision.as_deref() != Some(desired.revision.as_str()) {
+            self.recheck(app, keys, DEBOUNCE);
             return;
         }
         let Some(plan) = desired.plan(&self.ctx, app) else {
@@ -459,11 +479,7 @@ impl Drift {
             retry,
         } = compare(&self.ctx, app, &plan, &desired.objects, keys).await;
         if !retry.is_empty() {
-            let entry = self
-                .pending
-                .entry(app.to_string())
-                .or_insert_with(|| (HashSet::new(), Instant::now() + RECHECK));
-            entry.0.extend(retry);
+            self.recheck(app, retry, RECHECK);
         }
         let known = self.drifted.entry(app.to_string()).or_default();
         for key in &clean {
@@ -497,8 +513,7 @@ impl Drift {
                     tracing::warn!(%app, object = %f.object, "self-heal failed: {}", f.message);
                 }
                 let keys: HashSet<Key> = drifted.into_iter().map(|(k, _, _)| k).collect();
-                self.pending
-                    .insert(app.to_string(), (keys, Instant::now() + RECHECK));
+                self.recheck(app, keys, RECHECK);
             }
             return;
         }

@@ -836,3 +836,90 @@ async fn a_failed_post_sync_hook_fails_the_sync_and_is_retried() {
     let again = e.ctx.sync_app(&app, &target, false).await.unwrap();
     assert!(matches!(again, SyncResult::Unchanged { .. }), "{again:?}");
 }
+
+const HEALING: &str = "name = \"web\"\nrepo = \"{repo}\"\npath = \"app\"\nnamespace = \"team\"\ncreate_namespace = true\nprune = true\nself_heal = true";
+
+/// What a running drift watch over every kind of the app would say: all watched.
+fn watch_everything(e: &Engine) {
+    for kind in ["ConfigMap", "Namespace"] {
+        e.ctx.set_watched("", kind, None, true);
+    }
+}
+
+async fn sync_new(e: &Engine, app: &str, target: &Target) -> SyncResult {
+    let config = e.ctx.config.app(app).unwrap().clone();
+    e.ctx.sync_app(&config, target, false).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_new_revision_with_the_same_render_is_recorded_without_an_apply() {
+    let e = Engine::new(&[HEALING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    watch_everything(&e);
+    let applies = e.cluster.count("apply");
+
+    // A commit elsewhere in the repository: the same render, so nothing is sent.
+    e.write("other/b.yaml", &cm("b", "1"));
+    let rev = e.commit();
+    let result = sync_new(&e, "web", &rev).await;
+    assert!(matches!(result, SyncResult::Unchanged { .. }), "{result:?}");
+    assert_eq!(e.cluster.count("apply"), applies);
+    let state = e.ctx.store.load("web").unwrap();
+    assert_eq!(
+        state.last_applied_revision.as_deref(),
+        Some(rev.sha.as_str())
+    );
+    let render = e
+        .ctx
+        .store
+        .load_render("web", crate::state::RenderKind::Applied)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        render.revision, rev.sha,
+        "the render is kept under the new revision"
+    );
+    let doc = e.ctx.board.document();
+    let web = doc.apps.iter().find(|a| a.app == "web").unwrap();
+    assert_eq!(web.revision.as_deref(), Some(rev.sha.as_str()));
+    assert_eq!(web.sync, crate::report::status::SyncState::Synced);
+
+    // A change of the app's own files is applied.
+    e.write("app/a.yaml", &cm("a", "2"));
+    let result = sync_new(&e, "web", &e.commit()).await;
+    assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
+    assert!(e.cluster.count("apply") > applies);
+}
+
+#[tokio::test]
+async fn an_unchanged_render_is_applied_in_full_when_the_cluster_may_differ() {
+    // Drift not yet checked: applied in full.
+    let e = Engine::new(&[HEALING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    watch_everything(&e);
+    e.ctx.set_drift_open("web", true);
+    e.write("other/b.yaml", &cm("b", "1"));
+    let result = sync_new(&e, "web", &e.commit()).await;
+    assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
+
+    // A kind no running watch sees: applied in full.
+    let e = Engine::new(&[HEALING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.ctx.set_watched("", "Namespace", None, true);
+    e.write("other/b.yaml", &cm("b", "1"));
+    let result = sync_new(&e, "web", &e.commit()).await;
+    assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
+
+    // Without self-heal, nothing keeps the objects as the render has them: applied in full,
+    // as Argo CD syncs an app that is OutOfSync when a new revision comes.
+    let e = Engine::new(&[PRUNING]);
+    e.write("app/a.yaml", &cm("a", "1"));
+    e.sync("web", &e.commit()).await.unwrap();
+    watch_everything(&e);
+    e.write("other/b.yaml", &cm("b", "1"));
+    let result = sync_new(&e, "web", &e.commit()).await;
+    assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
+}

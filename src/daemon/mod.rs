@@ -19,6 +19,7 @@ mod removal;
 mod retry;
 mod sync;
 mod target;
+mod unchanged;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -135,6 +135,9 @@ pub(crate) struct SyncContext {
     /// The kinds (group, kind, namespace) whose drift watch is listed and running: the health
     /// monitor needs no GETs for objects in them while nothing changes.
     pub(super) watched: std::sync::Mutex<HashSet<(String, String, Option<String>)>>,
+    /// Apps with a change the drift watch has not checked yet, or drift it has not healed:
+    /// such an app is applied in full even when its render did not change.
+    pub(super) drift_open: std::sync::Mutex<HashSet<String>>,
     pub(crate) source: GitSource,
     pub(crate) charts: ChartSource,
     /// What the engine reads, applies and deletes through.
@@ -228,6 +231,7 @@ impl SyncContext {
             health_wake: tokio::sync::Notify::new(),
             health_dirty: Default::default(),
             watched: Default::default(),
+            drift_open: Default::default(),
             cluster,
             kube,
             retries: Default::default(),
@@ -296,7 +300,7 @@ impl SyncContext {
                 retry_in: hold.retry_in,
             });
         }
-        let result = self.attempt(app, target, state).await;
+        let result = self.attempt(app, target, state, force).await;
         self.synced.send_modify(|n| *n += 1);
         match &result {
             Ok(_) => self.retries.succeeded(&app.name),
@@ -424,6 +428,7 @@ impl SyncContext {
         app: &AppConfig,
         target: &Target,
         mut state: AppState,
+        force: bool,
     ) -> Result<SyncResult, SyncError> {
         let revision = target.revision();
         let sha = revision.as_str();
@@ -481,6 +486,9 @@ impl SyncContext {
         }
         let mut warnings = super::checks::hook_warnings(app, &plan);
         warnings.extend(plan.warnings.iter().cloned());
+        if !force && self.render_unchanged(app, &state, &plan).await {
+            return self.keep_render(app, state, sha, plan, warnings).await;
+        }
         if let Err(e) = self.before_hooks(&plan).await {
             return self.failed(app, &mut state, e.into()).await;
         }
@@ -641,13 +649,13 @@ impl SyncContext {
 
     /// Writes the app's state on a blocking thread: each write ends in fsyncs, which must
     /// not stall the async workers.
-    async fn save_state(&self, app: &str, state: &AppState) -> Result<(), SyncError> {
+    pub(super) async fn save_state(&self, app: &str, state: &AppState) -> Result<(), SyncError> {
         let (store, app, state) = (self.store.clone(), app.to_string(), state.clone());
         blocking(move || Ok(store.save(&app, &state)?)).await
     }
 
     /// Writes a last-known-good render on a blocking thread (see [`Self::save_state`]).
-    async fn save_render(
+    pub(super) async fn save_render(
         &self,
         app: &str,
         kind: RenderKind,
@@ -701,7 +709,7 @@ impl SyncContext {
     }
 
     /// Records a failed attempt; the last applied revision and the inventory stay.
-    async fn failed(
+    pub(super) async fn failed(
         &self,
         app: &AppConfig,
         state: &mut AppState,

@@ -818,3 +818,59 @@ async fn many_namespaces_share_one_watch_and_a_forbidden_one_falls_back_per_name
         assert!(agent.stop().await.success());
     }
 }
+
+/// A commit that leaves an app's render as it was sends the app nothing, as Argo CD leaves
+/// such an app Synced without a sync operation: its revision moves on without a single write,
+/// the drift watch still heals an edit, and a change to the app's own files is applied.
+#[tokio::test]
+async fn a_commit_that_leaves_the_render_alone_sends_the_app_nothing() {
+    let ns = TestNamespace::reserve("same").await;
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/settings.yaml",
+        &configmap("settings", 0, "from-git"),
+    );
+    let sha = repo.commit("one ConfigMap");
+    let url = repo.url();
+    let config = AgentConfig::new()
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"app\"\nrepo = \"{url}\"\npath = \"deploy\"\nnamespace = \"{}\"\ncreate_namespace = true\nself_heal = true",
+            ns.name
+        ));
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    let port = config.http_port;
+    eventually("the drift watch running", WAIT, || async {
+        let n = crate::harness::http::metric(port, "edgesync_drift_watches").await;
+        (n == 1.0).then_some(())
+    })
+    .await;
+    let patches = || {
+        crate::harness::http::metric(
+            port,
+            "edgesync_apply_requests_total{verb=\"patch\",code=\"200\"}",
+        )
+    };
+    let before = patches().await;
+    assert!(before > 0.0, "the first sync's writes are counted");
+
+    repo.write("README.md", "outside the app's path\n");
+    let sha = repo.commit("outside the app");
+    config.wait_applied("app", &sha).await;
+    assert_eq!(patches().await, before, "a write for an unchanged render");
+
+    edit_configmap(&ns, "settings", "edited").await;
+    eventually("the edit reverted", WAIT, || async {
+        (configmap_value(&ns, "settings").await.as_deref() == Some("from-git")).then_some(())
+    })
+    .await;
+
+    repo.write("deploy/settings.yaml", &configmap("settings", 0, "changed"));
+    let sha = repo.commit("the app's own file");
+    config.wait_applied("app", &sha).await;
+    assert_eq!(
+        configmap_value(&ns, "settings").await.as_deref(),
+        Some("changed")
+    );
+}
