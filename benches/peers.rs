@@ -384,6 +384,7 @@ impl Running {
             let (Some(agent), Some(config)) = (self.agent.take(), self._config.as_ref()) else {
                 break;
             };
+            keep_log(&self.phase, &agent);
             let _ = agent.stop().await;
             let socket_path = config.dir().join(format!("notify-{i}.sock"));
             let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
@@ -435,11 +436,7 @@ impl Running {
             }
         }
         if let Some(agent) = self.agent.take() {
-            // PEERS_LOGS=DIR keeps the agent's debug log for a look at where time goes.
-            if let Some(dir) = std::env::var_os("PEERS_LOGS") {
-                let name = format!("edgesync-{}.log", self.phase);
-                let _ = std::fs::write(Path::new(&dir).join(name), agent.log());
-            }
+            keep_log(&self.phase, &agent);
             let _ = agent.stop().await;
         }
         for child in &mut self.children {
@@ -451,6 +448,23 @@ impl Running {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// PEERS_LOGS=DIR keeps the agent's debug log for a look at where time goes: each run of the
+/// agent in a phase (restarts included) is appended to `edgesync-PHASE.log`.
+fn keep_log(phase: &str, agent: &Agent) {
+    use std::io::Write;
+    let Some(dir) = std::env::var_os("PEERS_LOGS") else {
+        return;
+    };
+    let path = Path::new(&dir).join(format!("edgesync-{phase}.log"));
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(agent.log().as_bytes());
     }
 }
 

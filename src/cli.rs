@@ -196,6 +196,7 @@ fn init_logging(cli: &Cli, config: &Config) {
 fn run_to_end<T>(
     future: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
+    crate::daemon::limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)

@@ -376,7 +376,12 @@ impl Drift {
                 let Some(app) = self.owners.get(&key).cloned() else {
                     return false;
                 };
-                self.ctx.object_changed(&app);
+                // edgesync's own write (a sync's or a heal's) is rated when that is done: with
+                // one cluster-wide watch, each apply of a large sync would otherwise have its
+                // app's objects read again, while the sync still runs.
+                if !written_last_by_us(&object) {
+                    self.ctx.object_changed(&app);
+                }
                 let print = fingerprint(&object);
                 let changed = self.fingerprints.insert(key.clone(), print) != Some(print);
                 if changed && touched_by_others(&object) {
@@ -505,6 +510,7 @@ impl Drift {
                 ..plan
             };
             let outcome = self.ctx.cluster.apply(&plan, RECHECK).await;
+            self.ctx.object_changed(app);
             self.ctx.metrics.self_heal(app, outcome.failures.is_empty());
             if outcome.failures.is_empty() {
                 self.ctx.board.healed(app, &described);
@@ -673,6 +679,31 @@ fn touched_by_others(object: &Value) -> bool {
     })
 }
 
+/// Whether edgesync made the object's latest write: its managedFields entry is newer than
+/// every other one, status writes included. Times have whole seconds, so a write by someone
+/// else in the same second counts as theirs.
+fn written_last_by_us(object: &Value) -> bool {
+    let Some(entries) = object
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+    else {
+        return false;
+    };
+    let (mut ours, mut others): (Option<&str>, Option<&str>) = (None, None);
+    for entry in entries {
+        let time = entry.get("time").and_then(Value::as_str).unwrap_or("");
+        let by_us = entry.get("manager").and_then(Value::as_str) == Some(apply::FIELD_MANAGER)
+            && entry.get("subresource").is_none();
+        let latest = if by_us { &mut ours } else { &mut others };
+        *latest = (*latest).max(Some(time));
+    }
+    match (ours, others) {
+        (Some(ours), Some(others)) => ours > others,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 fn display(k: &Key) -> String {
     match &k.namespace {
         Some(ns) => format!("{ns}/{}", k.name),
@@ -736,5 +767,37 @@ fn forbidden(e: &watcher::Error) -> bool {
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
         watcher::Error::WatchError(status) => status.is_forbidden(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::written_last_by_us;
+
+    fn object(entries: serde_json::Value) -> serde_json::Value {
+        json!({"metadata": {"name": "web", "managedFields": entries}})
+    }
+
+    #[test]
+    fn only_a_write_newer_than_everyone_elses_is_edgesyncs_own() {
+        let ours = |t: &str| json!({"manager": "edgesync", "operation": "Apply", "time": t});
+        let status = |t: &str| {
+            json!({"manager": "kube-controller-manager", "operation": "Update",
+                "subresource": "status", "time": t})
+        };
+        let edit = |t: &str| json!({"manager": "kubectl-edit", "operation": "Update", "time": t});
+        let t1 = "2026-12-01T10:00:01Z";
+        let t2 = "2026-12-01T10:00:02Z";
+        assert!(written_last_by_us(&object(json!([ours(t1)]))));
+        assert!(written_last_by_us(&object(json!([status(t1), ours(t2)]))));
+        // A status update after the apply, or in the same second, is news for health.
+        assert!(!written_last_by_us(&object(json!([ours(t1), status(t2)]))));
+        assert!(!written_last_by_us(&object(json!([ours(t1), status(t1)]))));
+        assert!(!written_last_by_us(&object(json!([ours(t1), edit(t2)]))));
+        // No entry of edgesync's, or none at all: not ours.
+        assert!(!written_last_by_us(&object(json!([edit(t1)]))));
+        assert!(!written_last_by_us(&json!({"metadata": {"name": "web"}})));
     }
 }

@@ -606,6 +606,31 @@ fn release_freed_memory() {
     }
 }
 
+/// Keeps glibc's malloc to [`MALLOC_ARENAS`] arenas, before any thread starts. By default
+/// each thread that allocates while another holds the lock gets an arena of its own (up to 8
+/// per core), and each keeps its own free memory: with 10 apps at rest, six arenas held 3.3 MiB
+/// for about 1.8 MiB of live heap. Thread caches (tcache) still serve most small allocations
+/// without taking an arena's lock.
+pub(crate) fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        /// glibc's `M_ARENA_MAX` (malloc.h).
+        const M_ARENA_MAX: std::ffi::c_int = -8;
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        // SAFETY: mallopt only sets a parameter of glibc's allocator; M_ARENA_MAX is one it
+        // documents, and this runs on the main thread before the runtime starts others.
+        unsafe {
+            mallopt(M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
+}
+
+/// How many malloc arenas the agent's threads share (see [`limit_malloc_arenas`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_ARENAS: std::ffi::c_int = 2;
+
 /// What a round of one repository left to do.
 #[derive(Debug, Default)]
 pub(crate) struct Round {

@@ -617,7 +617,6 @@ impl SyncContext {
     ) -> Result<usize, ApplyError> {
         let plan = &record.plan;
         let outcome = self.cluster.apply(plan, wave_timeout(app)).await;
-        self.object_changed(&app.name);
         let total = outcome.applied.len() + outcome.failures.len();
         let (applied, error) = match outcome.into_result() {
             Ok(applied) => (applied, None),
@@ -647,11 +646,14 @@ impl SyncContext {
         Ok(total)
     }
 
-    /// Writes the app's state on a blocking thread: each write ends in fsyncs, which must
-    /// not stall the async workers.
+    /// Writes the app's state on a blocking thread (each write ends in fsyncs, which must
+    /// not stall the async workers), then has the app rated: the health monitor reads which
+    /// objects the app has from that state.
     pub(super) async fn save_state(&self, app: &str, state: &AppState) -> Result<(), SyncError> {
-        let (store, app, state) = (self.store.clone(), app.to_string(), state.clone());
-        blocking(move || Ok(store.save(&app, &state)?)).await
+        let (store, name, state) = (self.store.clone(), app.to_string(), state.clone());
+        blocking(move || Ok(store.save(&name, &state)?)).await?;
+        self.object_changed(app);
+        Ok(())
     }
 
     /// Writes a last-known-good render on a blocking thread (see [`Self::save_state`]).

@@ -34,9 +34,9 @@ impl SyncContext {
     }
 
     /// Records `sha` as applied without sending anything: the render is kept under the new
-    /// revision (the drift watch and rollback read it by revision) and the health monitor
-    /// rates the app again, so the new revision is known Healthy before it can be a
-    /// rollback's target.
+    /// revision (the drift watch and rollback read it by revision); saving the state has the
+    /// health monitor rate the app again, so the new revision is known Healthy before it can
+    /// be a rollback's target.
     pub(super) async fn keep_render(
         &self,
         app: &AppConfig,
@@ -63,7 +63,6 @@ impl SyncContext {
         state.last_error = None;
         tracing::info!(app = %app.name, revision = %sha,
             "render unchanged since the last apply: revision recorded, nothing applied");
-        self.object_changed(&app.name);
         self.board.synced(&app.name, &state, None);
         // The inventory is what it was: its ConfigMap is not written again.
         self.save_state(&app.name, &state).await?;
