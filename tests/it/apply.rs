@@ -831,13 +831,7 @@ async fn a_commit_that_leaves_the_render_alone_sends_the_app_nothing() {
         &configmap("settings", 0, "from-git"),
     );
     let sha = repo.commit("one ConfigMap");
-    let url = repo.url();
-    let config = AgentConfig::new()
-        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
-        .app(&format!(
-            "name = \"app\"\nrepo = \"{url}\"\npath = \"deploy\"\nnamespace = \"{}\"\ncreate_namespace = true\nself_heal = true",
-            ns.name
-        ));
+    let config = app_config(&repo, &ns, "self_heal = true");
     let _agent = Agent::start(&config);
     config.wait_applied("app", &sha).await;
     let port = config.http_port;
