@@ -851,18 +851,30 @@ async fn sync_new(e: &Engine, app: &str, target: &Target) -> SyncResult {
     e.ctx.sync_app(&config, target, false).await.unwrap()
 }
 
-#[tokio::test]
-async fn a_new_revision_with_the_same_render_is_recorded_without_an_apply() {
-    let e = Engine::new(&[HEALING]);
+/// An engine whose one app `web` (configured by `app`) has applied one ConfigMap.
+async fn applied_once(app: &str) -> Engine {
+    let e = Engine::new(&[app]);
     e.write("app/a.yaml", &cm("a", "1"));
     e.sync("web", &e.commit()).await.unwrap();
+    e
+}
+
+/// Commits a file outside `web`'s path, so its render stays the same, and syncs it.
+async fn commit_elsewhere(e: &Engine) -> (Target, SyncResult) {
+    e.write("other/b.yaml", &cm("b", "1"));
+    let rev = e.commit();
+    let result = sync_new(e, "web", &rev).await;
+    (rev, result)
+}
+
+#[tokio::test]
+async fn a_new_revision_with_the_same_render_is_recorded_without_an_apply() {
+    let e = applied_once(HEALING).await;
     watch_everything(&e);
     let applies = e.cluster.count("apply");
 
     // A commit elsewhere in the repository: the same render, so nothing is sent.
-    e.write("other/b.yaml", &cm("b", "1"));
-    let rev = e.commit();
-    let result = sync_new(&e, "web", &rev).await;
+    let (rev, result) = commit_elsewhere(&e).await;
     assert!(matches!(result, SyncResult::Unchanged { .. }), "{result:?}");
     assert_eq!(e.cluster.count("apply"), applies);
     let state = e.ctx.store.load("web").unwrap();
@@ -895,31 +907,22 @@ async fn a_new_revision_with_the_same_render_is_recorded_without_an_apply() {
 #[tokio::test]
 async fn an_unchanged_render_is_applied_in_full_when_the_cluster_may_differ() {
     // Drift not yet checked: applied in full.
-    let e = Engine::new(&[HEALING]);
-    e.write("app/a.yaml", &cm("a", "1"));
-    e.sync("web", &e.commit()).await.unwrap();
+    let e = applied_once(HEALING).await;
     watch_everything(&e);
     e.ctx.set_drift_open("web", true);
-    e.write("other/b.yaml", &cm("b", "1"));
-    let result = sync_new(&e, "web", &e.commit()).await;
+    let (_, result) = commit_elsewhere(&e).await;
     assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
 
     // A kind no running watch sees: applied in full.
-    let e = Engine::new(&[HEALING]);
-    e.write("app/a.yaml", &cm("a", "1"));
-    e.sync("web", &e.commit()).await.unwrap();
+    let e = applied_once(HEALING).await;
     e.ctx.set_watched("", "Namespace", None, true);
-    e.write("other/b.yaml", &cm("b", "1"));
-    let result = sync_new(&e, "web", &e.commit()).await;
+    let (_, result) = commit_elsewhere(&e).await;
     assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
 
     // Without self-heal, nothing keeps the objects as the render has them: applied in full,
     // as Argo CD syncs an app that is OutOfSync when a new revision comes.
-    let e = Engine::new(&[PRUNING]);
-    e.write("app/a.yaml", &cm("a", "1"));
-    e.sync("web", &e.commit()).await.unwrap();
+    let e = applied_once(PRUNING).await;
     watch_everything(&e);
-    e.write("other/b.yaml", &cm("b", "1"));
-    let result = sync_new(&e, "web", &e.commit()).await;
+    let (_, result) = commit_elsewhere(&e).await;
     assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
 }
