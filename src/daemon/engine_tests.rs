@@ -919,6 +919,13 @@ async fn an_unchanged_render_is_applied_in_full_when_the_cluster_may_differ() {
     let (_, result) = commit_elsewhere(&e).await;
     assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
 
+    // A manual sync always applies.
+    let e = applied_once(HEALING).await;
+    watch_everything(&e);
+    e.write("other/b.yaml", &cm("b", "1"));
+    let result = e.sync("web", &e.commit()).await.unwrap();
+    assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
+
     // Without self-heal, nothing keeps the objects as the render has them: applied in full,
     // as Argo CD syncs an app that is OutOfSync when a new revision comes.
     let e = applied_once(PRUNING).await;
