@@ -114,6 +114,8 @@ impl FakeCluster {
             return;
         }
         self.store(&oref, object);
+        let health = crate::health::assess(&Value::Object(object.value.clone()));
+        outcome.rated.push((oref.clone(), health));
         outcome.applied.push(oref);
     }
 

@@ -20,15 +20,17 @@ use tokio::sync::Mutex;
 
 use super::{ApplyError, Inventory, ObjectFailure, ObjectRef, Outcome, Phase, Plan, FIELD_MANAGER};
 use crate::config::K3S_KUBECONFIG;
-use crate::health::HealthStatus;
+use crate::health::{Health, HealthStatus};
 use crate::metrics::Metrics;
 use crate::render::Object;
 
 const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where each app's inventory is kept in the cluster, one ConfigMap per app.
 pub(crate) const INVENTORY_NAMESPACE: &str = "edgesync-system";
-/// Objects of one wave applied at the same time.
-const WAVE_CONCURRENCY: usize = 4;
+/// Objects applied at the same time, across every app syncing: a small app's wave goes out at
+/// once (Argo CD runs a wave's tasks in parallel, up to its kubectl parallelism limit of 20),
+/// while many apps syncing together still share this many requests, and connections.
+const APPLY_CONCURRENCY: usize = 16;
 
 /// How long a watch runs before the API server ends it and it is renewed (kube's default).
 const WATCH_SECONDS: u32 = 290;
@@ -105,6 +107,8 @@ pub(crate) struct KubeApplier {
     metrics: Arc<Metrics>,
     /// Set once [`INVENTORY_NAMESPACE`] has been applied.
     inventory_namespace: tokio::sync::OnceCell<()>,
+    /// [`APPLY_CONCURRENCY`] permits, one per object being applied.
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl KubeApplier {
@@ -115,6 +119,7 @@ impl KubeApplier {
             resources: Mutex::new(HashMap::new()),
             metrics,
             inventory_namespace: tokio::sync::OnceCell::new(),
+            in_flight: tokio::sync::Semaphore::new(APPLY_CONCURRENCY),
         }
     }
 
@@ -163,8 +168,8 @@ impl KubeApplier {
     }
 
     /// Applies `plan` wave by wave. Within a wave, namespaces and CRDs go first, one by one
-    /// (CRDs waited on until Established), then the other objects concurrently, a few at a
-    /// time; a failed object does not stop the others of its wave. Before a later wave starts,
+    /// (CRDs waited on until Established), then the other objects concurrently (up to
+    /// [`APPLY_CONCURRENCY`] across every app); a failed object does not stop the others of its wave. Before a later wave starts,
     /// the earlier one must be healthy (within `wave_timeout`); a failed or unhealthy wave
     /// stops the sync there, and the objects of later waves are reported as not applied.
     pub(crate) async fn apply(&self, plan: &Plan, wave_timeout: Duration) -> Outcome {
@@ -180,7 +185,7 @@ impl KubeApplier {
             let mut crds = Vec::new();
             for object in ordered {
                 let result = self.apply_one(object, plan).await;
-                if let Ok(applied) = &result {
+                if let Ok((applied, _)) = &result {
                     if Phase::of(object) == Phase::CustomResourceDefinitions {
                         crds.push(applied.name.clone());
                     }
@@ -196,7 +201,7 @@ impl KubeApplier {
             // the spawned sync task (rust-lang/rust#102211).
             let pending: Vec<_> = rest.iter().map(|o| self.apply_one(o, plan)).collect();
             let results: Vec<_> = futures::stream::iter(pending)
-                .buffered(WAVE_CONCURRENCY)
+                .buffered(APPLY_CONCURRENCY)
                 .collect()
                 .await;
             for (object, result) in rest.into_iter().zip(results) {
@@ -297,7 +302,15 @@ impl KubeApplier {
         }
     }
 
-    async fn apply_one(&self, object: &Object, plan: &Plan) -> Result<ObjectRef, ObjectFailure> {
+    /// Applies one object; returns its reference and its health as the API server answered
+    /// (the object it returns carries its status).
+    async fn apply_one(
+        &self,
+        object: &Object,
+        plan: &Plan,
+    ) -> Result<(ObjectRef, Health), ObjectFailure> {
+        // Never closed; were it, the apply would go ahead unbounded rather than fail.
+        let _permit = self.in_flight.acquire().await.ok();
         if plan.out_of_sync_only {
             let (oref, wanted, live) = self.dry_run(object, plan).await?;
             if let Some(live) = live {
@@ -313,11 +326,12 @@ impl KubeApplier {
                 )
                 .is_none();
                 if same {
-                    return Ok(oref);
+                    return Ok((oref, crate::health::assess(&live)));
                 }
             }
         }
-        self.patch(object, plan, false).await.map(|(oref, _)| oref)
+        let (oref, answer) = self.patch(object, plan, false).await?;
+        Ok((oref, crate::health::assess(&answer)))
     }
 
     /// What the API server would make of `object` (a server-side dry-run apply), and the live
@@ -955,11 +969,12 @@ fn record(
     outcome: &mut Outcome,
     plan: &Plan,
     object: &Object,
-    result: Result<ObjectRef, ObjectFailure>,
+    result: Result<(ObjectRef, Health), ObjectFailure>,
 ) {
     match result {
-        Ok(applied) => {
+        Ok((applied, health)) => {
             tracing::debug!(app = %plan.app, object = %applied, "applied");
+            outcome.rated.push((applied.clone(), health));
             outcome.applied.push(applied);
         }
         Err(failure) => {

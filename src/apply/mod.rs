@@ -686,6 +686,8 @@ pub(crate) fn merge_inventory(previous: &Inventory, applied: &[ObjectRef]) -> In
 pub(crate) struct Outcome {
     pub(crate) applied: Vec<ObjectRef>,
     pub(crate) failures: Vec<ObjectFailure>,
+    /// The health of each applied object, as the API server's answer to the apply showed it.
+    pub(crate) rated: Vec<(ObjectRef, crate::health::Health)>,
 }
 
 impl Outcome {

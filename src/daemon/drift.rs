@@ -380,7 +380,7 @@ impl Drift {
                 // one cluster-wide watch, each apply of a large sync would otherwise have its
                 // app's objects read again, while the sync still runs.
                 if !written_last_by_us(&object) {
-                    self.ctx.object_changed(&app);
+                    self.ctx.changed_by_others(&app);
                 }
                 let print = fingerprint(&object);
                 let changed = self.fingerprints.insert(key.clone(), print) != Some(print);
@@ -392,7 +392,7 @@ impl Drift {
                 let key = Self::key_of(&gvk, &object);
                 self.fingerprints.remove(&key);
                 if let Some(app) = self.owners.get(&key).cloned() {
-                    self.ctx.object_changed(&app);
+                    self.ctx.changed_by_others(&app);
                     self.queue(app, key);
                 }
             }

@@ -933,3 +933,32 @@ async fn an_unchanged_render_is_applied_in_full_when_the_cluster_may_differ() {
     let (_, result) = commit_elsewhere(&e).await;
     assert!(matches!(result, SyncResult::Applied { .. }), "{result:?}");
 }
+
+#[tokio::test]
+async fn an_app_is_rated_from_its_apply_answers_until_another_writer_changes_it() {
+    let e = applied_once(PRUNING).await;
+    let mut monitor = super::health::Monitor::new(&e.ctx);
+    let health = |e: &Engine| {
+        let doc = e.ctx.board.document();
+        let web = doc.apps.iter().find(|a| a.app == "web").cloned();
+        web.map(|a| a.health)
+    };
+    let gets = e.cluster.count("get");
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    assert_eq!(e.cluster.count("get"), gets, "rated from the answers");
+    assert_eq!(health(&e).as_deref(), Some("Healthy"));
+
+    // The answers count once: the next rating reads the objects.
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    let read = e.cluster.count("get") - gets;
+    assert!(read > 0, "read again");
+
+    // Another writer changed an object after the apply: its answer is old news.
+    e.write("app/a.yaml", &cm("a", "2"));
+    e.sync("web", &e.commit()).await.unwrap();
+    e.ctx.changed_by_others("web");
+    let gets = e.cluster.count("get");
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    assert_eq!(e.cluster.count("get") - gets, read, "every object read");
+    assert_eq!(health(&e).as_deref(), Some("Healthy"));
+}

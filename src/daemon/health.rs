@@ -1,7 +1,9 @@
 //! Keeps each app's health current: reads the live objects of its last complete apply and
 //! rates them with [`crate::health`]. An app is rated again as soon as the drift watches
 //! (metadata-only, one per kind and namespace) see one of its objects change, status
-//! included, and right after every apply; besides, every app is rated every 2 s while
+//! included, and right after every apply: from the objects the apply's answers carried (their
+//! status included), without a GET, unless a watch saw another writer change one of the app's
+//! objects since the apply began; besides, every app is rated every 2 s while
 //! anything is on its way (Progressing, Missing, Unknown). A settled app whose every object
 //! is under a running watch is not read again until a watch sees a change (once an hour at
 //! most, as a safety net): a cluster at rest costs watch renewals, not GETs. A settled app
@@ -102,6 +104,7 @@ impl Monitor {
         now: u64,
         timer: bool,
     ) -> bool {
+        let mut answered = ctx.take_applied_health(&app.name).unwrap_or_default();
         let Ok(state) = ctx.store.load(&app.name) else {
             return false;
         };
@@ -119,6 +122,13 @@ impl Monitor {
         let mut healths = Vec::new();
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for object in &state.objects {
+            // What the last apply answered, unless another writer changed the app's objects
+            // since; a rating still on its way (Progressing) is read again in 2 s anyway.
+            if let Some(h) = answered.remove(object) {
+                *counts.entry(h.status.as_str().to_string()).or_default() += 1;
+                healths.push(described(object, h));
+                continue;
+            }
             let h = match ctx.cluster.get(object).await {
                 Ok(Some(live)) => health::assess(&live),
                 Ok(None) => Health {
@@ -136,15 +146,7 @@ impl Monitor {
                 }
             };
             *counts.entry(h.status.as_str().to_string()).or_default() += 1;
-            let message = if h.message.is_empty() {
-                String::new()
-            } else {
-                format!("{object}: {}", h.message)
-            };
-            healths.push(Health {
-                status: h.status,
-                message,
-            });
+            healths.push(described(object, h));
         }
         let app_health = rate(healths, app.health_timeout, state.last_applied_at, now);
         let changing = matches!(
@@ -185,6 +187,19 @@ impl Monitor {
 /// The app's health from its objects': the worst of them, except that Progressing for longer
 /// than `timeout` since the sync (`applied_at`, Unix seconds) counts as Degraded, so a rollout
 /// that never finishes is a failure (and can be rolled back).
+/// `health` with its message naming `object`.
+fn described(object: &crate::apply::ObjectRef, health: Health) -> Health {
+    let message = if health.message.is_empty() {
+        String::new()
+    } else {
+        format!("{object}: {}", health.message)
+    };
+    Health {
+        status: health.status,
+        message,
+    }
+}
+
 fn rate(
     healths: Vec<Health>,
     timeout: Option<Duration>,

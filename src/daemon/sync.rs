@@ -10,8 +10,9 @@ use super::node::Node;
 use super::retry;
 pub(crate) use super::target::Target;
 use crate::apply::hooks::HookPhase;
-use crate::apply::{self, ApplyError, Cluster, KubeApplier};
+use crate::apply::{self, ApplyError, Cluster, KubeApplier, ObjectRef};
 use crate::config::{AppConfig, Config};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::model::window::{self, Verdict};
 use crate::policy::Denied;
@@ -119,6 +120,12 @@ pub(crate) enum SyncResult {
     },
 }
 
+/// What one apply's answers showed of its objects' health ([`SyncContext::take_applied_health`]).
+pub(super) struct AppliedHealth {
+    began: Instant,
+    objects: HashMap<ObjectRef, Health>,
+}
+
 /// Everything a sync needs, shared by all apps.
 pub(crate) struct SyncContext {
     pub(crate) config: Config,
@@ -132,6 +139,12 @@ pub(crate) struct SyncContext {
     /// change (the apps in `health_dirty`).
     pub(crate) health_wake: tokio::sync::Notify,
     pub(super) health_dirty: std::sync::Mutex<HashSet<String>>,
+    /// When a watch last saw someone else change (or delete) one of each app's objects.
+    pub(super) changed_by_others: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Each app's object health as its last apply's answers showed it, and when that apply
+    /// began: the health monitor's next rating uses it instead of a GET per object, unless a
+    /// watch saw another writer change one of the app's objects since.
+    pub(super) applied_health: std::sync::Mutex<HashMap<String, AppliedHealth>>,
     /// The kinds (group, kind, namespace) whose drift watch is listed and running: the health
     /// monitor needs no GETs for objects in them while nothing changes.
     pub(super) watched: std::sync::Mutex<HashSet<(String, String, Option<String>)>>,
@@ -230,6 +243,8 @@ impl SyncContext {
             board,
             health_wake: tokio::sync::Notify::new(),
             health_dirty: Default::default(),
+            changed_by_others: Default::default(),
+            applied_health: Default::default(),
             watched: Default::default(),
             drift_open: Default::default(),
             cluster,
@@ -319,6 +334,53 @@ impl SyncContext {
         let mut dirty = self.health_dirty.lock().unwrap_or_else(|e| e.into_inner());
         dirty.insert(app.to_string());
         self.health_wake.notify_one();
+    }
+
+    /// A watch saw a writer other than edgesync change or delete one of `app`'s objects: the
+    /// health its last apply answered with is no longer the news.
+    pub(crate) fn changed_by_others(&self, app: &str) {
+        let mut changed = self
+            .changed_by_others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        changed.insert(app.to_string(), Instant::now());
+        drop(changed);
+        self.object_changed(app);
+    }
+
+    /// Keeps the health of the objects an apply that began at `began` answered with.
+    fn keep_applied_health(&self, app: &str, began: Instant, rated: Vec<(ObjectRef, Health)>) {
+        let mut kept = self
+            .applied_health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        kept.insert(
+            app.to_string(),
+            AppliedHealth {
+                began,
+                objects: rated.into_iter().collect(),
+            },
+        );
+    }
+
+    /// The health `app`'s last apply answered with, once: `None` if a watch saw another writer
+    /// change one of its objects since that apply began (then only a fresh read will do).
+    pub(super) fn take_applied_health(&self, app: &str) -> Option<HashMap<ObjectRef, Health>> {
+        let kept = self
+            .applied_health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(app)?;
+        let changed = self
+            .changed_by_others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(app)
+            .copied();
+        match changed {
+            Some(at) if at >= kept.began => None,
+            _ => Some(kept.objects),
+        }
     }
 
     /// Records whether the drift watch of a kind in a namespace (`None`: cluster-wide) is
@@ -616,7 +678,9 @@ impl SyncContext {
         record: &RenderRecord,
     ) -> Result<usize, ApplyError> {
         let plan = &record.plan;
-        let outcome = self.cluster.apply(plan, wave_timeout(app)).await;
+        let began = Instant::now();
+        let mut outcome = self.cluster.apply(plan, wave_timeout(app)).await;
+        self.keep_applied_health(&app.name, began, std::mem::take(&mut outcome.rated));
         let total = outcome.applied.len() + outcome.failures.len();
         let (applied, error) = match outcome.into_result() {
             Ok(applied) => (applied, None),
