@@ -642,8 +642,8 @@ pub(crate) struct Round {
     pub(crate) follow_ups: Vec<(String, Duration)>,
 }
 
-/// Syncs the given apps of one repository: one ls-remote, then the apps concurrently within
-/// `permits`.
+/// Syncs the given apps of one repository: one ls-remote (which fetches what the apps' branches
+/// moved to), then the apps concurrently within `permits`.
 pub(crate) async fn sync_repository(
     ctx: &Arc<SyncContext>,
     repo: &RepositoryConfig,
@@ -653,7 +653,12 @@ pub(crate) async fn sync_repository(
     permits: &Arc<Semaphore>,
 ) -> Round {
     ctx.metrics.round();
-    let refs = match ctx.remote_refs(repo).await {
+    let wanted = apps
+        .iter()
+        .filter(|a| a.chart.is_none())
+        .map(|a| a.revision.clone())
+        .collect();
+    let refs = match ctx.remote_refs_fetching(repo, wanted).await {
         Ok(refs) => refs,
         Err(e) => {
             ctx.metrics.error(e.metric_label());

@@ -529,6 +529,10 @@ impl SyncContext {
             Ok(plan) => plan,
             Err(e) => return self.failed(app, &mut state, e).await,
         };
+        tracing::debug!(
+            ms = started.elapsed().as_millis(),
+            "checked out, rendered and planned"
+        );
         // A render with no objects is a broken generator, an emptied directory or a source
         // edgesync cannot render, far more often than intent (Argo CD's allowEmpty): it would
         // report Synced with nothing applied, and with prune on delete the whole app.
@@ -680,6 +684,7 @@ impl SyncContext {
         let plan = &record.plan;
         let began = Instant::now();
         let mut outcome = self.cluster.apply(plan, wave_timeout(app)).await;
+        tracing::debug!(ms = began.elapsed().as_millis(), "applied");
         self.keep_applied_health(&app.name, began, std::mem::take(&mut outcome.rated));
         let total = outcome.applied.len() + outcome.failures.len();
         let (applied, error) = match outcome.into_result() {

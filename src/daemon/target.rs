@@ -185,6 +185,16 @@ impl SyncContext {
         &self,
         repo: &RepositoryConfig,
     ) -> Result<Revisions, SyncError> {
+        self.remote_refs_fetching(repo, Vec::new()).await
+    }
+
+    /// [`Self::remote_refs`], fetching the new commits of the branches in `wanted` on the
+    /// listing's connection ([`crate::source::GitSource::remote_refs_fetching`]).
+    pub(crate) async fn remote_refs_fetching(
+        &self,
+        repo: &RepositoryConfig,
+        wanted: Vec<String>,
+    ) -> Result<Revisions, SyncError> {
         let started = Instant::now();
         let repo = repo.clone();
         let revisions = if self.config.is_chart_repository(&repo.url) {
@@ -195,9 +205,10 @@ impl SyncContext {
             blocking(move || Ok(Revisions::Charts(Some(Arc::new(charts.index(&repo)?))))).await
         } else {
             let source = self.source.clone();
-            blocking(move || Ok(Revisions::Git(source.remote_refs(&repo)?))).await
+            blocking(move || Ok(Revisions::Git(source.remote_refs_fetching(&repo, &wanted)?))).await
         };
         self.metrics.git_fetch(started.elapsed());
+        tracing::debug!(ms = started.elapsed().as_millis(), "remote refs listed");
         revisions
     }
 
@@ -467,6 +478,8 @@ impl SyncContext {
             if snapshot.fetched {
                 metrics.git_fetch(started.elapsed());
             }
+            tracing::debug!(app = %app.name, fetched = snapshot.fetched,
+                ms = started.elapsed().as_millis(), "checkout ready");
             Ok((snapshot.root, app.path.clone().into()))
         })
         .await

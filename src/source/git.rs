@@ -1,12 +1,14 @@
 //! The Git cache: one bare repository per URL under `state_dir/git/repos`, and one checked-out
 //! directory per commit under `state_dir/git/snapshots`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Once};
 
 use git2::build::CheckoutBuilder;
-use git2::{Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
+use git2::{
+    AutotagOption, Direction, FetchOptions, Oid, RemoteCallbacks, RemoteUpdateFlags, Repository,
+};
 use sha2::{Digest, Sha256};
 
 use super::transport;
@@ -85,6 +87,19 @@ impl GitSource {
 
     /// Lists the remote's refs without downloading any objects, so polling stays cheap.
     pub(crate) fn remote_refs(&self, repo: &RepositoryConfig) -> Result<RemoteRefs, SourceError> {
+        self.remote_refs_fetching(repo, &[])
+    }
+
+    /// The remote's refs, and the commits the branches (or `HEAD`) in `wanted` point to, if
+    /// the cache lacks them: fetched over the connection the listing opened, one request fewer
+    /// than a fetch of their own, which lists the refs again (a push costs one round trip
+    /// less). Such a fetch is an errand: if it fails, the snapshot's own fetch (with its
+    /// fallbacks) runs as before.
+    pub(crate) fn remote_refs_fetching(
+        &self,
+        repo: &RepositoryConfig,
+        wanted: &[String],
+    ) -> Result<RemoteRefs, SourceError> {
         let url = &repo.url;
         let cache = self.open(url)?;
         let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
@@ -93,19 +108,55 @@ impl GitSource {
             let message = e.message().to_string();
             classify(url, e, message)
         };
-        let connection = remote
+        let mut connection = remote
             .connect_auth(Direction::Fetch, None, None)
             .map_err(refused)?;
-        let heads = connection
+        let heads: Vec<(String, Oid)> = connection
             .list()
             .map_err(refused)?
             .iter()
             .map(|h| (h.name().to_string(), h.oid()))
             .collect();
+        let missing: BTreeSet<String> = wanted
+            .iter()
+            .filter_map(|revision| pick_ref(&heads, revision))
+            .filter(|(name, _)| name == "HEAD" || name.starts_with("refs/heads/"))
+            .filter(|(_, oid)| cache.find_commit(*oid).is_err())
+            .map(|(name, _)| named_refspec(name))
+            .collect();
+        if !missing.is_empty() {
+            let lock = self.writer(url);
+            let _busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let refspecs: Vec<String> = missing.into_iter().collect();
+            let mut too_large = false;
+            let mut options = FetchOptions::new();
+            options.remote_callbacks(progress(|p| {
+                too_large = p.received_bytes() > MAX_FETCH_BYTES;
+                !too_large
+            }));
+            if can_be_shallow(url) {
+                options.depth(1);
+            }
+            let remote = connection.remote();
+            let fetched = remote
+                .download(&refspecs, Some(&mut options))
+                .and_then(|()| {
+                    remote.update_tips(None, RemoteUpdateFlags::empty(), AutotagOption::None, None)
+                });
+            if let Err(e) = fetched {
+                tracing::debug!(url = %redact(url), ?refspecs, "fetch with the listing failed: {}", e.message());
+            }
+        }
         Ok(RemoteRefs {
             url: url.clone(),
             heads,
         })
+    }
+
+    /// The lock held while the cache of `url` is written (fetches, checkouts).
+    fn writer(&self, url: &str) -> Arc<Mutex<()>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.entry(url.to_string()).or_default().clone()
     }
 
     /// Makes commit `sha` (reached from `revision`) available as a snapshot directory,
@@ -130,10 +181,7 @@ impl GitSource {
         if let Some(snapshot) = existing() {
             return Ok(snapshot);
         }
-        let lock = {
-            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-            busy.entry(url.clone()).or_default().clone()
-        };
+        let lock = self.writer(url);
         let _busy = lock.lock().unwrap_or_else(|e| e.into_inner());
         // Another app of this repository may have made it meanwhile.
         if let Some(snapshot) = existing() {
@@ -173,14 +221,7 @@ impl GitSource {
         // servers that refuse both.
         let mut attempts: Vec<(Vec<String>, bool)> = Vec::new();
         if !is_commit_sha(revision) {
-            let refname = full_refname(revision);
-            attempts.push((
-                vec![format!(
-                    "+{refname}:refs/edgesync/{}",
-                    refname.trim_start_matches("refs/")
-                )],
-                true,
-            ));
+            attempts.push((vec![named_refspec(&full_refname(revision))], true));
         }
         attempts.push((vec![sha.to_string()], true));
         attempts.push((
@@ -440,6 +481,14 @@ fn progress<'a>(mut f: impl FnMut(&git2::Progress<'_>) -> bool + 'a) -> RemoteCa
 /// libgit2's local transport cannot do shallow fetches.
 fn can_be_shallow(url: &str) -> bool {
     !url.starts_with("file://") && !url.starts_with('/')
+}
+
+/// Fetches the ref `refname` (full, or `HEAD`) into the cache under `refs/edgesync/`.
+fn named_refspec(refname: &str) -> String {
+    format!(
+        "+{refname}:refs/edgesync/{}",
+        refname.trim_start_matches("refs/")
+    )
 }
 
 fn full_refname(revision: &str) -> String {

@@ -27,7 +27,9 @@ async fn public_http_repository_is_synced() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(server.served() > 0);
+    // One request lists the refs; the new commit is fetched on that connection (a shallow
+    // fetch negotiates in two), without listing the refs again.
+    assert_eq!(server.served(), 3, "requests for one new commit");
     assert_eq!(config.state("web")["last_applied_revision"], sha.as_str());
     let cm = ns.api::<ConfigMap>().get("web-config").await.unwrap();
     assert_eq!(cm.data.unwrap()["greeting"], "over-http");
@@ -42,6 +44,23 @@ async fn public_http_repository_is_synced() {
         .path();
     let shallow = std::fs::read_to_string(cache.join("shallow")).expect("shallow cache");
     assert_eq!(shallow.trim(), sha);
+
+    // The next commit costs the same; only the listing when nothing moved.
+    write_web_app(&repo, "nginx:1.27", "again");
+    let next = repo.commit("web again");
+    repo.push_to(&bare);
+    for (want, served) in [(&next, 6), (&next, 7)] {
+        let out = config.command(&["sync", "web"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(server.served(), served);
+        assert_eq!(config.state("web")["last_applied_revision"], want.as_str());
+    }
+    let cm = ns.api::<ConfigMap>().get("web-config").await.unwrap();
+    assert_eq!(cm.data.unwrap()["greeting"], "again");
 }
 
 #[tokio::test]
