@@ -4,9 +4,10 @@
 //! synced). A directory is used only while its seal matches what is on disk: files that came
 //! back empty or short after a crash would otherwise render as nothing, and be pruned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -36,6 +37,7 @@ pub(crate) fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
     if let Some(parent) = target.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }
+    whole().insert(target.to_path_buf());
     Ok(true)
 }
 
@@ -69,13 +71,29 @@ pub(crate) fn verify(dir: &Path) -> Result<(), SealError> {
     Ok(())
 }
 
+/// Directories this process sealed or verified. A crash is what the seals guard against, and
+/// after one the process starts again with this empty; until then, a directory once found
+/// whole is not read and hashed again on every use (each app of a monorepo at each revision).
+static WHOLE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn whole() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    WHOLE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Removes `dir` unless it verifies, saying why. Returns whether it is usable.
 pub(crate) fn usable_or_removed(dir: &Path) -> bool {
     if !dir.is_dir() {
+        whole().remove(dir);
         return false;
     }
+    if whole().contains(dir) {
+        return true;
+    }
     match verify(dir) {
-        Ok(()) => true,
+        Ok(()) => {
+            whole().insert(dir.to_path_buf());
+            true
+        }
         Err(why) => {
             tracing::warn!(dir = %dir.display(), "damaged snapshot removed, written again: {why}");
             let _ = std::fs::remove_dir_all(dir);
@@ -153,8 +171,11 @@ mod tests {
         verify(&dir).unwrap();
         assert!(usable_or_removed(&dir));
 
-        // A power cut before the data reached the disk: the file is there, but empty.
+        // A power cut before the data reached the disk: the file is there, but empty, and
+        // the agent starts again (trusting nothing it found whole before).
         std::fs::write(dir.join("app/cm.yaml"), "").unwrap();
+        assert!(usable_or_removed(&dir), "whole once, in this process");
+        whole().clear();
         let why = verify(&dir).unwrap_err();
         assert!(
             matches!(&why, SealError::Changed(p) if p == "app/cm.yaml"),
