@@ -92,8 +92,7 @@ impl GitSource {
 
     /// The remote's refs, and the commits the branches (or `HEAD`) in `wanted` point to, if
     /// the cache lacks them: fetched over the connection the listing opened, one request fewer
-    /// than a fetch of their own, which lists the refs again (a push costs one round trip
-    /// less). Such a fetch is an errand: if it fails, the snapshot's own fetch (with its
+    /// than a fetch of their own, which lists the refs again. Such a fetch is an errand: if it fails, the snapshot's own fetch (with its
     /// fallbacks) runs as before.
     pub(crate) fn remote_refs_fetching(
         &self,
@@ -134,7 +133,11 @@ impl GitSource {
                 too_large = p.received_bytes() > MAX_FETCH_BYTES;
                 !too_large
             }));
-            if can_be_shallow(url) {
+            // The first fetch takes one commit, not the history. Later ones send what the
+            // cache has and take only what is new: a shallow fetch would negotiate its depth
+            // in a request of its own. (A branch rewritten onto unrelated history brings that
+            // history once, within MAX_FETCH_BYTES.)
+            if can_be_shallow(url) && !holds_commits(&cache) {
                 options.depth(1);
             }
             let remote = connection.remote();
@@ -476,6 +479,13 @@ fn progress<'a>(mut f: impl FnMut(&git2::Progress<'_>) -> bool + 'a) -> RemoteCa
     let mut callbacks = RemoteCallbacks::new();
     callbacks.transfer_progress(move |p| f(&p));
     callbacks
+}
+
+/// Whether the cache has fetched anything yet.
+fn holds_commits(cache: &Repository) -> bool {
+    cache
+        .references_glob("refs/edgesync/*")
+        .is_ok_and(|mut refs| refs.next().is_some())
 }
 
 /// libgit2's local transport cannot do shallow fetches.
