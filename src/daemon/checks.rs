@@ -2,6 +2,7 @@
 //! AppProject's rules, and claims (no object managed by two apps); and the orphan warning.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::sync::{SyncContext, SyncError, Target};
 use crate::apply::{self, ObjectRef};
@@ -70,15 +71,11 @@ pub(crate) fn verify_revision(
     Ok((signed.object, signer))
 }
 
-pub(super) type ClaimKey = (String, String, Option<String>, String);
+/// An object's identity, as the drift engine keys it (its strings shared).
+pub(super) type ClaimKey = super::drift::Key;
 
 fn claim_key(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> ClaimKey {
-    (
-        group.to_string(),
-        kind.to_string(),
-        namespace.map(str::to_string),
-        name.to_string(),
-    )
+    super::drift::Key::new(group, kind, namespace, name)
 }
 
 impl SyncContext {
@@ -96,10 +93,11 @@ impl SyncContext {
             let mut claims = HashMap::new();
             for other in &self.config.apps {
                 if let Ok(state) = self.store.load(&other.name) {
+                    let owner: Arc<str> = other.name.as_str().into();
                     for o in &state.objects {
                         claims.insert(
                             claim_key(&o.group, &o.kind, o.namespace.as_deref(), &o.name),
-                            other.name.clone(),
+                            owner.clone(),
                         );
                     }
                 }
@@ -114,7 +112,7 @@ impl SyncContext {
             let bare = claim_key(object.group(), object.kind(), None, object.name());
             let owner = [&key, &bare]
                 .into_iter()
-                .find_map(|k| claims.get(k).filter(|o| **o != app.name));
+                .find_map(|k| claims.get(k).filter(|o| ***o != *app.name));
             if let Some(owner) = owner {
                 return Err(SyncError::Conflict(format!(
                     "{} ({}) is already managed by app {owner}; two apps must not manage one object",
@@ -124,9 +122,10 @@ impl SyncContext {
             }
             mine.push(key);
         }
-        claims.retain(|_, owner| *owner != app.name);
+        claims.retain(|_, owner| **owner != *app.name);
+        let owner: Arc<str> = app.name.as_str().into();
         for key in mine {
-            claims.insert(key, app.name.clone());
+            claims.insert(key, owner.clone());
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 //! working offline and after a reboot. Apps that are syncing, or whose last attempt failed
 //! (a retry is in charge), are left alone.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,24 +52,41 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 const RECHECK: Duration = Duration::from_secs(5);
 
 /// An object's identity without its API version: watches and inventories may name different
-/// versions of one kind.
+/// versions of one kind. Group, kind and namespace are shared ([`interned`]): the drift engine
+/// keeps three keys per object, and 10,000 objects name a handful of each.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(super) struct Key {
-    group: String,
-    kind: String,
-    namespace: Option<String>,
-    name: String,
+    group: Arc<str>,
+    kind: Arc<str>,
+    namespace: Option<Arc<str>>,
+    name: Box<str>,
 }
 
 impl Key {
-    fn of(r: &ObjectRef) -> Key {
+    pub(super) fn new(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> Key {
         Key {
-            group: r.group.clone(),
-            kind: r.kind.clone(),
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
+            group: interned(group),
+            kind: interned(kind),
+            namespace: namespace.map(interned),
+            name: name.into(),
         }
     }
+
+    fn of(r: &ObjectRef) -> Key {
+        Key::new(&r.group, &r.kind, r.namespace.as_deref(), &r.name)
+    }
+}
+
+/// One shared copy of `text` (groups, kinds and namespaces are few and never freed).
+fn interned(text: &str) -> Arc<str> {
+    static SEEN: std::sync::Mutex<BTreeSet<Arc<str>>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shared) = seen.get(text) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = text.into();
+    seen.insert(shared.clone());
+    shared
 }
 
 pub(super) enum Seen {
@@ -90,7 +107,12 @@ pub(super) enum Seen {
 struct Desired {
     /// The revision the render is of.
     revision: String,
-    objects: HashMap<Key, (ObjectRef, usize)>,
+    /// Each applied object's index in the render's plan.
+    objects: HashMap<Key, usize>,
+    /// The API version the app's objects of each (group, kind) were applied with: what their
+    /// watch asks for. (Kept apart: an object reference per object cost 10,000 of them for
+    /// 500 apps.)
+    versions: HashMap<(String, String), String>,
 }
 
 impl Desired {
@@ -118,27 +140,28 @@ impl Desired {
             .enumerate()
             .filter(|(_, o)| o.origin != apply::CREATED_NAMESPACE);
         for (i, o) in rendered {
-            let key = |namespace: Option<String>| Key {
-                group: o.group().to_string(),
-                kind: o.kind().to_string(),
-                namespace,
-                name: o.name().to_string(),
-            };
-            by_key.insert(
-                key(o.namespace().map(str::to_string).or(default_ns.clone())),
-                i,
-            );
+            let key = |namespace: Option<&str>| Key::new(o.group(), o.kind(), namespace, o.name());
+            by_key.insert(key(o.namespace().or(default_ns.as_deref())), i);
             by_key.entry(key(None)).or_insert(i);
         }
+        let mut versions = HashMap::new();
         let objects = state
             .objects
             .iter()
             .filter_map(|r| {
-                let i = *by_key.get(&Key::of(r))?;
-                Some((Key::of(r), (r.clone(), i)))
+                let key = Key::of(r);
+                let i = *by_key.get(&key)?;
+                versions
+                    .entry((r.group.clone(), r.kind.clone()))
+                    .or_insert_with(|| r.version.clone());
+                Some((key, i))
             })
             .collect();
-        Some(Desired { revision, objects })
+        Some(Desired {
+            revision,
+            objects,
+            versions,
+        })
     }
 
     /// The render this desired state was read from, if it is still the app's last-known-good
@@ -166,7 +189,7 @@ pub(super) struct Drift {
     tx: mpsc::Sender<Seen>,
     desired: HashMap<String, Desired>,
     /// The app each watched object belongs to.
-    owners: HashMap<Key, String>,
+    owners: HashMap<Key, Arc<str>>,
     watches: HashMap<Scope, JoinHandle<()>>,
     /// Namespaced kinds (group, kind) the agent may not watch cluster-wide.
     narrow: HashSet<(String, String)>,
@@ -181,7 +204,7 @@ pub(crate) async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<boo
     let (tx, mut rx) = mpsc::channel(1024);
     let mut synced = ctx.synced.subscribe();
     let mut drift = Drift::new(ctx, tx);
-    drift.refresh().await;
+    drift.load_all().await;
     loop {
         let due = drift.pending.values().map(|(_, at)| *at).min();
         let wait_due = async {
@@ -196,7 +219,8 @@ pub(crate) async fn run(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver<boo
                 if changed.is_err() {
                     break;
                 }
-                drift.refresh().await;
+                let apps = drift.ctx.take_resynced();
+                drift.refresh(&apps).await;
             }
             Some(seen) = rx.recv() => {
                 if drift.seen(seen) {
@@ -238,31 +262,44 @@ impl Drift {
             .map(|d| d.objects.keys().cloned().collect())
             .unwrap_or_default();
         self.check(app, keys).await;
+        self.publish_open(app);
     }
 
-    /// Reloads every app's desired state after a sync, and watches the kinds they use.
-    pub(super) async fn refresh(&mut self) {
-        self.desired.clear();
-        self.owners.clear();
-        let apps: Vec<String> = self
+    /// Loads every app's desired state, and watches the kinds they use.
+    pub(super) async fn load_all(&mut self) {
+        let apps: HashSet<String> = self
             .ctx
             .config
             .apps
             .iter()
             .map(|a| a.name.clone())
             .collect();
+        self.refresh(&apps).await;
+    }
+
+    /// Reloads the desired state of `apps` (synced or rolled back since the last look; the
+    /// others' is as it was), and watches the kinds the apps use.
+    pub(super) async fn refresh(&mut self, apps: &HashSet<String>) {
         for app in apps {
-            if let Some(desired) = Desired::load(&self.ctx, &app) {
+            if let Some(old) = self.desired.remove(app) {
+                for key in old.objects.keys() {
+                    if self.owners.get(key).is_some_and(|owner| **owner == **app) {
+                        self.owners.remove(key);
+                    }
+                }
+            }
+            if let Some(desired) = Desired::load(&self.ctx, app) {
+                let owner: Arc<str> = app.as_str().into();
                 for key in desired.objects.keys() {
-                    self.owners.insert(key.clone(), app.clone());
+                    self.owners.insert(key.clone(), owner.clone());
                 }
                 self.desired.insert(app.clone(), desired);
             }
-            // A sync replaced whatever drift was known.
-            if self.drifted.remove(&app).is_some() {
+            // The app's sync replaced whatever drift was known of it.
+            if self.drifted.remove(app).is_some() {
                 tracing::debug!(%app, "drift cleared by a sync");
-                if !self.pending.contains_key(&app) {
-                    self.ctx.set_drift_open(&app, false);
+                if !self.pending.contains_key(app) {
+                    self.ctx.set_drift_open(app, false);
                 }
             }
         }
@@ -273,11 +310,22 @@ impl Drift {
     /// true for a cluster-wide watch of a namespaced kind.
     fn scopes(&self) -> HashMap<Scope, bool> {
         let mut namespaces: HashMap<GroupVersionKind, HashSet<Option<String>>> = HashMap::new();
-        for (r, _) in self.desired.values().flat_map(|d| d.objects.values()) {
-            namespaces
-                .entry(GroupVersionKind::gvk(&r.group, &r.version, &r.kind))
-                .or_default()
-                .insert(r.namespace.clone());
+        for desired in self.desired.values() {
+            for ((group, kind), version) in &desired.versions {
+                let used = namespaces
+                    .entry(GroupVersionKind::gvk(group, version, kind))
+                    .or_default();
+                let of_kind = desired
+                    .objects
+                    .keys()
+                    .filter(|k| *k.group == **group && *k.kind == **kind);
+                for key in of_kind {
+                    let namespace = key.namespace.as_deref();
+                    if !used.iter().any(|n| n.as_deref() == namespace) {
+                        used.insert(namespace.map(str::to_string));
+                    }
+                }
+            }
         }
         let mut scopes = HashMap::new();
         for (gvk, namespaces) in namespaces {
@@ -332,14 +380,13 @@ impl Drift {
             object
                 .pointer(&format!("/metadata/{k}"))
                 .and_then(Value::as_str)
-                .map(str::to_string)
         };
-        Key {
-            group: gvk.group.clone(),
-            kind: gvk.kind.clone(),
-            namespace: meta("namespace"),
-            name: meta("name").unwrap_or_default(),
-        }
+        Key::new(
+            &gvk.group,
+            &gvk.kind,
+            meta("namespace"),
+            meta("name").unwrap_or_default(),
+        )
     }
 
     fn queue(&mut self, app: String, key: Key) {
@@ -385,7 +432,7 @@ impl Drift {
                 let print = fingerprint(&object);
                 let changed = self.fingerprints.insert(key.clone(), print) != Some(print);
                 if changed && touched_by_others(&object) {
-                    self.queue(app, key);
+                    self.queue(app.to_string(), key);
                 }
             }
             Seen::Deleted(gvk, object) => {
@@ -393,7 +440,7 @@ impl Drift {
                 self.fingerprints.remove(&key);
                 if let Some(app) = self.owners.get(&key).cloned() {
                     self.ctx.changed_by_others(&app);
-                    self.queue(app, key);
+                    self.queue(app.to_string(), key);
                 }
             }
             Seen::Lost((gvk, namespace)) => {
@@ -417,10 +464,12 @@ impl Drift {
                 let missing: Vec<(String, Key)> = self
                     .owners
                     .iter()
-                    .filter(|(k, _)| k.group == gvk.group && k.kind == gvk.kind)
-                    .filter(|(k, _)| namespace.is_none() || k.namespace == namespace)
+                    .filter(|(k, _)| *k.group == *gvk.group && *k.kind == *gvk.kind)
+                    .filter(|(k, _)| {
+                        namespace.is_none() || k.namespace.as_deref() == namespace.as_deref()
+                    })
                     .filter(|(k, _)| !present.contains(k))
-                    .map(|(k, app)| (app.clone(), k.clone()))
+                    .map(|(k, app)| (app.to_string(), k.clone()))
                     .collect();
                 for (app, key) in missing {
                     self.queue(app, key);
@@ -442,10 +491,15 @@ impl Drift {
             if let Some((keys, _)) = self.pending.remove(&app) {
                 self.check(&app, keys).await;
             }
-            let open = self.pending.contains_key(&app)
-                || self.drifted.get(&app).is_some_and(|d| !d.is_empty());
-            self.ctx.set_drift_open(&app, open);
+            self.publish_open(&app);
         }
+    }
+
+    /// Tells the sync engine whether `app` has a change waiting or drift not healed.
+    fn publish_open(&self, app: &str) {
+        let open =
+            self.pending.contains_key(app) || self.drifted.get(app).is_some_and(|d| !d.is_empty());
+        self.ctx.set_drift_open(app, open);
     }
 
     /// Compares `keys` of `app` with the render, and heals or reports what differs.
@@ -547,14 +601,14 @@ async fn compare(
     ctx: &SyncContext,
     app: &str,
     plan: &Plan,
-    objects: &HashMap<Key, (ObjectRef, usize)>,
+    objects: &HashMap<Key, usize>,
     keys: HashSet<Key>,
 ) -> Comparison {
     let mut drifted: Vec<(Key, Object, String)> = Vec::new();
     let mut clean = Vec::new();
     let mut retry = HashSet::new();
     for key in keys {
-        let Some(object) = objects.get(&key).and_then(|(_, i)| plan.objects.get(*i)) else {
+        let Some(object) = objects.get(&key).and_then(|i| plan.objects.get(*i)) else {
             continue;
         };
         match ctx.cluster.dry_run(object, plan).await {
@@ -707,7 +761,7 @@ fn written_last_by_us(object: &Value) -> bool {
 fn display(k: &Key) -> String {
     match &k.namespace {
         Some(ns) => format!("{ns}/{}", k.name),
-        None => k.name.clone(),
+        None => k.name.to_string(),
     }
 }
 

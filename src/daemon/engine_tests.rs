@@ -592,7 +592,7 @@ async fn drift_is_reported_without_self_heal_and_healed_with_it() {
         e.sync("web", &e.commit()).await.unwrap();
         let (tx, _rx) = tokio::sync::mpsc::channel(8);
         let mut drift = super::drift::Drift::new(e.ctx.clone(), tx);
-        drift.refresh().await;
+        drift.load_all().await;
         let status = |e: &Engine| {
             let doc = e.ctx.board.document();
             let app = doc.apps.into_iter().find(|a| a.app == "web").unwrap();
@@ -961,4 +961,36 @@ async fn an_app_is_rated_from_its_apply_answers_until_another_writer_changes_it(
     monitor.round(&e.ctx, None, crate::state::unix_now()).await;
     assert_eq!(e.cluster.count("get") - gets, read, "every object read");
     assert_eq!(health(&e).as_deref(), Some("Healthy"));
+}
+
+#[tokio::test]
+async fn a_sync_of_one_app_leaves_the_drift_known_of_another() {
+    let other = "name = \"other\"\nrepo = \"{repo}\"\npath = \"other\"\nnamespace = \"elsewhere\"\ncreate_namespace = true";
+    let e = Engine::new(&[PRUNING, other]);
+    e.write("app/a.yaml", &cm("a", "git"));
+    e.write("other/b.yaml", &cm("b", "git"));
+    let first = e.commit();
+    e.sync("web", &first).await.unwrap();
+    e.sync("other", &first).await.unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let mut drift = super::drift::Drift::new(e.ctx.clone(), tx);
+    drift.load_all().await;
+    e.ctx.take_resynced();
+
+    // `other` drifts (no self-heal): known, and shown.
+    let mut live = e.cluster.live(&cm_ref("elsewhere", "b")).unwrap();
+    live["data"]["v"] = json!("by hand");
+    e.cluster.put(cm_ref("elsewhere", "b"), live);
+    drift.check_app("other").await;
+    assert_eq!(shown(&e, "other").0, "OutOfSync");
+    assert!(e.ctx.drift_open("other"));
+
+    // `web` syncs a new revision: only its desired state is reloaded; `other`'s drift stays.
+    e.write("app/a.yaml", &cm("a", "2"));
+    e.sync("web", &e.commit()).await.unwrap();
+    let resynced = e.ctx.take_resynced();
+    assert_eq!(resynced, ["web".to_string()].into());
+    drift.refresh(&resynced).await;
+    assert!(e.ctx.drift_open("other"), "still known");
+    assert_eq!(shown(&e, "other").0, "OutOfSync");
 }

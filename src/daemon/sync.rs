@@ -159,15 +159,18 @@ pub(crate) struct SyncContext {
     pub(crate) kube: Option<Arc<KubeApplier>>,
     pub(crate) store: StateStore,
     pub(crate) retries: retry::Retries,
-    /// Counts finished sync attempts; the drift watcher reloads its desired state on each.
+    /// Counts finished sync attempts; the drift watcher reloads the desired state of the apps
+    /// in `resynced` on each.
     pub(crate) synced: tokio::sync::watch::Sender<u64>,
+    /// Apps synced or rolled back since the drift watcher last looked ([`Self::take_resynced`]).
+    resynced: std::sync::Mutex<HashSet<String>>,
     /// One writer per app: sync, rollback, self-heal and removal each hold the app's lock
     /// while they change its objects or its state, so none undoes what another just did.
     pub(super) writers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The cluster's version and APIs for Helm, and when they were read.
     pub(super) capabilities: tokio::sync::Mutex<Option<(Instant, Arc<apply::kube::Capabilities>)>>,
     /// Which app manages each object on this node (read from the states on first use).
-    pub(super) claims: std::sync::Mutex<Option<HashMap<ClaimKey, String>>>,
+    pub(super) claims: std::sync::Mutex<Option<HashMap<ClaimKey, Arc<str>>>>,
 }
 
 /// The app's state; a damaged file (set aside by the store) is reported, counted, and the app
@@ -251,6 +254,7 @@ impl SyncContext {
             kube,
             retries: Default::default(),
             synced: tokio::sync::watch::Sender::new(0),
+            resynced: Default::default(),
             writers: Default::default(),
             claims: Default::default(),
             capabilities: Default::default(),
@@ -316,7 +320,7 @@ impl SyncContext {
             });
         }
         let result = self.attempt(app, target, state, force).await;
-        self.synced.send_modify(|n| *n += 1);
+        self.resynced(&app.name);
         match &result {
             Ok(_) => self.retries.succeeded(&app.name),
             Err(e) => {
@@ -327,6 +331,20 @@ impl SyncContext {
             }
         }
         result
+    }
+
+    /// A sync attempt or a rollback of `app` ended: its desired state may have changed.
+    fn resynced(&self, app: &str) {
+        self.resynced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(app.to_string());
+        self.synced.send_modify(|n| *n += 1);
+    }
+
+    /// The apps synced or rolled back since the last call.
+    pub(super) fn take_resynced(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.resynced.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Has `app` rated again soon: one of its objects changed.
@@ -661,7 +679,7 @@ impl SyncContext {
         };
         self.save_state(&app.name, &state).await?;
         self.save_inventory(app, &state).await;
-        self.synced.send_modify(|n| *n += 1);
+        self.resynced(&app.name);
         self.metrics.sync(&app.name, "rolled_back");
         self.board
             .rolled_back(&app.name, &state, &bad, reason, result.as_ref().err());
