@@ -4,10 +4,11 @@
 //! `kubectl apply --server-side --prune` with an applyset, on a poll interval).
 //!
 //! Run with `bench/peers/run` (builds the peers, then `cargo bench --bench peers`). Under
-//! `cargo test` it does nothing. Knobs (environment): `PEERS_DIR` (from `bench/peers/build`,
-//! required when Flux runs), `PEERS_IDLE_SECS` (idle window per peer, default 300), `PEERS_EVENTS` (pushes
-//! per peer, default 100; the kubectl loop gets a fifth), `PEERS_APPS` (the large fleet,
-//! default 500 apps of 20 objects), `PEERS_ONLY` (comma list of `edgesync,flux,kubectl`),
+//! `cargo test` it does nothing. Knobs (environment): `PEERS_DIR` (from `bench/peers/build`:
+//! Flux and the JGit server), `PEERS_IDLE_SECS` (idle window per peer, default 300),
+//! `PEERS_EVENTS` (pushes per peer, default 100; the kubectl loop gets a fifth), `PEERS_APPS`
+//! (the large fleet, default 500 apps of 20 objects; 0 leaves it out), `PEERS_ONLY` (comma list
+//! of `edgesync,flux,kubectl`),
 //! `PEERS_LOGS` (a directory: edgesync's debug log and each idle window's audit log go there).
 //!
 //! Every peer runs alone while it is measured; the others are stopped. The clock for a push
@@ -632,6 +633,30 @@ fn start_kubectl(fleet: &Fleet<'_>) -> Running {
     }
 }
 
+/// Waits until the kubectl loop of `fleet` ends its next round (a line in its log).
+async fn round_ended(fleet: &Fleet<'_>) {
+    let log = fleet
+        .work
+        .join(format!("kubectl-{}", fleet.phase))
+        .join("loop.log");
+    let rounds = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("round done"))
+            .count()
+    };
+    let before = rounds();
+    let t0 = Instant::now();
+    while rounds() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3600),
+            "the kubectl loop ended no round in an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 // --- the API server's audit log -------------------------------------------------------------
 
 fn audit_log() -> PathBuf {
@@ -732,11 +757,16 @@ async fn idle(peer: &Running, secs: u64, tick: f64) -> BTreeMap<&'static str, St
     let cpu0 = peer.cpu_ticks();
     let t0 = Instant::now();
     let mut rss = Vec::new();
+    let mut trend = Vec::new();
     let mut cpu_per_min = Vec::new();
     let mut last = (Instant::now(), cpu0);
     while t0.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         rss.push(peer.rss_kib() as f64 / 1024.0);
+        trend.push((
+            t0.elapsed().as_secs_f64() / 3600.0,
+            peer.rss_kib() as f64 / 1024.0,
+        ));
         if last.0.elapsed() >= Duration::from_secs(60) {
             let now = peer.cpu_ticks();
             cpu_per_min.push((now.saturating_sub(last.1)) as f64 / tick);
@@ -756,6 +786,7 @@ async fn idle(peer: &Running, secs: u64, tick: f64) -> BTreeMap<&'static str, St
     }
     let total: usize = requests.values().sum();
     out.insert("idle RSS", summary(&mut rss, "MiB"));
+    out.insert("idle RSS trend", rss_trend(&trend));
     out.insert(
         "idle CPU s/h",
         format!(
@@ -777,6 +808,29 @@ async fn idle(peer: &Running, secs: u64, tick: f64) -> BTreeMap<&'static str, St
         ),
     );
     out
+}
+
+/// The first and last RSS samples of an idle window and the least-squares slope through all
+/// of them, in MiB per hour (flat is near 0; `PEERS_IDLE_SECS` sets how long it is watched).
+fn rss_trend(samples: &[(f64, f64)]) -> String {
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return "no samples".into();
+    };
+    let n = samples.len() as f64;
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_r = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let cov: f64 = samples
+        .iter()
+        .map(|s| (s.0 - mean_t) * (s.1 - mean_r))
+        .sum();
+    let var: f64 = samples.iter().map(|s| (s.0 - mean_t).powi(2)).sum();
+    let slope = if var > 0.0 { cov / var } else { 0.0 };
+    format!(
+        "{:.1} → {:.1} MiB over {:.0} min, slope {slope:+.2} MiB/h",
+        first.1,
+        last.1,
+        last.0 * 60.0
+    )
 }
 
 /// Commits what the caller wrote, pushes it to the served repository, tells the peer, and
@@ -878,6 +932,102 @@ async fn self_heal(
     (latencies(&mut edits), latencies(&mut deletes))
 }
 
+// --- the Git server -------------------------------------------------------------------------
+
+/// Serves the bare repositories under a directory over smart HTTP: JGit's servlet in Jetty
+/// (bench/peers/jgit, built by `bench/peers/build`), which answers each request in its own
+/// process, where `git http-backend` starts a CGI program and `git upload-pack` per request
+/// (about 25 ms of a push's 50 ms of Git work here). Without `PEERS_DIR` the test harness's
+/// `git http-backend` serves instead, and the run says so.
+enum GitServer {
+    JGit { port: u16, child: Child },
+    Cgi(GitHttpServer),
+}
+
+impl GitServer {
+    async fn start(peers: &Path, root: &Path) -> GitServer {
+        let dir = peers.join("git-server");
+        if !dir.join("git-server-1.jar").exists() {
+            eprintln!(
+                "peers: Git server: git http-backend (CGI), as PEERS_DIR holds no JGit server; \
+                 push figures are not comparable with a run of bench/peers/run"
+            );
+            return GitServer::Cgi(GitHttpServer::start(root, None).await);
+        }
+        let classpath = format!(
+            "{}:{}/*",
+            dir.join("git-server-1.jar").display(),
+            dir.join("lib").display()
+        );
+        let mut child = Command::new("java")
+            .args(["-Xmx256m", "-cp", &classpath, "edgesync.bench.GitServer"])
+            .arg(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start the JGit server (java)");
+        let stdout = child.stdout.take().unwrap();
+        let port = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            line.trim().parse::<u16>().expect("JGit server's port")
+        })
+        .await
+        .unwrap();
+        eprintln!("peers: Git server: JGit smart HTTP on port {port}");
+        let server = GitServer::JGit { port, child };
+        server.warm_up(root);
+        server
+    }
+
+    /// Serves a scratch repository's pushes to a `git fetch` 100 times, so the first peer
+    /// measured meets a Java server as warm (compiled) as the later ones do.
+    fn warm_up(&self, root: &Path) {
+        let repo = GitRepo::new();
+        repo.write("warm", "0");
+        repo.commit("warm 0");
+        let bare = repo.bare_clone_into(root, "warm-up");
+        let clone = tempfile::tempdir().unwrap();
+        let dest = clone.path().join("warm-up");
+        let ok = Command::new("git")
+            .args(["clone", "-q", "--depth", "1", &self.url("warm-up")])
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "clone from the JGit server");
+        for i in 1..=100 {
+            repo.write("warm", &i.to_string());
+            repo.commit(&format!("warm {i}"));
+            repo.push_to(&bare);
+            let ok = Command::new("git")
+                .args(["fetch", "-q", "origin"])
+                .current_dir(&dest)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "fetch from the JGit server");
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        match self {
+            GitServer::JGit { port, .. } => format!("http://127.0.0.1:{port}/{name}.git"),
+            GitServer::Cgi(server) => server.url(name),
+        }
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        if let GitServer::JGit { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 async fn create_namespaces(fleet: &Fleet<'_>, kind: Kind) {
     let api: Api<Namespace> = Api::all(cluster().client().await);
     let names: Vec<String> = (0..fleet.apps).map(|a| fleet.namespace(kind, a)).collect();
@@ -903,7 +1053,8 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    // Only Flux needs the peers' builds; edgesync and the kubectl loop run without them.
+    // Flux and the JGit server come from the peers' builds; without them edgesync and the
+    // kubectl loop run against `git http-backend`.
     let peers = PathBuf::from(std::env::var("PEERS_DIR").unwrap_or_default());
     let idle_secs = env_num("PEERS_IDLE_SECS", 300) as u64;
     let events = env_num("PEERS_EVENTS", 100);
@@ -944,7 +1095,7 @@ async fn main() {
     }
     let work = tempfile::tempdir().unwrap();
     let served = tempfile::tempdir().unwrap();
-    let git = GitHttpServer::start(served.path(), None).await;
+    let git = GitServer::start(&peers, served.path()).await;
     let mut figures = Figures::default();
 
     // --- 10 apps of 10 objects: idle, pushes, self-heal --------------------------------
@@ -1032,64 +1183,73 @@ async fn main() {
         }
     }
 
-    // --- 500 apps of 20 objects: first sync, idle memory, a commit touching all ---------
-    let repo = GitRepo::new();
-    write_fleet(&repo, large, LARGE_OBJECTS, 0);
-    repo.commit("large fleet");
-    let name = "large".to_string();
-    let bare = repo.bare_clone_into(served.path(), &name);
-    let mut rev = 0;
-    for &kind in &kinds {
-        let fleet = Fleet {
-            phase: large.to_string(),
-            apps: large,
-            url: git.url(&name),
-            work: work.path(),
-        };
-        create_namespaces(&fleet, kind).await;
-        let prefix = fleet.prefix(kind);
-        let total = large * LARGE_OBJECTS;
-        let want = format!("v{rev}");
-        let t0 = Instant::now();
-        let peer = match kind {
-            Kind::Edgesync => start_edgesync(&fleet).await,
-            Kind::Flux => start_flux(&fleet, &peers, "10m").await,
-            Kind::Kubectl => start_kubectl(&fleet),
-        };
-        tracker
-            .until("the large fleet applied", Duration::from_secs(3600), |t| {
-                t.count(&prefix, &want) == total
-            })
+    // PEERS_APPS=0 leaves the large fleet out (a long idle soak of the small one).
+    if large > 0 {
+        // --- 500 apps of 20 objects: first sync, idle memory, a commit touching all ---------
+        let repo = GitRepo::new();
+        write_fleet(&repo, large, LARGE_OBJECTS, 0);
+        repo.commit("large fleet");
+        let name = "large".to_string();
+        let bare = repo.bare_clone_into(served.path(), &name);
+        let mut rev = 0;
+        for &kind in &kinds {
+            let fleet = Fleet {
+                phase: large.to_string(),
+                apps: large,
+                url: git.url(&name),
+                work: work.path(),
+            };
+            create_namespaces(&fleet, kind).await;
+            let prefix = fleet.prefix(kind);
+            let total = large * LARGE_OBJECTS;
+            let want = format!("v{rev}");
+            let t0 = Instant::now();
+            let peer = match kind {
+                Kind::Edgesync => start_edgesync(&fleet).await,
+                Kind::Flux => start_flux(&fleet, &peers, "10m").await,
+                Kind::Kubectl => start_kubectl(&fleet),
+            };
+            tracker
+                .until("the large fleet applied", Duration::from_secs(3600), |t| {
+                    t.count(&prefix, &want) == total
+                })
+                .await;
+            let first = t0.elapsed().as_secs_f64();
+            eprintln!("{}: {large} apps applied in {first:.1} s", kind.name());
+            let row = figures.rows.entry((large, kind.name())).or_default();
+            row.insert("first sync", ms(first));
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let idle_figures = idle(&peer, (idle_secs / 2).max(30), tick).await;
+            eprintln!("{}: idle {:?}", kind.name(), idle_figures);
+            row.extend(idle_figures);
+            rev += 1;
+            write_fleet(&repo, large, LARGE_OBJECTS, rev);
+            let want = format!("v{rev}");
+            if kind == Kind::Kubectl {
+                // A round over 500 apps takes about 14 minutes; a commit landing mid-round waits
+                // for the next whole one (up to 28 minutes). It lands as a round ends instead: the
+                // loop's best case, one interval plus one round.
+                round_ended(&fleet).await;
+            }
+            let all = push(
+                &peer,
+                &fleet,
+                &repo,
+                &bare,
+                &format!("touch all {rev}"),
+                || async {
+                    tracker
+                        .until("a commit to all applied", Duration::from_secs(3600), |t| {
+                            t.count(&prefix, &want) == total
+                        })
+                        .await
+                },
+            )
             .await;
-        let first = t0.elapsed().as_secs_f64();
-        eprintln!("{}: {large} apps applied in {first:.1} s", kind.name());
-        let row = figures.rows.entry((large, kind.name())).or_default();
-        row.insert("first sync", ms(first));
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        let idle_figures = idle(&peer, (idle_secs / 2).max(30), tick).await;
-        eprintln!("{}: idle {:?}", kind.name(), idle_figures);
-        row.extend(idle_figures);
-        rev += 1;
-        write_fleet(&repo, large, LARGE_OBJECTS, rev);
-        let want = format!("v{rev}");
-        let all = push(
-            &peer,
-            &fleet,
-            &repo,
-            &bare,
-            &format!("touch all {rev}"),
-            || async {
-                tracker
-                    .until("a commit to all applied", Duration::from_secs(3600), |t| {
-                        t.count(&prefix, &want) == total
-                    })
-                    .await
-            },
-        )
-        .await;
-        eprintln!("{}: commit to all applied in {all:.1} s", kind.name());
-        row.insert("commit to all applied", ms(all));
-        peer.stop().await;
+            eprintln!("{}: commit to all applied in {all:.1} s", kind.name());
+            row.insert("commit to all applied", ms(all));
+            peer.stop().await;
+        }
     }
 
     println!(

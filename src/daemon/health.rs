@@ -104,7 +104,6 @@ impl Monitor {
         now: u64,
         timer: bool,
     ) -> bool {
-        let mut answered = ctx.take_applied_health(&app.name).unwrap_or_default();
         let Ok(state) = ctx.store.load(&app.name) else {
             return false;
         };
@@ -119,6 +118,9 @@ impl Monitor {
         if timer && recently_settled && ctx.all_watched(&state.objects) {
             return false;
         }
+        // Taken only here, so a timer round that falls between an apply and the rating it
+        // wakes leaves the answers to that rating.
+        let mut answered = ctx.take_applied_health(&app.name).unwrap_or_default();
         let mut healths = Vec::new();
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for object in &state.objects {

@@ -203,6 +203,12 @@ impl GitSource {
                 revision: sha.to_string(),
             })?;
         self.checkout(&cache, url, &commit, &dir)?;
+        // Still under the cache's lock: no fetch writes a pack meanwhile.
+        match super::packs::merge_small_packs(&cache) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(url = %redact(url), packs = n, "Git cache packs merged"),
+            Err(e) => tracing::warn!(url = %redact(url), "Git cache packs not merged: {e}"),
+        }
         Ok(Snapshot {
             repo: url.clone(),
             revision: sha.to_string(),
@@ -306,10 +312,9 @@ impl GitSource {
         cache
             .checkout_tree(tree.as_object(), Some(&mut co))
             .map_err(Self::git_err(url))?;
-        super::sealed::seal(tmp.path()).map_err(Self::cache_err(url, tmp.path()))?;
         // Another sync of the same commit may win the race; its directory is identical.
         let tmp_path = tmp.keep();
-        super::sealed::publish(&tmp_path, dir).map_err(Self::cache_err(url, dir))?;
+        super::sealed::publish_then_seal(&tmp_path, dir).map_err(Self::cache_err(url, dir))?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 mod auth;
 pub(crate) mod chart;
 mod git;
+mod packs;
 mod sealed;
 pub(crate) mod transport;
 
