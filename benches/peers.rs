@@ -147,7 +147,7 @@ impl Tracker {
         objects.get(ns).and_then(|m| m.get(name)).cloned()
     }
 
-    /// Waits (checking after each change, at most every 20 ms) until `done` holds.
+    /// Waits (checking after each change, at most every 2 ms) until `done` holds.
     async fn until(&self, what: &str, timeout: Duration, done: impl Fn(&Tracker) -> bool) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -158,7 +158,9 @@ impl Tracker {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "timed out waiting for {what}");
             let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changed).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Spaces checks over a storm of events (10,000 objects at 500 apps) without
+            // adding more than 2 ms to a push's figure (20 ms before 2026-12-01).
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }
