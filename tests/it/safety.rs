@@ -575,6 +575,27 @@ async fn empty_and_truncated_files_after_a_power_cut_are_refused_and_nothing_is_
         ));
     let agent = Agent::start(&config);
     config.wait_applied("app", &sha).await;
+    // Checkouts are sealed in the background, a second after the sync: a power cut after the
+    // seal, so the damage below is found by it (one before it leaves the checkout unsealed,
+    // and removed on start just the same: `source::sealed`'s unit test).
+    let state = config.dir().join("state");
+    let t0 = std::time::Instant::now();
+    let snapshot = loop {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the checkout was never sealed: {}",
+            agent.log()
+        );
+        let sealed = std::fs::read_dir(state.join("git/snapshots"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.join("app/a.yaml").is_file() && p.join(".edgesync-seal").is_file());
+        if let Some(dir) = sealed {
+            break dir;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     drop(agent);
     let cms = kube::Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name);
     let uids = |names: [&'static str; 2]| {
@@ -589,17 +610,10 @@ async fn empty_and_truncated_files_after_a_power_cut_are_refused_and_nothing_is_
     };
     let before = uids(["a", "b"]).await;
 
-    let state = config.dir().join("state");
     std::fs::write(state.join("apps/app.json"), "").unwrap();
     let render = state.join("apps/app.applied.json");
     let text = std::fs::read(&render).unwrap();
     std::fs::write(&render, &text[..text.len() / 2]).unwrap();
-    let snapshot = std::fs::read_dir(state.join("git/snapshots"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.join("app/a.yaml").is_file())
-        .expect("the snapshot");
     std::fs::write(snapshot.join("app/a.yaml"), "").unwrap();
 
     let agent = Agent::start(&config);
