@@ -2,4 +2,5 @@
 //! rolls revisions out in health-gated stages (issue 20; being built on this branch).
 
 pub mod ingest;
+pub mod mqtt;
 pub mod store;
