@@ -216,6 +216,148 @@ impl Sqlite {
     }
 }
 
+/// A node as the fleet overview shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRow {
+    pub node: String,
+    /// `online`, `offline` (said so, or its last will) or `stale` (nothing heard for too long).
+    pub state: String,
+    pub last_seen: u64,
+    pub apps: u64,
+    /// Apps not Synced and Healthy.
+    pub failing: u64,
+    pub missing_events: u64,
+}
+
+/// How many nodes run one app at one revision with one sync state and health.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AppRow {
+    pub app: String,
+    pub revision: Option<String>,
+    pub sync: Option<String>,
+    pub health: Option<String>,
+    pub nodes: u64,
+}
+
+/// One event as the timeline shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EventRow {
+    pub node: String,
+    pub seq: u64,
+    pub time: u64,
+    pub app: String,
+    pub event: String,
+    pub revision: Option<String>,
+    pub message: String,
+}
+
+impl Sqlite {
+    /// Every node, failing ones first, then by name. A node not heard of for `stale_after`
+    /// seconds is stale, whatever it last said.
+    pub fn nodes(&self, now: u64, stale_after: u64) -> Result<Vec<NodeRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT n.node, n.online, n.last_seen,
+               (SELECT count(*) FROM apps a WHERE a.node = n.node),
+               (SELECT count(*) FROM apps a WHERE a.node = n.node
+                  AND (a.sync IS NOT 'Synced' OR a.health IS NOT 'Healthy')),
+               (SELECT coalesce(sum(last - first + 1), 0) FROM gaps g WHERE g.node = n.node)
+             FROM nodes n",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let online: Option<bool> = r.get(1)?;
+            let last_seen: u64 = r.get(2)?;
+            let state = if now.saturating_sub(last_seen) > stale_after {
+                "stale"
+            } else if online == Some(false) {
+                "offline"
+            } else {
+                "online"
+            };
+            Ok(NodeRow {
+                node: r.get(0)?,
+                state: state.to_string(),
+                last_seen,
+                apps: r.get(3)?,
+                failing: r.get(4)?,
+                missing_events: r.get(5)?,
+            })
+        })?;
+        let mut out: Vec<NodeRow> = rows.collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| {
+            (b.failing > 0, b.state != "online", &a.node).cmp(&(
+                a.failing > 0,
+                a.state != "online",
+                &b.node,
+            ))
+        });
+        Ok(out)
+    }
+
+    /// Per app, how many nodes run which revision with which sync state and health; apps with
+    /// failing nodes first.
+    pub fn apps(&self, only: Option<&str>) -> Result<Vec<AppRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT app, revision, sync, health, count(*) FROM apps
+             WHERE ?1 IS NULL OR app = ?1
+             GROUP BY app, revision, sync, health",
+        )?;
+        let rows = stmt.query_map(params![only], |r| {
+            Ok(AppRow {
+                app: r.get(0)?,
+                revision: r.get(1)?,
+                sync: r.get(2)?,
+                health: r.get(3)?,
+                nodes: r.get(4)?,
+            })
+        })?;
+        let mut out: Vec<AppRow> = rows.collect::<Result<_, _>>()?;
+        let failing = |row: &AppRow| {
+            row.sync.as_deref() != Some("Synced") || row.health.as_deref() != Some("Healthy")
+        };
+        out.sort_by(|a, b| (failing(b), &a.app, b.nodes).cmp(&(failing(a), &b.app, a.nodes)));
+        Ok(out)
+    }
+
+    /// The latest events, newest first, of one node and/or app if given.
+    pub fn events(
+        &self,
+        node: Option<&str>,
+        app: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT node, seq, time, app, event, revision, message FROM events
+             WHERE (?1 IS NULL OR node = ?1) AND (?2 IS NULL OR app = ?2)
+             ORDER BY time DESC, seq DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![node, app, limit], |r| {
+            Ok(EventRow {
+                node: r.get(0)?,
+                seq: r.get(1)?,
+                time: r.get(2)?,
+                app: r.get(3)?,
+                event: r.get(4)?,
+                revision: r.get(5)?,
+                message: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The app documents of one node.
+    pub fn node_apps(&self, node: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT doc FROM apps WHERE node = ?1 ORDER BY app")?;
+        let rows = stmt.query_map(params![node], |r| r.get::<_, String>(0))?;
+        let docs: Vec<String> = rows.collect::<Result<_, _>>()?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect())
+    }
+}
+
 /// Takes `seq` out of the node's gap that holds it, splitting the gap if needed.
 fn fill_gap(tx: &rusqlite::Transaction<'_>, node: &str, seq: u64) -> Result<(), StoreError> {
     let found: Option<(u64, u64, u64)> = tx
@@ -328,5 +470,41 @@ mod tests {
             Recorded::Stored
         );
         assert_eq!(db.app("n1", "web").unwrap().unwrap()["revision"], "newer");
+    }
+
+    #[test]
+    fn the_overview_puts_failing_and_silent_nodes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Sqlite::open(&dir.path().join("hub.db")).unwrap();
+        let doc = |node: &str, health: &str| Message::App {
+            node: node.into(),
+            app: "web".into(),
+            seq: 1,
+            timestamp: 100,
+            body: serde_json::json!({"app": "web", "revision": "abc", "sync": "Synced", "health": health}),
+        };
+        db.record(&doc("a-good", "Healthy"), 1000).unwrap();
+        db.record(&doc("b-bad", "Degraded"), 1000).unwrap();
+        db.record(&doc("c-quiet", "Healthy"), 100).unwrap();
+        db.record(&event("b-bad", 1, 10), 1000).unwrap();
+        db.record(&event("b-bad", 4, 11), 1000).unwrap();
+        let nodes = db.nodes(1000, 300).unwrap();
+        let order: Vec<(&str, &str)> = nodes
+            .iter()
+            .map(|n| (n.node.as_str(), n.state.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("b-bad", "online"),
+                ("c-quiet", "stale"),
+                ("a-good", "online")
+            ]
+        );
+        assert_eq!(nodes[0].missing_events, 2);
+        let apps = db.apps(None).unwrap();
+        assert_eq!(apps[0].health.as_deref(), Some("Degraded"));
+        assert_eq!(apps[1].nodes, 2);
+        assert_eq!(db.events(Some("b-bad"), None, 10).unwrap()[0].seq, 4);
     }
 }
