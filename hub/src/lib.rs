@@ -4,3 +4,4 @@
 pub mod ingest;
 pub mod mqtt;
 pub mod store;
+pub mod web;

@@ -1,0 +1,204 @@
+//! `edgesync-hub run --config FILE`: ingest from the broker, the fleet database, the pages and
+//! the API. `edgesync-hub status [--url URL]`: the fleet summary in the terminal.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+use edgesync_hub::ingest::Topics;
+use edgesync_hub::mqtt::{self, Counts, IngestConfig};
+use edgesync_hub::store::Sqlite;
+use edgesync_hub::web::{self, Web};
+
+#[derive(Parser)]
+#[command(
+    name = "edgesync-hub",
+    version,
+    about = "The fleet upstream of edgesync"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the hub.
+    Run {
+        #[arg(long, default_value = "/etc/edgesync-hub/config.toml")]
+        config: PathBuf,
+    },
+    /// Prints the fleet summary from a running hub.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:8480")]
+        url: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    mqtt: MqttSection,
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    http: HttpSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MqttSection {
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_client_id")]
+    client_id: String,
+    #[serde(default = "default_prefix")]
+    status_prefix: String,
+    /// Shared subscription group; replicas of one hub use the same.
+    #[serde(default = "default_group")]
+    group: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    path: PathBuf,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: "/var/lib/edgesync-hub/hub.db".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: "127.0.0.1:8480".into(),
+        }
+    }
+}
+
+fn default_port() -> u16 {
+    1883
+}
+fn default_client_id() -> String {
+    "edgesync-hub".into()
+}
+fn default_prefix() -> String {
+    "edgesync/nodes/{node}".into()
+}
+fn default_group() -> String {
+    "edgesync-hub".into()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "edgesync_hub=info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Run { config } => run(config).await,
+        Command::Status { url } => status(&url).await,
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let config: Config = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    if let Some(dir) = config.store.path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    let store = Arc::new(Mutex::new(
+        Sqlite::open(&config.store.path)
+            .with_context(|| format!("{}", config.store.path.display()))?,
+    ));
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let ingest = tokio::spawn(mqtt::run(
+        IngestConfig {
+            host: config.mqtt.host,
+            port: config.mqtt.port,
+            client_id: config.mqtt.client_id,
+            topics: Topics::new(&config.mqtt.status_prefix),
+            group: Some(config.mqtt.group),
+        },
+        store.clone(),
+        counts,
+        stopped,
+    ));
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("http.listen {}", config.http.listen))?;
+    tracing::info!(listen = %config.http.listen, "edgesync-hub running");
+    axum::serve(listener, web::router(Web { store }))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    let _ = stop.send(true);
+    let _ = ingest.await;
+    Ok(())
+}
+
+async fn status(url: &str) -> anyhow::Result<()> {
+    let address = url
+        .strip_prefix("http://")
+        .context("status --url: only http:// (the hub listens on loopback by default)")?
+        .trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .with_context(|| format!("cannot reach the hub at {url}"))?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET /api/v1/fleet HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await?;
+    let text = String::from_utf8_lossy(&reply);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let fleet: serde_json::Value = serde_json::from_str(body).context("the hub's answer")?;
+    let nodes = fleet["nodes"].as_array().cloned().unwrap_or_default();
+    let count = |s: &str| nodes.iter().filter(|n| n["state"] == s).count();
+    println!(
+        "{} nodes: {} online, {} offline, {} stale",
+        nodes.len(),
+        count("online"),
+        count("offline"),
+        count("stale")
+    );
+    println!(
+        "{:<24} {:<14} {:<10} {:<12} {:>5}",
+        "APP", "REVISION", "SYNC", "HEALTH", "NODES"
+    );
+    for app in fleet["apps"].as_array().cloned().unwrap_or_default() {
+        let text = |k: &str| app[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<24} {:<14} {:<10} {:<12} {:>5}",
+            text("app"),
+            text("revision").chars().take(12).collect::<String>(),
+            text("sync"),
+            text("health"),
+            app["nodes"].as_u64().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
