@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use edgesync_hub::ingest::Topics;
 use edgesync_hub::mqtt::{self, Counts, IngestConfig};
-use edgesync_hub::store::Sqlite;
+use edgesync_hub::store::{Postgres, Sqlite, Store};
 use edgesync_hub::web::{self, Web};
 
 #[derive(Parser)]
@@ -63,18 +63,26 @@ struct MqttSection {
     group: String,
 }
 
+/// SQLite at `path` by default; PostgreSQL when `url` is set (several replicas share it).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreSection {
+    #[serde(default = "default_db")]
     path: PathBuf,
+    url: Option<String>,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
-            path: "/var/lib/edgesync-hub/hub.db".into(),
+            path: default_db(),
+            url: None,
         }
     }
+}
+
+fn default_db() -> PathBuf {
+    "/var/lib/edgesync-hub/hub.db".into()
 }
 
 #[derive(Deserialize)]
@@ -121,13 +129,25 @@ async fn main() -> anyhow::Result<()> {
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     let config: Config = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    if let Some(dir) = config.store.path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    }
-    let store = Arc::new(Mutex::new(
-        Sqlite::open(&config.store.path)
-            .with_context(|| format!("{}", config.store.path.display()))?,
-    ));
+    let store = match &config.store.url {
+        // Blocking client: opened off the async workers.
+        Some(url) => {
+            let url = url.clone();
+            let pg = tokio::task::spawn_blocking(move || Postgres::connect(&url))
+                .await?
+                .context("store.url")?;
+            tokio::task::spawn_blocking(move || Store::new(Box::new(pg))).await??
+        }
+        None => {
+            let path = config.store.path.clone();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+            }
+            let db = Sqlite::open(&path).with_context(|| format!("{}", path.display()))?;
+            Store::new(Box::new(db))?
+        }
+    };
+    let store = Arc::new(Mutex::new(store));
     let counts = Arc::new(Mutex::new(Counts::default()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let ingest = tokio::spawn(mqtt::run(

@@ -12,7 +12,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::watch;
 
 use crate::ingest::Topics;
-use crate::store::{Recorded, Sqlite};
+use crate::store::{Recorded, Store};
 
 /// How long the broker keeps the hub's session (and queues its QoS 1 messages) while it is away.
 const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
@@ -38,7 +38,7 @@ pub struct Counts {
 
 pub async fn run(
     config: IngestConfig,
-    store: Arc<Mutex<Sqlite>>,
+    store: Arc<Mutex<Store>>,
     counts: Arc<Mutex<Counts>>,
     mut shutdown: watch::Receiver<bool>,
 ) {

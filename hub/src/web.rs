@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::store::{AppRow, EventRow, NodeRow, Sqlite};
+use crate::store::{AppRow, EventRow, NodeRow, Store};
 
 /// A node is stale after this long without a message (the agent republishes its node
 /// document at least every 5 minutes).
@@ -19,7 +19,7 @@ pub const STALE_AFTER_SECS: u64 = 900;
 
 #[derive(Clone)]
 pub struct Web {
-    pub store: Arc<Mutex<Sqlite>>,
+    pub store: Arc<Mutex<Store>>,
 }
 
 pub fn router(web: Web) -> Router {
@@ -52,12 +52,12 @@ fn now() -> u64 {
 /// Runs a query on a blocking thread (SQLite), answering 500 with the error on failure.
 async fn query<T: Send + 'static>(
     web: &Web,
-    f: impl FnOnce(&Sqlite) -> Result<T, crate::store::StoreError> + Send + 'static,
+    f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Response> {
     let store = web.store.clone();
     tokio::task::spawn_blocking(move || {
-        let db = store.lock().unwrap_or_else(|e| e.into_inner());
-        f(&db)
+        let mut db = store.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut db)
     })
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())?

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use edgesync_hub::ingest::Topics;
 use edgesync_hub::mqtt::{run, Counts, IngestConfig};
-use edgesync_hub::store::Sqlite;
+use edgesync_hub::store::{Sqlite, Store};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, MqttOptions};
 
@@ -81,7 +81,7 @@ fn event(seq: u64, ts: u64) -> serde_json::Value {
 
 fn start(
     port: u16,
-    db: &Arc<Mutex<Sqlite>>,
+    db: &Arc<Mutex<Store>>,
     counts: &Arc<Mutex<Counts>>,
 ) -> tokio::sync::watch::Sender<bool> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -109,7 +109,7 @@ async fn agents_documents_and_events_reach_the_store_once_and_survive_a_hub_rest
     let broker = broker();
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(Mutex::new(
-        Sqlite::open(&dir.path().join("hub.db")).unwrap(),
+        Store::new(Box::new(Sqlite::open(&dir.path().join("hub.db")).unwrap())).unwrap(),
     ));
     let counts = Arc::new(Mutex::new(Counts::default()));
     let stop = start(broker.port, &db, &counts);
