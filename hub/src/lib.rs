@@ -2,6 +2,7 @@
 //! rolls revisions out in health-gated stages (issue 20; being built on this branch).
 
 pub mod ingest;
+pub mod metrics;
 pub mod mqtt;
 pub mod store;
 pub mod web;

@@ -159,14 +159,14 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             group: Some(config.mqtt.group),
         },
         store.clone(),
-        counts,
+        counts.clone(),
         stopped,
     ));
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("http.listen {}", config.http.listen))?;
     tracing::info!(listen = %config.http.listen, "edgesync-hub running");
-    axum::serve(listener, web::router(Web { store }))
+    axum::serve(listener, web::router(Web { store, counts }))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

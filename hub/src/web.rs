@@ -20,6 +20,7 @@ pub const STALE_AFTER_SECS: u64 = 900;
 #[derive(Clone)]
 pub struct Web {
     pub store: Arc<Mutex<Store>>,
+    pub counts: Arc<Mutex<crate::mqtt::Counts>>,
 }
 
 pub fn router(web: Web) -> Router {
@@ -32,6 +33,7 @@ pub fn router(web: Web) -> Router {
         .route("/api/v1/nodes/{node}", get(node_json))
         .route("/api/v1/apps/{app}", get(app_json))
         .route("/api/v1/events", get(events_json))
+        .route("/metrics", get(metrics))
         .with_state(web)
 }
 
@@ -113,6 +115,25 @@ async fn events_json(State(web): State<Web>, Query(f): Query<EventFilter>) -> Re
     .await
     {
         Ok(rows) => Json(rows).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn metrics(State(web): State<Web>) -> Response {
+    let (counts, t) = (web.counts.clone(), now());
+    match query(&web, move |db| {
+        crate::metrics::render(db, &counts, t, STALE_AFTER_SECS)
+    })
+    .await
+    {
+        Ok(text) => (
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
         Err(r) => r,
     }
 }
