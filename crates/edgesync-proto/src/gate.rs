@@ -323,3 +323,150 @@ mod tests {
         ));
     }
 }
+
+/// What an agent runs for a gated app, given the gate it holds (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Run this revision (the Git target, or the older revision the gate allows).
+    Run { revision: String },
+    /// Run this older revision than the Git target, and say why (`Waiting`).
+    Held { revision: String, reason: String },
+    /// The gate cannot be used; keep running what is running, and say why.
+    Refused { reason: String },
+}
+
+/// How a revision relates to the Git target, as the agent's Git cache tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ancestry {
+    /// The same commit.
+    Same,
+    /// An ancestor of the target on the tracked branch.
+    Older,
+    /// A descendant of the target (the gate is ahead of what this node fetched).
+    Newer,
+    /// Neither: not on the tracked branch's history.
+    Unrelated,
+}
+
+impl Gate {
+    /// The revision a node runs: the older of the Git target and what its stage allows, and
+    /// never one off the tracked branch. `ancestry` tells how the stage's revision relates to
+    /// the target (a Git question, answered by the caller).
+    pub fn decide(
+        &self,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+        target: &str,
+        ancestry: impl Fn(&str) -> Ancestry,
+    ) -> Decision {
+        let Some(stage) = self.stage_for(node, labels) else {
+            return Decision::Refused {
+                reason: format!("gate {} has no stage", self.rollout),
+            };
+        };
+        match ancestry(&stage.revision) {
+            Ancestry::Same | Ancestry::Newer => Decision::Run {
+                revision: target.to_string(),
+            },
+            Ancestry::Older => Decision::Held {
+                revision: stage.revision.clone(),
+                reason: format!(
+                    "held at {} by rollout {}, stage {}",
+                    short(&stage.revision),
+                    self.rollout,
+                    stage.name
+                ),
+            },
+            Ancestry::Unrelated => Decision::Refused {
+                reason: format!(
+                    "rollout {} allows {} for stage {}, which is not on the tracked branch",
+                    self.rollout,
+                    short(&stage.revision),
+                    stage.name
+                ),
+            },
+        }
+    }
+}
+
+fn short(revision: &str) -> String {
+    revision.chars().take(12).collect()
+}
+
+/// The newest gate an agent has taken per app: a gate issued earlier than the one held is
+/// refused, so a replayed old gate cannot undo a newer one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    pub issued: BTreeMap<String, u64>,
+}
+
+impl Taken {
+    /// Whether `gate` may replace the one held for its app; records it if so.
+    pub fn take(&mut self, gate: &Gate) -> bool {
+        let held = self.issued.get(&gate.app).copied().unwrap_or_default();
+        if gate.issued < held {
+            return false;
+        }
+        self.issued.insert(gate.app.clone(), gate.issued);
+        true
+    }
+}
+
+#[cfg(test)]
+mod decide_tests {
+    use super::*;
+
+    fn gate(revision: &str) -> Gate {
+        Gate {
+            schema_version: SCHEMA_VERSION,
+            app: "web".into(),
+            rollout: "web-2".into(),
+            issued: 10,
+            previous: None,
+            stages: vec![Stage {
+                name: "all".into(),
+                selector: BTreeMap::new(),
+                buckets: Some((0, BUCKETS)),
+                revision: revision.into(),
+            }],
+            signature: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_runs_the_older_of_git_and_its_stage_and_never_off_the_branch() {
+        let labels = BTreeMap::new();
+        let decide = |stage: &str, a: Ancestry| gate(stage).decide("n1", &labels, "tip", |_| a);
+        assert_eq!(
+            decide("tip", Ancestry::Same),
+            Decision::Run {
+                revision: "tip".into()
+            }
+        );
+        assert_eq!(
+            decide("next", Ancestry::Newer),
+            Decision::Run {
+                revision: "tip".into()
+            }
+        );
+        assert!(matches!(
+            decide("old", Ancestry::Older),
+            Decision::Held { ref revision, ref reason } if revision == "old" && reason.contains("web-2")
+        ));
+        assert!(matches!(
+            decide("evil", Ancestry::Unrelated),
+            Decision::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_gate_never_replaces_a_newer_one() {
+        let mut taken = Taken::default();
+        let mut g = gate("a");
+        assert!(taken.take(&g));
+        g.issued = 5;
+        assert!(!taken.take(&g));
+        g.issued = 11;
+        assert!(taken.take(&g));
+    }
+}

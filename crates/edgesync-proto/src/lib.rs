@@ -4,4 +4,4 @@
 
 pub mod gate;
 
-pub use gate::{bucket, Gate, GateError, Stage, BUCKETS};
+pub use gate::{bucket, Ancestry, Decision, Gate, GateError, Stage, Taken, BUCKETS};
