@@ -4,5 +4,6 @@
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod rollout;
 pub mod store;
 pub mod web;
