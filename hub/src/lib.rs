@@ -4,6 +4,7 @@
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod policy;
 pub mod rollout;
 pub mod store;
 pub mod web;
