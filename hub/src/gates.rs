@@ -161,7 +161,7 @@ mod tests {
         let first = d.start("web", "new", Some("old"), 100).unwrap();
         assert_eq!(first.topic, "edgesync/gates/web");
         let gate = edgesync_proto::Gate::parse(&first.payload).unwrap();
-        gate.verify(&[public.clone()]).unwrap();
+        gate.verify(std::slice::from_ref(&public)).unwrap();
         assert_eq!(gate.stages[0].revision, "new");
         assert_eq!(gate.stages[1].revision, "old");
         // Every node healthy at what it may run: the next stage opens, in a later gate.
