@@ -109,3 +109,25 @@ pub fn the_overview_puts_failing_and_silent_nodes_first(db: &mut Store) {
     assert_eq!(apps[1].nodes, 2);
     assert_eq!(db.events(Some("b-bad"), None, 10).unwrap()[0].seq, 4);
 }
+
+pub fn app_views_carry_the_nodes_labels(db: &mut Store) {
+    let node = Message::Node {
+        node: "n1".into(),
+        seq: 1,
+        timestamp: 100,
+        body: serde_json::json!({"node": "n1", "labels": {"ring": "canary"}}),
+    };
+    db.record(&node, 100).unwrap();
+    db.record(&app(2, 100, "abc"), 100).unwrap();
+    let views = db.app_views("web").unwrap();
+    assert_eq!(views.len(), 1);
+    assert_eq!(
+        views[0].labels.get("ring").map(String::as_str),
+        Some("canary")
+    );
+    assert_eq!(views[0].revision.as_deref(), Some("abc"));
+    assert_eq!(
+        (views[0].sync.as_str(), views[0].health.as_str()),
+        ("Synced", "Healthy")
+    );
+}

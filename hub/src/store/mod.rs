@@ -400,6 +400,39 @@ impl Store {
             .collect()
     }
 
+    /// What every node reports of `app`, with the node's labels (from its node document), for
+    /// the rollout engine.
+    pub fn app_views(&mut self, app: &str) -> Result<Vec<crate::rollout::NodeView>, StoreError> {
+        let q = "SELECT a.node, a.revision, a.sync, a.health, n.doc FROM apps a
+             JOIN nodes n ON n.node = a.node WHERE a.app = $1 ORDER BY a.node";
+        let mut tx = self.backend.begin()?;
+        let rows = tx.rows(q, &[app.into()])?;
+        rows.iter()
+            .map(|r| {
+                let doc = column(q, r, 4)?
+                    .text()
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok());
+                let labels = doc
+                    .as_ref()
+                    .and_then(|d| d.get("labels"))
+                    .and_then(|l| l.as_object())
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(crate::rollout::NodeView {
+                    node: text(q, r, 0)?,
+                    labels,
+                    revision: column(q, r, 1)?.text(),
+                    sync: column(q, r, 2)?.text().unwrap_or_default(),
+                    health: column(q, r, 3)?.text().unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
     /// The app documents of one node.
     pub fn node_apps(&mut self, node: &str) -> Result<Vec<serde_json::Value>, StoreError> {
         let q = "SELECT doc FROM apps WHERE node = $1 ORDER BY app";
@@ -538,6 +571,12 @@ mod tests {
     fn an_older_document_never_replaces_a_newer_one() {
         let (_dir, mut db) = sqlite();
         conformance::an_older_document_never_replaces_a_newer_one(&mut db);
+    }
+
+    #[test]
+    fn app_views_carry_the_nodes_labels() {
+        let (_dir, mut db) = sqlite();
+        conformance::app_views_carry_the_nodes_labels(&mut db);
     }
 
     #[test]
