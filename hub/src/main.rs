@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
+use edgesync_hub::gates::Driver;
 use edgesync_hub::ingest::Topics;
 use edgesync_hub::mqtt::{self, Counts, IngestConfig};
 use edgesync_hub::store::{Postgres, Sqlite, Store};
@@ -46,6 +47,40 @@ struct Config {
     store: StoreSection,
     #[serde(default)]
     http: HttpSection,
+    gates: Option<GatesSection>,
+}
+
+/// Health-gated rollouts: the hub's signing key and its policies.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatesSection {
+    /// OpenSSH Ed25519 private key (`ssh-keygen -t ed25519`); agents trust its public half.
+    key_file: PathBuf,
+    #[serde(default = "default_gate_prefix")]
+    prefix: String,
+    /// `RolloutPolicy` files (read from the fleet repository in a later version).
+    policies: Vec<PathBuf>,
+}
+
+impl GatesSection {
+    fn driver(&self) -> anyhow::Result<Driver> {
+        let key = ssh_key::PrivateKey::read_openssh_file(&self.key_file)
+            .with_context(|| format!("gates.key_file {}", self.key_file.display()))?;
+        let mut policies = Vec::new();
+        for path in &self.policies {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("gates.policies {}", path.display()))?;
+            policies.push(edgesync_hub::policy::parse(
+                &path.display().to_string(),
+                &text,
+            )?);
+        }
+        Ok(Driver::new(policies, key, &self.prefix))
+    }
+}
+
+fn default_gate_prefix() -> String {
+    "edgesync/gates".into()
 }
 
 #[derive(Deserialize)]
@@ -149,24 +184,39 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     };
     let store = Arc::new(Mutex::new(store));
     let counts = Arc::new(Mutex::new(Counts::default()));
+    let driver = match &config.gates {
+        Some(gates) => Some(Arc::new(Mutex::new(gates.driver()?))),
+        None => None,
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let ingest_config = IngestConfig {
+        host: config.mqtt.host,
+        port: config.mqtt.port,
+        client_id: config.mqtt.client_id,
+        topics: Topics::new(&config.mqtt.status_prefix),
+        group: Some(config.mqtt.group),
+    };
+    let (client, events) = mqtt::client(&ingest_config);
     let ingest = tokio::spawn(mqtt::run(
-        IngestConfig {
-            host: config.mqtt.host,
-            port: config.mqtt.port,
-            client_id: config.mqtt.client_id,
-            topics: Topics::new(&config.mqtt.status_prefix),
-            group: Some(config.mqtt.group),
-        },
+        ingest_config,
+        client.clone(),
+        events,
         store.clone(),
         counts.clone(),
+        driver.clone(),
         stopped,
     ));
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("http.listen {}", config.http.listen))?;
     tracing::info!(listen = %config.http.listen, "edgesync-hub running");
-    axum::serve(listener, web::router(Web { store, counts }))
+    let web = Web {
+        store,
+        counts,
+        driver,
+        client: Some(client),
+    };
+    axum::serve(listener, web::router(web))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::watch;
 
-use crate::ingest::Topics;
+use crate::gates::{Driver, Outgoing};
+use crate::ingest::{Message, Topics};
 use crate::store::{Recorded, Store};
 
 /// How long the broker keeps the hub's session (and queues its QoS 1 messages) while it is away.
@@ -36,19 +37,37 @@ pub struct Counts {
     pub refused: u64,
 }
 
-pub async fn run(
-    config: IngestConfig,
-    store: Arc<Mutex<Store>>,
-    counts: Arc<Mutex<Counts>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// The hub's MQTT client (publishing gates) and the event loop [`run`] drives.
+pub fn client(config: &IngestConfig) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     options
         .set_clean_start(false)
         .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(options, 256);
+    AsyncClient::new(options, 256)
+}
+
+/// Publishes a gate: retained, QoS 1, so a node offline now reads it when it comes back.
+pub async fn publish_gate(client: &AsyncClient, gate: Outgoing) {
+    if let Err(e) = client
+        .publish(gate.topic.clone(), QoS::AtLeastOnce, true, gate.payload)
+        .await
+    {
+        tracing::error!(topic = %gate.topic, "cannot publish the gate: {e}");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    config: IngestConfig,
+    client: AsyncClient,
+    mut events: EventLoop,
+    store: Arc<Mutex<Store>>,
+    counts: Arc<Mutex<Counts>>,
+    driver: Option<Arc<Mutex<Driver>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let filters = config.topics.filters(config.group.as_deref());
     let mut delay = Duration::from_millis(200);
     loop {
@@ -72,14 +91,31 @@ pub async fn run(
                 let outcome = match parsed {
                     Ok(message) => {
                         let store = store.clone();
+                        let driver = driver.clone();
                         let now = unix_now();
-                        tokio::task::spawn_blocking(move || {
+                        let done = tokio::task::spawn_blocking(move || {
                             let mut db = store.lock().unwrap_or_else(|e| e.into_inner());
-                            db.record(&message, now)
+                            let recorded = db.record(&message, now)?;
+                            let gate = match (&message, &driver, &recorded) {
+                                (Message::App { app, .. }, Some(driver), Recorded::Stored) => {
+                                    step(&mut db, driver, app, now)
+                                }
+                                _ => None,
+                            };
+                            Ok::<_, crate::store::StoreError>((recorded, gate))
                         })
                         .await
                         .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        match done {
+                            Ok((recorded, gate)) => {
+                                if let Some(gate) = gate {
+                                    publish_gate(&client, gate).await;
+                                }
+                                Ok(recorded)
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(e) => {
                         tracing::warn!("refused: {e}");
@@ -119,6 +155,33 @@ pub async fn run(
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// Moves `app`'s rollout on after one of its nodes reported; the gate to publish, if new.
+fn step(db: &mut Store, driver: &Mutex<Driver>, app: &str, now: u64) -> Option<Outgoing> {
+    let mut driver = driver.lock().unwrap_or_else(|e| e.into_inner());
+    if !driver.rollouts().any(|r| r.app == app) {
+        return None;
+    }
+    let views = match db.app_views(app) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(%app, "cannot read the app's nodes for its rollout: {e}");
+            return None;
+        }
+    };
+    match driver.observe(app, &views, now) {
+        Ok((said, gate)) => {
+            for line in said {
+                tracing::info!(%app, "{line}");
+            }
+            gate
+        }
+        Err(e) => {
+            tracing::error!(%app, "{e}");
+            None
         }
     }
 }

@@ -21,6 +21,10 @@ pub const STALE_AFTER_SECS: u64 = 900;
 pub struct Web {
     pub store: Arc<Mutex<Store>>,
     pub counts: Arc<Mutex<crate::mqtt::Counts>>,
+    /// Rollouts, when `[gates]` is configured.
+    pub driver: Option<Arc<Mutex<crate::gates::Driver>>>,
+    /// Publishes the gates of rollouts started through the API.
+    pub client: Option<rumqttc::v5::AsyncClient>,
 }
 
 pub fn router(web: Web) -> Router {
@@ -34,6 +38,7 @@ pub fn router(web: Web) -> Router {
         .route("/api/v1/apps/{app}", get(app_json))
         .route("/api/v1/events", get(events_json))
         .route("/metrics", get(metrics))
+        .route("/api/v1/rollouts", get(rollouts_json).post(start_rollout))
         .with_state(web)
 }
 
@@ -117,6 +122,62 @@ async fn events_json(State(web): State<Web>, Query(f): Query<EventFilter>) -> Re
         Ok(rows) => Json(rows).into_response(),
         Err(r) => r,
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRollout {
+    app: String,
+    revision: String,
+    previous: Option<String>,
+}
+
+/// Starts a rollout and publishes its first gate. The hub listens on loopback by default;
+/// put it behind an authenticating proxy before exposing this.
+async fn start_rollout(State(web): State<Web>, Json(start): Json<StartRollout>) -> Response {
+    let (Some(driver), Some(client)) = (&web.driver, &web.client) else {
+        return (
+            StatusCode::CONFLICT,
+            "rollouts need [gates] in the hub's config",
+        )
+            .into_response();
+    };
+    let gate = {
+        let mut d = driver.lock().unwrap_or_else(|e| e.into_inner());
+        d.start(
+            &start.app,
+            &start.revision,
+            start.previous.as_deref(),
+            now(),
+        )
+    };
+    match gate {
+        Ok(gate) => {
+            let topic = gate.topic.clone();
+            crate::mqtt::publish_gate(client, gate).await;
+            (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"gate": topic})),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).into_response(),
+    }
+}
+
+async fn rollouts_json(State(web): State<Web>) -> Response {
+    let Some(driver) = &web.driver else {
+        return Json(serde_json::json!([])).into_response();
+    };
+    let d = driver.lock().unwrap_or_else(|e| e.into_inner());
+    let list: Vec<serde_json::Value> = d
+        .rollouts()
+        .map(|r| {
+            serde_json::json!({"app": r.app, "rollout": r.id, "revision": r.revision,
+                "previous": r.previous, "opened": r.opened, "phase": format!("{:?}", r.phase)})
+        })
+        .collect();
+    Json(list).into_response()
 }
 
 async fn metrics(State(web): State<Web>) -> Response {

@@ -2,70 +2,17 @@
 //! store, duplicates and gaps told apart, and messages published while the hub was away
 //! delivered from its persistent session when it comes back.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgesync_hub::ingest::Topics;
-use edgesync_hub::mqtt::{run, Counts, IngestConfig};
+use edgesync_hub::mqtt::{client, run, Counts, IngestConfig};
 use edgesync_hub::store::{Sqlite, Store};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, MqttOptions};
+use rumqttc::v5::AsyncClient;
 
-struct Broker {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn broker() -> Broker {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto (Debian package mosquitto)");
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "mosquitto did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
-async fn agent(port: u16, name: &str) -> AsyncClient {
-    let options = MqttOptions::new(name, "127.0.0.1", port);
-    let (client, mut events) = AsyncClient::new(options, 64);
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    client
-}
+mod support;
+use support::{agent, broker, until};
 
 async fn publish(client: &AsyncClient, topic: &str, body: serde_json::Value, retain: bool) {
     client
@@ -92,16 +39,17 @@ fn start(
         topics: Topics::new("edgesync/nodes/{node}"),
         group: Some("edgesync-hub".into()),
     };
-    tokio::spawn(run(config, db.clone(), counts.clone(), stopped));
+    let (hub, events) = client(&config);
+    tokio::spawn(run(
+        config,
+        hub,
+        events,
+        db.clone(),
+        counts.clone(),
+        None,
+        stopped,
+    ));
     stop
-}
-
-async fn until(what: &str, check: impl Fn() -> bool) {
-    let t0 = Instant::now();
-    while !check() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
