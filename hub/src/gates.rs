@@ -72,8 +72,10 @@ impl Driver {
         if self.policy(app).is_none() {
             return Err(DriverError::NoPolicy(app.to_string()));
         }
-        self.rollouts
-            .insert(app.to_string(), Rollout::start(app, revision, previous));
+        self.rollouts.insert(
+            app.to_string(),
+            Rollout::start(app, revision, previous, now),
+        );
         self.gate(app, now)
     }
 

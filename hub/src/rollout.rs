@@ -64,19 +64,23 @@ pub struct Rollout {
     pub previous: Option<String>,
     /// Stages open to `revision` (the first `opened`).
     pub opened: usize,
+    /// When the newest opened stage opened: it is done no sooner than its bake time after,
+    /// even while none of its nodes has reported yet.
+    pub stage_opened_at: u64,
     pub phase: Phase,
     /// When each node was first seen Synced and Healthy at `revision`, while it stays so.
     healthy_since: BTreeMap<String, u64>,
 }
 
 impl Rollout {
-    pub fn start(app: &str, revision: &str, previous: Option<&str>) -> Rollout {
+    pub fn start(app: &str, revision: &str, previous: Option<&str>, now: u64) -> Rollout {
         Rollout {
             app: app.to_string(),
             id: format!("{app}-{}", revision.chars().take(12).collect::<String>()),
             revision: revision.to_string(),
             previous: previous.map(str::to_string),
             opened: 1,
+            stage_opened_at: now,
             phase: Phase::Progressing,
             healthy_since: BTreeMap::new(),
         }
@@ -187,11 +191,15 @@ impl Rollout {
                 .map(|s| s.bake_secs)
                 .unwrap_or_default();
             let members: Vec<&NodeView> = nodes.iter().filter(|n| stage_of(n) == current).collect();
-            let baked = members.iter().all(|n| {
-                self.healthy_since
-                    .get(&n.node)
-                    .is_some_and(|since| now.saturating_sub(*since) >= bake)
-            });
+            // Nodes that have not reported yet are not members yet: a stage is never done
+            // before its bake time has passed since it opened.
+            let waited = now.saturating_sub(self.stage_opened_at) >= bake;
+            let baked = waited
+                && members.iter().all(|n| {
+                    self.healthy_since
+                        .get(&n.node)
+                        .is_some_and(|since| now.saturating_sub(*since) >= bake)
+                });
             if !baked {
                 break;
             }
@@ -201,6 +209,7 @@ impl Rollout {
                 break;
             }
             self.opened += 1;
+            self.stage_opened_at = now;
             said.push(format!(
                 "rollout {}: stage {} open",
                 self.id,
@@ -279,7 +288,7 @@ mod tests {
     #[test]
     fn a_good_revision_goes_through_every_stage_after_its_bake() {
         let p = policy(OnFailure::Halt);
-        let mut r = Rollout::start("web", "new", Some("old"));
+        let mut r = Rollout::start("web", "new", Some("old"), 1_000);
         let mut t = 1_000;
         r.step(&p, &fleet(&r, &p, "Healthy"), t);
         assert_eq!(r.opened, 1, "the canaries bake first");
@@ -300,7 +309,7 @@ mod tests {
     #[test]
     fn a_bad_revision_halts_in_the_first_stage_or_rolls_back() {
         let p = policy(OnFailure::Halt);
-        let mut r = Rollout::start("web", "bad", Some("old"));
+        let mut r = Rollout::start("web", "bad", Some("old"), 1_000);
         r.step(&p, &fleet(&r, &p, "Degraded"), 1_000);
         assert!(matches!(r.phase, Phase::Halted { .. }), "{:?}", r.phase);
         let gate = r.gate(&p, 1_001);
@@ -311,7 +320,7 @@ mod tests {
         assert_eq!(gate.stages[1].revision, "old");
 
         let p = policy(OnFailure::Rollback);
-        let mut r = Rollout::start("web", "bad", Some("old"));
+        let mut r = Rollout::start("web", "bad", Some("old"), 1_000);
         r.step(&p, &fleet(&r, &p, "Degraded"), 1_000);
         assert!(matches!(r.phase, Phase::RolledBack { .. }));
         assert!(r.gate(&p, 1_001).stages.iter().all(|s| s.revision == "old"));
@@ -320,8 +329,23 @@ mod tests {
     #[test]
     fn the_shares_cover_every_bucket_once() {
         let p = policy(OnFailure::Halt);
-        let gate = Rollout::start("web", "new", Some("old")).gate(&p, 0);
+        let gate = Rollout::start("web", "new", Some("old"), 1_000).gate(&p, 0);
         assert_eq!(gate.stages[1].buckets, Some((0, BUCKETS / 2)));
         assert_eq!(gate.stages[2].buckets, Some((BUCKETS / 2, BUCKETS)));
+    }
+
+    #[test]
+    fn a_stage_whose_nodes_have_not_reported_waits_its_bake_time() {
+        let p = policy(OnFailure::Halt);
+        let mut r = Rollout::start("web", "new", Some("old"), 1_000);
+        // Only nodes of later stages have reported: the canary stage has no members yet.
+        let later: Vec<NodeView> = fleet(&r, &p, "Healthy").into_iter().skip(2).collect();
+        r.step(&p, &later, 1_010);
+        assert_eq!(r.opened, 1, "not before the canaries' bake time");
+        r.step(&p, &later, 1_060);
+        assert_eq!(
+            r.opened, 2,
+            "no canary at all after the bake time: the stage passes"
+        );
     }
 }

@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
+use crate::rollout::Phase;
 use crate::store::{AppRow, EventRow, NodeRow, Store};
 
 /// A node is stale after this long without a message (the agent republishes its node
@@ -254,6 +255,47 @@ fn class_of(sync: Option<&str>, health: Option<&str>) -> &'static str {
     }
 }
 
+/// The rollouts, halted and rolled back first.
+fn rollouts_table(web: &Web) -> String {
+    let Some(driver) = &web.driver else {
+        return String::new();
+    };
+    let d = driver.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rows: Vec<_> = d.rollouts().collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let rank = |p: &Phase| match p {
+        Phase::Halted { .. } | Phase::RolledBack { .. } => 0,
+        Phase::Progressing => 1,
+        Phase::Complete => 2,
+    };
+    rows.sort_by_key(|r| rank(&r.phase));
+    let mut html = String::from(
+        "<h2>Rollouts</h2><table id=\"rollouts\"><tr><th>app</th><th>rollout</th><th>revision</th><th>stages open</th><th>state</th></tr>",
+    );
+    for r in rows {
+        let stages = d.policy(&r.app).map(|p| p.stages.len()).unwrap_or_default();
+        let (class, state) = match &r.phase {
+            Phase::Progressing => ("warn", "progressing".to_string()),
+            Phase::Complete => ("ok", "complete".to_string()),
+            Phase::Halted { reason } => ("bad", format!("halted: {reason}")),
+            Phase::RolledBack { reason } => ("bad", format!("rolled back: {reason}")),
+        };
+        html.push_str(&format!(
+            "<tr class=\"{class}\"><td><a href=\"/apps/{l}\">{a}</a></td><td>{id}</td><td><code>{rev}</code></td><td>{open} of {stages}</td><td>{state}</td></tr>",
+            l = seg(&r.app),
+            a = esc(&r.app),
+            id = esc(&r.id),
+            rev = esc(&short(Some(&r.revision))),
+            open = r.opened.min(stages),
+            state = esc(&state),
+        ));
+    }
+    html.push_str("</table>");
+    html
+}
+
 fn apps_table(rows: &[AppRow]) -> String {
     let mut html = String::from(
         "<table><tr><th>app</th><th>revision</th><th>sync</th><th>health</th><th>nodes</th></tr>",
@@ -281,12 +323,14 @@ async fn overview_page(State(web): State<Web>) -> Response {
     };
     let count = |s: &str| fleet.nodes.iter().filter(|n| n.state == s).count();
     let mut body = format!(
-        "<p id=\"summary\">{} nodes: <span class=\"ok\">{} online</span>, <span class=\"warn\">{} offline</span>, <span class=\"bad\">{} stale</span></p><h2>Apps</h2>",
+        "<p id=\"summary\">{} nodes: <span class=\"ok\">{} online</span>, <span class=\"warn\">{} offline</span>, <span class=\"bad\">{} stale</span></p>",
         fleet.nodes.len(),
         count("online"),
         count("offline"),
         count("stale")
     );
+    body.push_str(&rollouts_table(&web));
+    body.push_str("<h2>Apps</h2>");
     body.push_str(&apps_table(&fleet.apps));
     body.push_str("<h2>Nodes</h2><table><tr><th>node</th><th>state</th><th>last seen</th><th>apps</th><th>failing</th><th>events missing</th></tr>");
     let t = now();
