@@ -96,11 +96,24 @@ pub async fn run(
                         let done = tokio::task::spawn_blocking(move || {
                             let mut db = store.lock().unwrap_or_else(|e| e.into_inner());
                             let recorded = db.record(&message, now)?;
-                            let gate = match (&message, &driver, &recorded) {
-                                (Message::App { app, .. }, Some(driver), Recorded::Stored) => {
-                                    step(&mut db, driver, app, now)
-                                }
-                                _ => None,
+                            // The apps this message reports on, for their rollouts.
+                            let apps: Vec<String> = match (&message, &recorded) {
+                                (Message::App { app, .. }, Recorded::Stored) => vec![app.clone()],
+                                (Message::Node { body, .. }, Recorded::Stored) => body
+                                    .get("apps")
+                                    .and_then(|a| a.as_array())
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|a| a.get("app")?.as_str().map(str::to_string))
+                                    .collect(),
+                                _ => Vec::new(),
+                            };
+                            let gate: Vec<Outgoing> = match &driver {
+                                Some(driver) => apps
+                                    .iter()
+                                    .filter_map(|app| step(&mut db, driver, app, now))
+                                    .collect(),
+                                None => Vec::new(),
                             };
                             Ok::<_, crate::store::StoreError>((recorded, gate))
                         })
@@ -108,8 +121,8 @@ pub async fn run(
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()));
                         match done {
-                            Ok((recorded, gate)) => {
-                                if let Some(gate) = gate {
+                            Ok((recorded, gates)) => {
+                                for gate in gates {
                                     publish_gate(&client, gate).await;
                                 }
                                 Ok(recorded)

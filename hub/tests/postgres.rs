@@ -130,4 +130,7 @@ fn the_store_does_on_postgresql_what_it_does_on_sqlite() {
     conformance::an_older_document_never_replaces_a_newer_one(&mut store(&server, "b"));
     conformance::the_overview_puts_failing_and_silent_nodes_first(&mut store(&server, "c"));
     conformance::app_views_carry_the_nodes_labels(&mut store(&server, "d"));
+    conformance::apps_are_known_from_the_node_document_until_their_own_arrives(&mut store(
+        &server, "e",
+    ));
 }

@@ -131,3 +131,30 @@ pub fn app_views_carry_the_nodes_labels(db: &mut Store) {
         ("Synced", "Healthy")
     );
 }
+
+pub fn apps_are_known_from_the_node_document_until_their_own_arrives(db: &mut Store) {
+    let node = Message::Node {
+        node: "n1".into(),
+        seq: 5,
+        timestamp: 100,
+        body: serde_json::json!({"node": "n1", "apps": [
+            {"app": "web", "revision": "abc", "sync": "Synced", "health": "Healthy"}]}),
+    };
+    db.record(&node, 100).unwrap();
+    let views = db.app_views("web").unwrap();
+    assert_eq!(views.len(), 1, "known from the node document");
+    assert_eq!(views[0].revision.as_deref(), Some("abc"));
+    // A newer app document wins; an older node document does not undo it.
+    db.record(&app(6, 101, "def"), 101).unwrap();
+    let older = Message::Node {
+        node: "n1".into(),
+        seq: 4,
+        timestamp: 99,
+        body: serde_json::json!({"node": "n1", "apps": [{"app": "web", "revision": "old"}]}),
+    };
+    db.record(&older, 102).unwrap();
+    assert_eq!(
+        db.app_views("web").unwrap()[0].revision.as_deref(),
+        Some("def")
+    );
+}

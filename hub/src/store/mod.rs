@@ -211,6 +211,16 @@ impl Store {
                 if changed == 0 {
                     Recorded::Stale
                 } else {
+                    // The node document lists every app it runs: an app that has not sent a
+                    // document of its own yet is known from its line here (a newer app
+                    // document is never replaced by it).
+                    let apps = body.get("apps").and_then(|a| a.as_array());
+                    for summary in apps.into_iter().flatten() {
+                        let Some(app) = summary.get("app").and_then(|a| a.as_str()) else {
+                            continue;
+                        };
+                        upsert_app(tx.as_mut(), node, app, summary, *seq, *timestamp)?;
+                    }
                     Recorded::Stored
                 }
             }
@@ -221,30 +231,7 @@ impl Store {
                 timestamp,
                 body,
             } => {
-                let field = |name: &str| -> Arg {
-                    body.get(name)
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string)
-                        .into()
-                };
-                let changed = tx.exec(
-                    "INSERT INTO apps (node, app, doc, doc_seq, doc_time, revision, sync, health)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                     ON CONFLICT (node, app) DO UPDATE SET doc = $3, doc_seq = $4,
-                       doc_time = $5, revision = $6, sync = $7, health = $8
-                     WHERE apps.doc_time < $5 OR (apps.doc_time = $5 AND apps.doc_seq < $4)",
-                    &[
-                        node.as_str().into(),
-                        app.as_str().into(),
-                        body.to_string().into(),
-                        (*seq).into(),
-                        (*timestamp).into(),
-                        field("revision"),
-                        field("sync"),
-                        field("health"),
-                    ],
-                )?;
-                if changed == 0 {
+                if upsert_app(tx.as_mut(), node, app, body, *seq, *timestamp)? == 0 {
                     Recorded::Stale
                 } else {
                     Recorded::Stored
@@ -446,6 +433,40 @@ impl Store {
     }
 }
 
+/// Stores an app's document (or its line in the node document) unless a newer one is stored.
+fn upsert_app(
+    tx: &mut dyn Sql,
+    node: &str,
+    app: &str,
+    body: &serde_json::Value,
+    seq: u64,
+    timestamp: u64,
+) -> Result<u64, StoreError> {
+    let field = |name: &str| -> Arg {
+        body.get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .into()
+    };
+    tx.exec(
+        "INSERT INTO apps (node, app, doc, doc_seq, doc_time, revision, sync, health)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (node, app) DO UPDATE SET doc = $3, doc_seq = $4,
+           doc_time = $5, revision = $6, sync = $7, health = $8
+         WHERE apps.doc_time < $5 OR (apps.doc_time = $5 AND apps.doc_seq < $4)",
+        &[
+            node.into(),
+            app.into(),
+            body.to_string().into(),
+            seq.into(),
+            timestamp.into(),
+            field("revision"),
+            field("sync"),
+            field("health"),
+        ],
+    )
+}
+
 /// Keeps a node's event numbers: the highest seen, gaps below it, a restart from 1.
 fn event_numbers(
     tx: &mut dyn Sql,
@@ -571,6 +592,12 @@ mod tests {
     fn an_older_document_never_replaces_a_newer_one() {
         let (_dir, mut db) = sqlite();
         conformance::an_older_document_never_replaces_a_newer_one(&mut db);
+    }
+
+    #[test]
+    fn apps_are_known_from_the_node_document_until_their_own_arrives() {
+        let (_dir, mut db) = sqlite();
+        conformance::apps_are_known_from_the_node_document_until_their_own_arrives(&mut db);
     }
 
     #[test]
