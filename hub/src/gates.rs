@@ -1,0 +1,193 @@
+//! Drives rollouts and publishes their gates: one retained, signed gate per app at
+//! `<gate prefix>/<app>`. A rollout starts when asked (the API now; the fleet repository's
+//! branch later) and moves on every report of the app's nodes.
+
+use std::collections::BTreeMap;
+
+use edgesync_proto::Gate;
+use ssh_key::PrivateKey;
+
+use crate::policy::Named;
+use crate::rollout::{NodeView, Policy, Rollout};
+
+/// A gate to publish (retained, QoS 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("no RolloutPolicy governs app {0}")]
+    NoPolicy(String),
+    #[error("cannot sign the gate of {app}: {source}")]
+    Sign {
+        app: String,
+        source: edgesync_proto::GateError,
+    },
+}
+
+pub struct Driver {
+    policies: Vec<Named>,
+    key: PrivateKey,
+    prefix: String,
+    rollouts: BTreeMap<String, Rollout>,
+    /// The last `issued` per app: every new gate of an app is issued later.
+    issued: BTreeMap<String, u64>,
+}
+
+impl Driver {
+    pub fn new(policies: Vec<Named>, key: PrivateKey, prefix: &str) -> Driver {
+        Driver {
+            policies,
+            key,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            rollouts: BTreeMap::new(),
+            issued: BTreeMap::new(),
+        }
+    }
+
+    /// The policy of `app`: its own, else the default.
+    pub fn policy(&self, app: &str) -> Option<&Policy> {
+        self.policies
+            .iter()
+            .find(|p| p.apps.as_ref().is_some_and(|a| a.iter().any(|x| x == app)))
+            .or_else(|| self.policies.iter().find(|p| p.apps.is_none()))
+            .map(|p| &p.policy)
+    }
+
+    pub fn rollouts(&self) -> impl Iterator<Item = &Rollout> {
+        self.rollouts.values()
+    }
+
+    /// Starts a rollout of `revision` for `app` (replacing any), with its first stage open.
+    pub fn start(
+        &mut self,
+        app: &str,
+        revision: &str,
+        previous: Option<&str>,
+        now: u64,
+    ) -> Result<Outgoing, DriverError> {
+        if self.policy(app).is_none() {
+            return Err(DriverError::NoPolicy(app.to_string()));
+        }
+        self.rollouts.insert(
+            app.to_string(),
+            Rollout::start(app, revision, previous, now),
+        );
+        self.gate(app, now)
+    }
+
+    /// Moves `app`'s rollout on from its nodes' reports; a new gate when it changed.
+    pub fn observe(
+        &mut self,
+        app: &str,
+        nodes: &[NodeView],
+        now: u64,
+    ) -> Result<(Vec<String>, Option<Outgoing>), DriverError> {
+        let Some(policy) = self.policy(app).cloned() else {
+            return Ok((Vec::new(), None));
+        };
+        let Some(rollout) = self.rollouts.get_mut(app) else {
+            return Ok((Vec::new(), None));
+        };
+        let before = (rollout.opened, rollout.phase.clone());
+        let said = rollout.step(&policy, nodes, now);
+        let changed = before != (rollout.opened, rollout.phase.clone());
+        let gate = if changed {
+            Some(self.gate(app, now)?)
+        } else {
+            None
+        };
+        Ok((said, gate))
+    }
+
+    fn gate(&mut self, app: &str, now: u64) -> Result<Outgoing, DriverError> {
+        let issued = self
+            .issued
+            .get(app)
+            .map_or(now, |last| now.max(last.saturating_add(1)));
+        self.issued.insert(app.to_string(), issued);
+        let (Some(rollout), Some(policy)) = (self.rollouts.get(app), self.policy(app)) else {
+            return Err(DriverError::NoPolicy(app.to_string()));
+        };
+        let mut gate: Gate = rollout.gate(policy, issued);
+        gate.sign(&self.key).map_err(|source| DriverError::Sign {
+            app: app.to_string(),
+            source,
+        })?;
+        Ok(Outgoing {
+            topic: format!("{}/{app}", self.prefix),
+            payload: serde_json::to_vec(&gate).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{Budget, OnFailure, StageSpec};
+
+    fn driver() -> (Driver, ssh_key::PublicKey) {
+        let key = PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+        let public = key.public_key().clone();
+        let policy = Named {
+            name: "default".into(),
+            apps: None,
+            policy: Policy {
+                stages: vec![
+                    StageSpec {
+                        name: "first".into(),
+                        selector: BTreeMap::new(),
+                        share: Some(50),
+                        bake_secs: 0,
+                    },
+                    StageSpec {
+                        name: "rest".into(),
+                        selector: BTreeMap::new(),
+                        share: Some(50),
+                        bake_secs: 0,
+                    },
+                ],
+                budget: Budget::Nodes(0),
+                on_failure: OnFailure::Halt,
+            },
+        };
+        (Driver::new(vec![policy], key, "edgesync/gates/"), public)
+    }
+
+    #[test]
+    fn gates_are_signed_published_per_app_and_issued_later_each_time() {
+        let (mut d, public) = driver();
+        let first = d.start("web", "new", Some("old"), 100).unwrap();
+        assert_eq!(first.topic, "edgesync/gates/web");
+        let gate = edgesync_proto::Gate::parse(&first.payload).unwrap();
+        gate.verify(std::slice::from_ref(&public)).unwrap();
+        assert_eq!(gate.stages[0].revision, "new");
+        assert_eq!(gate.stages[1].revision, "old");
+        // Every node healthy at what it may run: the next stage opens, in a later gate.
+        let nodes: Vec<NodeView> = (0..10)
+            .map(|i| {
+                let node = format!("n{i}");
+                let revision = gate
+                    .stage_for(&node, &BTreeMap::new())
+                    .unwrap()
+                    .revision
+                    .clone();
+                NodeView {
+                    node,
+                    labels: BTreeMap::new(),
+                    revision: Some(revision),
+                    sync: "Synced".into(),
+                    health: "Healthy".into(),
+                }
+            })
+            .collect();
+        let (said, next) = d.observe("web", &nodes, 100).unwrap();
+        let next = edgesync_proto::Gate::parse(&next.expect("a new gate").payload).unwrap();
+        assert!(next.issued > gate.issued, "{said:?}");
+        assert!(next.stages.iter().all(|s| s.revision == "new"));
+        next.verify(&[public]).unwrap();
+    }
+}
