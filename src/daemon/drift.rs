@@ -19,7 +19,6 @@ use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::core::GroupVersionKind;
 use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -95,7 +94,7 @@ pub(super) enum Seen {
     Deleted(GroupVersionKind, Value),
     /// A watch (re)listed its kind: these objects with our annotation exist.
     Listed(Scope, HashSet<Key>),
-    /// A watch failed; it lists again once it is back.
+    /// A watch failed; it lists again (after a backoff) and says [`Seen::Listed`] when back.
     Lost(Scope),
     /// A cluster-wide watch of a namespaced kind was forbidden: watch it per namespace.
     Refused(Scope),
@@ -472,6 +471,8 @@ impl Drift {
                     .map(|(k, app)| (app.to_string(), k.clone()))
                     .collect();
                 for (app, key) in missing {
+                    // Gone while no watch looked: its app's health is news too.
+                    self.ctx.changed_by_others(&app);
                     self.queue(app, key);
                 }
             }
@@ -768,7 +769,13 @@ fn display(k: &Key) -> String {
 /// Watches one kind in one namespace or cluster-wide, metadata only, and forwards changes to
 /// objects edgesync applied. A `wide` watch (a namespaced kind, cluster-wide) that the API
 /// server forbids says so and ends.
+///
+/// A watch that fails is started again from a fresh list rather than resumed: kube-runtime's
+/// watcher resumes a failed watch from its last resource version without a list, so nothing
+/// would ever say the kind is watched again, and the health monitor would read the kind's
+/// objects every 15 s from then on. The list also finds what was deleted meanwhile.
 async fn watch_kind(api: Api<Meta>, scope: Scope, wide: bool, tx: mpsc::Sender<Seen>) {
+    use backon::BackoffBuilder;
     let gvk = scope.0.clone();
     let ours = |o: &Meta| {
         o.metadata
@@ -777,39 +784,56 @@ async fn watch_kind(api: Api<Meta>, scope: Scope, wide: bool, tx: mpsc::Sender<S
             .is_some_and(|a| a.contains_key(apply::APP_ANNOTATION))
     };
     let value = |o: Meta| serde_json::json!({"metadata": o.metadata});
-    let mut listed: HashSet<Key> = HashSet::new();
-    let mut events = watcher::watcher(api, apply::watch_config())
-        .default_backoff()
-        .boxed();
-    while let Some(event) = events.next().await {
-        let seen = match event {
-            Ok(watcher::Event::Apply(o)) if ours(&o) => Seen::Changed(gvk.clone(), value(o)),
-            Ok(watcher::Event::Delete(o)) if ours(&o) => Seen::Deleted(gvk.clone(), value(o)),
-            Ok(watcher::Event::Init) => {
-                listed.clear();
-                continue;
-            }
-            Ok(watcher::Event::InitApply(o)) if ours(&o) => {
-                let v = value(o);
-                listed.insert(Drift::key_of(&gvk, &v));
-                Seen::Changed(gvk.clone(), v)
-            }
-            Ok(watcher::Event::InitDone) => {
-                Seen::Listed(scope.clone(), std::mem::take(&mut listed))
-            }
-            Ok(_) => continue,
-            Err(e) if wide && forbidden(&e) => {
-                let _ = tx.send(Seen::Refused(scope)).await;
+    let backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = backoff();
+    loop {
+        let mut listed: HashSet<Key> = HashSet::new();
+        let mut events = watcher::watcher(api.clone(), apply::watch_config()).boxed();
+        let failure = loop {
+            let Some(event) = events.next().await else {
+                break None;
+            };
+            let seen = match event {
+                Ok(watcher::Event::Apply(o)) if ours(&o) => Seen::Changed(gvk.clone(), value(o)),
+                Ok(watcher::Event::Delete(o)) if ours(&o) => Seen::Deleted(gvk.clone(), value(o)),
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) if ours(&o) => {
+                    let v = value(o);
+                    listed.insert(Drift::key_of(&gvk, &v));
+                    Seen::Changed(gvk.clone(), v)
+                }
+                Ok(watcher::Event::InitDone) => {
+                    delays = backoff();
+                    Seen::Listed(scope.clone(), std::mem::take(&mut listed))
+                }
+                Ok(_) => continue,
+                Err(e) if wide && forbidden(&e) => {
+                    let _ = tx.send(Seen::Refused(scope)).await;
+                    return;
+                }
+                Err(e) => break Some(e),
+            };
+            if tx.send(seen).await.is_err() {
                 return;
             }
-            Err(e) => {
-                tracing::debug!(kind = %gvk.kind, "watch: {e}");
-                Seen::Lost(scope.clone())
-            }
         };
-        if tx.send(seen).await.is_err() {
+        if let Some(e) = failure {
+            tracing::debug!(kind = %gvk.kind, "watch failed, listing again: {e}");
+        }
+        if tx.send(Seen::Lost(scope.clone())).await.is_err() {
             return;
         }
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
     }
 }
 

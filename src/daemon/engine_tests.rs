@@ -963,6 +963,48 @@ async fn an_app_is_rated_from_its_apply_answers_until_another_writer_changes_it(
     assert_eq!(health(&e).as_deref(), Some("Healthy"));
 }
 
+/// A cluster at rest costs watch renewals, not GETs: a settled app whose every kind is watched
+/// is never read again by the monitor's timer, however long it runs; once a watch is lost, the
+/// timer reads it (until the watch has listed again).
+#[tokio::test]
+async fn a_settled_app_under_running_watches_is_never_read_by_the_timer() {
+    let e = applied_once(PRUNING).await;
+    watch_everything(&e);
+    let mut monitor = super::health::Monitor::new(&e.ctx);
+    // The apply's answers, then one read: settled.
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    let gets = e.cluster.count("get");
+    for _ in 0..50 {
+        monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    }
+    assert_eq!(
+        e.cluster.count("get"),
+        gets,
+        "read while watched and settled"
+    );
+
+    // A watch sees a change: rated again (a round of its own, not the timer's).
+    e.ctx.object_changed("web");
+    let only = e.ctx.take_health_dirty();
+    monitor
+        .round(&e.ctx, Some(&only), crate::state::unix_now())
+        .await;
+    let read = e.cluster.count("get") - gets;
+    assert!(read > 0, "a change is read");
+
+    // A watch lost: the timer reads the app again, every round.
+    e.ctx.set_watched("", "ConfigMap", None, false);
+    let gets = e.cluster.count("get");
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    monitor.round(&e.ctx, None, crate::state::unix_now()).await;
+    assert_eq!(
+        e.cluster.count("get") - gets,
+        2 * read,
+        "read while unwatched"
+    );
+}
+
 #[tokio::test]
 async fn a_sync_of_one_app_leaves_the_drift_known_of_another() {
     let other = "name = \"other\"\nrepo = \"{repo}\"\npath = \"other\"\nnamespace = \"elsewhere\"\ncreate_namespace = true";

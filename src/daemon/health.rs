@@ -5,8 +5,9 @@
 //! status included), without a GET, unless a watch saw another writer change one of the app's
 //! objects since the apply began; besides, every app is rated every 2 s while
 //! anything is on its way (Progressing, Missing, Unknown). A settled app whose every object
-//! is under a running watch is not read again until a watch sees a change (once an hour at
-//! most, as a safety net): a cluster at rest costs watch renewals, not GETs. A settled app
+//! is under a running watch is not read again until a watch sees a change: a cluster at rest
+//! costs watch renewals, not GETs. A watch that fails lists its kind again when it is back
+//! (see `drift`), and until then its apps count as unwatched. A settled app
 //! with an object no watch covers (a kind that cannot be watched, a watch down) is read every
 //! 15 s. Full-object watches would save the GETs that follow a change but keep every watched
 //! object in memory, which the RSS budget does not allow. An app Progressing for longer than its
@@ -27,8 +28,6 @@ use crate::health::{self, Health, HealthStatus};
 use crate::state::{unix_now, RenderKind};
 
 const SETTLED_EVERY: Duration = Duration::from_secs(15);
-/// A settled app whose objects are all watched is read at least this often anyway.
-const WATCHED_EVERY: Duration = Duration::from_secs(3600);
 const CHANGING_EVERY: Duration = Duration::from_secs(2);
 
 /// At least this long between two rounds woken by watch events, so a rollout's stream of
@@ -61,8 +60,8 @@ pub(crate) async fn monitor(ctx: Arc<SyncContext>, mut shutdown: watch::Receiver
 pub(super) struct Monitor {
     /// The revision each app was last seen Healthy at (its Healthy render is kept).
     healthy: HashMap<String, String>,
-    /// When each app was last rated settled (neither Progressing, Missing nor Unknown).
-    settled: HashMap<String, tokio::time::Instant>,
+    /// The apps last rated settled (neither Progressing, Missing nor Unknown).
+    settled: HashSet<String>,
 }
 
 impl Monitor {
@@ -75,7 +74,7 @@ impl Monitor {
         }
         Monitor {
             healthy,
-            settled: HashMap::new(),
+            settled: HashSet::new(),
         }
     }
 
@@ -111,11 +110,7 @@ impl Monitor {
             return false;
         }
         // A timer round leaves a settled app alone while the watches would have told.
-        let recently_settled = self
-            .settled
-            .get(&app.name)
-            .is_some_and(|at| at.elapsed() < WATCHED_EVERY);
-        if timer && recently_settled && ctx.all_watched(&state.objects) {
+        if timer && self.settled.contains(&app.name) && ctx.all_watched(&state.objects) {
             return false;
         }
         // Taken only here, so a timer round that falls between an apply and the rating it
@@ -158,9 +153,8 @@ impl Monitor {
         ctx.board.health(&app.name, &app_health, counts);
         if changing {
             self.settled.remove(&app.name);
-        } else if !recently_settled || !timer {
-            self.settled
-                .insert(app.name.clone(), tokio::time::Instant::now());
+        } else {
+            self.settled.insert(app.name.clone());
         }
         if ctx.is_syncing(&app.name) || state.last_error.is_some() {
             return changing;

@@ -868,3 +868,71 @@ async fn a_commit_that_leaves_the_render_alone_sends_the_app_nothing() {
         Some("changed")
     );
 }
+
+/// A watch cut off lists its kind again once the API server is back: the deletion made while
+/// it was away is healed, the agent counts every kind as watched again, and the app at rest is
+/// not read (no polling GETs) from then on.
+#[tokio::test]
+async fn watches_cut_off_list_again_and_the_app_at_rest_is_not_polled() {
+    let ns = TestNamespace::reserve("relist").await;
+    let proxy = ApiProxy::start(cluster().api_address()).await;
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/settings.yaml",
+        &configmap("settings", 0, "from-git"),
+    );
+    repo.write("deploy/other.yaml", &configmap("other", 0, "from-git"));
+    let sha = repo.commit("two ConfigMaps");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = proxy.kubeconfig(&cluster().kubeconfig, dir.path());
+    let config =
+        app_config(&repo, &ns, "self_heal = true").kubeconfig(&kubeconfig.display().to_string());
+    let _agent = Agent::start(&config);
+    config.wait_applied("app", &sha).await;
+    let port = config.http_port;
+    let watches = || crate::harness::http::metric(port, "edgesync_drift_watches");
+    // The ConfigMaps in the namespace (the Namespace the agent made is not the app's).
+    eventually("the drift watch running", WAIT, || async {
+        (watches().await == 1.0).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    eventually("the watch lost", WAIT, || async {
+        (watches().await == 0.0).then_some(())
+    })
+    .await;
+    ns.api::<ConfigMap>()
+        .delete("settings", &Default::default())
+        .await
+        .unwrap();
+    proxy.restore().await;
+    eventually("the watch listed again", WAIT, || async {
+        (watches().await == 1.0).then_some(())
+    })
+    .await;
+    eventually("the deletion healed", WAIT, || async {
+        (configmap_value(&ns, "settings").await.as_deref() == Some("from-git")).then_some(())
+    })
+    .await;
+    eventually("the app Healthy", WAIT, || async {
+        (config.status().await["apps"][0]["health"] == "Healthy").then_some(())
+    })
+    .await;
+
+    // At rest: longer than the monitor's 15 s round for apps not under a running watch.
+    let gets = || {
+        crate::harness::http::metric(
+            port,
+            "edgesync_apply_requests_total{verb=\"get\",code=\"200\"}",
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = gets().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(
+        gets().await,
+        before,
+        "GETs at rest after the watches came back"
+    );
+}
