@@ -904,6 +904,29 @@ async fn a_new_revision_with_the_same_render_is_recorded_without_an_apply() {
     assert!(e.cluster.count("apply") > applies);
 }
 
+/// An unchanged render's record (a render and a state, synced to disk) waits until no other
+/// app's sync may still write to the cluster, so its fsyncs stay off that app's applies.
+#[tokio::test]
+async fn an_unchanged_render_is_recorded_after_the_other_apps_applies() {
+    let e = applied_once(HEALING).await;
+    watch_everything(&e);
+    let other = e.ctx.applying();
+    e.write("other/b.yaml", &cm("b", "1"));
+    let rev = e.commit();
+    let recorded = || e.ctx.store.load("web").unwrap().last_applied_revision;
+    let (result, ()) = tokio::join!(sync_new(&e, "web", &rev), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_ne!(
+            recorded().as_deref(),
+            Some(rev.sha.as_str()),
+            "recorded during an apply"
+        );
+        drop(other);
+    });
+    assert!(matches!(result, SyncResult::Unchanged { .. }), "{result:?}");
+    assert_eq!(recorded().as_deref(), Some(rev.sha.as_str()));
+}
+
 #[tokio::test]
 async fn an_unchanged_render_is_applied_in_full_when_the_cluster_may_differ() {
     // Drift not yet checked: applied in full.

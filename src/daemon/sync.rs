@@ -171,6 +171,8 @@ pub(crate) struct SyncContext {
     pub(super) capabilities: tokio::sync::Mutex<Option<(Instant, Arc<apply::kube::Capabilities>)>>,
     /// Which app manages each object on this node (read from the states on first use).
     pub(super) claims: std::sync::Mutex<Option<HashMap<ClaimKey, Arc<str>>>>,
+    /// How many sync attempts may still write to the cluster ([`SyncContext::applying`]).
+    pub(super) applies: tokio::sync::watch::Sender<usize>,
 }
 
 /// The app's state; a damaged file (set aside by the store) is reported, counted, and the app
@@ -258,6 +260,7 @@ impl SyncContext {
             writers: Default::default(),
             claims: Default::default(),
             capabilities: Default::default(),
+            applies: tokio::sync::watch::Sender::new(0),
             metrics,
             config,
             keyring,
@@ -512,6 +515,8 @@ impl SyncContext {
     ) -> Result<SyncResult, SyncError> {
         let revision = target.revision();
         let sha = revision.as_str();
+        // Until it is known to send nothing, this attempt may write to the cluster.
+        let applying = self.applying();
         if state == AppState::default() {
             // No local state (a new state directory, or a damaged file set aside): what the
             // app owns may still be known to the cluster. Until it has been read, nothing is
@@ -571,6 +576,7 @@ impl SyncContext {
         let mut warnings = super::checks::hook_warnings(app, &plan);
         warnings.extend(plan.warnings.iter().cloned());
         if !force && self.render_unchanged(app, &state, &plan).await {
+            drop(applying);
             return self.keep_render(app, state, sha, plan, warnings).await;
         }
         if let Err(e) = self.before_hooks(&plan).await {

@@ -8,6 +8,19 @@ use crate::apply::Plan;
 use crate::config::AppConfig;
 use crate::state::{unix_now, AppState, RenderKind, RenderRecord};
 
+/// The longest an unchanged render's record waits for other apps' applies (waves can wait
+/// minutes for health).
+const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A sync attempt that may write to the cluster ([`SyncContext::applying`]).
+pub(super) struct Applying<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 impl SyncContext {
     /// Whether applying `plan` could change nothing: it equals the render applied last,
     /// completely (no error since, nothing left to prune), self-heal keeps the objects as
@@ -45,6 +58,7 @@ impl SyncContext {
         plan: Plan,
         mut warnings: Vec<String>,
     ) -> Result<SyncResult, SyncError> {
+        self.after_applies().await;
         let record = RenderRecord {
             revision: sha.to_string(),
             saved_at: unix_now(),
@@ -71,6 +85,23 @@ impl SyncContext {
         Ok(SyncResult::Unchanged {
             revision: sha.to_string(),
         })
+    }
+
+    /// Counts a sync attempt that may write to the cluster until the guard is dropped.
+    pub(super) fn applying(&self) -> Applying<'_> {
+        self.applies.send_modify(|n| *n = n.saturating_add(1));
+        Applying(&self.applies)
+    }
+
+    /// Waits (up to [`RECORD_WAIT`]) until no sync attempt may still write to the cluster. A
+    /// push usually changes one app of a repository and leaves the others' renders as they
+    /// were: their records (a render and a state, each written and synced) would otherwise
+    /// land while the changed app's applies are in flight, and fsyncs beside etcd's slow every
+    /// apply on a small node's one disk. The unchanged apps lose nothing by waiting: nothing
+    /// is sent for them.
+    async fn after_applies(&self) {
+        let mut applies = self.applies.subscribe();
+        let _ = tokio::time::timeout(RECORD_WAIT, applies.wait_for(|n| *n == 0)).await;
     }
 
     /// Whether the drift watch has a change of `app` to check, or drift it has not healed.
