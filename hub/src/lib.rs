@@ -9,3 +9,11 @@ pub mod policy;
 pub mod rollout;
 pub mod store;
 pub mod web;
+
+/// Now, in Unix seconds (0 on a clock before 1970).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

@@ -227,25 +227,15 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 }
 
 async fn status(url: &str) -> anyhow::Result<()> {
-    let address = url
-        .strip_prefix("http://")
-        .context("status --url: only http:// (the hub listens on loopback by default)")?
-        .trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .with_context(|| format!("cannot reach the hub at {url}"))?;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(format!("GET /api/v1/fleet HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
-        .await?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).await?;
-    let text = String::from_utf8_lossy(&reply);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    let fleet: serde_json::Value = serde_json::from_str(body).context("the hub's answer")?;
+    let api = format!("{}/api/v1/fleet", url.trim_end_matches('/'));
+    let body = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let mut reply = ureq::get(&api)
+            .call()
+            .with_context(|| format!("cannot reach the hub at {api}"))?;
+        Ok(reply.body_mut().read_to_string()?)
+    })
+    .await??;
+    let fleet: serde_json::Value = serde_json::from_str(&body).context("the hub's answer")?;
     let nodes = fleet["nodes"].as_array().cloned().unwrap_or_default();
     let count = |s: &str| nodes.iter().filter(|n| n["state"] == s).count();
     println!(

@@ -6,20 +6,7 @@ use std::fmt::Write;
 
 use super::status::{ago, short_revision, StatusDocument, SyncState};
 
-pub(crate) fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub(crate) use edgesync_proto::html::escape;
 
 fn sync_class(sync: SyncState) -> &'static str {
     match sync {

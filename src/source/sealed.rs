@@ -36,9 +36,8 @@ pub(crate) fn seal(dir: &Path) -> std::io::Result<()> {
 /// Moves a sealed `tmp` to `target` and syncs the parent, so the rename itself is durable.
 /// `Ok(false)`: `target` exists already (another worker won the race), `tmp` is removed.
 pub(crate) fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
-    if let Err(e) = std::fs::rename(tmp, target) {
-        let _ = std::fs::remove_dir_all(tmp);
-        return if target.is_dir() { Ok(false) } else { Err(e) };
+    if !rename_into_place(tmp, target)? {
+        return Ok(false);
     }
     if let Some(parent) = target.parent() {
         std::fs::File::open(parent)?.sync_all()?;
@@ -51,9 +50,8 @@ pub(crate) fn publish(tmp: &Path, target: &Path) -> std::io::Result<bool> {
 /// Usable at once by this process; until its seal is on disk, a restart finds it unsealed and
 /// removes it. `Ok(false)`: `target` exists already, `tmp` is removed.
 pub(crate) fn publish_then_seal(tmp: &Path, target: &Path) -> std::io::Result<bool> {
-    if let Err(e) = std::fs::rename(tmp, target) {
-        let _ = std::fs::remove_dir_all(tmp);
-        return if target.is_dir() { Ok(false) } else { Err(e) };
+    if !rename_into_place(tmp, target)? {
+        return Ok(false);
     }
     whole().insert(target.to_path_buf());
     let queued = sealer()
@@ -66,6 +64,22 @@ pub(crate) fn publish_then_seal(tmp: &Path, target: &Path) -> std::io::Result<bo
         seal_in_place(target)?;
     }
     Ok(true)
+}
+
+/// Renames `tmp` to `target`; `Ok(false)` (and `tmp` removed) when `target` is there already,
+/// made by another app meanwhile.
+fn rename_into_place(tmp: &Path, target: &Path) -> std::io::Result<bool> {
+    match std::fs::rename(tmp, target) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            if target.is_dir() {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Syncs and seals a directory already in place, then syncs its parent (the rename).
