@@ -178,6 +178,7 @@ mod tests {
                 NodeView {
                     node,
                     labels: BTreeMap::new(),
+                    target: Some(revision.clone()),
                     revision: Some(revision),
                     sync: "Synced".into(),
                     health: "Healthy".into(),

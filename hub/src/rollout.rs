@@ -43,7 +43,11 @@ pub struct Policy {
 pub struct NodeView {
     pub node: String,
     pub labels: BTreeMap<String, String>,
+    /// The revision the node runs.
     pub revision: Option<String>,
+    /// The revision it was last asked to run (its status's `target_revision`): a node that
+    /// fails to sync the rollout's revision still runs the old one, and fails all the same.
+    pub target: Option<String>,
     pub sync: String,
     pub health: String,
 }
@@ -156,9 +160,13 @@ impl Rollout {
 
         // The failure budget, over the opened stages.
         let opened: Vec<&NodeView> = nodes.iter().filter(|n| stage_of(n) < self.opened).collect();
+        let targets = |n: &NodeView| n.target.as_deref() == Some(self.revision.as_str());
         let failing = opened
             .iter()
-            .filter(|n| at_revision(n) && (n.sync == "Failed" || n.health == "Degraded"))
+            .filter(|n| {
+                (at_revision(n) && (n.sync == "Failed" || n.health == "Degraded"))
+                    || (targets(n) && n.sync == "Failed")
+            })
             .count() as u64;
         let allowed = match policy.budget {
             Budget::Nodes(k) => k,
@@ -277,6 +285,7 @@ mod tests {
                 NodeView {
                     node,
                     labels,
+                    target: Some(revision.clone()),
                     revision: Some(revision),
                     sync: "Synced".into(),
                     health: health.into(),
@@ -324,6 +333,26 @@ mod tests {
         r.step(&p, &fleet(&r, &p, "Degraded"), 1_000);
         assert!(matches!(r.phase, Phase::RolledBack { .. }));
         assert!(r.gate(&p, 1_001).stages.iter().all(|s| s.revision == "old"));
+    }
+
+    #[test]
+    fn a_node_that_fails_to_sync_the_revision_spends_the_budget() {
+        let p = policy(OnFailure::Halt);
+        let mut r = Rollout::start("web", "bad", Some("old"), 1_000);
+        let mut nodes = fleet(&r, &p, "Healthy");
+        // A canary could not apply the revision (a render error): it still runs the old one.
+        nodes[0].revision = Some("old".into());
+        nodes[0].target = Some("bad".into());
+        nodes[0].sync = "Failed".into();
+        r.step(&p, &nodes, 1_000);
+        assert!(matches!(r.phase, Phase::Halted { .. }), "{:?}", r.phase);
+        // Held back by its gate (Waiting at the old revision) is not failing.
+        let mut r = Rollout::start("web", "new", Some("old"), 1_000);
+        let mut nodes = fleet(&r, &p, "Healthy");
+        nodes[5].target = Some("new".into());
+        nodes[5].sync = "Waiting".into();
+        r.step(&p, &nodes, 1_000);
+        assert_eq!(r.phase, Phase::Progressing);
     }
 
     #[test]

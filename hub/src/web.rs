@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use crate::rollout::Phase;
 use crate::store::{AppRow, EventRow, NodeRow, Store};
+use crate::unix_now as now;
+use edgesync_proto::html::escape as esc;
 
 /// A node is stale after this long without a message (the agent republishes its node
 /// document at least every 5 minutes).
@@ -48,13 +50,6 @@ pub struct EventFilter {
     node: Option<String>,
     app: Option<String>,
     limit: Option<u32>,
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// Runs a query on a blocking thread (SQLite), answering 500 with the error on failure.
@@ -198,22 +193,6 @@ async fn metrics(State(web): State<Web>) -> Response {
             .into_response(),
         Err(r) => r,
     }
-}
-
-/// HTML-escapes text from the fleet.
-fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// A path segment for a link (node and app names are topic levels: no `/`).

@@ -23,7 +23,8 @@ fn app(seq: u64, timestamp: u64, revision: &str) -> Message {
         app: "web".into(),
         seq,
         timestamp,
-        body: serde_json::json!({"app": "web", "revision": revision, "sync": "Synced", "health": "Healthy"}),
+        body: serde_json::json!({"app": "web", "revision": revision, "target_revision": revision,
+            "sync": "Synced", "health": "Healthy"}),
     }
 }
 
@@ -87,6 +88,18 @@ pub fn the_overview_puts_failing_and_silent_nodes_first(db: &mut Store) {
     };
     db.record(&doc("a-good", "Healthy"), 1000).unwrap();
     db.record(&doc("b-bad", "Degraded"), 1000).unwrap();
+    // Held back by a gate: waiting, not failing.
+    db.record(
+        &Message::App {
+            node: "d-held".into(),
+            app: "web".into(),
+            seq: 1,
+            timestamp: 100,
+            body: serde_json::json!({"app": "web", "revision": "old", "sync": "Waiting", "health": "Healthy"}),
+        },
+        1000,
+    )
+    .unwrap();
     db.record(&doc("c-quiet", "Healthy"), 100).unwrap();
     db.record(&event("b-bad", 1, 10), 1000).unwrap();
     db.record(&event("b-bad", 4, 11), 1000).unwrap();
@@ -100,13 +113,19 @@ pub fn the_overview_puts_failing_and_silent_nodes_first(db: &mut Store) {
         [
             ("b-bad", "online"),
             ("c-quiet", "stale"),
-            ("a-good", "online")
+            ("a-good", "online"),
+            ("d-held", "online")
         ]
     );
     assert_eq!(nodes[0].missing_events, 2);
     let apps = db.apps(None).unwrap();
     assert_eq!(apps[0].health.as_deref(), Some("Degraded"));
-    assert_eq!(apps[1].nodes, 2);
+    assert_eq!(
+        apps.iter()
+            .find(|a| a.sync.as_deref() == Some("Synced") && a.health.as_deref() == Some("Healthy"))
+            .map(|a| a.nodes),
+        Some(2)
+    );
     assert_eq!(db.events(Some("b-bad"), None, 10).unwrap()[0].seq, 4);
 }
 
@@ -126,6 +145,7 @@ pub fn app_views_carry_the_nodes_labels(db: &mut Store) {
         Some("canary")
     );
     assert_eq!(views[0].revision.as_deref(), Some("abc"));
+    assert_eq!(views[0].target.as_deref(), Some("abc"));
     assert_eq!(
         (views[0].sync.as_str(), views[0].health.as_str()),
         ("Synced", "Healthy")

@@ -292,13 +292,15 @@ impl Store {
             .and_then(|d| serde_json::from_str(&d).ok()))
     }
 
-    /// Every node, failing ones first, then by name. A node not heard of for `stale_after`
+    /// Every node, failing ones first (an app Failed to sync, or Degraded or Missing; one held
+    /// back by a gate or a sync window, Waiting, or still Progressing is not failing), then by
+    /// name. A node not heard of for `stale_after`
     /// seconds is stale, whatever it last said.
     pub fn nodes(&mut self, now: u64, stale_after: u64) -> Result<Vec<NodeRow>, StoreError> {
         let q = "SELECT n.node, n.online, n.last_seen,
                (SELECT count(*) FROM apps a WHERE a.node = n.node),
                (SELECT count(*) FROM apps a WHERE a.node = n.node
-                  AND (a.sync IS DISTINCT FROM 'Synced' OR a.health IS DISTINCT FROM 'Healthy')),
+                  AND (a.sync = 'Failed' OR a.health IN ('Degraded', 'Missing'))),
                (SELECT CAST(coalesce(sum(g.last - g.first + 1), 0) AS BIGINT)
                   FROM gaps g WHERE g.node = n.node)
              FROM nodes n";
@@ -353,7 +355,8 @@ impl Store {
             });
         }
         let failing = |row: &AppRow| {
-            row.sync.as_deref() != Some("Synced") || row.health.as_deref() != Some("Healthy")
+            row.sync.as_deref() == Some("Failed")
+                || matches!(row.health.as_deref(), Some("Degraded" | "Missing"))
         };
         out.sort_by(|a, b| (failing(b), &a.app, b.nodes).cmp(&(failing(a), &b.app, a.nodes)));
         Ok(out)
@@ -390,7 +393,7 @@ impl Store {
     /// What every node reports of `app`, with the node's labels (from its node document), for
     /// the rollout engine.
     pub fn app_views(&mut self, app: &str) -> Result<Vec<crate::rollout::NodeView>, StoreError> {
-        let q = "SELECT a.node, a.revision, a.sync, a.health, n.doc FROM apps a
+        let q = "SELECT a.node, a.revision, a.sync, a.health, n.doc, a.doc FROM apps a
              JOIN nodes n ON n.node = a.node WHERE a.app = $1 ORDER BY a.node";
         let mut tx = self.backend.begin()?;
         let rows = tx.rows(q, &[app.into()])?;
@@ -409,9 +412,14 @@ impl Store {
                             .collect()
                     })
                     .unwrap_or_default();
+                let target = column(q, r, 5)?
+                    .text()
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
+                    .and_then(|d| d.get("target_revision")?.as_str().map(str::to_string));
                 Ok(crate::rollout::NodeView {
                     node: text(q, r, 0)?,
                     labels,
+                    target,
                     revision: column(q, r, 1)?.text(),
                     sync: column(q, r, 2)?.text().unwrap_or_default(),
                     health: column(q, r, 3)?.text().unwrap_or_default(),
