@@ -141,6 +141,7 @@ error_kinds! {
     Removal = "removal": "the objects of an app that left the node could not be removed",
     Fleet = "fleet": "a problem with the fleet repository: an Application that cannot be read or run, an unreachable repository",
     ControlSocket = "control_socket": "the control socket (`edgesync sync` asking the running agent) failed",
+    Gate = "gate": "a rollout gate from the hub is malformed, unsigned, signed by a key not in `[gates] public_keys`, for another app, older than the gate held, or allows a revision off the tracked branch; the app keeps what it runs",
     OutboxCorrupt = "outbox_corrupt": "a damaged record in the MQTT outbox was dropped; the rest of the queue is kept",
     StatusSequence = "status_sequence": "the status sequence number cannot be saved",
     StatusOutbox = "status_outbox": "a status message cannot be queued in the outbox",

@@ -187,18 +187,41 @@ impl StateStore {
             let path = path.to_path_buf();
             move |source| StateError::Io { path, source }
         };
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io(&self.dir))?;
+        let dir = path.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
         tmp.write_all(bytes).map_err(io(tmp.path()))?;
         tmp.as_file().sync_all().map_err(io(tmp.path()))?;
         tmp.persist(path).map_err(|e| StateError::Io {
             path: path.to_path_buf(),
             source: e.error,
         })?;
-        std::fs::File::open(&self.dir)
+        std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+            .map_err(io(dir))?;
         Ok(())
+    }
+
+    /// Where `app`'s rollout gate is kept: beside the apps' states, not among them.
+    fn gate_path(&self, app: &str) -> PathBuf {
+        self.dir.with_file_name("gates").join(format!("{app}.json"))
+    }
+
+    /// The rollout gate last taken for `app`, as the hub sent it (the caller verifies it
+    /// again: the trusted keys may have changed since).
+    pub(crate) fn load_gate(&self, app: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.gate_path(app);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Keeps `app`'s newest rollout gate across restarts: a node that comes back while the
+    /// broker is away still holds where the hub said.
+    pub(crate) fn save_gate(&self, app: &str, gate: &[u8]) -> Result<(), StateError> {
+        self.write_atomically(&self.gate_path(app), gate)
     }
 
     /// Apps with a state file.

@@ -113,6 +113,11 @@ pub(crate) struct AppConfig {
     /// applied as one app; a source with `ref` and no path gives files to `$ref/...` value files.
     #[serde(default)]
     pub(crate) sources: Vec<AppSource>,
+    /// Follow the fleet hub's rollout gates (`[gates]`): run no newer revision than the gate
+    /// of the app allows this node's stage, and keep what runs until a gate is heard (an
+    /// Application's `edgesync.io/gated: "true"` annotation).
+    #[serde(default)]
+    pub(crate) gated: bool,
 }
 
 /// One more source of an app (`[[apps.sources]]`).

@@ -26,6 +26,7 @@ pub(super) struct RawConfig {
     pub(super) log: LogConfig,
     pub(super) fleet: Option<Spanned<FleetConfig>>,
     pub(super) signatures: Option<Spanned<SignaturesConfig>>,
+    pub(super) gates: Option<Spanned<GatesConfig>>,
     pub(super) variables: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     pub(super) helm: HelmConfig,
@@ -168,6 +169,7 @@ impl Config {
             plugins: raw.plugins.into_iter().map(Spanned::into_inner).collect(),
             signatures,
             signatures_line,
+            gates: raw.gates.map(Spanned::into_inner),
             apps,
             skipped,
         })

@@ -95,6 +95,8 @@ pub(crate) struct Config {
     pub(crate) signatures: SignaturesConfig,
     /// The line of the `[signatures]` table, for problems with its key files.
     pub(crate) signatures_line: usize,
+    /// `[gates]`: the fleet hub's rollout gates, for apps with `gated`.
+    pub(crate) gates: Option<GatesConfig>,
     /// The apps this node runs.
     pub(crate) apps: Vec<AppConfig>,
     /// Apps whose `node_selector` does not match this node, and why.
@@ -343,6 +345,52 @@ pub(crate) struct SignaturesConfig {
     pub(crate) fleet: bool,
 }
 
+/// `[gates]`: the rollout gates of the fleet hub (`edgesync-hub`). The hub publishes one
+/// retained, signed gate per app under `topic`; an app with `gated = true` runs no newer
+/// revision than its gate allows this node's stage. Gates come over `[mqtt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GatesConfig {
+    /// The hub's Ed25519 public keys, each an OpenSSH line (`ssh-ed25519 AAAA... hub`): a
+    /// gate signed by any other key is refused.
+    pub(crate) public_keys: Vec<String>,
+    /// Where the hub publishes gates: `<topic>/<app>`.
+    #[serde(default = "default_gates_topic")]
+    pub(crate) topic: String,
+}
+
+fn default_gates_topic() -> String {
+    "edgesync/gates".to_string()
+}
+
+/// One of `[gates] public_keys`: an OpenSSH Ed25519 public key line.
+pub(crate) fn gate_key(line: &str) -> Result<ssh_key::PublicKey, String> {
+    let key = ssh_key::PublicKey::from_openssh(line.trim())
+        .map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
+    if key.algorithm() != ssh_key::Algorithm::Ed25519 {
+        return Err(format!(
+            "{} key: the hub signs gates with Ed25519 (ssh-ed25519)",
+            key.algorithm()
+        ));
+    }
+    Ok(key)
+}
+
+impl GatesConfig {
+    /// The trusted keys (validated when the config was read: an unusable line is skipped).
+    pub(crate) fn keys(&self) -> Vec<ssh_key::PublicKey> {
+        self.public_keys
+            .iter()
+            .filter_map(|k| gate_key(k).ok())
+            .collect()
+    }
+
+    /// The topic of `app`'s gate, and the filter for every app's.
+    pub(crate) fn filter(&self) -> String {
+        format!("{}/+", self.topic.trim_end_matches('/'))
+    }
+}
+
 /// `[helm]`: how charts are rendered.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -517,6 +565,46 @@ repo = "https://git.example.com/fleet.git"
         assert!(!cfg.node.name.is_empty());
         let repo = cfg.repository("https://git.example.com/fleet.git");
         assert_eq!(repo.poll_interval, DEFAULT_POLL_INTERVAL);
+    }
+
+    #[test]
+    fn gates_name_their_problems() {
+        let problems = |text: &str| match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems
+                .into_iter()
+                .map(|p| (p.key, p.message))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f hub";
+        let app =
+            "[[apps]]\nname = \"web\"\nrepo = \"https://git.example.com/a.git\"\ngated = true\n";
+        let ok = parse(&format!(
+            "[mqtt]\nurl = \"mqtt://broker\"\n[gates]\npublic_keys = [\"{key}\"]\n{app}"
+        ))
+        .unwrap();
+        let gates = ok.gates.as_ref().unwrap();
+        assert_eq!(gates.keys().len(), 1);
+        assert_eq!(gates.filter(), "edgesync/gates/+");
+        assert!(ok.apps[0].gated);
+
+        let p = problems(app);
+        assert!(
+            p.iter()
+                .any(|(k, m)| k == "apps[0].gated" && m.contains("[gates]")),
+            "{p:?}"
+        );
+        let p = problems(&format!("[gates]\npublic_keys = [\"{key}\"]\n"));
+        assert!(
+            p.iter().any(|(k, m)| k == "gates" && m.contains("[mqtt]")),
+            "{p:?}"
+        );
+        let p = problems("[mqtt]\nurl = \"mqtt://b\"\n[gates]\npublic_keys = [\"ssh-rsa nonsense\"]\ntopic = \"a/#\"\n");
+        assert!(p.iter().any(|(k, _)| k == "gates.public_keys[0]"), "{p:?}");
+        assert!(p.iter().any(|(k, _)| k == "gates.topic"), "{p:?}");
+        let p = problems("[mqtt]\nurl = \"mqtt://b\"\n[gates]\npublic_keys = []\n");
+        assert!(p.iter().any(|(k, _)| k == "gates.public_keys"), "{p:?}");
     }
 
     #[test]

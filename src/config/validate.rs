@@ -77,9 +77,27 @@ pub(super) fn validate(raw: &RawConfig, text: &str, base: &Path) -> Vec<Problem>
             );
         }
     }
+    if let Some(gates) = &raw.gates {
+        c.gates(gates, raw.mqtt.is_some());
+    }
     let mut names = HashSet::new();
     for (i, app) in raw.apps.iter().enumerate() {
         c.app(i, app, &mut names);
+        let a = app.get_ref();
+        if a.gated && raw.gates.is_none() {
+            c.push(
+                &app.span(),
+                format!("apps[{i}].gated"),
+                "needs a [gates] table: the hub's keys",
+            );
+        }
+        if a.gated && a.chart.is_some() {
+            c.push(
+                &app.span(),
+                format!("apps[{i}].gated"),
+                "gates hold Git revisions; a chart app cannot be gated",
+            );
+        }
     }
     let mut plugins = HashSet::new();
     for (i, plugin) in raw.plugins.iter().enumerate() {
@@ -294,6 +312,37 @@ impl Checker<'_> {
         }
         if s.fleet && !has_fleet {
             self.push(&span, "signatures.fleet", "there is no [fleet] to verify");
+        }
+    }
+
+    fn gates(&mut self, gates: &Spanned<super::GatesConfig>, has_mqtt: bool) {
+        let (span, g) = (gates.span(), gates.get_ref());
+        if g.public_keys.is_empty() {
+            self.push(
+                &span,
+                "gates.public_keys",
+                "needs at least one key of the hub",
+            );
+        }
+        for (i, key) in g.public_keys.iter().enumerate() {
+            if let Err(e) = super::gate_key(key) {
+                self.push(&span, format!("gates.public_keys[{i}]"), e);
+            }
+        }
+        let topic = g.topic.trim_end_matches('/');
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            self.push(
+                &span,
+                "gates.topic",
+                "must be a topic without wildcards (the app's name is appended)",
+            );
+        }
+        if !has_mqtt {
+            self.push(
+                &span,
+                "gates",
+                "gates come over MQTT: needs an [mqtt] table",
+            );
         }
     }
 

@@ -38,12 +38,22 @@ impl Engine {
 
     /// An engine whose node `adjust` changes first (AppProjects a fleet would bring).
     fn build(apps: &[&str], cluster: Arc<FakeCluster>, adjust: impl FnOnce(&mut Node)) -> Engine {
+        Self::build_with("", apps, cluster, adjust)
+    }
+
+    /// As [`Engine::build`], with `tables` (TOML tables such as `[gates]`) in the config.
+    fn build_with(
+        tables: &str,
+        apps: &[&str],
+        cluster: Arc<FakeCluster>,
+        adjust: impl FnOnce(&mut Node),
+    ) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("repo");
         let repo = git2::Repository::init(&work).unwrap();
         let url = format!("file://{}", work.display());
         let mut text = format!(
-            "state_dir = \"{}\"\n[node]\nname = \"node-a\"\n",
+            "state_dir = \"{}\"\n[node]\nname = \"node-a\"\n{tables}\n",
             dir.path().join("state").display()
         );
         for app in apps {
@@ -1058,4 +1068,117 @@ async fn a_sync_of_one_app_leaves_the_drift_known_of_another() {
     drift.refresh(&resynced).await;
     assert!(e.ctx.drift_open("other"), "still known");
     assert_eq!(shown(&e, "other").0, "OutOfSync");
+}
+
+/// The hub's key in the gate tests (a fixed seed: no randomness needed).
+fn hub_key() -> ssh_key::PrivateKey {
+    ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]))
+}
+
+const GATED: &str = "name = \"web\"\nrepo = \"{repo}\"\npath = \"app\"\nnamespace = \"team\"\ncreate_namespace = true\ngated = true";
+
+fn gated_engine() -> Engine {
+    let public = hub_key().public_key().to_openssh().unwrap();
+    let tables =
+        format!("[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[gates]\npublic_keys = [\"{public}\"]\n");
+    Engine::build_with(&tables, &[GATED], Arc::new(FakeCluster::default()), |_| {})
+}
+
+/// A gate of `web` whose one stage (every node) may run `revision`, signed by `key`.
+fn signed_gate(key: &ssh_key::PrivateKey, issued: u64, revision: &str) -> Vec<u8> {
+    let mut gate = edgesync_proto::Gate {
+        schema_version: edgesync_proto::gate::SCHEMA_VERSION,
+        app: "web".into(),
+        rollout: format!("web-{issued}"),
+        issued,
+        previous: None,
+        stages: vec![edgesync_proto::Stage {
+            name: "all".into(),
+            selector: Default::default(),
+            buckets: Some((0, edgesync_proto::BUCKETS)),
+            revision: revision.into(),
+        }],
+        signature: String::new(),
+    };
+    gate.sign(key).unwrap();
+    serde_json::to_vec(&gate).unwrap()
+}
+
+async fn gated_run(e: &Engine, target: &Target) -> super::gates::Gated {
+    let app = e.ctx.config.app("web").unwrap().clone();
+    let repo = e.ctx.config.repository(&app.repo);
+    e.ctx.gated(&repo, &app, target.clone()).await
+}
+
+/// A gated app keeps what runs until it hears a gate; then runs the older of its Git target
+/// and its stage's revision; a gate that is unsigned, signed by another key, older than the
+/// one held, or allows a revision off the branch moves nothing.
+#[tokio::test]
+async fn a_gated_app_runs_what_its_stage_allows_and_nothing_else() {
+    use super::gates::Gated;
+    let e = gated_engine();
+    let gates = e.ctx.gates.as_ref().unwrap();
+    e.write("app/a.yaml", &cm("a", "1"));
+    let v1 = e.commit();
+    e.write("app/a.yaml", &cm("a", "2"));
+    let v2 = e.commit();
+
+    // No gate heard: nothing new runs.
+    assert!(matches!(gated_run(&e, &v2).await, Gated::Keep { .. }));
+
+    // The stage allows v1 while Git is at v2: v1 runs, and the app says why.
+    let gate = gates
+        .taken("web", &signed_gate(&hub_key(), 10, &v1.sha))
+        .unwrap();
+    assert!(gate);
+    match gated_run(&e, &v2).await {
+        Gated::Run { target, held } => {
+            assert_eq!(target.sha, v1.sha);
+            assert!(held.unwrap().contains("held at"));
+        }
+        Gated::Keep { reason } => panic!("kept: {reason}"),
+    }
+
+    // Forged, untrusted, stale: refused, the gate held stays.
+    let other = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[9; 32]));
+    let untrusted = gates.taken("web", &signed_gate(&other, 20, &v2.sha));
+    assert!(untrusted.unwrap_err().contains("not a trusted hub key"));
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&signed_gate(&hub_key(), 20, &v1.sha)).unwrap();
+    forged["stages"][0]["revision"] = v2.sha.clone().into();
+    let forged = gates.taken("web", &serde_json::to_vec(&forged).unwrap());
+    assert!(forged.unwrap_err().contains("does not match"));
+    let stale = gates.taken("web", &signed_gate(&hub_key(), 5, &v2.sha));
+    assert!(stale.unwrap_err().contains("stale"));
+    assert!(gates.taken("web", b"not json").is_err());
+    assert_eq!(gates.held("web").unwrap().issued, 10);
+
+    // A revision the branch does not hold: refused, what runs stays.
+    let gate = gates.taken("web", &signed_gate(&hub_key(), 30, &"1".repeat(40)));
+    assert!(gate.unwrap());
+    assert!(
+        matches!(gated_run(&e, &v2).await, Gated::Keep { reason } if reason.contains("not on the tracked branch"))
+    );
+
+    // The stage opens at v2 (or past it): the Git target runs.
+    assert!(gates
+        .taken("web", &signed_gate(&hub_key(), 40, &v2.sha))
+        .unwrap());
+    match gated_run(&e, &v2).await {
+        Gated::Run { target, held } => {
+            assert_eq!(target.sha, v2.sha);
+            assert!(held.is_none());
+        }
+        Gated::Keep { reason } => panic!("kept: {reason}"),
+    }
+    // Git behind the gate (not fetched yet): what Git has runs.
+    match gated_run(&e, &v1).await {
+        Gated::Run { target, .. } => assert_eq!(target.sha, v1.sha),
+        Gated::Keep { reason } => panic!("kept: {reason}"),
+    }
+
+    // Kept across a restart: read back from the state directory, verified again.
+    gates.save(&e.ctx.store, "web").unwrap();
+    let again = super::gates::Gates::load(&e.ctx.config, &e.ctx.store, &e.ctx.metrics).unwrap();
+    assert_eq!(again.held("web").unwrap().issued, 40);
 }

@@ -9,6 +9,7 @@ mod drift;
 #[cfg(test)]
 mod engine_tests;
 mod fleet;
+mod gates;
 mod health;
 mod hooks;
 pub(crate) mod node;
@@ -299,10 +300,13 @@ impl Agent {
         );
         if let Some(mqtt) = ctx.config.mqtt.clone() {
             let outbound = publisher.map(|p| p as Arc<dyn crate::trigger::mqtt::Outbound>);
+            let gates = gates::GateReceiver::new(ctx.clone(), sink.clone())
+                .map(|g| Arc::new(g) as Arc<dyn crate::trigger::GateSink>);
             tasks.spawn(crate::trigger::mqtt::run(
                 mqtt,
                 ctx.config.node.name.clone(),
                 sink.clone(),
+                gates,
                 outbound,
                 metrics.clone(),
                 shutdown_rx.clone(),
@@ -697,6 +701,17 @@ pub(crate) async fn sync_repository(
             }
         };
         in_use.extend(target.revision().split('+').map(str::to_string));
+        let git_target = target.revision();
+        let (target, stage_holds) = match ctx.gated(repo, app, target).await {
+            gates::Gated::Run { target, held } => (target, held),
+            gates::Gated::Keep { reason } => {
+                // Until the hub's gate says otherwise, what runs stays; a new gate syncs again.
+                held += 1;
+                ctx.board.waiting(&app.name, &git_target, &reason);
+                continue;
+            }
+        };
+        in_use.extend(target.revision().split('+').map(str::to_string));
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
@@ -704,12 +719,12 @@ pub(crate) async fn sync_repository(
         running.spawn(async move {
             let result = ctx.sync_app(&app, &target, force).await;
             drop(permit);
-            (app, result)
+            (app, result, stage_holds.map(|reason| (git_target, reason)))
         });
     }
     while let Some(joined) = running.join_next().await {
         match joined {
-            Ok((app, result)) => {
+            Ok((app, result, gate_held)) => {
                 let later = match &result {
                     Ok(SyncResult::Waiting { retry_in, .. }) => *retry_in,
                     Err(_) => ctx.retries.retry_in(&app.name, std::time::Instant::now()),
@@ -724,7 +739,13 @@ pub(crate) async fn sync_repository(
                 if matches!(result, Ok(SyncResult::Waiting { .. })) {
                     held += 1;
                 }
+                let applied = result.is_ok();
                 report(ctx, &app, result);
+                // Held back by its stage: the older revision runs, and the app says why.
+                if let (true, Some((git_target, reason))) = (applied, gate_held) {
+                    held += 1;
+                    ctx.board.waiting(&app.name, &git_target, &reason);
+                }
             }
             Err(e) => {
                 failed += 1;

@@ -171,6 +171,8 @@ pub(crate) struct SyncContext {
     pub(super) capabilities: tokio::sync::Mutex<Option<(Instant, Arc<apply::kube::Capabilities>)>>,
     /// Which app manages each object on this node (read from the states on first use).
     pub(super) claims: std::sync::Mutex<Option<HashMap<ClaimKey, Arc<str>>>>,
+    /// The fleet hub's rollout gates, with `[gates]`.
+    pub(crate) gates: Option<super::gates::Gates>,
     /// How many sync attempts may still write to the cluster ([`SyncContext::applying`]).
     pub(super) applies: tokio::sync::watch::Sender<usize>,
 }
@@ -241,7 +243,9 @@ impl SyncContext {
             publisher.map(crate::report::publisher::forward),
             |app| load_or_blank(&store, &metrics, app).unwrap_or_default(),
         ));
+        let gates = super::gates::Gates::load(&config, &store, &metrics);
         Arc::new(SyncContext {
+            gates,
             source: GitSource::new(&config.state_dir),
             charts: ChartSource::new(&config.state_dir),
             store,

@@ -15,6 +15,8 @@ use crate::render::Object;
 pub(crate) const GROUP: &str = "argoproj.io";
 /// `metadata.annotations` key of an Application's node selector.
 pub(crate) const NODE_SELECTOR_ANNOTATION: &str = "edgesync.io/node-selector";
+/// `"true"`: the Application follows the fleet hub's rollout gates (`[gates]`).
+pub(crate) const GATED_ANNOTATION: &str = "edgesync.io/gated";
 const IN_CLUSTER: [&str; 2] = [
     "https://kubernetes.default.svc",
     "https://kubernetes.default.svc/",
@@ -105,6 +107,8 @@ pub(crate) struct Application {
     /// applied.
     pub(crate) delete_resources_on_removal: bool,
     pub(crate) node_selector: Option<String>,
+    /// The `edgesync.io/gated` annotation is `"true"`: the app follows the hub's gates.
+    pub(crate) gated: bool,
     /// `syncPolicy.managedNamespaceMetadata`.
     pub(crate) namespace_metadata: Option<crate::config::options::NamespaceMetadata>,
 }
@@ -302,6 +306,14 @@ fn application(
                 NODE_SELECTOR_ANNOTATION.replace('/', "~1")
             ),
         ),
+        gated: string(
+            v,
+            &format!(
+                "/metadata/annotations/{}",
+                GATED_ANNOTATION.replace('/', "~1")
+            ),
+        )
+        .is_some_and(|g| g == "true"),
     })
 }
 
@@ -571,6 +583,7 @@ impl Application {
             plugin: self.sources[main].plugin.clone(),
             plugin_env: self.sources[main].plugin_env.clone(),
             sources,
+            gated: self.gated,
         })
     }
 }
@@ -944,6 +957,19 @@ mod tests {
             value: value.as_object().unwrap().clone(),
             origin: "t.yaml#0".into(),
         }
+    }
+
+    #[test]
+    fn the_gated_annotation_gates_the_app() {
+        let mut object = application_object(serde_json::json!({
+            "source": {"repoURL": "https://g/r.git", "path": "p"},
+            "destination": {"server": "https://kubernetes.default.svc", "namespace": "web"}
+        }));
+        let plain = parse(&object).unwrap().unwrap();
+        assert!(!app(&plain).to_app_config().unwrap().gated);
+        object.value["metadata"]["annotations"]["edgesync.io/gated"] = "true".into();
+        let gated = parse(&object).unwrap().unwrap();
+        assert!(app(&gated).to_app_config().unwrap().gated);
     }
 
     #[test]

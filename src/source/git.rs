@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Once};
 
+use edgesync_proto::Ancestry;
 use git2::build::CheckoutBuilder;
 use git2::{
     AutotagOption, Direction, FetchOptions, Oid, RemoteCallbacks, RemoteUpdateFlags, Repository,
@@ -214,6 +215,98 @@ impl GitSource {
             revision: sha.to_string(),
             root: dir,
             fetched,
+        })
+    }
+
+    /// How commit `revision` (a rollout gate's) relates to `target` (where `branch` of `repo`
+    /// points), on the history the cache holds: `revision` is fetched by SHA when the cache
+    /// lacks it, and a shallow cache is deepened to the whole history before the two are
+    /// called unrelated (the first fetch is one commit deep, so an older stage's revision lies
+    /// behind the boundary). A revision no branch of the server holds is unrelated.
+    pub(crate) fn ancestry(
+        &self,
+        repo: &RepositoryConfig,
+        branch: &str,
+        target: &str,
+        revision: &str,
+    ) -> Result<Ancestry, SourceError> {
+        if target == revision {
+            return Ok(Ancestry::Same);
+        }
+        let url = &repo.url;
+        let (Ok(t), Ok(r)) = (Oid::from_str(target), Oid::from_str(revision)) else {
+            return Ok(Ancestry::Unrelated);
+        };
+        if !is_commit_sha(revision) {
+            return Ok(Ancestry::Unrelated);
+        }
+        let lock = self.writer(url);
+        let _busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = self.open(url)?;
+        for (oid, sha) in [(t, target), (r, revision)] {
+            if cache.find_commit(oid).is_err() {
+                match self.fetch(&cache, repo, branch, sha) {
+                    Ok(()) => {}
+                    Err(SourceError::RevisionNotFound { .. }) => return Ok(Ancestry::Unrelated),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let relate = |cache: &Repository| -> Result<Option<Ancestry>, git2::Error> {
+            Ok(if cache.graph_descendant_of(t, r)? {
+                Some(Ancestry::Older)
+            } else if cache.graph_descendant_of(r, t)? {
+                Some(Ancestry::Newer)
+            } else {
+                None
+            })
+        };
+        if let Some(found) = relate(&cache).map_err(Self::git_err(url))? {
+            return Ok(found);
+        }
+        if cache.is_shallow() {
+            tracing::info!(url = %redact(url), "deepening the shallow Git cache to place a rollout gate's revision");
+            self.deepen(&cache, repo)?;
+            if let Some(found) = relate(&cache).map_err(Self::git_err(url))? {
+                return Ok(found);
+            }
+        }
+        Ok(Ancestry::Unrelated)
+    }
+
+    /// Fetches every branch with its whole history into a shallow cache.
+    fn deepen(&self, cache: &Repository, repo: &RepositoryConfig) -> Result<(), SourceError> {
+        let url = &repo.url;
+        let _credentials = transport::scope(repo)?;
+        let mut too_large = false;
+        let mut options = FetchOptions::new();
+        options.remote_callbacks(progress(|p| {
+            too_large = p.received_bytes() > MAX_FETCH_BYTES;
+            !too_large
+        }));
+        // libgit2's GIT_FETCH_DEPTH_UNSHALLOW.
+        options.depth(i32::MAX);
+        let mut remote = cache.remote_anonymous(url).map_err(Self::git_err(url))?;
+        let result = remote.fetch(
+            &["+refs/heads/*:refs/edgesync/heads/*"],
+            Some(&mut options),
+            None,
+        );
+        drop(options);
+        result.map_err(|e| {
+            let message = if too_large {
+                format!(
+                    "fetch cancelled after {MAX_FETCH_BYTES} bytes: {}",
+                    e.message()
+                )
+            } else {
+                e.message().to_string()
+            };
+            SourceError::Git {
+                url: redact(url),
+                message,
+                source: Some(e),
+            }
         })
     }
 

@@ -57,6 +57,15 @@ pub(crate) trait EventSink: Send + Sync {
     fn deliver(&self, event: Event) -> Result<(), Refused>;
 }
 
+/// Where the MQTT subscriber hands the fleet hub's rollout gates (`[gates]`), which the daemon
+/// verifies and keeps. Quick and never blocking, like [`EventSink`].
+pub(crate) trait GateSink: Send + Sync {
+    /// The topic filter gates arrive on (`<topic>/+`).
+    fn filter(&self) -> &str;
+    /// A message on that filter: the app is the topic's last level.
+    fn gate(&self, topic: &str, payload: &[u8]);
+}
+
 /// The change message on MQTT and the generic webhook: every field optional, an empty
 /// payload meaning "refresh everything". Unknown fields are ignored for forward compatibility.
 #[derive(Debug, Default, Deserialize)]

@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{watch, Notify};
 
-use super::{ChangeMessage, EventSink, Source, MAX_MESSAGE_BYTES};
+use super::{ChangeMessage, EventSink, GateSink, Source, MAX_MESSAGE_BYTES};
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 
@@ -195,6 +195,7 @@ struct Session<'a> {
     subs: &'a [Subscription],
     outbound: Option<&'a dyn Outbound>,
     sink: &'a dyn EventSink,
+    gates: Option<&'a dyn GateSink>,
     metrics: &'a Metrics,
 }
 
@@ -225,6 +226,13 @@ impl Session<'_> {
                 tracing::info!(pkid = ack.pkid, codes = ?ack.return_codes, "MQTT subscribed");
             }
             rumqttc::Event::Incoming(Packet::Publish(publish)) => {
+                if let Some(gates) = self
+                    .gates
+                    .filter(|g| rumqttc::matches(&publish.topic, g.filter()))
+                {
+                    gates.gate(&publish.topic, &publish.payload);
+                    return;
+                }
                 let directed = self
                     .subs
                     .iter()
@@ -248,11 +256,18 @@ pub(crate) async fn run(
     cfg: MqttConfig,
     node: String,
     sink: Arc<dyn EventSink>,
+    gates: Option<Arc<dyn GateSink>>,
     outbound: Option<Arc<dyn Outbound>>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let subs = subscriptions(&cfg, &node);
+    let mut subs = subscriptions(&cfg, &node);
+    if let Some(gates) = &gates {
+        subs.push(Subscription {
+            filter: gates.filter().to_string(),
+            directed: false,
+        });
+    }
     let mut delays = reconnect_delays();
     let idle = Notify::new();
     let mut clean = false;
@@ -294,6 +309,7 @@ pub(crate) async fn run(
                         subs: &subs,
                         outbound: outbound.as_deref(),
                         sink: &*sink,
+                        gates: gates.as_deref(),
                         metrics: &metrics,
                     };
                     session.on_event(event, &mut upstream);

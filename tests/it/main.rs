@@ -7,6 +7,7 @@ mod harness;
 mod apply;
 mod chaos;
 mod fleet;
+mod gates;
 mod git_http;
 mod git_revisions;
 mod git_ssh;

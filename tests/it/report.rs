@@ -266,7 +266,7 @@ async fn secrets_never_reach_logs_metrics_or_status() {
 }
 
 /// Headless Chromium from Debian, with the flags this sandbox needs.
-fn chromium(args: &[&str], url: &str, profile: &std::path::Path) -> std::process::Output {
+pub fn chromium(args: &[&str], url: &str, profile: &std::path::Path) -> std::process::Output {
     std::process::Command::new("chromium")
         .args([
             "--headless",

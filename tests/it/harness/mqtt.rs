@@ -242,6 +242,20 @@ impl Broker {
         cmd
     }
 
+    /// Publishes a retained message, as the fleet hub publishes its gates.
+    pub fn publish_retained(&self, topic: &str, payload: &str) {
+        let out = self
+            .pub_command(topic)
+            .args(["-r", "-m", payload])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn publish(&self, topic: &str, payload: &str) {
         let out = self
             .pub_command(topic)

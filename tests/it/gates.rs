@@ -1,0 +1,431 @@
+//! The fleet hub's rollout gates on a real agent: signed gates published retained on a real
+//! Mosquitto, a repository served over smart HTTP (so the cache is shallow and a held revision
+//! needs it deepened), the real control plane.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use crate::git_revisions::greeting_app;
+use crate::harness::http::metric;
+use crate::harness::mqtt::Broker;
+use crate::harness::{eventually, Agent, AgentConfig, GitRepo, Remote, TestNamespace, WAIT};
+
+fn key(seed: u8) -> ssh_key::PrivateKey {
+    ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]))
+}
+
+/// The gate of app `greeting` letting every node run `revision`, signed by `signer`.
+fn gate(signer: &ssh_key::PrivateKey, issued: u64, revision: &str) -> String {
+    let mut gate = edgesync_proto::Gate {
+        schema_version: edgesync_proto::gate::SCHEMA_VERSION,
+        app: "greeting".into(),
+        rollout: format!("greeting-{issued}"),
+        issued,
+        previous: None,
+        stages: vec![edgesync_proto::Stage {
+            name: "everyone".into(),
+            selector: Default::default(),
+            buckets: Some((0, edgesync_proto::BUCKETS)),
+            revision: revision.into(),
+        }],
+        signature: String::new(),
+    };
+    gate.sign(signer).unwrap();
+    serde_json::to_string(&gate).unwrap()
+}
+
+async fn greeting(ns: &TestNamespace) -> Option<String> {
+    let cm = ns.api::<ConfigMap>().get_opt("greeting").await.ok()??;
+    cm.data?.get("text").cloned()
+}
+
+/// Waits until the app's status message contains `text`.
+async fn says(config: &AgentConfig, text: &str) -> serde_json::Value {
+    eventually(&format!("the app saying {text:?}"), WAIT, || async {
+        let status = config.status().await;
+        let app = status["apps"][0].clone();
+        app["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(text))
+            .then_some(app)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_gated_app_follows_signed_gates_and_only_them() {
+    let ns = TestNamespace::reserve("gates").await;
+    let repo = GitRepo::new();
+    let v1 = greeting_app(&repo, "one");
+    let remote = Remote::serve(repo).await;
+    let mut broker = Broker::start(false);
+    let hub = key(7);
+    let public = hub.public_key().to_openssh().unwrap();
+    let url = remote.url();
+    let config = AgentConfig::new()
+        .section("mqtt", &broker.agent_section())
+        .section("gates", &format!("public_keys = [\"{public}\"]"))
+        .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+        .app(&format!(
+            "name = \"greeting\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\ngated = true",
+            ns.name
+        ));
+    let topic = "edgesync/gates/greeting";
+
+    // Before any gate, a gated app runs nothing.
+    let agent = Agent::start(&config);
+    says(&config, "no rollout gate heard").await;
+    assert_eq!(greeting(&ns).await, None);
+
+    // The hub lets everyone run v1: applied.
+    broker.publish_retained(topic, &gate(&hub, 100, &v1));
+    config.wait_applied("greeting", &v1).await;
+
+    // Git moves to v2 while the gate still says v1: held at v1, and the app says why.
+    let v2 = greeting_app(&remote.repo, "two");
+    remote.push();
+    let app = says(&config, "held at").await;
+    assert_eq!(app["sync"], "Waiting", "{app}");
+    assert_eq!(app["target_revision"], v2.as_str(), "{app}");
+    assert_eq!(greeting(&ns).await.as_deref(), Some("one"));
+
+    // Whoever can publish without the hub's key moves nothing: another key, a replayed gate.
+    let errors = || metric(config.http_port, "edgesync_errors_total{kind=\"gate\"}");
+    broker.publish_retained(topic, &gate(&key(9), 300, &v2));
+    eventually("an untrusted gate refused", WAIT, || async {
+        (errors().await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        agent.log().contains("not a trusted hub key"),
+        "{}",
+        agent.log()
+    );
+    broker.publish_retained(topic, &gate(&hub, 50, &v2));
+    eventually("a stale gate refused", WAIT, || async {
+        (errors().await >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        config.state("greeting")["last_applied_revision"],
+        v1.as_str()
+    );
+    assert_eq!(greeting(&ns).await.as_deref(), Some("one"));
+
+    // The hub opens the stage at v2: applied.
+    broker.publish_retained(topic, &gate(&hub, 200, &v2));
+    config.wait_applied("greeting", &v2).await;
+    assert_eq!(greeting(&ns).await.as_deref(), Some("two"));
+    assert!(
+        !agent.log().contains("greeting-300"),
+        "the untrusted gate was never taken"
+    );
+
+    // Back to v1 by the hub's word (a rollback): applied, Git still at v2.
+    broker.publish_retained(topic, &gate(&hub, 400, &v1));
+    config.wait_applied("greeting", &v1).await;
+    says(&config, "held at").await;
+
+    // A restart without the broker keeps where the hub said (the gate was kept on disk).
+    assert!(agent.stop().await.success());
+    broker.stop();
+    let v3 = greeting_app(&remote.repo, "three");
+    remote.push();
+    let agent = Agent::start(&config);
+    let app = says(&config, "held at").await;
+    assert_eq!(app["target_revision"], v3.as_str(), "{app}");
+    assert_eq!(
+        config.state("greeting")["last_applied_revision"],
+        v1.as_str()
+    );
+    assert_eq!(greeting(&ns).await.as_deref(), Some("one"));
+    assert!(agent.stop().await.success());
+}
+
+/// `edgesync-hub run` in the background, killed when dropped.
+struct Hub {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Hub {
+    fn start(
+        broker: &Broker,
+        dir: &std::path::Path,
+        key: &ssh_key::PrivateKey,
+        policy: &str,
+    ) -> Hub {
+        let bin = std::path::Path::new(crate::harness::agent::BIN).with_file_name("edgesync-hub");
+        assert!(
+            bin.exists(),
+            "{} is not built: tests/run builds the whole workspace (cargo build -p edgesync-hub)",
+            bin.display()
+        );
+        let key_file = dir.join("hub-key");
+        key.write_openssh_file(&key_file, ssh_key::LineEnding::LF)
+            .unwrap();
+        let policy_file = dir.join("policy.yaml");
+        std::fs::write(&policy_file, policy).unwrap();
+        let port = crate::harness::agent::free_port();
+        let broker_port = broker.url().rsplit(':').next().unwrap().to_string();
+        let config = dir.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nclient_id = \"hub-e2e\"\n\n[store]\npath = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[gates]\nkey_file = \"{}\"\npolicies = [\"{}\"]\n",
+                dir.join("hub.db").display(),
+                key_file.display(),
+                policy_file.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("hub.log");
+        let child = std::process::Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(dir.join("hub.out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start edgesync-hub");
+        Hub { child, port, log }
+    }
+
+    async fn get(&self, path: &str) -> String {
+        crate::harness::http::request(self.port, "GET", path, &[], b"")
+            .await
+            .body
+    }
+
+    async fn rollout(&self, revision: &str, previous: Option<&str>) {
+        let body = serde_json::json!({"app": "web", "revision": revision, "previous": previous});
+        let reply = crate::harness::http::request(
+            self.port,
+            "POST",
+            "/api/v1/rollouts",
+            &[("content-type", "application/json".to_string())],
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{}: {}", reply.body, self.log());
+    }
+
+    /// The rollout of `web`, as the hub's API lists it.
+    async fn phase(&self) -> String {
+        let list: serde_json::Value =
+            serde_json::from_str(&self.get("/api/v1/rollouts").await).unwrap_or_default();
+        list.as_array()
+            .and_then(|l| l.iter().find(|r| r["app"] == "web"))
+            .map(|r| format!("{} {}", r["phase"], r["revision"]))
+            .unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const POLICY: &str = "apiVersion: edgesync.io/v1alpha1
+kind: RolloutPolicy
+metadata: {name: default}
+spec:
+  stages:
+    - {name: canary, nodeSelector: {matchLabels: {ring: canary}}, bake: 2s}
+    - {name: half, share: 50%, bake: 2s}
+    - {name: rest, share: 50%}
+  failureBudget: {nodes: 0}
+  onFailure: halt
+";
+
+/// Node names of this run for each non-canary stage: one in the first half of the buckets,
+/// one in the second.
+fn node_names() -> (String, String) {
+    let pid = std::process::id();
+    let name = |i: u32| format!("e2e-{pid}-{i}");
+    let half = edgesync_proto::BUCKETS / 2;
+    let first = (0..)
+        .map(name)
+        .find(|n| edgesync_proto::bucket(n) < half)
+        .unwrap();
+    let second = (0..)
+        .map(name)
+        .find(|n| edgesync_proto::bucket(n) >= half)
+        .unwrap();
+    (first, second)
+}
+
+/// Issue 20's whole loop on real parts: Mosquitto, the hub with SQLite, three real agents on
+/// the test control plane (a canary by label, one node in each half of the buckets). A good
+/// revision goes through the three stages in order; a bad one (a Deployment whose image
+/// cannot be pulled, Degraded after its progress deadline) halts in the first stage, and the
+/// other nodes never run it.
+#[tokio::test]
+async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one() {
+    let repo = GitRepo::new();
+    repo.write(
+        "app/settings.yaml",
+        &crate::apply::configmap("settings", 0, "v1"),
+    );
+    let v1 = repo.commit("v1");
+    let remote = Remote::serve(repo).await;
+    let broker = Broker::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let key = key(11);
+    let hub = Hub::start(&broker, dir.path(), &key, POLICY);
+    let public = key.public_key().to_openssh().unwrap();
+    let url = remote.url();
+    let (first, second) = node_names();
+    let nodes = [
+        (
+            format!("e2e-{}-canary", std::process::id()),
+            "labels = { ring = \"canary\" }",
+        ),
+        (first, ""),
+        (second, ""),
+    ];
+    let mut agents = Vec::new();
+    let mut configs = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, labels) in &nodes {
+        let ns = TestNamespace::reserve("rollout").await;
+        let mut config = AgentConfig::new()
+            .node(labels)
+            .section("mqtt", &broker.agent_section())
+            .section("gates", &format!("public_keys = [\"{public}\"]"))
+            .repository(&format!("url = \"{url}\"\npoll_interval = \"1s\""))
+            .app(&format!(
+                "name = \"web\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true\ngated = true",
+                ns.name
+            ));
+        config.node_name = name.clone();
+        agents.push(Agent::start(&config));
+        configs.push(config);
+        namespaces.push(ns);
+    }
+    let applied = |i: usize| {
+        configs[i].state("web")["last_applied_revision"]
+            .as_str()
+            .map(str::to_string)
+    };
+
+    // The first rollout has no previous revision: every stage runs it.
+    eventually("the hub listening", WAIT, || async {
+        (!hub.get("/api/v1/fleet").await.is_empty()).then_some(())
+    })
+    .await;
+    hub.rollout(&v1, None).await;
+    for config in &configs {
+        config.wait_applied("web", &v1).await;
+    }
+    eventually("the first rollout complete", WAIT, || async {
+        hub.phase().await.starts_with("\"Complete\"").then_some(())
+    })
+    .await;
+
+    // A good revision: the canary first, then each half after the stage before it baked.
+    let v2 = repo_commit(
+        &remote,
+        "app/settings.yaml",
+        &crate::apply::configmap("settings", 0, "v2"),
+    );
+    for config in &configs {
+        says(config, "held at").await;
+    }
+    hub.rollout(&v2, Some(&v1)).await;
+    let order = std::cell::RefCell::new(Vec::new());
+    eventually(
+        "v2 on every node",
+        std::time::Duration::from_secs(120),
+        || async {
+            let mut order = order.borrow_mut();
+            for i in 0..3 {
+                if applied(i).as_deref() == Some(v2.as_str()) && !order.contains(&i) {
+                    order.push(i);
+                }
+            }
+            (order.len() == 3).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        order.into_inner(),
+        [0, 1, 2],
+        "stages out of order: {}",
+        hub.log()
+    );
+    eventually("the good rollout complete", WAIT, || async {
+        hub.phase().await.starts_with("\"Complete\"").then_some(())
+    })
+    .await;
+
+    // A bad revision: the canary runs it, goes Degraded, the rollout halts; the rest stay.
+    let v3 = repo_commit(
+        &remote,
+        "app/web.yaml",
+        &crate::apply::deployment("web", "example/imagepullbackoff:2", 0),
+    );
+    hub.rollout(&v3, Some(&v2)).await;
+    configs[0].wait_applied("web", &v3).await;
+    eventually(
+        "the rollout halted",
+        std::time::Duration::from_secs(120),
+        || async { hub.phase().await.starts_with("\"Halted").then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(applied(1).as_deref(), Some(v2.as_str()));
+    assert_eq!(applied(2).as_deref(), Some(v2.as_str()));
+    says(&configs[1], "held at").await;
+    assert!(hub.get("/api/v1/fleet").await.contains(&nodes[0].0));
+
+    // The page, as a browser shows it: the halted rollout first, the canary failing.
+    let url = format!("http://127.0.0.1:{}/", hub.port);
+    let profile = tempfile::tempdir().unwrap();
+    let (page_url, profile_path) = (url.clone(), profile.path().to_path_buf());
+    let dom = tokio::task::spawn_blocking(move || {
+        crate::report::chromium(&["--dump-dom"], &page_url, &profile_path)
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    let rollouts = dom
+        .split("id=\"rollouts\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no rollouts table:\n{dom}"));
+    let first_row = rollouts.split("</tr>").nth(1).unwrap_or_default();
+    assert!(
+        first_row.contains("halted") && first_row.contains(&v3[..12]),
+        "{dom}"
+    );
+    assert!(dom.contains(&nodes[0].0), "{dom}");
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hub-page.png");
+    let arg = format!("--screenshot={}", shot.display());
+    let profile_path = profile.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::report::chromium(&[&arg, "--window-size=1280,900"], &url, &profile_path)
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    drop(agents);
+}
+
+/// Commits one file to the served repository and pushes it; the commit.
+fn repo_commit(remote: &Remote, path: &str, text: &str) -> String {
+    remote.repo.write(path, text);
+    let sha = remote.repo.commit(path);
+    remote.push();
+    sha
+}
