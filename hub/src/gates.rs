@@ -1,6 +1,7 @@
 //! Drives rollouts and publishes their gates: one retained, signed gate per app at
 //! `<gate prefix>/<app>`. A rollout starts when asked (the API now; the fleet repository's
-//! branch later) and moves on every report of the app's nodes.
+//! branch later) and moves on from the app's nodes' reports. Its state is saved in the store
+//! after every change ([`Driver::saved`], [`Driver::restore`]).
 
 use std::collections::BTreeMap;
 
@@ -59,6 +60,23 @@ impl Driver {
 
     pub fn rollouts(&self) -> impl Iterator<Item = &Rollout> {
         self.rollouts.values()
+    }
+
+    /// `app`'s rollout and the last `issued` of its gates, to save after every change (before
+    /// its gate is published: a restarted hub must never issue a gate older than one out).
+    pub fn saved(&self, app: &str) -> Option<(Rollout, u64)> {
+        let rollout = self.rollouts.get(app)?.clone();
+        Some((rollout, self.issued.get(app).copied().unwrap_or_default()))
+    }
+
+    /// Carries on from saved rollouts (a hub restart). An unreadable one is skipped, but its
+    /// `issued` is kept: the next gate of that app is still issued later than the last one.
+    pub fn restore(&mut self, app: &str, issued: u64, rollout: Option<Rollout>) {
+        let last = self.issued.entry(app.to_string()).or_default();
+        *last = (*last).max(issued);
+        if let Some(rollout) = rollout {
+            self.rollouts.insert(app.to_string(), rollout);
+        }
     }
 
     /// Starts a rollout of `revision` for `app` (replacing any), with its first stage open.
@@ -190,5 +208,27 @@ mod tests {
         assert!(next.issued > gate.issued, "{said:?}");
         assert!(next.stages.iter().all(|s| s.revision == "new"));
         next.verify(&[public]).unwrap();
+    }
+
+    #[test]
+    fn a_restored_driver_carries_on_and_issues_later_gates() {
+        let (mut d, _) = driver();
+        d.start("web", "new", Some("old"), 100).unwrap();
+        let (rollout, issued) = d.saved("web").unwrap();
+        assert_eq!(issued, 100);
+        // The hub restarts (its clock behind the last gate's `issued`): an unreadable row of
+        // another app keeps that app's `issued` too.
+        let (mut again, _) = driver();
+        again.restore("web", issued, Some(rollout.clone()));
+        again.restore("api", 500, None);
+        assert_eq!(again.rollouts().collect::<Vec<_>>(), [&rollout]);
+        // Its first stage has no node and no bake: the next opens, in a gate issued after
+        // the last one out, though the clock says earlier.
+        let (_, gate) = again.observe("web", &[], 90).unwrap();
+        let gate = edgesync_proto::Gate::parse(&gate.expect("a new gate").payload).unwrap();
+        assert_eq!(gate.issued, 101);
+        let next = again.start("api", "a2", None, 90).unwrap();
+        let next = edgesync_proto::Gate::parse(&next.payload).unwrap();
+        assert_eq!(next.issued, 501);
     }
 }

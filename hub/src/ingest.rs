@@ -94,6 +94,17 @@ impl Topics {
             .collect()
     }
 
+    /// The retained documents' filters, not shared: brokers send retained messages to a new
+    /// plain subscription, not to a shared one, so a hub subscribes to these for a while after
+    /// each connect to read every node's last documents.
+    pub fn retained_filters(&self) -> Vec<String> {
+        let base = format!("{}+{}", self.before, self.after);
+        ["status", "apps/+", "online"]
+            .iter()
+            .map(|leaf| format!("{base}/{leaf}"))
+            .collect()
+    }
+
     /// Checks and reads one message.
     pub fn parse(&self, topic: &str, payload: &[u8]) -> Result<Message, IngestError> {
         let bad_topic = || IngestError::Topic {
@@ -237,6 +248,14 @@ mod tests {
                 "$share/hub/edgesync/nodes/+/apps/+",
                 "$share/hub/edgesync/nodes/+/events",
                 "$share/hub/edgesync/nodes/+/online"
+            ]
+        );
+        assert_eq!(
+            t.retained_filters(),
+            [
+                "edgesync/nodes/+/status",
+                "edgesync/nodes/+/apps/+",
+                "edgesync/nodes/+/online"
             ]
         );
     }

@@ -96,6 +96,55 @@ struct MqttSection {
     /// Shared subscription group; replicas of one hub use the same.
     #[serde(default = "default_group")]
     group: String,
+    /// TLS to the broker: the CA file's certificates (the system's when none is given) and a
+    /// client certificate, as the agents' `[mqtt]` takes them.
+    #[serde(default)]
+    tls: bool,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    username: Option<String>,
+    /// The password, read from this file (never written in the config).
+    password_file: Option<PathBuf>,
+}
+
+impl MqttSection {
+    fn tls(&self) -> anyhow::Result<Option<rumqttc::TlsConfiguration>> {
+        let files = [&self.ca_file, &self.cert_file, &self.key_file];
+        if !self.tls {
+            anyhow::ensure!(
+                files.iter().all(|f| f.is_none()),
+                "mqtt: ca_file, cert_file and key_file need tls = true"
+            );
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            "mqtt: cert_file and key_file go together"
+        );
+        let client = self.cert_file.as_deref().zip(self.key_file.as_deref());
+        let config = edgesync_proto::tls::client_config(self.ca_file.as_deref(), client)
+            .context("mqtt TLS")?;
+        Ok(Some(rumqttc::TlsConfiguration::Rustls(Arc::new(config))))
+    }
+
+    fn credentials(&self) -> anyhow::Result<Option<(String, String)>> {
+        let Some(user) = &self.username else {
+            anyhow::ensure!(
+                self.password_file.is_none(),
+                "mqtt.password_file needs mqtt.username"
+            );
+            return Ok(None);
+        };
+        let password = match &self.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("mqtt.password_file {}", path.display()))?
+                .trim()
+                .to_string(),
+            None => String::new(),
+        };
+        Ok(Some((user.clone(), password)))
+    }
 }
 
 /// SQLite at `path` by default; PostgreSQL when `url` is set (several replicas share it).
@@ -123,14 +172,53 @@ fn default_db() -> PathBuf {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpSection {
+    #[serde(default = "default_listen")]
     listen: String,
+    /// A file holding the bearer token `POST /api/v1/rollouts` needs; required when `listen`
+    /// is not a loopback address.
+    token_file: Option<PathBuf>,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
-            listen: "127.0.0.1:8480".into(),
+            listen: default_listen(),
+            token_file: None,
         }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8480".into()
+}
+
+impl HttpSection {
+    /// The API token, if any; none is refused when the hub listens beyond loopback.
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.token_file else {
+            let loopback = self
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback())
+                || self.listen.starts_with("localhost:");
+            anyhow::ensure!(
+                loopback,
+                "http.listen {} is not a loopback address: set http.token_file, or anyone who \
+                 reaches the hub can start rollouts",
+                self.listen
+            );
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("http.token_file {}", path.display()))?
+            .trim()
+            .to_string();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "http.token_file {}: the token is shorter than 16 characters",
+            path.display()
+        );
+        Ok(Some(token))
     }
 }
 
@@ -164,32 +252,47 @@ async fn main() -> anyhow::Result<()> {
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     let config: Config = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    let store = match &config.store.url {
-        // Blocking client: opened off the async workers.
-        Some(url) => {
-            let url = url.clone();
-            let pg = tokio::task::spawn_blocking(move || Postgres::connect(&url))
-                .await?
-                .context("store.url")?;
-            tokio::task::spawn_blocking(move || Store::new(Box::new(pg))).await??
-        }
-        None => {
-            let path = config.store.path.clone();
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-            }
-            let db = Sqlite::open(&path).with_context(|| format!("{}", path.display()))?;
-            Store::new(Box::new(db))?
-        }
-    };
-    let store = Arc::new(Mutex::new(store));
-    let counts = Arc::new(Mutex::new(Counts::default()));
-    let driver = match &config.gates {
-        Some(gates) => Some(Arc::new(Mutex::new(gates.driver()?))),
+    let token = config.http.token()?;
+    let mut driver = match &config.gates {
+        Some(gates) => Some(gates.driver()?),
         None => None,
     };
+    // Blocking work (SQLite, the PostgreSQL client) off the async workers.
+    let store_config = (config.store.url.clone(), config.store.path.clone());
+    let (store, driver) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut store = match store_config {
+            (Some(url), _) => Store::new(Box::new(Postgres::connect(&url).context("store.url")?))?,
+            (None, path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+                }
+                let db = Sqlite::open(&path).with_context(|| format!("{}", path.display()))?;
+                Store::new(Box::new(db))?
+            }
+        };
+        // Rollouts carry on where the last run left them.
+        if let Some(driver) = &mut driver {
+            for saved in store.rollouts()? {
+                let rollout = match saved.rollout {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::error!(app = %saved.app, "cannot read the saved rollout, left out: {e}");
+                        None
+                    }
+                };
+                driver.restore(&saved.app, saved.issued, rollout);
+            }
+        }
+        Ok((store, driver))
+    })
+    .await??;
+    let store = Arc::new(Mutex::new(store));
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let driver = driver.map(|d| Arc::new(Mutex::new(d)));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let ingest_config = IngestConfig {
+        tls: config.mqtt.tls()?,
+        credentials: config.mqtt.credentials()?,
         host: config.mqtt.host,
         port: config.mqtt.port,
         client_id: config.mqtt.client_id,
@@ -215,15 +318,35 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         counts,
         driver,
         client: Some(client),
+        token,
     };
     axum::serve(listener, web::router(web))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(stop_signal())
         .await?;
     let _ = stop.send(true);
     let _ = ingest.await;
     Ok(())
+}
+
+/// SIGINT, or SIGTERM (systemd's stop): the hub stops taking messages and requests, and what
+/// it took is in the store.
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("stopping");
 }
 
 async fn status(url: &str) -> anyhow::Result<()> {

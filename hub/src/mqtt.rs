@@ -1,7 +1,14 @@
 //! Ingest from the broker: an MQTT 5 session that survives the hub's restarts (clean start off,
 //! a session expiry), the status topics of every node under shared subscriptions (several hub
 //! replicas split the load), each message acknowledged only once it is in the store, so a hub
-//! that stops mid-way gets it again.
+//! that stops mid-way gets it again. Messages that have arrived together are recorded in one
+//! transaction (up to [`MAX_BATCH`]): one database sync for a burst, not one per message.
+//!
+//! Brokers send retained messages to a new plain subscription but not to a shared one, so
+//! after each connect the hub also subscribes plainly to the retained documents (node, apps,
+//! online) until their replay has gone quiet: a hub with an empty database sees a fleet at
+//! rest at once. Live messages that come twice meanwhile are stored once (documents are kept
+//! by their number and time).
 //!
 //! Rollouts move on a one-second tick, not on each message: a tick steps every app a report
 //! came in for since the last one, and every rollout still progressing (a bake time may have
@@ -11,20 +18,29 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::watch;
 
 use crate::gates::{Driver, Outgoing};
 use crate::ingest::{Message, Topics};
+use crate::rollout::Rollout;
 use crate::store::{Recorded, Store};
 use crate::unix_now;
 
 /// How often rollouts are stepped.
 const STEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Most messages recorded in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The plain subscriptions that replay retained documents stay at least this long after a
+/// connect, and until no retained message has come for [`REPLAY_QUIET`].
+const REPLAY_AT_LEAST: Duration = Duration::from_secs(10);
+const REPLAY_QUIET: Duration = Duration::from_secs(5);
 
 /// How long the broker keeps the hub's session (and queues its QoS 1 messages) while it is away.
 const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
@@ -36,6 +52,10 @@ pub struct IngestConfig {
     pub topics: Topics,
     /// Shared subscription group; `None` subscribes plainly (one hub).
     pub group: Option<String>,
+    /// TLS to the broker (`None`: plain TCP).
+    pub tls: Option<rumqttc::TlsConfiguration>,
+    /// User name and password.
+    pub credentials: Option<(String, String)>,
 }
 
 /// What ingest has done, for metrics and tests.
@@ -56,6 +76,12 @@ pub fn client(config: &IngestConfig) -> (AsyncClient, EventLoop) {
         .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30));
+    if let Some(tls) = &config.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(tls.clone()));
+    }
+    if let Some((user, password)) = &config.credentials {
+        options.set_credentials(user, password);
+    }
     AsyncClient::new(options, 256)
 }
 
@@ -85,93 +111,73 @@ pub async fn run(
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(STEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An event read while gathering a batch that is not a message: handled next.
+    let mut next = None;
+    // With a shared subscription, the retained documents come through plain subscriptions
+    // made at each connect and dropped once the replay has gone quiet: (when subscribed, the
+    // last retained message).
+    let mut replay: Option<(Instant, Instant)> = None;
     loop {
-        let event = tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tick.tick() => {
-                if let Some(driver) = &driver {
-                    let apps = std::mem::take(&mut reported);
-                    for gate in step_rollouts(&store, driver, apps).await {
-                        publish_gate(&client, gate).await;
+        let event = match next.take() {
+            Some(event) => event,
+            None => tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    if let Some((since, last)) = replay {
+                        if since.elapsed() >= REPLAY_AT_LEAST && last.elapsed() >= REPLAY_QUIET {
+                            for filter in config.topics.retained_filters() {
+                                let _ = client.unsubscribe(filter).await;
+                            }
+                            replay = None;
+                        }
                     }
+                    if let Some(driver) = &driver {
+                        let apps = std::mem::take(&mut reported);
+                        for gate in step_rollouts(&store, driver, apps).await {
+                            publish_gate(&client, gate).await;
+                        }
+                    }
+                    continue;
                 }
-                continue;
-            }
-            event = events.poll() => event,
+                event = events.poll() => event,
+            },
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(200);
                 // Every connect: a session the broker dropped has no subscriptions left.
-                for filter in &filters {
+                let mut all = filters.clone();
+                if config.group.is_some() {
+                    all.extend(config.topics.retained_filters());
+                    replay = Some((Instant::now(), Instant::now()));
+                }
+                for filter in all {
                     if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
                         tracing::warn!(%filter, "cannot subscribe: {e}");
                     }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let topic = String::from_utf8_lossy(&publish.topic).to_string();
-                let parsed = config.topics.parse(&topic, &publish.payload);
-                let outcome = match parsed {
-                    Ok(message) => {
-                        let store = store.clone();
-                        let now = unix_now();
-                        let done = tokio::task::spawn_blocking(move || {
-                            let mut db = store.lock().unwrap_or_else(|e| e.into_inner());
-                            let recorded = db.record(&message, now)?;
-                            // The apps this message reports on, for their rollouts.
-                            let apps: Vec<String> = match (&message, &recorded) {
-                                (Message::App { app, .. }, Recorded::Stored) => vec![app.clone()],
-                                (Message::Node { body, .. }, Recorded::Stored) => body
-                                    .get("apps")
-                                    .and_then(|a| a.as_array())
-                                    .into_iter()
-                                    .flatten()
-                                    .filter_map(|a| a.get("app")?.as_str().map(str::to_string))
-                                    .collect(),
-                                _ => Vec::new(),
-                            };
-                            Ok::<_, crate::store::StoreError>((recorded, apps))
-                        })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
-                        match done {
-                            Ok((recorded, apps)) => {
-                                reported.extend(apps);
-                                Ok(recorded)
-                            }
-                            Err(e) => Err(e),
+                // Whatever else has arrived already joins it: one transaction for all (a
+                // reconnecting fleet's retained documents come by the thousand).
+                let mut batch = vec![publish];
+                while batch.len() < MAX_BATCH {
+                    match tokio::time::timeout(Duration::ZERO, events.poll()).await {
+                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => batch.push(p),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
                         }
+                        Err(_) => break,
                     }
-                    Err(e) => {
-                        tracing::warn!("refused: {e}");
-                        counts.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
-                        // Refused for good: acknowledged, or the broker sends it forever.
-                        let _ = client.ack(&publish).await;
-                        continue;
-                    }
-                };
-                match outcome {
-                    Ok(recorded) => {
-                        {
-                            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-                            match recorded {
-                                Recorded::Stored | Recorded::Reset => c.stored += 1,
-                                Recorded::Duplicate => c.duplicates += 1,
-                                Recorded::Stale => c.stale += 1,
-                                Recorded::Gap { from, to } => {
-                                    c.stored += 1;
-                                    c.gaps += 1;
-                                    tracing::warn!(%topic, from, to, "events missing from this node");
-                                }
-                            }
-                        }
-                        let _ = client.ack(&publish).await;
-                    }
-                    // Not acknowledged: the broker sends it again after a reconnect.
-                    Err(e) => tracing::error!(%topic, "cannot store: {e}"),
                 }
+                if let Some((_, last)) = &mut replay {
+                    if batch.iter().any(|p| p.retain) {
+                        *last = Instant::now();
+                    }
+                }
+                let stored = ingest(&config, &client, &store, &counts, batch).await;
+                reported.extend(stored);
             }
             Ok(_) => {}
             Err(e) => {
@@ -182,6 +188,101 @@ pub async fn run(
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// Records a batch of messages (one transaction), acknowledging each, in the order received,
+/// once it is stored or refused for good; one that could not be stored is not acknowledged, so
+/// the broker sends it again after a reconnect. Returns the apps stored reports are about.
+async fn ingest(
+    config: &IngestConfig,
+    client: &AsyncClient,
+    store: &Arc<Mutex<Store>>,
+    counts: &Arc<Mutex<Counts>>,
+    batch: Vec<Publish>,
+) -> Vec<String> {
+    let mut received = Vec::with_capacity(batch.len());
+    let mut messages = Vec::with_capacity(batch.len());
+    for publish in batch {
+        let topic = String::from_utf8_lossy(&publish.topic).to_string();
+        match config.topics.parse(&topic, &publish.payload) {
+            Ok(message) => {
+                messages.push(message);
+                received.push((publish, topic, true));
+            }
+            Err(e) => {
+                tracing::warn!("refused: {e}");
+                counts.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
+                received.push((publish, topic, false));
+            }
+        }
+    }
+    let recorded = if messages.is_empty() {
+        Vec::new()
+    } else {
+        let store = store.clone();
+        let now = unix_now();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut db = store.lock().unwrap_or_else(|e| e.into_inner());
+            let results = db.record_all(&messages, now);
+            messages.into_iter().zip(results).collect::<Vec<_>>()
+        })
+        .await;
+        done.unwrap_or_else(|e| {
+            tracing::error!("storing messages failed: {e}");
+            Vec::new()
+        })
+    };
+    let mut recorded = recorded.into_iter();
+    let mut apps = Vec::new();
+    for (publish, topic, parsed) in received {
+        if !parsed {
+            // Refused for good: acknowledged, or the broker sends it forever.
+            let _ = client.ack(&publish).await;
+            continue;
+        }
+        let Some((message, result)) = recorded.next() else {
+            continue;
+        };
+        match result {
+            Ok(recorded) => {
+                apps.extend(reported_apps(&message, &recorded));
+                count(counts, &recorded, &topic);
+                let _ = client.ack(&publish).await;
+            }
+            // Not acknowledged: the broker sends it again after a reconnect.
+            Err(e) => tracing::error!(%topic, "cannot store: {e}"),
+        }
+    }
+    apps
+}
+
+/// The apps a stored message reports on, for their rollouts.
+fn reported_apps(message: &Message, recorded: &Recorded) -> Vec<String> {
+    match (message, recorded) {
+        (Message::App { app, .. }, Recorded::Stored) => vec![app.clone()],
+        (Message::Node { body, .. }, Recorded::Stored) => body
+            .get("apps")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.get("app")?.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn count(counts: &Mutex<Counts>, recorded: &Recorded, topic: &str) {
+    let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+    match recorded {
+        Recorded::Stored | Recorded::Reset => c.stored += 1,
+        Recorded::Duplicate => c.duplicates += 1,
+        Recorded::Stale => c.stale += 1,
+        Recorded::Gap { from, to } => {
+            c.stored += 1;
+            c.gaps += 1;
+            tracing::warn!(%topic, from, to, "events missing from this node");
         }
     }
 }
@@ -219,12 +320,11 @@ async fn step_rollouts(
     }
 }
 
-/// Moves `app`'s rollout on from its nodes' reports; the gate to publish, if new.
+/// Moves `app`'s rollout on from its nodes' reports; the gate to publish, if new. A changed
+/// rollout is saved first, and what happened goes on the timeline.
 fn step(db: &mut Store, driver: &Mutex<Driver>, app: &str, now: u64) -> Option<Outgoing> {
     let mut driver = driver.lock().unwrap_or_else(|e| e.into_inner());
-    if !driver.rollouts().any(|r| r.app == app) {
-        return None;
-    }
+    let (before, _) = driver.saved(app)?;
     let views = match db.app_views(app) {
         Ok(v) => v,
         Err(e) => {
@@ -234,14 +334,29 @@ fn step(db: &mut Store, driver: &Mutex<Driver>, app: &str, now: u64) -> Option<O
     };
     match driver.observe(app, &views, now) {
         Ok((said, gate)) => {
-            for line in said {
-                tracing::info!(%app, "{line}");
+            if let Some((after, issued)) = driver.saved(app).filter(|(r, _)| *r != before) {
+                keep(db, &after, issued, &said, now);
             }
             gate
         }
         Err(e) => {
             tracing::error!(%app, "{e}");
             None
+        }
+    }
+}
+
+/// Saves a rollout that changed and puts what happened to it on the timeline. A failure is
+/// logged, and the gate still goes out: a halt must not wait for the database.
+pub fn keep(db: &mut Store, rollout: &Rollout, issued: u64, said: &[String], now: u64) {
+    let app = rollout.app.as_str();
+    if let Err(e) = db.save_rollout(rollout, issued) {
+        tracing::error!(%app, "cannot save the rollout (a restarted hub would lose it): {e}");
+    }
+    for line in said {
+        tracing::info!(%app, "{line}");
+        if let Err(e) = db.hub_event(app, Some(rollout.revision.as_str()), line, now) {
+            tracing::error!(%app, "cannot record the rollout's event: {e}");
         }
     }
 }

@@ -52,7 +52,7 @@ pub struct NodeView {
     pub health: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     Progressing,
     Complete,
@@ -60,7 +60,8 @@ pub enum Phase {
     RolledBack { reason: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Kept in the store as JSON (`Store::save_rollout`), so a restarted hub carries on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rollout {
     pub app: String,
     pub id: String,
@@ -178,15 +179,26 @@ impl Rollout {
                 opened.len(),
                 self.revision.chars().take(12).collect::<String>()
             );
-            self.phase = match policy.on_failure {
-                OnFailure::Halt => Phase::Halted {
-                    reason: reason.clone(),
-                },
-                OnFailure::Rollback => Phase::RolledBack {
-                    reason: reason.clone(),
-                },
+            // A first rollout has nothing to go back to: it halts, and says so.
+            let back = match (policy.on_failure, &self.previous) {
+                (OnFailure::Rollback, Some(previous)) => Some(previous.clone()),
+                _ => None,
             };
-            said.push(format!("rollout {}: {reason}", self.id));
+            let done = match (&back, policy.on_failure) {
+                (Some(previous), _) => format!(
+                    "rolled back to {}",
+                    previous.chars().take(12).collect::<String>()
+                ),
+                (None, OnFailure::Rollback) => {
+                    "halted (no previous revision to roll back to)".into()
+                }
+                (None, OnFailure::Halt) => "halted".into(),
+            };
+            said.push(format!("rollout {}: {done}: {reason}", self.id));
+            self.phase = match back {
+                Some(_) => Phase::RolledBack { reason },
+                None => Phase::Halted { reason },
+            };
             return said;
         }
 
@@ -333,6 +345,12 @@ mod tests {
         r.step(&p, &fleet(&r, &p, "Degraded"), 1_000);
         assert!(matches!(r.phase, Phase::RolledBack { .. }));
         assert!(r.gate(&p, 1_001).stages.iter().all(|s| s.revision == "old"));
+
+        // A first rollout has no previous revision: it halts, and says why.
+        let mut r = Rollout::start("web", "bad", None, 1_000);
+        let said = r.step(&p, &fleet(&r, &p, "Degraded"), 1_000);
+        assert!(matches!(r.phase, Phase::Halted { .. }), "{:?}", r.phase);
+        assert!(said[0].contains("no previous revision"), "{said:?}");
     }
 
     #[test]

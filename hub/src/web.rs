@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -28,6 +28,8 @@ pub struct Web {
     pub driver: Option<Arc<Mutex<crate::gates::Driver>>>,
     /// Publishes the gates of rollouts started through the API.
     pub client: Option<rumqttc::v5::AsyncClient>,
+    /// The bearer token `POST /api/v1/rollouts` needs (`[http] token_file`).
+    pub token: Option<String>,
 }
 
 pub fn router(web: Web) -> Router {
@@ -128,9 +130,30 @@ pub struct StartRollout {
     previous: Option<String>,
 }
 
-/// Starts a rollout and publishes its first gate. The hub listens on loopback by default;
-/// put it behind an authenticating proxy before exposing this.
-async fn start_rollout(State(web): State<Web>, Json(start): Json<StartRollout>) -> Response {
+/// Starts a rollout and publishes its first gate, once the rollout is saved. Needs
+/// `Authorization: Bearer <token>` when the hub has a token (`[http] token_file`, required
+/// unless it listens on loopback only).
+async fn start_rollout(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Json(start): Json<StartRollout>,
+) -> Response {
+    if let Some(token) = &web.token {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !same(given.trim().as_bytes(), token.as_bytes()) {
+            tracing::warn!(app = %start.app, "a rollout was asked for without the API token");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [("www-authenticate", "Bearer")],
+                "starting a rollout needs the hub's API token (Authorization: Bearer ...)",
+            )
+                .into_response();
+        }
+    }
     let (Some(driver), Some(client)) = (&web.driver, &web.client) else {
         return (
             StatusCode::CONFLICT,
@@ -138,17 +161,27 @@ async fn start_rollout(State(web): State<Web>, Json(start): Json<StartRollout>) 
         )
             .into_response();
     };
-    let gate = {
+    let t = now();
+    let started = {
         let mut d = driver.lock().unwrap_or_else(|e| e.into_inner());
-        d.start(
-            &start.app,
-            &start.revision,
-            start.previous.as_deref(),
-            now(),
-        )
+        d.start(&start.app, &start.revision, start.previous.as_deref(), t)
+            .map(|gate| (gate, d.saved(&start.app)))
     };
-    match gate {
-        Ok(gate) => {
+    match started {
+        Ok((gate, saved)) => {
+            if let Some((rollout, issued)) = saved {
+                let said = vec![format!(
+                    "rollout {}: started, {} after {}",
+                    rollout.id,
+                    short(Some(rollout.revision.as_str())),
+                    short(rollout.previous.as_deref())
+                )];
+                let _ = query(&web, move |db| {
+                    crate::mqtt::keep(db, &rollout, issued, &said, t);
+                    Ok(())
+                })
+                .await;
+            }
             let topic = gate.topic.clone();
             crate::mqtt::publish_gate(client, gate).await;
             (
@@ -159,6 +192,12 @@ async fn start_rollout(State(web): State<Web>, Json(start): Json<StartRollout>) 
         }
         Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).into_response(),
     }
+}
+
+/// Compares without stopping at the first difference (the token's bytes do not leak through
+/// the answer's timing).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn rollouts_json(State(web): State<Web>) -> Response {
@@ -431,5 +470,13 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;"
         );
         assert_eq!(seg("a b/\"c"), "a%20b%2F%22c");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3creT"));
+        assert!(!same(b"s3cre", b"s3cret"));
+        assert!(!same(b"", b"s3cret"));
     }
 }

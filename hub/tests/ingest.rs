@@ -38,6 +38,8 @@ fn start(
         client_id: "edgesync-hub-test".into(),
         topics: Topics::new("edgesync/nodes/{node}"),
         group: Some("edgesync-hub".into()),
+        tls: None,
+        credentials: None,
     };
     let (hub, events) = client(&config);
     tokio::spawn(run(
@@ -118,4 +120,35 @@ async fn agents_documents_and_events_reach_the_store_once_and_survive_a_hub_rest
     let _stop = start(broker.port, &db, &counts);
     until("the missed events", || counts.lock().unwrap().stored >= 7).await;
     assert!(db.lock().unwrap().gaps("n1").unwrap().is_empty());
+}
+
+/// Documents retained before the hub first subscribed reach it all the same: a shared
+/// subscription gets no retained messages, the plain one the hub makes at each connect does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_started_after_the_fleet_reads_its_retained_documents() {
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Mutex::new(
+        Store::new(Box::new(Sqlite::open(&dir.path().join("hub.db")).unwrap())).unwrap(),
+    ));
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let n9 = agent(broker.port, "n9").await;
+    publish(
+        &n9,
+        "edgesync/nodes/n9/apps/web",
+        serde_json::json!({"schema_version": 1, "node": "n9", "seq": 1, "timestamp": 100,
+            "app": "web", "revision": "r9", "sync": "Synced", "health": "Healthy"}),
+        true,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _stop = start(broker.port, &db, &counts);
+    until("the retained document", || {
+        db.lock().unwrap().app("n9", "web").unwrap().is_some()
+    })
+    .await;
+    assert_eq!(
+        db.lock().unwrap().app("n9", "web").unwrap().unwrap()["revision"],
+        "r9"
+    );
 }

@@ -106,6 +106,8 @@ async fn a_good_revision_goes_through_both_stages_and_a_bad_one_halts_in_the_fir
         client_id: "edgesync-hub-rollout".into(),
         topics: Topics::new("edgesync/nodes/{node}"),
         group: Some("edgesync-hub".into()),
+        tls: None,
+        credentials: None,
     };
     let (hub, events) = client(&config);
     let (_stop, stopped) = tokio::sync::watch::channel(false);

@@ -1086,20 +1086,7 @@ fn gated_engine() -> Engine {
 
 /// A gate of `web` whose one stage (every node) may run `revision`, signed by `key`.
 fn signed_gate(key: &ssh_key::PrivateKey, issued: u64, revision: &str) -> Vec<u8> {
-    let mut gate = edgesync_proto::Gate {
-        schema_version: edgesync_proto::gate::SCHEMA_VERSION,
-        app: "web".into(),
-        rollout: format!("web-{issued}"),
-        issued,
-        previous: None,
-        stages: vec![edgesync_proto::Stage {
-            name: "all".into(),
-            selector: Default::default(),
-            buckets: Some((0, edgesync_proto::BUCKETS)),
-            revision: revision.into(),
-        }],
-        signature: String::new(),
-    };
+    let mut gate = edgesync_proto::Gate::everyone("web", issued, revision);
     gate.sign(key).unwrap();
     serde_json::to_vec(&gate).unwrap()
 }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use edgesync_proto::{Decision, Gate};
+use edgesync_proto::{Ancestry, Decision, Gate};
 
 use super::sync::{blocking, SyncContext, SyncError, Target};
 use crate::config::{AppConfig, Config, RepositoryConfig};
@@ -27,6 +27,10 @@ pub(crate) struct Gates {
     held: Mutex<HashMap<String, Gate>>,
     /// One writer of gate files at a time, so the newest is the one left on disk.
     saving: Mutex<()>,
+    /// Per app, the last answer of the Git cache: how the stage's revision relates to the Git
+    /// target. Two commits' relation never changes, so a round where neither moved opens no
+    /// repository.
+    placed: Mutex<HashMap<String, (String, String, Ancestry)>>,
 }
 
 impl Gates {
@@ -39,6 +43,7 @@ impl Gates {
             filter: cfg.filter(),
             held: Mutex::default(),
             saving: Mutex::default(),
+            placed: Mutex::default(),
         };
         for app in config.apps.iter().filter(|a| a.gated) {
             let bytes = match store.load_gate(&app.name) {
@@ -120,6 +125,23 @@ impl Gates {
         true
     }
 
+    /// How `revision` relates to `target`, if the cache was asked before for the same two.
+    fn placed(&self, app: &str, target: &str, revision: &str) -> Option<Ancestry> {
+        let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed
+            .get(app)
+            .filter(|(t, r, _)| t == target && r == revision)
+            .map(|(_, _, a)| *a)
+    }
+
+    fn place(&self, app: &str, target: &str, revision: &str, ancestry: Ancestry) {
+        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.insert(
+            app.to_string(),
+            (target.to_string(), revision.to_string(), ancestry),
+        );
+    }
+
     /// Writes the gate held for `app` (the newest, whichever call comes last).
     pub(super) fn save(
         &self,
@@ -177,19 +199,29 @@ impl SyncContext {
                 reason: format!("gated: rollout {} has no stage", gate.rollout),
             };
         };
-        let (source, repo, branch, sha) = (
-            self.source.clone(),
-            repo.clone(),
-            app.revision.clone(),
-            target.sha.clone(),
-        );
-        let revision = stage.revision.clone();
-        let ancestry = blocking(move || {
-            source
-                .ancestry(&repo, &branch, &sha, &revision)
-                .map_err(SyncError::from)
-        })
-        .await;
+        let ancestry = match gates.placed(&app.name, &target.sha, &stage.revision) {
+            Some(known) => Ok(known),
+            None => {
+                let (source, repo, branch, sha) = (
+                    self.source.clone(),
+                    repo.clone(),
+                    app.revision.clone(),
+                    target.sha.clone(),
+                );
+                let revision = stage.revision.clone();
+                let found = blocking(move || {
+                    source
+                        .ancestry(&repo, &branch, &sha, &revision)
+                        .map_err(SyncError::from)
+                })
+                .await;
+                // Unrelated is not kept: a revision the server lacks now may arrive later.
+                if let Ok(known @ (Ancestry::Same | Ancestry::Older | Ancestry::Newer)) = &found {
+                    gates.place(&app.name, &target.sha, &stage.revision, *known);
+                }
+                found
+            }
+        };
         let ancestry = match ancestry {
             Ok(ancestry) => ancestry,
             Err(e) => {
@@ -278,18 +310,15 @@ impl GateSink for GateReceiver {
             tracing::info!(%app, rollout = %gate.rollout, issued = gate.issued, "rollout gate taken");
         }
         ctx.metrics.trigger("gate", "taken");
-        let (saver, app_name) = (ctx.clone(), app.to_string());
-        tokio::spawn(async move {
-            let ctx = saver.clone();
-            let app = app_name.clone();
-            let saved = tokio::task::spawn_blocking(move || match saver.gates.as_ref() {
-                Some(gates) => gates.save(&saver.store, &app_name),
-                None => Ok(()),
-            })
-            .await;
-            if let Ok(Err(e)) = saved {
+        let (ctx, app_name) = (ctx.clone(), app.to_string());
+        // Off the async workers (fsync); nothing waits for it: the gate is held already.
+        tokio::task::spawn_blocking(move || {
+            let Some(gates) = ctx.gates.as_ref() else {
+                return;
+            };
+            if let Err(e) = gates.save(&ctx.store, &app_name) {
                 ctx.metrics.error(e.metric_label());
-                tracing::error!(%app, "cannot keep the rollout gate on disk: {e}");
+                tracing::error!(app = %app_name, "cannot keep the rollout gate on disk: {e}");
             }
         });
         let _ = self.sink.deliver(Event {

@@ -41,6 +41,9 @@ pub(crate) use sync::{SyncContext, SyncError, SyncResult};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How often systemd's STATUS= line is refreshed (and the watchdog fed, at least).
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How often the node document goes upstream again while nothing changes (the fleet hub calls
+/// a node stale after three missed).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(300);
 
 /// Runs the agent until SIGTERM or SIGINT. SIGHUP, or a change to the config file, reloads
 /// the config; a new config that does not validate is refused and the running one stays.
@@ -74,6 +77,7 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
         .unwrap_or(STATUS_EVERY)
         .min(STATUS_EVERY);
     let mut ticker = tokio::time::interval(every);
+    let mut heartbeat = tokio::time::Instant::now();
     loop {
         let why = tokio::select! {
             signal = signals.next() => match signal {
@@ -83,6 +87,11 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
             _ = changed_rx.recv() => "config file changed",
             _ = ticker.tick() => {
                 tell_systemd(&agent.board, watchdog.is_some());
+                // From this loop too: a wedged agent stops its heartbeat.
+                if heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                    agent.board.heartbeat();
+                    heartbeat = tokio::time::Instant::now();
+                }
                 continue;
             }
         };
@@ -132,6 +141,8 @@ pub(crate) async fn run(node: Node) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     notify_systemd(sd_notify::NotifyState::Stopping);
     agent.stop().await;
+    // Checkouts of the last second are sealed now, not checked out again at the next start.
+    let _ = tokio::task::spawn_blocking(crate::source::sealed::flush).await;
     Ok(())
 }
 
@@ -700,7 +711,6 @@ pub(crate) async fn sync_repository(
                 continue;
             }
         };
-        in_use.extend(target.revision().split('+').map(str::to_string));
         let git_target = target.revision();
         let (target, stage_holds) = match ctx.gated(repo, app, target).await {
             gates::Gated::Run { target, held } => (target, held),
@@ -711,6 +721,8 @@ pub(crate) async fn sync_repository(
                 continue;
             }
         };
+        // What runs (the Git target, or the older one its stage holds it at); a gated app
+        // that keeps what runs needs only its last applied revision, kept anyway.
         in_use.extend(target.revision().split('+').map(str::to_string));
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;

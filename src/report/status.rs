@@ -241,6 +241,13 @@ impl StatusBoard {
         }
     }
 
+    /// Publishes the node document again, unchanged but newly numbered and dated: at rest an
+    /// agent sends nothing else, and the fleet hub must tell a live node at rest from one it
+    /// has not heard of for too long (stale after three missed heartbeats).
+    pub(crate) fn heartbeat(&self) {
+        self.upstream(Upstream::Node(self.document().node));
+    }
+
     fn upstream(&self, update: Upstream) {
         if let Some(p) = &self.publisher {
             // Gone only when the publisher's thread is: nothing left to publish to.
@@ -609,6 +616,28 @@ mod tests {
         assert_eq!(
             b.summary(),
             "2 apps: 1 healthy, 1 unknown; 1 failing to sync"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_sends_the_node_document_again() {
+        let config = Config::parse(
+            Path::new("/tmp/x/config.toml"),
+            "[node]\nname = \"edge-1\"\n[[apps]]\nname = \"web\"\nrepo = \"https://git/x.git\"\n",
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = StatusBoard::new(&config, &[], Arc::new(Metrics::default()), Some(tx), |_| {
+            AppState::default()
+        });
+        let at_start = rx.try_iter().count();
+        assert!(at_start >= 2, "the app's and the node's documents at start");
+        b.heartbeat();
+        let sent: Vec<Upstream> = rx.try_iter().collect();
+        assert!(
+            matches!(sent.as_slice(), [Upstream::Node(n)] if n.node == "edge-1"),
+            "{}",
+            sent.len()
         );
     }
 

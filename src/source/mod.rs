@@ -8,7 +8,7 @@ mod auth;
 pub(crate) mod chart;
 mod git;
 mod packs;
-mod sealed;
+pub(crate) mod sealed;
 pub(crate) mod transport;
 
 use std::path::PathBuf;

@@ -54,6 +54,7 @@ pub(crate) fn publish_then_seal(tmp: &Path, target: &Path) -> std::io::Result<bo
         return Ok(false);
     }
     whole().insert(target.to_path_buf());
+    pending().insert(target.to_path_buf());
     let queued = sealer()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -61,9 +62,44 @@ pub(crate) fn publish_then_seal(tmp: &Path, target: &Path) -> std::io::Result<bo
         .map(|tx| tx.send((Instant::now(), target.to_path_buf())));
     if !matches!(queued, Some(Ok(()))) {
         // No sealer thread (it could not be started): seal here, as charts are.
+        pending().remove(target);
         seal_in_place(target)?;
     }
     Ok(true)
+}
+
+/// Checkouts queued for the sealer and not sealed yet: each is sealed once, by the sealer
+/// thread or by [`flush`], whichever takes it out of here first.
+fn pending() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    static PENDING: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held while a checkout is being sealed: [`flush`] returns only once none is half done.
+fn sealing() -> std::sync::MutexGuard<'static, ()> {
+    static SEALING: Mutex<()> = Mutex::new(());
+    SEALING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Seals every checkout still waiting for the sealer, now (a clean stop: what this run checked
+/// out is not checked out again by the next). Blocking: fsyncs.
+pub(crate) fn flush() {
+    let _sealing = sealing();
+    let dirs = std::mem::take(&mut *pending());
+    for dir in dirs {
+        seal_or_say(&dir);
+    }
+}
+
+/// Seals `dir` in place; a failure is logged (the next start checks it out again).
+fn seal_or_say(dir: &Path) {
+    if let Err(e) = seal_in_place(dir) {
+        // Removed meanwhile (old snapshots are collected) is no fault.
+        if dir.is_dir() {
+            tracing::warn!(dir = %dir.display(),
+                "snapshot not sealed, it is checked out again after a restart: {e}");
+        }
+    }
 }
 
 /// Renames `tmp` to `target`; `Ok(false)` (and `tmp` removed) when `target` is there already,
@@ -109,12 +145,10 @@ fn sealer() -> &'static Queue {
             .spawn(move || {
                 for (queued, dir) in rx {
                     std::thread::sleep(SEAL_AFTER.saturating_sub(queued.elapsed()));
-                    if let Err(e) = seal_in_place(&dir) {
-                        // Removed meanwhile (old snapshots are collected) is no fault.
-                        if dir.is_dir() {
-                            tracing::warn!(dir = %dir.display(),
-                                "snapshot not sealed, it is checked out again after a restart: {e}");
-                        }
+                    // Sealed by a flush meanwhile, or not.
+                    let _sealing = sealing();
+                    if pending().remove(&dir) {
+                        seal_or_say(&dir);
                     }
                 }
             });
@@ -298,6 +332,15 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+
+        // A clean stop seals what is queued without waiting for the sealer.
+        let tmp2 = root.path().join(".tmp2");
+        std::fs::create_dir_all(&tmp2).unwrap();
+        std::fs::write(tmp2.join("cm.yaml"), "kind: ConfigMap\n").unwrap();
+        let flushed = root.path().join("flushed");
+        assert!(publish_then_seal(&tmp2, &flushed).unwrap());
+        flush();
+        verify(&flushed).unwrap();
 
         // Stopped before the sealer reached it: a new process removes it.
         let unsealed = root.path().join("unsealed");

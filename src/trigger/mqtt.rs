@@ -18,8 +18,6 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{
     AsyncClient, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{watch, Notify};
 
 use super::{ChangeMessage, EventSink, GateSink, Source, MAX_MESSAGE_BYTES};
@@ -83,47 +81,11 @@ fn read(path: &Path) -> Result<Vec<u8>, MqttError> {
 }
 
 fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
-    fn tls<E: std::error::Error + Send + Sync + 'static>(
-        what: impl std::fmt::Display,
-    ) -> impl Fn(E) -> MqttError {
-        let what = what.to_string();
-        move |e| MqttError::Tls {
-            what: what.clone(),
-            source: Box::new(e),
-        }
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(ca) => {
-            for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
-                roots
-                    .add(cert.map_err(tls(ca.display()))?)
-                    .map_err(tls(ca.display()))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(tls("protocol versions"))?
-        .with_root_certificates(roots);
-    match (&cfg.cert_file, &cfg.key_file) {
-        (Some(cert), Some(key)) => {
-            let certs = CertificateDer::pem_slice_iter(&read(cert)?)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(tls(cert.display()))?;
-            let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(tls(key.display()))?;
-            builder
-                .with_client_auth_cert(certs, key_der)
-                .map_err(tls(key.display()))
-        }
-        _ => Ok(builder.with_no_client_auth()),
-    }
+    let client = cfg.cert_file.as_deref().zip(cfg.key_file.as_deref());
+    edgesync_proto::tls::client_config(cfg.ca_file.as_deref(), client).map_err(|e| match e {
+        edgesync_proto::tls::TlsError::Read { path, source } => MqttError::File { path, source },
+        edgesync_proto::tls::TlsError::Invalid { what, source } => MqttError::Tls { what, source },
+    })
 }
 
 /// Options for one connection attempt; credential files are read on every attempt so a

@@ -15,20 +15,7 @@ fn key(seed: u8) -> ssh_key::PrivateKey {
 
 /// The gate of app `greeting` letting every node run `revision`, signed by `signer`.
 fn gate(signer: &ssh_key::PrivateKey, issued: u64, revision: &str) -> String {
-    let mut gate = edgesync_proto::Gate {
-        schema_version: edgesync_proto::gate::SCHEMA_VERSION,
-        app: "greeting".into(),
-        rollout: format!("greeting-{issued}"),
-        issued,
-        previous: None,
-        stages: vec![edgesync_proto::Stage {
-            name: "everyone".into(),
-            selector: Default::default(),
-            buckets: Some((0, edgesync_proto::BUCKETS)),
-            revision: revision.into(),
-        }],
-        signature: String::new(),
-    };
+    let mut gate = edgesync_proto::Gate::everyone("greeting", issued, revision);
     gate.sign(signer).unwrap();
     serde_json::to_string(&gate).unwrap()
 }
@@ -148,39 +135,63 @@ struct Hub {
     log: std::path::PathBuf,
 }
 
+/// The hub's binary, built beside the agent's.
+fn hub_bin() -> std::path::PathBuf {
+    let bin = std::path::Path::new(crate::harness::agent::BIN).with_file_name("edgesync-hub");
+    assert!(
+        bin.exists(),
+        "{} is not built: tests/run builds the whole workspace (cargo build -p edgesync-hub)",
+        bin.display()
+    );
+    bin
+}
+
+/// The hub's API token in these tests (`[http] token_file`).
+const TOKEN: &str = "e2e-token-0123456789abcdef";
+
 impl Hub {
+    /// Starts the hub with `policy` and the `[store]` section `store`; the same `dir` and
+    /// `store` again are a restart.
     fn start(
         broker: &Broker,
         dir: &std::path::Path,
         key: &ssh_key::PrivateKey,
         policy: &str,
+        store: &str,
     ) -> Hub {
-        let bin = std::path::Path::new(crate::harness::agent::BIN).with_file_name("edgesync-hub");
-        assert!(
-            bin.exists(),
-            "{} is not built: tests/run builds the whole workspace (cargo build -p edgesync-hub)",
-            bin.display()
-        );
         let key_file = dir.join("hub-key");
         key.write_openssh_file(&key_file, ssh_key::LineEnding::LF)
             .unwrap();
         let policy_file = dir.join("policy.yaml");
         std::fs::write(&policy_file, policy).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
         let port = crate::harness::agent::free_port();
-        let broker_port = broker.url().rsplit(':').next().unwrap().to_string();
+        let mut mqtt = format!(
+            "host = \"127.0.0.1\"\nport = {}\nclient_id = \"hub-e2e\"\n",
+            broker.port
+        );
+        if broker.tls {
+            mqtt.push_str(&format!(
+                "tls = true\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                broker.file("ca.crt").display(),
+                broker.file("client.crt").display(),
+                broker.file("client.key").display()
+            ));
+        }
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nclient_id = \"hub-e2e\"\n\n[store]\npath = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[gates]\nkey_file = \"{}\"\npolicies = [\"{}\"]\n",
-                dir.join("hub.db").display(),
+                "[mqtt]\n{mqtt}\n[store]\n{store}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n\n[gates]\nkey_file = \"{}\"\npolicies = [\"{}\"]\n",
+                token_file.display(),
                 key_file.display(),
                 policy_file.display()
             ),
         )
         .unwrap();
-        let log = dir.join("hub.log");
-        let child = std::process::Command::new(bin)
+        let log = dir.join(format!("hub-{port}.log"));
+        let child = std::process::Command::new(hub_bin())
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -197,17 +208,26 @@ impl Hub {
             .body
     }
 
-    async fn rollout(&self, revision: &str, previous: Option<&str>) {
+    /// Asks for a rollout of `web` with the token `bearer`; the answer's status.
+    async fn ask(&self, revision: &str, previous: Option<&str>, bearer: &str) -> u16 {
         let body = serde_json::json!({"app": "web", "revision": revision, "previous": previous});
-        let reply = crate::harness::http::request(
+        crate::harness::http::request(
             self.port,
             "POST",
             "/api/v1/rollouts",
-            &[("content-type", "application/json".to_string())],
+            &[
+                ("content-type", "application/json".to_string()),
+                ("authorization", format!("Bearer {bearer}")),
+            ],
             body.to_string().as_bytes(),
         )
-        .await;
-        assert_eq!(reply.status, 202, "{}: {}", reply.body, self.log());
+        .await
+        .status
+    }
+
+    async fn rollout(&self, revision: &str, previous: Option<&str>) {
+        let status = self.ask(revision, previous, TOKEN).await;
+        assert_eq!(status, 202, "{}", self.log());
     }
 
     /// The rollout of `web`, as the hub's API lists it.
@@ -218,6 +238,13 @@ impl Hub {
             .and_then(|l| l.iter().find(|r| r["app"] == "web"))
             .map(|r| format!("{} {}", r["phase"], r["revision"]))
             .unwrap_or_default()
+    }
+
+    async fn wait_phase(&self, what: &str, prefix: &str) {
+        eventually(what, std::time::Duration::from_secs(120), || async {
+            self.phase().await.starts_with(prefix).then_some(())
+        })
+        .await;
     }
 
     fn log(&self) -> String {
@@ -245,10 +272,10 @@ spec:
 ";
 
 /// Node names of this run for each non-canary stage: one in the first half of the buckets,
-/// one in the second.
-fn node_names() -> (String, String) {
+/// one in the second. `tag` keeps two tests' names apart.
+fn node_names(tag: &str) -> (String, String) {
     let pid = std::process::id();
-    let name = |i: u32| format!("e2e-{pid}-{i}");
+    let name = |i: u32| format!("e2e-{tag}-{pid}-{i}");
     let half = edgesync_proto::BUCKETS / 2;
     let first = (0..)
         .map(name)
@@ -262,12 +289,41 @@ fn node_names() -> (String, String) {
 }
 
 /// Issue 20's whole loop on real parts: Mosquitto, the hub with SQLite, three real agents on
-/// the test control plane (a canary by label, one node in each half of the buckets). A good
-/// revision goes through the three stages in order; a bad one (a Deployment whose image
-/// cannot be pulled, Degraded after its progress deadline) halts in the first stage, and the
-/// other nodes never run it.
+/// the test control plane. Its page is kept as `target/hub-page.png` (docs/hub-page.png).
+/// Plain MQTT here, TLS in the PostgreSQL run.
 #[tokio::test]
-async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one() {
+async fn the_hub_on_sqlite_rolls_through_three_stages_halts_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("path = \"{}\"", dir.path().join("hub.db").display());
+    three_stages_halt_and_rollback(dir.path(), &store, "sqlite", false).await;
+}
+
+/// The same on a real PostgreSQL (Debian's `postgresql`, started on a free port), the hub and
+/// the agents reaching the broker over TLS with client certificates.
+#[tokio::test]
+async fn the_hub_on_postgresql_rolls_through_three_stages_halts_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url) = tokio::task::spawn_blocking(|| {
+        let server = crate::harness::postgres::server();
+        let url = server.database("hub");
+        (server, url)
+    })
+    .await
+    .unwrap();
+    let store = format!("url = \"{url}\"");
+    three_stages_halt_and_rollback(dir.path(), &store, "pg", true).await;
+    drop(server);
+}
+
+/// A canary by label and one node in each half of the buckets. A good revision goes through
+/// the three stages in order; a bad one (a Deployment whose image cannot be pulled, Degraded
+/// after its progress deadline) halts in the first stage and the other nodes never run it;
+/// the page shows it (read in headless Chromium). The hub restarts with a policy that rolls
+/// back: the halted rollout is still there (saved in the store), and the next bad revision's
+/// rollout rolls back, the canary returning to the good revision.
+async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag: &str, tls: bool) {
+    // One screenshot for the docs (docs/hub-page.png): the plain run's.
+    let screenshot = !tls;
     let repo = GitRepo::new();
     repo.write(
         "app/settings.yaml",
@@ -275,16 +331,15 @@ async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one(
     );
     let v1 = repo.commit("v1");
     let remote = Remote::serve(repo).await;
-    let broker = Broker::start(false);
-    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(tls);
     let key = key(11);
-    let hub = Hub::start(&broker, dir.path(), &key, POLICY);
+    let hub = Hub::start(&broker, dir, &key, POLICY, store);
     let public = key.public_key().to_openssh().unwrap();
     let url = remote.url();
-    let (first, second) = node_names();
+    let (first, second) = node_names(tag);
     let nodes = [
         (
-            format!("e2e-{}-canary", std::process::id()),
+            format!("e2e-{tag}-{}-canary", std::process::id()),
             "labels = { ring = \"canary\" }",
         ),
         (first, ""),
@@ -315,19 +370,21 @@ async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one(
             .map(str::to_string)
     };
 
-    // The first rollout has no previous revision: every stage runs it.
+    // The first rollout has no previous revision: every stage runs it. Without the token, or
+    // with a wrong one, nothing starts.
     eventually("the hub listening", WAIT, || async {
         (!hub.get("/api/v1/fleet").await.is_empty()).then_some(())
     })
     .await;
+    assert_eq!(hub.ask(&v1, None, "").await, 401);
+    assert_eq!(hub.ask(&v1, None, "e2e-token-0123456789abcdeX").await, 401);
+    assert_eq!(hub.phase().await, "");
     hub.rollout(&v1, None).await;
     for config in &configs {
         config.wait_applied("web", &v1).await;
     }
-    eventually("the first rollout complete", WAIT, || async {
-        hub.phase().await.starts_with("\"Complete\"").then_some(())
-    })
-    .await;
+    hub.wait_phase("the first rollout complete", "\"Complete\"")
+        .await;
 
     // A good revision: the canary first, then each half after the stage before it baked.
     let v2 = repo_commit(
@@ -360,10 +417,8 @@ async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one(
         "stages out of order: {}",
         hub.log()
     );
-    eventually("the good rollout complete", WAIT, || async {
-        hub.phase().await.starts_with("\"Complete\"").then_some(())
-    })
-    .await;
+    hub.wait_phase("the good rollout complete", "\"Complete\"")
+        .await;
 
     // A bad revision: the canary runs it, goes Degraded, the rollout halts; the rest stay.
     let v3 = repo_commit(
@@ -373,22 +428,38 @@ async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one(
     );
     hub.rollout(&v3, Some(&v2)).await;
     configs[0].wait_applied("web", &v3).await;
-    eventually(
-        "the rollout halted",
-        std::time::Duration::from_secs(120),
-        || async { hub.phase().await.starts_with("\"Halted").then_some(()) },
-    )
-    .await;
+    hub.wait_phase("the rollout halted", "\"Halted").await;
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!(applied(1).as_deref(), Some(v2.as_str()));
     assert_eq!(applied(2).as_deref(), Some(v2.as_str()));
     says(&configs[1], "held at").await;
     assert!(hub.get("/api/v1/fleet").await.contains(&nodes[0].0));
+    // The same from the terminal: every node online, the canary Degraded at the bad revision.
+    let url = format!("http://127.0.0.1:{}", hub.port);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(hub_bin())
+            .args(["status", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && text.starts_with("3 nodes: 3 online, 0 offline, 0 stale"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web ") && l.contains(&v3[..12]) && l.contains("Degraded")),
+        "{text}"
+    );
 
     // The page, as a browser shows it: the halted rollout first, the canary failing.
-    let url = format!("http://127.0.0.1:{}/", hub.port);
+    let page = format!("http://127.0.0.1:{}/", hub.port);
     let profile = tempfile::tempdir().unwrap();
-    let (page_url, profile_path) = (url.clone(), profile.path().to_path_buf());
+    let (page_url, profile_path) = (page.clone(), profile.path().to_path_buf());
     let dom = tokio::task::spawn_blocking(move || {
         crate::report::chromium(&["--dump-dom"], &page_url, &profile_path)
     })
@@ -405,20 +476,53 @@ async fn the_hub_rolls_a_good_revision_through_three_stages_and_halts_a_bad_one(
         "{dom}"
     );
     assert!(dom.contains(&nodes[0].0), "{dom}");
-    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hub-page.png");
-    let arg = format!("--screenshot={}", shot.display());
-    let profile_path = profile.path().to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        crate::report::chromium(&[&arg, "--window-size=1280,900"], &url, &profile_path)
-    })
-    .await
-    .unwrap();
-    let png = std::fs::read(&shot).unwrap();
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 10_000,
-        "{} bytes",
-        png.len()
+    if screenshot {
+        let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hub-page.png");
+        let arg = format!("--screenshot={}", shot.display());
+        let profile_path = profile.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            crate::report::chromium(&[&arg, "--window-size=1280,900"], &page, &profile_path)
+        })
+        .await
+        .unwrap();
+        let png = std::fs::read(&shot).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{} bytes",
+            png.len()
+        );
+    }
+
+    // The hub restarts, now with a policy that rolls back: the halted rollout is still there.
+    drop(hub);
+    let hub = Hub::start(
+        &broker,
+        dir,
+        &key,
+        &POLICY.replace("onFailure: halt", "onFailure: rollback"),
+        store,
     );
+    hub.wait_phase("the halted rollout after a restart", "\"Halted")
+        .await;
+    // A fix that fixes nothing: its canary goes Degraded, the rollout rolls back, and the
+    // canary returns to the good revision (the gate the restarted hub signs is newer than the
+    // last one: the agents take it).
+    let v4 = repo_commit(
+        &remote,
+        "app/settings.yaml",
+        &crate::apply::configmap("settings", 0, "v4"),
+    );
+    hub.rollout(&v4, Some(&v2)).await;
+    hub.wait_phase("the rollout rolled back", "\"RolledBack")
+        .await;
+    configs[0].wait_applied("web", &v2).await;
+    assert_eq!(applied(1).as_deref(), Some(v2.as_str()));
+    assert_eq!(applied(2).as_deref(), Some(v2.as_str()));
+    // On the hub's timeline: each start, stage, halt and rollback.
+    let timeline = hub.get("/api/v1/events?node=%40hub&app=web").await;
+    for said in ["started", "stage half open", "halted", "rolled back"] {
+        assert!(timeline.contains(said), "{said:?} not in {timeline}");
+    }
     drop(agents);
 }
 

@@ -178,3 +178,69 @@ pub fn apps_are_known_from_the_node_document_until_their_own_arrives(db: &mut St
         Some("def")
     );
 }
+
+pub fn rollouts_are_kept_and_replaced(db: &mut Store) {
+    use crate::rollout::{Phase, Rollout};
+    assert!(db.rollouts().unwrap().is_empty());
+    let mut first = Rollout::start("web", "new", Some("old"), 100);
+    db.save_rollout(&first, 100).unwrap();
+    db.save_rollout(&Rollout::start("api", "a2", None, 100), 101)
+        .unwrap();
+    first.opened = 2;
+    first.phase = Phase::Halted {
+        reason: "2 of 3 nodes failing".into(),
+    };
+    db.save_rollout(&first, 105).unwrap();
+    let saved = db.rollouts().unwrap();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    assert_eq!(
+        (saved[0].app.as_str(), saved[0].issued),
+        ("api", 101),
+        "{saved:?}"
+    );
+    assert_eq!(saved[1].issued, 105);
+    assert_eq!(saved[1].rollout.as_ref(), Ok(&first));
+    // What the hub did is on the timeline, numbered.
+    db.hub_event("web", Some("new"), "rollout web-new: halted", 106)
+        .unwrap();
+    db.hub_event("web", None, "rollout web-new: started", 107)
+        .unwrap();
+    let events = db.events(Some(super::HUB_NODE), Some("web"), 10).unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [2, 1],
+        "{events:?}"
+    );
+    assert!(db.gaps(super::HUB_NODE).unwrap().is_empty());
+}
+
+pub fn messages_received_together_are_recorded_as_one_by_one(db: &mut Store) {
+    let batch = [
+        event("n1", 1, 10),
+        event("n1", 1, 10),
+        app(1, 10, "abc"),
+        app(2, 9, "old"),
+        event("n1", 4, 11),
+    ];
+    let recorded: Vec<Recorded> = db
+        .record_all(&batch, 20)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            Recorded::Stored,
+            Recorded::Duplicate,
+            Recorded::Stored,
+            Recorded::Stale,
+            Recorded::Gap { from: 2, to: 3 },
+        ]
+    );
+    assert_eq!(db.gaps("n1").unwrap(), [(2, 3)]);
+    assert_eq!(
+        db.app("n1", "web").unwrap().unwrap()["revision"].as_str(),
+        Some("abc")
+    );
+    assert!(db.record_all(&[], 20).is_empty());
+}

@@ -131,7 +131,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS gaps (
        node TEXT NOT NULL, first BIGINT NOT NULL, last BIGINT NOT NULL, seen BIGINT NOT NULL,
        PRIMARY KEY (node, first))",
+    "CREATE TABLE IF NOT EXISTS rollouts (
+       app TEXT PRIMARY KEY, doc TEXT NOT NULL, issued BIGINT NOT NULL)",
 ];
+
+/// The node name of the hub's own events: no node is called so (node names are DNS names).
+pub const HUB_NODE: &str = "@hub";
 
 /// The fleet database.
 pub struct Store {
@@ -177,97 +182,39 @@ impl Store {
     /// Records one checked message received at `now` (Unix seconds).
     pub fn record(&mut self, message: &Message, now: u64) -> Result<Recorded, StoreError> {
         let mut tx = self.backend.begin()?;
-        tx.exec(
-            "INSERT INTO nodes (node, last_seen) VALUES ($1, $2)
-             ON CONFLICT (node) DO UPDATE SET last_seen =
-               CASE WHEN nodes.last_seen > $2 THEN nodes.last_seen ELSE $2 END",
-            &[message.node().into(), now.into()],
-        )?;
-        let recorded = match message {
-            Message::Online { node, online } => {
-                tx.exec(
-                    "UPDATE nodes SET online = $2 WHERE node = $1",
-                    &[node.as_str().into(), (*online).into()],
-                )?;
-                Recorded::Stored
-            }
-            Message::Node {
-                node,
-                seq,
-                timestamp,
-                body,
-            } => {
-                let changed = tx.exec(
-                    "UPDATE nodes SET doc = $2, doc_seq = $3, doc_time = $4
-                     WHERE node = $1 AND (doc_seq IS NULL OR doc_time < $4
-                       OR (doc_time = $4 AND doc_seq < $3))",
-                    &[
-                        node.as_str().into(),
-                        body.to_string().into(),
-                        (*seq).into(),
-                        (*timestamp).into(),
-                    ],
-                )?;
-                if changed == 0 {
-                    Recorded::Stale
-                } else {
-                    // The node document lists every app it runs: an app that has not sent a
-                    // document of its own yet is known from its line here (a newer app
-                    // document is never replaced by it).
-                    let apps = body.get("apps").and_then(|a| a.as_array());
-                    for summary in apps.into_iter().flatten() {
-                        let Some(app) = summary.get("app").and_then(|a| a.as_str()) else {
-                            continue;
-                        };
-                        upsert_app(tx.as_mut(), node, app, summary, *seq, *timestamp)?;
-                    }
-                    Recorded::Stored
-                }
-            }
-            Message::App {
-                node,
-                app,
-                seq,
-                timestamp,
-                body,
-            } => {
-                if upsert_app(tx.as_mut(), node, app, body, *seq, *timestamp)? == 0 {
-                    Recorded::Stale
-                } else {
-                    Recorded::Stored
-                }
-            }
-            Message::Event {
-                node,
-                seq,
-                timestamp,
-                app,
-                event,
-                revision,
-                message,
-            } => {
-                let inserted = tx.exec(
-                    "INSERT INTO events (node, seq, at, app, event, revision, message)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                    &[
-                        node.as_str().into(),
-                        (*seq).into(),
-                        (*timestamp).into(),
-                        app.as_str().into(),
-                        event.as_str().into(),
-                        revision.clone().into(),
-                        message.as_str().into(),
-                    ],
-                )?;
-                if inserted == 0 {
-                    Recorded::Duplicate
-                } else {
-                    event_numbers(tx.as_mut(), node, *seq, *timestamp, now)?
-                }
-            }
-        };
+        let recorded = record_in(tx.as_mut(), message, now)?;
         tx.commit()?;
         Ok(recorded)
+    }
+
+    /// Records messages received together in one transaction (a fleet reconnecting replays
+    /// thousands of retained documents: one commit, one sync of the database, for all). If
+    /// the transaction fails, each message is recorded on its own, so one that cannot be
+    /// stored does not hold the others back.
+    pub fn record_all(
+        &mut self,
+        messages: &[Message],
+        now: u64,
+    ) -> Vec<Result<Recorded, StoreError>> {
+        match self.record_together(messages, now) {
+            Ok(out) => out.into_iter().map(Ok).collect(),
+            Err(e) if messages.len() <= 1 => vec![Err(e)],
+            Err(_) => messages.iter().map(|m| self.record(m, now)).collect(),
+        }
+    }
+
+    fn record_together(
+        &mut self,
+        messages: &[Message],
+        now: u64,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let mut tx = self.backend.begin()?;
+        let mut out = Vec::with_capacity(messages.len());
+        for message in messages {
+            out.push(record_in(tx.as_mut(), message, now)?);
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Missing event ranges of a node, oldest first.
@@ -428,6 +375,74 @@ impl Store {
             .collect()
     }
 
+    /// Puts what the hub itself did (a rollout started, a stage opened, a halt) on the
+    /// timeline, as node [`HUB_NODE`].
+    pub fn hub_event(
+        &mut self,
+        app: &str,
+        revision: Option<&str>,
+        message: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let q = "SELECT coalesce(max(seq), 0) FROM events WHERE node = $1";
+        let mut tx = self.backend.begin()?;
+        let rows = tx.rows(q, &[HUB_NODE.into()])?;
+        let seq = rows
+            .first()
+            .map(|r| int(q, r, 0))
+            .transpose()?
+            .unwrap_or_default()
+            .saturating_add(1);
+        tx.exec(
+            "INSERT INTO events (node, seq, at, app, event, revision, message)
+             VALUES ($1, $2, $3, $4, 'rollout', $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                HUB_NODE.into(),
+                seq.into(),
+                now.into(),
+                app.into(),
+                revision.into(),
+                message.into(),
+            ],
+        )?;
+        tx.commit()
+    }
+
+    /// Keeps `rollout` (its whole state, bake clocks included) and the last `issued` of its
+    /// app's gates, replacing the app's previous rollout: a restarted hub carries on from here.
+    pub fn save_rollout(
+        &mut self,
+        rollout: &crate::rollout::Rollout,
+        issued: u64,
+    ) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(rollout).unwrap_or_default();
+        let mut tx = self.backend.begin()?;
+        tx.exec(
+            "INSERT INTO rollouts (app, doc, issued) VALUES ($1, $2, $3)
+             ON CONFLICT (app) DO UPDATE SET doc = $2, issued = $3",
+            &[rollout.app.as_str().into(), doc.into(), issued.into()],
+        )?;
+        tx.commit()
+    }
+
+    /// The saved rollouts, by app. A row this version cannot read (written by a newer hub, or
+    /// damaged) comes back as its error, with the app's `issued` still usable.
+    pub fn rollouts(&mut self) -> Result<Vec<SavedRollout>, StoreError> {
+        let q = "SELECT app, doc, issued FROM rollouts ORDER BY app";
+        let mut tx = self.backend.begin()?;
+        let rows = tx.rows(q, &[])?;
+        rows.iter()
+            .map(|r| {
+                let doc = text(q, r, 1)?;
+                Ok(SavedRollout {
+                    app: text(q, r, 0)?,
+                    issued: int(q, r, 2)?,
+                    rollout: serde_json::from_str(&doc).map_err(|e| e.to_string()),
+                })
+            })
+            .collect()
+    }
+
     /// The app documents of one node.
     pub fn node_apps(&mut self, node: &str) -> Result<Vec<serde_json::Value>, StoreError> {
         let q = "SELECT doc FROM apps WHERE node = $1 ORDER BY app";
@@ -439,6 +454,100 @@ impl Store {
             .filter_map(|d| serde_json::from_str(&d).ok())
             .collect())
     }
+}
+
+/// Records one message in the transaction `tx`.
+fn record_in(tx: &mut dyn Sql, message: &Message, now: u64) -> Result<Recorded, StoreError> {
+    tx.exec(
+        "INSERT INTO nodes (node, last_seen) VALUES ($1, $2)
+         ON CONFLICT (node) DO UPDATE SET last_seen =
+           CASE WHEN nodes.last_seen > $2 THEN nodes.last_seen ELSE $2 END",
+        &[message.node().into(), now.into()],
+    )?;
+    let recorded = match message {
+        Message::Online { node, online } => {
+            tx.exec(
+                "UPDATE nodes SET online = $2 WHERE node = $1",
+                &[node.as_str().into(), (*online).into()],
+            )?;
+            Recorded::Stored
+        }
+        Message::Node {
+            node,
+            seq,
+            timestamp,
+            body,
+        } => {
+            let changed = tx.exec(
+                "UPDATE nodes SET doc = $2, doc_seq = $3, doc_time = $4
+                 WHERE node = $1 AND (doc_seq IS NULL OR doc_time < $4
+                   OR (doc_time = $4 AND doc_seq < $3))",
+                &[
+                    node.as_str().into(),
+                    body.to_string().into(),
+                    (*seq).into(),
+                    (*timestamp).into(),
+                ],
+            )?;
+            if changed == 0 {
+                Recorded::Stale
+            } else {
+                // The node document lists every app it runs: an app that has not sent a
+                // document of its own yet is known from its line here (a newer app
+                // document is never replaced by it).
+                let apps = body.get("apps").and_then(|a| a.as_array());
+                for summary in apps.into_iter().flatten() {
+                    let Some(app) = summary.get("app").and_then(|a| a.as_str()) else {
+                        continue;
+                    };
+                    upsert_app(tx, node, app, summary, *seq, *timestamp)?;
+                }
+                Recorded::Stored
+            }
+        }
+        Message::App {
+            node,
+            app,
+            seq,
+            timestamp,
+            body,
+        } => {
+            if upsert_app(tx, node, app, body, *seq, *timestamp)? == 0 {
+                Recorded::Stale
+            } else {
+                Recorded::Stored
+            }
+        }
+        Message::Event {
+            node,
+            seq,
+            timestamp,
+            app,
+            event,
+            revision,
+            message,
+        } => {
+            let inserted = tx.exec(
+                "INSERT INTO events (node, seq, at, app, event, revision, message)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                &[
+                    node.as_str().into(),
+                    (*seq).into(),
+                    (*timestamp).into(),
+                    app.as_str().into(),
+                    event.as_str().into(),
+                    revision.clone().into(),
+                    message.as_str().into(),
+                ],
+            )?;
+            if inserted == 0 {
+                Recorded::Duplicate
+            } else {
+                event_numbers(tx, node, *seq, *timestamp, now)?
+            }
+        }
+    };
+    Ok(recorded)
 }
 
 /// Stores an app's document (or its line in the node document) unless a newer one is stored.
@@ -542,6 +651,14 @@ fn event_numbers(
     Ok(Recorded::Stored)
 }
 
+/// A rollout as saved, and the last `issued` of its app's gates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedRollout {
+    pub app: String,
+    pub issued: u64,
+    pub rollout: Result<crate::rollout::Rollout, String>,
+}
+
 /// A node as the fleet overview shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NodeRow {
@@ -612,6 +729,18 @@ mod tests {
     fn app_views_carry_the_nodes_labels() {
         let (_dir, mut db) = sqlite();
         conformance::app_views_carry_the_nodes_labels(&mut db);
+    }
+
+    #[test]
+    fn messages_received_together_are_recorded_as_one_by_one() {
+        let (_dir, mut db) = sqlite();
+        conformance::messages_received_together_are_recorded_as_one_by_one(&mut db);
+    }
+
+    #[test]
+    fn rollouts_are_kept_and_replaced() {
+        let (_dir, mut db) = sqlite();
+        conformance::rollouts_are_kept_and_replaced(&mut db);
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use rumqttc::v5::{AsyncClient, MqttOptions};
 
+pub mod postgres;
+
 pub struct Broker {
     child: Child,
     pub port: u16,

@@ -7,6 +7,8 @@ pub mod git;
 pub mod http;
 pub mod http_git;
 pub mod mqtt;
+#[path = "../../../hub/tests/support/postgres.rs"]
+pub mod postgres;
 pub mod proxy;
 pub mod signing;
 pub mod ssh_git;

@@ -244,46 +244,18 @@ impl Broker {
 
     /// Publishes a retained message, as the fleet hub publishes its gates.
     pub fn publish_retained(&self, topic: &str, payload: &str) {
-        let out = self
-            .pub_command(topic)
-            .args(["-r", "-m", payload])
-            .output()
-            .expect("mosquitto_pub");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeed(self.pub_command(topic).args(["-r", "-m", payload]));
     }
 
     pub fn publish(&self, topic: &str, payload: &str) {
-        let out = self
-            .pub_command(topic)
-            .args(["-m", payload])
-            .output()
-            .expect("mosquitto_pub");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeed(self.pub_command(topic).args(["-m", payload]));
     }
 
     /// Publishes a payload of any size (from a file: arguments are limited to 128 KiB).
     pub fn publish_large(&self, topic: &str, payload: &[u8]) {
         let file = self.dir.path().join("payload.bin");
         std::fs::write(&file, payload).unwrap();
-        let out = self
-            .pub_command(topic)
-            .arg("-f")
-            .arg(&file)
-            .output()
-            .expect("mosquitto_pub");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeed(self.pub_command(topic).arg("-f").arg(&file));
     }
 
     /// Publishes every line of `lines` as one message, over one connection.
@@ -309,6 +281,16 @@ impl Broker {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Runs a `mosquitto_pub` to its end; it must succeed.
+fn succeed(command: &mut Command) {
+    let out = command.output().expect("mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for Broker {
