@@ -95,18 +95,58 @@ pub async fn publish_gate(client: &AsyncClient, gate: Outgoing) {
     }
 }
 
+/// Aborts the event loop's task when `run` returns.
+struct Poller(tokio::task::JoinHandle<()>);
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls the MQTT event loop in a task of its own, forwarding every event, and waits after a
+/// connection error (200 ms, doubling to 30 s; back to 200 ms once connected). A poll is never
+/// cancelled half way: one dropped while it writes an acknowledgement loses it, and the broker
+/// stops sending once its window of unacknowledged messages is full.
+fn poll_forever(
+    mut events: EventLoop,
+) -> (
+    Poller,
+    tokio::sync::mpsc::UnboundedReceiver<Result<Event, rumqttc::v5::ConnectionError>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let event = events.poll().await;
+            let failed = event.is_err();
+            if matches!(event, Ok(Event::Incoming(Packet::ConnAck(_)))) {
+                delay = Duration::from_millis(200);
+            }
+            if tx.send(event).is_err() {
+                return;
+            }
+            if failed {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    });
+    (Poller(task), rx)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: IngestConfig,
     client: AsyncClient,
-    mut events: EventLoop,
+    events: EventLoop,
     store: Arc<Mutex<Store>>,
     counts: Arc<Mutex<Counts>>,
     driver: Option<Arc<Mutex<Driver>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let filters = config.topics.filters(config.group.as_deref());
-    let mut delay = Duration::from_millis(200);
+    let (_poller, mut incoming) = poll_forever(events);
     // Apps a report came in for since the last step.
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(STEP_EVERY);
@@ -139,12 +179,14 @@ pub async fn run(
                     }
                     continue;
                 }
-                event = events.poll() => event,
+                event = incoming.recv() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
             },
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = Duration::from_millis(200);
                 // Every connect: a session the broker dropped has no subscriptions left.
                 let mut all = filters.clone();
                 if config.group.is_some() {
@@ -162,7 +204,7 @@ pub async fn run(
                 // reconnecting fleet's retained documents come by the thousand).
                 let mut batch = vec![publish];
                 while batch.len() < MAX_BATCH {
-                    match tokio::time::timeout(Duration::ZERO, events.poll()).await {
+                    match incoming.try_recv() {
                         Ok(Ok(Event::Incoming(Packet::Publish(p)))) => batch.push(p),
                         Ok(other) => {
                             next = Some(other);
@@ -180,14 +222,8 @@ pub async fn run(
                 reported.extend(stored);
             }
             Ok(_) => {}
-            Err(e) => {
-                tracing::warn!("broker connection: {e}; again in {delay:?}");
-                tokio::select! {
-                    _ = shutdown.changed() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
+            // The poller waits before it tries again.
+            Err(e) => tracing::warn!("broker connection: {e}"),
         }
     }
 }

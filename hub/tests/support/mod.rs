@@ -33,7 +33,11 @@ pub fn broker() -> Broker {
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        // Mosquitto queues 1,000 messages per client by default and drops what comes beyond:
+        // a burst from thousands of nodes would lose messages for the hub.
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n"
+        ),
     )
     .unwrap();
     let child = Command::new("mosquitto")
