@@ -292,6 +292,27 @@ impl Fleet {
     }
 }
 
+/// Waits on a blocking thread (the hub is asked over HTTP) until `done`, asking every `every_ms`;
+/// panics with `what` after `limit_secs`.
+async fn until_hub(
+    hub: &Arc<Hub>,
+    what: &'static str,
+    limit_secs: u64,
+    every_ms: u64,
+    done: impl Fn(&Hub) -> bool + Send + 'static,
+) {
+    let hub = hub.clone();
+    tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        while !done(&hub) {
+            assert!(t.elapsed() < Duration::from_secs(limit_secs), "{what}");
+            std::thread::sleep(Duration::from_millis(every_ms));
+        }
+    })
+    .await
+    .expect(what);
+}
+
 /// Median of samples.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -351,21 +372,10 @@ async fn size(nodes: usize, rollout: bool) {
         fleet.introduce(i).await;
     }
     let sent = 4 * nodes as u64;
-    let h = hub.clone();
-    let took = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        while h.ingested() < base + sent {
-            assert!(
-                t.elapsed() < Duration::from_secs(1800),
-                "ingest never ended"
-            );
-            // Each scrape reads the whole fleet from the store: not too often.
-            std::thread::sleep(Duration::from_millis(1000));
-        }
-    })
-    .await
-    .map(|_| t0.elapsed())
-    .expect("ingest");
+    // Each scrape reads the whole fleet from the store: not too often.
+    let ingested = move |h: &Hub| h.ingested() >= base + sent;
+    until_hub(&hub, "ingest never ended", 1800, 1000, ingested).await;
+    let took = t0.elapsed();
     let rate = sent as f64 / took.as_secs_f64();
     println!(
         "{nodes} nodes: ingest {sent} messages in {:.1} s: {rate:.0} messages/s",
@@ -407,20 +417,9 @@ async fn size(nodes: usize, rollout: bool) {
         at("r1") > 0
     })
     .await;
-    let h = hub.clone();
-    let complete = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        while !h.phase().starts_with("\"Complete\"") {
-            assert!(
-                t.elapsed() < Duration::from_secs(600),
-                "rollout never complete"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
-    .await
-    .map(|_| t0.elapsed())
-    .expect("rollout");
+    let complete = |h: &Hub| h.phase().starts_with("\"Complete\"");
+    until_hub(&hub, "rollout never complete", 600, 100, complete).await;
+    let complete = t0.elapsed();
     assert_eq!(at("r1"), nodes, "every node runs r1");
     println!(
         "{nodes} nodes: three-stage rollout (bake {bake} s each) complete in {:.1} s ({:.1} s of it baking); first nodes moved after {} ms",
@@ -438,17 +437,9 @@ async fn size(nodes: usize, rollout: bool) {
     })
     .await;
     let t0 = Instant::now();
-    let h = hub.clone();
-    let halted = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        while !h.phase().starts_with("\"Halted") {
-            assert!(t.elapsed() < Duration::from_secs(120), "never halted");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .map(|_| t0.elapsed())
-    .expect("halt");
+    let halted = |h: &Hub| h.phase().starts_with("\"Halted");
+    until_hub(&hub, "never halted", 120, 20, halted).await;
+    let halted = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bad = at("r2");
     println!(
