@@ -1,6 +1,7 @@
 //! Drives rollouts and publishes their gates: one retained, signed gate per app at
-//! `<gate prefix>/<app>`. A rollout starts when asked (the API now; the fleet repository's
-//! branch later) and moves on from the app's nodes' reports. Its state is saved in the store
+//! `<gate prefix>/<app>`. A rollout starts when the app's branch moves ([`Driver::follow`],
+//! from the fleet repository) or when asked through the API, and moves on from the app's
+//! nodes' reports. Its state is saved in the store
 //! after every change ([`Driver::saved`], [`Driver::restore`]).
 
 use std::collections::BTreeMap;
@@ -56,6 +57,63 @@ impl Driver {
             .find(|p| p.apps.as_ref().is_some_and(|a| a.iter().any(|x| x == app)))
             .or_else(|| self.policies.iter().find(|p| p.apps.is_none()))
             .map(|p| &p.policy)
+    }
+
+    /// Replaces the policies (the fleet repository was read again). Rollouts carry on under
+    /// the new ones.
+    pub fn set_policies(&mut self, policies: Vec<Named>) {
+        self.policies = policies;
+    }
+
+    /// Follows `app`'s branch, now at `head`: a new revision starts a rollout from the revision
+    /// the stages not yet opened run. The first time, with no rollout known, the hub starts
+    /// from what the nodes run (`nodes`, the most common revision): a staged rollout when some
+    /// run another revision than `head` (a hub whose store was lost mid-rollout must not send
+    /// the whole fleet to it), every stage open at `head` when none does. The gate to publish
+    /// and what happened, or `None` when `head` is the rollout's revision already.
+    pub fn follow(
+        &mut self,
+        app: &str,
+        head: &str,
+        nodes: &[NodeView],
+        now: u64,
+    ) -> Result<Option<(Outgoing, Vec<String>)>, DriverError> {
+        let Some(stages) = self.policy(app).map(|p| p.stages.len()) else {
+            return Err(DriverError::NoPolicy(app.to_string()));
+        };
+        let short = |r: &str| r.chars().take(12).collect::<String>();
+        let previous = match self.rollouts.get(app) {
+            Some(r) if r.revision == head => return Ok(None),
+            Some(r) => Some(r.settled(stages).to_string()),
+            None => {
+                let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+                for revision in nodes.iter().filter_map(|n| n.revision.as_deref()) {
+                    *counts.entry(revision).or_default() += 1;
+                }
+                let running = counts.into_iter().max_by_key(|(_, n)| *n).map(|(r, _)| r);
+                match running {
+                    Some(r) if r != head => Some(r.to_string()),
+                    _ => {
+                        let rollout = Rollout::settled_at(app, head, stages, now);
+                        let said = format!(
+                            "rollout {}: the branch is at {} and no node runs another revision: every stage runs it, later revisions roll out in stages",
+                            rollout.id,
+                            short(head)
+                        );
+                        self.rollouts.insert(app.to_string(), rollout);
+                        return Ok(Some((self.gate(app, now)?, vec![said])));
+                    }
+                }
+            }
+        };
+        let gate = self.start(app, head, previous.as_deref(), now)?;
+        let id = self.rollouts.get(app).map(|r| r.id.as_str()).unwrap_or(app);
+        let said = format!(
+            "rollout {id}: started, {} after {} (a new commit on the branch)",
+            short(head),
+            previous.as_deref().map(short).unwrap_or_default()
+        );
+        Ok(Some((gate, vec![said])))
     }
 
     pub fn rollouts(&self) -> impl Iterator<Item = &Rollout> {
@@ -208,6 +266,100 @@ mod tests {
         assert!(next.issued > gate.issued, "{said:?}");
         assert!(next.stages.iter().all(|s| s.revision == "new"));
         next.verify(&[public]).unwrap();
+    }
+
+    fn revisions(out: &Outgoing) -> Vec<String> {
+        let gate = edgesync_proto::Gate::parse(&out.payload).unwrap();
+        gate.stages.into_iter().map(|s| s.revision).collect()
+    }
+
+    fn running(node: &str, revision: &str) -> NodeView {
+        NodeView {
+            node: node.into(),
+            labels: BTreeMap::new(),
+            revision: Some(revision.into()),
+            target: Some(revision.into()),
+            sync: "Synced".into(),
+            health: "Healthy".into(),
+        }
+    }
+
+    #[test]
+    fn a_followed_branch_starts_from_what_the_nodes_run() {
+        // Nothing runs another revision: every stage at the branch's commit, nothing staged.
+        let (mut d, _) = driver();
+        let (gate, said) = d.follow("web", "a1", &[], 100).unwrap().unwrap();
+        assert_eq!(revisions(&gate), ["a1", "a1"]);
+        assert!(said[0].contains("every stage runs it"), "{said:?}");
+        assert_eq!(
+            d.saved("web").unwrap().0.phase,
+            crate::rollout::Phase::Complete
+        );
+        // The branch has not moved: nothing new.
+        assert!(d.follow("web", "a1", &[], 101).unwrap().is_none());
+        // It moves: the first stage opens to the new commit, the rest stay.
+        let (gate, said) = d.follow("web", "b2", &[], 102).unwrap().unwrap();
+        assert_eq!(revisions(&gate), ["b2", "a1"]);
+        assert!(said[0].contains("started, b2 after a1"), "{said:?}");
+        // It moves again mid-rollout: the stages not opened still run a1, so the new rollout
+        // starts from a1, not from the unproven b2.
+        let (gate, _) = d.follow("web", "c3", &[], 103).unwrap().unwrap();
+        assert_eq!(revisions(&gate), ["c3", "a1"]);
+
+        // A hub whose store was lost while most nodes ran a1: it stages the branch's commit
+        // from a1 rather than sending every node to it.
+        let (mut fresh, _) = driver();
+        let nodes = [
+            running("n1", "a1"),
+            running("n2", "a1"),
+            running("n3", "c3"),
+        ];
+        let (gate, _) = fresh.follow("web", "c3", &nodes, 200).unwrap().unwrap();
+        assert_eq!(revisions(&gate), ["c3", "a1"]);
+    }
+
+    #[test]
+    fn after_a_complete_or_rolled_back_rollout_the_next_starts_where_the_fleet_is() {
+        let (mut d, _) = driver();
+        d.follow("web", "a1", &[], 100).unwrap();
+        d.follow("web", "b2", &[], 101).unwrap();
+        let all_b2 = [running("n1", "b2"), running("n2", "b2")];
+        // Bake 0: both stages open, one step each.
+        d.observe("web", &all_b2, 102).unwrap();
+        d.observe("web", &all_b2, 103).unwrap();
+        assert_eq!(
+            d.saved("web").unwrap().0.phase,
+            crate::rollout::Phase::Complete
+        );
+        let (gate, _) = d.follow("web", "c3", &[], 104).unwrap().unwrap();
+        assert_eq!(revisions(&gate), ["c3", "b2"]);
+        // Rolled back: every stage went back to b2, and the next rollout starts there.
+        let mut rolled = d.saved("web").unwrap().0;
+        rolled.phase = crate::rollout::Phase::RolledBack {
+            reason: "test".into(),
+        };
+        assert_eq!(rolled.settled(2), "b2");
+        rolled.opened = 2;
+        assert_eq!(rolled.settled(2), "b2");
+        rolled.phase = crate::rollout::Phase::Halted {
+            reason: "test".into(),
+        };
+        assert_eq!(
+            rolled.settled(2),
+            "c3",
+            "halted with every stage open: all run c3"
+        );
+    }
+
+    #[test]
+    fn an_app_no_policy_governs_is_not_followed() {
+        let (mut d, _) = driver();
+        d.set_policies(Vec::new());
+        assert!(matches!(
+            d.follow("web", "a1", &[], 100),
+            Err(DriverError::NoPolicy(_))
+        ));
+        assert!(d.saved("web").is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! edgesync-hub: reads every node's status from the broker into a fleet database, shows it, and
 //! rolls revisions out in health-gated stages (issue 20; being built on this branch).
 
+pub mod fleet;
 pub mod gates;
 pub mod ingest;
 pub mod metrics;

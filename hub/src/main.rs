@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
+use edgesync_hub::fleet::{self, Follower};
 use edgesync_hub::gates::Driver;
 use edgesync_hub::ingest::Topics;
 use edgesync_hub::mqtt::{self, Counts, IngestConfig};
@@ -48,6 +49,45 @@ struct Config {
     #[serde(default)]
     http: HttpSection,
     gates: Option<GatesSection>,
+    fleet: Option<FleetSection>,
+    /// Credentials of Git repositories (the fleet's and the apps'), as the agents'
+    /// `[[repositories]]` take them.
+    #[serde(default)]
+    repositories: Vec<edgesync::config::RepositoryConfig>,
+}
+
+/// The fleet repository: its `RolloutPolicy` documents and the Applications whose branches
+/// the hub follows (a new commit starts a rollout).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetSection {
+    repo: String,
+    #[serde(default = "default_revision")]
+    revision: String,
+    #[serde(default = "default_path")]
+    path: String,
+    /// How often the fleet's branch and the followed apps' branches are listed.
+    #[serde(default = "default_poll")]
+    poll: String,
+    /// The Git cache (`<cache_dir>/git`).
+    #[serde(default = "default_cache_dir")]
+    cache_dir: PathBuf,
+}
+
+fn default_revision() -> String {
+    "HEAD".into()
+}
+
+fn default_path() -> String {
+    ".".into()
+}
+
+fn default_poll() -> String {
+    "30s".into()
+}
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("/var/lib/edgesync-hub")
 }
 
 /// Health-gated rollouts: the hub's signing key and its policies.
@@ -58,7 +98,8 @@ struct GatesSection {
     key_file: PathBuf,
     #[serde(default = "default_gate_prefix")]
     prefix: String,
-    /// `RolloutPolicy` files (read from the fleet repository in a later version).
+    /// `RolloutPolicy` files, when there is no `[fleet]` (which reads them from Git).
+    #[serde(default)]
     policies: Vec<PathBuf>,
 }
 
@@ -257,6 +298,29 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         Some(gates) => Some(gates.driver()?),
         None => None,
     };
+    let follower = match (&config.fleet, &config.gates) {
+        (None, Some(gates)) if gates.policies.is_empty() => {
+            anyhow::bail!("gates: policies are needed without [fleet] (which reads them from Git)")
+        }
+        (None, _) => None,
+        (Some(_), None) => anyhow::bail!("fleet: needs [gates] (the key that signs the gates)"),
+        (Some(_), Some(gates)) if !gates.policies.is_empty() => anyhow::bail!(
+            "gates: policies and [fleet] together: with [fleet], the policies come from the fleet repository"
+        ),
+        (Some(fleet), Some(_)) => {
+            let poll = humantime::parse_duration(&fleet.poll)
+                .with_context(|| format!("fleet.poll {:?}", fleet.poll))?;
+            anyhow::ensure!(!poll.is_zero(), "fleet.poll must be more than zero");
+            let upstream = edgesync::fleet::upstream::Upstream::new(
+                &fleet.cache_dir,
+                config.repositories.clone(),
+                &fleet.repo,
+                &fleet.revision,
+                &fleet.path,
+            );
+            Some((Follower::new(upstream), poll))
+        }
+    };
     // Blocking work (SQLite, the PostgreSQL client) off the async workers.
     let store_config = (config.store.url.clone(), config.store.path.clone());
     let (store, driver) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -309,6 +373,23 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         driver.clone(),
         stopped,
     ));
+    // An app without a rollout yet starts from what its nodes run: their retained documents
+    // come in first.
+    let first_after = std::time::Instant::now() + mqtt::REPLAY_SETTLES;
+    let fleet_status = follower.as_ref().map(|(f, _)| f.status());
+    let following = match (follower, &driver) {
+        (Some((follower, poll)), Some(driver)) => Some(tokio::spawn(fleet::run(
+            follower,
+            poll,
+            first_after,
+            store.clone(),
+            driver.clone(),
+            counts.clone(),
+            client.clone(),
+            stop.subscribe(),
+        ))),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("http.listen {}", config.http.listen))?;
@@ -319,12 +400,16 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         driver,
         client: Some(client),
         token,
+        fleet: fleet_status,
     };
     axum::serve(listener, web::router(web))
         .with_graceful_shutdown(stop_signal())
         .await?;
     let _ = stop.send(true);
     let _ = ingest.await;
+    if let Some(following) = following {
+        let _ = following.await;
+    }
     Ok(())
 }
 

@@ -40,6 +40,7 @@ pub fn render(
     let apps = Family::<AppLabels, Gauge>::default();
     let ingested = Family::<OutcomeLabel, Gauge>::default();
     let missing = Gauge::<i64>::default();
+    let fleet_errors = Gauge::<i64>::default();
     for n in store.nodes(now, stale_after)? {
         nodes
             .get_or_create(&StateLabel {
@@ -58,6 +59,7 @@ pub fn render(
     }
     {
         let c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        fleet_errors.set(i64::try_from(c.fleet_errors).unwrap_or(i64::MAX));
         for (outcome, n) in [
             ("stored", c.stored),
             ("duplicate", c.duplicates),
@@ -88,6 +90,11 @@ pub fn render(
         "missing_events",
         "Event numbers missing across all nodes",
         missing,
+    );
+    registry.register(
+        "fleet_errors",
+        "Rounds of the fleet repository ([fleet]) that failed or found a commit refused, since start",
+        fleet_errors,
     );
     let mut out = String::new();
     // Writing into a String cannot fail.

@@ -41,6 +41,8 @@ const MAX_BATCH: usize = 512;
 /// connect, and until no retained message has come for [`REPLAY_QUIET`].
 const REPLAY_AT_LEAST: Duration = Duration::from_secs(10);
 const REPLAY_QUIET: Duration = Duration::from_secs(5);
+/// After a start, by then the replay of retained documents has usually gone quiet.
+pub const REPLAY_SETTLES: Duration = REPLAY_AT_LEAST.saturating_add(REPLAY_QUIET);
 
 /// How long the broker keeps the hub's session (and queues its QoS 1 messages) while it is away.
 const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
@@ -66,6 +68,8 @@ pub struct Counts {
     pub stale: u64,
     pub gaps: u64,
     pub refused: u64,
+    /// Rounds of the fleet repository that failed or were refused.
+    pub fleet_errors: u64,
 }
 
 /// The hub's MQTT client (publishing gates) and the event loop [`run`] drives.

@@ -112,6 +112,20 @@ pub fn parse(file: &str, text: &str) -> Result<Named, PolicyError> {
         file: file.to_string(),
         message: e.to_string(),
     })?;
+    check(file, doc)
+}
+
+/// Reads one `RolloutPolicy` object of a render of the fleet repository (`origin` names its
+/// file), checked as [`parse`] checks a file.
+pub fn from_value(origin: &str, value: &serde_json::Value) -> Result<Named, PolicyError> {
+    let doc = Document::deserialize(value).map_err(|e| PolicyError::Yaml {
+        file: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    check(origin, doc)
+}
+
+fn check(file: &str, doc: Document) -> Result<Named, PolicyError> {
     let invalid = |message: String| PolicyError::Invalid {
         file: file.to_string(),
         name: doc.metadata.name.clone(),

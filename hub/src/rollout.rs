@@ -91,6 +91,27 @@ impl Rollout {
         }
     }
 
+    /// A revision the fleet already runs, every stage open: where the hub starts following an
+    /// app's branch when no node runs anything else.
+    pub fn settled_at(app: &str, revision: &str, stages: usize, now: u64) -> Rollout {
+        Rollout {
+            opened: stages,
+            phase: Phase::Complete,
+            ..Rollout::start(app, revision, None, now)
+        }
+    }
+
+    /// The revision the stages not opened to this rollout run (all of them after a rollback):
+    /// what a rollout replacing this one starts from.
+    pub fn settled(&self, stages: usize) -> &str {
+        let everywhere = self.phase == Phase::Complete
+            || (self.opened >= stages && !matches!(self.phase, Phase::RolledBack { .. }));
+        match &self.previous {
+            Some(previous) if !everywhere => previous,
+            _ => &self.revision,
+        }
+    }
+
     /// The gate for this rollout (unsigned): opened stages run the new revision, the rest the
     /// previous one (or the new one when there is none: a first rollout has nothing to hold).
     pub fn gate(&self, policy: &Policy, issued: u64) -> Gate {

@@ -30,6 +30,8 @@ pub struct Web {
     pub client: Option<rumqttc::v5::AsyncClient>,
     /// The bearer token `POST /api/v1/rollouts` needs (`[http] token_file`).
     pub token: Option<String>,
+    /// The fleet repository, when `[fleet]` is configured: rollouts follow its branches.
+    pub fleet: Option<Arc<Mutex<crate::fleet::Status>>>,
 }
 
 pub fn router(web: Web) -> Router {
@@ -44,6 +46,7 @@ pub fn router(web: Web) -> Router {
         .route("/api/v1/events", get(events_json))
         .route("/metrics", get(metrics))
         .route("/api/v1/rollouts", get(rollouts_json).post(start_rollout))
+        .route("/api/v1/repository", get(repository_json))
         .with_state(web)
 }
 
@@ -153,6 +156,13 @@ async fn start_rollout(
             )
                 .into_response();
         }
+    }
+    if web.fleet.is_some() {
+        return (
+            StatusCode::CONFLICT,
+            "rollouts follow the fleet repository's branches ([fleet]): push the commit instead",
+        )
+            .into_response();
     }
     let (Some(driver), Some(client)) = (&web.driver, &web.client) else {
         return (
@@ -273,6 +283,40 @@ fn class_of(sync: Option<&str>, health: Option<&str>) -> &'static str {
     }
 }
 
+async fn repository_json(State(web): State<Web>) -> Response {
+    match &web.fleet {
+        Some(status) => {
+            Json(status.lock().unwrap_or_else(|e| e.into_inner()).clone()).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "no [fleet] in the hub's config").into_response(),
+    }
+}
+
+/// The fleet repository: the commit in use, why the last round failed, what is not followed.
+fn repository_section(web: &Web) -> String {
+    let Some(status) = &web.fleet else {
+        return String::new();
+    };
+    let s = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut html = format!(
+        "<h2>Fleet repository</h2><p id=\"repository\"><code>{}</code> at <code>{}</code>, {} apps followed</p>",
+        esc(&s.repository),
+        esc(&short(s.commit.as_deref())),
+        s.apps.len()
+    );
+    if let Some(e) = &s.error {
+        html.push_str(&format!("<p class=\"bad\">{}</p>", esc(e)));
+    }
+    if !s.problems.is_empty() {
+        html.push_str("<ul class=\"warn\">");
+        for p in &s.problems {
+            html.push_str(&format!("<li>{}</li>", esc(p)));
+        }
+        html.push_str("</ul>");
+    }
+    html
+}
+
 /// The rollouts, halted and rolled back first.
 fn rollouts_table(web: &Web) -> String {
     let Some(driver) = &web.driver else {
@@ -348,6 +392,7 @@ async fn overview_page(State(web): State<Web>) -> Response {
         count("stale")
     );
     body.push_str(&rollouts_table(&web));
+    body.push_str(&repository_section(&web));
     body.push_str("<h2>Apps</h2>");
     body.push_str(&apps_table(&fleet.apps));
     body.push_str("<h2>Nodes</h2><table><tr><th>node</th><th>state</th><th>last seen</th><th>apps</th><th>failing</th><th>events missing</th></tr>");

@@ -285,7 +285,7 @@ pub(crate) struct KubernetesConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RepositoryConfig {
+pub struct RepositoryConfig {
     pub(crate) url: String,
     pub(crate) token_file: Option<PathBuf>,
     pub(crate) username: Option<String>,
@@ -305,7 +305,7 @@ pub(crate) struct RepositoryConfig {
 
 impl RepositoryConfig {
     /// The entry of `repositories` for `url`, or anonymous defaults when it has none.
-    pub(crate) fn of(repositories: &[RepositoryConfig], url: &str) -> Self {
+    pub fn of(repositories: &[RepositoryConfig], url: &str) -> Self {
         repositories
             .iter()
             .find(|r| r.url == url)

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{AppConfig, Config, FleetConfig};
 use crate::fleet::appset;
 use crate::fleet::argo::{self, FleetObject};
+use crate::fleet::upstream;
 use crate::render;
 use crate::source::GitSource;
 
@@ -217,6 +218,10 @@ impl Expander<'_> {
                         }
                     }
                 }
+                // The fleet hub's rollout policies live beside the Applications.
+                Ok(None)
+                    if object.group() == upstream::POLICY_GROUP
+                        && object.kind() == upstream::POLICY_KIND => {}
                 Ok(None) => self.problems.push(format!(
                     "{}: {} is not an Argo CD object; ignored",
                     object.origin,

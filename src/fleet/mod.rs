@@ -4,3 +4,4 @@
 
 pub(crate) mod appset;
 pub(crate) mod argo;
+pub mod upstream;
