@@ -152,12 +152,15 @@ const TOKEN: &str = "e2e-token-0123456789abcdef";
 impl Hub {
     /// Starts the hub with `policy` and the `[store]` section `store`; the same `dir` and
     /// `store` again are a restart.
+    /// With `fleet` (a repository URL), the policies and the app's branch come from that
+    /// fleet repository's `fleet/` directory instead of `policy` and the API.
     fn start(
         broker: &Broker,
         dir: &std::path::Path,
         key: &ssh_key::PrivateKey,
         policy: &str,
         store: &str,
+        fleet: Option<&str>,
     ) -> Hub {
         let key_file = dir.join("hub-key");
         key.write_openssh_file(&key_file, ssh_key::LineEnding::LF)
@@ -179,14 +182,20 @@ impl Hub {
                 broker.file("client.key").display()
             ));
         }
+        let policies = match fleet {
+            Some(url) => format!(
+                "\n[fleet]\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"fleet\"\npoll = \"1s\"\ncache_dir = \"{}\"\n",
+                dir.join("cache").display()
+            ),
+            None => format!("policies = [\"{}\"]\n", policy_file.display()),
+        };
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "[mqtt]\n{mqtt}\n[store]\n{store}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n\n[gates]\nkey_file = \"{}\"\npolicies = [\"{}\"]\n",
+                "[mqtt]\n{mqtt}\n[store]\n{store}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n\n[gates]\nkey_file = \"{}\"\n{policies}",
                 token_file.display(),
                 key_file.display(),
-                policy_file.display()
             ),
         )
         .unwrap();
@@ -271,6 +280,23 @@ spec:
   onFailure: halt
 ";
 
+/// The Argo CD Application of `web` in the fleet repository, gated.
+fn application(url: &str) -> String {
+    format!(
+        "apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata:
+  name: web
+  namespace: argocd
+  annotations: {{edgesync.io/gated: \"true\"}}
+spec:
+  project: default
+  source: {{repoURL: \"{url}\", targetRevision: main, path: app}}
+  destination: {{server: https://kubernetes.default.svc, namespace: web}}
+"
+    )
+}
+
 /// Node names of this run for each non-canary stage: one in the first half of the buckets,
 /// one in the second. `tag` keeps two tests' names apart.
 fn node_names(tag: &str) -> (String, String) {
@@ -290,7 +316,8 @@ fn node_names(tag: &str) -> (String, String) {
 
 /// Issue 20's whole loop on real parts: Mosquitto, the hub with SQLite, three real agents on
 /// the test control plane. Its page is kept as `target/hub-page.png` (docs/hub-page.png).
-/// Plain MQTT here, TLS in the PostgreSQL run.
+/// Plain MQTT here, TLS in the PostgreSQL run. The policy and the app's Application live in a
+/// fleet repository the hub follows: each push starts a rollout.
 #[tokio::test]
 async fn the_hub_on_sqlite_rolls_through_three_stages_halts_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,7 +326,8 @@ async fn the_hub_on_sqlite_rolls_through_three_stages_halts_and_rolls_back() {
 }
 
 /// The same on a real PostgreSQL (Debian's `postgresql`, started on a free port), the hub and
-/// the agents reaching the broker over TLS with client certificates.
+/// the agents reaching the broker over TLS with client certificates, and the rollouts asked
+/// for through the hub's API (no fleet repository).
 #[tokio::test]
 async fn the_hub_on_postgresql_rolls_through_three_stages_halts_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -324,6 +352,8 @@ async fn the_hub_on_postgresql_rolls_through_three_stages_halts_and_rolls_back()
 async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag: &str, tls: bool) {
     // One screenshot for the docs (docs/hub-page.png): the plain run's.
     let screenshot = !tls;
+    // The plain run follows a fleet repository; the TLS run asks the API.
+    let from_git = !tls;
     let repo = GitRepo::new();
     repo.write(
         "app/settings.yaml",
@@ -331,11 +361,21 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
     );
     let v1 = repo.commit("v1");
     let remote = Remote::serve(repo).await;
+    let url = remote.url();
+    let fleet = if from_git {
+        let repo = GitRepo::new();
+        repo.write("fleet/policy.yaml", POLICY);
+        repo.write("fleet/web.yaml", &application(&url));
+        repo.commit("fleet");
+        Some(Remote::serve(repo).await)
+    } else {
+        None
+    };
+    let fleet_url = fleet.as_ref().map(Remote::url);
     let broker = Broker::start(tls);
     let key = key(11);
-    let hub = Hub::start(&broker, dir, &key, POLICY, store);
+    let hub = Hub::start(&broker, dir, &key, POLICY, store, fleet_url.as_deref());
     let public = key.public_key().to_openssh().unwrap();
-    let url = remote.url();
     let (first, second) = node_names(tag);
     let nodes = [
         (
@@ -378,8 +418,14 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
     .await;
     assert_eq!(hub.ask(&v1, None, "").await, 401);
     assert_eq!(hub.ask(&v1, None, "e2e-token-0123456789abcdeX").await, 401);
-    assert_eq!(hub.phase().await, "");
-    hub.rollout(&v1, None).await;
+    if from_git {
+        // Rollouts follow the branch: the API refuses to start one (and the hub starts the
+        // first itself, from what the nodes run: nothing yet, so every stage runs v1).
+        assert_eq!(hub.ask(&v1, None, TOKEN).await, 409);
+    } else {
+        assert_eq!(hub.phase().await, "");
+        hub.rollout(&v1, None).await;
+    }
     for config in &configs {
         config.wait_applied("web", &v1).await;
     }
@@ -392,10 +438,12 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
         "app/settings.yaml",
         &crate::apply::configmap("settings", 0, "v2"),
     );
-    for config in &configs {
-        says(config, "held at").await;
+    if !from_git {
+        for config in &configs {
+            says(config, "held at").await;
+        }
+        hub.rollout(&v2, Some(&v1)).await;
     }
-    hub.rollout(&v2, Some(&v1)).await;
     let order = std::cell::RefCell::new(Vec::new());
     eventually(
         "v2 on every node",
@@ -426,7 +474,9 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
         "app/web.yaml",
         &crate::apply::deployment("web", "example/imagepullbackoff:2", 0),
     );
-    hub.rollout(&v3, Some(&v2)).await;
+    if !from_git {
+        hub.rollout(&v3, Some(&v2)).await;
+    }
     configs[0].wait_applied("web", &v3).await;
     hub.wait_phase("the rollout halted", "\"Halted").await;
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
@@ -476,6 +526,14 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
         "{dom}"
     );
     assert!(dom.contains(&nodes[0].0), "{dom}");
+    if from_git {
+        // The fleet repository in use: its commit, the app followed at the bad revision.
+        assert!(dom.contains("id=\"repository\""), "{dom}");
+        let repository: serde_json::Value =
+            serde_json::from_str(&hub.get("/api/v1/repository").await).unwrap();
+        assert_eq!(repository["apps"]["web"], v3.as_str(), "{repository}");
+        assert!(repository["error"].is_null(), "{repository}");
+    }
     if screenshot {
         let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hub-page.png");
         let arg = format!("--screenshot={}", shot.display());
@@ -493,15 +551,16 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
         );
     }
 
-    // The hub restarts, now with a policy that rolls back: the halted rollout is still there.
+    // The hub restarts, now with a policy that rolls back (pushed to the fleet repository in
+    // the Git run): the halted rollout is still there.
+    let rollback = POLICY.replace("onFailure: halt", "onFailure: rollback");
+    if let Some(fleet) = &fleet {
+        fleet.repo.write("fleet/policy.yaml", &rollback);
+        fleet.repo.commit("rollback");
+        fleet.push();
+    }
     drop(hub);
-    let hub = Hub::start(
-        &broker,
-        dir,
-        &key,
-        &POLICY.replace("onFailure: halt", "onFailure: rollback"),
-        store,
-    );
+    let hub = Hub::start(&broker, dir, &key, &rollback, store, fleet_url.as_deref());
     hub.wait_phase("the halted rollout after a restart", "\"Halted")
         .await;
     // A fix that fixes nothing: its canary goes Degraded, the rollout rolls back, and the
@@ -512,7 +571,9 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
         "app/settings.yaml",
         &crate::apply::configmap("settings", 0, "v4"),
     );
-    hub.rollout(&v4, Some(&v2)).await;
+    if !from_git {
+        hub.rollout(&v4, Some(&v2)).await;
+    }
     hub.wait_phase("the rollout rolled back", "\"RolledBack")
         .await;
     configs[0].wait_applied("web", &v2).await;
