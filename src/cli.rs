@@ -231,6 +231,16 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
             );
             continue;
         }
+        if object.group() == crate::fleet::upstream::POLICY_GROUP
+            && object.kind() == crate::fleet::upstream::POLICY_KIND
+        {
+            println!(
+                "{}: RolloutPolicy {}: read by edgesync-hub (stages rollouts); the nodes follow its gates",
+                object.origin,
+                object.name()
+            );
+            continue;
+        }
         match argo::parse(object) {
             Ok(None) => println!(
                 "{}: {} is not an Argo CD object; ignored",
