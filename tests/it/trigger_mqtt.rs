@@ -201,3 +201,84 @@ async fn mqtt_flood_of_10000_messages_is_coalesced() {
 async fn mqtt_flood_over_tls_is_coalesced() {
     flood_is_coalesced(true).await;
 }
+
+/// Benchmark, not part of the test run (figures for docs/BENCHMARKS.md, issue 20): the spread
+/// of Git fetches after one broadcast reaches real agents, with `fetch_jitter` 0 and 10 s side
+/// by side. `FETCH_SPREAD_AGENTS` agents (default 8) share one repository served over smart
+/// HTTP and hear only MQTT (an hour's poll); one `edgesync/changes` message names it. Printed:
+/// when the fetches began after the broadcast (first, median, last), the most that began in any
+/// one second, and the time until every agent applied the commit.
+///   cargo test --test it -- --ignored fetch_spread --nocapture
+#[tokio::test]
+#[ignore = "a benchmark: run it with --ignored, figures go to docs/BENCHMARKS.md"]
+async fn fetch_spread_after_a_broadcast() {
+    let agents: usize = std::env::var("FETCH_SPREAD_AGENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(8);
+    let broker = Broker::start(false);
+    println!("| fetch_jitter | agents | first fetch | median | last | most in one second | all applied |");
+    println!("|---|---|---|---|---|---|---|");
+    for jitter in ["0s", "10s"] {
+        let repo = GitRepo::new();
+        let first = greeting_app(&repo, "one");
+        let remote = Remote::serve(repo).await;
+        let url = remote.url();
+        let mut running = Vec::new();
+        for i in 0..agents {
+            let ns = TestNamespace::reserve(&format!("spread{i}")).await;
+            let config = AgentConfig::new()
+                .section("mqtt", &broker.agent_section())
+                .repository(&format!(
+                    "url = \"{url}\"\npoll_interval = \"1h\"\nfetch_jitter = \"{jitter}\""
+                ))
+                .app(&format!(
+                    "name = \"greeting\"\nrepo = \"{url}\"\nrevision = \"main\"\npath = \"app\"\nnamespace = \"{}\"\ncreate_namespace = true",
+                    ns.name
+                ));
+            let agent = Agent::start(&config);
+            running.push((ns, config, agent));
+        }
+        for (_, config, agent) in &running {
+            config.wait_applied("greeting", &first).await;
+            wait_subscriptions(agent, 2).await;
+        }
+        let sha = commit(&remote, "two");
+        let start = std::time::Instant::now();
+        broker.publish(
+            "edgesync/changes",
+            &format!(r#"{{"repo":"{url}","revision":"main"}}"#),
+        );
+        for (_, config, _) in &running {
+            config.wait_applied("greeting", &sha).await;
+        }
+        let all_applied = start.elapsed();
+        let mut began: Vec<f64> = remote
+            .server
+            .log()
+            .into_iter()
+            .filter(|(at, path)| *at >= start && path.contains("info/refs"))
+            .map(|(at, _)| (at - start).as_secs_f64())
+            .collect();
+        began.sort_by(f64::total_cmp);
+        assert!(
+            began.len() >= agents,
+            "{} fetches for {agents} agents",
+            began.len()
+        );
+        let most = began
+            .iter()
+            .map(|t| began.iter().filter(|u| **u >= *t && **u < t + 1.0).count())
+            .max()
+            .unwrap_or_default();
+        let secs = |s: f64| format!("{s:.2} s");
+        println!(
+            "| {jitter} | {agents} | {} | {} | {} | {most} | {} |",
+            secs(began[0]),
+            secs(began[began.len() / 2]),
+            secs(began[began.len() - 1]),
+            secs(all_applied.as_secs_f64())
+        );
+        drop(running);
+    }
+}

@@ -18,6 +18,8 @@ struct Shared {
     token: Option<String>,
     requests: AtomicUsize,
     rejected: AtomicUsize,
+    /// When each request reached the server, and its path and query (for benchmarks).
+    log: std::sync::Mutex<Vec<(std::time::Instant, String)>>,
 }
 
 pub struct GitHttpServer {
@@ -34,6 +36,7 @@ impl GitHttpServer {
             token: token.map(str::to_string),
             requests: AtomicUsize::new(0),
             rejected: AtomicUsize::new(0),
+            log: std::sync::Mutex::default(),
         });
         let app = axum::Router::new().fallback(cgi).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -51,6 +54,11 @@ impl GitHttpServer {
     /// Requests that reached `git http-backend`.
     pub fn served(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Every request so far: when it arrived, and its path with the query.
+    pub fn log(&self) -> Vec<(std::time::Instant, String)> {
+        self.shared.log.lock().unwrap().clone()
     }
 
     /// Requests refused for missing or wrong credentials.
@@ -80,6 +88,11 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 }
 
 async fn cgi(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    shared
+        .log
+        .lock()
+        .unwrap()
+        .push((std::time::Instant::now(), request.uri().to_string()));
     if let Some(token) = &shared.token {
         if !authorized(request.headers(), token) {
             shared.rejected.fetch_add(1, Ordering::SeqCst);
