@@ -5,6 +5,7 @@
 //! after every change ([`Driver::saved`], [`Driver::restore`]).
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use edgesync_proto::Gate;
 use ssh_key::PrivateKey;
@@ -37,6 +38,9 @@ pub struct Driver {
     rollouts: BTreeMap<String, Rollout>,
     /// The last `issued` per app: every new gate of an app is issued later.
     issued: BTreeMap<String, u64>,
+    /// With a lease (`crate::lease`, several replicas): until when this replica may step
+    /// rollouts, and who held the lease when last asked. `None`: always (one hub).
+    lease: Option<(Option<Instant>, String)>,
 }
 
 impl Driver {
@@ -47,6 +51,51 @@ impl Driver {
             prefix: prefix.trim_end_matches('/').to_string(),
             rollouts: BTreeMap::new(),
             issued: BTreeMap::new(),
+            lease: None,
+        }
+    }
+
+    /// Steps rollouts only while a lease says so ([`Driver::lead_until`]): until the first
+    /// renewal, not at all.
+    pub fn with_lease(mut self) -> Driver {
+        self.lease = Some((None, String::new()));
+        self
+    }
+
+    /// This replica steps rollouts, starts them and publishes their gates now.
+    pub fn leading(&self) -> bool {
+        match &self.lease {
+            None => true,
+            Some((until, _)) => until.is_some_and(|t| Instant::now() < t),
+        }
+    }
+
+    /// Who held the lease when last asked (`None` without a lease).
+    pub fn leader(&self) -> Option<&str> {
+        self.lease.as_ref().map(|(_, holder)| holder.as_str())
+    }
+
+    /// Records a renewal: this replica leads until `until` (`None`: `holder` does).
+    pub fn lead_until(&mut self, until: Option<Instant>, holder: &str) {
+        if self.lease.is_some() {
+            self.lease = Some((until, holder.to_string()));
+        }
+    }
+
+    /// Replaces every rollout with the saved ones (at start, and when this replica takes the
+    /// lease over: the replica that led before saved every change). An unreadable one is
+    /// left out and logged, its `issued` kept.
+    pub fn reload(&mut self, saved: Vec<crate::store::SavedRollout>) {
+        self.rollouts.clear();
+        for saved in saved {
+            let rollout = match saved.rollout {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(app = %saved.app, "cannot read the saved rollout, left out: {e}");
+                    None
+                }
+            };
+            self.restore(&saved.app, saved.issued, rollout);
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod fleet;
 pub mod gates;
 pub mod ingest;
+pub mod lease;
 pub mod metrics;
 pub mod mqtt;
 pub mod policy;

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use edgesync_hub::fleet::{self, Follower};
 use edgesync_hub::gates::Driver;
 use edgesync_hub::ingest::Topics;
+use edgesync_hub::lease;
 use edgesync_hub::mqtt::{self, Counts, IngestConfig};
 use edgesync_hub::store::{Postgres, Sqlite, Store};
 use edgesync_hub::web::{self, Web};
@@ -294,8 +295,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     let config: Config = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let token = config.http.token()?;
-    let mut driver = match &config.gates {
-        Some(gates) => Some(gates.driver()?),
+    // Rollouts carry on where the last run (or the replica that led before) left them: the
+    // lease's first renewal reads them back.
+    let driver = match &config.gates {
+        Some(gates) => Some(gates.driver()?.with_lease()),
         None => None,
     };
     let follower = match (&config.fleet, &config.gates) {
@@ -324,7 +327,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     // Blocking work (SQLite, the PostgreSQL client) off the async workers.
     let store_config = (config.store.url.clone(), config.store.path.clone());
     let (store, driver) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut store = match store_config {
+        let store = match store_config {
             (Some(url), _) => Store::new(Box::new(Postgres::connect(&url).context("store.url")?))?,
             (None, path) => {
                 if let Some(dir) = path.parent() {
@@ -334,19 +337,6 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
                 Store::new(Box::new(db))?
             }
         };
-        // Rollouts carry on where the last run left them.
-        if let Some(driver) = &mut driver {
-            for saved in store.rollouts()? {
-                let rollout = match saved.rollout {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::error!(app = %saved.app, "cannot read the saved rollout, left out: {e}");
-                        None
-                    }
-                };
-                driver.restore(&saved.app, saved.issued, rollout);
-            }
-        }
         Ok((store, driver))
     })
     .await??;
@@ -354,6 +344,14 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let counts = Arc::new(Mutex::new(Counts::default()));
     let driver = driver.map(|d| Arc::new(Mutex::new(d)));
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let leasing = driver.as_ref().map(|driver| {
+        tokio::spawn(lease::run(
+            config.mqtt.client_id.clone(),
+            store.clone(),
+            driver.clone(),
+            stop.subscribe(),
+        ))
+    });
     let ingest_config = IngestConfig {
         tls: config.mqtt.tls()?,
         credentials: config.mqtt.credentials()?,
@@ -407,8 +405,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         .await?;
     let _ = stop.send(true);
     let _ = ingest.await;
-    if let Some(following) = following {
-        let _ = following.await;
+    for task in [following, leasing].into_iter().flatten() {
+        let _ = task.await;
     }
     Ok(())
 }

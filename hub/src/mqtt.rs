@@ -336,14 +336,17 @@ async fn step_rollouts(
     let (store, driver) = (store.clone(), driver.clone());
     let stepped = tokio::task::spawn_blocking(move || {
         let mut apps = reported;
+        let d = driver.lock().unwrap_or_else(|e| e.into_inner());
+        // Another replica steps them (crate::lease).
+        if !d.leading() {
+            return Vec::new();
+        }
         apps.extend(
-            driver
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .rollouts()
+            d.rollouts()
                 .filter(|r| r.phase == crate::rollout::Phase::Progressing)
                 .map(|r| r.app.clone()),
         );
+        drop(d);
         let now = unix_now();
         let mut db = store.lock().unwrap_or_else(|e| e.into_inner());
         apps.iter()

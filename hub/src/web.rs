@@ -174,6 +174,14 @@ async fn start_rollout(
     let t = now();
     let started = {
         let mut d = driver.lock().unwrap_or_else(|e| e.into_inner());
+        if !d.leading() {
+            let leader = d.leader().unwrap_or_default().to_string();
+            return (
+                StatusCode::CONFLICT,
+                format!("another hub replica leads rollouts ({leader:?}): ask it"),
+            )
+                .into_response();
+        }
         d.start(&start.app, &start.revision, start.previous.as_deref(), t)
             .map(|gate| (gate, d.saved(&start.app)))
     };
@@ -323,9 +331,22 @@ fn rollouts_table(web: &Web) -> String {
         return String::new();
     };
     let d = driver.lock().unwrap_or_else(|e| e.into_inner());
+    let led = match d.leader() {
+        Some(holder) if d.leading() => format!(
+            "<p id=\"leader\">Rollouts are stepped by this replica ({}).</p>",
+            esc(holder)
+        ),
+        Some("") => "<p id=\"leader\" class=\"warn\">No replica holds the rollout lease yet.</p>"
+            .to_string(),
+        Some(holder) => format!(
+            "<p id=\"leader\">Rollouts are stepped by replica {}; this one ingests only.</p>",
+            esc(holder)
+        ),
+        None => String::new(),
+    };
     let mut rows: Vec<_> = d.rollouts().collect();
     if rows.is_empty() {
-        return String::new();
+        return led;
     }
     let rank = |p: &Phase| match p {
         Phase::Halted { .. } | Phase::RolledBack { .. } => 0,
@@ -333,8 +354,8 @@ fn rollouts_table(web: &Web) -> String {
         Phase::Complete => 2,
     };
     rows.sort_by_key(|r| rank(&r.phase));
-    let mut html = String::from(
-        "<h2>Rollouts</h2><table id=\"rollouts\"><tr><th>app</th><th>rollout</th><th>revision</th><th>stages open</th><th>state</th></tr>",
+    let mut html = format!(
+        "<h2>Rollouts</h2>{led}<table id=\"rollouts\"><tr><th>app</th><th>rollout</th><th>revision</th><th>stages open</th><th>state</th></tr>",
     );
     for r in rows {
         let stages = d.policy(&r.app).map(|p| p.stages.len()).unwrap_or_default();

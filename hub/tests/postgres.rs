@@ -21,4 +21,5 @@ fn the_store_does_on_postgresql_what_it_does_on_sqlite() {
     ));
     conformance::rollouts_are_kept_and_replaced(&mut store(&server, "f"));
     conformance::messages_received_together_are_recorded_as_one_by_one(&mut store(&server, "g"));
+    conformance::a_lease_has_one_holder_until_it_runs_out(&mut store(&server, "h"));
 }

@@ -161,6 +161,7 @@ impl Hub {
         policy: &str,
         store: &str,
         fleet: Option<&str>,
+        replica: Option<&str>,
     ) -> Hub {
         let key_file = dir.join("hub-key");
         key.write_openssh_file(&key_file, ssh_key::LineEnding::LF)
@@ -170,10 +171,18 @@ impl Hub {
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
         let port = crate::harness::agent::free_port();
-        let mut mqtt = format!(
-            "host = \"127.0.0.1\"\nport = {}\nclient_id = \"hub-e2e\"\n",
-            broker.port
-        );
+        // Another replica: its own client id, and its own subscription group (a replica killed
+        // while in the main group would keep its share of the messages queued).
+        let mut mqtt = match replica {
+            Some(id) => format!(
+                "host = \"127.0.0.1\"\nport = {}\nclient_id = \"{id}\"\ngroup = \"{id}\"\n",
+                broker.port
+            ),
+            None => format!(
+                "host = \"127.0.0.1\"\nport = {}\nclient_id = \"hub-e2e\"\n",
+                broker.port
+            ),
+        };
         if broker.tls {
             mqtt.push_str(&format!(
                 "tls = true\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
@@ -374,7 +383,15 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
     let fleet_url = fleet.as_ref().map(Remote::url);
     let broker = Broker::start(tls);
     let key = key(11);
-    let hub = Hub::start(&broker, dir, &key, POLICY, store, fleet_url.as_deref());
+    let hub = Hub::start(
+        &broker,
+        dir,
+        &key,
+        POLICY,
+        store,
+        fleet_url.as_deref(),
+        None,
+    );
     let public = key.public_key().to_openssh().unwrap();
     let (first, second) = node_names(tag);
     let nodes = [
@@ -431,6 +448,37 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
     }
     hub.wait_phase("the first rollout complete", "\"Complete\"")
         .await;
+    // A second replica on the same database: the first holds the rollout lease, so this one
+    // ingests only, says who steps rollouts, and refuses to start one.
+    let other = tempfile::tempdir().unwrap();
+    let replica = Hub::start(
+        &broker,
+        other.path(),
+        &key,
+        POLICY,
+        store,
+        fleet_url.as_deref(),
+        Some("hub-e2e-2"),
+    );
+    eventually("the second replica naming the leader", WAIT, || async {
+        replica
+            .get("/")
+            .await
+            .contains("stepped by replica hub-e2e;")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        replica.ask(&v1, None, TOKEN).await,
+        409,
+        "{}",
+        replica.log()
+    );
+    assert!(hub
+        .get("/")
+        .await
+        .contains("stepped by this replica (hub-e2e)"));
+    drop(replica);
 
     // A good revision: the canary first, then each half after the stage before it baked.
     let v2 = repo_commit(
@@ -560,7 +608,15 @@ async fn three_stages_halt_and_rollback(dir: &std::path::Path, store: &str, tag:
         fleet.push();
     }
     drop(hub);
-    let hub = Hub::start(&broker, dir, &key, &rollback, store, fleet_url.as_deref());
+    let hub = Hub::start(
+        &broker,
+        dir,
+        &key,
+        &rollback,
+        store,
+        fleet_url.as_deref(),
+        None,
+    );
     hub.wait_phase("the halted rollout after a restart", "\"Halted")
         .await;
     // A fix that fixes nothing: its canary goes Degraded, the rollout rolls back, and the

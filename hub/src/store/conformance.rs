@@ -244,3 +244,24 @@ pub fn messages_received_together_are_recorded_as_one_by_one(db: &mut Store) {
     );
     assert!(db.record_all(&[], 20).is_empty());
 }
+
+pub fn a_lease_has_one_holder_until_it_runs_out(db: &mut Store) {
+    let lease = |db: &mut Store, holder: &str, now: u64| {
+        db.lease("rollouts", holder, now, now + 15).unwrap()
+    };
+    assert_eq!(lease(db, "a", 100), "a");
+    assert_eq!(lease(db, "b", 101), "a");
+    // Renewed by its holder; still running at 119 (until 120).
+    assert_eq!(lease(db, "a", 105), "a");
+    assert_eq!(lease(db, "b", 119), "a");
+    // Run out: the next to ask takes it, and the old holder cannot renew.
+    assert_eq!(lease(db, "b", 121), "b");
+    assert_eq!(lease(db, "a", 122), "b");
+    // Given up by someone else's name: nothing happens; by its holder: taken at once.
+    db.release("rollouts", "a").unwrap();
+    assert_eq!(lease(db, "a", 123), "b");
+    db.release("rollouts", "b").unwrap();
+    assert_eq!(lease(db, "a", 124), "a");
+    // Another lease is another row.
+    assert_eq!(db.lease("other", "b", 124, 139).unwrap(), "b");
+}

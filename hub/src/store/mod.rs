@@ -133,6 +133,8 @@ const SCHEMA: &[&str] = &[
        PRIMARY KEY (node, first))",
     "CREATE TABLE IF NOT EXISTS rollouts (
        app TEXT PRIMARY KEY, doc TEXT NOT NULL, issued BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS leases (
+       name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires BIGINT NOT NULL)",
 ];
 
 /// The node name of the hub's own events: no node is called so (node names are DNS names).
@@ -421,6 +423,40 @@ impl Store {
             "INSERT INTO rollouts (app, doc, issued) VALUES ($1, $2, $3)
              ON CONFLICT (app) DO UPDATE SET doc = $2, issued = $3",
             &[rollout.app.as_str().into(), doc.into(), issued.into()],
+        )?;
+        tx.commit()
+    }
+
+    /// Takes lease `name` for `holder` until `until` (Unix seconds), or renews it, unless
+    /// another holder's runs past `now`. Returns who holds it afterwards.
+    pub fn lease(
+        &mut self,
+        name: &str,
+        holder: &str,
+        now: u64,
+        until: u64,
+    ) -> Result<String, StoreError> {
+        let q = "SELECT holder FROM leases WHERE name = $1";
+        let mut tx = self.backend.begin()?;
+        tx.exec(
+            "INSERT INTO leases (name, holder, expires) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET holder = $2, expires = $3
+             WHERE leases.holder = $2 OR leases.expires < $4",
+            &[name.into(), holder.into(), until.into(), now.into()],
+        )?;
+        let rows = tx.rows(q, &[name.into()])?;
+        tx.commit()?;
+        let row = rows.first().map(Vec::as_slice).unwrap_or_default();
+        text(q, row, 0)
+    }
+
+    /// Gives lease `name` up if `holder` has it (a clean stop: another replica takes over at
+    /// its next renewal instead of waiting for it to run out).
+    pub fn release(&mut self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let mut tx = self.backend.begin()?;
+        tx.exec(
+            "UPDATE leases SET expires = 0 WHERE name = $1 AND holder = $2",
+            &[name.into(), holder.into()],
         )?;
         tx.commit()
     }
@@ -741,6 +777,12 @@ mod tests {
     fn rollouts_are_kept_and_replaced() {
         let (_dir, mut db) = sqlite();
         conformance::rollouts_are_kept_and_replaced(&mut db);
+    }
+
+    #[test]
+    fn a_lease_has_one_holder_until_it_runs_out() {
+        let (_dir, mut db) = sqlite();
+        conformance::a_lease_has_one_holder_until_it_runs_out(&mut db);
     }
 
     #[test]
