@@ -291,8 +291,20 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+/// The config file, read and checked, and what it names opened: keys, tokens, policy files,
+/// the database (blocking: the caller runs it off the async workers).
+struct Loaded {
+    config: Config,
+    token: Option<String>,
+    tls: Option<rumqttc::TlsConfiguration>,
+    credentials: Option<(String, String)>,
+    driver: Option<Driver>,
+    follower: Option<(Follower, std::time::Duration)>,
+    store: Store,
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Loaded> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     let config: Config = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let token = config.http.token()?;
     // Rollouts carry on where the last run (or the replica that led before) left them: the
@@ -324,22 +336,37 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             Some((Follower::new(upstream), poll))
         }
     };
-    // Blocking work (SQLite, the PostgreSQL client) off the async workers.
-    let store_config = (config.store.url.clone(), config.store.path.clone());
-    let (store, driver) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let store = match store_config {
-            (Some(url), _) => Store::new(Box::new(Postgres::connect(&url).context("store.url")?))?,
-            (None, path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-                }
-                let db = Sqlite::open(&path).with_context(|| format!("{}", path.display()))?;
-                Store::new(Box::new(db))?
+    let store = match (&config.store.url, &config.store.path) {
+        (Some(url), _) => Store::new(Box::new(Postgres::connect(url).context("store.url")?))?,
+        (None, path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
             }
-        };
-        Ok((store, driver))
+            let db = Sqlite::open(path).with_context(|| format!("{}", path.display()))?;
+            Store::new(Box::new(db))?
+        }
+    };
+    Ok(Loaded {
+        token,
+        tls: config.mqtt.tls()?,
+        credentials: config.mqtt.credentials()?,
+        driver,
+        follower,
+        store,
+        config,
     })
-    .await??;
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let Loaded {
+        config,
+        token,
+        tls,
+        credentials,
+        driver,
+        follower,
+        store,
+    } = tokio::task::spawn_blocking(move || load(&path)).await??;
     let store = Arc::new(Mutex::new(store));
     let counts = Arc::new(Mutex::new(Counts::default()));
     let driver = driver.map(|d| Arc::new(Mutex::new(d)));
@@ -353,8 +380,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         ))
     });
     let ingest_config = IngestConfig {
-        tls: config.mqtt.tls()?,
-        credentials: config.mqtt.credentials()?,
+        tls,
+        credentials,
         host: config.mqtt.host,
         port: config.mqtt.port,
         client_id: config.mqtt.client_id,

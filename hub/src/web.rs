@@ -509,10 +509,15 @@ fn events_table(rows: &[EventRow]) -> String {
     );
     for e in rows {
         let class = if e.event.contains("fail") { "bad" } else { "" };
+        // The hub's own events: the timeline filtered to them (the hub has no node page).
+        let node_link = if e.node == crate::store::HUB_NODE {
+            format!("/events?node={}", seg(&e.node))
+        } else {
+            format!("/nodes/{}", seg(&e.node))
+        };
         html.push_str(&format!(
-            "<tr class=\"{class}\"><td>{t}</td><td><a href=\"/nodes/{nl}\">{n}</a></td><td><a href=\"/apps/{al}\">{a}</a></td><td>{ev}</td><td><code>{rev}</code></td><td>{m}</td></tr>",
+            "<tr class=\"{class}\"><td>{t}</td><td><a href=\"{node_link}\">{n}</a></td><td><a href=\"/apps/{al}\">{a}</a></td><td>{ev}</td><td><code>{rev}</code></td><td>{m}</td></tr>",
             t = e.time,
-            nl = seg(&e.node),
             n = esc(&e.node),
             al = seg(&e.app),
             a = esc(&e.app),
@@ -536,6 +541,23 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;"
         );
         assert_eq!(seg("a b/\"c"), "a%20b%2F%22c");
+    }
+
+    #[test]
+    fn the_hubs_own_events_link_to_its_timeline_not_a_node_page() {
+        let row = |node: &str| EventRow {
+            node: node.into(),
+            seq: 1,
+            time: 1,
+            app: "web".into(),
+            event: "rollout".into(),
+            revision: None,
+            message: String::new(),
+        };
+        let html = events_table(&[row(crate::store::HUB_NODE), row("n1")]);
+        assert!(html.contains("href=\"/events?node=%40hub\""), "{html}");
+        assert!(html.contains("href=\"/nodes/n1\""), "{html}");
+        assert!(!html.contains("/nodes/%40hub"), "{html}");
     }
 
     #[test]

@@ -184,12 +184,8 @@ impl Hub {
             ),
         };
         if broker.tls {
-            mqtt.push_str(&format!(
-                "tls = true\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-                broker.file("ca.crt").display(),
-                broker.file("client.crt").display(),
-                broker.file("client.key").display()
-            ));
+            mqtt.push_str("tls = true\n");
+            mqtt.push_str(&broker.tls_files());
         }
         let policies = match fleet {
             Some(url) => format!(

@@ -210,16 +210,21 @@ impl Broker {
 
     /// The agent's `[mqtt]` section for this broker.
     pub fn agent_section(&self) -> String {
-        let mut s = format!("url = \"{}\"\n", self.url());
-        if self.tls {
-            s.push_str(&format!(
-                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-                self.file("ca.crt").display(),
-                self.file("client.crt").display(),
-                self.file("client.key").display()
-            ));
+        format!("url = \"{}\"\n{}", self.url(), self.tls_files())
+    }
+
+    /// The CA and the client certificate and key, as `[mqtt]` keys of the agent and the hub
+    /// (nothing without TLS).
+    pub fn tls_files(&self) -> String {
+        if !self.tls {
+            return String::new();
         }
-        s
+        format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            self.file("ca.crt").display(),
+            self.file("client.crt").display(),
+            self.file("client.key").display()
+        )
     }
 
     fn pub_command(&self, topic: &str) -> Command {
