@@ -148,6 +148,8 @@ impl GitSource {
                     remote.update_tips(None, RemoteUpdateFlags::empty(), AutotagOption::None, None)
                 });
             if let Err(e) = fetched {
+                // The snapshot's own fetch follows, whole if the server refused a shallow one.
+                refuses_shallow(url, e.message());
                 tracing::debug!(url = %redact(url), ?refspecs, "fetch with the listing failed: {}", e.message());
             }
         }
@@ -336,7 +338,8 @@ impl GitSource {
         let oid = Oid::from_str(sha).map_err(Self::git_err(url))?;
         let _credentials = transport::scope(repo)?;
         let mut last_error = None;
-        for (refspecs, shallow) in attempts {
+        let mut attempts = std::collections::VecDeque::from(attempts);
+        while let Some((refspecs, shallow)) = attempts.pop_front() {
             let shallow = shallow && can_be_shallow(url);
             let mut too_large = false;
             let cb = progress(|p| {
@@ -370,6 +373,10 @@ impl GitSource {
                         return Err(classify(url, e, message));
                     }
                     tracing::debug!(url = %redact(url), ?refspecs, "fetch attempt failed: {message}");
+                    // The same refs again, whole: one branch's history, not every branch's.
+                    if shallow && refuses_shallow(url, &message) {
+                        attempts.push_front((refspecs, false));
+                    }
                     last_error = Some((message, e));
                 }
             }
@@ -588,7 +595,34 @@ fn holds_commits(cache: &Repository) -> bool {
 
 /// libgit2's local transport cannot do shallow fetches.
 fn can_be_shallow(url: &str) -> bool {
-    !url.starts_with("file://") && !url.starts_with('/')
+    !url.starts_with("file://")
+        && !url.starts_with('/')
+        && !NO_SHALLOW
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(url)
+}
+
+/// Servers whose answer to libgit2's shallow negotiation libgit2 cannot read: JGit, and so
+/// Gerrit and googlesource.com, answer a depth-1 fetch with what libgit2 calls an "invalid
+/// packet line" (JuliaLang/Pkg.jl#4771; C git reads it). Such a server is fetched whole from
+/// then on, for the life of the process.
+static NO_SHALLOW: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Whether a shallow fetch of `url` failed because the server's shallow answer cannot be read;
+/// if so, `url` is not fetched shallow again.
+fn refuses_shallow(url: &str, message: &str) -> bool {
+    if !message.contains("invalid packet line") {
+        return false;
+    }
+    let first = NO_SHALLOW
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(url.to_string());
+    if first {
+        tracing::info!(url = %redact(url), "the Git server's answer to a shallow fetch cannot be read (a JGit server, as Gerrit's?); fetching its history whole from now on");
+    }
+    true
 }
 
 /// Fetches the ref `refname` (full, or `HEAD`) into the cache under `refs/edgesync/`.
