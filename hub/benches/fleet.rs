@@ -1,12 +1,14 @@
-//! The fleet simulator (issue 20): the `edgesync-hub` binary with SQLite on one real Mosquitto,
+//! The fleet simulator (issue 20): the `edgesync-hub` binary with SQLite or PostgreSQL (Debian's,
+//! started here on a free port) on one real Mosquitto,
 //! and N simulated agents speaking the agents' status and gate protocol (retained node and app
 //! documents, numbered events, the online flag; signed gates followed by stage), multiplexed
-//! over a few MQTT connections so that 10,000 nodes fit one machine. For each fleet size it
-//! prints the ingest rate and the hub's memory and CPU at rest; for the first size, a
-//! three-stage rollout's time and the time from a spent failure budget to the halt.
+//! over a few MQTT connections so that 10,000 nodes fit one machine. For each store and fleet
+//! size it prints the ingest rate, the hub's memory and CPU at rest, a three-stage rollout's
+//! time and the time from a spent failure budget to the halt.
 //!
 //! `cargo bench -p edgesync-hub --bench fleet`. Knobs: `FLEET_NODES` (sizes, default
-//! `1000,10000`), `FLEET_IDLE_SECS` (the window at rest, default 60), `FLEET_BAKE_SECS` (each
+//! `1000,10000`), `FLEET_STORES` (default `sqlite,postgresql`), `FLEET_IDLE_SECS` (the window
+//! at rest, default 60), `FLEET_BAKE_SECS` (each
 //! stage's bake, default 5), `FLEET_CONNECTIONS` (default 16). A simulated node answers a gate
 //! at once; a real agent fetches, renders and applies first (issue 19's figures).
 
@@ -51,7 +53,8 @@ impl Drop for Hub {
 const TOKEN: &str = "fleet-bench-token-0123456789";
 
 impl Hub {
-    fn start(dir: &Path, broker: u16, bake: u64) -> Hub {
+    /// `store`: the `[store]` section's body.
+    fn start(dir: &Path, broker: u16, bake: u64, store: &str) -> Hub {
         let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)
             .expect("key");
         let key_file = dir.join("hub-key");
@@ -75,8 +78,7 @@ impl Hub {
         std::fs::write(
             &config,
             format!(
-                "[mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"hub-bench\"\n\n[store]\npath = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n\n[gates]\nkey_file = \"{}\"\npolicies = [\"{}\"]\n",
-                dir.join("hub.db").display(),
+                "[mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"hub-bench\"\n\n[store]\n{store}\n\n[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n\n[gates]\nkey_file = \"{}\"\npolicies = [\"{}\"]\n",
                 token.display(),
                 key_file.display(),
                 policy.display()
@@ -330,15 +332,26 @@ async fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Du
     }
 }
 
-async fn size(nodes: usize, rollout: bool) {
+async fn size(nodes: usize, store: &Store) {
     let idle = env_or("FLEET_IDLE_SECS", 60u64);
     let bake = env_or("FLEET_BAKE_SECS", 5u64);
     let connections = env_or("FLEET_CONNECTIONS", 16usize).max(1);
     let broker = support::broker();
     let dir = tempfile::tempdir().expect("tempdir");
+    let section = match store {
+        Store::Sqlite => format!("path = \"{}\"", dir.path().join("hub.db").display()),
+        Store::Postgres(server) => {
+            let name = format!("fleet{nodes}");
+            format!(
+                "url = \"{}\"",
+                tokio::task::block_in_place(|| server.database(&name))
+            )
+        }
+    };
     let hub = Arc::new(tokio::task::block_in_place(|| {
-        Hub::start(dir.path(), broker.port, bake)
+        Hub::start(dir.path(), broker.port, bake, &section)
     }));
+    let store = store.name();
     let (rss_empty, _) = hub.usage();
     let fleet = Fleet::connect(broker.port, nodes, connections).await;
 
@@ -378,7 +391,7 @@ async fn size(nodes: usize, rollout: bool) {
     let took = t0.elapsed();
     let rate = sent as f64 / took.as_secs_f64();
     println!(
-        "{nodes} nodes: ingest {sent} messages in {:.1} s: {rate:.0} messages/s",
+        "{store}, {nodes} nodes: ingest {sent} messages in {:.1} s: {rate:.0} messages/s",
         took.as_secs_f64()
     );
 
@@ -392,16 +405,12 @@ async fn size(nodes: usize, rollout: bool) {
     let (_, cpu1) = hub.usage();
     let per_hour = (cpu1 - cpu0) * 3600.0 / idle.max(1) as f64;
     println!(
-        "{nodes} nodes: hub RSS at rest {:.1} MiB median ({:.1}–{:.1}; {:.1} MiB before any node), CPU {per_hour:.1} s per hour at rest",
+        "{store}, {nodes} nodes: hub RSS at rest {:.1} MiB median ({:.1}–{:.1}; {:.1} MiB before any node), CPU {per_hour:.1} s per hour at rest",
         median(rss.clone()),
         rss.iter().copied().fold(f64::INFINITY, f64::min),
         rss.iter().copied().fold(0.0, f64::max),
         rss_empty as f64 / 1024.0
     );
-    if !rollout {
-        return;
-    }
-
     // A three-stage rollout (1%, 9%, 90%; each bakes `bake` seconds): from the request to
     // the hub calling it complete.
     tokio::spawn(fleet.clone().follow_gates(broker.port));
@@ -422,7 +431,7 @@ async fn size(nodes: usize, rollout: bool) {
     let complete = t0.elapsed();
     assert_eq!(at("r1"), nodes, "every node runs r1");
     println!(
-        "{nodes} nodes: three-stage rollout (bake {bake} s each) complete in {:.1} s ({:.1} s of it baking); first nodes moved after {} ms",
+        "{store}, {nodes} nodes: three-stage rollout (bake {bake} s each) complete in {:.1} s ({:.1} s of it baking); first nodes moved after {} ms",
         complete.as_secs_f64(),
         (2 * bake) as f64,
         first_stage.as_millis()
@@ -443,7 +452,7 @@ async fn size(nodes: usize, rollout: bool) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bad = at("r2");
     println!(
-        "{nodes} nodes: {bad} canaries Degraded at r2 (budget 10%), halted {} ms after they moved; {} nodes never left r1",
+        "{store}, {nodes} nodes: {bad} canaries Degraded at r2 (budget 10%), halted {} ms after they moved; {} nodes never left r1",
         halted.as_millis(),
         nodes - bad
     );
@@ -462,8 +471,36 @@ async fn main() {
         chrono_free_date(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for (i, nodes) in sizes.into_iter().enumerate() {
-        size(nodes, i == 0).await;
+    let stores: Vec<String> = std::env::var("FLEET_STORES")
+        .unwrap_or_else(|_| "sqlite,postgresql".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    for name in stores {
+        let store = match name.as_str() {
+            "sqlite" => Store::Sqlite,
+            "postgresql" => Store::Postgres(tokio::task::block_in_place(support::postgres::server)),
+            other => panic!("FLEET_STORES: {other:?} is neither sqlite nor postgresql"),
+        };
+        for nodes in &sizes {
+            size(*nodes, &store).await;
+        }
+    }
+}
+
+/// The hub's database in a run.
+enum Store {
+    Sqlite,
+    /// One server for the run, a database per fleet size.
+    Postgres(support::postgres::Server),
+}
+
+impl Store {
+    fn name(&self) -> &'static str {
+        match self {
+            Store::Sqlite => "SQLite",
+            Store::Postgres(_) => "PostgreSQL",
+        }
     }
 }
 

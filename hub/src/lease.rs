@@ -51,6 +51,17 @@ pub fn renew(
     Ok(held_by)
 }
 
+/// One renewal off the async workers; a failure is logged (the lease then runs out by itself,
+/// [`TRUSTED`] after the last renewal, and stepping stops).
+pub async fn renew_now(holder: &str, store: &Arc<Mutex<Store>>, driver: &Arc<Mutex<Driver>>) {
+    let (h, s, d) = (holder.to_string(), store.clone(), driver.clone());
+    match tokio::task::spawn_blocking(move || renew(&h, &s, &d)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("cannot renew the rollout lease: {e}"),
+        Err(e) => tracing::error!("renewing the rollout lease failed: {e}"),
+    }
+}
+
 /// Renews the lease every [`RENEW_EVERY`] until `shutdown`, then gives it up.
 pub async fn run(
     holder: String,
@@ -65,13 +76,7 @@ pub async fn run(
             _ = shutdown.changed() => break,
             _ = tick.tick() => {}
         }
-        let (h, s, d) = (holder.clone(), store.clone(), driver.clone());
-        match tokio::task::spawn_blocking(move || renew(&h, &s, &d)).await {
-            Ok(Ok(_)) => {}
-            // Not renewed: the lease runs out by itself (TRUSTED), stepping stops then.
-            Ok(Err(e)) => tracing::error!("cannot renew the rollout lease: {e}"),
-            Err(e) => tracing::error!("renewing the rollout lease failed: {e}"),
-        }
+        renew_now(&holder, &store, &driver).await;
     }
     let released = tokio::task::spawn_blocking(move || {
         driver

@@ -371,6 +371,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let counts = Arc::new(Mutex::new(Counts::default()));
     let driver = driver.map(|d| Arc::new(Mutex::new(d)));
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Before the API answers: a replica that can lead rollouts does so from its first request.
+    if let Some(driver) = &driver {
+        lease::renew_now(&config.mqtt.client_id, &store, driver).await;
+    }
     let leasing = driver.as_ref().map(|driver| {
         tokio::spawn(lease::run(
             config.mqtt.client_id.clone(),
