@@ -148,6 +148,14 @@ struct MqttSection {
     username: Option<String>,
     /// The password, read from this file (never written in the config).
     password_file: Option<PathBuf>,
+    /// How long the broker keeps this replica's session (and its share of the group's
+    /// messages) while it is away (docs/FLEET.md).
+    #[serde(default = "default_session_expiry")]
+    session_expiry: String,
+}
+
+fn default_session_expiry() -> String {
+    "24h".into()
 }
 
 impl MqttSection {
@@ -386,6 +394,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let ingest_config = IngestConfig {
         tls,
         credentials,
+        session_expiry: humantime::parse_duration(&config.mqtt.session_expiry)
+            .with_context(|| format!("mqtt.session_expiry {:?}", config.mqtt.session_expiry))?,
         host: config.mqtt.host,
         port: config.mqtt.port,
         client_id: config.mqtt.client_id,

@@ -44,8 +44,9 @@ const REPLAY_QUIET: Duration = Duration::from_secs(5);
 /// After a start, by then the replay of retained documents has usually gone quiet.
 pub const REPLAY_SETTLES: Duration = REPLAY_AT_LEAST.saturating_add(REPLAY_QUIET);
 
-/// How long the broker keeps the hub's session (and queues its QoS 1 messages) while it is away.
-const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
+/// How long the broker keeps the hub's session (and queues its QoS 1 messages) while it is
+/// away, unless `[mqtt] session_expiry` says otherwise.
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 
 pub struct IngestConfig {
     pub host: String,
@@ -58,6 +59,8 @@ pub struct IngestConfig {
     pub tls: Option<rumqttc::TlsConfiguration>,
     /// User name and password.
     pub credentials: Option<(String, String)>,
+    /// How long the broker keeps the session while the hub is away.
+    pub session_expiry: Duration,
 }
 
 /// What ingest has done, for metrics and tests.
@@ -77,7 +80,9 @@ pub fn client(config: &IngestConfig) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     options
         .set_clean_start(false)
-        .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+        .set_session_expiry_interval(Some(
+            u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX),
+        ))
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30));
     if let Some(tls) = &config.tls {

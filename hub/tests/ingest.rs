@@ -40,6 +40,7 @@ fn start(
         group: Some("edgesync-hub".into()),
         tls: None,
         credentials: None,
+        session_expiry: edgesync_hub::mqtt::DEFAULT_SESSION_EXPIRY,
     };
     let (hub, events) = client(&config);
     tokio::spawn(run(

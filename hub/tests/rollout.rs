@@ -108,6 +108,7 @@ async fn a_good_revision_goes_through_both_stages_and_a_bad_one_halts_in_the_fir
         group: Some("edgesync-hub".into()),
         tls: None,
         credentials: None,
+        session_expiry: edgesync_hub::mqtt::DEFAULT_SESSION_EXPIRY,
     };
     let (hub, events) = client(&config);
     let (_stop, stopped) = tokio::sync::watch::channel(false);
