@@ -4,11 +4,13 @@
 //! that stops mid-way gets it again. Messages that have arrived together are recorded in one
 //! transaction (up to [`MAX_BATCH`]): one database sync for a burst, not one per message.
 //!
-//! Brokers send retained messages to a new plain subscription but not to a shared one, so
-//! after each connect the hub also subscribes plainly to the retained documents (node, apps,
-//! online) until their replay has gone quiet: a hub with an empty database sees a fleet at
-//! rest at once. Live messages that come twice meanwhile are stored once (documents are kept
-//! by their number and time).
+//! A broker need not send retained messages to a shared subscription (MQTT 5 sends none to a
+//! session joining an existing one; Mosquitto 2.0 sends them to a new one), so after each
+//! connect the hub also subscribes plainly to the retained documents (node, apps, online)
+//! until their replay has gone quiet: a hub with an empty database sees a fleet at rest at
+//! once. Meanwhile a live message matches both subscriptions; the replay's copy is told apart
+//! by its subscription identifier and left out (`live_copies`). A retained document that
+//! comes through both is stored once (documents are kept by their number and time).
 //!
 //! Rollouts move on a one-second tick, not on each message: a tick steps every app a report
 //! came in for since the last one, and every rollout still progressing (a bake time may have
@@ -20,7 +22,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::watch;
@@ -195,15 +197,40 @@ pub async fn run(
             },
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 // Every connect: a session the broker dropped has no subscriptions left.
-                let mut all = filters.clone();
+                // Subscription identifiers tell the replay's copies of live messages apart
+                // (`live_copies`), where the broker has them (MQTT 5 lets it say no).
+                let ids = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.subscription_identifiers_available)
+                    != Some(0);
+                let mut all: Vec<(String, usize)> =
+                    filters.iter().map(|f| (f.clone(), SHARED_ID)).collect();
                 if config.group.is_some() {
-                    all.extend(config.topics.retained_filters());
+                    all.extend(
+                        config
+                            .topics
+                            .retained_filters()
+                            .into_iter()
+                            .map(|f| (f, REPLAY_ID)),
+                    );
                     replay = Some((Instant::now(), Instant::now()));
                 }
-                for filter in all {
-                    if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                for (filter, id) in all {
+                    let subscribed = if ids {
+                        let properties = SubscribeProperties {
+                            id: Some(id),
+                            user_properties: Vec::new(),
+                        };
+                        client
+                            .subscribe_with_properties(filter.clone(), QoS::AtLeastOnce, properties)
+                            .await
+                    } else {
+                        client.subscribe(filter.clone(), QoS::AtLeastOnce).await
+                    };
+                    if let Err(e) = subscribed {
                         tracing::warn!(%filter, "cannot subscribe: {e}");
                     }
                 }
@@ -227,6 +254,10 @@ pub async fn run(
                         *last = Instant::now();
                     }
                 }
+                let batch = live_copies(&client, batch).await;
+                if batch.is_empty() {
+                    continue;
+                }
                 let stored = ingest(&config, &client, &store, &counts, batch).await;
                 reported.extend(stored);
             }
@@ -235,6 +266,33 @@ pub async fn run(
             Err(e) => tracing::warn!("broker connection: {e}"),
         }
     }
+}
+
+/// Subscription identifiers: the shared (or only) subscriptions, and the plain ones that
+/// replay retained documents after a connect.
+const SHARED_ID: usize = 1;
+const REPLAY_ID: usize = 2;
+
+/// Leaves out, acknowledged, what the replay subscriptions bring that is not a retained
+/// document: a live message, which the shared subscription brings too (while the replay lasts
+/// every live document came twice, and a 10,000-node burst then cost twice its work).
+async fn live_copies(client: &AsyncClient, batch: Vec<Publish>) -> Vec<Publish> {
+    let mut kept = Vec::with_capacity(batch.len());
+    for publish in batch {
+        let ids = publish
+            .properties
+            .as_ref()
+            .map(|p| p.subscription_identifiers.as_slice())
+            .unwrap_or_default();
+        if !publish.retain && ids.contains(&REPLAY_ID) && !ids.contains(&SHARED_ID) {
+            if let Err(e) = client.ack(&publish).await {
+                tracing::warn!("cannot acknowledge a replayed copy: {e}");
+            }
+        } else {
+            kept.push(publish);
+        }
+    }
+    kept
 }
 
 /// Records a batch of messages (one transaction), acknowledging each, in the order received,
