@@ -1,7 +1,8 @@
 //! Which replica steps rollouts: the holder of a lease in the store (table `leases`). Every
 //! replica ingests (the broker's shared subscription splits the messages); only the holder
 //! steps rollouts, follows the fleet repository, starts rollouts through the API and publishes
-//! gates. The holder renews every [`RENEW_EVERY`]; a lease not renewed for [`TTL_SECS`] is
+//! gates; the others read the rollouts back at each renewal, for their pages and API. The
+//! holder renews every [`RENEW_EVERY`]; a lease not renewed for [`TTL_SECS`] is
 //! taken by the next replica to ask, which first reads every rollout back from the store (the
 //! holder saved each change before publishing its gate).
 //!
@@ -47,6 +48,8 @@ pub fn renew(
             tracing::info!(leader = %held_by, "another replica leads rollouts; this one ingests only");
         }
         d.lead_until(None, &held_by);
+        // What the leader saved, for this replica's page and API (never stepped here).
+        d.reload(db.rollouts()?);
     }
     Ok(held_by)
 }
@@ -151,9 +154,17 @@ mod tests {
         assert!(d.leading());
         assert_eq!(d.saved("web"), a.lock().unwrap().saved("web"));
         drop(d);
-        // a comes back: b holds the lease, a stops stepping.
+        // a comes back: b holds the lease, a stops stepping and shows what b saved.
+        {
+            let mut d = b.lock().unwrap();
+            let mut rollout = d.saved("web").unwrap().0;
+            rollout.opened = 2;
+            d.restore("web", 101, Some(rollout.clone()));
+            store.lock().unwrap().save_rollout(&rollout, 101).unwrap();
+        }
         assert_eq!(renew("a", &store, &a).unwrap(), "b");
         assert!(!a.lock().unwrap().leading());
+        assert_eq!(a.lock().unwrap().saved("web").unwrap().0.opened, 2);
     }
 
     #[test]
