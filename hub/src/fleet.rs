@@ -163,7 +163,7 @@ impl Follower {
         let read = self
             .upstream
             .read(commit)
-            .map_err(|e| (e.to_string(), false))?;
+            .map_err(|e| (e.to_string(), Upstream::refused(&e)))?;
         let policies = policies(&read).map_err(|e| {
             (
                 format!(
@@ -384,15 +384,51 @@ spec:
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         }
         fn commit(&self, files: &[(&str, &str)]) -> String {
+            self.commit_as(files, None)
+        }
+        /// Commits, signed with the SSH private key `key` if given.
+        fn commit_as(&self, files: &[(&str, &str)], key: Option<&std::path::Path>) -> String {
             for (path, text) in files {
                 let path = self.dir.path().join(path);
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
                 std::fs::write(path, text).unwrap();
             }
             self.git(&["add", "-A"]);
-            self.git(&["commit", "-q", "-m", "c"]);
+            match key {
+                Some(key) => {
+                    let signing = format!("user.signingkey={}", key.display());
+                    self.git(&[
+                        "-c",
+                        "gpg.format=ssh",
+                        "-c",
+                        &signing,
+                        "commit",
+                        "-q",
+                        "-S",
+                        "-m",
+                        "c",
+                    ])
+                }
+                None => self.git(&["commit", "-q", "-m", "c"]),
+            };
             self.git(&["rev-parse", "HEAD"])
         }
+    }
+
+    /// A new Ed25519 key pair in `dir`: the private key's path.
+    fn ssh_key(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let private = dir.join(name);
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&private)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        private
     }
 
     #[test]
@@ -468,6 +504,54 @@ spec:
         let policies = taken.policies.expect("the fixed commit's policies");
         assert_eq!(policies.len(), 2);
         assert_eq!(taken.heads, [("web".to_string(), third)]);
+    }
+
+    #[test]
+    fn with_signatures_only_a_commit_a_trusted_key_signed_is_read() {
+        let keys = tempfile::tempdir().unwrap();
+        let trusted = ssh_key(keys.path(), "trusted");
+        let stranger = ssh_key(keys.path(), "stranger");
+        let repo = Repo::new();
+        let url = repo.url();
+        repo.commit(&[
+            ("fleet/policy.yaml", POLICY),
+            ("fleet/web.yaml", &app("web", &url, true)),
+        ]);
+        let cache = tempfile::tempdir().unwrap();
+        let upstream = Upstream::new(cache.path(), Vec::new(), &url, "main", "fleet")
+            .require_signatures(&[], &[trusted.with_extension("pub")])
+            .unwrap();
+        let mut follower = Follower::new(upstream);
+        let counts = Mutex::new(Counts::default());
+        // Unsigned: refused, nothing taken, said.
+        let round = follower.round(&counts, 1);
+        assert!(round.policies.is_none() && round.heads.is_empty());
+        let error = follower
+            .status()
+            .lock()
+            .unwrap()
+            .error
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            error.contains("not signed") || error.contains("unsigned"),
+            "{error}"
+        );
+        // Signed by a key the hub does not trust: refused too.
+        repo.commit_as(&[("fleet/note.yaml", "")], Some(&stranger));
+        let round = follower.round(&counts, 2);
+        assert!(
+            round.policies.is_none(),
+            "{:?}",
+            follower.status().lock().unwrap()
+        );
+        // Signed by the trusted key: read.
+        let signed = repo.commit_as(&[("fleet/note.yaml", "# signed\n")], Some(&trusted));
+        let round = follower.round(&counts, 3);
+        assert_eq!(round.policies.map(|p| p.len()), Some(1));
+        assert_eq!(round.heads, [("web".to_string(), signed)]);
+        assert!(follower.status().lock().unwrap().error.is_none());
+        assert_eq!(counts.lock().unwrap().fleet_errors, 2);
     }
 
     #[test]

@@ -55,6 +55,18 @@ struct Config {
     /// `[[repositories]]` take them.
     #[serde(default)]
     repositories: Vec<edgesync::config::RepositoryConfig>,
+    signatures: Option<SignaturesSection>,
+}
+
+/// Keys one of which must have signed a fleet commit before the hub reads its policies and
+/// Applications (as the agents' `[signatures]` with `fleet = true`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignaturesSection {
+    #[serde(default)]
+    gpg_keys: Vec<PathBuf>,
+    #[serde(default)]
+    ssh_keys: Vec<PathBuf>,
 }
 
 /// The fleet repository: its `RolloutPolicy` documents and the Applications whose branches
@@ -325,7 +337,13 @@ fn load(path: &std::path::Path) -> anyhow::Result<Loaded> {
         (None, Some(gates)) if gates.policies.is_empty() => {
             anyhow::bail!("gates: policies are needed without [fleet] (which reads them from Git)")
         }
-        (None, _) => None,
+        (None, _) => {
+            anyhow::ensure!(
+                config.signatures.is_none(),
+                "signatures: the keys check the fleet repository's commits, and there is no [fleet]"
+            );
+            None
+        }
         (Some(_), None) => anyhow::bail!("fleet: needs [gates] (the key that signs the gates)"),
         (Some(_), Some(gates)) if !gates.policies.is_empty() => anyhow::bail!(
             "gates: policies and [fleet] together: with [fleet], the policies come from the fleet repository"
@@ -334,13 +352,16 @@ fn load(path: &std::path::Path) -> anyhow::Result<Loaded> {
             let poll = humantime::parse_duration(&fleet.poll)
                 .with_context(|| format!("fleet.poll {:?}", fleet.poll))?;
             anyhow::ensure!(!poll.is_zero(), "fleet.poll must be more than zero");
-            let upstream = edgesync::fleet::upstream::Upstream::new(
+            let mut upstream = edgesync::fleet::upstream::Upstream::new(
                 &fleet.cache_dir,
                 config.repositories.clone(),
                 &fleet.repo,
                 &fleet.revision,
                 &fleet.path,
             );
+            if let Some(keys) = &config.signatures {
+                upstream = upstream.require_signatures(&keys.gpg_keys, &keys.ssh_keys)?;
+            }
             Some((Follower::new(upstream), poll))
         }
     };

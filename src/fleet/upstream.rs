@@ -24,6 +24,8 @@ pub struct UpstreamError {
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// About the commit's content, not the way to it ([`Upstream::refused`]).
+    content: bool,
 }
 
 impl From<SourceError> for UpstreamError {
@@ -31,6 +33,7 @@ impl From<SourceError> for UpstreamError {
         UpstreamError {
             message: e.to_string(),
             source: Some(Box::new(e)),
+            content: false,
         }
     }
 }
@@ -73,6 +76,9 @@ pub struct Upstream {
     repo: String,
     revision: String,
     path: String,
+    /// With keys: a fleet commit is read only if one of them signed it (as the agents'
+    /// `[signatures] fleet`).
+    keyring: Option<crate::signature::Keyring>,
 }
 
 impl Upstream {
@@ -91,7 +97,33 @@ impl Upstream {
             repo: repo.to_string(),
             revision: revision.to_string(),
             path: path.to_string(),
+            keyring: None,
         }
+    }
+
+    /// Reads a fleet commit only if a key of these files signed it (or the annotated tag the
+    /// revision names): OpenPGP public keys and OpenSSH public keys, as the agents'
+    /// `[signatures]` take them.
+    pub fn require_signatures(
+        mut self,
+        gpg_keys: &[std::path::PathBuf],
+        ssh_keys: &[std::path::PathBuf],
+    ) -> Result<Upstream, UpstreamError> {
+        let keyring =
+            crate::signature::Keyring::load(gpg_keys, ssh_keys).map_err(|e| UpstreamError {
+                message: format!("signature keys: {e}"),
+                source: Some(Box::new(e)),
+                content: false,
+            })?;
+        if keyring.key_ids().is_empty() {
+            return Err(UpstreamError {
+                message: "signature keys: the files hold no key".into(),
+                source: None,
+                content: false,
+            });
+        }
+        self.keyring = Some(keyring);
+        Ok(self)
     }
 
     /// `repo@revision:path`, credentials redacted: for messages and the hub's page.
@@ -131,6 +163,13 @@ impl Upstream {
             .unwrap_or_else(|| Err(self.error("no revision asked for".into())))
     }
 
+    /// Whether `error` (from [`Upstream::read`]) is about the commit itself (unsigned, signed
+    /// by an unknown key, unreadable manifests), not the way to it: the commit is not worth
+    /// reading again until the branch moves.
+    pub fn refused(error: &UpstreamError) -> bool {
+        error.content
+    }
+
     fn error(&self, message: String) -> UpstreamError {
         UpstreamError {
             message: format!(
@@ -139,6 +178,7 @@ impl Upstream {
                 self.revision
             ),
             source: None,
+            content: false,
         }
     }
 
@@ -148,8 +188,32 @@ impl Upstream {
     pub fn read(&self, commit: &str) -> Result<FleetRead, UpstreamError> {
         let repo = self.repository(&self.repo);
         let snapshot = self.source.snapshot(&repo, &self.revision, commit)?;
-        let manifests = crate::render::render(&snapshot.root, Path::new(&self.path))
-            .map_err(|e| self.error(format!("path {}: {e}", self.path)))?;
+        if let Some(keyring) = &self.keyring {
+            // The annotated tag the revision names vouches for the commit first, as on the
+            // agents.
+            let tag = self
+                .source
+                .remote_refs(&repo)
+                .ok()
+                .and_then(|refs| refs.annotated_tag(&self.revision));
+            let signed = self
+                .source
+                .signed(&repo, &self.revision, commit, tag.as_ref())?;
+            let signer = keyring
+                .verify(&signed, "the hub's [signatures]", &keyring.key_ids())
+                .map_err(|e| UpstreamError {
+                    content: true,
+                    ..self.error(e.to_string())
+                })?;
+            tracing::info!(object = %signed.object, signer = %signer.0, "fleet signature verified");
+        }
+        let manifests =
+            crate::render::render(&snapshot.root, Path::new(&self.path)).map_err(|e| {
+                UpstreamError {
+                    content: true,
+                    ..self.error(format!("path {}: {e}", self.path))
+                }
+            })?;
         let mut read = FleetRead {
             commit: commit.to_string(),
             ..FleetRead::default()
