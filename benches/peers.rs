@@ -9,7 +9,8 @@
 //! `PEERS_EVENTS` (pushes per peer, default 100; the kubectl loop gets a fifth), `PEERS_APPS`
 //! (the large fleet, default 500 apps of 20 objects; 0 leaves it out), `PEERS_ONLY` (comma list
 //! of `edgesync,flux,kubectl`),
-//! `PEERS_LOGS` (a directory: edgesync's debug log and each idle window's audit log go there).
+//! `PEERS_LOGS` (a directory: edgesync's debug log and each idle window's audit log go there),
+//! `EDGESYNC_BIN` (another build of the agent to run, for two builds side by side).
 //!
 //! Every peer runs alone while it is measured; the others are stopped. The clock for a push
 //! starts at the webhook POST (edgesync's generic hook, Flux's `Receiver`; the kubectl loop has
@@ -1066,6 +1067,17 @@ async fn main() {
         .into_iter()
         .filter(|k| only.split(',').any(|o| o.trim() == k.name()))
         .collect();
+    if let Some(bin) = std::env::var_os("EDGESYNC_BIN") {
+        let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "peers: edgesync binary {} ({:.2} MiB)",
+            PathBuf::from(bin).display(),
+            size as f64 / 1048576.0
+        );
+    }
+    // The agents run as the package runs them: a developer's RUST_BACKTRACE makes every error
+    // capture a stack (a few hundred KiB of heap once one is printed).
+    std::env::remove_var("RUST_BACKTRACE");
     // Every verb is audited, so requests can be counted per peer.
     std::env::set_var("EDGESYNC_CLUSTER_AUDIT", "all");
     let admin = cluster().kubeconfig.clone();

@@ -231,9 +231,7 @@ fn fleet_report(path: &Path) -> anyhow::Result<bool> {
             );
             continue;
         }
-        if object.group() == crate::fleet::upstream::POLICY_GROUP
-            && object.kind() == crate::fleet::upstream::POLICY_KIND
-        {
+        if crate::fleet::upstream::is_policy(object) {
             println!(
                 "{}: RolloutPolicy {}: read by edgesync-hub (stages rollouts); the nodes follow its gates",
                 object.origin,

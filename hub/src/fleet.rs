@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgesync::fleet::upstream::{AppSource, FleetRead, Upstream};
+use edgesync::fleet::upstream::{AppSource, FleetHead, FleetRead, Upstream};
 use tokio::sync::watch;
 
 use crate::gates::{Driver, Outgoing};
@@ -76,10 +76,11 @@ impl Follower {
         let mut error = None;
         match self.upstream.commit() {
             Err(e) => error = Some(e.to_string()),
-            Ok(commit) => {
+            Ok(head) => {
+                let commit = head.commit.clone();
                 let known = self.taken.as_ref().map(|(r, _)| r.commit.as_str());
                 if known != Some(commit.as_str()) && self.refused.as_deref() != Some(&commit) {
-                    match self.take(&commit) {
+                    match self.take(&head) {
                         Ok(policies) => {
                             round.policies = Some(policies);
                             self.refused = None;
@@ -107,7 +108,7 @@ impl Follower {
             let followed: Vec<&AppSource> = read
                 .apps
                 .iter()
-                .filter(|a| a.gated || names(policies, &a.name))
+                .filter(|a| a.gated || policies.iter().any(|p| p.names(&a.name)))
                 .collect();
             let mut by_repo: BTreeMap<&str, Vec<&AppSource>> = BTreeMap::new();
             for app in followed {
@@ -159,10 +160,11 @@ impl Follower {
 
     /// Reads and takes fleet commit `commit`; the error and whether it is the commit's content
     /// (not read again until the branch moves) rather than the way to it.
-    fn take(&mut self, commit: &str) -> Result<Vec<Named>, (String, bool)> {
+    fn take(&mut self, head: &FleetHead) -> Result<Vec<Named>, (String, bool)> {
+        let commit = head.commit.as_str();
         let read = self
             .upstream
-            .read(commit)
+            .read(head)
             .map_err(|e| (e.to_string(), Upstream::refused(&e)))?;
         let policies = policies(&read).map_err(|e| {
             (
@@ -189,13 +191,6 @@ impl Follower {
 
 fn short(sha: &str) -> &str {
     sha.get(..12).unwrap_or(sha)
-}
-
-/// A policy names `app` in its `apps`.
-fn names(policies: &[Named], app: &str) -> bool {
-    policies
-        .iter()
-        .any(|p| p.apps.as_ref().is_some_and(|a| a.iter().any(|x| x == app)))
 }
 
 /// The commit's policies, all of them valid and none claiming an app another claims (nor two
@@ -370,18 +365,10 @@ spec:
             format!("file://{}", self.dir.path().display())
         }
         fn git(&self, args: &[&str]) -> String {
-            let out = std::process::Command::new("git")
+            run(std::process::Command::new("git")
                 .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
                 .args(args)
-                .current_dir(self.dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
+                .current_dir(self.dir.path()))
         }
         fn commit(&self, files: &[(&str, &str)]) -> String {
             self.commit_as(files, None)
@@ -418,17 +405,22 @@ spec:
     /// A new Ed25519 key pair in `dir`: the private key's path.
     fn ssh_key(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
         let private = dir.join(name);
-        let out = std::process::Command::new("ssh-keygen")
+        run(std::process::Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(&private)
-            .output()
-            .unwrap();
+            .arg(&private));
+        private
+    }
+
+    /// Runs `command`, which must succeed: its standard output, trimmed.
+    fn run(command: &mut std::process::Command) -> String {
+        let out = command.output().unwrap();
         assert!(
             out.status.success(),
-            "{}",
+            "{:?}: {}",
+            command,
             String::from_utf8_lossy(&out.stderr)
         );
-        private
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     #[test]

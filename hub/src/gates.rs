@@ -103,7 +103,7 @@ impl Driver {
     pub fn policy(&self, app: &str) -> Option<&Policy> {
         self.policies
             .iter()
-            .find(|p| p.apps.as_ref().is_some_and(|a| a.iter().any(|x| x == app)))
+            .find(|p| p.names(app))
             .or_else(|| self.policies.iter().find(|p| p.apps.is_none()))
             .map(|p| &p.policy)
     }

@@ -99,6 +99,15 @@ pub struct Named {
     pub policy: Policy,
 }
 
+impl Named {
+    /// Whether this policy names `app` (the default names none).
+    pub fn names(&self, app: &str) -> bool {
+        self.apps
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| x == app))
+    }
+}
+
 fn percent(text: &str) -> Option<u32> {
     text.trim()
         .strip_suffix('%')

@@ -219,9 +219,7 @@ impl Expander<'_> {
                     }
                 }
                 // The fleet hub's rollout policies live beside the Applications.
-                Ok(None)
-                    if object.group() == upstream::POLICY_GROUP
-                        && object.kind() == upstream::POLICY_KIND => {}
+                Ok(None) if upstream::is_policy(object) => {}
                 Ok(None) => self.problems.push(format!(
                     "{}: {} is not an Argo CD object; ignored",
                     object.origin,

@@ -625,10 +625,11 @@ fn release_freed_memory() {
 /// each thread that allocates while another holds the lock gets an arena of its own (up to 8
 /// per core), and each keeps its own free memory: with 10 apps at rest, six arenas held 3.3 MiB
 /// for about 1.8 MiB of live heap. Thread caches (tcache) still serve most small allocations
-/// without taking an arena's lock.
+/// without taking an arena's lock. glibc's own `MALLOC_ARENA_MAX`, when set in the
+/// environment, is left to decide.
 pub(crate) fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         /// glibc's `M_ARENA_MAX` (malloc.h).
         const M_ARENA_MAX: std::ffi::c_int = -8;
         extern "C" {

@@ -13,8 +13,23 @@ use crate::fleet::argo::{self, FleetObject};
 use crate::source::{GitSource, SourceError};
 
 /// The API group and kind of the hub's rollout policies.
-pub const POLICY_GROUP: &str = "edgesync.io";
-pub const POLICY_KIND: &str = "RolloutPolicy";
+const POLICY_GROUP: &str = "edgesync.io";
+const POLICY_KIND: &str = "RolloutPolicy";
+
+/// The fleet branch's head ([`Upstream::commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetHead {
+    /// The commit the branch (or tag) points to.
+    pub commit: String,
+    /// The annotated tag the revision resolves through, if it does.
+    tag: Option<crate::source::TagRef>,
+}
+
+/// Whether `object` is one of the hub's `RolloutPolicy` documents (kept beside the
+/// Applications; the agents leave them alone).
+pub(crate) fn is_policy(object: &crate::render::Object) -> bool {
+    object.group() == POLICY_GROUP && object.kind() == POLICY_KIND
+}
 
 /// Why the fleet repository (or an app's) could not be read. The message names the
 /// repository (credentials redacted) and what failed; never a secret's value.
@@ -154,13 +169,14 @@ impl Upstream {
             .collect())
     }
 
-    /// The fleet branch's commit now.
-    pub fn commit(&self) -> Result<String, UpstreamError> {
-        let heads = self.heads(&self.repo, &[self.revision.as_str()])?;
-        heads
-            .into_values()
-            .next()
-            .unwrap_or_else(|| Err(self.error("no revision asked for".into())))
+    /// The fleet branch's head now, read in one ls-remote: its commit, and the annotated tag
+    /// the revision names if it does (its signature vouches for the commit first).
+    pub fn commit(&self) -> Result<FleetHead, UpstreamError> {
+        let refs = self.source.remote_refs(&self.repository(&self.repo))?;
+        Ok(FleetHead {
+            commit: refs.resolve(&self.revision)?,
+            tag: refs.annotated_tag(&self.revision),
+        })
     }
 
     /// Whether `error` (from [`Upstream::read`]) is about the commit itself (unsigned, signed
@@ -185,20 +201,16 @@ impl Upstream {
     /// Reads the fleet at `commit`: its Applications' Git sources and its `RolloutPolicy`
     /// documents, under the fleet path (plain YAML or a kustomization, as the agent reads it).
     /// ApplicationSets and app-of-apps children are not followed (said in `problems`).
-    pub fn read(&self, commit: &str) -> Result<FleetRead, UpstreamError> {
+    pub fn read(&self, head: &FleetHead) -> Result<FleetRead, UpstreamError> {
+        let commit = head.commit.as_str();
         let repo = self.repository(&self.repo);
         let snapshot = self.source.snapshot(&repo, &self.revision, commit)?;
         if let Some(keyring) = &self.keyring {
             // The annotated tag the revision names vouches for the commit first, as on the
             // agents.
-            let tag = self
-                .source
-                .remote_refs(&repo)
-                .ok()
-                .and_then(|refs| refs.annotated_tag(&self.revision));
             let signed = self
                 .source
-                .signed(&repo, &self.revision, commit, tag.as_ref())?;
+                .signed(&repo, &self.revision, commit, head.tag.as_ref())?;
             let signer = keyring
                 .verify(&signed, "the hub's [signatures]", &keyring.key_ids())
                 .map_err(|e| UpstreamError {
@@ -219,7 +231,7 @@ impl Upstream {
             ..FleetRead::default()
         };
         for object in &manifests.objects {
-            if object.group() == POLICY_GROUP && object.kind() == POLICY_KIND {
+            if is_policy(object) {
                 read.policies.push(Document {
                     origin: object.origin.clone(),
                     value: serde_json::Value::Object(object.value.clone()),

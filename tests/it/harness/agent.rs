@@ -9,6 +9,12 @@ use super::cluster::cluster;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgesync");
 
+/// The binary `Agent::start` runs: `EDGESYNC_BIN` if set (a benchmark comparing two builds side
+/// by side, such as another opt-level), else the one cargo built with these tests.
+fn daemon_bin() -> PathBuf {
+    std::env::var_os("EDGESYNC_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
+
 /// A config file in a temporary directory, with the state directory beside it.
 pub struct AgentConfig {
     dir: tempfile::TempDir,
@@ -194,7 +200,7 @@ impl Agent {
         let path = config.write();
         let log = unique(config.dir().join("agent.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(daemon_bin())
             .arg("--config")
             .arg(&path)
             .args(["--log-level", "edgesync=debug", "run"])
