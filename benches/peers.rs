@@ -763,13 +763,26 @@ async fn idle(peer: &Running, secs: u64, tick: f64) -> BTreeMap<&'static str, St
     let mut trend = Vec::new();
     let mut cpu_per_min = Vec::new();
     let mut last = (Instant::now(), cpu0);
+    // With PEERS_LOGS, every sample is also written as it is taken (seconds, RSS MiB, CPU
+    // seconds so far), so a long soak leaves its figures even if it is stopped.
+    let mut samples = std::env::var_os("PEERS_LOGS").and_then(|dir| {
+        let name = format!("idle-{}-{}.tsv", peer.kind.name(), peer.phase);
+        std::fs::File::create(Path::new(&dir).join(name)).ok()
+    });
     while t0.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        rss.push(peer.rss_kib() as f64 / 1024.0);
-        trend.push((
-            t0.elapsed().as_secs_f64() / 3600.0,
-            peer.rss_kib() as f64 / 1024.0,
-        ));
+        let mib = peer.rss_kib() as f64 / 1024.0;
+        rss.push(mib);
+        trend.push((t0.elapsed().as_secs_f64() / 3600.0, mib));
+        if let Some(file) = samples.as_mut() {
+            use std::io::Write;
+            let cpu = peer.cpu_ticks().saturating_sub(cpu0) as f64 / tick;
+            let _ = writeln!(
+                file,
+                "{:.0}\t{mib:.2}\t{cpu:.2}",
+                t0.elapsed().as_secs_f64()
+            );
+        }
         if last.0.elapsed() >= Duration::from_secs(60) {
             let now = peer.cpu_ticks();
             cpu_per_min.push((now.saturating_sub(last.1)) as f64 / tick);
