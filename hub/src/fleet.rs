@@ -158,7 +158,7 @@ impl Follower {
         round
     }
 
-    /// Reads and takes fleet commit `commit`; the error and whether it is the commit's content
+    /// Reads and takes the fleet commit `head` names; the error and whether it is the commit's content
     /// (not read again until the branch moves) rather than the way to it.
     fn take(&mut self, head: &FleetHead) -> Result<Vec<Named>, (String, bool)> {
         let commit = head.commit.as_str();

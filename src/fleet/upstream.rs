@@ -198,7 +198,7 @@ impl Upstream {
         }
     }
 
-    /// Reads the fleet at `commit`: its Applications' Git sources and its `RolloutPolicy`
+    /// Reads the fleet at `head`: its Applications' Git sources and its `RolloutPolicy`
     /// documents, under the fleet path (plain YAML or a kustomization, as the agent reads it).
     /// ApplicationSets and app-of-apps children are not followed (said in `problems`).
     pub fn read(&self, head: &FleetHead) -> Result<FleetRead, UpstreamError> {
